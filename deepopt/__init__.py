@@ -1,0 +1,31 @@
+"""deepopt: optimizers as associative memories (Nested Learning), as ``torch.optim`` optimizers.
+
+    import deepopt
+    opt = deepopt.DeepMomentum(model.parameters(), lr=1e-2)
+
+The pure rules live in ``deepopt.rules``; the optimizer classes in the top-level ``optimizers``
+package, re-exported here (lazily, since ``optimizers`` itself imports ``deepopt.rules``).
+"""
+
+from typing import Any
+
+from . import rules
+from .rules import RULES, get_rule
+
+__version__ = "0.1.0"
+
+_FROM_OPTIMIZERS = ("SGD", "Adam", "AdamW", "DeepMomentum", "DeltaMomentum", "MemoryOptimizer", "Momentum",
+                    "NonFiniteGradientError")
+__all__ = ["OPTIMIZERS", "RULES", *_FROM_OPTIMIZERS, "get_rule", "rules"]
+
+
+def __getattr__(name: str) -> Any:
+    import optimizers
+
+    if name in _FROM_OPTIMIZERS:
+        return getattr(optimizers, name)
+    if name == "OPTIMIZERS":  # name -> class, as the CLIs spell them
+        return {"sgd": optimizers.SGD, "momentum": optimizers.Momentum, "adam": optimizers.Adam,
+                "adamw": optimizers.AdamW, "delta_momentum": optimizers.DeltaMomentum,
+                "deep_momentum": optimizers.DeepMomentum}
+    raise AttributeError(f"module 'deepopt' has no attribute {name!r}")

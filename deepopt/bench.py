@@ -1,0 +1,125 @@
+"""``deepopt bench``: median optimizer step time as a ratio to ``torch.optim.Adam`` in the same run.
+
+Optimizers are timed round-robin (one step each, repeated), so background load hits every one alike,
+and each reports its median step time over the repeats, divided by that of torch's fused Adam and of
+torch's foreach Adam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+import deepopt
+
+from .checkpoint import atomic_save_json
+
+# name -> shapes of the parameter tensors
+PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "1M-10": lambda: [(316, 316)] * 10,
+    "10M-10": lambda: [(1000, 1000)] * 10,
+    "transformer-12M": lambda: [(512, 512)] * 16 + [(2048, 512), (512, 2048)] * 4,
+}
+
+# label -> factory(params)
+OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "torch Adam fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+    "torch Adam foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+    "SGD": lambda ps: deepopt.SGD(ps, lr=1e-3),
+    "Momentum": lambda ps: deepopt.Momentum(ps, lr=1e-3),
+    "Adam": lambda ps: deepopt.Adam(ps, lr=1e-3),
+    "AdamW": lambda ps: deepopt.AdamW(ps, lr=1e-3),
+    "DeltaMomentum": lambda ps: deepopt.DeltaMomentum(ps, lr=1e-3),
+    "DeltaMomentum keys=rows": lambda ps: deepopt.DeltaMomentum(ps, lr=1e-3, keys="rows"),
+    "DeepMomentum h=16": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3, hidden=16),
+    "Muon (Momentum+NS)": lambda ps: deepopt.Momentum(ps, lr=1e-3, nesterov=True, nonlinearity="newton_schulz"),
+}
+REFERENCES = ("torch Adam fused", "torch Adam foreach")
+
+
+def time_steps(param_set: str, optimizers: list[str], repeats: int, warmup: int,
+               device: str) -> dict[str, list[float]]:
+    """Seconds per step of each optimizer, timed round-robin on its own copy of the same parameters."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = PARAM_SETS[param_set]()
+    base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    runs = {}
+    for name in optimizers:
+        params = [b.clone().to(device).requires_grad_() for b in base]
+        for p, g in zip(params, grads):
+            p.grad = g.to(device)
+        runs[name] = OPTIMIZERS[name](params)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for i in range(warmup + repeats):
+        for name, opt in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def run(param_sets: list[str], optimizers: list[str], repeats: int = 15, warmup: int = 3,
+        device: str = "cpu", progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    names = list(dict.fromkeys([*REFERENCES, *optimizers]))
+    rows = []
+    for ps in tqdm(param_sets, desc="bench", disable=not progress):
+        times = time_steps(ps, names, repeats, warmup, device)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        for n in names:
+            rows.append({"params": ps, "optimizer": n, "median_ms": 1e3 * med[n],
+                         "vs_fused_adam": med[n] / med["torch Adam fused"],
+                         "vs_foreach_adam": med[n] / med["torch Adam foreach"]})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| params | optimizer | median step (ms) | × fused Adam | × foreach Adam |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['params']} | {r['optimizer']} | {r['median_ms']:.2f} | {r['vs_fused_adam']:.2f} "
+                     f"| {r['vs_foreach_adam']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.smoke:
+        args.param_sets, args.repeats, args.warmup = ["1M-10"], 3, 1
+    rows = run(args.param_sets, args.optimizers, args.repeats, args.warmup, args.device)
+    table = format_table(rows)
+    print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(table)
+    out = Path(args.out or f"runs/bench-{datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_json({"device": args.device, "torch": torch.__version__, "rows": rows}, out / "bench.json")
+    (out / "bench.md").write_text(table + "\n")
+    print(f"wrote {out / 'bench.json'}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="optimizer step time as a ratio to torch.optim.Adam",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--param-sets", nargs="+", default=list(PARAM_SETS), choices=list(PARAM_SETS),
+                   help="parameter sets to time (default: all)")
+    p.add_argument("--optimizers", nargs="+", default=[n for n in OPTIMIZERS if n not in REFERENCES],
+                   choices=list(OPTIMIZERS), help="optimizers to time besides the two torch Adam references")
+    p.add_argument("--repeats", type=int, default=15, help="timed steps per optimizer (default 15)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--smoke", action="store_true", help="1M parameters, 3 repeats: a quick check")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench-<timestamp>)")
+    p.set_defaults(func=main)

@@ -1,0 +1,90 @@
+"""Safe, atomic checkpoint files: safetensors for tensors, JSON for configuration.
+
+Nothing here unpickles: tensors load with ``safetensors`` and torch files with ``weights_only=True``.
+Every write goes to a temporary file in the destination folder and is renamed into place, so a
+crash leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+PRETRAINED_CONFIG = "config.json"
+PRETRAINED_TENSORS = "memory.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_json(obj: Any, path: str | os.PathLike) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    _atomic_write(Path(path), write)
+
+
+def atomic_save_tensors(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Write a flat ``name -> tensor`` mapping as safetensors (contiguous CPU copies)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(cpu, tmp))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file; ``obj`` must hold only tensors and plain Python data."""
+    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a torch file with ``weights_only=True`` (no arbitrary unpickling)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    return load_file(str(path))
+
+
+def save_pretrained(path: str | os.PathLike, optimizer: str, hparams: Mapping[str, Any],
+                    tensors: Mapping[str, Tensor]) -> Path:
+    """Write a trained optimizer: ``config.json`` ({"optimizer", "hparams"}) + ``memory.safetensors``."""
+    path = Path(path)
+    for key, value in hparams.items():
+        if not isinstance(value, (bool, int, float, str, type(None))):
+            raise TypeError(f"hparams[{key!r}] must be a plain number, string, bool or None, got "
+                            f"{type(value).__name__}; pass tensors in `tensors`")
+    atomic_save_tensors(tensors, path / PRETRAINED_TENSORS)
+    atomic_save_json({"optimizer": optimizer, "hparams": dict(hparams)}, path / PRETRAINED_CONFIG)
+    return path
+
+
+def load_pretrained(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """Read what ``save_pretrained`` wrote: (optimizer class name, hparams, tensors)."""
+    path = Path(path)
+    config_file, tensor_file = path / PRETRAINED_CONFIG, path / PRETRAINED_TENSORS
+    for f in (config_file, tensor_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{path} is not a saved optimizer: missing {f.name}")
+    with open(config_file) as f:
+        config = json.load(f)
+    if not isinstance(config, dict) or not {"optimizer", "hparams"} <= set(config):
+        raise ValueError(f"{config_file} must hold an object with 'optimizer' and 'hparams'")
+    return config["optimizer"], dict(config["hparams"]), load_tensors(tensor_file)

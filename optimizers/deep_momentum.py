@@ -1,0 +1,90 @@
+"""DeepMomentum (DMGD): momentum as an MLP memory trained online (see ``deepopt.rules.deep``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deepopt.checkpoint import load_pretrained
+from deepopt.rules import deep_momentum
+from deepopt.rules.deep import ACTIVATIONS
+
+from .base import MemoryOptimizer
+
+
+class DeepMomentum(MemoryOptimizer):
+    """Deep Momentum Gradient Descent (Nested Learning Eq. 23 / 50), one MLP memory per tensor::
+
+        K = blocks(g)/s_g,  V = blocks(P g)/s_Pg;   θ ← α·θ − η·∇_θ ℓ(θ; K, V);   W ← W − lr·σ(s_Pg·M_θ(K))
+
+    with ``s = ‖·‖/√n`` the RMS norm of the ``n`` blocks, ``M_θ(x) = x + W₁ act(W₂ x)`` on key blocks of
+    ``key_dim`` coordinates, ``hidden`` units, and
+    ``objective`` "dot" (``ℓ = −⟨M(k), v⟩``) or "l2" (``ℓ = ½‖M(k) − v‖²``).  ``memory_init=(W1, W2)``
+    sets the initial state θ₀ (what meta-training learns; see ``from_pretrained``), else W₁ = 0 and
+    W₂ ~ init_scale·N(0, 1) drawn from ``seed``.  Further options: ``weight_decay``,
+    ``decoupled_weight_decay``, ``preconditioner``, ``nonlinearity``, ``foreach``, ``nonfinite``.
+    """
+
+    rule = deep_momentum
+
+    def __init__(self, params: Any, lr: float = 1e-3, alpha: float = 0.9, eta: float = 0.5, hidden: int = 16,
+                 key_dim: int = 16, activation: str = "tanh", objective: str = "dot", **options: Any) -> None:
+        super().__init__(params, lr=lr, alpha=alpha, eta=eta, hidden=hidden, key_dim=key_dim,
+                         activation=activation, objective=objective, **options)
+
+    def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
+        """The dot-objective rule with the key scale folded into the small matrices, so the keys
+        ``K = G/s`` are never materialised and the step lands on ``W`` by in-place GEMMs::
+
+            Z = G (W₂/s)ᵀ,  H = σ(Z),  ∇W₁ = −GᵀH/(n s),  ∇W₂ = −(σ'(Z) ⊙ G (W₁/s))ᵀ G/(n s)
+            W ← W − lr·G − lr·s·σ(G (W₂'/s)ᵀ) W₁'ᵀ
+        """
+        if (group["objective"] != "dot" or group["preconditioner"] != "identity"
+                or group["nonlinearity"] is not None or isinstance(group["lr"], Tensor)
+                or any(isinstance(group[k], Tensor) for k in ("alpha", "eta", "weight_decay"))):
+            return False
+        lr, alpha, eta, wd, kd = group["lr"], group["alpha"], group["eta"], group["weight_decay"], group["key_dim"]
+        act, act_grad = ACTIVATIONS[group["activation"]]
+        for p, g in zip(params, grads):
+            if p.numel() % kd or not p.is_contiguous():
+                self._rule_step(group, [p], [g])
+                continue
+            state = self.state[p]
+            if wd != 0:
+                if group["decoupled_weight_decay"]:
+                    p.mul_(1 - lr * wd)
+                else:
+                    g = g + wd * p
+            blocks = g.reshape(-1, kd)
+            n = blocks.shape[0]
+            sq = float(torch.dot(blocks.reshape(-1), blocks.reshape(-1)))
+            s = (sq / n) ** 0.5 if sq > 0 else 1.0
+            w1, w2 = state["W1"], state["W2"]
+            z = blocks @ (w2.mT / s)
+            h = act(z)
+            grad_w1 = (blocks.mT @ h) / (-n * s)
+            grad_w2 = ((act_grad(z, h) * (blocks @ (w1 / s))).mT @ blocks) / (-n * s)
+            w1 = state["W1"] = alpha * w1 - eta * grad_w1
+            w2 = state["W2"] = alpha * w2 - eta * grad_w2
+            p.add_(g, alpha=-lr)
+            p.view(-1, kd).addmm_(act(blocks @ (w2.mT / s)), w1.mT, alpha=-lr * s)
+        return True
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, params: Any, **overrides: Any) -> DeepMomentum:
+        """A ``DeepMomentum`` from a folder written by ``deepopt.checkpoint.save_pretrained``.
+
+        The saved hyperparameters and memory state θ₀ (``W1``, ``W2``) are used; ``overrides`` replace
+        any hyperparameter (e.g. ``lr``).
+        """
+        name, hparams, tensors = load_pretrained(path)
+        if name != cls.__name__:
+            raise ValueError(f"{path} holds a {name}, not a {cls.__name__}")
+        if set(tensors) != {"W1", "W2"}:
+            raise ValueError(f"{path}: memory tensors must be W1 and W2, found {sorted(tensors)}")
+        hparams.pop("memory_init", None)
+        kwargs = {**hparams, "memory_init": (tensors["W1"], tensors["W2"]), **overrides}
+        return cls(params, **kwargs)

@@ -1,0 +1,55 @@
+import os
+
+import pytest
+import torch
+
+import deepopt
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per xdist worker (and for the processes they spawn): two workers with two
+    # OpenMP threads each on two cores spin against each other and run many times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def small_mlp(seed: int = 0, dtype: torch.dtype = torch.float64, width: int = 8) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, width), torch.nn.Tanh(), torch.nn.Linear(width, 3)).to(dtype)
+
+
+def batch(step: int, dtype: torch.dtype = torch.float64, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randn(n, 3, generator=g, dtype=dtype)
+
+
+def loss_fn(model: torch.nn.Module, step: int) -> torch.Tensor:
+    p = next(model.parameters())
+    x, y = batch(step, p.dtype)
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0) -> None:
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        loss_fn(model, t).backward()
+        opt.step()
+
+
+# One representative configuration per optimizer (lr large enough that the state matters).
+CONFIGS = {
+    "sgd": dict(lr=0.1),
+    "momentum": dict(lr=0.05, momentum=0.9),
+    "adam": dict(lr=0.01),
+    "adamw": dict(lr=0.01, weight_decay=0.1),
+    "delta_momentum": dict(lr=0.05),
+    "deep_momentum": dict(lr=0.05),
+}
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def opt_name(request):
+    return request.param
+
+
+def make(name: str, params, **overrides) -> torch.optim.Optimizer:
+    return deepopt.OPTIMIZERS[name](params, **{**CONFIGS[name], **overrides})
