@@ -33,7 +33,8 @@ class MemoryOptimizer(Optimizer):
 
     Options every subclass takes:
         foreach: ``None``/``True`` use the subclass's multi-tensor or fused path when it has one for the
-            group's options, ``False`` always runs the pure rule per tensor.
+            group's options, ``False`` always runs the pure rule per tensor.  Under ``torch.compile``
+            the pure rule runs (it is plain tensor algebra, so it traces without graph breaks).
         nonfinite: what a group does when one of its gradients holds NaN/Inf: ``"raise"`` (default,
             ``NonFiniteGradientError`` before any state or parameter changes) or ``"skip"`` (that
             group's step is skipped, its state untouched).
@@ -95,9 +96,13 @@ class MemoryOptimizer(Optimizer):
                     for p in params:
                         if not self.state[p]:
                             self.state[p].update(self.rule.init(p, group))
-                    if group["foreach"] is False or not self._fast_step(group, params, grads):
-                        self._rule_step(group, params, grads)
+                    self._update_group(group, params, grads)
         return loss
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        # Checked in this frame: torch.compile may trace it on its own after a graph break in ``step``.
+        if group["foreach"] is False or torch.compiler.is_compiling() or not self._fast_step(group, params, grads):
+            self._rule_step(group, params, grads)
 
     def _rule_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """The reference path: the pure rule, one tensor at a time."""

@@ -199,18 +199,21 @@ def test_training_step_under_torch_compile(opt_name):
     assert losses[-1] < losses[0]
 
 
-def test_compiled_model_with_inductor_trains():
-    """The optimizer drives a model compiled by the default (inductor) backend."""
+@pytest.mark.parametrize("name", ["adam", "delta_momentum"])
+def test_training_step_under_inductor(name):
+    """The whole step (forward, backward, optimizer) compiled by the default backend."""
     torch._dynamo.reset()
     model = small_mlp(dtype=torch.float32)
-    compiled = torch.compile(model)
-    opt = deepopt.DeepMomentum(model.parameters(), lr=0.05)
+    opt = make(name, model.parameters())
     x, y = torch.randn(16, 5), torch.randn(16, 3)
-    losses = []
-    for _ in range(5):
+
+    @torch.compile
+    def step():
         opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(compiled(x), y)
+        loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        return loss
+
+    losses = [step().item() for _ in range(5)]
     assert losses[-1] < losses[0]
