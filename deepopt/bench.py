@@ -8,7 +8,6 @@ torch's foreach Adam.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable

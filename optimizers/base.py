@@ -116,6 +116,17 @@ class MemoryOptimizer(Optimizer):
         """Multi-tensor/fused path; return ``False`` where the group's options have none."""
         return False
 
+    @staticmethod
+    def _foreach_weight_decay(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Fast-path weight decay: decoupled shrinks ``W`` in place, coupled returns new ``g + wd·W``."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd == 0:
+            return grads
+        if group["decoupled_weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * wd)
+            return grads
+        return torch._foreach_add(grads, params, alpha=wd)
+
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

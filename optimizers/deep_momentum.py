@@ -46,18 +46,14 @@ class DeepMomentum(MemoryOptimizer):
                 or group["nonlinearity"] is not None or isinstance(group["lr"], Tensor)
                 or any(isinstance(group[k], Tensor) for k in ("alpha", "eta", "weight_decay"))):
             return False
-        lr, alpha, eta, wd, kd = group["lr"], group["alpha"], group["eta"], group["weight_decay"], group["key_dim"]
+        lr, alpha, eta, kd = group["lr"], group["alpha"], group["eta"], group["key_dim"]
         act, act_grad = ACTIVATIONS[group["activation"]]
         for p, g in zip(params, grads):
             if p.numel() % kd or not p.is_contiguous():
                 self._rule_step(group, [p], [g])
                 continue
             state = self.state[p]
-            if wd != 0:
-                if group["decoupled_weight_decay"]:
-                    p.mul_(1 - lr * wd)
-                else:
-                    g = g + wd * p
+            (g,) = self._foreach_weight_decay(group, [p], [g])
             blocks = g.reshape(-1, kd)
             n = blocks.shape[0]
             sq = float(torch.dot(blocks.reshape(-1), blocks.reshape(-1)))

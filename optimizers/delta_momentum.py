@@ -36,13 +36,9 @@ class DeltaMomentum(MemoryOptimizer):
         if (group["keys"] != "tensor" or group["preconditioner"] != "identity"
                 or group["nonlinearity"] is not None or isinstance(group["lr"], Tensor)):
             return False
-        lr, alpha, beta, wd = group["lr"], group["momentum"], group["beta"], group["weight_decay"]
+        lr, alpha, beta = group["lr"], group["momentum"], group["beta"]
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        if wd != 0:
-            if group["decoupled_weight_decay"]:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            else:
-                grads = torch._foreach_add(grads, params, alpha=wd)
+        grads = self._foreach_weight_decay(group, params, grads)
         flat = [(m.reshape(-1), g.reshape(-1)) for m, g in zip(bufs, grads)]
         dots = torch.stack([torch.dot(m, g).double() for m, g in flat])
         sq = torch.stack([torch.dot(g, g).double() for _, g in flat])

@@ -35,13 +35,9 @@ class Momentum(MemoryOptimizer):
             group["lr"], Tensor
         ):
             return False
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        lr, mu = group["lr"], group["momentum"]
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        if wd != 0:
-            if group["decoupled_weight_decay"]:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            else:
-                grads = torch._foreach_add(grads, params, alpha=wd)
+        grads = self._foreach_weight_decay(group, params, grads)
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
         direction = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs

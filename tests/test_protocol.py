@@ -5,9 +5,7 @@ import io
 
 import pytest
 import torch
-from conftest import loss_fn, make, small_mlp, train
-
-import deepopt
+from conftest import CONFIGS, loss_fn, make, small_mlp, train
 
 
 def params_of(model):
@@ -181,33 +179,19 @@ def test_bfloat16_parameters(opt_name):
     assert loss.item() < first
 
 
-def test_training_step_under_torch_compile(opt_name):
-    torch._dynamo.reset()
-    model = small_mlp(dtype=torch.float32)
-    opt = make(opt_name, model.parameters())
-    x, y = torch.randn(16, 5), torch.randn(16, 3)
-
-    @torch.compile(backend="eager")
-    def step():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    losses = [step().item() for _ in range(5)]
-    assert losses[-1] < losses[0]
+COMPILE_CASES = [(name, "eager") for name in sorted(CONFIGS)] + [("adam", "inductor"), ("delta_momentum", "inductor")]
 
 
-@pytest.mark.parametrize("name", ["adam", "delta_momentum"])
-def test_training_step_under_inductor(name):
-    """The whole step (forward, backward, optimizer) compiled by the default backend."""
+@pytest.mark.parametrize("name,backend", COMPILE_CASES)
+def test_training_step_under_torch_compile(name, backend):
+    """The whole step (forward, backward, optimizer) under torch.compile: dynamo tracing for every
+    optimizer, the default inductor backend for two."""
     torch._dynamo.reset()
     model = small_mlp(dtype=torch.float32)
     opt = make(name, model.parameters())
     x, y = torch.randn(16, 5), torch.randn(16, 3)
 
-    @torch.compile
+    @torch.compile(backend=backend)
     def step():
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
