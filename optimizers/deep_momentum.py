@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from deepopt.checkpoint import load_pretrained
@@ -37,16 +38,20 @@ class DeepMomentum(MemoryOptimizer):
 
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """The dot-objective rule with the key scale folded into the small matrices, so the keys
-        ``K = G/s`` are never materialised and the step lands on ``W`` by in-place GEMMs::
+        ``K = G/s`` are never materialised, the two gradient GEMMs share one pass over ``G``, and the
+        step lands on ``W`` in place::
 
-            Z = G (W₂/s)ᵀ,  H = σ(Z),  ∇W₁ = −GᵀH/(n s),  ∇W₂ = −(σ'(Z) ⊙ G (W₁/s))ᵀ G/(n s)
-            W ← W − lr·G − lr·s·σ(G (W₂'/s)ᵀ) W₁'ᵀ
+            [Z | A] = G [W₂ᵀ | W₁]/s,  H = σ(Z),  [∇W₁ | ∇W₂ᵀ] = −Gᵀ[H | σ'(Z) ⊙ A]/(n s)
+            W ← W − lr·G − lr·s·σ(G W₂'ᵀ/s) W₁'ᵀ
+
+        (right-hand matrices are passed in ``F.linear``'s (out, in) layout, the fast one for
+        tall-skinny GEMMs on CPU).
         """
         if (group["objective"] != "dot" or group["preconditioner"] != "identity"
                 or group["nonlinearity"] is not None or isinstance(group["lr"], Tensor)
                 or any(isinstance(group[k], Tensor) for k in ("alpha", "eta", "weight_decay"))):
             return False
-        lr, alpha, eta, kd = group["lr"], group["alpha"], group["eta"], group["key_dim"]
+        lr, alpha, eta, kd, hd = group["lr"], group["alpha"], group["eta"], group["key_dim"], group["hidden"]
         act, act_grad = ACTIVATIONS[group["activation"]]
         for p, g in zip(params, grads):
             if p.numel() % kd or not p.is_contiguous():
@@ -59,14 +64,16 @@ class DeepMomentum(MemoryOptimizer):
             sq = float(torch.dot(blocks.reshape(-1), blocks.reshape(-1)))
             s = (sq / n) ** 0.5 if sq > 0 else 1.0
             w1, w2 = state["W1"], state["W2"]
-            z = blocks @ (w2.mT / s)
+            za = F.linear(blocks, torch.cat([w2, w1.mT]) / s)
+            z, a = za[:, :hd], za[:, hd:]
             h = act(z)
-            grad_w1 = (blocks.mT @ h) / (-n * s)
-            grad_w2 = ((act_grad(z, h) * (blocks @ (w1 / s))).mT @ blocks) / (-n * s)
-            w1 = state["W1"] = alpha * w1 - eta * grad_w1
-            w2 = state["W2"] = alpha * w2 - eta * grad_w2
+            a.mul_(act_grad(z, h))
+            z.copy_(h)
+            grads_w = (blocks.mT @ za) / (-n * s)
+            w1 = state["W1"] = alpha * w1 - eta * grads_w[:, :hd]
+            w2 = state["W2"] = alpha * w2 - eta * grads_w[:, hd:].mT
             p.add_(g, alpha=-lr)
-            p.view(-1, kd).addmm_(act(blocks @ (w2.mT / s)), w1.mT, alpha=-lr * s)
+            p.view(-1, kd).addmm_(act(F.linear(blocks, w2 / s)), w1.mT, alpha=-lr * s)
         return True
 
     @classmethod
