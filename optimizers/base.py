@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from deepopt.rules import Rule
+from deepopt.rules import RULES, Rule
 from deepopt.rules.base import check_choice
 
 NONFINITE_POLICIES = ("raise", "skip")
 _GROUP_OPTIONS = ("foreach", "nonfinite")
 _GROUP_BOOKKEEPING = ("params", "param_names")
+_ALL_HPARAMS = frozenset(k for rule in RULES.values() for k in rule.defaults) | frozenset(_GROUP_OPTIONS)
 
 
 class NonFiniteGradientError(ValueError):
@@ -59,10 +60,11 @@ class MemoryOptimizer(Optimizer):
             raise
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        allowed = set(self.defaults) | set(_GROUP_BOOKKEEPING)
-        unknown = sorted(set(group) - allowed)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}: unknown param-group key(s) {unknown}; "
+        """Check the group's hyperparameters.  Other keys are allowed (as in torch.optim: a scheduler's
+        ``initial_lr``, a user's ``name``) unless they are another deepopt rule's hyperparameters."""
+        foreign = sorted((set(group) & _ALL_HPARAMS) - set(self.defaults))
+        if foreign:
+            raise TypeError(f"{type(self).__name__} has no hyperparameter(s) {foreign}; "
                             f"accepted: {sorted(self.defaults)}")
         self.rule.validate(group)
         _validate_options(group)
@@ -153,11 +155,15 @@ class MemoryOptimizer(Optimizer):
             if len(ours["params"]) != len(saved["params"]):
                 raise ValueError("a param group's size differs from the one in the state dict "
                                  f"({len(saved['params'])} saved, {len(ours['params'])} here)")
-            keys = lambda g: set(g) - set(_GROUP_BOOKKEEPING)  # noqa: E731
-            if keys(ours) != keys(saved):
-                raise ValueError(f"state dict is not from a {name}: its hyperparameters "
-                                 f"{sorted(keys(saved))} differ from {sorted(keys(ours))}")
-            self._validate_group({k: v for k, v in saved.items() if k not in _GROUP_BOOKKEEPING})
+            missing = sorted(set(self.defaults) - set(saved))
+            foreign = sorted((set(saved) & _ALL_HPARAMS) - set(self.defaults))
+            if missing or foreign:
+                raise ValueError(f"state dict is not from a {name}: hyperparameters missing {missing}, "
+                                 f"foreign {foreign}")
+            try:
+                self._validate_group({k: v for k, v in saved.items() if k not in _GROUP_BOOKKEEPING})
+            except TypeError as err:
+                raise ValueError(f"state dict holds invalid hyperparameters: {err}") from err
             for pid, p in zip(saved["params"], ours["params"]):
                 index[pid] = (p, saved)
         for pid, st in sd["state"].items():

@@ -54,6 +54,65 @@ def test_lr_scheduler(opt_name):
     assert same(params_of(a), params_of(b))
 
 
+def test_resume_with_scheduler_and_named_groups(opt_name, tmp_path):
+    """Extra group keys (a user's ``name``, a scheduler's ``initial_lr``) survive a save/resume."""
+    def build(model):
+        opt = make(opt_name, [{"params": model[0].parameters(), "name": "first"},
+                              {"params": model[2].parameters(), "name": "second"}])
+        return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+
+    straight = small_mlp()
+    opt, sched = build(straight)
+    for t in range(8):
+        train(straight, opt, 1, start=t)
+        sched.step()
+
+    first = small_mlp()
+    opt, sched = build(first)
+    for t in range(4):
+        train(first, opt, 1, start=t)
+        sched.step()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "model": first.state_dict()},
+               tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = small_mlp(seed=5)
+    resumed.load_state_dict(ckpt["model"])
+    opt = make(opt_name, [{"params": resumed[0].parameters(), "name": "first"},
+                          {"params": resumed[2].parameters(), "name": "second"}])
+    opt.load_state_dict(ckpt["opt"])
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    sched.load_state_dict(ckpt["sched"])
+    for t in range(4, 8):
+        train(resumed, opt, 1, start=t)
+        sched.step()
+    assert [g["name"] for g in opt.param_groups] == ["first", "second"]
+    assert same(params_of(straight), params_of(resumed))
+
+
+def test_grad_scaler(opt_name):
+    """torch.amp.GradScaler unscales before our step and skips it on overflow."""
+    model = small_mlp(dtype=torch.float32)
+    opt = make(opt_name, model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    before = params_of(model)
+    opt.zero_grad()
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y) * float("inf")).backward()
+    scaler.step(opt)  # inf gradients: the scaler skips the step, nothing raises
+    scaler.update()
+    assert same(before, params_of(model))
+
+
 def test_step_with_closure(opt_name):
     a, b = small_mlp(), small_mlp()
     oa, ob = make(opt_name, a.parameters()), make(opt_name, b.parameters())
