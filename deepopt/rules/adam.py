@@ -22,7 +22,7 @@ DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
 
 def init(param: Tensor, hp: Hparams) -> State:
     return {
-        "step": torch.zeros((), dtype=T._step_dtype()),
+        "step": torch.zeros((), dtype=T.step_dtype()),
         "exp_avg": torch.zeros_like(param),
         "exp_avg_sq": torch.zeros_like(param),
     }
@@ -35,11 +35,8 @@ def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tens
     m = state["exp_avg"] + (1 - beta1) * (g - state["exp_avg"])  # lerp, as torch computes it for β₁ > ½
     v = state["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
     t = step.to(g.dtype)
-    step_size = hp["lr"] / (1 - beta1**t)
     denom = v.sqrt() / (1 - beta2**t).sqrt() + hp["eps"]
-    delta = -step_size * m / denom
-    if hp["decoupled_weight_decay"] and not T._is_zero(hp["weight_decay"]):
-        delta = delta - hp["lr"] * hp["weight_decay"] * param
+    delta = T.descend(m / denom / (1 - beta1**t), param, hp)
     return delta, {"step": step, "exp_avg": m, "exp_avg_sq": v}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import Hparams, Rule, State, check_range
+from .transforms import is_zero
 
 DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0}
 
@@ -17,7 +18,7 @@ def init(param: Tensor, hp: Hparams) -> State:
 
 
 def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tensor, State]:
-    if not (isinstance(hp["weight_decay"], (int, float)) and hp["weight_decay"] == 0):
+    if not is_zero(hp["weight_decay"]):
         grad = grad + hp["weight_decay"] * param
     return -hp["lr"] * grad, {}
 

@@ -43,7 +43,7 @@ def validate_shared(hp: Hparams) -> None:
 
 def coupled_weight_decay(grad: Tensor, param: Tensor, hp: Hparams) -> Tensor:
     """``g + wd·W`` for coupled (L2) weight decay, else ``g``."""
-    if hp["decoupled_weight_decay"] or _is_zero(hp["weight_decay"]):
+    if hp["decoupled_weight_decay"] or is_zero(hp["weight_decay"]):
         return grad
     return grad + hp["weight_decay"] * param
 
@@ -51,14 +51,14 @@ def coupled_weight_decay(grad: Tensor, param: Tensor, hp: Hparams) -> Tensor:
 def descend(direction: Tensor, param: Tensor, hp: Hparams) -> Tensor:
     """``delta = −lr·u`` (``− lr·wd·W`` more with decoupled weight decay)."""
     delta = -hp["lr"] * direction
-    if hp["decoupled_weight_decay"] and not _is_zero(hp["weight_decay"]):
+    if hp["decoupled_weight_decay"] and not is_zero(hp["weight_decay"]):
         delta = delta - hp["lr"] * hp["weight_decay"] * param
     return delta
 
 
 def init_preconditioner(param: Tensor, hp: Hparams) -> State:
     if hp["preconditioner"] == "adam":
-        return {"step": torch.zeros((), dtype=_step_dtype()), "exp_avg_sq": torch.zeros_like(param)}
+        return {"step": torch.zeros((), dtype=step_dtype()), "exp_avg_sq": torch.zeros_like(param)}
     return {}
 
 
@@ -101,9 +101,9 @@ def output_nonlinearity(direction: Tensor, hp: Hparams) -> Tensor:
     return direction
 
 
-def _is_zero(value: Any) -> bool:
+def is_zero(value: Any) -> bool:
     return not isinstance(value, Tensor) and value == 0
 
 
-def _step_dtype() -> torch.dtype:
+def step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
