@@ -23,6 +23,7 @@ class Adam(MemoryOptimizer):
     The fast path is torch's fused Adam kernel (``fused=False`` or ``foreach=False`` run the rule).
     """
 
+    _fast_path_takes_dtensors = True
     rule = adam
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

@@ -42,6 +42,8 @@ class MemoryOptimizer(Optimizer):
     """
 
     rule: ClassVar[Rule]
+    # Whether ``_fast_step`` handles sharded DTensor parameters (FSDP2); if not, they take the rule path.
+    _fast_path_takes_dtensors: ClassVar[bool] = False
 
     def __init__(self, params: Iterable[Any], *, foreach: bool | None = None, nonfinite: str = "raise",
                  **hparams: Any) -> None:
@@ -103,7 +105,9 @@ class MemoryOptimizer(Optimizer):
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         # Checked in this frame: torch.compile may trace it on its own after a graph break in ``step``.
-        if group["foreach"] is False or torch.compiler.is_compiling() or not self._fast_step(group, params, grads):
+        if (group["foreach"] is False or torch.compiler.is_compiling()
+                or (not self._fast_path_takes_dtensors and any(map(is_dtensor, params)))
+                or not self._fast_step(group, params, grads)):
             self._rule_step(group, params, grads)
 
     def _rule_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
@@ -178,6 +182,16 @@ class MemoryOptimizer(Optimizer):
                 if got != shape:
                     raise ValueError(f"state[{pid}][{key!r}] has shape {None if got is None else tuple(got)},"
                                      f" expected {tuple(shape)}")
+
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+
+    def is_dtensor(t: Tensor) -> bool:
+        return isinstance(t, DTensor)
+else:
+    def is_dtensor(t: Tensor) -> bool:
+        return False
 
 
 def _validate_options(group: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
 from deepopt.rules.deep import ACTIVATIONS
 
-from .base import MemoryOptimizer
+from .base import MemoryOptimizer, is_dtensor
 
 
 class DeepMomentum(MemoryOptimizer):
@@ -35,6 +35,13 @@ class DeepMomentum(MemoryOptimizer):
                  key_dim: int = 16, activation: str = "tanh", objective: str = "dot", **options: Any) -> None:
         super().__init__(params, lr=lr, alpha=alpha, eta=eta, hidden=hidden, key_dim=key_dim,
                          activation=activation, objective=objective, **options)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        if any(is_dtensor(p) for p in group.get("params", ()) if isinstance(p, Tensor)):
+            raise TypeError("DeepMomentum does not take sharded DTensor parameters (FSDP2) yet: its memory "
+                            "reads whole gradient tensors; use DistributedDataParallel, or another deepopt "
+                            "optimizer under FSDP2")
 
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """The dot-objective rule with the key scale folded into the small matrices, so the keys

@@ -23,6 +23,7 @@ class Momentum(MemoryOptimizer):
     ``nonlinearity`` (None | "newton_schulz"), ``foreach``, ``nonfinite``.
     """
 
+    _fast_path_takes_dtensors = True
     rule = momentum
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.9, nesterov: bool = False,

@@ -15,6 +15,7 @@ from .base import MemoryOptimizer
 class SGD(MemoryOptimizer):
     """``W ← W − lr·(g + wd·W)``; equals ``torch.optim.SGD(lr, weight_decay=wd)``."""
 
+    _fast_path_takes_dtensors = True
     rule = sgd
 
     def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.0, **options: Any) -> None:

@@ -1,12 +1,14 @@
-"""DistributedDataParallel with 2 CPU processes (gloo) equals one process on the same global batch."""
+"""DDP and FSDP2 with 2 CPU processes (gloo) equal one process on the same global batch."""
 
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import CONFIGS, make, small_mlp
+from torch.distributed.fsdp import fully_shard
 
 STEPS = 10
 
@@ -16,6 +18,9 @@ def global_batch(step: int):
     return torch.randn(32, 5, generator=g, dtype=torch.float64), torch.randn(32, 3, generator=g, dtype=torch.float64)
 
 
+FSDP2_NAMES = [n for n in sorted(CONFIGS) if n != "deep_momentum"]  # DeepMomentum refuses DTensors
+
+
 def run(model: torch.nn.Module, name: str, shard=slice(None)) -> list[torch.Tensor]:
     opt = make(name, model.parameters())
     for t in range(STEPS):
@@ -23,7 +28,7 @@ def run(model: torch.nn.Module, name: str, shard=slice(None)) -> list[torch.Tens
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x[shard]), y[shard]).backward()
         opt.step()
-    return [p.detach().clone() for p in model.parameters()]
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
 
 
 def worker(rank: int, port: int, out: str) -> None:
@@ -31,9 +36,16 @@ def worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {}
+        shard = slice(16 * rank, 16 * (rank + 1))
         for name in sorted(CONFIGS):
             ddp = torch.nn.parallel.DistributedDataParallel(small_mlp())
-            results[name] = run(ddp, name, shard=slice(16 * rank, 16 * (rank + 1)))
+            results[f"ddp/{name}"] = run(ddp, name, shard)
+        for name in FSDP2_NAMES:
+            results[f"fsdp2/{name}"] = run(fully_shard(small_mlp()), name, shard)
+        try:
+            make("deep_momentum", fully_shard(small_mlp()).parameters())
+        except TypeError as err:
+            results["deep_momentum_refuses_dtensor"] = "DTensor" in str(err)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -46,11 +58,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
-    out = str(tmp_path / "ddp.pt")
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dist") / "results.pt")
     mp.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
-    ddp_results = torch.load(out, weights_only=True)
-    for name in sorted(CONFIGS):
-        single = run(small_mlp(), name)
-        for a, b in zip(single, ddp_results[name]):
-            assert (a - b).abs().max().item() <= 1e-10, name
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("key", [f"ddp/{n}" for n in sorted(CONFIGS)] + [f"fsdp2/{n}" for n in FSDP2_NAMES])
+def test_two_processes_match_single_process(distributed_results, key):
+    single = run(small_mlp(), key.split("/")[1])
+    for a, b in zip(single, distributed_results[key]):
+        assert (a - b).abs().max().item() <= 1e-10, key
+
+
+def test_deep_momentum_refuses_sharded_parameters_clearly(distributed_results):
+    assert distributed_results["deep_momentum_refuses_dtensor"] is True
