@@ -11,7 +11,7 @@ from torch import Tensor
 
 from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
-from deepopt.rules.deep import ACTIVATIONS
+from deepopt.rules.deep import ACTIVATIONS, INPLACE_ACTIVATIONS
 
 from .base import MemoryOptimizer, is_dtensor
 
@@ -60,6 +60,7 @@ class DeepMomentum(MemoryOptimizer):
             return False
         lr, alpha, eta, kd, hd = group["lr"], group["alpha"], group["eta"], group["key_dim"], group["hidden"]
         act, act_grad = ACTIVATIONS[group["activation"]]
+        act_, scale_by_grad_ = INPLACE_ACTIVATIONS.get(group["activation"], (None, None))
         for p, g in zip(params, grads):
             if p.numel() % kd or not p.is_contiguous():
                 self._rule_step(group, [p], [g])
@@ -73,14 +74,18 @@ class DeepMomentum(MemoryOptimizer):
             w1, w2 = state["W1"], state["W2"]
             za = F.linear(blocks, torch.cat([w2, w1.mT]) / s)
             z, a = za[:, :hd], za[:, hd:]
-            h = act(z)
-            a.mul_(act_grad(z, h))
-            z.copy_(h)
+            if act_ is not None:  # za ← [σ(Z) | σ'(Z) ⊙ A] without temporaries
+                scale_by_grad_(a, act_(z))
+            else:
+                h = act(z)
+                a.mul_(act_grad(z, h))
+                z.copy_(h)
             grads_w = (blocks.mT @ za) / (-n * s)
             w1 = state["W1"] = alpha * w1 - eta * grads_w[:, :hd]
             w2 = state["W2"] = alpha * w2 - eta * grads_w[:, hd:].mT
             p.add_(g, alpha=-lr)
-            p.view(-1, kd).addmm_(act(F.linear(blocks, w2 / s)), w1.mT, alpha=-lr * s)
+            z_new = F.linear(blocks, w2 / s)
+            p.view(-1, kd).addmm_(act_(z_new) if act_ is not None else act(z_new), w1.mT, alpha=-lr * s)
         return True
 
     @classmethod

@@ -19,6 +19,7 @@ model.  With W₁ = 0 the first step is SGD; a step with a zero gradient and zer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,14 @@ ACTIVATIONS = {
     "gelu": (F.gelu, _gelu_grad),
     "silu": (F.silu, _silu_grad),
     "identity": (lambda z: z, lambda z, h: torch.ones_like(z)),
+}
+
+# For activations whose σ' is a function of h = σ(z): name -> (σ in place, ``a ← a ⊙ σ'`` in place from h),
+# which lets the optimizer's fast path run without temporaries.
+INPLACE_ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
+    "tanh": (torch.tanh_, lambda a, h: a.addcmul_(a * h, h, value=-1)),
+    "relu": (torch.relu_, lambda a, h: a.mul_(h > 0)),
+    "identity": (lambda z: z, lambda a, h: a),
 }
 
 DEFAULTS = {
