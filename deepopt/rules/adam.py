@@ -35,7 +35,7 @@ def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tens
     m = state["exp_avg"] + (1 - beta1) * (g - state["exp_avg"])  # lerp, as torch computes it for β₁ > ½
     v = state["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
     t = step.to(g.dtype)
-    denom = v.sqrt() / (1 - beta2**t).sqrt() + hp["eps"]
+    denom = T.sqrt0(v) / (1 - beta2**t).sqrt() + hp["eps"]
     delta = T.descend(m / denom / (1 - beta1**t), param, hp)
     return delta, {"step": step, "exp_avg": m, "exp_avg_sq": v}
 

@@ -76,7 +76,7 @@ def initial_memory(hp: Hparams, dtype: torch.dtype, device: torch.device) -> tup
     """θ₀ = (W₁, W₂): ``memory_init`` if given, else W₁ = 0 and W₂ ~ init_scale·N(0, 1) from ``seed``."""
     if hp["memory_init"] is not None:
         w1, w2 = hp["memory_init"]
-        return w1.detach().to(device, dtype).clone(), w2.detach().to(device, dtype).clone()
+        return w1.to(device, dtype).clone(), w2.to(device, dtype).clone()  # keeps θ₀'s graph (meta-training)
     gen = torch.Generator().manual_seed(int(hp["seed"]))
     w2 = torch.randn(hp["hidden"], hp["key_dim"], generator=gen, dtype=torch.float64) * float(hp["init_scale"])
     return torch.zeros(hp["key_dim"], hp["hidden"], dtype=dtype, device=device), w2.to(device, dtype)

@@ -70,8 +70,15 @@ def precondition(grad: Tensor, state: State, hp: Hparams) -> tuple[Tensor, State
     beta2 = hp["beta2"]
     v = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
     bias_correction2 = 1 - beta2 ** step.to(grad.dtype)
-    denom = (v / bias_correction2).sqrt() + hp["eps"]
+    denom = sqrt0(v / bias_correction2) + hp["eps"]
     return grad / denom, {"step": step, "exp_avg_sq": v}
+
+
+def sqrt0(v: Tensor) -> Tensor:
+    """``√v`` for ``v ≥ 0`` whose derivative is 0, not ∞, where ``v = 0`` (a coordinate whose gradients
+    were all zero so far): same values as ``v.sqrt()``, and no NaN meta-gradients through ``0·∞``."""
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
 def newton_schulz(update: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:

@@ -1,0 +1,307 @@
+"""``deepopt meta-train``: meta-train an optimizer on a task family, then evaluate it on held-out tasks.
+
+Writes into ``--out DIR``: ``optimizer/`` (the learned optimizer, a ``save_pretrained`` folder that
+``DeepMomentum.from_pretrained`` loads), ``trainer_state.pt`` (resume point), ``report.json``,
+``curves.csv`` and ``curves.png``.  Re-running with the same ``--out`` resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+# Sizes: the default run (a few minutes on 2 CPU cores) and --smoke (well under a minute).
+DEFAULTS: dict[str, Any] = dict(
+    meta_steps=400,
+    unroll=20,
+    horizon=200,
+    tasks_per_step=2,
+    lr=0.01,
+    eval_steps=200,
+    eval_seeds=3,
+    eval_tasks="digits_d3_gelu,digits_w128_elu,wine_mlp,breast_cancer_mlp",
+    adam_lrs="0.001,0.002,0.005,0.01,0.02,0.05",
+    momentum_lrs="0.01,0.03,0.1",
+    budget=4,
+    save_every=25,
+)
+SMOKE: dict[str, Any] = dict(
+    meta_steps=6,
+    unroll=5,
+    horizon=10,
+    tasks_per_step=2,
+    lr=0.01,
+    eval_steps=20,
+    eval_seeds=1,
+    eval_tasks="digits_d3_gelu,wine_mlp",
+    adam_lrs="0.003,0.03",
+    momentum_lrs="0.03",
+    budget=2,
+    save_every=3,
+)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: …)`` except for options whose default depends on ``--smoke`` (``None`` here)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``meta-train`` subcommand."""
+    from meta_train.params import LEARNABLE
+    from meta_train.tasks import FAMILIES, HELD_OUT_SPECS
+    from meta_train.trainer import DTYPES, ESTIMATORS
+    from meta_train.unroll import OUTER_LOSSES
+
+    p = subparsers.add_parser(
+        "meta-train",
+        help="meta-train an optimizer (DeepMomentum by default) and evaluate it on held-out tasks",
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+    )
+    a = p.add_argument
+    a(
+        "--out",
+        type=Path,
+        default=None,
+        help="run directory (default: runs/<timestamp>); resumes if it holds a checkpoint",
+    )
+    a(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes for a < 1 minute end-to-end check (explicit options win)",
+    )
+    a("--rule", default="deep_momentum", choices=sorted(LEARNABLE), help="the deepopt rule to meta-train")
+    a("--family", default="digits", choices=sorted(FAMILIES), help="task family sampled for meta-training")
+    a("--meta-steps", type=int, help=f"meta-gradient steps (default {DEFAULTS['meta_steps']})")
+    a("--unroll", type=int, help=f"inner steps per truncation K (default {DEFAULTS['unroll']})")
+    a(
+        "--horizon",
+        type=int,
+        help=f"inner steps per task before a new one is drawn, a multiple of --unroll "
+        f"(default {DEFAULTS['horizon']})",
+    )
+    a("--tasks-per-step", type=int, help=f"tasks per meta-step (default {DEFAULTS['tasks_per_step']})")
+    a("--meta-lr", type=float, default=0.03, help="Adam learning rate on the raw meta-parameters")
+    a("--clip", type=float, default=1.0, help="meta-gradient norm clip")
+    a(
+        "--outer",
+        default="log_train",
+        choices=OUTER_LOSSES,
+        help="outer loss: mean inner training loss over the unroll ('train'), mean of its log ('log_train', "
+        "weighs late progress like early progress), or mean loss on held-out batches after each step",
+    )
+    a(
+        "--estimator",
+        default="backprop",
+        choices=ESTIMATORS,
+        help="meta-gradient estimator: exact backprop "
+        "through the unroll (torch.func) or antithetic evolution strategies",
+    )
+    a("--es-pairs", type=int, default=32, help="antithetic pairs per ES estimate")
+    a("--es-sigma", type=float, default=0.01, help="ES perturbation scale in raw-parameter space")
+    a(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="segment length for activation checkpointing of the unroll (0: off)",
+    )
+    a("--lr", type=float, help=f"initial inner learning rate (default {DEFAULTS['lr']})")
+    a("--hidden", type=int, default=16, help="DeepMomentum: hidden units of the MLP memory")
+    a("--key-dim", type=int, default=16, help="DeepMomentum: coordinates per key block")
+    a(
+        "--preconditioner",
+        default=None,
+        choices=("identity", "adam"),
+        help="momentum/delta_momentum/deep_momentum: gradient preconditioner P (default: adam for "
+        "deep_momentum, the rule's default otherwise)",
+    )
+    a(
+        "--learn",
+        default=None,
+        help="comma-separated names to learn (default: all of the rule's, e.g. "
+        "W1,W2,alpha,eta,lr for deep_momentum)",
+    )
+    a("--seed", type=int, default=0, help="seed of task draws, batches and ES perturbations")
+    a("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of tasks and meta-parameters")
+    a("--save-every", type=int, help=f"checkpoint every N meta-steps (default {DEFAULTS['save_every']})")
+    a(
+        "--eval-steps",
+        type=int,
+        help=f"N: inner steps of the held-out evaluation (default {DEFAULTS['eval_steps']})",
+    )
+    a("--eval-seeds", type=int, help=f"seeds per held-out task (default {DEFAULTS['eval_seeds']})")
+    a(
+        "--eval-tasks",
+        help=f"comma-separated held-out tasks, from {sorted(HELD_OUT_SPECS)} "
+        f"(default {DEFAULTS['eval_tasks']})",
+    )
+    a("--adam-lrs", type=_floats, help=f"Adam learning-rate sweep (default {DEFAULTS['adam_lrs']})")
+    a(
+        "--momentum-lrs",
+        type=_floats,
+        help=f"Momentum (μ=0.9) learning-rate sweep (default {DEFAULTS['momentum_lrs']})",
+    )
+    a(
+        "--budget",
+        type=int,
+        help=f"Adam runs budget×N steps; the speed-up is capped there (default {DEFAULTS['budget']})",
+    )
+    a("--threads", type=int, default=1, help="torch CPU threads (small unrolls run fastest on one)")
+    a("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def _resolve(args: argparse.Namespace) -> dict[str, Any]:
+    base = SMOKE if args.smoke else DEFAULTS
+    out = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
+    for key in ("adam_lrs", "momentum_lrs"):
+        if isinstance(out[key], str):
+            out[key] = _floats(out[key])
+    out["eval_tasks"] = [t for t in out["eval_tasks"].split(",") if t]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Meta-train, save, evaluate, and write the report, curves and plot under ``--out``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from deepopt.checkpoint import atomic_save_json
+    from meta_train.evaluate import evaluate
+    from meta_train.tasks import HELD_OUT_SPECS
+    from meta_train.trainer import DTYPES, OPTIMIZER_DIR, MetaTrainConfig, MetaTrainer
+
+    torch.set_num_threads(args.threads)
+    size = _resolve(args)
+    unknown = sorted(set(size["eval_tasks"]) - set(HELD_OUT_SPECS))
+    if unknown:
+        raise ValueError(f"--eval-tasks: unknown task(s) {unknown}; accepted: {sorted(HELD_OUT_SPECS)}")
+    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    hparams: dict[str, Any] = {"lr": size["lr"]}
+    if args.rule == "deep_momentum":
+        hparams.update(hidden=args.hidden, key_dim=args.key_dim)
+    preconditioner = args.preconditioner or ("adam" if args.rule == "deep_momentum" else None)
+    if preconditioner is not None:
+        hparams["preconditioner"] = preconditioner
+    config = MetaTrainConfig(
+        rule=args.rule,
+        family=args.family,
+        meta_steps=size["meta_steps"],
+        unroll=size["unroll"],
+        horizon=size["horizon"],
+        tasks_per_step=size["tasks_per_step"],
+        meta_lr=args.meta_lr,
+        clip=args.clip,
+        outer=args.outer,
+        estimator=args.estimator,
+        checkpoint_every=args.checkpoint_every,
+        es_pairs=args.es_pairs,
+        es_sigma=args.es_sigma,
+        seed=args.seed,
+        dtype=args.dtype,
+        save_every=size["save_every"],
+        learn=None if args.learn is None else args.learn.split(","),
+        hparams=hparams,
+    )
+    trainer = MetaTrainer(config, out)
+    if trainer.step:
+        print(f"resuming {out} from meta-step {trainer.step}")
+    started = time.perf_counter()
+    trainer.run(progress=not args.no_progress)
+    trainer.save()
+    train_s = time.perf_counter() - started
+
+    seeds = list(range(size["eval_seeds"]))
+    bar = tqdm(total=len(size["eval_tasks"]) * len(seeds), desc="evaluate", disable=args.no_progress)
+    report, rows = evaluate(
+        out / OPTIMIZER_DIR,
+        size["eval_tasks"],
+        seeds,
+        size["eval_steps"],
+        size["adam_lrs"],
+        size["momentum_lrs"],
+        size["budget"],
+        DTYPES[args.dtype],
+        progress=lambda: bar.update(1),
+    )
+    bar.close()
+    name, learned, _ = trainer.meta.export()
+    report = {
+        "optimizer": name,
+        "learned_hparams": learned,
+        "config": trainer.state_dict()["config"],
+        "meta_train_seconds": train_s,
+        "final_outer_loss": trainer.history[-1]["outer_loss"],
+        **report,
+    }
+    atomic_save_json(report, out / "report.json")
+    meta_rows = [
+        {
+            "kind": "meta",
+            "task": config.family,
+            "optimizer": name,
+            "lr": "",
+            "seed": config.seed,
+            "step": h["meta_step"],
+            "loss": h["outer_loss"],
+        }
+        for h in trainer.history
+    ]
+    _write_csv(out / "curves.csv", meta_rows + rows)
+    _plot(out / "curves.png", meta_rows, rows, size["eval_tasks"])
+    for task, r in report["tasks"].items():
+        print(f"{task}: speed-up vs tuned Adam {r['speedup_mean']:.2f} ± {r['speedup_std']:.2f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = ["kind", "task", "optimizer", "lr", "seed", "step", "loss"]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _plot(path: Path, meta_rows: list[dict[str, Any]], rows: list[dict[str, Any]], tasks: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(4 * (1 + len(tasks)), 3.4), squeeze=False)
+    ax = axes[0, 0]
+    meta_loss = [np.nan if r["loss"] is None else r["loss"] for r in meta_rows]
+    ax.plot([r["step"] for r in meta_rows], meta_loss, lw=0.8)
+    ax.set(title="meta-training", xlabel="meta-step", ylabel="outer loss")
+    for ax, task in zip(axes[0, 1:], tasks):
+        for label in ("learned", "adam", "momentum"):
+            by_seed: dict[int, list[float]] = {}
+            for r in rows:
+                if r["task"] == task and r["optimizer"] == label:
+                    by_seed.setdefault(r["seed"], []).append(r["loss"])
+            curves = np.array(list(by_seed.values()))
+            ax.plot(curves.mean(0), label=label if label == "learned" else f"{label} (tuned lr)")
+        ax.set(title=task, xlabel="step", ylabel="train loss", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,203 @@
+"""Inner problems for meta-training, built from data that ships offline.
+
+A ``Task`` is a model (architecture + initial weights), a criterion and a deterministic minibatch
+stream, so the same step index always gives the same batch (unrolls can be recomputed, resumed and
+compared across backends)::
+
+    loss(θ, batch) = criterion(functional_call(model, θ, x), y)
+
+Families (sampled by seed, used for meta-training):
+    ``digits``: MLPs on scikit-learn digits, width ∈ {16, 32, 64}, depth ∈ {1, 2},
+        activation ∈ {relu, tanh}, batch size ∈ {32, 64, 128}.
+    ``quadratic``: ``½‖S(w − c − ξ)‖²`` with ``SᵀS`` of eigenvalues log-uniform in [0.01, 1] and
+        minibatch noise ξ ~ 0.1·N(0, I).
+Held-out tasks (never sampled by a family; evaluation only): digits MLPs of depth 3 / width 128 with
+activations outside the family (gelu, elu), and MLPs on the wine and breast-cancer data sets.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from deepopt.data import load_classification
+
+Batch = tuple[Tensor, Tensor]
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+}
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Minibatch ``step``: ``batch_size`` rows of ``(x, y)`` with replacement, seeded by ``(seed, step)``."""
+
+    x: Tensor
+    y: Tensor
+    batch_size: int
+    seed: int
+
+    def __call__(self, step: int) -> Batch:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(self.x.shape[0], (self.batch_size,), generator=gen)
+        return self.x[idx], self.y[idx]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One inner problem; ``train_batch(t)``/``heldout_batch(t)`` are deterministic in ``t``."""
+
+    name: str
+    model: nn.Module
+    criterion: Callable[[Tensor, Tensor], Tensor]
+    train_batch: Callable[[int], Batch]
+    heldout_batch: Callable[[int], Batch]
+    full_batch: Batch  # the whole training split, for evaluation curves
+
+    def init_params(self) -> dict[str, Tensor]:
+        """Fresh copies of the model's initial weights."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        """``criterion(functional_call(model, params, x), y)``."""
+        return self.criterion(functional_call(self.model, params, (batch[0],)), batch[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _dataset(name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The data set with its constant features dropped (an always-zero input column gives exactly-zero
+    gradients, where differentiating through Adam's ``sqrt(v)`` is undefined)."""
+    x, y, x_test, y_test = load_classification(name, dtype=dtype)
+    keep = x.std(0) > 0
+    return x[:, keep], y, x_test[:, keep], y_test
+
+
+def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def mlp_task(
+    name: str,
+    dataset: str,
+    widths: tuple[int, ...],
+    activation: str,
+    batch_size: int,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+) -> Task:
+    """A cross-entropy MLP ``in → widths… → classes`` on a scikit-learn data set."""
+    x, y, x_test, y_test = _dataset(dataset, dtype)
+    sizes = (x.shape[1], *widths, int(y.max()) + 1)
+
+    def build() -> nn.Module:
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(ACTIVATIONS[activation]())
+        return nn.Sequential(*layers).to(dtype)
+
+    return Task(
+        name,
+        _seeded(seed, build),
+        nn.functional.cross_entropy,
+        Sampler(x, y, batch_size, seed),
+        Sampler(x_test, y_test, batch_size, seed + 1),
+        (x, y),
+    )
+
+
+class QuadraticModel(nn.Module):
+    """``f(x) = (w − x) Sᵀ``; with ``x = c + ξ`` the loss ``½‖f(x)‖²`` is a noisy quadratic in ``w``."""
+
+    def __init__(self, scale: Tensor, w0: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.w = nn.Parameter(w0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.w - x) @ self.scale.mT
+
+
+def _half_sq_norm(out: Tensor, _target: Tensor) -> Tensor:
+    return 0.5 * (out * out).sum(-1).mean()
+
+
+@dataclass(frozen=True)
+class _NoisyTarget:
+    center: Tensor
+    noise: float
+    seed: int
+
+    def __call__(self, step: int) -> Batch:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        xi = torch.randn(1, self.center.shape[0], generator=gen, dtype=torch.float64).to(self.center.dtype)
+        x = self.center + self.noise * xi
+        return x, torch.zeros_like(x)
+
+
+def quadratic_task(seed: int, dim: int = 16, noise: float = 0.1, dtype: torch.dtype = torch.float32) -> Task:
+    """A random ill-conditioned quadratic ``½‖S(w − c − ξ)‖²`` (eigenvalues of SᵀS in [0.01, 1])."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    eig = 10 ** (-2 * torch.rand(dim, generator=gen, dtype=torch.float64))
+    scale = (q * eig.sqrt()) @ q.mT
+    center = torch.randn(dim, generator=gen, dtype=torch.float64)
+    w0 = torch.randn(dim, generator=gen, dtype=torch.float64)
+    model = QuadraticModel(scale.to(dtype), w0.to(dtype))
+    target = _NoisyTarget(center.to(dtype), noise, seed)
+    return Task(
+        f"quadratic_{seed}",
+        model,
+        _half_sq_norm,
+        target,
+        _NoisyTarget(center.to(dtype), noise, seed + 1),
+        (center.to(dtype)[None], torch.zeros(1, dim, dtype=dtype)),
+    )
+
+
+def digits_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
+    """A member of the digits family: width, depth, activation and batch size drawn from ``seed``."""
+    rng = random.Random(seed)
+    width, depth = rng.choice((16, 32, 64)), rng.choice((1, 2))
+    activation, batch_size = rng.choice(("relu", "tanh")), rng.choice((32, 64, 128))
+    name = f"digits_w{width}_d{depth}_{activation}_b{batch_size}"
+    return mlp_task(name, "digits", (width,) * depth, activation, batch_size, seed, dtype)
+
+
+FAMILIES: dict[str, Callable[..., Task]] = {"digits": digits_task, "quadratic": quadratic_task}
+
+# name -> (data set, widths, activation, batch size); none of these is a member of a family.
+HELD_OUT_SPECS: dict[str, tuple[str, tuple[int, ...], str, int]] = {
+    "digits_d3_gelu": ("digits", (48, 48, 48), "gelu", 64),
+    "digits_w128_elu": ("digits", (128,), "elu", 64),
+    "wine_mlp": ("wine", (32, 32), "silu", 32),
+    "breast_cancer_mlp": ("breast_cancer", (64,), "elu", 64),
+}
+
+
+def held_out_task(name: str, seed: int, dtype: torch.dtype = torch.float32) -> Task:
+    """Evaluation-only task ``name`` (see ``HELD_OUT_SPECS``) with weights and batches drawn from ``seed``."""
+    if name not in HELD_OUT_SPECS:
+        raise ValueError(f"unknown held-out task {name!r}; accepted: {sorted(HELD_OUT_SPECS)}")
+    dataset, widths, activation, batch_size = HELD_OUT_SPECS[name]
+    return mlp_task(name, dataset, widths, activation, batch_size, 10_000 + seed, dtype)
+
+
+def sample_task(family: str, seed: int, dtype: torch.dtype = torch.float32) -> Task:
+    """The task of ``family`` drawn from ``seed``."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; accepted: {sorted(FAMILIES)}")
+    return FAMILIES[family](seed, dtype=dtype)

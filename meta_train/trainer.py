@@ -1,0 +1,224 @@
+"""The meta-training loop: truncated unrolls over a task family, Adam on the raw meta-parameters.
+
+Each meta-step, every one of ``tasks_per_step`` slots runs one truncation of ``unroll`` inner steps on
+its task, carrying (θ, s) from its previous truncation (TBPTT); a slot draws a new task from the family
+once it has done ``horizon`` inner steps.  The estimates are averaged, clipped to norm ``clip`` and
+applied by ``deepopt.Adam`` (``nonfinite="skip"``); a slot whose loss or meta-gradient is not finite is
+dropped and restarted on a new task.  Everything random derives from ``seed`` (task draws, batches, ES
+perturbations), so a run resumed from its last checkpoint continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import deepopt
+from deepopt.checkpoint import atomic_torch_save, save_pretrained, torch_load
+
+from .es import AntitheticES
+from .params import LEARNABLE, MetaParams
+from .tasks import FAMILIES, Task, sample_task
+from .unroll import OUTER_LOSSES, Backprop, InnerState, Unroll
+
+ESTIMATORS = ("backprop", "es")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+STATE_FILE = "trainer_state.pt"
+OPTIMIZER_DIR = "optimizer"
+# Fields a resumed run may change (they do not alter the trajectory).
+_RESUMABLE_CHANGES = ("meta_steps", "save_every")
+
+
+@dataclass
+class MetaTrainConfig:
+    """Everything that defines a meta-training run (saved with its checkpoints)."""
+
+    rule: str = "deep_momentum"
+    family: str = "digits"
+    meta_steps: int = 400
+    unroll: int = 20
+    horizon: int = 200
+    tasks_per_step: int = 2
+    meta_lr: float = 0.03
+    clip: float = 1.0
+    outer: str = "log_train"
+    estimator: str = "backprop"
+    checkpoint_every: int = 0
+    es_pairs: int = 32
+    es_sigma: float = 0.01
+    seed: int = 0
+    dtype: str = "float32"
+    save_every: int = 25
+    learn: list[str] | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "rule": tuple(LEARNABLE),
+            "family": tuple(FAMILIES),
+            "outer": OUTER_LOSSES,
+            "estimator": ESTIMATORS,
+            "dtype": tuple(DTYPES),
+        }
+        for name, accepted in choices.items():
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"{name} must be one of {accepted}, got {getattr(self, name)!r}")
+        for name in ("meta_steps", "unroll", "horizon", "tasks_per_step", "es_pairs", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.horizon % self.unroll:
+            raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        for name in ("meta_lr", "clip", "es_sigma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class _Slot:
+    seed: int
+    task: Task
+    inner: InnerState
+
+
+class MetaTrainer:
+    """Meta-trains ``config.rule`` on ``config.family``; with ``out_dir`` it checkpoints there and resumes
+    from ``out_dir/trainer_state.pt`` when that exists (``ValueError`` if it is from another config)."""
+
+    def __init__(self, config: MetaTrainConfig, out_dir: str | os.PathLike | None = None) -> None:
+        self.config = config
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.dtype = DTYPES[config.dtype]
+        self.meta = MetaParams(config.rule, config.learn, self.dtype, **config.hparams)
+        self.opt = deepopt.Adam(self.meta.parameters(), lr=config.meta_lr, nonfinite="skip")
+        self.estimator: Callable[..., Any] = (
+            Backprop(config.checkpoint_every)
+            if config.estimator == "backprop"
+            else AntitheticES(config.es_sigma, config.es_pairs)
+        )
+        self.step = 0
+        self.slots: list[_Slot | None] = [None] * config.tasks_per_step
+        self.history: list[dict[str, float | None]] = []
+        if self.out_dir is not None and (self.out_dir / STATE_FILE).is_file():
+            self.load(self.out_dir / STATE_FILE)
+
+    # ------------------------------------------------------------------ one meta-step
+    def _task_seed(self, slot: int) -> int:
+        return (self.config.seed * 1_000_003 + self.step) * 64 + slot
+
+    def _slot(self, i: int) -> _Slot:
+        slot = self.slots[i]
+        if slot is None or slot.inner.step >= self.config.horizon:
+            seed = self._task_seed(i)
+            task = sample_task(self.config.family, seed, self.dtype)
+            slot = self.slots[i] = _Slot(seed, task, InnerState.fresh(task))
+        return slot
+
+    def meta_step(self) -> dict[str, float]:
+        """One meta-gradient over ``tasks_per_step`` truncations and one (clipped) Adam step."""
+        cfg = self.config
+        params = dict(self.meta.raw)
+        total = {k: torch.zeros_like(p) for k, p in params.items()}
+        losses, dropped = [], 0
+        for i in range(cfg.tasks_per_step):
+            slot = self._slot(i)
+            unroll = Unroll(self.meta, slot.task, cfg.unroll, cfg.outer)
+            est = self.estimator(unroll, slot.inner, key=self._task_seed(i) + 1)
+            if not (est.loss.isfinite() and all(g.isfinite().all() for g in est.grads.values())):
+                self.slots[i], dropped = None, dropped + 1
+                continue
+            slot.inner = est.inner
+            losses.append(float(est.loss))
+            for k, g in est.grads.items():
+                total[k] += g / cfg.tasks_per_step
+        for k, p in params.items():
+            p.grad = total[k]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip))
+        if losses:
+            self.opt.step()
+        self.opt.zero_grad()
+        self.step += 1
+        record = {
+            "meta_step": self.step,
+            "outer_loss": sum(losses) / len(losses) if losses else None,
+            "grad_norm": grad_norm,
+            "dropped": dropped,
+        }
+        with torch.no_grad():
+            record.update({k: float(v) for k, v in self.meta.values().items() if v.numel() == 1})
+        self.history.append(record)
+        return record
+
+    # ------------------------------------------------------------------ loop, checkpoints
+    def run(self, progress: bool = True, callback: Callable[[MetaTrainer], None] | None = None) -> None:
+        """Meta-train up to ``config.meta_steps``, checkpointing every ``save_every`` steps and at the end."""
+        bar = tqdm(total=self.config.meta_steps, initial=self.step, desc="meta-train", disable=not progress)
+        while self.step < self.config.meta_steps:
+            record = self.meta_step()
+            bar.update(1)
+            bar.set_postfix(loss=record["outer_loss"])
+            if self.out_dir is not None and (
+                self.step % self.config.save_every == 0 or self.step == self.config.meta_steps
+            ):
+                self.save()
+            if callback is not None:
+                callback(self)
+        bar.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        slots = [
+            None
+            if s is None
+            else {"seed": s.seed, "params": s.inner.params, "state": s.inner.state, "step": s.inner.step}
+            for s in self.slots
+        ]
+        return {
+            "config": dataclasses.asdict(self.config),
+            "step": self.step,
+            "meta": self.meta.state_dict(),
+            "opt": self.opt.state_dict(),
+            "slots": slots,
+            "history": self.history,
+        }
+
+    def save(self) -> None:
+        """Write ``trainer_state.pt`` and the learned optimizer (``optimizer/``) atomically."""
+        if self.out_dir is None:
+            raise ValueError("this MetaTrainer has no out_dir to save to")
+        atomic_torch_save(self.state_dict(), self.out_dir / STATE_FILE)
+        save_pretrained(self.out_dir / OPTIMIZER_DIR, *self.meta.export())
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Resume from a ``trainer_state.pt``; the run's config must match (``meta_steps`` may differ)."""
+        sd = torch_load(path)
+        ours = dataclasses.asdict(self.config)
+        diff = sorted(
+            k for k in ours if k not in _RESUMABLE_CHANGES and _plain(sd["config"].get(k)) != _plain(ours[k])
+        )
+        if diff:
+            raise ValueError(f"{path} is from a different run: config fields {diff} differ")
+        self.meta.load_state_dict(sd["meta"])
+        self.opt.load_state_dict(sd["opt"])
+        self.step, self.history = sd["step"], list(sd["history"])
+        self.slots = [
+            None
+            if s is None
+            else _Slot(
+                s["seed"],
+                sample_task(self.config.family, s["seed"], self.dtype),
+                InnerState(s["params"], s["state"], s["step"]),
+            )
+            for s in sd["slots"]
+        ]
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal after a save/load round trip."""
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,170 @@
+"""The torch.func unroll engine: K inner steps of a pure deepopt rule, differentiable end to end.
+
+One inner step on task parameters θ with rule state s and hyperparameters h(r) (r: raw meta-params)::
+
+    ℓ_t, g_t = value_and_grad_θ  L(θ_t; batch_t)                 (torch.func, graph kept)
+    Δ, s_{t+1} = rule.update(g_t, s_t, θ_t, h(r));   θ_{t+1} = θ_t + Δ
+
+The outer loss of an unroll of K steps from step t₀ is the mean inner loss
+``F(r) = (1/K) Σ_t ℓ_t`` (``outer="train"``), its log version ``(1/K) Σ_t log ℓ_t`` (``"log_train"``,
+weighs late, low-loss progress as much as early progress) or the mean loss on held-out batches after
+each step, ``(1/K) Σ_t L(θ_{t+1}; heldout_t)`` (``outer="heldout"``).  Truncated BPTT carries (θ, s) between
+unrolls, detached.  ``Backprop(checkpoint_every=S)`` differentiates with segment checkpointing: the
+forward pass keeps only the state at every S-th step, the backward pass recomputes one segment at
+a time and chains vector–Jacobian products, so memory is O(K/S + S) states instead of O(K).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .params import MetaParams
+from .tasks import Batch, Task
+
+OUTER_LOSSES = ("train", "log_train", "heldout")
+Params = dict[str, Tensor]
+RuleState = dict[str, dict[str, Tensor]]
+
+
+@dataclass
+class InnerState:
+    """Where a task's inner optimisation stands: weights, rule state (``None`` = fresh) and step index."""
+
+    params: Params
+    state: RuleState | None = None
+    step: int = 0
+
+    @classmethod
+    def fresh(cls, task: Task) -> InnerState:
+        return cls(task.init_params())
+
+    def detached(self) -> InnerState:
+        return InnerState(*tree_map(lambda t: t.detach(), (self.params, self.state)), self.step)
+
+
+@dataclass
+class Unroll:
+    """``steps`` inner steps of ``meta``'s rule on ``task``; ``outer`` picks the outer loss."""
+
+    meta: MetaParams
+    task: Task
+    steps: int
+    outer: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.outer not in OUTER_LOSSES:
+            raise ValueError(f"outer must be one of {OUTER_LOSSES}, got {self.outer!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+
+    def segment(
+        self, hp: dict[str, Any], params: Params, state: RuleState | None, start: int, n: int
+    ) -> tuple[Tensor, Params, RuleState]:
+        """Run ``n`` inner steps from step ``start``; returns (sum of outer-loss terms, params, state)."""
+        rule, task = self.meta.rule, self.task
+        if state is None:
+            state = {k: rule.init(p, hp) for k, p in params.items()}
+        total = torch.zeros((), dtype=next(iter(params.values())).dtype)
+        for t in range(start, start + n):
+            grads, loss = grad_and_value(task.loss)(params, task.train_batch(t))
+            new_params, new_state = {}, {}
+            for k, p in params.items():
+                delta, new_state[k] = rule.update(grads[k], state[k], p, hp)
+                new_params[k] = p + delta
+            params, state = new_params, new_state
+            total = total + self.outer_term(loss, functools.partial(task.loss, params), t)
+        return total, params, state
+
+    def outer_term(self, train_loss: Tensor, loss_after: Callable[[Batch], Tensor], t: int) -> Tensor:
+        """Step t's term of F: ``ℓ_t`` ("train"), ``log ℓ_t`` ("log_train") or, for "heldout", the loss of
+        the updated weights (``loss_after``) on held-out batch t."""
+        if self.outer == "heldout":
+            return loss_after(self.task.heldout_batch(t))
+        return train_loss.log() if self.outer == "log_train" else train_loss
+
+    def loss(self, raw: dict[str, Tensor], inner: InnerState) -> tuple[Tensor, InnerState]:
+        """``F(r)`` and the inner state after the unroll (graph kept)."""
+        total, params, state = self.segment(
+            self.meta.hparams(raw), inner.params, inner.state, inner.step, self.steps
+        )
+        return total / self.steps, InnerState(params, state, inner.step + self.steps)
+
+
+@dataclass
+class MetaGrad:
+    """An estimate of ∇_r F: the outer loss, one gradient per raw tensor, and the carried inner state."""
+
+    loss: Tensor
+    grads: dict[str, Tensor]
+    inner: InnerState = field(repr=False)
+
+
+@dataclass
+class Backprop:
+    """Exact ∇_r F by reverse mode through the unroll; ``checkpoint_every=S > 0`` checkpoints segments."""
+
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0, got {self.checkpoint_every!r}")
+
+    def __call__(self, unroll: Unroll, inner: InnerState, key: int = 0) -> MetaGrad:
+        raw = dict(unroll.meta.raw)
+        if not self.checkpoint_every or self.checkpoint_every >= unroll.steps:
+            loss, out = unroll.loss(raw, inner)
+            grads = torch.autograd.grad(loss, list(raw.values()), allow_unused=True, materialize_grads=True)
+            return MetaGrad(loss.detach(), dict(zip(raw, grads)), out.detached())
+        return self._checkpointed(unroll, raw, inner)
+
+    def _checkpointed(self, unroll: Unroll, raw: dict[str, Tensor], inner: InnerState) -> MetaGrad:
+        seg, k = self.checkpoint_every, unroll.steps
+        starts = list(range(inner.step, inner.step + k, seg))
+        lengths = [min(seg, inner.step + k - s) for s in starts]
+        boundaries, total = [], 0.0
+        carry: tuple[Params, RuleState | None] = (inner.params, inner.state)
+        with torch.no_grad():
+            hp = unroll.meta.hparams(raw)
+            for s, n in zip(starts, lengths):
+                boundaries.append(carry)
+                part, *carry = unroll.segment(hp, *carry, s, n)
+                total = total + part
+        final = InnerState(*carry, inner.step + k)
+        grads = {name: torch.zeros_like(r) for name, r in raw.items()}
+        adjoint: list[Tensor | None] | None = None
+        for (p_in, s_in), s, n in reversed(list(zip(boundaries, starts, lengths))):
+            leaves, spec = tree_flatten((p_in, s_in))
+            leaves = [
+                t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, Tensor) else t
+                for t in leaves
+            ]
+            raw_leaf = {name: r.detach().requires_grad_() for name, r in raw.items()}
+            part, p_out, s_out = unroll.segment(
+                unroll.meta.hparams(raw_leaf), *tree_unflatten(leaves, spec), s, n
+            )
+            outs, outs_adj = [part], [torch.full_like(part, 1.0 / k)]
+            if adjoint is not None:
+                for o, a in zip(tree_flatten((p_out, s_out))[0], adjoint):
+                    if a is not None and _is_var(o):
+                        outs.append(o)
+                        outs_adj.append(a)
+            wrt = list(raw_leaf.values()) + [t for t in leaves if _is_var(t)]
+            got = torch.autograd.grad(outs, wrt, outs_adj, allow_unused=True)
+            for name, g in zip(raw_leaf, got):
+                if g is not None:
+                    grads[name] += g
+            it = iter(got[len(raw_leaf) :])
+            adjoint = [next(it) if _is_var(t) else None for t in leaves]
+        return MetaGrad(torch.as_tensor(total / k).detach(), grads, final.detached())
+
+
+def _is_var(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.requires_grad

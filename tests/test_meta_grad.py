@@ -1,0 +1,178 @@
+"""Meta-gradients of the unroll engine: finite differences, checkpointing, higher, ES."""
+
+import copy
+
+import higher
+import pytest
+import torch
+
+import deepopt
+from meta_train import AntitheticES, Backprop, InnerState, MetaParams, Unroll, higher_unroll_loss
+from meta_train.tasks import digits_task, mlp_task, quadratic_task
+
+F64 = torch.float64
+# Small configurations with a non-trivial inner trajectory (digits seed 1: width 16, tanh, batch 32).
+RULES = {
+    "sgd": dict(lr=0.1),
+    "momentum": dict(lr=0.1, momentum=0.8),
+    "adam": dict(lr=0.01),
+    "delta_momentum": dict(lr=0.1, beta=0.5),
+    "deep_momentum": dict(lr=0.05, hidden=4, key_dim=8, alpha=0.8, eta=0.3),
+}
+
+
+@pytest.fixture(scope="module")
+def task():
+    t = digits_task(1, dtype=F64)
+    assert "tanh" in t.name  # smooth activation: finite differences are exact to O(eps²)
+    return t
+
+
+def directional_fd(unroll: Unroll, inner: InnerState, direction: dict, eps: float = 1e-5) -> float:
+    raw = {k: v.detach() for k, v in unroll.meta.raw.items()}
+    with torch.no_grad():
+        plus = unroll.loss({k: raw[k] + eps * direction[k] for k in raw}, inner)[0]
+        minus = unroll.loss({k: raw[k] - eps * direction[k] for k in raw}, inner)[0]
+    return float((plus - minus) / (2 * eps))
+
+
+def dot(grads: dict, direction: dict) -> float:
+    return float(sum((grads[k] * direction[k]).sum() for k in grads))
+
+
+@pytest.mark.parametrize("outer", ["train", "log_train", "heldout"])
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_meta_gradient_matches_central_differences(task, rule, outer):
+    meta = MetaParams(rule, dtype=F64, **RULES[rule])
+    unroll = Unroll(meta, task, steps=4, outer=outer)
+    # Second truncation of a TBPTT run: the carried (detached) state is part of the input.
+    inner = Backprop()(unroll, InnerState.fresh(task)).inner
+    for start in (InnerState.fresh(task), inner):
+        est = Backprop()(unroll, start)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            direction = {k: torch.randn(v.shape, generator=gen, dtype=F64) for k, v in meta.raw.items()}
+            fd, exact = directional_fd(unroll, start, direction), dot(est.grads, direction)
+            assert abs(exact - fd) <= 1e-6 * abs(fd), (exact, fd)
+
+
+@pytest.mark.parametrize(
+    "rule,hp",
+    [("adam", RULES["adam"]), ("deep_momentum", {**RULES["deep_momentum"], "preconditioner": "adam"})],
+)
+def test_exactly_zero_gradients_give_finite_meta_gradients(rule, hp):
+    """A saturated tanh unit gets exactly-zero gradients, so Adam's second moment stays 0 there and
+    d√v/dv = ∞; the meta-gradient must still be finite, match finite differences and higher."""
+    task = mlp_task("dead_unit", "digits", (16,), "tanh", 32, seed=1, dtype=F64)
+    with torch.no_grad():
+        task.model[0].bias[0] = -1e3
+    meta = MetaParams(rule, dtype=F64, **hp)
+    unroll = Unroll(meta, task, steps=4)
+    est = Backprop()(unroll, InnerState.fresh(task))
+    assert float(est.inner.state["0.weight"]["exp_avg_sq"][0].abs().max()) == 0.0
+    assert all(g.isfinite().all() for g in est.grads.values())
+    direction = {k: torch.ones_like(v) for k, v in meta.raw.items()}
+    fd, exact = directional_fd(unroll, InnerState.fresh(task), direction), dot(est.grads, direction)
+    assert abs(exact - fd) <= 1e-6 * abs(fd), (exact, fd)
+    raw = dict(meta.raw)
+    grads = torch.autograd.grad(higher_unroll_loss(unroll, raw), list(raw.values()))
+    for k, g in zip(raw, grads):
+        torch.testing.assert_close(g, est.grads[k], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_checkpointed_backprop_equals_full_graph(task, rule):
+    meta = MetaParams(rule, dtype=F64, **RULES[rule])
+    unroll = Unroll(meta, task, steps=7)
+    full = Backprop()(unroll, InnerState.fresh(task))
+    for every in (1, 3):
+        ck = Backprop(checkpoint_every=every)(unroll, InnerState.fresh(task))
+        assert torch.allclose(ck.loss, full.loss, rtol=0, atol=1e-14)
+        for k in full.grads:
+            torch.testing.assert_close(ck.grads[k], full.grads[k], rtol=1e-12, atol=1e-15)
+        for k in full.inner.params:
+            assert torch.equal(ck.inner.params[k], full.inner.params[k])
+        assert ck.inner.step == full.inner.step == 7
+
+
+@pytest.mark.parametrize("outer", ["train", "log_train", "heldout"])
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_higher_backend_matches_torch_func(task, rule, outer):
+    meta = MetaParams(rule, dtype=F64, **RULES[rule])
+    unroll = Unroll(meta, task, steps=5, outer=outer)
+    est = Backprop()(unroll, InnerState.fresh(task))
+    raw = dict(meta.raw)
+    loss = higher_unroll_loss(unroll, raw)
+    grads = torch.autograd.grad(loss, list(raw.values()))
+    assert abs(float(loss.detach()) - float(est.loss)) <= 1e-12
+    for k, g in zip(raw, grads):
+        assert (g - est.grads[k]).abs().max() <= 1e-8 * max(1.0, float(est.grads[k].abs().max())), k
+
+
+@pytest.mark.parametrize("name", sorted(deepopt.OPTIMIZERS))
+def test_higher_innerloop_with_deepopt_optimizer_matches_eager_steps(task, name):
+    """``higher.innerloop_ctx(model, deepopt.X(...))`` takes the same steps as ``deepopt.X`` itself."""
+    kwargs = {"adamw": dict(lr=0.01, weight_decay=0.1), "adam": dict(lr=0.01)}.get(name, dict(lr=0.05))
+    model = copy.deepcopy(task.model)
+    eager = copy.deepcopy(task.model)
+    eager_opt = deepopt.OPTIMIZERS[name](eager.parameters(), **kwargs)
+    with higher.innerloop_ctx(model, deepopt.OPTIMIZERS[name](model.parameters(), **kwargs)) as (
+        fmodel,
+        diffopt,
+    ):
+        for t in range(4):
+            x, y = task.train_batch(t)
+            diffopt.step(task.criterion(fmodel(x), y))
+            eager_opt.zero_grad()
+            task.criterion(eager(x), y).backward()
+            eager_opt.step()
+        for fast, slow in zip(fmodel.parameters(), eager.parameters()):
+            torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+        # the unroll is differentiable with respect to the initial weights
+        x, y = task.train_batch(99)
+        g = torch.autograd.grad(task.criterion(fmodel(x), y), next(fmodel.parameters(time=0)))[0]
+        assert g.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "rule,hp", [("momentum", dict(lr=0.1)), ("deep_momentum", dict(lr=0.1, hidden=2, key_dim=4))]
+)
+def test_antithetic_es_agrees_with_exact_meta_gradient(rule, hp):
+    task = quadratic_task(0, dtype=F64)
+    meta = MetaParams(rule, dtype=F64, **hp)
+    unroll = Unroll(meta, task, steps=10)
+    exact = Backprop()(unroll, InnerState.fresh(task))
+    es = AntitheticES(sigma=1e-3, pairs=500)(unroll, InnerState.fresh(task), key=1)
+    a = torch.cat([exact.grads[k].flatten() for k in exact.grads])
+    b = torch.cat([es.grads[k].flatten() for k in exact.grads])
+    assert float(a @ b / (a.norm() * b.norm())) > 0.9
+    assert torch.allclose(es.loss, exact.loss)
+    for k in exact.inner.params:  # ES carries the unperturbed inner state, like backprop
+        torch.testing.assert_close(es.inner.params[k], exact.inner.params[k])
+
+
+def test_es_vectorized_equals_loop():
+    task = quadratic_task(3, dtype=F64)
+    unroll = Unroll(MetaParams("adam", dtype=F64, lr=0.05), task, steps=5)
+    a = AntitheticES(sigma=0.01, pairs=4, vectorize=True, chunk=3)(unroll, InnerState.fresh(task), key=7)
+    b = AntitheticES(sigma=0.01, pairs=4, vectorize=False)(unroll, InnerState.fresh(task), key=7)
+    for k in a.grads:
+        torch.testing.assert_close(a.grads[k], b.grads[k], rtol=1e-10, atol=1e-12)
+
+
+def test_bad_arguments_raise_clear_errors(task):
+    meta = MetaParams("momentum", dtype=F64)
+    with pytest.raises(ValueError, match="outer"):
+        Unroll(meta, task, 3, outer="test")
+    with pytest.raises(ValueError, match="steps"):
+        Unroll(meta, task, 0)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        Backprop(checkpoint_every=-1)
+    with pytest.raises(ValueError, match="sigma"):
+        AntitheticES(sigma=0.0)
+    with pytest.raises(ValueError, match="pairs"):
+        AntitheticES(pairs=0)
+    with pytest.raises(ValueError, match="learn"):
+        MetaParams("momentum", learn=("eta",))
+    with pytest.raises(ValueError, match="unknown rule"):
+        MetaParams("lion")

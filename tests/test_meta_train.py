@@ -1,0 +1,227 @@
+"""Meta-training runs: resume after a crash or a kill, the learned optimizer as a drop-in, the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deepopt
+from deepopt.checkpoint import save_pretrained
+from meta_train import (
+    InnerState,
+    MetaParams,
+    MetaTrainConfig,
+    MetaTrainer,
+    Unroll,
+    held_out_task,
+    sample_task,
+)
+from meta_train.evaluate import load_learned, speedup, steps_to_reach
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(meta_steps=6, unroll=3, horizon=6, tasks_per_step=2, save_every=2, hparams={"lr": 0.03})
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def assert_same_run(a: MetaTrainer, b: MetaTrainer) -> None:
+    assert a.step == b.step
+    for k in a.meta.raw:
+        assert torch.equal(a.meta.raw[k], b.meta.raw[k]), k
+    assert a.history == b.history
+    sa, sb = a.opt.state_dict()["state"], b.opt.state_dict()["state"]
+    for pid in sa:
+        for key in sa[pid]:
+            assert torch.equal(sa[pid][key], sb[pid][key])
+
+
+@pytest.mark.parametrize("estimator", ["backprop", "es"])
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, estimator):
+    config = MetaTrainConfig(estimator=estimator, es_pairs=4, **SMALL)
+    reference = MetaTrainer(config)
+    reference.run(progress=False)
+
+    def crash_at_3(trainer: MetaTrainer) -> None:
+        if trainer.step == 3:  # after the step-2 checkpoint, before the step-4 one
+            raise Crash
+
+    with pytest.raises(Crash):
+        MetaTrainer(config, tmp_path).run(progress=False, callback=crash_at_3)
+    resumed = MetaTrainer(config, tmp_path)
+    assert resumed.step == 2
+    resumed.run(progress=False)
+    assert_same_run(resumed, reference)
+    assert [h["meta_step"] for h in resumed.history] == list(range(1, 7))
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    MetaTrainer(MetaTrainConfig(**{**SMALL, "meta_steps": 2}), tmp_path).run(progress=False)
+    with pytest.raises(ValueError, match="unroll"):
+        MetaTrainer(MetaTrainConfig(**{**SMALL, "unroll": 2}), tmp_path)
+    longer = MetaTrainer(MetaTrainConfig(**{**SMALL, "meta_steps": 3}), tmp_path)  # extending is allowed
+    assert longer.step == 2
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("rule", "lion"),
+        ("outer", "val"),
+        ("unroll", 0),
+        ("horizon", 7),
+        ("meta_lr", 0.0),
+        ("estimator", "reinforce"),
+    ],
+)
+def test_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        MetaTrainConfig(**{**SMALL, field: value})
+
+
+def test_meta_training_lowers_the_outer_loss():
+    """A short run from a too-small initial lr: the meta-optimizer raises lr and the outer loss on an
+    unseen task of the family drops."""
+    config = MetaTrainConfig(
+        rule="momentum",
+        meta_steps=15,
+        unroll=10,
+        horizon=10,
+        tasks_per_step=1,
+        meta_lr=0.1,
+        hparams={"lr": 0.002},
+    )
+    trainer = MetaTrainer(config)
+    probe = Unroll(trainer.meta, sample_task("digits", 12345), 10)
+    with torch.no_grad():
+        before = probe.loss(dict(trainer.meta.raw), InnerState.fresh(probe.task))[0]
+    trainer.run(progress=False)
+    with torch.no_grad():
+        after = probe.loss(dict(trainer.meta.raw), InnerState.fresh(probe.task))[0]
+    assert trainer.history[-1]["lr"] > 0.004
+    assert after < before - 0.01
+
+
+def test_from_pretrained_round_trip_on_unseen_model(tmp_path):
+    """A learned DMGD saved with save_pretrained is a working DeepMomentum on a model it never saw, taking
+    exactly the steps of the torch.func engine with the same meta-parameters."""
+    f64 = torch.float64
+    meta = MetaParams("deep_momentum", dtype=f64, lr=0.05, hidden=8, key_dim=8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # stand-in for trained values: move every meta-parameter
+        for p in meta.raw.values():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=f64))
+    save_pretrained(tmp_path, *meta.export())
+    task = held_out_task("wine_mlp", 0, f64)
+    model = task.model
+    opt = deepopt.DeepMomentum.from_pretrained(tmp_path, model.parameters())
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert load_learned(tmp_path, model.parameters()).defaults["lr"] == opt.defaults["lr"]
+    engine = Unroll(meta, task, 8).loss(dict(meta.raw), InnerState.fresh(task))[1]
+    losses = []
+    for t in range(8):
+        x, y = task.train_batch(t)
+        opt.zero_grad()
+        loss = task.criterion(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, engine.params[name].detach(), rtol=1e-10, atol=1e-12)
+    assert losses[-1] < losses[0]
+    # an override replaces a saved hyperparameter
+    assert deepopt.DeepMomentum.from_pretrained(tmp_path, model.parameters(), lr=0.5).defaults["lr"] == 0.5
+
+
+def test_speedup_metric():
+    learned = [3.0, 2.0, 1.0]
+    assert steps_to_reach([3.0, 2.5, 1.0], 1.0) == 2
+    assert steps_to_reach([3.0, 2.5], 1.0) is None
+    assert speedup(learned, [[3, 2.5, 2, 1.5, 1.0], [3, 2, 1.2, 0.9, 0.5]], 2, budget=2) == (1.5, False)
+    assert speedup(learned, [[3, 2.5, 2, 1.5, 1.2]], 2, budget=2) == (2.0, True)
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "deepopt.cli",
+        "meta-train",
+        "--smoke",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_cli_smoke_and_resume_after_kill(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # 1. the smoke pipeline end to end
+    done = subprocess.run(
+        _cli(tmp_path / "smoke"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "smoke"
+    for name in ("report.json", "curves.csv", "curves.png", "trainer_state.pt", "optimizer/config.json"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    assert report["optimizer"] == "DeepMomentum"
+    for task in report["tasks"].values():
+        assert set(task) == {"seeds", "speedup_mean", "speedup_std"}
+        for seed in task["seeds"].values():
+            assert seed["speedup"] > 0 and seed["learned"] > 0
+    header = (run / "curves.csv").read_text().splitlines()[0]
+    assert header == "kind,task,optimizer,lr,seed,step,loss"
+
+    # 2. SIGKILL a longer run at its first checkpoint, run it again: same result as uninterrupted
+    extra = ("--meta-steps", "12", "--save-every", "1", "--eval-tasks", "wine_mlp")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cli(killed, *extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 60
+    while not (killed / "trainer_state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = torch.load(killed / "trainer_state.pt", weights_only=True)["step"]
+    assert 1 <= step_at_kill < 12
+    resumed = subprocess.run(
+        _cli(killed, *extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from meta-step {step_at_kill}" in resumed.stdout
+    config = MetaTrainConfig(**json.loads((killed / "report.json").read_text())["config"])
+    reference = MetaTrainer(config)
+    reference.run(progress=False)
+    saved = load_file(killed / "optimizer" / "memory.safetensors")
+    _, _, tensors = reference.meta.export()
+    for k in ("W1", "W2"):
+        torch.testing.assert_close(saved[k], tensors[k], rtol=1e-6, atol=1e-7)
+    assert reference.history == MetaTrainer(config, killed).history
+
+
+@pytest.mark.parametrize("rule", ["sgd", "momentum", "adam", "delta_momentum"])
+def test_learned_hyperparameters_round_trip(tmp_path, rule):
+    meta = MetaParams(rule)
+    with torch.no_grad():
+        for p in meta.raw.values():
+            p.add_(0.1)
+    save_pretrained(tmp_path, *meta.export())
+    model = held_out_task("wine_mlp", 0).model
+    opt = load_learned(tmp_path, model.parameters())
+    assert type(opt).__name__ == meta.export()[0]
+    with torch.no_grad():
+        expected = meta.hparams()
+    for key in meta.learned_keys():
+        got, want = opt.defaults[key], expected[key]
+        assert torch.allclose(torch.as_tensor(got, dtype=torch.float32), torch.as_tensor(want)), key
