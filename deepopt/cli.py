@@ -14,6 +14,7 @@ from collections.abc import Sequence
 _REGISTRARS: tuple[str, ...] = (
     "deepopt.bench:register",
     "deepopt.metatrain_cli:register",
+    "deepopt.hope.cli:register",
 )
 
 

@@ -1,0 +1,130 @@
+"""Training throughput and peak memory of HOPE vs Transformer++ (same size, same tokens per step).
+
+    python benchmarks/hope_throughput.py                       # CPU, size small, contexts 512 and 2048
+    python benchmarks/hope_throughput.py --device cuda
+    python benchmarks/hope_throughput.py --smoke               # seconds, for CI
+
+A step is forward + backward + AdamW on ``--tokens`` tokens (batch = tokens / context).  Tokens/s is the
+median over ``--steps`` timed steps after ``--warmup`` untimed ones.  Peak memory: on CUDA
+``torch.cuda.max_memory_allocated``; on CPU each configuration runs in its own process and reports its
+peak resident set growth during training (``VmHWM`` − ``VmRSS`` before the first step, warm-up included).  Ratios are
+HOPE / Transformer++ within this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from deepopt.checkpoint import atomic_save_json
+from deepopt.hope.model import LanguageModel, n_params
+from deepopt.hope.train import model_config, write_csv
+
+MODELS = ("hope", "transformer")
+
+
+def _proc_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(model_name: str, size: str, context: int, tokens: int, steps: int, warmup: int,
+            device: str) -> dict[str, float]:
+    """Tokens/s and peak memory (MiB) of ``steps`` training steps of one model."""
+    torch.manual_seed(0)
+    cfg = model_config(model_name, size)
+    model = LanguageModel(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = max(1, tokens // context)
+    x = torch.randint(0, cfg.vocab_size, (batch, context + 1), device=device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+
+    cuda = device.startswith("cuda")
+    base = 0 if cuda else _proc_kib("VmRSS")  # the CPU peak counts from here, warm-up included
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (_proc_kib("VmHWM") - base) / 1024
+    return {"model": model_name, "context": context, "batch": batch, "n_params": n_params(model.cfg),
+            "tok_per_s": batch * context / statistics.median(times), "peak_mib": peak, "device": device}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="small", choices=("smoke", "tiny", "small"), help="model size (default small)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048], help="context lengths (512 2048)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per step (default 4096)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads per worker (default: torch's)")
+    p.add_argument("--out", type=Path, help="write results.csv and report.json here")
+    p.add_argument("--smoke", action="store_true", help="size smoke, contexts 64 128, 1 step")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.size, args.contexts, args.tokens, args.steps, args.warmup = "smoke", [64, 128], 256, 1, 1
+    if args.worker:  # one configuration in this process (clean CPU peak-memory reading)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(measure(args.model, args.size, args.contexts[0], args.tokens, args.steps, args.warmup,
+                                 args.device)))
+        return 0
+    rows = []
+    for ctx in args.contexts:
+        for model in MODELS:
+            if args.device.startswith("cuda"):
+                rows.append(measure(model, args.size, ctx, args.tokens, args.steps, args.warmup, args.device))
+            else:
+                cmd = [sys.executable, __file__, "--worker", "--model", model, "--size", args.size, "--contexts",
+                       str(ctx), "--tokens", str(args.tokens), "--steps", str(args.steps), "--warmup",
+                       str(args.warmup), "--device", args.device]
+                cmd += ["--threads", str(args.threads)] if args.threads else []
+                res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{r['model']:>11}  ctx {ctx:>5}  batch {r['batch']:>3}  params {r['n_params']:>9,}  "
+                  f"{r['tok_per_s']:>9.0f} tok/s  peak {r['peak_mib']:>8.1f} MiB", flush=True)
+    ratios = {}
+    for ctx in args.contexts:
+        h, t = (next(r for r in rows if r["model"] == m and r["context"] == ctx) for m in MODELS)
+        ratios[ctx] = {"tok_per_s_ratio": h["tok_per_s"] / t["tok_per_s"],
+                       "peak_mem_ratio": h["peak_mib"] / t["peak_mib"] if t["peak_mib"] > 0 else float("nan")}
+        print(f"ctx {ctx:>5}: HOPE/Transformer++ tokens/s = {ratios[ctx]['tok_per_s_ratio']:.2f}x, "
+              f"peak memory = {ratios[ctx]['peak_mem_ratio']:.2f}x")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_csv(args.out / "results.csv", rows)
+        atomic_save_json({"size": args.size, "tokens_per_step": args.tokens, "device": args.device,
+                          "threads": args.threads,
+                          "rows": rows, "ratios": {str(k): v for k, v in ratios.items()}},
+                         args.out / "report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,364 @@
+"""``deepopt hope train|eval|continual|niah``: HOPE and Transformer++ on text that ships with Python.
+
+Every subcommand writes ``report.json`` (and CSV/PNG files) under ``--out DIR`` (default
+``runs/<timestamp>-hope-<command>``) and has a ``--smoke`` size for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepopt.checkpoint import atomic_save_json, atomic_torch_save, torch_load
+
+from . import data
+from .model import VARIANTS, LanguageModel, n_params
+from .train import (
+    CHECKPOINT,
+    DTYPES,
+    OPTIMIZERS,
+    SCHEDULES,
+    SIZES,
+    Dist,
+    Metrics,
+    Trainer,
+    fit,
+    init_distributed,
+    load_model,
+    make_optimizer,
+    model_config,
+    plot_curves,
+    resolve_device,
+    save_model,
+    write_csv,
+)
+
+# Defaults of the options shared by train/continual/niah; ``--smoke`` swaps in the second column.
+DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "size": ("tiny", "smoke"),
+    "steps": (2000, 6),
+    "context": (256, 32),
+    "batch_size": (16, 4),
+    "lr": (3e-3, 3e-3),
+    "warmup": (100, 2),
+    "val_every": (200, 3),
+    "val_batches": (16, 2),
+    "max_bytes": (4_000_000, 200_000),
+}
+# Arguments that must match for ``--resume`` to continue a run.
+_NOT_RUN_IDENTITY = ("resume", "out", "progress", "func", "command", "hope_command", "device", "threads")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", choices=sorted(SIZES), help="model size preset (default tiny; smoke with --smoke)")
+    p.add_argument("--chunk-size", type=int, help="Titans chunk length C (default: the size's)")
+    p.add_argument("--inner-rule", choices=("sgd", "momentum"), help="the memories' inner deepopt rule (sgd)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, *, lr_schedule: str = "cosine") -> None:
+    _add_model_args(p)
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="outer optimizer: any deepopt optimizer or torch_adamw (default adamw)")
+    p.add_argument("--lr", type=float, help="peak outer learning rate (default 3e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="weight decay on matrices (default 0.1)")
+    p.add_argument("--schedule", default=lr_schedule, choices=SCHEDULES,
+                   help=f"lr schedule after warm-up (default {lr_schedule})")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default 100)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default 1)")
+    p.add_argument("--context", type=int, help="training context length in tokens (default 256)")
+    p.add_argument("--batch-size", type=int, help="global batch size in sequences (default 16)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
+    p.add_argument("--val-batches", type=int, help="validation batches per evaluation (default 16)")
+    p.add_argument("--max-bytes", type=int, help="training bytes read per domain (default 4e6)")
+    _add_device_args(p)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype (default float32)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/<timestamp>-hope-<command>)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and few steps (CI)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    hope = subparsers.add_parser("hope", help="train and evaluate HOPE and Transformer++ language models",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = hope.add_subparsers(dest="hope_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train one model; metrics.csv, loss.png, report.json, checkpoints")
+    p.add_argument("--model", default="hope", choices=sorted(VARIANTS), help="model or ablation (default hope)")
+    p.add_argument("--domain", default="code", choices=data.DOMAINS, help="training text (default code)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="train on these text files instead of --domain")
+    p.add_argument("--val-every", type=int, help="validate every N steps (default 200)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation perplexity of a trained model on each domain")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a `deepopt hope train` output folder")
+    p.add_argument("--domains", nargs="+", default=list(data.DOMAINS), choices=data.DOMAINS,
+                   help="domains to evaluate (default both)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="evaluate on these text files instead")
+    p.add_argument("--context", type=int, help="context length (default 256)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default 16)")
+    p.add_argument("--val-batches", type=int, help="batches (default 16)")
+    p.add_argument("--max-bytes", type=int, help="bytes read per domain (default 4e6)")
+    _add_device_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("continual", help="train on domain A then B; forgetting on A, HOPE vs Transformer++")
+    p.add_argument("--models", nargs="+", default=["hope", "transformer"], choices=sorted(VARIANTS),
+                   help="models to compare (default hope transformer)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+    p.add_argument("--domain-a", default="code", choices=data.DOMAINS, help="first domain (default code)")
+    p.add_argument("--domain-b", default="prose", choices=data.DOMAINS, help="second domain (default prose)")
+    _add_run_args(p, lr_schedule="constant")
+    p.set_defaults(func=cmd_continual)
+
+    p = sub.add_parser("niah", help="passkey retrieval accuracy at several context lengths")
+    p.add_argument("--models", nargs="+", default=["hope", "transformer"], choices=sorted(VARIANTS),
+                   help="models to compare (default hope transformer)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+    p.add_argument("--eval-contexts", type=int, nargs="+",
+                   help="context lengths to test (default 128 256 512 1024; smoke 112 160)")
+    p.add_argument("--eval-samples", type=int, help="passkeys per context length (default 64; smoke 4)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_niah, context_default=(256, 112))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset options from ``DEFAULTS`` (smoke column with ``--smoke``) and validate them."""
+    col = 1 if args.smoke else 0
+    if getattr(args, "context_default", None) and args.context is None:
+        args.context = args.context_default[col]
+    for name, values in DEFAULTS.items():
+        if getattr(args, name, "absent") is None:
+            setattr(args, name, values[col])
+    for name in ("steps", "context", "batch_size", "val_batches", "max_bytes", "chunk_size", "ckpt_every",
+                 "val_every", "eval_samples"):
+        v = getattr(args, name, None)
+        if v is not None and v < (0 if name in ("ckpt_every", "val_every") else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if getattr(args, "warmup", None) is not None and args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if getattr(args, "lr", None) is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.out is None:
+        args.out = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-hope-{args.hope_command}"
+    return args
+
+
+def _build(args: argparse.Namespace, variant: str, seed: int, device: torch.device) -> LanguageModel:
+    cfg = model_config(variant, args.size, chunk_size=args.chunk_size, inner_rule=args.inner_rule)
+    torch.manual_seed(seed)
+    return LanguageModel(cfg).to(device=device, dtype=DTYPES[args.dtype])
+
+
+def _trainer(args: argparse.Namespace, model: LanguageModel, steps: int, d) -> Trainer:
+    opt = make_optimizer(args.optimizer, model, args.lr, args.weight_decay)
+    return Trainer(model, opt, lr=args.lr, steps=steps, warmup=args.warmup, schedule=args.schedule,
+                   grad_clip=args.grad_clip, dist=d)
+
+
+def _run_identity(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in _NOT_RUN_IDENTITY}
+
+
+def _ppl(nll: float) -> float:
+    return math.exp(nll) if nll < 700 else math.inf
+
+
+# --------------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    args = _resolve(args)
+    d = init_distributed(args.device)
+    device = resolve_device(args.device, d)
+    out: Path = args.out
+    ckpt = out / CHECKPOINT
+    if ckpt.exists() and not args.resume:
+        raise ValueError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it or another --out")
+    corpus = data.load_corpus(args.domain, args.data, args.max_bytes)
+    model = _build(args, args.model, args.seed, device)
+    trainer = _trainer(args, model, args.steps, d)
+    metrics, identity = Metrics(), _run_identity(args)
+    if args.resume and ckpt.exists():
+        state = torch_load(ckpt, map_location=device)
+        if state["args"] != identity:
+            diff = sorted(k for k in set(identity) | set(state["args"]) if identity.get(k) != state["args"].get(k))
+            raise ValueError(f"--resume: options differ from the checkpointed run: {diff}")
+        trainer.load_state_dict(state)
+        metrics = Metrics(state["metrics"])
+
+    def checkpoint() -> None:
+        if d.main:
+            atomic_torch_save({**trainer.state_dict(), "metrics": metrics.rows, "args": identity}, ckpt)
+
+    t0 = time.perf_counter()
+    fit(trainer, corpus.train, batch_size=args.batch_size, context=args.context, seed=args.seed,
+        steps=args.steps, val_stream=corpus.val, val_every=args.val_every, val_batches=args.val_batches,
+        metrics=metrics, on_checkpoint=checkpoint, ckpt_every=args.ckpt_every or args.steps,
+        progress=args.progress, desc=f"hope train {args.model}")
+    if d.main:
+        save_model(model, out)
+        write_csv(out / "metrics.csv", metrics.rows)
+        metrics.plot(out / "loss.png", f"{args.model} ({args.size}) on {corpus.name}")
+        last_val = next((r for r in reversed(metrics.rows) if r["val_loss"] != ""), {})
+        atomic_save_json({
+            "command": "train", "model": args.model, "config": model.cfg.to_dict(), "n_params": n_params(model.cfg),
+            "optimizer": args.optimizer, "steps": args.steps, "domain": corpus.name,
+            "tokens_seen": args.steps * args.batch_size * args.context, "world_size": d.world,
+            "device": str(device), "final_train_loss": metrics.rows[-1]["train_loss"],
+            "val_loss": last_val.get("val_loss"), "val_ppl": last_val.get("val_ppl"),
+            "wall_s_this_process": time.perf_counter() - t0, "args": identity,
+        }, out / "report.json")
+    if d.world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    args = _resolve(args)
+    device = resolve_device(args.device, Dist())
+    model = load_model(args.checkpoint, device)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), lr=0.0, steps=0)
+    domains = ["files"] if args.data else args.domains
+    results = {}
+    for dom in domains:
+        corpus = data.load_corpus(dom if dom != "files" else "code", args.data, args.max_bytes)
+        nll = trainer.evaluate(data.val_batches(corpus.val, args.batch_size, args.context, args.val_batches))
+        results[dom] = {"val_loss": nll, "val_ppl": _ppl(nll), "bits_per_byte": nll / math.log(2)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "results.csv", [{"domain": k, **v} for k, v in results.items()])
+    atomic_save_json({"command": "eval", "checkpoint": str(args.checkpoint), "context": args.context,
+                      "tokens_per_domain": args.val_batches * args.batch_size * args.context,
+                      "results": results}, args.out / "report.json")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_continual(args: argparse.Namespace) -> int:
+    args = _resolve(args)
+    if args.domain_a == args.domain_b:
+        raise ValueError(f"--domain-a and --domain-b must differ, both are {args.domain_a!r}")
+    device = resolve_device(args.device, Dist())
+    corpora = {dom: data.load_corpus(dom, None, args.max_bytes) for dom in (args.domain_a, args.domain_b)}
+    rows, curves, steps = [], {}, args.steps
+
+    def ppl_on(trainer: Trainer, dom: str) -> float:
+        return _ppl(trainer.evaluate(data.val_batches(corpora[dom].val, args.batch_size, args.context,
+                                                      args.val_batches)))
+
+    for variant in args.models:
+        for seed in args.seeds:
+            model = _build(args, variant, seed, device)
+            trainer = _trainer(args, model, 2 * steps, Dist())
+            metrics = Metrics()
+            for phase, dom in enumerate((args.domain_a, args.domain_b)):
+                fit(trainer, corpora[dom].train, batch_size=args.batch_size, context=args.context,
+                    seed=seed + 1000 * phase, steps=(phase + 1) * steps, metrics=metrics, progress=args.progress,
+                    desc=f"{variant} seed {seed} on {dom}")
+                if phase == 0:
+                    a_before, b_before = ppl_on(trainer, args.domain_a), ppl_on(trainer, args.domain_b)
+            a_after, b_after = ppl_on(trainer, args.domain_a), ppl_on(trainer, args.domain_b)
+            rows.append({"model": variant, "seed": seed, "n_params": n_params(model.cfg),
+                         "ppl_a_after_a": a_before, "ppl_b_after_a": b_before,
+                         "ppl_a_after_b": a_after, "ppl_b_after_b": b_after,
+                         "forgetting_a": a_after - a_before, "forgetting_a_ratio": a_after / a_before})
+            curves[f"{variant} s{seed}"] = [(r["step"], r["train_loss"]) for r in metrics.rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "results.csv", rows)
+    write_csv(args.out / "metrics.csv", [{"run": k, "step": s, "train_loss": v} for k, pts in curves.items()
+                                         for s, v in pts])
+    plot_curves(args.out / "loss.png", f"{args.domain_a} then {args.domain_b} (switch at step {steps})", curves)
+    atomic_save_json({"command": "continual", "domain_a": args.domain_a, "domain_b": args.domain_b,
+                      "steps_per_domain": steps, "summary": _summary(rows, ("forgetting_a", "forgetting_a_ratio",
+                                                                            "ppl_a_after_a", "ppl_b_after_b")),
+                      "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
+    return 0
+
+
+def cmd_niah(args: argparse.Namespace) -> int:
+    args = _resolve(args)
+    contexts = args.eval_contexts or ([112, 160] if args.smoke else [128, 256, 512, 1024])
+    samples = args.eval_samples or (4 if args.smoke else 64)
+    device = resolve_device(args.device, Dist())
+    filler = data.load_corpus("prose", None, args.max_bytes)
+    rows, curves = [], {}
+    for variant in args.models:
+        for seed in args.seeds:
+            model = _build(args, variant, seed, device)
+            trainer = _trainer(args, model, args.steps, Dist())
+            batch = _passkey_batches(filler.train, args.batch_size, args.context, seed)
+            metrics = fit_batches(trainer, batch, args.steps, args.progress, f"niah {variant} seed {seed}")
+            curves[f"{variant} s{seed}"] = [(r["step"], r["train_loss"]) for r in metrics.rows]
+            for ctx in contexts:
+                digit, exact = passkey_accuracy(model, filler.val, ctx, samples, args.batch_size, seed)
+                rows.append({"model": variant, "seed": seed, "train_context": args.context, "context": ctx,
+                             "digit_accuracy": digit, "exact_accuracy": exact, "samples": samples})
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "results.csv", rows)
+    plot_curves(args.out / "loss.png", "passkey training (answer-digit loss)", curves)
+    summary = {f"{m} @ {c}": _summary([r for r in rows if r["model"] == m and r["context"] == c],
+                                      ("digit_accuracy", "exact_accuracy"))
+               for m in args.models for c in contexts}
+    atomic_save_json({"command": "niah", "contexts": contexts, "chance_digit_accuracy": 0.1, "summary": summary,
+                      "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
+    return 0
+
+
+def _passkey_batches(filler: torch.Tensor, batch_size: int, context: int, seed: int):
+    return lambda step: data.passkey_batch(filler, batch_size, context, seed, step)
+
+
+def fit_batches(trainer: Trainer, batch, steps: int, progress: bool, desc: str) -> Metrics:
+    """Train on ``batch(step)`` (the passkey task) with a progress bar."""
+    from tqdm.auto import tqdm
+
+    metrics = Metrics()
+    for s in tqdm(range(trainer.step_count, steps), desc=desc, disable=not progress, dynamic_ncols=True):
+        metrics.add(step=s + 1, train_loss=trainer.step(*batch(s)))
+    return metrics
+
+
+@torch.no_grad()
+def passkey_accuracy(model: LanguageModel, filler: torch.Tensor, context: int, samples: int, batch_size: int,
+                     seed: int) -> tuple[float, float]:
+    """(digit accuracy, exact-match accuracy) of greedy answers on held-out passkeys (teacher forced)."""
+    model.eval()
+    device = model.embed.weight.device
+    right, exact, n = 0, 0, 0
+    for i in range((samples + batch_size - 1) // batch_size):
+        x, y = data.passkey_batch(filler, min(batch_size, samples - n), context, seed + 7919, i)
+        logits, _ = model(x.to(device))
+        pred = logits[:, -data.PASSKEY_DIGITS:].argmax(-1).cpu()
+        hit = pred == y[:, -data.PASSKEY_DIGITS:]
+        right, exact, n = right + int(hit.sum()), exact + int(hit.all(-1).sum()), n + x.shape[0]
+    return right / (n * data.PASSKEY_DIGITS), exact / n
+
+
+def _summary(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Mean and sample std over seeds of ``keys``, per model."""
+    out: dict[str, dict[str, float]] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        for k in keys:
+            t = torch.tensor([float(r[k]) for r in rs], dtype=torch.float64)
+            out.setdefault(model, {})[k] = float(t.mean())
+            out[model][k + "_std"] = float(t.std()) if len(rs) > 1 else 0.0
+    return out

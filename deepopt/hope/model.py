@@ -1,0 +1,464 @@
+"""HOPE (self-modifying Titans + Continuum Memory System) and a Transformer++ baseline, nanoGPT-style.
+
+Every memory has the form ``M(x) = x + W₁σ(W₂x)`` (W₁: d×h, W₂: h×d) and is trained in context on
+``ℓ(M; k, v) = ½‖M(k) − v‖²``.  For one token the gradient factors into rank-1 pieces::
+
+    z = W₂k,  h = σ(z),  e = M(k) − v,  g₂ = σ'(z) ⊙ W₁ᵀe
+    ∇_{W₁}ℓ = e hᵀ            ∇_{W₂}ℓ = g₂ kᵀ            (Delta GD adds W₂kkᵀ = z kᵀ to the latter)
+
+**Self-modifying Titans** (Nested Learning Eq. 76–93), per head, input ``u_t`` = short causal conv (width 4)
+of a projection of ``x_t``, query ``q_t`` = ℓ2-normalised conv projection.  Five memories
+``M_k, M_v, M_η, M_α, M_mem`` produce ``k_t = M_k(u_t)/‖·‖``, ``v_t = M_v(u_t)``,
+``η_t = (η_max/C)·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)``, and each memory
+□ is trained on its self-generated value ``v̂_□ = M_□(v_t)/‖·‖`` (ℓ2-normalised like q and k: unnormalised,
+the self-referential target grows with the memory and the inner regression runs away)::
+
+    W_t = α_t W_{t−1} − η_t U_t,   U_t = ∇ℓ(M_□; k_t, v̂_□)  (+ Delta-GD term z kᵀ on W₂)
+
+(C = chunk size: a chunk's C steps are all taken at its start state, so their sum is capped at η_max;
+the gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and ``g₂/(1 + ‖W₁‖²)`` for W₂: k is
+unit-norm but h and W₁ are not, and without it the in-context regression diverges once the outer loop
+grows them).
+
+Chunk-parallel training (paper Sec. 8.2): in a chunk starting at state ``W_c`` every gradient, read of
+``k, v, η, α`` and value is taken at ``W_c``; with ``G_t = α_t G_{t−1} + η_t U_t`` and ``A_t = Π α``
+the state after token t is ``W_t = A_t W_c + rule.update(G_t, state_c, W_c)``: the inner optimizer is a
+deepopt rule (``sgd``: GD, ``momentum``: momentum across chunks), which must be affine in its gradient
+so that the output ``y_t = M_{mem,t}(q_t)`` has the linear-attention form computed below.  At the end
+of the chunk the rule's update is committed.  ``reference=True`` runs the same recurrence token by
+token with explicit states (the test oracle).  With ``self_modifying=False`` only ``M_mem`` learns in
+context: the other four are static maps (their initial states) and ``v̂ = v/‖v‖``.
+
+**CMS** (Eq. 70–71): a chain of levels ``h ← h + W₁σ(W₂ norm(h))``; level ℓ reads its state for a whole
+chunk of ``C^{(ℓ)}`` tokens, accumulates the mean (normalised-LMS) gradient of ``½‖M(k) − v‖²`` with ``k = norm(h)``,
+``v = k + W_v k`` (a learned value map) and applies it once per chunk through a deepopt rule with
+step ``cms_lr/d`` (``‖k‖² = d`` after RMSNorm, so ``cms_lr < 2`` keeps the regression step stable).  A period
+of ``None`` (∞) never updates: the level is a plain residual MLP.  Initial memory states are outer
+parameters in both parts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepopt.rules import Rule, get_rule
+from deepopt.rules.deep import ACTIVATIONS, apply_memory
+
+MODELS = ("hope", "transformer")
+TITANS_MEMORIES = ("k", "v", "eta", "alpha", "mem")
+
+
+@dataclass(frozen=True)
+class HopeConfig:
+    """Architecture of a HOPE or Transformer++ language model (``model`` picks which)."""
+
+    model: str = "hope"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    # self-modifying Titans
+    mem_hidden: int = 16
+    chunk_size: int = 16
+    conv_width: int = 4
+    eta_max: float = 0.5
+    alpha_bias: float = 6.0
+    self_modifying: bool = True
+    delta_gd: bool = True
+    inner_rule: str = "sgd"
+    inner_hparams: dict[str, Any] = field(default_factory=dict)
+    activation: str = "silu"
+    # continuum memory system: one level per period (None = ∞, never updated)
+    cms_periods: tuple[int | None, ...] = (16, 64, None)
+    cms_hidden: int = 64
+    cms_lr: float = 0.1
+    cms_rule: str = "sgd"
+    # Transformer++ (0 = chosen to match the HOPE model's parameter count)
+    ffn_hidden: int = 0
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mem_hidden", "chunk_size", "conv_width",
+                     "cms_hidden"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.model == "transformer" and (self.d_model // self.n_heads) % 2:
+            raise ValueError("transformer head size d_model/n_heads must be even for RoPE")
+        if not 0 <= self.eta_max <= 1:
+            raise ValueError(f"eta_max must be in [0, 1] (keeps αI − ηkkᵀ a contraction), got {self.eta_max}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+        for p in self.cms_periods:
+            if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+                raise ValueError(f"cms_periods entries must be ints >= 1 or None (∞), got {p!r}")
+        if self.cms_lr < 0:
+            raise ValueError(f"cms_lr must be >= 0, got {self.cms_lr}")
+        if self.ffn_hidden < 0:
+            raise ValueError(f"ffn_hidden must be >= 0, got {self.ffn_hidden}")
+        affine_rule(self.inner_rule, self.inner_hparams)
+        affine_rule(self.cms_rule, {})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cms_periods"] = list(self.cms_periods)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HopeConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown HopeConfig field(s) {unknown}; accepted: {sorted(known)}")
+        d = dict(d)
+        if "cms_periods" in d:
+            d["cms_periods"] = tuple(d["cms_periods"])
+        return cls(**d)
+
+
+# Ablations by configuration (applied on top of a HOPE config).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "hope": {},
+    "hope-no-cms": {"cms_periods": ()},
+    "hope-no-selfmod": {"self_modifying": False},
+    "hope-single-cms": {"cms_periods": (16,)},
+    "transformer": {"model": "transformer"},
+}
+
+
+def affine_rule(name: str, hparams: dict[str, Any]) -> tuple[Rule, dict[str, Any], float]:
+    """The inner rule (lr = 1), its hparams and κ with ``rule.update(G) = rule.update(0) + κ·G``.
+
+    Only rules affine in the gradient give the chunk-parallel form; ``ValueError`` otherwise.
+    """
+    rule = get_rule(name)
+    hp = rule.hparams(**{"lr": 1.0, **hparams})
+    zero = torch.zeros(2, 2, dtype=torch.float64, device="cpu")
+    probe = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64, device="cpu")
+    state = rule.init(zero, hp)
+    base, one, two = (rule.update(zero + g * probe, state, zero, hp)[0] for g in (0.0, 1.0, 2.0))
+    kappa = float((one - base)[0, 0])
+    if kappa == 0 or not (torch.allclose(one - base, kappa * probe) and torch.allclose(two - base, 2 * kappa * probe)):
+        raise ValueError(f"inner rule {name!r} with {hparams} is not affine in the gradient; use 'sgd' or "
+                         f"'momentum' with preconditioner='identity' and nonlinearity=None")
+    return rule, hp, kappa
+
+
+def memory_factors(w1: Tensor, w2: Tensor, keys: Tensor, values: Tensor, activation: str):
+    """Per-token factors of ∇ℓ for ``ℓ = ½‖k + W₁σ(W₂k) − v‖²``: returns ``(e, z, h, g₂, W₁h)`` (module doc)."""
+    act, act_grad = ACTIVATIONS[activation]
+    z = keys @ w2.mT
+    h = act(z)
+    read = h @ w1.mT
+    err = keys + read - values
+    return err, z, h, act_grad(z, h) * (err @ w1), read
+
+
+def normalized_steps(err: Tensor, h: Tensor, g2: Tensor, w1: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalised-LMS factors ``e/(1 + ‖h‖²)`` (W₁ step) and ``g₂/(1 + ‖W₁‖²_F)`` (W₂ step).
+
+    Each divides the gradient by a bound on its own curvature, so a step of size η < 2 cannot diverge
+    whatever the scale the outer loop gives ``h`` or ``W₁`` (keys are unit-norm or scaled by the step).
+    """
+    n1 = (w1 * w1).sum((-2, -1), keepdim=True)
+    return err / (1 + (h * h).sum(-1, keepdim=True)), g2 / (1 + n1)
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution over time: ``y_t = Σ_{j<w} c_j ⊙ x_{t−j}`` (shifted sums: w is tiny)."""
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(width, channels))  # weight[j] multiplies x_{t−j}
+        with torch.no_grad():
+            self.weight[0] = 1.0
+            self.weight[1:].normal_(0, 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, C)
+        T, w = x.shape[1], self.weight.shape[0]
+        padded = F.pad(x, (0, 0, w - 1, 0))
+        return sum(self.weight[j] * padded[:, w - 1 - j:w - 1 - j + T] for j in range(w))
+
+
+class SelfModifyingTitans(nn.Module):
+    """The self-modifying Titans memory layer (chunk-parallel, or token-sequential with ``reference``)."""
+
+    def __init__(self, cfg: HopeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, H = cfg.d_model, cfg.n_heads
+        self.dh, hid = d // H, cfg.mem_hidden
+        self.in_proj = nn.Linear(d, 2 * d, bias=False)  # memory input u and query q
+        self.conv = CausalConv(2 * d, cfg.conv_width)
+        self.out_proj = nn.Linear(d, d, bias=False)
+        n = len(TITANS_MEMORIES)
+        # initial memory states θ₀ (outer parameters)
+        self.W1 = nn.Parameter(0.02 * torch.randn(H, n, self.dh, hid))
+        self.W2 = nn.Parameter(torch.randn(H, n, hid, self.dh) / math.sqrt(self.dh))
+        self.w_eta = nn.Parameter(torch.zeros(H, self.dh))
+        self.b_eta = nn.Parameter(torch.zeros(H))
+        self.w_alpha = nn.Parameter(torch.zeros(H, self.dh))
+        self.b_alpha = nn.Parameter(torch.full((H,), cfg.alpha_bias))
+        self.rule, self.hp, self.kappa = affine_rule(cfg.inner_rule, cfg.inner_hparams)
+
+    # -- pieces shared by both paths ------------------------------------------------------------------
+    def _initial_state(self, batch: int) -> tuple[Tensor, Tensor]:
+        sl = slice(None) if self.cfg.self_modifying else slice(-1, None)
+        return (self.W1[None, :, sl].expand(batch, -1, -1, -1, -1),
+                self.W2[None, :, sl].expand(batch, -1, -1, -1, -1))
+
+    def _factors(self, w1: Tensor, w2: Tensor, u: Tensor) -> dict[str, Tensor]:
+        """Everything a chunk needs from its start state ``(w1, w2)`` and inputs ``u`` (B, H, C, dh)."""
+        act = self.cfg.activation
+        r1, r2 = (w1[:, :, :4], w2[:, :, :4]) if self.cfg.self_modifying else (self.W1[:, :4], self.W2[:, :4])
+        r = apply_memory(r1, r2, u[:, :, None], act)  # (B, H, 4, C, dh)
+        k = F.normalize(r[:, :, 0], dim=-1)
+        v = r[:, :, 1]
+        eta_logit = (r[:, :, 2] * self.w_eta[:, None]).sum(-1) + self.b_eta[:, None]
+        eta = self.cfg.eta_max / self.cfg.chunk_size * torch.sigmoid(eta_logit)
+        log_alpha = F.logsigmoid((r[:, :, 3] * self.w_alpha[:, None]).sum(-1) + self.b_alpha[:, None])
+        values = F.normalize(apply_memory(w1, w2, v[:, :, None], act) if self.cfg.self_modifying else v[:, :, None],
+                             dim=-1)
+        err, z, h, g2, _ = memory_factors(w1, w2, k[:, :, None], values, act)
+        e1, g2 = normalized_steps(err, h, g2, w1)
+        u2 = g2 + z if self.cfg.delta_gd else g2
+        return {"k": k, "eta": eta, "log_alpha": log_alpha, "err": e1, "h": h, "u2": u2}
+
+    def _commit(self, w: tuple[Tensor, Tensor], st: tuple[dict, dict], grads: tuple[Tensor, Tensor],
+                decay: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[dict, dict]]:
+        """``W ← A·W_c + rule.update(G, state_c, W_c)`` for both weights (``decay`` = A, shape (B, H))."""
+        new_w, new_st = [], []
+        for wi, si, gi in zip(w, st, grads):
+            delta, s = self.rule.update(gi, si, wi, self.hp)
+            new_w.append(decay[:, :, None, None, None] * wi + delta)
+            new_st.append(s)
+        return tuple(new_w), tuple(new_st)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, _ = x.shape
+        uq = self.conv(self.in_proj(x)).view(B, T, 2, self.cfg.n_heads, self.dh).permute(2, 0, 3, 1, 4)
+        return uq[0], F.normalize(uq[1], dim=-1)  # (B, H, T, dh) each
+
+    def forward(self, x: Tensor, reference: bool = False, return_state: bool = False):
+        B, T, _ = x.shape
+        u, q = self._project(x)
+        w = self._initial_state(B)
+        st = tuple(self.rule.init(wi, self.hp) for wi in w)
+        run = self._sequential_chunk if reference else self._parallel_chunk
+        ys = []
+        for uc, qc in zip(u.split(self.cfg.chunk_size, dim=2), q.split(self.cfg.chunk_size, dim=2)):
+            y, w, st = run(w, st, uc, qc)
+            ys.append(y)
+        y = torch.cat(ys, dim=2).transpose(1, 2).reshape(B, T, -1)
+        out = self.out_proj(y)
+        return (out, w) if return_state else out
+
+    def _parallel_chunk(self, w, st, u, q):
+        act = ACTIVATIONS[self.cfg.activation][0]
+        f = self._factors(*w, u)
+        L = f["log_alpha"].cumsum(-1)  # (B, H, C)
+        C = L.shape[-1]
+        causal = torch.ones(C, C, dtype=torch.bool, device=L.device).tril()
+        logd = (L[..., :, None] - L[..., None, :]).masked_fill(~causal, -math.inf)
+        wts = logd.exp() * f["eta"][..., None, :]  # w_ts = (Π_{s<r≤t} α_r) η_s, s ≤ t
+        A = L.exp()
+        # output memory read at every token's state (linear-attention form of W_t = A_t W_c + δ(0) + κ G_t)
+        w1m, w2m = w[0][:, :, -1], w[1][:, :, -1]
+        zero_st = tuple({n: s[:, :, -1] for n, s in si.items()} for si in st)
+        d1, d2 = (self.rule.update(torch.zeros_like(wi), si, wi, self.hp)[0] for wi, si in zip((w1m, w2m), zero_st))
+        k, err, h, u2 = f["k"], f["err"][:, :, -1], f["h"][:, :, -1], f["u2"][:, :, -1]
+        zq = A[..., None] * (q @ w2m.mT) + q @ d2.mT + self.kappa * ((wts * (q @ k.mT)) @ u2)
+        hq = act(zq)
+        y = q + A[..., None] * (hq @ w1m.mT) + hq @ d1.mT + self.kappa * ((wts * (hq @ h.mT)) @ err)
+        last = wts[..., -1, :, None, None].transpose(2, 3)  # (B, H, 1, C, 1)
+        g1 = (last * f["err"]).mT @ f["h"]
+        g2 = (last * f["u2"]).mT @ k[:, :, None]
+        w, st = self._commit(w, st, (g1, g2), A[..., -1])
+        return y, w, st
+
+    def _sequential_chunk(self, w, st, u, q):
+        act = self.cfg.activation
+        f = self._factors(*w, u)  # every read/gradient of the chunk is at its start state
+        B, H, C, _ = u.shape
+        g1 = torch.zeros_like(w[0].expand(B, H, -1, -1, -1))
+        g2 = torch.zeros_like(w[1].expand(B, H, -1, -1, -1))
+        A = torch.ones(B, H, dtype=u.dtype, device=u.device)
+        ys = []
+        for t in range(C):
+            alpha, eta = f["log_alpha"][..., t].exp(), f["eta"][..., t, None, None, None]
+            a = alpha[:, :, None, None, None]
+            g1 = a * g1 + eta * f["err"][:, :, :, t, :, None] * f["h"][:, :, :, t, None, :]
+            g2 = a * g2 + eta * f["u2"][:, :, :, t, :, None] * f["k"][:, :, None, t, None, :]
+            A = alpha * A
+            (w1t, w2t), _ = self._commit(w, st, (g1, g2), A)  # the state after token t
+            ys.append(apply_memory(w1t[:, :, -1], w2t[:, :, -1], q[:, :, t:t + 1], act))
+        w, st = self._commit(w, st, (g1, g2), A)
+        return torch.cat(ys, dim=2), w, st
+
+
+class CMSLevel(nn.Module):
+    """One CMS level ``h ← h + W₁σ(W₂ norm(h))``, updated in context every ``period`` tokens."""
+
+    def __init__(self, cfg: HopeConfig, period: int | None) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.period, self.activation = period, cfg.activation
+        self.norm = nn.RMSNorm(d)
+        self.W1 = nn.Parameter(torch.randn(d, cfg.cms_hidden) * 0.02)
+        self.W2 = nn.Parameter(torch.randn(cfg.cms_hidden, d) / math.sqrt(d))
+        # the value map only matters through in-context updates, so a period-∞ level has none
+        self.W_v = None if period is None else nn.Parameter(torch.randn(d, d) * 0.02)
+        self.rule, self.hp, _ = affine_rule(cfg.cms_rule, {})
+        self.hp = {**self.hp, "lr": cfg.cms_lr / d}  # RMS-normalised keys: ‖k‖² = d
+
+    def _chunk(self, w1: Tensor, w2: Tensor, st: tuple, k: Tensor, update: bool):
+        """The chunk's read ``W₁σ(W₂k)`` at the current state and, with ``update``, the new state after the
+        mean gradient of ``½‖M(k) − v‖²`` over the chunk's keys, applied by the rule."""
+        if not update:
+            return ACTIVATIONS[self.activation][0](k @ w2.mT) @ w1.mT, w1, w2, st
+        err, _, h, g2, read = memory_factors(w1, w2, k, k + k @ self.W_v.mT, self.activation)
+        err, g2 = normalized_steps(err, h, g2, w1)
+        n = k.shape[-2]
+        (d1, s1), (d2, s2) = (self.rule.update(g, s, p, self.hp)
+                              for g, s, p in zip((err.mT @ h / n, g2.mT @ k / n), st, (w1, w2)))
+        return read, w1 + d1, w2 + d2, (s1, s2)
+
+    def forward(self, x: Tensor, reference: bool = False, return_state: bool = False):
+        k = self.norm(x)
+        T = x.shape[1]
+        w1, w2 = self.W1, self.W2
+        st = (self.rule.init(w1, self.hp), self.rule.init(w2, self.hp))
+        period = T if self.period is None else self.period
+        ys, n_updates = [], 0
+        if reference:  # token by token: read at the current state, apply the update every `period` tokens
+            for t in range(T):
+                ys.append(self._chunk(w1, w2, st, k[:, t:t + 1], False)[0])
+                if self.period is not None and (t + 1) % period == 0:
+                    _, w1, w2, st = self._chunk(w1, w2, st, k[:, t + 1 - period:t + 1], True)
+                    n_updates += 1
+        else:
+            for kc in k.split(period, dim=1):
+                update = self.period is not None and kc.shape[1] == period
+                y, w1, w2, st = self._chunk(w1, w2, st, kc, update)
+                ys.append(y)
+                n_updates += update
+        y = x + torch.cat(ys, dim=1)
+        return (y, (w1, w2, n_updates)) if return_state else y
+
+
+class RMSNormLinear(nn.Module):
+    """Pre-norm residual wrapper: ``x + f(norm(x))``."""
+
+    def __init__(self, d: int, f: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.f = nn.RMSNorm(d), f
+
+    def forward(self, x: Tensor, **kw) -> Tensor:
+        return x + self.f(self.norm(x), **kw)
+
+
+class HopeBlock(nn.Module):
+    """Self-modifying Titans (pre-norm residual) followed by the CMS chain."""
+
+    def __init__(self, cfg: HopeConfig) -> None:
+        super().__init__()
+        self.titans = RMSNormLinear(cfg.d_model, SelfModifyingTitans(cfg))
+        self.cms = nn.ModuleList(CMSLevel(cfg, p) for p in cfg.cms_periods)
+
+    def forward(self, x: Tensor, reference: bool = False) -> Tensor:
+        x = self.titans(x, reference=reference)
+        for level in self.cms:
+            x = level(x, reference=reference)
+        return x
+
+
+def rope(x: Tensor, base: float) -> Tensor:
+    """Rotary position embedding on (B, H, T, dh), rotating pairs (i, i + dh/2)."""
+    T, dh = x.shape[-2], x.shape[-1]
+    inv = base ** (-torch.arange(0, dh // 2, dtype=x.dtype, device=x.device) * 2 / dh)
+    ang = torch.arange(T, dtype=x.dtype, device=x.device)[:, None] * inv
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: HopeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.cfg.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = rope(q, self.cfg.rope_base), rope(k, self.cfg.rope_base)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, T, d))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(a) * b)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: HopeConfig) -> None:
+        super().__init__()
+        self.attn = RMSNormLinear(cfg.d_model, Attention(cfg))
+        self.ffn = RMSNormLinear(cfg.d_model, SwiGLU(cfg.d_model, cfg.ffn_hidden))
+
+    def forward(self, x: Tensor, reference: bool = False) -> Tensor:
+        return self.ffn(self.attn(x))
+
+
+class LanguageModel(nn.Module):
+    """Token embedding → blocks → RMSNorm → tied output head; ``forward`` returns ``(logits, loss)``."""
+
+    def __init__(self, cfg: HopeConfig) -> None:
+        super().__init__()
+        if cfg.model == "transformer" and cfg.ffn_hidden == 0:
+            cfg = matched_transformer(cfg)
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        block = HopeBlock if cfg.model == "hope" else TransformerBlock
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, reference: bool = False):
+        x = self.embed(idx)
+        for blk in self.blocks:
+            x = blk(x, reference=reference)
+        logits = self.norm(x) @ self.embed.weight.mT
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+def n_params(cfg: HopeConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in LanguageModel(cfg).parameters())
+
+
+def matched_transformer(cfg: HopeConfig) -> HopeConfig:
+    """The Transformer++ with the same width/depth/heads whose SwiGLU width matches HOPE's parameter count."""
+    target = n_params(replace(cfg, model="hope"))
+    base = n_params(replace(cfg, model="transformer", ffn_hidden=1))
+    per_unit = 3 * cfg.d_model * cfg.n_layers
+    return replace(cfg, model="transformer", ffn_hidden=max(1, 1 + round((target - base) / per_unit)))

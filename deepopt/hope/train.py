@@ -1,0 +1,282 @@
+"""Training, evaluation and checkpointing of HOPE / Transformer++ language models.
+
+Everything that decides a step is a pure function of ``(seed, step)``: the batch (``data.train_batch``)
+and the learning rate (``lr_at``), so a run resumed from its checkpoint (model, optimizer state, step and
+the metrics so far, one atomic ``weights_only`` file) continues bit for bit.  Under ``torchrun`` each
+process takes rows ``rank::world`` of the same global batch and DDP averages the gradients, so the update
+equals the single-process one on that global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import deepopt
+from deepopt.checkpoint import (
+    atomic_save_json,
+    atomic_save_tensors,
+    load_tensors,
+)
+
+from . import data
+from .model import VARIANTS, HopeConfig, LanguageModel
+
+# Model sizes: (d_model, n_layers, n_heads, mem_hidden, cms_hidden, chunk_size, cms_periods)
+SIZES: dict[str, dict[str, Any]] = {
+    "smoke": {"d_model": 32, "n_layers": 1, "n_heads": 2, "mem_hidden": 8, "cms_hidden": 32, "chunk_size": 8,
+              "cms_periods": (8, 16, None)},
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "mem_hidden": 16, "cms_hidden": 64, "chunk_size": 16,
+             "cms_periods": (16, 64, None)},
+    "small": {"d_model": 128, "n_layers": 4, "n_heads": 4, "mem_hidden": 32, "cms_hidden": 128, "chunk_size": 64,
+              "cms_periods": (64, 256, None)},
+}
+OPTIMIZERS = (*deepopt.OPTIMIZERS, "torch_adamw")
+SCHEDULES = ("constant", "cosine")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CHECKPOINT = "checkpoint.pt"
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
+
+
+def model_config(variant: str, size: str, **overrides: Any) -> HopeConfig:
+    """The ``HopeConfig`` of a named variant (``VARIANTS``) at a named size (``SIZES``)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"model must be one of {sorted(VARIANTS)}, got {variant!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    cfg = {**SIZES[size], **VARIANTS[variant], **{k: v for k, v in overrides.items() if v is not None}}
+    if variant == "hope-single-cms":  # one level at the middle frequency with all the levels' width
+        periods = [p for p in SIZES[size]["cms_periods"] if p is not None]
+        cfg.update(cms_periods=(periods[len(periods) // 2],), cms_hidden=cfg["cms_hidden"] * len(periods))
+    return HopeConfig(**cfg)
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Any deepopt optimizer by name, or ``torch_adamw``; weight decay on matrices only."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if name == "torch_adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return deepopt.OPTIMIZERS[name](groups, lr=lr)
+
+
+def lr_at(step: int, base: float, steps: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to 10% of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    frac = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(device: str, d: Dist) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for but torch.cuda.is_available() is False")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return torch.device(f"cuda:{d.local_rank}" if device == "cuda" and d.world > 1 else device)
+
+
+@dataclass
+class Trainer:
+    """A model, its optimizer and the training hyper-parameters; ``step`` is one global-batch update."""
+
+    model: LanguageModel
+    optimizer: torch.optim.Optimizer
+    lr: float
+    steps: int
+    warmup: int = 0
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+    dist: Dist = field(default_factory=Dist)
+    step_count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        self.net: nn.Module = self.model
+        if self.dist.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        """One update on the global batch ``(x, y)``: this process uses rows ``rank::world``."""
+        if x.shape[0] % self.dist.world:
+            raise ValueError(f"batch size {x.shape[0]} must be divisible by the world size {self.dist.world}")
+        x, y = (t[self.dist.rank::self.dist.world].to(self.device) for t in (x, y))
+        lr = lr_at(self.step_count, self.lr, self.steps, self.warmup, self.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        _, loss = self.net(x, y)
+        loss.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.step_count += 1
+        loss = loss.detach()
+        if self.dist.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.dist.world
+        return float(loss)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+        """Mean next-token negative log-likelihood (nats) over ``batches``."""
+        self.model.eval()
+        total, n = 0.0, 0
+        for x, y in batches:
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+            total, n = total + float(loss) * y.numel(), n + y.numel()
+        return total / n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+
+
+def save_model(model: LanguageModel, out: Path) -> None:
+    """``model.safetensors`` + ``model_config.json`` (what ``load_model`` and ``deepopt hope eval`` read)."""
+    atomic_save_tensors(model.state_dict(), out / MODEL_FILE)
+    atomic_save_json(model.cfg.to_dict(), out / CONFIG_FILE)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LanguageModel:
+    path = Path(path)
+    for f in (MODEL_FILE, CONFIG_FILE):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path} holds no saved model: missing {f} (written by `deepopt hope train`)")
+    import json
+
+    cfg = HopeConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    tensors = load_tensors(path / MODEL_FILE)
+    model = LanguageModel(cfg).to(device=device, dtype=next(iter(tensors.values())).dtype)
+    model.load_state_dict(tensors)
+    return model
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows (dicts with the same keys) as CSV, written atomically."""
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+class Metrics:
+    """Rows of ``metrics.csv`` (kept in the checkpoint so a resumed run rewrites the same file)."""
+
+    FIELDS = ("step", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "tok_per_s", "elapsed_s")
+
+    def __init__(self, rows: list[dict[str, Any]] | None = None) -> None:
+        self.rows = list(rows or [])
+
+    def add(self, **row: Any) -> None:
+        self.rows.append({k: row.get(k, "") for k in self.FIELDS})
+
+    def plot(self, path: Path, title: str) -> None:
+        plot_curves(path, title, {
+            "train": [(r["step"], r["train_loss"]) for r in self.rows if r["train_loss"] != ""],
+            "validation": [(r["step"], r["val_loss"]) for r in self.rows if r["val_loss"] != ""],
+        })
+
+
+def plot_curves(path: Path, title: str, curves: dict[str, list[tuple[float, float]]],
+                xlabel: str = "step", ylabel: str = "loss (nats/token)") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in curves.items():
+        if pts:
+            ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 30 else None)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def fit(trainer: Trainer, stream: Tensor, *, batch_size: int, context: int, seed: int, steps: int,
+        val_stream: Tensor | None = None, val_every: int = 0, val_batches: int = 4,
+        metrics: Metrics | None = None, on_checkpoint: Callable[[], None] | None = None, ckpt_every: int = 0,
+        progress: bool = True, desc: str = "train") -> Metrics:
+    """Train from ``trainer.step_count`` up to ``steps`` on random windows of ``stream``."""
+    from tqdm.auto import tqdm
+
+    metrics = metrics if metrics is not None else Metrics()
+    start = trainer.step_count
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and trainer.dist.main),
+               dynamic_ncols=True)
+    t0, tokens = time.perf_counter(), 0
+    while trainer.step_count < steps:
+        s = trainer.step_count
+        x, y = data.train_batch(stream, batch_size, context, seed, s)
+        loss = trainer.step(x, y)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at step {s}; lower --lr")
+        tokens += y.numel()
+        elapsed = time.perf_counter() - t0
+        row = {"step": s + 1, "tokens": (s + 1) * y.numel(), "train_loss": loss, "tok_per_s": tokens / elapsed,
+               "elapsed_s": elapsed, "lr": lr_at(s, trainer.lr, trainer.steps, trainer.warmup, trainer.schedule)}
+        done = trainer.step_count == steps
+        if val_stream is not None and val_every and (trainer.step_count % val_every == 0 or done):
+            vl = trainer.evaluate(data.val_batches(val_stream, batch_size, context, val_batches))
+            row.update(val_loss=vl, val_ppl=math.exp(vl))
+        metrics.add(**row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+        if on_checkpoint is not None and ckpt_every and (trainer.step_count % ckpt_every == 0 or done):
+            on_checkpoint()
+    bar.close()
+    return metrics

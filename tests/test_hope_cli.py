@@ -1,0 +1,141 @@
+"""``deepopt hope`` CLI: smoke runs of every subcommand, exact resume after a kill, DDP == single process."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepopt.checkpoint import load_tensors, torch_load
+from deepopt.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cache_and_threads(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path_factory.getbasetemp() / "hope-cache"))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the CLI runs below use --threads 1
+
+
+def hope(*args) -> int:
+    return main(["hope", *map(str, args), "--no-progress", "--threads", "1"])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_train_smoke_writes_report_metrics_plot_and_model_that_eval_reads(tmp_path):
+    out = tmp_path / "run"
+    assert hope("train", "--smoke", "--out", out) == 0
+    for f in ("report.json", "metrics.csv", "loss.png", "checkpoint.pt", "model.safetensors", "model_config.json"):
+        assert (out / f).is_file(), f
+    report = json.loads((out / "report.json").read_text())
+    rows = read_csv(out / "metrics.csv")
+    assert len(rows) == report["steps"] == 6
+    assert float(rows[-1]["val_loss"]) < float(rows[2]["val_loss"]) + 0.5  # finite and sane
+    assert report["n_params"] > 0 and report["val_ppl"] == pytest.approx(torch.tensor(report["val_loss"]).exp().item())
+    assert hope("eval", "--smoke", "--checkpoint", out, "--out", tmp_path / "ev") == 0
+    ev = json.loads((tmp_path / "ev" / "report.json").read_text())["results"]
+    assert set(ev) == {"code", "prose"} and all(r["val_ppl"] > 1 for r in ev.values())
+    with pytest.raises(ValueError, match="--resume"):  # never clobbers an existing run
+        hope("train", "--smoke", "--out", out)
+    with pytest.raises(ValueError, match="options differ"):
+        hope("train", "--smoke", "--out", out, "--resume", "--lr", "0.01")
+
+
+@pytest.mark.parametrize("optimizer", ["deep_momentum", "delta_momentum", "torch_adamw"])
+def test_any_outer_optimizer_trains_hope(tmp_path, optimizer):
+    args = ("--smoke", "--steps", "3", "--optimizer", optimizer, "--lr", "0.01", "--out", tmp_path)
+    assert hope("train", *args) == 0
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert all(torch.isfinite(torch.tensor(float(r["train_loss"]))) for r in rows)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (("--steps", "0"), "--steps"), (("--lr", "-1"), "--lr"), (("--device", "tpu"), "device"),
+    (("--data", "/nonexistent/file.txt"), "not a readable file"),
+])
+def test_bad_train_options_raise_value_error(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        hope("train", "--smoke", "--out", tmp_path, *bad)
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    common = ("--smoke", "--steps", "24", "--val-every", "6", "--ckpt-every", "1")
+    ref = tmp_path / "ref"
+    assert hope("train", *common, "--out", ref) == 0
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "deepopt.cli", "hope", "train", *common, "--out", str(killed), "--no-progress",
+           "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    step = 0
+    while step < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            step = torch_load(killed / "checkpoint.pt")["step"]
+        except (FileNotFoundError, RuntimeError, EOFError, KeyError):  # not written yet
+            step = 0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    stopped_at = torch_load(killed / "checkpoint.pt")["step"]
+    assert 3 <= stopped_at < 24
+    assert hope("train", *common, "--out", killed, "--resume") == 0
+    a, b = load_tensors(ref / "model.safetensors"), load_tensors(killed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = torch_load(ref / "checkpoint.pt"), torch_load(killed / "checkpoint.pt")
+    assert sa["optimizer"]["state"].keys() == sb["optimizer"]["state"].keys()
+    for k, st in sa["optimizer"]["state"].items():
+        assert all(torch.equal(v, sb["optimizer"]["state"][k][n]) for n, v in st.items())
+    for ra, rb in zip(read_csv(ref / "metrics.csv"), read_csv(killed / "metrics.csv"), strict=True):
+        assert (ra["train_loss"], ra["val_loss"]) == (rb["train_loss"], rb["val_loss"])
+
+
+def test_two_process_ddp_matches_single_process_on_the_same_global_batch(tmp_path):
+    common = ("--smoke", "--steps", "3", "--dtype", "float64", "--batch-size", "4", "--val-every", "3")
+    single = tmp_path / "single"
+    assert hope("train", *common, "--out", single) == 0
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "deepopt.cli", "hope", "train", *common, "--out", str(ddp), "--no-progress", "--threads", "1"]
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((ddp / "report.json").read_text())["world_size"] == 2
+    a, b = load_tensors(single / "model.safetensors"), load_tensors(ddp / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-12) for k in a)
+    la = [float(r["train_loss"]) for r in read_csv(single / "metrics.csv")]
+    lb = [float(r["train_loss"]) for r in read_csv(ddp / "metrics.csv")]
+    assert la == pytest.approx(lb, abs=1e-12)
+
+
+def test_continual_smoke_reports_forgetting_for_both_models(tmp_path):
+    assert hope("continual", "--smoke", "--steps", "3", "--out", tmp_path) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["summary"]) == {"hope", "transformer"}
+    rows = read_csv(tmp_path / "results.csv")
+    assert len(rows) == 2 and (tmp_path / "loss.png").is_file()
+    for r in rows:
+        assert float(r["forgetting_a"]) == pytest.approx(float(r["ppl_a_after_b"]) - float(r["ppl_a_after_a"]))
+
+
+def test_niah_smoke_reports_accuracy_per_context(tmp_path):
+    assert hope("niah", "--smoke", "--steps", "2", "--models", "hope", "--out", tmp_path) == 0
+    rows = read_csv(tmp_path / "results.csv")
+    assert [int(r["context"]) for r in rows] == [112, 160]
+    assert all(0 <= float(r["digit_accuracy"]) <= 1 for r in rows)

@@ -1,0 +1,164 @@
+"""HOPE model: chunk-parallel == token-sequential, CMS update periods, reductions, gradient flow."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepopt.hope.model import (
+    VARIANTS,
+    CMSLevel,
+    HopeConfig,
+    LanguageModel,
+    SelfModifyingTitans,
+    matched_transformer,
+    n_params,
+)
+
+TINY = {"d_model": 16, "n_heads": 2, "n_layers": 2, "mem_hidden": 8, "chunk_size": 5, "cms_periods": (3, 7, None),
+        "cms_hidden": 12}
+
+
+def perturbed(cfg: HopeConfig, seed: int = 0) -> LanguageModel:
+    """A float64 model with all parameters jittered so no piece sits at a special initial value."""
+    torch.manual_seed(seed)
+    m = LanguageModel(cfg).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for blk in m.blocks:  # larger learning rates and forgetting so the memories really move
+            blk.titans.f.b_eta.fill_(2.0)
+            blk.titans.f.b_alpha.fill_(1.0)
+    return m
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"inner_rule": "momentum", "inner_hparams": {"momentum": 0.7}},
+    {"inner_rule": "momentum", "inner_hparams": {"momentum": 0.5, "nesterov": True, "weight_decay": 0.1}},
+    {"self_modifying": False},
+    {"delta_gd": False, "cms_rule": "momentum"},
+], ids=["gd", "momentum", "nesterov-wd", "no-selfmod", "no-delta"])
+def test_chunk_parallel_equals_token_sequential_float64(overrides):
+    cfg = HopeConfig(**TINY, eta_max=1.0, **overrides)
+    m = perturbed(cfg)
+    idx = torch.randint(0, 256, (2, 23))  # 23: the last Titans and CMS chunks are partial
+    par, _ = m(idx)
+    seq, _ = m(idx, reference=True)
+    assert (par - seq).abs().max() <= 1e-8
+    x = torch.randn(2, 23, cfg.d_model, dtype=torch.float64)
+    titans = m.blocks[0].titans.f
+    _, w_par = titans(x, return_state=True)
+    _, w_seq = titans(x, reference=True, return_state=True)
+    init = titans._initial_state(2)
+    for a, b, w0 in zip(w_par, w_seq, init):
+        assert (a - b).abs().max() <= 1e-8
+        assert (a - w0).abs().max() > 1e-3  # the memories did update
+    for level in m.blocks[0].cms:
+        _, (p1, p2, n_par) = level(x, return_state=True)
+        _, (s1, s2, n_seq) = level(x, reference=True, return_state=True)
+        assert n_par == n_seq
+        assert max((p1 - s1).abs().max(), (p2 - s2).abs().max()) <= 1e-8
+
+
+@pytest.mark.parametrize("period", [1, 4, 5])
+def test_cms_level_updates_exactly_every_period(period):
+    torch.manual_seed(0)
+    cfg = HopeConfig(**{**TINY, "cms_periods": (period,)}, cms_lr=1.0)
+    level = CMSLevel(cfg, period).double()
+    T = 20
+    x = torch.randn(1, T, cfg.d_model, dtype=torch.float64)
+    y, (_, _, n_updates) = level(x, return_state=True)
+    assert n_updates == T // period
+    # Perturbing token s changes token t != s only once the chunk holding s has been applied to the state:
+    # exactly the tokens from the next multiple of `period` on.
+    for s in range(T):
+        xp = x.clone()
+        xp[0, s] += 1.0
+        changed = ((level(xp) - y).abs().amax(-1)[0] > 1e-12).nonzero().flatten().tolist()
+        first = (s // period + 1) * period
+        assert changed == [s] + list(range(max(first, s + 1), T)), (s, changed)
+
+
+def test_infinite_periods_and_frozen_memory_reduce_to_residual_mlp_block():
+    cfg = HopeConfig(**{**TINY, "cms_periods": (None, None), "n_layers": 1})
+    m = perturbed(cfg)
+    blk = m.blocks[0]
+    titans = blk.titans.f
+    with torch.no_grad():  # frozen memory: η = 0 and α = 1 exactly
+        titans.b_eta.fill_(-1e4)
+        titans.b_alpha.fill_(1e4)
+    x = torch.randn(2, 11, cfg.d_model, dtype=torch.float64)
+    # static read of the initial output memory, then two plain residual MLPs h + W₁σ(W₂ norm(h))
+    _, q = titans._project(blk.titans.norm(x))
+    w1, w2 = titans.W1[:, -1], titans.W2[:, -1]
+    y = q + F.silu(q @ w2.mT) @ w1.mT
+    h = x + titans.out_proj(y.transpose(1, 2).reshape(2, 11, -1))
+    for level in blk.cms:
+        h = h + F.silu(level.norm(h) @ level.W2.mT) @ level.W1.mT
+    assert torch.allclose(blk(x), h, atol=1e-12, rtol=0)
+    _, w_end = titans(blk.titans.norm(x), return_state=True)
+    assert torch.equal(w_end[0], titans.W1.expand_as(w_end[0]))  # no memory moved
+
+
+@pytest.mark.parametrize("self_modifying", [True, False])
+def test_gradients_reach_meta_learned_initial_states(self_modifying):
+    cfg = HopeConfig(**TINY, self_modifying=self_modifying)
+    m = perturbed(cfg)
+    idx = torch.randint(0, 256, (2, 23))
+    _, loss = m(idx, idx)
+    loss.backward()
+    titans = m.blocks[0].titans.f
+    for g in (titans.W1.grad, titans.W2.grad):
+        per_memory = g.abs().sum(dim=(0, 2, 3))
+        assert (per_memory > 0).all(), per_memory  # every memory's θ₀ (k, v, η, α, mem) gets a gradient
+    # the gradient also flows through the in-context updates: it changes when the memory learns faster
+    g_slow = titans.W1.grad.clone()
+    m.zero_grad()
+    with torch.no_grad():
+        titans.b_eta.add_(3.0)
+    m(idx, idx)[1].backward()
+    assert not torch.allclose(g_slow, titans.W1.grad)
+    for level in m.blocks[0].cms:
+        assert level.W1.grad.abs().sum() > 0 and level.W2.grad.abs().sum() > 0
+        if level.period is not None:
+            assert level.W_v.grad.abs().sum() > 0  # values only matter through the in-context updates
+
+
+def test_transformer_matches_hope_parameter_count_and_variants_build():
+    cfg = HopeConfig()
+    hope, tf = n_params(cfg), n_params(matched_transformer(cfg))
+    assert abs(tf - hope) / hope < 0.01
+    idx = torch.randint(0, 256, (1, 9))
+    for name, over in VARIANTS.items():
+        logits, loss = LanguageModel(HopeConfig(**{**TINY, **over}))(idx, idx)
+        assert logits.shape == (1, 9, 256) and torch.isfinite(loss), name
+
+
+@pytest.mark.parametrize("bad, err", [
+    ({"model": "rnn"}, ValueError), ({"d_model": 15}, ValueError), ({"cms_periods": (0,)}, ValueError),
+    ({"inner_rule": "adam"}, ValueError), ({"inner_rule": "nope"}, ValueError), ({"eta_max": 2.0}, ValueError),
+    ({"inner_hparams": {"momentum": 0.9, "nonlinearity": "newton_schulz"}, "inner_rule": "momentum"}, ValueError),
+    ({"inner_hparams": {"bogus": 1}}, TypeError), ({"activation": "swish"}, ValueError),
+])
+def test_bad_config_is_rejected_with_the_argument_named(bad, err):
+    with pytest.raises(err):
+        HopeConfig(**bad)
+
+
+def test_config_round_trips_through_dict():
+    cfg = HopeConfig(**TINY)
+    assert HopeConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        HopeConfig.from_dict({"width": 3})
+
+
+def test_titans_layer_is_causal():
+    cfg = HopeConfig(**TINY)
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(cfg).double()
+    x = torch.randn(1, 12, cfg.d_model, dtype=torch.float64)
+    y = layer(x)
+    xp = x.clone()
+    xp[0, 7] += 1.0
+    diff = (layer(xp) - y).abs().amax(-1)[0]
+    assert (diff[:7] == 0).all() and diff[7] > 0
