@@ -201,11 +201,12 @@ def _validate_options(group: dict[str, Any]) -> None:
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """Screen with one fused ℓ2-norm pass (one sync per device); only if a norm is non-finite (NaN/Inf,
-    or a huge finite gradient whose norm overflows) look element-wise."""
+    """Screen with one sum per tensor (NaN/Inf anywhere makes the sum non-finite; one sync per device),
+    and only where a sum is non-finite (NaN/Inf, or finite values summing past the dtype's range) look
+    element-wise."""
     by_device: dict[torch.device, list[Tensor]] = {}
-    for t, n in zip(tensors, torch._foreach_norm(tensors)):
-        by_device.setdefault(t.device, []).append(n.float())
-    if all(bool(torch.stack(ns).isfinite().all()) for ns in by_device.values()):
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.sum().float())
+    if all(bool(torch.stack(sums).isfinite().all()) for sums in by_device.values()):
         return True
     return all(bool(t.isfinite().all()) for t in tensors)

@@ -81,6 +81,15 @@ def test_nonfinite_gradient_raises_before_any_change(opt_name):
     assert _equal_state(state, opt.state_dict())
 
 
+def test_huge_finite_gradients_are_not_mistaken_for_nonfinite():
+    """The cheap screen sums each gradient; a sum that overflows is re-checked element-wise."""
+    w = torch.zeros(4, requires_grad=True)
+    opt = deepopt.SGD([w], lr=1e-40)
+    w.grad = torch.full((4,), 3e38)
+    opt.step()
+    assert torch.isfinite(w).all() and (w < 0).all()
+
+
 def test_nonfinite_gradient_skip_policy(opt_name):
     model, ref = small_mlp(), small_mlp()
     opt, ref_opt = make(opt_name, model.parameters(), nonfinite="skip"), make(opt_name, ref.parameters())
