@@ -4,7 +4,8 @@
     opt = deepopt.DeepMomentum(model.parameters(), lr=1e-2)
 
 The pure rules live in ``deepopt.rules``; the optimizer classes in the top-level ``optimizers``
-package, re-exported here (lazily, since ``optimizers`` itself imports ``deepopt.rules``).
+package, re-exported here (lazily, since ``optimizers`` itself imports ``deepopt.rules``), as are the
+submodules ``deepopt.hope``, ``deepopt.noise`` and ``deepopt.robustness``.
 """
 
 from typing import Any
@@ -16,12 +17,17 @@ __version__ = "0.1.0"
 
 _FROM_OPTIMIZERS = ("SGD", "Adam", "AdamW", "DeepMomentum", "DeltaMomentum", "MemoryOptimizer", "Momentum",
                     "NonFiniteGradientError")
-__all__ = ["OPTIMIZERS", "RULES", *_FROM_OPTIMIZERS, "get_rule", "rules"]
+_SUBMODULES = ("hope", "noise", "robustness", "checkpoint", "data", "bench", "cli")
+__all__ = ["OPTIMIZERS", "RULES", *_FROM_OPTIMIZERS, *_SUBMODULES, "get_rule", "rules"]
 
 
 def __getattr__(name: str) -> Any:
+    import importlib
+
     import optimizers
 
+    if name in _SUBMODULES:  # imported on first use: ``import deepopt; deepopt.noise.make_noise(...)``
+        return importlib.import_module(f"{__name__}.{name}")
     if name in _FROM_OPTIMIZERS:
         return getattr(optimizers, name)
     if name == "OPTIMIZERS":  # name -> class, as the CLIs spell them

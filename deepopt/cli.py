@@ -13,6 +13,7 @@ from collections.abc import Sequence
 # "module:function" of each subcommand's registrar, imported when the CLI starts.
 _REGISTRARS: tuple[str, ...] = (
     "deepopt.bench:register",
+    "deepopt.robustness:register",
     "deepopt.metatrain_cli:register",
     "deepopt.hope.cli:register",
 )
