@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The README's small HOPE study: 3 seeds, size tiny, context 128, batch 16, 200 steps (≈16 min on 2 cores
+# in two parallel streams). Usage: bash benchmarks/hope_study.sh [OUT_DIR]   (default runs/hope-study)
+set -euo pipefail
+S="${1:-runs/hope-study}"
+mkdir -p "$S"
+C="--size tiny --context 128 --batch-size 16 --warmup 25 --threads 1 --no-progress"
+train() { python -m deepopt.cli hope train --seed "$1" --steps 200 --val-every 100 $C "${@:2}"; }
+for seed in 0 1 2; do
+  for dom in code prose; do
+    for m in hope transformer; do train $seed --model $m --domain $dom --out "$S/ppl-$m-$dom-s$seed"; done
+  done
+  for m in hope-no-cms hope-no-selfmod hope-single-cms; do train $seed --model $m --domain code --out "$S/ppl-$m-code-s$seed"; done
+  for o in deep_momentum delta_momentum; do
+    train $seed --model hope --domain code --optimizer $o --lr 0.2 --out "$S/opt-$o-s$seed"
+  done
+done
+python -m deepopt.cli hope continual --seeds 0 1 2 --steps 100 $C --out "$S/continual"
+python -m deepopt.cli hope niah --seeds 0 1 2 --steps 150 --context 192 --eval-contexts 192 384 768 \
+  --eval-samples 32 --warmup 25 --size tiny --batch-size 16 --threads 1 --no-progress --out "$S/niah"
+echo "reports: $S/*/report.json"
