@@ -89,30 +89,6 @@ def test_resume_with_scheduler_and_named_groups(opt_name, tmp_path):
     assert same(params_of(straight), params_of(resumed))
 
 
-def test_grad_scaler(opt_name):
-    """torch.amp.GradScaler unscales before our step and skips it on overflow."""
-    model = small_mlp(dtype=torch.float32)
-    opt = make(opt_name, model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x, y = torch.randn(16, 5), torch.randn(16, 3)
-    losses = []
-    for _ in range(10):
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = torch.nn.functional.mse_loss(model(x).float(), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    before = params_of(model)
-    opt.zero_grad()
-    scaler.scale(torch.nn.functional.mse_loss(model(x), y) * float("inf")).backward()
-    scaler.step(opt)  # inf gradients: the scaler skips the step, nothing raises
-    scaler.update()
-    assert same(before, params_of(model))
-
-
 def test_step_with_closure(opt_name):
     a, b = small_mlp(), small_mlp()
     oa, ob = make(opt_name, a.parameters()), make(opt_name, b.parameters())
@@ -207,19 +183,31 @@ def test_grad_is_never_modified(opt_name):
         assert same(grads, [p.grad for p in model.parameters()])
 
 
-def test_autocast_bfloat16(opt_name):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_autocast_bfloat16(opt_name, scaled):
+    """AMP: autocast to bf16, optionally through torch.amp.GradScaler, which unscales before our step and
+    skips it on overflow."""
     model = small_mlp(dtype=torch.float32)
     opt = make(opt_name, model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
     x, y = torch.randn(16, 5), torch.randn(16, 3)
     losses = []
     for _ in range(20):
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = torch.nn.functional.mse_loss(model(x).float(), y)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    if scaled:
+        before = params_of(model)
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y) * float("inf")).backward()
+        scaler.step(opt)  # inf gradients: the scaler skips the step, nothing raises
+        scaler.update()
+        assert same(before, params_of(model))
 
 
 def test_bfloat16_parameters(opt_name):
