@@ -257,17 +257,18 @@ def register_noise_hooks(model: nn.Module | Iterable[Tensor], noise: GradientNoi
 
 
 def corrupt_labels(labels: Tensor, fraction: float, num_classes: int, generator: torch.Generator) -> Tensor:
-    """Label noise: a copy of ``labels`` with ``round(fraction·n)`` of them, chosen at random, replaced by
-    a uniformly drawn *different* class."""
+    """Label noise: a copy of ``labels`` (any shape, e.g. next-token targets) with ``round(fraction·n)``
+    of its ``n`` entries, chosen at random, replaced by a uniformly drawn *different* class."""
     check_range("fraction", fraction, 0.0, 1.0)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    n = labels.numel()
+    flat = labels.reshape(-1)
+    n = flat.numel()
     chosen = torch.randperm(n, generator=generator)[: round(fraction * n)]
     shift = torch.randint(1, num_classes, (chosen.numel(),), generator=generator)
-    noisy = labels.clone()
-    noisy[chosen] = (labels[chosen] + shift) % num_classes
-    return noisy
+    noisy = flat.clone()
+    noisy[chosen] = (flat[chosen] + shift) % num_classes
+    return noisy.reshape(labels.shape)
 
 
 def batch_size_for_level(n: int, level: float) -> int:

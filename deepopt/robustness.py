@@ -57,7 +57,7 @@ from deepopt.noise import (
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "delta_momentum", "deep_momentum", "torch_adam")
 NOISE_MODELS = (*NOISES, *TASK_NOISES)
-TASKS = ("digits", "quadratic")
+TASKS = ("digits", "quadratic", "hope")
 METRICS = ("train_loss", "test_loss")
 EVAL_KEYS = ("train_loss", "val_loss", "test_loss", "accuracy")
 DEFAULT_LEVELS: dict[str, tuple[float, ...]] = {
@@ -104,7 +104,7 @@ class Task:
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         if self.num_classes is None:
             return 0.5 * (out.squeeze(-1) - y).pow(2).mean()
-        return nn.functional.cross_entropy(out, y)
+        return nn.functional.cross_entropy(out.flatten(0, -2), y.flatten())  # (n, C) or (n, T, C) logits
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float | None]:
@@ -122,7 +122,9 @@ class Task:
 def get_task(name: str) -> Task:
     """``digits``: a 64-32-10 tanh MLP on scikit-learn's digits (cross-entropy; 1150/288/359 train/val/test
     images).  ``quadratic``: the noisy quadratic ``½·mean((xᵀw − y)²)``, ``x ~ N(0, diag(h))`` with ``h``
-    log-spaced over two decades in 32 dimensions, ``y = xᵀw* + 0.3·ε`` (768/256/256 samples)."""
+    log-spaced over two decades in 32 dimensions, ``y = xᵀw* + 0.3·ε`` (768/256/256 samples).  ``hope``: a
+    tiny HOPE language model (size ``smoke``) predicting the next byte of the standard library's source,
+    96 training windows of 32 bytes, 32 validation and 32 test windows from held-out files."""
     if name == "digits":
         from deepopt.data import load_classification
 
@@ -139,7 +141,27 @@ def get_task(name: str) -> Task:
         build = lambda: nn.Linear(d, 1, bias=False)
         val, test = slice(n_train, n_train + n_held), slice(n_train + n_held, None)
         return Task(name, x[:n_train], y[:n_train], x[val], y[val], x[test], y[test], None, 0.1, build)
+    if name == "hope":
+        from deepopt.hope import LanguageModel, load_corpus, model_config
+        from deepopt.hope.data import val_batches
+
+        corpus = load_corpus("code", max_bytes=100_000)
+        (x, y), (x_held, y_held) = (next(val_batches(stream, n, 32, 1)) for stream, n in
+                                    ((corpus.train, 96), (corpus.val, 64)))
+        build = lambda: _NextTokenLogits(LanguageModel(model_config("hope", "smoke")))
+        return Task(name, x, y, x_held[:32], y_held[:32], x_held[32:], y_held[32:], 256, 3.0, build)
     raise ValueError(f"unknown task {name!r}; accepted: {list(TASKS)}")
+
+
+class _NextTokenLogits(nn.Module):
+    """A ``LanguageModel`` seen as a classifier of every position's next byte: ``(n, T) → (n, T, 256)``."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.lm(tokens)[0]
 
 
 # ---------------------------------------------------------------------------------------------- runs

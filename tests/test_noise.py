@@ -185,13 +185,14 @@ def test_model_hooks_match_the_optimizer_wrapper():
     assert not torch.allclose(finals[0], clean.weight)
 
 
-def test_corrupt_labels_flips_exactly_the_requested_fraction():
-    labels = torch.arange(1000) % 10
+@pytest.mark.parametrize("shape", [(1000,), (40, 25)])  # class labels, or next-token targets (n, T)
+def test_corrupt_labels_flips_exactly_the_requested_fraction(shape):
+    labels = (torch.arange(1000) % 10).reshape(shape)
     noisy = corrupt_labels(labels, 0.3, 10, torch.Generator().manual_seed(0))
     changed = noisy != labels
-    assert int(changed.sum()) == 300
+    assert noisy.shape == labels.shape and int(changed.sum()) == 300
     assert noisy.min() >= 0 and noisy.max() < 10
-    assert torch.equal(labels, torch.arange(1000) % 10)  # input untouched
+    assert torch.equal(labels.flatten(), torch.arange(1000) % 10)  # input untouched
     assert torch.equal(noisy, corrupt_labels(labels, 0.3, 10, torch.Generator().manual_seed(0)))
 
 

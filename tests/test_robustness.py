@@ -161,3 +161,14 @@ def test_smoke_cli_writes_every_file(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["ranking"]["train_loss"]) == {"gaussian", "label", "overall"}
     assert summary["ranking"]["train_loss"]["overall"]["least_degraded"] in OPTIMIZERS
+
+
+def test_tiny_hope_language_model_task():
+    """The HOPE task: next-byte prediction on stdlib source, label noise corrupting next-byte targets."""
+    records = run(task="hope", optimizers=["deep_momentum"], noises=["label"], levels=(0.0, 0.3), seeds=1,
+                  steps=4, lrs=(0.03,), tune_seeds=1, eval_every=2, progress=False)
+    assert len(records) == 2 and not any(r["diverged"] for r in records)
+    clean, noisy = sorted(records, key=lambda r: r["level"])
+    assert math.log(256) - 0.5 < clean["initial_test_loss"] < math.log(256) + 0.5  # a 256-way next byte
+    assert clean["final_train_loss"] < clean["initial_train_loss"]
+    assert noisy["final_train_loss"] != clean["final_train_loss"]
