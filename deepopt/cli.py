@@ -32,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:  # a bad option value found by the library: one line, exit status 2 like argparse
+        parser.exit(2, f"deepopt {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

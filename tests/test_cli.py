@@ -34,3 +34,13 @@ def test_bench_smoke_writes_ratios(tmp_path):
     assert fused and fused[0]["vs_fused_adam"] == 1.0
     assert {r["optimizer"] for r in rows} >= {"Adam", "DeltaMomentum", "DeepMomentum h=16"}
     assert "× fused Adam" in proc.stdout
+
+
+def test_bad_option_values_exit_with_one_line(capsys):
+    from deepopt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["robustness", "--noises", "label", "--levels", "0", "4", "--smoke", "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "fraction must be in [0.0, 1.0]" in err and "Traceback" not in err
