@@ -485,11 +485,24 @@ def write_outputs(records: Sequence[Mapping[str, Any]], out: str | Path, config:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _parse_levels(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"noise levels must be >= 0, got {text}")
-    return value
+def _parse_levels(text: str) -> float | tuple[str, tuple[float, ...]]:
+    """``L`` (a level for every noise model) or ``NOISE=L1,L2,...`` (levels of one noise model)."""
+    name, _, values = text.rpartition("=")
+    try:
+        levels = tuple(float(v) for v in values.split(",") if v)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected L or NOISE=L1,L2,..., got {text!r}") from err
+    if not levels or any(not lv >= 0 for lv in levels) or (not name and len(levels) > 1):
+        raise argparse.ArgumentTypeError(f"noise levels must be >= 0, given as L or NOISE=L1,L2,...; got {text!r}")
+    return (name, levels) if name else levels[0]
+
+
+def _levels_option(values: list) -> list[float] | dict[str, tuple[float, ...]]:
+    """``--levels`` values: all plain numbers (one list for every noise model) or all ``NOISE=...``."""
+    named = [v for v in values if isinstance(v, tuple)]
+    if named and len(named) != len(values):
+        raise ValueError("--levels takes either plain levels or NOISE=L1,L2,... entries, not both")
+    return dict(named) if named else list(values)
 
 
 def register(subparsers: Any) -> None:
@@ -503,7 +516,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--noises", nargs="+", choices=NOISE_MODELS, metavar="NAME",
                    help=f"noise models, from {list(NOISE_MODELS)} (default: all that apply to the task)")
     p.add_argument("--levels", nargs="+", type=_parse_levels, metavar="L",
-                   help="noise levels used for every noise model, >= 0 (0 is always added); default: "
+                   help="noise levels >= 0 for every noise model, or per model as NOISE=L1,L2,... (e.g. "
+                        "gaussian=1,4 label=0.1,0.3); 0 is always added; default: "
                         + "; ".join(f"{k} {list(v)}" for k, v in DEFAULT_LEVELS.items()))
     p.add_argument("--seeds", type=int, help="seeds per cell (default 5)")
     p.add_argument("--steps", type=int, help="training steps per run (default 300)")
@@ -534,6 +548,10 @@ def main(args: argparse.Namespace) -> int:
     for key in ("optimizers", "noises", "levels", "seeds", "steps", "lrs", "tune_seeds", "eval_every", "target"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
+    if args.levels is not None:
+        options["levels"] = _levels_option(args.levels)
+        if isinstance(options["levels"], dict) and args.noises is None:  # NOISE=... names the noise models
+            options["noises"] = tuple(options["levels"])
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     records = run(task=args.task, metric=args.metric, dof=args.dof, gamma=args.gamma, relative=not args.absolute,
                   workers=args.workers, out=out, progress=not args.no_progress, **options)

@@ -172,3 +172,15 @@ def test_tiny_hope_language_model_task():
     assert math.log(256) - 0.5 < clean["initial_test_loss"] < math.log(256) + 0.5  # a 256-way next byte
     assert clean["final_train_loss"] < clean["initial_train_loss"]
     assert noisy["final_train_loss"] != clean["final_train_loss"]
+
+
+def test_cli_levels_per_noise_model(tmp_path, capsys):
+    out = tmp_path / "per-noise"
+    argv = ["robustness", "--smoke", "--no-progress", "--out", str(out), "--levels", "gaussian=2", "label=0.3"]
+    assert cli.main(argv) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["noise"], float(r["level"])) for r in rows} == {("gaussian", 0.0), ("gaussian", 2.0),
+                                                                ("label", 0.0), ("label", 0.3)}
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["robustness", "--smoke", "--no-progress", "--levels", "1", "label=0.3"])
+    assert exit_info.value.code == 2 and "not both" in capsys.readouterr().err
