@@ -23,10 +23,10 @@ import torch
 from higher.optim import DifferentiableOptimizer
 from torch import Tensor
 
+import deepopt
 import optimizers
 from deepopt.rules import Rule
 
-from .params import OPTIMIZER_CLASS
 from .unroll import Unroll
 
 
@@ -50,14 +50,7 @@ class DifferentiableMemoryOptimizer(DifferentiableOptimizer):
                 group["params"][p_idx] = p + delta
 
 
-REGISTERED = (
-    optimizers.SGD,
-    optimizers.Momentum,
-    optimizers.Adam,
-    optimizers.AdamW,
-    optimizers.DeltaMomentum,
-    optimizers.DeepMomentum,
-)
+REGISTERED = tuple(deepopt.OPTIMIZERS.values())
 for _cls in REGISTERED:
     higher.register_optim(_cls, DifferentiableMemoryOptimizer)
 
@@ -68,7 +61,7 @@ def higher_unroll_loss(unroll: Unroll, raw: dict[str, Tensor] | None = None) -> 
     meta, task = unroll.meta, unroll.task
     hp = meta.hparams(raw)
     model = copy.deepcopy(task.model)
-    opt = getattr(optimizers, OPTIMIZER_CLASS[meta.rule.name])(model.parameters(), **meta.static)
+    opt = deepopt.OPTIMIZERS[meta.rule.name](model.parameters(), **meta.static)
     override = {k: [hp[k]] for k in meta.learned_keys()}
     total = torch.zeros((), dtype=next(model.parameters()).dtype)
     with higher.innerloop_ctx(model, opt, override=override) as (fmodel, diffopt):

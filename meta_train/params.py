@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import deepopt
 from deepopt.rules import deep_momentum, get_rule
 from deepopt.rules.deep import initial_memory
 
@@ -39,13 +40,6 @@ DEFAULT_LEARN: dict[str, tuple[str, ...]] = {
     "adam": ("lr", "beta1", "beta2"),
     "delta_momentum": ("lr", "momentum", "beta"),
     "deep_momentum": ("W1", "W2", "alpha", "eta", "lr"),
-}
-OPTIMIZER_CLASS = {
-    "sgd": "SGD",
-    "momentum": "Momentum",
-    "adam": "Adam",
-    "delta_momentum": "DeltaMomentum",
-    "deep_momentum": "DeepMomentum",
 }
 
 
@@ -129,4 +123,4 @@ class MetaParams(nn.Module):
                 plain["beta1"], plain["beta2"] = (float(b) for b in v)
             else:
                 plain[k] = float(v) if isinstance(v, Tensor) else v
-        return OPTIMIZER_CLASS[self.rule.name], plain, tensors
+        return deepopt.OPTIMIZERS[self.rule.name].__name__, plain, tensors
