@@ -8,6 +8,11 @@ loss, then ∂F/∂r.  Variants, all in this run, same task and batches:
     higher+torch Adam   higher.innerloop_ctx with torch.optim.Adam (higher's DifferentiableAdam)
     higher+deepopt Adam higher.innerloop_ctx with deepopt.Adam (meta_train's registered twin)
     (+ DeepMomentum rows: torch.func vs higher+deepopt DeepMomentum, learning θ₀, α, η, lr)
+    torch.func vmap×T   the engine on a ``TaskStack`` of ``--tasks`` T digits MLPs of this architecture
+                        (different weights and batches) under ``vmap``, reported per task (time / T;
+                        peak memory is the whole stack's); ``higher`` can only loop over tasks
+
+The elementwise rules (Adam here) step all of a task's tensors as one flat vector (``FlatParams``).
 
 Time: median of ``--repeats`` calls after one warm-up, ``torch.set_num_threads(--threads)``.
 Peak memory: the largest number of bytes the torch CPU allocator holds live at once during one call,
@@ -34,11 +39,11 @@ from torch.profiler import ProfilerActivity, profile
 
 import deepopt
 from meta_train import Backprop, InnerState, MetaParams, Unroll, higher_unroll_loss
-from meta_train.tasks import Task, mlp_task
+from meta_train.tasks import Task, TaskStack, mlp_task
 
 
-def digits_task() -> Task:
-    return mlp_task("bench_digits", "digits", (64, 64), "tanh", 128, seed=0)
+def digits_task(seed: int = 0) -> Task:
+    return mlp_task("bench_digits", "digits", (64, 64), "tanh", 128, seed=seed)
 
 
 def torch_func_grad(meta: MetaParams, task: Task, k: int, checkpoint_every: int = 0) -> Callable[[], None]:
@@ -102,21 +107,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--k", type=int, default=20, help="inner steps K of the compared unroll")
+    parser.add_argument("--tasks", type=int, default=8, help="tasks T of the vmapped rows")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task, k = digits_task(), args.k
+    stack = TaskStack(tuple(digits_task(seed) for seed in range(args.tasks)))
     adam = MetaParams("adam", learn=("lr",), lr=0.01)
     dmgd = MetaParams("deep_momentum", lr=0.03)
     variants = {
         "adam torch.func": torch_func_grad(adam, task, k),
         "adam higher+torch.optim.Adam": higher_torch_adam_grad(adam, task, k),
         "adam higher+deepopt.Adam": higher_deepopt_grad(adam, task, k),
+        f"adam torch.func vmap×{args.tasks} (per task)": torch_func_grad(adam, stack, k),
         "deep_momentum torch.func": torch_func_grad(dmgd, task, k),
         "deep_momentum higher+deepopt.DeepMomentum": higher_deepopt_grad(dmgd, task, k),
+        f"deep_momentum torch.func vmap×{args.tasks} (per task)": torch_func_grad(dmgd, stack, k),
     }
     rows = {
-        name: {"seconds": wall_time(fn, args.repeats), "peak_mb": peak_bytes(fn) / 2**20}
+        name: {"seconds": wall_time(fn, args.repeats) / (args.tasks if "vmap" in name else 1),
+               "peak_mb": peak_bytes(fn) / 2**20}
         for name, fn in variants.items()
     }
     for rule in ("adam", "deep_momentum"):
@@ -129,12 +139,17 @@ def main() -> None:
         f"one meta-gradient, K={k}, digits MLP 64-64-64-10, float32, {args.threads} thread(s), "
         f"median of {args.repeats}"
     )
-    print(f"{'variant':45s} {'time (s)':>9s} {'× torch.func':>13s} {'peak MiB':>9s} {'× torch.func':>13s}")
+    print(f"{'variant':48s} {'time (s)':>9s} {'× torch.func':>13s} {'peak MiB':>9s} {'× torch.func':>13s}")
     for name, r in rows.items():
         print(
-            f"{name:45s} {r['seconds']:9.4f} {r['time_vs_torch_func']:13.2f} {r['peak_mb']:9.2f} "
+            f"{name:48s} {r['seconds']:9.4f} {r['time_vs_torch_func']:13.2f} {r['peak_mb']:9.2f} "
             f"{r['memory_vs_torch_func']:13.2f}"
         )
+    for rule, ref in (("adam", "higher+torch.optim.Adam"), ("deep_momentum", "higher+deepopt.DeepMomentum")):
+        h = rows[f"{rule} {ref}"]["seconds"]
+        print(f"{rule}: torch.func is {h / rows[f'{rule} torch.func']['seconds']:.2f}x as fast as {ref} on one "
+              f"task, {h / rows[f'{rule} torch.func vmap×{args.tasks} (per task)']['seconds']:.2f}x per task "
+              f"vmapped over {args.tasks}")
 
     ck = {}
     for kk in (20, 80):

@@ -110,6 +110,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="meta-gradient estimator: exact backprop "
         "through the unroll (torch.func) or antithetic evolution strategies",
     )
+    a(
+        "--no-vectorize",
+        dest="vectorize",
+        action="store_false",
+        help="loop over the tasks of a meta-step instead of running same-structure tasks under torch.func.vmap",
+    )
     a("--es-pairs", type=int, default=32, help="antithetic pairs per ES estimate")
     a("--es-sigma", type=float, default=0.01, help="ES perturbation scale in raw-parameter space")
     a(
@@ -210,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         es_pairs=args.es_pairs,
         es_sigma=args.es_sigma,
+        vectorize=args.vectorize,
         seed=args.seed,
         dtype=args.dtype,
         save_every=size["save_every"],

@@ -68,9 +68,60 @@ class Task:
         """Fresh copies of the model's initial weights."""
         return {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
-    def loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
-        """``criterion(functional_call(model, params, x), y)``."""
-        return self.criterion(functional_call(self.model, params, (batch[0],)), batch[1])
+    def loss(self, params: dict[str, Tensor], batch: Batch, buffers: dict[str, Tensor] | None = None) -> Tensor:
+        """``criterion(functional_call(model, params, x), y)`` (``buffers`` replace the model's own)."""
+        return self.criterion(functional_call(self.model, {**params, **(buffers or {})}, (batch[0],)), batch[1])
+
+    def buffers(self) -> dict[str, Tensor]:
+        return dict(self.model.named_buffers())
+
+    def signature(self) -> tuple:
+        """What tasks must share to run side by side under ``vmap``: module structure, tensor shapes and
+        dtypes, criterion and batch shapes."""
+        def shapes(tensors):
+            return tuple((n, tuple(t.shape), t.dtype) for n, t in tensors)
+
+        batch = self.train_batch(0)
+        return (repr(self.model), shapes(self.model.named_parameters()), shapes(self.model.named_buffers()),
+                self.criterion, shapes(zip("xy", batch)))
+
+
+@dataclass(frozen=True)
+class TaskStack:
+    """Tasks of one ``signature`` (e.g. one architecture with different weights, data draws or, for the
+    quadratic family, curvatures) whose unrolls run side by side under ``torch.func.vmap``.
+
+    An ``Unroll`` of a stack carries weights and rule state stacked along a leading task dimension
+    (``stack_inner``) and its outer loss is the mean of the tasks' outer losses."""
+
+    tasks: tuple[Task, ...]
+
+    def __post_init__(self) -> None:
+        if not self.tasks or not all(isinstance(t, Task) for t in self.tasks):
+            raise ValueError("tasks must be a non-empty sequence of Task")
+        first = self.tasks[0].signature()
+        for t in self.tasks[1:]:
+            if t.signature() != first:
+                raise ValueError(f"task {t.name!r} differs in structure from {self.tasks[0].name!r}; a TaskStack "
+                                 f"needs one model structure, criterion and batch shape (Task.signature())")
+
+    @property
+    def name(self) -> str:
+        return "+".join(t.name for t in self.tasks)
+
+    def batches(self, heldout: bool, start: int, n: int) -> Batch:
+        """Batches ``start … start + n − 1`` of every task, shaped ``(tasks, n, …)``."""
+        per_task = [[(t.heldout_batch if heldout else t.train_batch)(s) for s in range(start, start + n)]
+                    for t in self.tasks]
+        return tuple(torch.stack([torch.stack([b[i] for b in bs]) for bs in per_task]) for i in range(2))
+
+    def buffers(self) -> dict[str, Tensor]:
+        bufs = [t.buffers() for t in self.tasks]
+        return {k: torch.stack([b[k] for b in bufs]) for k in bufs[0]}
+
+    def init_params(self) -> dict[str, Tensor]:
+        params = [t.init_params() for t in self.tasks]
+        return {k: torch.stack([p[k] for p in params]) for k in params[0]}
 
 
 @functools.lru_cache(maxsize=16)

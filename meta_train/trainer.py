@@ -4,7 +4,9 @@ Each meta-step, every one of ``tasks_per_step`` slots runs one truncation of ``u
 its task, carrying (θ, s) from its previous truncation (TBPTT); a slot draws a new task from the family
 once it has done ``horizon`` inner steps.  The estimates are averaged, clipped to norm ``clip`` and
 applied by ``deepopt.Adam`` (``nonfinite="skip"``); a slot whose loss or meta-gradient is not finite is
-dropped and restarted on a new task.  Everything random derives from ``seed`` (task draws, batches, ES
+dropped and restarted on a new task.  Slots whose tasks share a structure (``Task.signature``: always in the
+quadratic family, by chance among digits MLPs) and an inner step run as one ``TaskStack`` under ``vmap``
+(``vectorize``), the same estimate up to rounding.  Everything random derives from ``seed`` (task draws, batches, ES
 perturbations), so a run resumed from its last checkpoint continues exactly as an uninterrupted one.
 """
 
@@ -25,7 +27,7 @@ from deepopt.checkpoint import atomic_torch_save, save_pretrained, torch_load
 
 from .es import AntitheticES
 from .params import LEARNABLE, MetaParams
-from .tasks import FAMILIES, Task, sample_task
+from .tasks import FAMILIES, Task, TaskStack, sample_task
 from .unroll import OUTER_LOSSES, Backprop, InnerState, Unroll
 
 ESTIMATORS = ("backprop", "es")
@@ -56,6 +58,7 @@ class MetaTrainConfig:
     seed: int = 0
     dtype: str = "float32"
     save_every: int = 25
+    vectorize: bool = True
     learn: list[str] | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
 
@@ -76,6 +79,8 @@ class MetaTrainConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.horizon % self.unroll:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        if not isinstance(self.vectorize, bool):
+            raise TypeError(f"vectorize must be a bool, got {type(self.vectorize).__name__}")
         for name in ("meta_lr", "clip", "es_sigma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -121,23 +126,51 @@ class MetaTrainer:
             slot = self.slots[i] = _Slot(seed, task, InnerState.fresh(task))
         return slot
 
+    def _groups(self) -> list[list[int]]:
+        """Slot indices grouped so that each group runs as one ``TaskStack`` under ``vmap`` (same task
+        signature and inner step; with ``vectorize=False`` every slot is its own group)."""
+        groups: dict[Any, list[int]] = {}
+        for i in range(self.config.tasks_per_step):
+            slot = self._slot(i)
+            key = (slot.task.signature(), slot.inner.step) if self.config.vectorize else i
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def _estimate(self, idx: list[int]) -> tuple[Any, list[InnerState]] | None:
+        """The group's meta-gradient estimate and its slots' new inner states; ``None`` if not finite."""
+        slots = [self.slots[i] for i in idx]
+        if len(idx) == 1:
+            task, inner = slots[0].task, slots[0].inner
+        else:
+            task, inner = TaskStack(tuple(s.task for s in slots)), InnerState.stack([s.inner for s in slots])
+        unroll = Unroll(self.meta, task, self.config.unroll, self.config.outer)
+        est = self.estimator(unroll, inner, key=self._task_seed(idx[0]) + 1)
+        if not (est.loss.isfinite() and all(g.isfinite().all() for g in est.grads.values())):
+            return None
+        return est, [est.inner] if len(idx) == 1 else est.inner.unstack()
+
     def meta_step(self) -> dict[str, float]:
         """One meta-gradient over ``tasks_per_step`` truncations and one (clipped) Adam step."""
         cfg = self.config
         params = dict(self.meta.raw)
         total = {k: torch.zeros_like(p) for k, p in params.items()}
         losses, dropped = [], 0
-        for i in range(cfg.tasks_per_step):
-            slot = self._slot(i)
-            unroll = Unroll(self.meta, slot.task, cfg.unroll, cfg.outer)
-            est = self.estimator(unroll, slot.inner, key=self._task_seed(i) + 1)
-            if not (est.loss.isfinite() and all(g.isfinite().all() for g in est.grads.values())):
-                self.slots[i], dropped = None, dropped + 1
+        pending = self._groups()
+        while pending:
+            idx = pending.pop(0)
+            got = self._estimate(idx)
+            if got is None and len(idx) > 1:  # find the slot(s) at fault one by one
+                pending[:0] = [[i] for i in idx]
                 continue
-            slot.inner = est.inner
-            losses.append(float(est.loss))
+            if got is None:
+                self.slots[idx[0]], dropped = None, dropped + 1
+                continue
+            est, inners = got
+            for i, inner in zip(idx, inners):
+                self.slots[i].inner = inner
+            losses += [float(est.loss)] * len(idx)
             for k, g in est.grads.items():
-                total[k] += g / cfg.tasks_per_step
+                total[k] += g * (len(idx) / cfg.tasks_per_step)
         for k, p in params.items():
             p.grad = total[k]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip))

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value
+from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .params import MetaParams
-from .tasks import Batch, Task
+from .tasks import Batch, Task, TaskStack
 
 OUTER_LOSSES = ("train", "log_train", "heldout")
 Params = dict[str, Tensor]
@@ -43,11 +43,56 @@ class InnerState:
     step: int = 0
 
     @classmethod
-    def fresh(cls, task: Task) -> InnerState:
+    def fresh(cls, task: Task | TaskStack) -> InnerState:
         return cls(task.init_params())
 
     def detached(self) -> InnerState:
         return InnerState(*tree_map(lambda t: t.detach(), (self.params, self.state)), self.step)
+
+    @classmethod
+    def stack(cls, inners: list[InnerState]) -> InnerState:
+        """The inner state of a ``TaskStack`` from its tasks' states (all at the same step)."""
+        if len({i.step for i in inners}) != 1 or len({i.state is None for i in inners}) != 1:
+            raise ValueError("stacked inner states must share their step and all be fresh or all started")
+        def stacked(trees: list[Any]) -> Any:
+            return tree_map(lambda *ts: torch.stack(ts), *trees)
+
+        state = None if inners[0].state is None else stacked([i.state for i in inners])
+        return cls(stacked([i.params for i in inners]), state, inners[0].step)
+
+    def unstack(self) -> list[InnerState]:
+        """The per-task inner states of a stacked one."""
+        n = next(iter(self.params.values())).shape[0]
+        return [InnerState(*tree_map(lambda t, i=i: t[i], (self.params, self.state)), self.step) for i in range(n)]
+
+
+class FlatParams:
+    """Named tensors as one flat vector and back (``split`` returns views, so gradients flow to the vector).
+
+    ``state_shapes``: the rule's state shapes for a 2-element vector; entries shaped ``(2,)`` are
+    per-coordinate and are concatenated too, the others (e.g. Adam's 0-dim step count, equal for tensors
+    that were stepped together) are shared."""
+
+    def __init__(self, like: Params, state_shapes: dict[str, torch.Size]) -> None:
+        self.names = list(like)
+        self.shapes = [like[k].shape for k in self.names]
+        self.sizes = [like[k].numel() for k in self.names]
+        self.per_coordinate = {key for key, shape in state_shapes.items() if shape == (2,)}
+
+    def join(self, tensors: Params) -> Tensor:
+        return torch.cat([tensors[k].reshape(-1) for k in self.names])
+
+    def split(self, flat: Tensor) -> Params:
+        return {k: v.view(s) for k, v, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def join_state(self, state: RuleState) -> dict[str, Tensor]:
+        first = state[self.names[0]]
+        return {key: self.join({k: state[k][key] for k in self.names}) if key in self.per_coordinate else first[key]
+                for key in first}
+
+    def split_state(self, flat_state: dict[str, Tensor]) -> RuleState:
+        parts = {key: self.split(flat_state[key]) for key in self.per_coordinate}
+        return {k: {key: parts[key][k] if key in parts else v for key, v in flat_state.items()} for k in self.names}
 
 
 @dataclass
@@ -55,7 +100,7 @@ class Unroll:
     """``steps`` inner steps of ``meta``'s rule on ``task``; ``outer`` picks the outer loss."""
 
     meta: MetaParams
-    task: Task
+    task: Task | TaskStack
     steps: int
     outer: str = "train"
 
@@ -68,26 +113,64 @@ class Unroll:
     def segment(
         self, hp: dict[str, Any], params: Params, state: RuleState | None, start: int, n: int
     ) -> tuple[Tensor, Params, RuleState]:
-        """Run ``n`` inner steps from step ``start``; returns (sum of outer-loss terms, params, state)."""
-        rule, task = self.meta.rule, self.task
+        """Run ``n`` inner steps from step ``start``; returns (sum of outer-loss terms, params, state).
+
+        A ``TaskStack`` runs its tasks' segments under ``vmap`` (weights and state stacked on dim 0) and
+        sums the mean of their terms."""
+        if not isinstance(self.task, TaskStack):
+            return self._task_segment(self.task, hp, params, state, start, n)
+        stack, task = self.task, self.task.tasks[0]
+        train = stack.batches(False, start, n)
+        heldout = stack.batches(True, start, n) if self.outer == "heldout" else train
+
+        def one(p: Params, s: RuleState | None, tr: Batch, he: Batch, buffers: dict[str, Tensor]):
+            return self._task_segment(task, hp, p, s, start, n, lambda t: (tr[0][t - start], tr[1][t - start]),
+                                      lambda t: (he[0][t - start], he[1][t - start]), buffers)
+
+        in_dims = (0, None if state is None else 0, 0, 0, 0)
+        total, params, state = vmap(one, in_dims=in_dims)(params, state, train, heldout, stack.buffers())
+        return total.mean(), params, state
+
+    def _task_segment(
+        self, task: Task, hp: dict[str, Any], params: Params, state: RuleState | None, start: int, n: int,
+        train: Callable[[int], Batch] | None = None, heldout: Callable[[int], Batch] | None = None,
+        buffers: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Params, RuleState]:
+        """``segment`` on one task; an element-wise rule (``rule.elementwise(hp)``) steps all tensors as one
+        flat vector: one rule call per step instead of one per tensor, the same arithmetic."""
+        rule = self.meta.rule
+        train, heldout = train or task.train_batch, heldout or task.heldout_batch
         if state is None:
             state = {k: rule.init(p, hp) for k, p in params.items()}
+        if len(params) == 1 or not rule.elementwise(hp):
+            return self._steps(hp, params, state, start, n, functools.partial(task.loss, buffers=buffers), train,
+                               heldout)
+        flat = FlatParams(params, rule.state_shapes(torch.zeros(2), hp))
+        total, p, s = self._steps(hp, {"flat": flat.join(params)}, {"flat": flat.join_state(state)}, start, n,
+                                  lambda q, batch: task.loss(flat.split(q["flat"]), batch, buffers), train, heldout)
+        return total, flat.split(p["flat"]), flat.split_state(s["flat"])
+
+    def _steps(self, hp: dict[str, Any], params: Params, state: RuleState, start: int, n: int,
+               loss: Callable[[Params, Batch], Tensor], train: Callable[[int], Batch],
+               heldout: Callable[[int], Batch]) -> tuple[Tensor, Params, RuleState]:
+        rule = self.meta.rule
         total = torch.zeros((), dtype=next(iter(params.values())).dtype)
         for t in range(start, start + n):
-            grads, loss = grad_and_value(task.loss)(params, task.train_batch(t))
+            grads, value = grad_and_value(loss)(params, train(t))
             new_params, new_state = {}, {}
             for k, p in params.items():
                 delta, new_state[k] = rule.update(grads[k], state[k], p, hp)
                 new_params[k] = p + delta
             params, state = new_params, new_state
-            total = total + self.outer_term(loss, functools.partial(task.loss, params), t)
+            total = total + self.outer_term(value, functools.partial(loss, params), t, heldout)
         return total, params, state
 
-    def outer_term(self, train_loss: Tensor, loss_after: Callable[[Batch], Tensor], t: int) -> Tensor:
+    def outer_term(self, train_loss: Tensor, loss_after: Callable[[Batch], Tensor], t: int,
+                   heldout: Callable[[int], Batch] | None = None) -> Tensor:
         """Step t's term of F: ``ℓ_t`` ("train"), ``log ℓ_t`` ("log_train") or, for "heldout", the loss of
-        the updated weights (``loss_after``) on held-out batch t."""
+        the updated weights (``loss_after``) on held-out batch t (``heldout``, default the task's)."""
         if self.outer == "heldout":
-            return loss_after(self.task.heldout_batch(t))
+            return loss_after((heldout or self.task.heldout_batch)(t))
         return train_loss.log() if self.outer == "log_train" else train_loss
 
     def loss(self, raw: dict[str, Tensor], inner: InnerState) -> tuple[Tensor, InnerState]:

@@ -8,7 +8,7 @@ import torch
 
 import deepopt
 from meta_train import AntitheticES, Backprop, InnerState, MetaParams, Unroll, higher_unroll_loss
-from meta_train.tasks import digits_task, mlp_task, quadratic_task
+from meta_train.tasks import TaskStack, digits_task, mlp_task, quadratic_task
 
 F64 = torch.float64
 # Small configurations with a non-trivial inner trajectory (digits seed 1: width 16, tanh, batch 32).
@@ -176,3 +176,45 @@ def test_bad_arguments_raise_clear_errors(task):
         MetaParams("momentum", learn=("eta",))
     with pytest.raises(ValueError, match="unknown rule"):
         MetaParams("lion")
+
+
+def _stack_members(kind: str) -> list:
+    if kind == "quadratic":  # different curvatures (buffers), centres and weights
+        return [quadratic_task(s, dim=6, dtype=F64) for s in range(3)]
+    return [mlp_task(f"m{s}", "digits", (8,), "tanh", 16, seed=s, dtype=F64) for s in range(3)]
+
+
+@pytest.mark.parametrize("kind", ["quadratic", "mlp"])
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_task_stack_under_vmap_equals_the_mean_of_its_tasks(rule, kind):
+    """A TaskStack (vmap over tasks) gives the mean of the per-task meta-gradients, losses and final
+    states, over two TBPTT truncations, with and without segment checkpointing."""
+    meta = MetaParams(rule, dtype=F64, **RULES[rule])
+    tasks = _stack_members(kind)
+    stack = TaskStack(tuple(tasks))
+    singles = [InnerState.fresh(t) for t in tasks]
+    stacked = InnerState.fresh(stack)
+    for estimator in (Backprop(), Backprop(checkpoint_every=2)):
+        ests = [estimator(Unroll(meta, t, 3), inner) for t, inner in zip(tasks, singles)]
+        est = estimator(Unroll(meta, stack, 3), stacked)
+        assert float(est.loss) == pytest.approx(sum(float(e.loss) for e in ests) / 3, rel=1e-12)
+        for k, g in est.grads.items():
+            mean = sum(e.grads[k] for e in ests) / 3
+            torch.testing.assert_close(g, mean, rtol=1e-10, atol=1e-14)
+        for mine, theirs in zip(est.inner.unstack(), ests):
+            assert mine.step == theirs.inner.step
+            for k in theirs.inner.params:
+                torch.testing.assert_close(mine.params[k], theirs.inner.params[k], rtol=1e-12, atol=1e-14)
+        singles, stacked = [e.inner for e in ests], est.inner
+
+
+def test_task_stack_refuses_tasks_of_different_structure():
+    a = mlp_task("a", "digits", (8,), "tanh", 16, seed=0)
+    with pytest.raises(ValueError, match="differs in structure"):
+        TaskStack((a, mlp_task("b", "digits", (8,), "relu", 16, seed=1)))
+    with pytest.raises(ValueError, match="differs in structure"):
+        TaskStack((a, mlp_task("c", "digits", (8,), "tanh", 32, seed=1)))
+    with pytest.raises(ValueError, match="non-empty"):
+        TaskStack(())
+    with pytest.raises(ValueError, match="share their step"):
+        InnerState.stack([InnerState.fresh(a), InnerState(a.init_params(), None, 3)])

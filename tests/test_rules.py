@@ -84,3 +84,32 @@ def test_delta_rule_forgets_along_the_current_key():
 def test_hparams_rejects_unknown_names():
     with pytest.raises(TypeError, match="accepted"):
         RULES["sgd"].hparams(momentum=0.9)
+
+
+ELEMENTWISE_CASES = [("sgd", {}), ("adam", {}), ("momentum", {"nesterov": True}),
+                     ("momentum", {"preconditioner": "adam"}), ("momentum", {"nonlinearity": "newton_schulz"}),
+                     ("delta_momentum", {}), ("deep_momentum", {})]
+
+
+@pytest.mark.parametrize("name,overrides", ELEMENTWISE_CASES)
+def test_elementwise_rules_step_a_concatenation_like_its_parts(name, overrides):
+    """``rule.elementwise(hp)`` is what lets the meta-trainer step all tensors as one flat vector: the
+    update of a concatenation must be the concatenation of the updates (and it must not be for the rest)."""
+    rule = RULES[name]
+    hp = rule.hparams(lr=0.1, **overrides)
+    torch.manual_seed(0)
+    params = [torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)]
+    flat = torch.cat([p.reshape(-1) for p in params])
+    states = [rule.init(p, hp) for p in params]
+    fstate = rule.init(flat, hp)
+    same = True
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        out = [rule.update(g, s, p, hp) for g, s, p in zip(grads, states, params)]
+        fdelta, fstate = rule.update(torch.cat([g.reshape(-1) for g in grads]), fstate, flat, hp)
+        joined = torch.cat([d.reshape(-1) for d, _ in out])
+        same = same and torch.allclose(fdelta, joined, rtol=1e-12, atol=1e-15)
+        params = [p + d for p, (d, _) in zip(params, out)]
+        states = [s for _, s in out]
+        flat = flat + fdelta
+    assert same == rule.elementwise(hp)

@@ -48,4 +48,4 @@ def validate(hp: Hparams) -> None:
     check_bool("decoupled_weight_decay", hp["decoupled_weight_decay"])
 
 
-adam = Rule("adam", DEFAULTS, init, update, validate, doc=__doc__)
+adam = Rule("adam", DEFAULTS, init, update, validate, doc=__doc__, elementwise=lambda hp: True)

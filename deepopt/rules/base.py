@@ -83,6 +83,9 @@ class Rule:
     update: Callable[[Tensor, State, Tensor, Hparams], tuple[Tensor, State]]
     validate: Callable[[Hparams], None]
     doc: str = field(default="", compare=False)
+    # True when, under ``hp``, each coordinate's update depends on that coordinate alone (so the rule
+    # may run on several tensors concatenated into one; its scalar state entries are shared)
+    elementwise: Callable[[Hparams], bool] = field(default=lambda hp: False, compare=False)
 
     def hparams(self, **overrides: Any) -> dict[str, Any]:
         """The defaults updated by ``overrides``, validated; unknown names raise ``TypeError``."""

@@ -40,4 +40,6 @@ def validate(hp: Hparams) -> None:
         raise ValueError("nesterov=True requires momentum in (0, 1), got momentum=0")
 
 
-momentum = Rule("momentum", DEFAULTS, init, update, validate, doc=__doc__)
+momentum = Rule(
+    "momentum", DEFAULTS, init, update, validate, doc=__doc__, elementwise=lambda hp: hp["nonlinearity"] is None
+)

@@ -28,4 +28,4 @@ def validate(hp: Hparams) -> None:
     check_range("weight_decay", hp["weight_decay"], 0.0)
 
 
-sgd = Rule("sgd", DEFAULTS, init, update, validate, doc=__doc__)
+sgd = Rule("sgd", DEFAULTS, init, update, validate, doc=__doc__, elementwise=lambda hp: True)
