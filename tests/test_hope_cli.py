@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -58,6 +59,9 @@ def test_train_smoke_writes_report_metrics_plot_and_model_that_eval_reads(tmp_pa
     assert len(rows) == report["steps"] == 6
     assert float(rows[-1]["val_loss"]) < float(rows[2]["val_loss"]) + 0.5  # finite and sane
     assert report["n_params"] > 0 and report["val_ppl"] == pytest.approx(torch.tensor(report["val_loss"]).exp().item())
+    assert report["tokenizer"] == "bytes" and report["vocab_size"] == 256 and report["val_bytes_per_token"] == 1
+    assert report["val_bits_per_byte"] == pytest.approx(report["val_loss"] / math.log(2))
+    assert not (out / "tokenizer.json").exists()  # a run without one is a byte run
     assert hope("eval", "--smoke", "--checkpoint", out, "--out", tmp_path / "ev") == 0
     ev = json.loads((tmp_path / "ev" / "report.json").read_text())["results"]
     assert set(ev) == {"code", "prose"} and all(r["val_ppl"] > 1 for r in ev.values())
@@ -145,3 +149,47 @@ def test_niah_smoke_reports_accuracy_per_context(tmp_path):
     rows = read_csv(tmp_path / "results.csv")
     assert [int(r["context"]) for r in rows] == [112, 160]
     assert all(0 <= float(r["digit_accuracy"]) <= 1 for r in rows)
+
+
+def test_bpe_train_records_its_tokenizer_and_eval_uses_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert hope("train", "--smoke", "--tokenizer", "bpe", "--vocab-size", "300", "--out", out) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["tokenizer"] == "bpe" and report["vocab_size"] == report["config"]["vocab_size"] == 300
+    assert json.loads((out / "model_config.json").read_text())["vocab_size"] == 300
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    bpt = report["val_bytes_per_token"]
+    assert 1 < bpt < 4 and report["val_bits_per_byte"] == pytest.approx(report["val_loss"] / math.log(2) / bpt)
+    assert report["val_ppl_per_byte"] == pytest.approx(math.exp(report["val_loss"] / bpt))
+    assert hope("eval", "--smoke", "--checkpoint", out, "--out", tmp_path / "ev") == 0
+    ev = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert ev["tokenizer"] == "bpe" and ev["vocab_size"] == 300
+    code = ev["results"]["code"]  # the same model, tokenizer and validation windows as the run's last validation
+    assert code["val_loss"] == pytest.approx(report["val_loss"], rel=1e-5)
+    assert code["bits_per_byte"] == pytest.approx(report["val_bits_per_byte"], rel=1e-5)
+    rejected(capsys, r"options differ.*tokenizer", "train", "--smoke", "--out", out, "--resume")
+    assert hope("train", "--smoke", "--tokenizer", "bpe", "--vocab-size", "300", "--out", out, "--resume") == 0
+
+
+def test_bpe_options_are_rejected_clearly(tmp_path, capsys, monkeypatch):
+    rejected(capsys, "--vocab-size applies to --tokenizer bpe only", "train", "--smoke", "--out", tmp_path,
+             "--vocab-size", "300")
+    rejected(capsys, r"--vocab-size must be in \[257, 65536\]", "train", "--smoke", "--out", tmp_path,
+             "--tokenizer", "bpe", "--vocab-size", "256")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if `tokenizers` were not installed
+    rejected(capsys, r'--tokenizer bpe: .*pip install "deepopt\[bpe\]"', "niah", "--smoke", "--out", tmp_path,
+             "--tokenizer", "bpe")
+    assert not any(tmp_path.iterdir())
+
+
+def test_continual_and_niah_run_with_bpe(tmp_path):
+    bpe = ("--smoke", "--steps", "2", "--tokenizer", "bpe", "--vocab-size", "300")
+    assert hope("continual", *bpe, "--models", "hope", "--out", tmp_path / "c") == 0
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["tokenizer"] == "bpe" and report["vocab_size"] == 300
+    row = read_csv(tmp_path / "c" / "results.csv")[0]
+    assert float(row["bpb_a_after_b"]) > 0 and float(row["ppl_a_after_b"]) > 1
+    assert hope("niah", *bpe, "--models", "hope", "--out", tmp_path / "n") == 0
+    report = json.loads((tmp_path / "n" / "report.json").read_text())
+    assert report["tokenizer"] == "bpe" and report["chance_digit_accuracy"] is None
+    assert all(0 <= float(r["digit_accuracy"]) <= 1 for r in read_csv(tmp_path / "n" / "results.csv"))

@@ -7,33 +7,176 @@ Domains (no download):
     files      a user's own text files (``--data PATH...``).
 
 A document goes to validation when ``crc32(name) % 10 == 0`` (≈10%), so the split depends on nothing
-but the document's name.  Tokens are bytes (vocabulary 256); the tokenized corpus is cached as
-safetensors under ``$DEEPOPT_CACHE`` (default ``~/.cache/deepopt``).
+but the document's name.  Tokens are bytes (vocabulary 256) by default, or a byte-level BPE trained on
+the training split only (needs the optional ``tokenizers`` package).  Tokenized corpora and trained
+tokenizers (JSON) are cached under ``$DEEPOPT_CACHE`` (default ``~/.cache/deepopt``).
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import sysconfig
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from deepopt.checkpoint import atomic_save_tensors, load_tensors
+from deepopt.checkpoint import atomic_save_tensors, atomic_write, load_tensors
 
 DOMAINS = ("code", "prose")
 VOCAB_SIZE = 256
 SEPARATOR = b"\n\n"
+TOKENIZERS = ("bytes", "bpe")
+BPE_VOCAB_RANGE = (VOCAB_SIZE + 1, 65536)  # the 256 byte tokens + at least one merge
+DEFAULT_BPE_VOCAB = 4096
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DEEPOPT_CACHE", Path.home() / ".cache" / "deepopt"))
+
+
+def require_tokenizers() -> ModuleType:
+    """The ``tokenizers`` package, or an ``ImportError`` saying how to install it."""
+    try:
+        import tokenizers
+    except ImportError as err:
+        raise ImportError('the BPE tokenizer needs the `tokenizers` package: pip install "deepopt[bpe]"') from err
+    return tokenizers
+
+
+class Tokenizer(ABC):
+    """Text ↔ 1-D ``int64`` token ids in ``[0, vocab_size)``."""
+
+    kind: str
+    vocab_size: int
+    cache_tag: str  # names the tokenized streams in the cache ("" for bytes: the historical file names)
+
+    @abstractmethod
+    def encode_bytes(self, raw: bytes) -> Tensor:
+        """The tokens of UTF-8 text given as bytes."""
+
+    @abstractmethod
+    def decode(self, tokens: Tensor) -> str:
+        """The text of ``tokens`` (invalid UTF-8, e.g. a window cut inside a character, becomes U+FFFD)."""
+
+    @abstractmethod
+    def token_bytes(self) -> Tensor:
+        """The length in bytes of every token, indexed by id (``int64``, ``vocab_size`` entries)."""
+
+    def encode(self, text: str) -> Tensor:
+        """The tokens of ``text``."""
+        return self.encode_bytes(text.encode())
+
+    def n_bytes(self, tokens: Tensor) -> int:
+        """How many bytes of text ``tokens`` stand for."""
+        return int(self.token_bytes()[tokens].sum())
+
+
+class ByteTokenizer(Tokenizer):
+    """One token per byte (vocabulary 256)."""
+
+    kind, vocab_size, cache_tag = "bytes", VOCAB_SIZE, ""
+
+    def encode_bytes(self, raw: bytes) -> Tensor:
+        if not raw:
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
+
+    def decode(self, tokens: Tensor) -> str:
+        return bytes(tokens.to(torch.uint8).tolist()).decode(errors="replace")
+
+    def token_bytes(self) -> Tensor:
+        return torch.ones(VOCAB_SIZE, dtype=torch.int64)
+
+
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE (``tokenizers``): ByteLevel pre-tokenizer and decoder, so any text round-trips.
+
+    Input bytes that are not UTF-8 are read as U+FFFD.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        self._json = tokenizer.to_str()
+        self.cache_tag = f"-bpe{self.vocab_size}-{hashlib.sha256(self._json.encode()).hexdigest()[:16]}"
+        # ByteLevel spells every byte as one character, so a token's length is its number of bytes.
+        self._token_bytes = torch.tensor([len(tokenizer.id_to_token(i)) for i in range(self.vocab_size)])
+
+    @classmethod
+    def train(cls, text: bytes, vocab_size: int = DEFAULT_BPE_VOCAB) -> BPETokenizer:
+        """Train on ``text`` (deterministic: the same text gives the same JSON, whatever the thread count)."""
+        check_vocab_size(vocab_size)
+        tk = require_tokenizers()
+        tok = tk.Tokenizer(tk.models.BPE())
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator([text.decode(errors="replace")], trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        """A tokenizer saved by ``to_json`` (``tokenizers``' JSON format; nothing is unpickled)."""
+        spec = json.loads(text)
+        kinds = ((spec.get("model") or {}).get("type"), (spec.get("pre_tokenizer") or {}).get("type"))
+        if kinds != ("BPE", "ByteLevel"):
+            raise ValueError(f"tokenizer JSON must hold a BPE model with a ByteLevel pre-tokenizer, got {kinds}")
+        return cls(require_tokenizers().Tokenizer.from_str(text))
+
+    def to_json(self) -> str:
+        return self._json
+
+    def encode_bytes(self, raw: bytes) -> Tensor:
+        return torch.tensor(self._tok.encode(raw.decode(errors="replace")).ids, dtype=torch.int64)
+
+    def decode(self, tokens: Tensor) -> str:
+        return self._tok.decode(tokens.tolist())
+
+    def token_bytes(self) -> Tensor:
+        return self._token_bytes
+
+
+BYTES = ByteTokenizer()
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """A ``ValueError`` unless ``vocab_size`` is an int in ``BPE_VOCAB_RANGE``."""
+    lo, hi = BPE_VOCAB_RANGE
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not lo <= vocab_size <= hi:
+        raise ValueError(f"vocab_size must be an int in [{lo}, {hi}] (256 byte tokens + merges), got {vocab_size!r}")
+
+
+def save_tokenizer(tokenizer: Tokenizer, folder: str | os.PathLike) -> None:
+    """Write a BPE tokenizer as ``folder/tokenizer.json`` (atomically); for bytes, make sure there is none."""
+    file = Path(folder) / TOKENIZER_FILE
+    if isinstance(tokenizer, BPETokenizer):
+        _write_text(file, tokenizer.to_json())
+    else:
+        file.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a run folder: its ``tokenizer.json``, or bytes when it has none."""
+    file = Path(folder) / TOKENIZER_FILE
+    return BPETokenizer.from_json(file.read_text()) if file.is_file() else BYTES
 
 
 def _stdlib_files() -> list[Path]:
@@ -85,14 +228,20 @@ def is_validation(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Corpus:
-    """A domain's train and validation token streams (1-D ``int64``)."""
+    """A domain's train and validation token streams (1-D ``int64``) and the tokenizer that made them."""
 
     name: str
     train: Tensor
     val: Tensor
+    tokenizer: Tokenizer = BYTES
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary size for this corpus."""
+        return self.tokenizer.vocab_size
 
 
-def _build(docs: Iterable[tuple[str, bytes]], max_bytes: int | None) -> tuple[Tensor, Tensor]:
+def _build(docs: Iterable[tuple[str, bytes]], max_bytes: int | None) -> tuple[bytes, bytes]:
     parts: dict[bool, list[bytes]] = {True: [], False: []}
     sizes = {True: 0, False: 0}
     for name, text in docs:
@@ -104,49 +253,77 @@ def _build(docs: Iterable[tuple[str, bytes]], max_bytes: int | None) -> tuple[Te
             continue
         parts[split].append(text)
         sizes[split] += len(text) + len(SEPARATOR)
-    train, val = (torch.frombuffer(bytearray(SEPARATOR.join(parts[s])), dtype=torch.uint8) for s in (False, True))
+    train, val = SEPARATOR.join(parts[False]), SEPARATOR.join(parts[True])
     if max_bytes is not None:
         train, val = train[:max_bytes], val[: max(max_bytes // 10, 1)]
-    return train.to(torch.int64), val.to(torch.int64)
+    return train, val
 
 
 def load_corpus(domain: str = "code", paths: Iterable[str | os.PathLike] | None = None,
-                max_bytes: int | None = 4_000_000, cache: bool = True) -> Corpus:
-    """The byte-token corpus of ``domain`` (``"code"``/``"prose"``) or of the text files ``paths``.
+                max_bytes: int | None = 4_000_000, cache: bool = True, tokenizer: str | Tokenizer = "bytes",
+                vocab_size: int = DEFAULT_BPE_VOCAB) -> Corpus:
+    """The token corpus of ``domain`` (``"code"``/``"prose"``) or of the text files ``paths``.
 
     ``max_bytes`` caps the training stream (validation gets a tenth), taking documents in sorted order.
+    ``tokenizer``: ``"bytes"``; ``"bpe"``, a byte-level BPE of ``vocab_size`` tokens trained on this
+    corpus's training split only; or a ``Tokenizer`` to encode with (e.g. ``load_tokenizer(run)``).
+    Domains are cached (streams as safetensors, BPE as JSON); files too with BPE, keyed by their content.
     """
+    if isinstance(tokenizer, str):
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS} or a Tokenizer, got {tokenizer!r}")
+        if tokenizer == "bpe":
+            check_vocab_size(vocab_size)
+            require_tokenizers()
+    elif not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"tokenizer must be one of {TOKENIZERS} or a Tokenizer, got {type(tokenizer).__name__}")
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be None or >= 1, got {max_bytes}")
     if paths:
-        paths = [str(p) for p in paths]
-        docs: Iterable[tuple[str, bytes]] = _file_docs(paths)
-        key = "files-" + hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
-        name = "files"
+        docs: Iterable[tuple[str, bytes]] = list(_file_docs(paths))
+        digest = hashlib.sha256()
+        for doc_name, text in docs:
+            digest.update(hashlib.sha256(doc_name.encode()).digest() + hashlib.sha256(text).digest())
+        key, name = "files-" + digest.hexdigest()[:16], "files"
     else:
         if domain not in DOMAINS:
             raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
         docs = _code_docs() if domain == "code" else _prose_docs()
         key, name = domain, domain
-    if max_bytes is not None and max_bytes < 1:
-        raise ValueError(f"max_bytes must be None or >= 1, got {max_bytes}")
-    file = cache_dir() / "hope" / f"{key}-{max_bytes}.safetensors"
-    if cache and not paths and file.is_file():
-        t = load_tensors(file)
-        return Corpus(name, t["train"], t["val"])
-    train, val = _build(docs, max_bytes)
-    if train.numel() < 2 or val.numel() < 2:
-        raise ValueError(f"corpus {name!r} is too small to split: {train.numel()} train, {val.numel()} val tokens "
-                         f"(validation takes documents with crc32(name) % 10 == 0; pass more files)")
-    if cache and not paths:
-        atomic_save_tensors({"train": train, "val": val}, file)
-    return Corpus(name, train, val)
+    kind = tokenizer if isinstance(tokenizer, str) else tokenizer.kind
+    cached = cache and not (paths and kind == "bytes")  # byte tokens of files are cheap to rebuild
+    folder, stem = cache_dir() / "hope", f"{key}-{max_bytes}"
+    bpe_file = folder / f"{stem}-bpe{vocab_size}.tokenizer.json"
+    streams = lambda t: folder / f"{stem}{t.cache_tag}.safetensors"
+    if isinstance(tokenizer, Tokenizer):
+        tok: Tokenizer | None = tokenizer
+    elif tokenizer == "bytes":
+        tok = BYTES
+    else:  # "bpe": the cached one, or None: trained below
+        tok = BPETokenizer.from_json(bpe_file.read_text()) if cached and bpe_file.is_file() else None
+    if tok is not None and cached and streams(tok).is_file():
+        t = load_tensors(streams(tok))
+        return Corpus(name, t["train"], t["val"], tok)
+    train_bytes, val_bytes = _build(docs, max_bytes)
+    if len(train_bytes) < 2 or len(val_bytes) < 2:
+        raise ValueError(f"corpus {name!r} is too small to split: {len(train_bytes)} train, {len(val_bytes)} val "
+                         f"bytes (validation takes documents with crc32(name) % 10 == 0; pass more files)")
+    if tok is None:
+        tok = BPETokenizer.train(train_bytes, vocab_size)  # the training split only, never validation
+        if cached:
+            _write_text(bpe_file, tok.to_json())
+    train, val = tok.encode_bytes(train_bytes), tok.encode_bytes(val_bytes)
+    if cached:
+        atomic_save_tensors({"train": train, "val": val}, streams(tok))
+    return Corpus(name, train, val, tok)
 
 
-def encode(text: str) -> Tensor:
-    return torch.tensor(list(text.encode()), dtype=torch.int64)
+def encode(text: str, tokenizer: Tokenizer = BYTES) -> Tensor:
+    return tokenizer.encode(text)
 
 
-def decode(tokens: Tensor) -> str:
-    return bytes(tokens.to(torch.uint8).tolist()).decode(errors="replace")
+def decode(tokens: Tensor, tokenizer: Tokenizer = BYTES) -> str:
+    return tokenizer.decode(tokens)
 
 
 def train_batch(stream: Tensor, batch_size: int, context: int, seed: int, step: int) -> tuple[Tensor, Tensor]:
@@ -176,19 +353,26 @@ def val_batches(stream: Tensor, batch_size: int, context: int, n_batches: int) -
 PASSKEY_DIGITS = 5
 
 
-def passkey_batch(filler: Tensor, batch_size: int, length: int, seed: int, step: int) -> tuple[Tensor, Tensor]:
+def passkey_batch(filler: Tensor, batch_size: int, length: int, seed: int, step: int,
+                  tokenizer: Tokenizer = BYTES) -> tuple[Tensor, Tensor]:
     """Passkey retrieval: filler text with ``"The pass key is K. Remember it. K is the pass key."`` at a
     random depth, ending in ``"What is the pass key? The pass key is K"`` (K: 5 random digits).
 
     Returns ``(x, y)`` of ``length`` tokens; ``y`` is −100 (ignored by ``cross_entropy``) except on the
-    answer's digits, so loss and accuracy score retrieval only.  A pure function of ``(seed, step)``.
+    answer's tokens, so loss and accuracy score retrieval only.  The answer is the question's tokens after
+    those it shares with ``"... The pass key is "``: the 5 digits with bytes, with BPE the tokens that
+    spell ``" K"`` (their number varies with K).  A pure function of ``(seed, step)``.
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 7)
+    stem = " What is the pass key? The pass key is "
+    stem_tokens = tokenizer.encode(stem)
     xs, ys = [], []
     for _ in range(batch_size):
         key = "".join(str(int(d)) for d in torch.randint(0, 10, (PASSKEY_DIGITS,), generator=gen))
-        needle = encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
-        question = encode(f" What is the pass key? The pass key is {key}")
+        needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+        question = tokenizer.encode(stem + key)
+        shared = min(question.numel(), stem_tokens.numel())
+        shared = int((question[:shared] == stem_tokens[:shared]).long().cumprod(0).sum())
         n_fill = length + 1 - needle.numel() - question.numel()
         if n_fill < 0:
             raise ValueError(f"passkey length must be >= {needle.numel() + question.numel() - 1}, got {length}")
@@ -197,7 +381,8 @@ def passkey_batch(filler: Tensor, batch_size: int, length: int, seed: int, step:
         fill = filler[start:start + n_fill]
         seq = torch.cat([fill[:depth], needle, fill[depth:], question])
         y = torch.full((length,), -100, dtype=torch.int64)
-        y[-PASSKEY_DIGITS:] = seq[-PASSKEY_DIGITS:]
+        n_answer = question.numel() - shared
+        y[-n_answer:] = seq[-n_answer:]
         xs.append(seq[:-1])
         ys.append(y)
     return torch.stack(xs), torch.stack(ys)
