@@ -134,6 +134,28 @@ def test_two_process_ddp_matches_single_process_on_the_same_global_batch(tmp_pat
     assert la == pytest.approx(lb, abs=1e-12)
 
 
+@pytest.mark.parametrize("command,extra,keys", [
+    ("continual", ("--models", "hope"), ("ppl_a_after_a", "ppl_b_after_a", "ppl_a_after_b", "ppl_b_after_b")),
+    ("niah", ("--models", "hope", "--eval-contexts", "112"), ("digit_accuracy", "exact_accuracy")),
+])
+def test_continual_and_niah_under_two_process_ddp_match_single_process(tmp_path, command, extra, keys):
+    common = ("--smoke", "--steps", "2", "--dtype", "float64", "--batch-size", "4", *extra)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert hope(command, *common, "--out", single) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "deepopt.cli", "hope", command, *common, "--out", str(ddp), "--no-progress", "--threads", "1"]
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((ddp / "report.json").read_text())["world_size"] == 2
+    for a, b in zip(read_csv(single / "results.csv"), read_csv(ddp / "results.csv"), strict=True):
+        for k in keys:
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-9), k
+    # the trainers really split the global batch across the two processes
+    odd = [c if c != "4" else "3" for c in cmd]
+    res = subprocess.run(odd, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert res.returncode != 0 and "divisible by the world size 2" in res.stderr
+
+
 def test_continual_smoke_reports_forgetting_for_both_models(tmp_path):
     assert hope("continual", "--smoke", "--steps", "3", "--out", tmp_path) == 0
     report = json.loads((tmp_path / "report.json").read_text())

@@ -271,9 +271,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             "val_loss": last_val.get("val_loss"), "val_ppl": last_val.get("val_ppl"), **per_byte,
             "wall_s_this_process": time.perf_counter() - t0, "args": identity,
         }, out / "report.json")
+    _leave(d)
+    return 0
+
+
+def _leave(d: Dist) -> None:
+    """Leave the torchrun process group (if any) once the command's work is done."""
     if d.world > 1:
         torch.distributed.destroy_process_group()
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -306,7 +311,8 @@ def cmd_continual(args: argparse.Namespace) -> int:
     args = _resolve(args)
     if args.domain_a == args.domain_b:
         raise ValueError(f"--domain-a and --domain-b must differ, both are {args.domain_a!r}")
-    device = resolve_device(args.device, Dist())
+    d = init_distributed(args.device)  # under torchrun each model trains with DDP on the same global batches
+    device = resolve_device(args.device, d)
     first = _corpus(args, args.domain_a)  # a BPE is trained on domain A and kept for B
     corpora = {args.domain_a: first, args.domain_b: _corpus(args, args.domain_b, tokenizer=first.tokenizer)}
     rows, curves, steps = [], {}, args.steps
@@ -320,7 +326,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
     for variant in args.models:
         for seed in args.seeds:
             model = _build(args, variant, seed, device, first.vocab_size)
-            trainer = _trainer(args, model, 2 * steps, Dist())
+            trainer = _trainer(args, model, 2 * steps, d)
             metrics = Metrics()
             for phase, dom in enumerate((args.domain_a, args.domain_b)):
                 fit(trainer, corpora[dom].train, batch_size=args.batch_size, context=args.context,
@@ -339,16 +345,18 @@ def cmd_continual(args: argparse.Namespace) -> int:
                          "bpb_a_after_b": bits_per_byte(args.domain_a, nll_a_b),
                          "bpb_b_after_b": bits_per_byte(args.domain_b, nll_b_b)})
             curves[f"{variant} s{seed}"] = [(r["step"], r["train_loss"]) for r in metrics.rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "results.csv", rows)
-    write_csv(args.out / "metrics.csv", [{"run": k, "step": s, "train_loss": v} for k, pts in curves.items()
-                                         for s, v in pts])
-    plot_curves(args.out / "loss.png", f"{args.domain_a} then {args.domain_b} (switch at step {steps})", curves)
-    atomic_save_json({"command": "continual", "domain_a": args.domain_a, "domain_b": args.domain_b,
-                      "tokenizer": first.tokenizer.kind, "vocab_size": first.vocab_size,
-                      "steps_per_domain": steps, "summary": _summary(rows, ("forgetting_a", "forgetting_a_ratio",
-                                                                            "ppl_a_after_a", "ppl_b_after_b")),
-                      "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
+    if d.main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_csv(args.out / "results.csv", rows)
+        write_csv(args.out / "metrics.csv", [{"run": k, "step": s, "train_loss": v} for k, pts in curves.items()
+                                             for s, v in pts])
+        plot_curves(args.out / "loss.png", f"{args.domain_a} then {args.domain_b} (switch at step {steps})", curves)
+        summary = _summary(rows, ("forgetting_a", "forgetting_a_ratio", "ppl_a_after_a", "ppl_b_after_b"))
+        atomic_save_json({"command": "continual", "domain_a": args.domain_a, "domain_b": args.domain_b,
+                          "tokenizer": first.tokenizer.kind, "vocab_size": first.vocab_size,
+                          "steps_per_domain": steps, "world_size": d.world, "summary": summary,
+                          "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
+    _leave(d)
     return 0
 
 
@@ -356,13 +364,14 @@ def cmd_niah(args: argparse.Namespace) -> int:
     args = _resolve(args)
     contexts = args.eval_contexts or ([112, 160] if args.smoke else [128, 256, 512, 1024])
     samples = args.eval_samples or (4 if args.smoke else 64)
-    device = resolve_device(args.device, Dist())
+    d = init_distributed(args.device)
+    device = resolve_device(args.device, d)
     filler = _corpus(args, "prose")
     rows, curves = [], {}
     for variant in args.models:
         for seed in args.seeds:
             model = _build(args, variant, seed, device, filler.vocab_size)
-            trainer = _trainer(args, model, args.steps, Dist())
+            trainer = _trainer(args, model, args.steps, d)
             batch = _passkey_batches(filler.train, args.batch_size, args.context, seed, filler.tokenizer)
             metrics = fit_batches(trainer, batch, args.steps, args.progress, f"niah {variant} seed {seed}")
             curves[f"{variant} s{seed}"] = [(r["step"], r["train_loss"]) for r in metrics.rows]
@@ -371,16 +380,18 @@ def cmd_niah(args: argparse.Namespace) -> int:
                                                 filler.tokenizer)
                 rows.append({"model": variant, "seed": seed, "train_context": args.context, "context": ctx,
                              "digit_accuracy": digit, "exact_accuracy": exact, "samples": samples})
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "results.csv", rows)
-    plot_curves(args.out / "loss.png", "passkey training (answer-digit loss)", curves)
-    summary = {f"{m} @ {c}": _summary([r for r in rows if r["model"] == m and r["context"] == c],
-                                      ("digit_accuracy", "exact_accuracy"))
-               for m in args.models for c in contexts}
-    bpe = filler.tokenizer.kind == "bpe"  # scores the tokens of " <key>": no per-token chance level
-    atomic_save_json({"command": "niah", "contexts": contexts, "chance_digit_accuracy": None if bpe else 0.1,
-                      "tokenizer": filler.tokenizer.kind, "vocab_size": filler.vocab_size, "summary": summary,
-                      "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
+    if d.main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_csv(args.out / "results.csv", rows)
+        plot_curves(args.out / "loss.png", "passkey training (answer-digit loss)", curves)
+        summary = {f"{m} @ {c}": _summary([r for r in rows if r["model"] == m and r["context"] == c],
+                                          ("digit_accuracy", "exact_accuracy"))
+                   for m in args.models for c in contexts}
+        bpe = filler.tokenizer.kind == "bpe"  # scores the tokens of " <key>": no per-token chance level
+        atomic_save_json({"command": "niah", "contexts": contexts, "chance_digit_accuracy": None if bpe else 0.1,
+                          "tokenizer": filler.tokenizer.kind, "vocab_size": filler.vocab_size, "world_size": d.world,
+                          "summary": summary, "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
+    _leave(d)
     return 0
 
 

@@ -210,6 +210,10 @@ class SelfModifyingTitans(nn.Module):
         self.w_alpha = nn.Parameter(torch.zeros(H, self.dh))
         self.b_alpha = nn.Parameter(torch.full((H,), cfg.alpha_bias))
         self.rule, self.hp, self.kappa = affine_rule(cfg.inner_rule, cfg.inner_hparams)
+        # does the rule move W without a gradient (momentum carried across chunks, weight decay)?
+        probe = torch.ones(2, 2, device="cpu")
+        self.drifts = bool(self.rule.init(probe, self.hp)) or bool(
+            self.rule.update(torch.zeros_like(probe), {}, probe, self.hp)[0].any())
 
     # -- pieces shared by both paths ------------------------------------------------------------------
     def _initial_state(self, batch: int) -> tuple[Tensor, Tensor]:
@@ -220,13 +224,18 @@ class SelfModifyingTitans(nn.Module):
     def _factors(self, w1: Tensor, w2: Tensor, u: Tensor) -> dict[str, Tensor]:
         """Everything a chunk needs from its start state ``(w1, w2)`` and inputs ``u`` (B, H, C, dh)."""
         act = self.cfg.activation
-        r1, r2 = (w1[:, :, :4], w2[:, :, :4]) if self.cfg.self_modifying else (self.W1[:, :4], self.W2[:, :4])
-        r = apply_memory(r1, r2, u[:, :, None], act)  # (B, H, 4, C, dh)
-        k = F.normalize(r[:, :, 0], dim=-1)
-        v = r[:, :, 1]
-        eta_logit = (r[:, :, 2] * self.w_eta[:, None]).sum(-1) + self.b_eta[:, None]
-        eta = self.cfg.eta_max / self.cfg.chunk_size * torch.sigmoid(eta_logit)
-        log_alpha = F.logsigmoid((r[:, :, 3] * self.w_alpha[:, None]).sum(-1) + self.b_alpha[:, None])
+        if self.cfg.self_modifying:
+            r1, r2 = w1[:, :, :4], w2[:, :, :4]
+        else:
+            r1, r2 = self.W1[None, :, :4], self.W2[None, :, :4]
+        hid = ACTIVATIONS[act][0](u[:, :, None] @ r2.mT)  # (B, H, 4, C, hid)
+        kv = u[:, :, None] + hid[:, :, :2] @ r1[:, :, :2].mT
+        k, v = F.normalize(kv[:, :, 0], dim=-1), kv[:, :, 1]
+        # η and α read only w·M(u) = w·u + (W₁ᵀw)·σ(W₂u): no d-wide output for their memories
+        w = torch.stack([self.w_eta, self.w_alpha], dim=1)  # (H, 2, dh)
+        logits = u @ w.mT + (hid[:, :, 2:] @ (r1[:, :, 2:].mT @ w[..., None])).squeeze(-1).transpose(-1, -2)
+        eta = self.cfg.eta_max / self.cfg.chunk_size * torch.sigmoid(logits[..., 0] + self.b_eta[:, None])
+        log_alpha = F.logsigmoid(logits[..., 1] + self.b_alpha[:, None])
         values = F.normalize(apply_memory(w1, w2, v[:, :, None], act) if self.cfg.self_modifying else v[:, :, None],
                              dim=-1)
         err, z, h, g2, _ = memory_factors(w1, w2, k[:, :, None], values, act)
@@ -274,12 +283,17 @@ class SelfModifyingTitans(nn.Module):
         A = L.exp()
         # output memory read at every token's state (linear-attention form of W_t = A_t W_c + δ(0) + κ G_t)
         w1m, w2m = w[0][:, :, -1], w[1][:, :, -1]
-        zero_st = tuple({n: s[:, :, -1] for n, s in si.items()} for si in st)
-        d1, d2 = (self.rule.update(torch.zeros_like(wi), si, wi, self.hp)[0] for wi, si in zip((w1m, w2m), zero_st))
         k, err, h, u2 = f["k"], f["err"][:, :, -1], f["h"][:, :, -1], f["u2"][:, :, -1]
-        zq = A[..., None] * (q @ w2m.mT) + q @ d2.mT + self.kappa * ((wts * (q @ k.mT)) @ u2)
+        zq = A[..., None] * (q @ w2m.mT) + self.kappa * ((wts * (q @ k.mT)) @ u2)
+        if self.drifts:  # + the rule's gradient-free move δ(0)
+            zero_st = tuple({n: s[:, :, -1] for n, s in si.items()} for si in st)
+            d1, d2 = (self.rule.update(torch.zeros_like(wi), si, wi, self.hp)[0]
+                      for wi, si in zip((w1m, w2m), zero_st))
+            zq = zq + q @ d2.mT
         hq = act(zq)
-        y = q + A[..., None] * (hq @ w1m.mT) + hq @ d1.mT + self.kappa * ((wts * (hq @ h.mT)) @ err)
+        y = q + A[..., None] * (hq @ w1m.mT) + self.kappa * ((wts * (hq @ h.mT)) @ err)
+        if self.drifts:
+            y = y + hq @ d1.mT
         last = wts[..., -1, :, None, None].transpose(2, 3)  # (B, H, 1, C, 1)
         g1 = (last * f["err"]).mT @ f["h"]
         g2 = (last * f["u2"]).mT @ k[:, :, None]
