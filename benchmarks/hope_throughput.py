@@ -3,6 +3,7 @@
     python benchmarks/hope_throughput.py                       # CPU, size small, contexts 512 and 2048
     python benchmarks/hope_throughput.py --device cuda
     python benchmarks/hope_throughput.py --smoke               # seconds, for CI
+    python benchmarks/hope_throughput.py --compile             # both models under torch.compile
 
 A step is forward + backward + AdamW on ``--tokens`` tokens (batch = tokens / context).  Tokens/s is the
 median over ``--steps`` timed steps after ``--warmup`` untimed ones.  Peak memory: on CUDA
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from deepopt.checkpoint import atomic_save_json
-from deepopt.hope.model import LanguageModel, n_params
+from deepopt.hope.model import LanguageModel, compile_model, n_params
 from deepopt.hope.train import model_config, write_csv
 
 MODELS = ("hope", "transformer")
@@ -38,11 +39,13 @@ def _proc_kib(field: str) -> int:
 
 
 def measure(model_name: str, size: str, context: int, tokens: int, steps: int, warmup: int,
-            device: str) -> dict[str, float]:
+            device: str, compile: bool = False) -> dict[str, float]:
     """Tokens/s and peak memory (MiB) of ``steps`` training steps of one model."""
     torch.manual_seed(0)
     cfg = model_config(model_name, size)
     model = LanguageModel(cfg).to(device)
+    if compile:
+        compile_model(model, dynamic=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = max(1, tokens // context)
     x = torch.randint(0, cfg.vocab_size, (batch, context + 1), device=device)
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads per worker (default: torch's)")
     p.add_argument("--out", type=Path, help="write results.csv and report.json here")
     p.add_argument("--smoke", action="store_true", help="size smoke, contexts 64 128, 1 step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both models (deepopt.hope.model.compile_model); compilation is in the warm-up")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -92,18 +97,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.model, args.size, args.contexts[0], args.tokens, args.steps, args.warmup,
-                                 args.device)))
+                                 args.device, args.compile)))
         return 0
     rows = []
     for ctx in args.contexts:
         for model in MODELS:
             if args.device.startswith("cuda"):
-                rows.append(measure(model, args.size, ctx, args.tokens, args.steps, args.warmup, args.device))
+                rows.append(measure(model, args.size, ctx, args.tokens, args.steps, args.warmup, args.device,
+                                    args.compile))
             else:
                 cmd = [sys.executable, __file__, "--worker", "--model", model, "--size", args.size, "--contexts",
                        str(ctx), "--tokens", str(args.tokens), "--steps", str(args.steps), "--warmup",
                        str(args.warmup), "--device", args.device]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
+                cmd += ["--compile"] if args.compile else []
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(args.out / "results.csv", rows)
         atomic_save_json({"size": args.size, "tokens_per_step": args.tokens, "device": args.device,
-                          "threads": args.threads,
+                          "threads": args.threads, "compile": args.compile,
                           "rows": rows, "ratios": {str(k): v for k, v in ratios.items()}},
                          args.out / "report.json")
     return 0

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = dict(
     eval_seeds=3,
     eval_tasks="digits_d3_gelu,digits_w128_elu,wine_mlp,breast_cancer_mlp",
     adam_lrs="0.001,0.002,0.005,0.01,0.02,0.05",
+    adam_decays="0.01,0.03,0.1",
     momentum_lrs="0.01,0.03,0.1",
     budget=4,
     save_every=25,
@@ -38,6 +39,7 @@ SMOKE: dict[str, Any] = dict(
     eval_seeds=1,
     eval_tasks="digits_d3_gelu,wine_mlp",
     adam_lrs="0.003,0.03",
+    adam_decays="0.1",
     momentum_lrs="0.03",
     budget=2,
     save_every=3,
@@ -125,6 +127,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment length for activation checkpointing of the unroll (0: off)",
     )
     a("--lr", type=float, help=f"initial inner learning rate (default {DEFAULTS['lr']})")
+    a(
+        "--lr-decay",
+        type=float,
+        help="deep_momentum: 1/t decay rate c of the inner lr, lr_t = lr/(1 + c(t-1)); the initial value when "
+        "learned (default 0.01), else fixed (default 0)",
+    )
     a("--hidden", type=int, default=16, help="DeepMomentum: hidden units of the MLP memory")
     a("--key-dim", type=int, default=16, help="DeepMomentum: coordinates per key block")
     a(
@@ -156,6 +164,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     a("--adam-lrs", type=_floats, help=f"Adam learning-rate sweep (default {DEFAULTS['adam_lrs']})")
     a(
+        "--adam-decays",
+        type=_floats,
+        help="1/t decay rates c of a second Adam reference, lr_t = lr/(1 + c(t-1)), tuned over the lr sweep × "
+        f"these for N steps and compared by final loss ('' = none; default {DEFAULTS['adam_decays']})",
+    )
+    a(
         "--momentum-lrs",
         type=_floats,
         help=f"Momentum (μ=0.9) learning-rate sweep (default {DEFAULTS['momentum_lrs']})",
@@ -173,7 +187,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     base = SMOKE if args.smoke else DEFAULTS
     out = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
-    for key in ("adam_lrs", "momentum_lrs"):
+    for key in ("adam_lrs", "adam_decays", "momentum_lrs"):
         if isinstance(out[key], str):
             out[key] = _floats(out[key])
     out["eval_tasks"] = [t for t in out["eval_tasks"].split(",") if t]
@@ -187,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
 
     from deepopt.checkpoint import atomic_save_json
     from meta_train.evaluate import evaluate
+    from meta_train.params import DEFAULT_LEARN
     from meta_train.tasks import HELD_OUT_SPECS
     from meta_train.trainer import DTYPES, OPTIMIZER_DIR, MetaTrainConfig, MetaTrainer
 
@@ -197,8 +212,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval-tasks: unknown task(s) {unknown}; accepted: {sorted(HELD_OUT_SPECS)}")
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     hparams: dict[str, Any] = {"lr": size["lr"]}
+    learn = None if args.learn is None else args.learn.split(",")
     if args.rule == "deep_momentum":
-        hparams.update(hidden=args.hidden, key_dim=args.key_dim)
+        learns_decay = "lr_decay" in (DEFAULT_LEARN["deep_momentum"] if learn is None else learn)
+        lr_decay = args.lr_decay if args.lr_decay is not None else (0.01 if learns_decay else 0.0)
+        hparams.update(hidden=args.hidden, key_dim=args.key_dim, lr_decay=lr_decay)
+    elif args.lr_decay is not None:
+        raise ValueError(f"--lr-decay is a deep_momentum option, not one of {args.rule}")
     preconditioner = args.preconditioner or ("adam" if args.rule == "deep_momentum" else None)
     if preconditioner is not None:
         hparams["preconditioner"] = preconditioner
@@ -220,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=args.dtype,
         save_every=size["save_every"],
-        learn=None if args.learn is None else args.learn.split(","),
+        learn=learn,
         hparams=hparams,
     )
     trainer = MetaTrainer(config, out)
@@ -243,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
         size["budget"],
         DTYPES[args.dtype],
         progress=lambda: bar.update(1),
+        adam_decays=size["adam_decays"],
     )
     bar.close()
     name, learned, _ = trainer.meta.export()
@@ -270,7 +291,12 @@ def run(args: argparse.Namespace) -> int:
     _write_csv(out / "curves.csv", meta_rows + rows)
     _plot(out / "curves.png", meta_rows, rows, size["eval_tasks"])
     for task, r in report["tasks"].items():
-        print(f"{task}: speed-up vs tuned Adam {r['speedup_mean']:.2f} ± {r['speedup_std']:.2f}")
+        n = len(r["seeds"])
+        line = f"{task}: speed-up vs tuned Adam {r['speedup_mean']:.2f} ± {r['speedup_std']:.2f}"
+        line += f"; final loss below tuned Adam's in {r['learned_beats_adam']}/{n} seeds"
+        if "learned_beats_adam_decay" in r:
+            line += f", below Adam with a tuned 1/t decay in {r['learned_beats_adam_decay']}/{n}"
+        print(line)
     print(f"wrote {out}")
     return 0
 

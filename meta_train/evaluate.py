@@ -8,7 +8,9 @@ speed-up metric (learned_optimization's) for a run of N steps::
 
 i.e. > 1 when tuned Adam needs more steps than the learned optimizer to reach its loss.  Adam runs
 ``budget·N`` steps; when no Adam run reaches the target the speed-up is reported as ``budget`` with
-``censored: true`` (a lower bound).
+``censored: true`` (a lower bound).  A learned optimizer may carry a schedule (DeepMomentum's learned
+``lr_decay``), so ``adam_decays`` adds a second reference: Adam with ``lr_t = lr/(1 + c(t − 1))`` tuned over
+``adam_lrs × adam_decays`` for N steps, compared by final loss.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def load_learned(
     if "beta1" in hparams:
         hparams["betas"] = (hparams.pop("beta1"), hparams.pop("beta2"))
     return cls(params, **{**hparams, **overrides})
+
+
+def adam_with_decay(params: Iterable[torch.nn.Parameter], lr: float, decay: float) -> Optimizer:
+    """``deepopt.Adam`` whose step t takes ``lr/(1 + decay·(t − 1))`` (a ``LambdaLR`` stepped after each step)."""
+    opt = deepopt.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + decay * t))
+    opt.register_step_post_hook(lambda *_: schedule.step())
+    return opt
 
 
 def loss_curve(task: Task, make_optimizer: OptimizerFactory, steps: int) -> list[float]:
@@ -94,6 +104,7 @@ def evaluate(
     budget: int = 4,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[], None] | None = None,
+    adam_decays: Sequence[float] = (),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run the comparison; returns the ``report.json`` payload and ``curves.csv`` rows.
 
@@ -105,6 +116,7 @@ def evaluate(
         "budget": budget,
         "adam_lrs": list(adam_lrs),
         "momentum_lrs": list(momentum_lrs),
+        "adam_decays": list(adam_decays),
         "seeds": list(seeds),
         "tasks": {},
     }
@@ -122,6 +134,11 @@ def evaluate(
                 lr: loss_curve(task, lambda p, lr=lr: deepopt.Momentum(p, lr=lr, momentum=0.9), steps)
                 for lr in momentum_lrs
             }
+            decayed = {
+                (lr, c): loss_curve(task, lambda p, lr=lr, c=c: adam_with_decay(p, lr, c), steps)[steps]
+                for lr in adam_lrs
+                for c in adam_decays
+            }
             best_adam = min(adam_lrs, key=lambda lr: adam[lr][steps])
             best_mom = min(momentum_lrs, key=lambda lr: mom[lr][steps])
             value, censored = speedup(learned, adam.values(), steps, budget)
@@ -135,6 +152,13 @@ def evaluate(
                 "speedup": value,
                 "speedup_censored": censored,
             }
+            if decayed:
+                best = min(decayed, key=decayed.get)
+                per_seed[str(seed)].update(
+                    adam_decay_tuned=decayed[best],
+                    adam_decay_best=list(best),
+                    learned_beats_adam_decay=learned[steps] < decayed[best],
+                )
             for label, lr, curve in (
                 ("learned", "", learned),
                 ("adam", best_adam, adam[best_adam][: steps + 1]),
@@ -159,5 +183,10 @@ def evaluate(
             "seeds": per_seed,
             "speedup_mean": statistics.fmean(values),
             "speedup_std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "learned_beats_adam": sum(s["learned"] < s["adam_tuned"] for s in per_seed.values()),
         }
+        if adam_decays:
+            report["tasks"][name]["learned_beats_adam_decay"] = sum(
+                s["learned_beats_adam_decay"] for s in per_seed.values()
+            )
     return report, rows

@@ -2,7 +2,7 @@
 
 Each learnable hyperparameter lives in an unconstrained raw tensor and is mapped into its range::
 
-    positive (lr, eta):          x = exp(r)
+    positive (lr, eta, lr_decay): x = exp(r)
     unit interval (α, μ, β, β₁, β₂): x = sigmoid(r)
     memory θ₀ = (W₁, W₂):        x = r
 
@@ -29,7 +29,7 @@ LEARNABLE: dict[str, dict[str, str]] = {
     "momentum": {"lr": "log", "momentum": "logit"},
     "adam": {"lr": "log", "beta1": "logit", "beta2": "logit"},
     "delta_momentum": {"lr": "log", "momentum": "logit", "beta": "logit"},
-    "deep_momentum": {"lr": "log", "alpha": "logit", "eta": "log", "W1": "none", "W2": "none"},
+    "deep_momentum": {"lr": "log", "alpha": "logit", "eta": "log", "lr_decay": "log", "W1": "none", "W2": "none"},
 }
 _TO_RAW = {"log": torch.log, "logit": torch.logit, "none": lambda t: t}
 _FROM_RAW = {"log": torch.exp, "logit": torch.sigmoid, "none": lambda t: t}
@@ -77,7 +77,10 @@ class MetaParams(nn.Module):
 
     def _initial_values(self, dtype: torch.dtype) -> dict[str, Tensor]:
         hp = self.static
-        values = {k: hp[k] for k in ("lr", "momentum", "alpha", "eta", "beta") if k in hp}
+        values = {k: hp[k] for k in ("lr", "momentum", "alpha", "eta", "beta", "lr_decay") if k in hp}
+        for k in self.learn:
+            if LEARNABLE[self.rule.name][k] == "log" and not float(values[k]) > 0:
+                raise ValueError(f"{k} starts at {values[k]} but must start > 0 to be learned (x = exp(r))")
         if self.rule.name == "adam":
             values["beta1"], values["beta2"] = hp["betas"]
         if self.rule is deep_momentum:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
-from deepopt.rules.deep import ACTIVATIONS, INPLACE_ACTIVATIONS
+from deepopt.rules.deep import ACTIVATIONS, INPLACE_ACTIVATIONS, decayed_lr
 
 from .base import MemoryOptimizer, is_dtensor
 
@@ -23,7 +23,8 @@ class DeepMomentum(MemoryOptimizer):
 
     with ``s = ‖·‖/√n`` the RMS norm of the ``n`` blocks, ``M_θ(x) = x + W₁ act(W₂ x)`` on key blocks of
     ``key_dim`` coordinates, ``hidden`` units, and
-    ``objective`` "dot" (``ℓ = −⟨M(k), v⟩``) or "l2" (``ℓ = ½‖M(k) − v‖²``).  ``memory_init=(W1, W2)``
+    ``objective`` "dot" (``ℓ = −⟨M(k), v⟩``) or "l2" (``ℓ = ½‖M(k) − v‖²``); ``lr_decay`` ≥ 0 gives step t
+    the learning rate ``lr/(1 + lr_decay·(t − 1))`` (0: constant, the default).  ``memory_init=(W1, W2)``
     sets the initial state θ₀ (what meta-training learns; see ``from_pretrained``), else W₁ = 0 and
     W₂ ~ init_scale·N(0, 1) drawn from ``seed``.  Further options: ``weight_decay``,
     ``decoupled_weight_decay``, ``preconditioner``, ``nonlinearity``, ``foreach``, ``nonfinite``.
@@ -56,9 +57,9 @@ class DeepMomentum(MemoryOptimizer):
         """
         if (group["objective"] != "dot" or group["preconditioner"] != "identity"
                 or group["nonlinearity"] is not None or isinstance(group["lr"], Tensor)
-                or any(isinstance(group[k], Tensor) for k in ("alpha", "eta", "weight_decay"))):
+                or any(isinstance(group[k], Tensor) for k in ("alpha", "eta", "weight_decay", "lr_decay"))):
             return False
-        lr, alpha, eta, kd, hd = group["lr"], group["alpha"], group["eta"], group["key_dim"], group["hidden"]
+        alpha, eta, kd, hd = group["alpha"], group["eta"], group["key_dim"], group["hidden"]
         act, act_grad = ACTIVATIONS[group["activation"]]
         act_, scale_by_grad_ = INPLACE_ACTIVATIONS.get(group["activation"], (None, None))
         for p, g in zip(params, grads):
@@ -66,7 +67,10 @@ class DeepMomentum(MemoryOptimizer):
                 self._rule_step(group, [p], [g])
                 continue
             state = self.state[p]
-            (g,) = self._foreach_weight_decay(group, [p], [g])
+            state["step"] += 1
+            lr = group["lr"] if group["lr_decay"] == 0 else decayed_lr(group["lr"], group["lr_decay"],
+                                                                        float(state["step"]))
+            (g,) = self._foreach_weight_decay({**group, "lr": lr}, [p], [g])
             blocks = g.reshape(-1, kd)
             n = blocks.shape[0]
             sq = float(torch.dot(blocks.reshape(-1), blocks.reshape(-1)))

@@ -1,5 +1,7 @@
 """HOPE model: chunk-parallel == token-sequential, CMS update periods, reductions, gradient flow."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,9 +12,11 @@ from deepopt.hope.model import (
     HopeConfig,
     LanguageModel,
     SelfModifyingTitans,
+    compile_model,
     matched_transformer,
     n_params,
 )
+from deepopt.hope.train import model_config
 
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 2, "mem_hidden": 8, "chunk_size": 5, "cms_periods": (3, 7, None),
         "cms_hidden": 12}
@@ -162,3 +166,29 @@ def test_titans_layer_is_causal():
     xp[0, 7] += 1.0
     diff = (layer(xp) - y).abs().amax(-1)[0]
     assert (diff[:7] == 0).all() and diff[7] > 0
+
+
+@pytest.mark.parametrize("variant", ["hope", "transformer"])
+def test_compile_model_gives_the_eager_loss_and_gradients(variant):
+    """``compile_model`` swaps in compiled chunk functions / blocks (aot_eager here: the graphs inductor
+    would get, without its C++ build time) and changes no number."""
+    cfg = model_config(variant, "smoke")
+    torch.manual_seed(0)
+    eager = LanguageModel(cfg).double()
+    compiled = copy.deepcopy(eager)
+    compile_model(compiled, backend="aot_eager", dynamic=False)
+    block = compiled.blocks[0]
+    if variant == "hope":
+        assert hasattr(block.titans.f._parallel_chunk, "_torchdynamo_orig_callable")
+        assert all(hasattr(level._chunk, "_torchdynamo_orig_callable") for level in block.cms)
+    else:
+        assert block._compiled_call_impl is not None
+    x = torch.randint(0, cfg.vocab_size, (2, 21))
+    losses = []
+    for m in (eager, compiled):
+        _, loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=1e-12)
+    for (n, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=n)

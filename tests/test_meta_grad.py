@@ -56,6 +56,20 @@ def test_meta_gradient_matches_central_differences(task, rule, outer):
             assert abs(exact - fd) <= 1e-6 * abs(fd), (exact, fd)
 
 
+def test_meta_gradient_of_the_learned_lr_decay_matches_central_differences(task):
+    meta = MetaParams("deep_momentum", learn=("lr", "lr_decay", "W1"), dtype=F64,
+                      **{**RULES["deep_momentum"], "lr_decay": 0.2})
+    unroll = Unroll(meta, task, steps=5)
+    est = Backprop()(unroll, InnerState.fresh(task))
+    assert est.grads["lr_decay"].abs() > 0
+    direction = {k: torch.zeros_like(v) for k, v in meta.raw.items()}
+    direction["lr_decay"] = torch.ones_like(direction["lr_decay"])
+    fd = directional_fd(unroll, InnerState.fresh(task), direction)
+    assert abs(dot(est.grads, direction) - fd) <= 1e-6 * abs(fd)
+    with pytest.raises(ValueError, match="lr_decay starts at 0.0"):
+        MetaParams("deep_momentum", learn=("lr_decay",))
+
+
 @pytest.mark.parametrize(
     "rule,hp",
     [("adam", RULES["adam"]), ("deep_momentum", {**RULES["deep_momentum"], "preconditioner": "adam"})],

@@ -191,9 +191,11 @@ def test_cli_smoke_and_resume_after_kill(tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert report["optimizer"] == "DeepMomentum"
     for task in report["tasks"].values():
-        assert set(task) == {"seeds", "speedup_mean", "speedup_std"}
+        assert set(task) == {"seeds", "speedup_mean", "speedup_std", "learned_beats_adam", "learned_beats_adam_decay"}
         for seed in task["seeds"].values():
             assert seed["speedup"] > 0 and seed["learned"] > 0
+            assert seed["adam_decay_best"] == [0.003, 0.1] or seed["adam_decay_best"] == [0.03, 0.1]
+            assert seed["learned_beats_adam_decay"] == (seed["learned"] < seed["adam_decay_tuned"])
     header = (run / "curves.csv").read_text().splitlines()[0]
     assert header == "kind,task,optimizer,lr,seed,step,loss"
 

@@ -59,7 +59,10 @@ OPTION_SETS = {
     "delta_momentum": [dict(), dict(beta=1.5), dict(keys="rows"), dict(weight_decay=0.01),
                        dict(weight_decay=0.01, decoupled_weight_decay=True), dict(preconditioner="adam")],
     "deep_momentum": [dict(), dict(objective="l2", preconditioner="adam"), dict(activation="relu"),
-                      dict(nonlinearity="newton_schulz")],
+                      dict(nonlinearity="newton_schulz"), dict(lr_decay=0.1, weight_decay=0.01,
+                                                               decoupled_weight_decay=True),
+                      dict(lr_decay=0.05, preconditioner="adam"),
+                      dict(key_source="preconditioned", preconditioner="adam")],
     "sgd": [dict(), dict(weight_decay=0.1)],
     "adam": [dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decoupled_weight_decay=True)],
     "adamw": [dict()],
@@ -152,3 +155,29 @@ def test_fast_path_equals_rule_path(name):
     train(a, make(name, a.parameters(), foreach=True), 50)
     train(b, make(name, b.parameters(), foreach=False), 50)
     assert max_diff(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("options", [dict(), dict(preconditioner="adam")])
+def test_deep_momentum_lr_decay_is_a_1_over_t_schedule(options):
+    """``lr_decay=c`` equals a LambdaLR schedule ``1/(1 + c·t)`` on a constant-lr DeepMomentum."""
+    a, b = small_mlp(), small_mlp()
+    train(a, deepopt.DeepMomentum(a.parameters(), lr=0.05, lr_decay=0.2, **options), STEPS)
+    opt = deepopt.DeepMomentum(b.parameters(), lr=0.05, **options)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + 0.2 * t))
+    opt.register_step_post_hook(lambda *_: sched.step())
+    train(b, opt, STEPS)
+    assert max_diff(a, b) <= 1e-12
+    with pytest.raises(ValueError, match="lr_decay"):
+        deepopt.DeepMomentum(a.parameters(), lr_decay=-1.0)
+
+
+def test_deep_momentum_keyed_on_the_preconditioned_gradient_with_a_frozen_zero_memory_is_adam_without_momentum():
+    """``key_source="preconditioned"``: the memory's skip path is the preconditioned step, so with W₁ = 0
+    kept there (η = 0) DMGD is Adam with β₁ = 0."""
+    a, b = small_mlp(), small_mlp()
+    train(a, deepopt.DeepMomentum(a.parameters(), lr=0.01, eta=0.0, key_source="preconditioned",
+                                  preconditioner="adam"), STEPS)
+    train(b, deepopt.Adam(b.parameters(), lr=0.01, betas=(0.0, 0.999)), STEPS)
+    assert max_diff(a, b) <= 1e-10
+    with pytest.raises(ValueError, match="key_source"):
+        deepopt.DeepMomentum(a.parameters(), key_source="values")

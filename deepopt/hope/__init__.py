@@ -7,7 +7,7 @@
 The CLI is ``deepopt hope train|eval|continual|niah`` (``deepopt.hope.cli``).
 """
 
-from .data import DOMAINS, Corpus, load_corpus
+from .data import DOMAINS, BPETokenizer, ByteTokenizer, Corpus, Tokenizer, load_corpus, load_tokenizer
 from .model import (
            VARIANTS,
            CMSLevel,
@@ -19,5 +19,6 @@ from .model import (
 )
 from .train import Trainer, load_model, model_config
 
-__all__ = ["DOMAINS", "VARIANTS", "CMSLevel", "Corpus", "HopeConfig", "LanguageModel", "SelfModifyingTitans",
-           "Trainer", "load_corpus", "load_model", "matched_transformer", "model_config", "n_params"]
+__all__ = ["DOMAINS", "VARIANTS", "BPETokenizer", "ByteTokenizer", "CMSLevel", "Corpus", "HopeConfig", "LanguageModel",
+           "SelfModifyingTitans", "Tokenizer", "Trainer", "load_corpus", "load_model", "load_tokenizer",
+           "matched_transformer", "model_config", "n_params"]

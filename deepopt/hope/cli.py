@@ -18,7 +18,7 @@ import torch
 from deepopt.checkpoint import atomic_save_json, atomic_torch_save, torch_load
 
 from . import data
-from .model import VARIANTS, LanguageModel, n_params
+from .model import VARIANTS, LanguageModel, compile_model, n_params
 from .train import (
     CHECKPOINT,
     DTYPES,
@@ -52,7 +52,8 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
     "max_bytes": (4_000_000, 200_000),
 }
 # Arguments that must match for ``--resume`` to continue a run.
-_NOT_RUN_IDENTITY = ("resume", "out", "progress", "func", "command", "hope_command", "device", "threads")
+_NOT_RUN_IDENTITY = ("resume", "out", "progress", "func", "command", "hope_command", "device", "threads",
+                     "compile")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -92,6 +93,8 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output folder (default runs/<timestamp>-hope-<command>)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and few steps (CI)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile HOPE's per-chunk functions / Transformer++'s blocks (slow first step)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -186,7 +189,8 @@ def _build(args: argparse.Namespace, variant: str, seed: int, device: torch.devi
     cfg = model_config(variant, args.size, chunk_size=args.chunk_size, inner_rule=args.inner_rule,
                        vocab_size=vocab_size)
     torch.manual_seed(seed)
-    return LanguageModel(cfg).to(device=device, dtype=DTYPES[args.dtype])
+    model = LanguageModel(cfg).to(device=device, dtype=DTYPES[args.dtype])
+    return compile_model(model) if args.compile else model
 
 
 def _trainer(args: argparse.Namespace, model: LanguageModel, steps: int, d) -> Trainer:

@@ -465,6 +465,20 @@ class LanguageModel(nn.Module):
         return logits, loss
 
 
+def compile_model(model: LanguageModel, **options: Any) -> LanguageModel:
+    """``torch.compile`` (``options`` passed on) the repeated pieces of ``model`` in place: HOPE's per-chunk
+    functions (the Python loop over chunks stays eager, so one compiled graph serves every chunk of a
+    length) and Transformer++'s blocks.  Same numbers up to rounding; returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, SelfModifyingTitans):
+            m._parallel_chunk = torch.compile(m._parallel_chunk, **options)
+        elif isinstance(m, CMSLevel):
+            m._chunk = torch.compile(m._chunk, **options)
+        elif isinstance(m, TransformerBlock):
+            m.compile(**options)
+    return model
+
+
 def n_params(cfg: HopeConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in LanguageModel(cfg).parameters())

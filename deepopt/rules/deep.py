@@ -3,17 +3,20 @@ memory ``M_θ(x) = x + W₁ σ(W₂ x)`` per parameter tensor, trained online by
 
 The gradient ``G`` is cut into key blocks of ``key_dim`` coordinates (rows of its flattened,
 zero-padded view, ``n`` of them) scaled to unit mean norm, ``K = blocks(G)/s_G`` with
-``s_G = ‖G‖_F/√n``; the values are ``V = blocks(P G)/s_PG`` likewise (``V = K`` for P = identity).
-Each step::
+``s_G = ‖G‖_F/√n``; the values are ``V = blocks(P G)/s_PG`` likewise (``V = K`` for P = identity;
+``key_source="preconditioned"`` keys on ``P G`` too, ``K = V``, so the memory's skip path is the
+preconditioned step, e.g. Adam's without its momentum).  Each step::
 
     θ ← α·θ − η·∇_θ ℓ(θ; K, V)          θ = (W₁ ∈ R^{key_dim×hidden}, W₂ ∈ R^{hidden×key_dim})
-    W ← W − lr·σ_out(s_PG · M_θ(K))      (back to the parameter's shape)
+    W ← W − lr_t·σ_out(s_PG · M_θ(K))    (back to the parameter's shape)
 
-with the internal objective either the dot product ``ℓ = −(1/n) Σᵢ ⟨M_θ(kᵢ), vᵢ⟩`` (default) or the
-ℓ2 regression ``ℓ = (1/2n) Σᵢ ‖M_θ(kᵢ) − vᵢ‖²``.  Gradients are written out in closed form (they
-are plain tensor algebra, so ``torch.func`` differentiates through them).  The memory's shape does
-not depend on the parameter's, so a meta-learned initial state θ₀ (``memory_init``) serves any
-model.  With W₁ = 0 the first step is SGD; a step with a zero gradient and zero W₁ moves nothing.
+with ``lr_t = lr/(1 + lr_decay·(t − 1))`` at step t (``lr_decay = 0``: constant; a learnable 1/t decay
+for meta-training, carried by ``from_pretrained``), and the internal objective either the dot product
+``ℓ = −(1/n) Σᵢ ⟨M_θ(kᵢ), vᵢ⟩`` (default) or the ℓ2 regression ``ℓ = (1/2n) Σᵢ ‖M_θ(kᵢ) − vᵢ‖²``.
+Gradients are written out in closed form (they are plain tensor algebra, so ``torch.func`` differentiates
+through them).  The memory's shape does not depend on the parameter's, so a meta-learned initial state θ₀
+(``memory_init``) serves any model.  With W₁ = 0 the first step is SGD; a step with a zero gradient and
+zero W₁ moves nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from . import transforms as T
 from .base import Hparams, Rule, State, check_choice, check_int, check_range
 
 OBJECTIVES = ("dot", "l2")
+KEY_SOURCES = ("gradient", "preconditioned")
 
 
 def _gelu_grad(z: Tensor, h: Tensor) -> Tensor:
@@ -68,6 +72,8 @@ DEFAULTS = {
     "init_scale": 1.0,
     "seed": 0,
     "memory_init": None,
+    "lr_decay": 0.0,
+    "key_source": "gradient",
     **T.SHARED_DEFAULTS,
 }
 
@@ -84,7 +90,7 @@ def initial_memory(hp: Hparams, dtype: torch.dtype, device: torch.device) -> tup
 
 def init(param: Tensor, hp: Hparams) -> State:
     w1, w2 = initial_memory(hp, param.dtype, param.device)
-    return {"W1": w1, "W2": w2, **T.init_preconditioner(param, hp)}
+    return {"W1": w1, "W2": w2, "step": torch.zeros((), dtype=T.step_dtype()), **T.init_preconditioner(param, hp)}
 
 
 def to_blocks(x: Tensor, key_dim: int) -> Tensor:
@@ -133,17 +139,26 @@ def apply_memory(w1: Tensor, w2: Tensor, keys: Tensor, activation: str) -> Tenso
 def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tensor, State]:
     g = T.coupled_weight_decay(grad, param, hp)
     value, pstate = T.precondition(g, state, hp)
-    keys, key_scale = normalized_blocks(g, hp["key_dim"])
-    if hp["preconditioner"] == "identity":
-        values, scale = keys, key_scale
+    step = pstate.get("step", state["step"] + 1)  # the preconditioner's count when it keeps one
+    if hp["preconditioner"] == "identity" or hp["key_source"] == "preconditioned":
+        keys, scale = normalized_blocks(value, hp["key_dim"])
+        values = keys
     else:
+        keys, _ = normalized_blocks(g, hp["key_dim"])
         values, scale = normalized_blocks(value, hp["key_dim"])
     grad_w1, grad_w2 = memory_grads(state["W1"], state["W2"], keys, values, hp)
     w1 = hp["alpha"] * state["W1"] - hp["eta"] * grad_w1
     w2 = hp["alpha"] * state["W2"] - hp["eta"] * grad_w2
     direction = from_blocks(scale * apply_memory(w1, w2, keys, hp["activation"]), g)
+    if not T.is_zero(hp["lr_decay"]):
+        hp = {**hp, "lr": decayed_lr(hp["lr"], hp["lr_decay"], step.to(g.dtype))}
     delta = T.descend(T.output_nonlinearity(direction, hp), param, hp)
-    return delta, {"W1": w1, "W2": w2, **pstate}
+    return delta, {"W1": w1, "W2": w2, **pstate, "step": step}
+
+
+def decayed_lr(lr: float | Tensor, lr_decay: float | Tensor, step: float | Tensor) -> float | Tensor:
+    """``lr/(1 + lr_decay·(step − 1))``: step 1 takes ``lr``."""
+    return lr / (1 + lr_decay * (step - 1))
 
 
 def validate(hp: Hparams) -> None:
@@ -154,7 +169,9 @@ def validate(hp: Hparams) -> None:
     check_int("key_dim", hp["key_dim"])
     check_choice("activation", hp["activation"], tuple(ACTIVATIONS))
     check_choice("objective", hp["objective"], OBJECTIVES)
+    check_choice("key_source", hp["key_source"], KEY_SOURCES)
     check_range("init_scale", hp["init_scale"], 0.0)
+    check_range("lr_decay", hp["lr_decay"], 0.0)
     check_int("seed", hp["seed"], low=0)
     mem = hp["memory_init"]
     if mem is not None:
