@@ -14,6 +14,9 @@ for seed in 0 1 2; do
   for o in deep_momentum delta_momentum; do
     train $seed --model hope --domain code --optimizer $o --lr 0.2 --out "$S/opt-$o-s$seed"
   done
+  train $seed --model hope --domain code --optimizer deep_momentum --lr 3e-3 --optimizer-option preconditioner=adam \
+    --optimizer-option key_source=preconditioned --optimizer-option decoupled_weight_decay=true \
+    --out "$S/opt-deep_momentum-adamkeys-s$seed"
 done
 python -m deepopt.cli hope continual --seeds 0 1 2 --steps 100 $C --out "$S/continual"
 python -m deepopt.cli hope niah --seeds 0 1 2 --steps 150 --context 192 --eval-contexts 192 384 768 \

@@ -136,6 +136,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a("--hidden", type=int, default=16, help="DeepMomentum: hidden units of the MLP memory")
     a("--key-dim", type=int, default=16, help="DeepMomentum: coordinates per key block")
     a(
+        "--key-source",
+        choices=("gradient", "preconditioned"),
+        help="DeepMomentum: key the memory on the raw gradient or on the preconditioned one (default "
+        "preconditioned: the memory's skip path is then Adam's step without its momentum)",
+    )
+    a(
         "--preconditioner",
         default=None,
         choices=("identity", "adam"),
@@ -145,8 +151,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a(
         "--learn",
         default=None,
-        help="comma-separated names to learn (default: all of the rule's, e.g. "
-        "W1,W2,alpha,eta,lr for deep_momentum)",
+        help="comma-separated names to learn (default: the rule's hyperparameters; for deep_momentum "
+        "W1,W2,alpha,eta,lr,lr_decay)",
     )
     a("--seed", type=int, default=0, help="seed of task draws, batches and ES perturbations")
     a("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of tasks and meta-parameters")
@@ -214,11 +220,12 @@ def run(args: argparse.Namespace) -> int:
     hparams: dict[str, Any] = {"lr": size["lr"]}
     learn = None if args.learn is None else args.learn.split(",")
     if args.rule == "deep_momentum":
-        learns_decay = "lr_decay" in (DEFAULT_LEARN["deep_momentum"] if learn is None else learn)
-        lr_decay = args.lr_decay if args.lr_decay is not None else (0.01 if learns_decay else 0.0)
-        hparams.update(hidden=args.hidden, key_dim=args.key_dim, lr_decay=lr_decay)
-    elif args.lr_decay is not None:
-        raise ValueError(f"--lr-decay is a deep_momentum option, not one of {args.rule}")
+        learn = [*DEFAULT_LEARN["deep_momentum"], "lr_decay"] if learn is None else learn
+        lr_decay = args.lr_decay if args.lr_decay is not None else (0.01 if "lr_decay" in learn else 0.0)
+        hparams.update(hidden=args.hidden, key_dim=args.key_dim, lr_decay=lr_decay,
+                       key_source=args.key_source or "preconditioned")
+    elif args.lr_decay is not None or args.key_source is not None:
+        raise ValueError(f"--lr-decay and --key-source are deep_momentum options, not ones of {args.rule}")
     preconditioner = args.preconditioner or ("adam" if args.rule == "deep_momentum" else None)
     if preconditioner is not None:
         hparams["preconditioner"] = preconditioner

@@ -156,6 +156,20 @@ def test_continual_and_niah_under_two_process_ddp_match_single_process(tmp_path,
     assert res.returncode != 0 and "divisible by the world size 2" in res.stderr
 
 
+def test_optimizer_options_reach_the_outer_optimizer(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert hope("train", "--smoke", "--steps", "2", "--optimizer", "deep_momentum", "--optimizer-option",
+                "preconditioner=adam", "--optimizer-option", "key_source=preconditioned", "--optimizer-option",
+                "lr_decay=0.5", "--out", out) == 0
+    state = torch_load(out / "checkpoint.pt")
+    groups = state["optimizer"]["param_groups"]
+    assert all(g["preconditioner"] == "adam" and g["key_source"] == "preconditioned" and g["lr_decay"] == 0.5
+               for g in groups)
+    rejected(capsys, "unknown hyperparameter.*hidden", "train", "--smoke", "--optimizer", "adam",
+             "--optimizer-option", "hidden=3", "--out", tmp_path / "bad")
+    rejected(capsys, "KEY=VALUE", "train", "--smoke", "--optimizer-option", "hidden", "--out", tmp_path / "bad")
+
+
 def test_continual_smoke_reports_forgetting_for_both_models(tmp_path):
     assert hope("continual", "--smoke", "--steps", "3", "--out", tmp_path) == 0
     report = json.loads((tmp_path / "report.json").read_text())

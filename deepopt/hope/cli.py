@@ -56,6 +56,16 @@ _NOT_RUN_IDENTITY = ("resume", "out", "progress", "func", "command", "hope_comma
                      "compile")
 
 
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=sorted(SIZES), help="model size preset (default tiny; smoke with --smoke)")
     p.add_argument("--chunk-size", type=int, help="Titans chunk length C (default: the size's)")
@@ -72,6 +82,9 @@ def _add_run_args(p: argparse.ArgumentParser, *, lr_schedule: str = "cosine", bp
                    help=f"BPE vocabulary size, {lo}..{hi} (default {data.DEFAULT_BPE_VOCAB}; --tokenizer bpe only)")
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="outer optimizer: any deepopt optimizer or torch_adamw (default adamw)")
+    p.add_argument("--optimizer-option", action="append", default=[], metavar="KEY=VALUE", type=_option,
+                   help="a keyword for the optimizer, VALUE read as JSON else as a string, e.g. "
+                        "preconditioner=adam (repeatable)")
     p.add_argument("--lr", type=float, help="peak outer learning rate (default 3e-3)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="weight decay on matrices (default 0.1)")
     p.add_argument("--schedule", default=lr_schedule, choices=SCHEDULES,
@@ -194,7 +207,7 @@ def _build(args: argparse.Namespace, variant: str, seed: int, device: torch.devi
 
 
 def _trainer(args: argparse.Namespace, model: LanguageModel, steps: int, d) -> Trainer:
-    opt = make_optimizer(args.optimizer, model, args.lr, args.weight_decay)
+    opt = make_optimizer(args.optimizer, model, args.lr, args.weight_decay, dict(args.optimizer_option))
     return Trainer(model, opt, lr=args.lr, steps=steps, warmup=args.warmup, schedule=args.schedule,
                    grad_clip=args.grad_clip, dist=d)
 

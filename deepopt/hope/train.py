@@ -13,7 +13,7 @@ import csv
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,16 +61,20 @@ def model_config(variant: str, size: str, **overrides: Any) -> HopeConfig:
     return HopeConfig(**cfg)
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Any deepopt optimizer by name, or ``torch_adamw``; weight decay on matrices only."""
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
+                   options: Mapping[str, Any] | None = None) -> torch.optim.Optimizer:
+    """Any deepopt optimizer by name, or ``torch_adamw``, with keyword ``options`` (e.g. DeepMomentum's
+    ``preconditioner``); weight decay on matrices only.  A bad option raises ``ValueError``."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if name == "torch_adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    return deepopt.OPTIMIZERS[name](groups, lr=lr)
+    cls = torch.optim.AdamW if name == "torch_adamw" else deepopt.OPTIMIZERS[name]
+    try:
+        return cls(groups, lr=lr, **(options or {}))
+    except TypeError as err:  # an unknown or ill-typed option
+        raise ValueError(f"optimizer option for {name}: {err}") from err
 
 
 def lr_at(step: int, base: float, steps: int, warmup: int, schedule: str) -> float:
