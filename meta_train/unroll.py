@@ -155,8 +155,9 @@ class Unroll:
                heldout: Callable[[int], Batch]) -> tuple[Tensor, Params, RuleState]:
         rule = self.meta.rule
         total = torch.zeros((), dtype=next(iter(params.values())).dtype)
+        loss_and_grad = grad_and_value(loss)
         for t in range(start, start + n):
-            grads, value = grad_and_value(loss)(params, train(t))
+            grads, value = loss_and_grad(params, train(t))
             new_params, new_state = {}, {}
             for k, p in params.items():
                 delta, new_state[k] = rule.update(grads[k], state[k], p, hp)
