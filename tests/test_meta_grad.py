@@ -232,3 +232,17 @@ def test_task_stack_refuses_tasks_of_different_structure():
         TaskStack(())
     with pytest.raises(ValueError, match="share their step"):
         InnerState.stack([InnerState.fresh(a), InnerState(a.init_params(), None, 3)])
+
+
+@pytest.mark.parametrize("outer", ["log_train", "heldout"])
+def test_task_stack_other_outer_losses_and_es(outer):
+    tasks = _stack_members("quadratic")
+    stack = TaskStack(tuple(tasks))
+    meta = MetaParams("momentum", dtype=F64, lr=0.1)
+    est = Backprop()(Unroll(meta, stack, 4, outer), InnerState.fresh(stack))
+    singles = [Backprop()(Unroll(meta, t, 4, outer), InnerState.fresh(t)) for t in tasks]
+    for k, g in est.grads.items():
+        torch.testing.assert_close(g, sum(s.grads[k] for s in singles) / 3, rtol=1e-10, atol=1e-14)
+    es = AntitheticES(sigma=0.01, pairs=16)(Unroll(meta, stack, 4, outer), InnerState.fresh(stack), key=1)
+    cos = dot(es.grads, est.grads) / (dot(es.grads, es.grads) * dot(est.grads, est.grads)) ** 0.5
+    assert cos > 0.9
