@@ -9,7 +9,8 @@ A step is forward + backward + AdamW on ``--tokens`` tokens (batch = tokens / co
 median over ``--steps`` timed steps after ``--warmup`` untimed ones.  Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU each configuration runs in its own process and reports its
 peak resident set growth during training (``VmHWM`` − ``VmRSS`` before the first step, warm-up included).  Ratios are
-HOPE / Transformer++ within this one run.
+HOPE / Transformer++ within this one run.  FLOPs per token of a forward + backward are counted by
+``FlopCounterMode`` (``step_flops``), the reference for how much of a throughput gap is arithmetic.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from deepopt.checkpoint import atomic_save_json
-from deepopt.hope.model import LanguageModel, compile_model, n_params
+from deepopt.hope.model import HopeConfig, LanguageModel, compile_model, n_params
 from deepopt.hope.train import model_config, write_csv
 
 MODELS = ("hope", "transformer")
@@ -72,7 +74,24 @@ def measure(model_name: str, size: str, context: int, tokens: int, steps: int, w
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (_proc_kib("VmHWM") - base) / 1024
     return {"model": model_name, "context": context, "batch": batch, "n_params": n_params(model.cfg),
-            "tok_per_s": batch * context / statistics.median(times), "peak_mib": peak, "device": device}
+            "tok_per_s": batch * context / statistics.median(times), "peak_mib": peak, "device": device,
+            "mflop_per_token": step_flops(model.cfg, batch, context, device) / (batch * context) / 1e6}
+
+
+def step_flops(cfg: HopeConfig, batch: int, context: int, device: str) -> float:
+    """FLOPs of one forward + backward of a fresh eager model, counted by ``FlopCounterMode`` (run after the
+    timing and the memory reading).  Attention is counted analytically instead, so that it is the same on
+    every device: ``6·T·d`` per token and layer (QKᵀ and AV, 2·T·d forward on average under the causal mask,
+    backward twice that); the counter's own figure for a fused attention kernel (GPU) is left out."""
+    model = LanguageModel(cfg).to(device)
+    x = torch.randint(0, cfg.vocab_size, (batch, context + 1), device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x[:, :-1], x[:, 1:])[1].backward()
+    counts = counter.get_flop_counts().get("Global", {})
+    total = sum(v for op, v in counts.items() if "scaled_dot_product" not in str(op))
+    if cfg.model == "transformer":
+        total += 6 * context * cfg.d_model * cfg.n_layers * batch * context
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,14 +134,16 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"{r['model']:>11}  ctx {ctx:>5}  batch {r['batch']:>3}  params {r['n_params']:>9,}  "
-                  f"{r['tok_per_s']:>9.0f} tok/s  peak {r['peak_mib']:>8.1f} MiB", flush=True)
+                  f"{r['tok_per_s']:>9.0f} tok/s  peak {r['peak_mib']:>8.1f} MiB  "
+                  f"{r['mflop_per_token']:6.2f} MFLOP/token", flush=True)
     ratios = {}
     for ctx in args.contexts:
         h, t = (next(r for r in rows if r["model"] == m and r["context"] == ctx) for m in MODELS)
         ratios[ctx] = {"tok_per_s_ratio": h["tok_per_s"] / t["tok_per_s"],
+                       "flop_ratio": h["mflop_per_token"] / t["mflop_per_token"],
                        "peak_mem_ratio": h["peak_mib"] / t["peak_mib"] if t["peak_mib"] > 0 else float("nan")}
         print(f"ctx {ctx:>5}: HOPE/Transformer++ tokens/s = {ratios[ctx]['tok_per_s_ratio']:.2f}x, "
-              f"peak memory = {ratios[ctx]['peak_mem_ratio']:.2f}x")
+              f"peak memory = {ratios[ctx]['peak_mem_ratio']:.2f}x, FLOPs per token = {ratios[ctx]['flop_ratio']:.2f}x")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(args.out / "results.csv", rows)

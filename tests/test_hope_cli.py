@@ -229,3 +229,15 @@ def test_continual_and_niah_run_with_bpe(tmp_path):
     report = json.loads((tmp_path / "n" / "report.json").read_text())
     assert report["tokenizer"] == "bpe" and report["chance_digit_accuracy"] is None
     assert all(0 <= float(r["digit_accuracy"]) <= 1 for r in read_csv(tmp_path / "n" / "results.csv"))
+
+
+def test_throughput_benchmark_smoke_reports_ratios_and_flops(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "hope_throughput.py"), "--smoke", "--threads", "1",
+           "--out", str(tmp_path)]
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {r["model"] for r in report["rows"]} == {"hope", "transformer"}
+    assert all(r["tok_per_s"] > 0 and r["mflop_per_token"] > 0 for r in report["rows"])
+    for ratio in report["ratios"].values():
+        assert ratio["tok_per_s_ratio"] > 0 and ratio["flop_ratio"] > 0
