@@ -18,16 +18,15 @@ Time: median of ``--repeats`` calls after one warm-up, ``torch.set_num_threads(-
 Peak memory: the largest number of bytes the torch CPU allocator holds live at once during one call,
 above what was live before it, from ``torch.profiler`` memory events (``profile_memory=True``) summed
 in time order; a separate call from the timed ones.  Checkpointing rows: torch.func with
-``Backprop(checkpoint_every=√K)`` at K = 20 and K = 80, vs the full graph.
+``Backprop(checkpoint_every=√K)`` at K and 4K (default 20 and 80), vs the full graph.
 
-    python benchmarks/meta_grad.py [--repeats 5] [--threads 1] [--json out.json]
+    python benchmarks/meta_grad.py [--repeats 5] [--threads 1] [--json out.json] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import time
@@ -38,6 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import deepopt
+from deepopt.checkpoint import atomic_save_json
 from meta_train import Backprop, InnerState, MetaParams, Unroll, higher_unroll_loss
 from meta_train.tasks import Task, TaskStack, mlp_task
 
@@ -102,14 +102,17 @@ def peak_bytes(fn: Callable[[], None]) -> int:
     return peak
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--k", type=int, default=20, help="inner steps K of the compared unroll")
     parser.add_argument("--tasks", type=int, default=8, help="tasks T of the vmapped rows")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="K = 4, 1 repeat, 2 tasks: seconds, for CI")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.k, args.repeats, args.tasks = 4, 1, 2
     torch.set_num_threads(args.threads)
     task, k = digits_task(), args.k
     stack = TaskStack(tuple(digits_task(seed) for seed in range(args.tasks)))
@@ -152,7 +155,8 @@ def main() -> None:
               f"vmapped over {args.tasks}")
 
     ck = {}
-    for kk in (20, 80):
+    short, long = k, 4 * k
+    for kk in (short, long):
         every = round(math.sqrt(kk))
         ck[kk] = {
             "full_mb": peak_bytes(torch_func_grad(dmgd, task, kk)) / 2**20,
@@ -168,23 +172,15 @@ def main() -> None:
             f"time full {r['full_seconds']:.3f}s / checkpointed {r['checkpointed_seconds']:.3f}s"
         )
     print(
-        f"K=80 vs K=20 peak: full graph ×{ck[80]['full_mb'] / ck[20]['full_mb']:.2f}, "
-        f"checkpointed ×{ck[80]['checkpointed_mb'] / ck[20]['checkpointed_mb']:.2f} (K ×4)"
+        f"K={long} vs K={short} peak: full graph ×{ck[long]['full_mb'] / ck[short]['full_mb']:.2f}, "
+        f"checkpointed ×{ck[long]['checkpointed_mb'] / ck[short]['checkpointed_mb']:.2f} (K ×4)"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "k": k,
-                    "threads": args.threads,
-                    "variants": rows,
-                    "checkpointing": ck,
-                    "torch": torch.__version__,
-                    "deepopt": deepopt.__version__,
-                },
-                f,
-                indent=2,
-            )
+        atomic_save_json(
+            {"k": k, "threads": args.threads, "variants": rows, "checkpointing": {str(kk): v for kk, v in ck.items()},
+             "torch": torch.__version__, "deepopt": deepopt.__version__},
+            args.json,
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """Meta-gradients of the unroll engine: finite differences, checkpointing, higher, ES."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import higher
 import pytest
@@ -246,3 +251,15 @@ def test_task_stack_other_outer_losses_and_es(outer):
     es = AntitheticES(sigma=0.01, pairs=16)(Unroll(meta, stack, 4, outer), InnerState.fresh(stack), key=1)
     cos = dot(es.grads, est.grads) / (dot(es.grads, es.grads) * dot(est.grads, est.grads)) ** 0.5
     assert cos > 0.9
+
+
+def test_meta_grad_benchmark_smoke(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "meta_grad.json"
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "meta_grad.py"), "--smoke", "--json", str(out)],
+                         capture_output=True, text=True, timeout=240, check=False,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert len(report["variants"]) == 7 and all(v["seconds"] > 0 for v in report["variants"].values())
+    assert set(report["checkpointing"]) == {"4", "16"}
