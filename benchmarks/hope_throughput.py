@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from deepopt.checkpoint import atomic_save_json
 from deepopt.hope.model import HopeConfig, LanguageModel, compile_model, n_params
-from deepopt.hope.train import model_config, write_csv
+from deepopt.hope.train import SIZES, model_config, write_csv
 
 MODELS = ("hope", "transformer")
 
@@ -96,7 +96,7 @@ def step_flops(cfg: HopeConfig, batch: int, context: int, device: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="small", choices=("smoke", "tiny", "small"), help="model size (default small)")
+    p.add_argument("--size", default="small", choices=tuple(SIZES), help="model size (default small)")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048], help="context lengths (512 2048)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (default 4096)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")

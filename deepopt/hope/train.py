@@ -40,6 +40,8 @@ SIZES: dict[str, dict[str, Any]] = {
              "cms_periods": (16, 64, None)},
     "small": {"d_model": 128, "n_layers": 4, "n_heads": 4, "mem_hidden": 32, "cms_hidden": 128, "chunk_size": 64,
               "cms_periods": (64, 256, None)},
+    "base": {"d_model": 512, "n_layers": 4, "n_heads": 8, "mem_hidden": 32, "cms_hidden": 512, "chunk_size": 64,
+             "cms_periods": (64, 256, None)},
 }
 OPTIMIZERS = (*deepopt.OPTIMIZERS, "torch_adamw")
 SCHEDULES = ("constant", "cosine")
