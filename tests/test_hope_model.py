@@ -192,3 +192,10 @@ def test_compile_model_gives_the_eager_loss_and_gradients(variant):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=1e-12)
     for (n, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("size", ["smoke", "tiny", "small", "base"])
+def test_every_size_preset_builds_and_the_transformer_matches_its_parameter_count(size):
+    hope_cfg, transformer_cfg = model_config("hope", size), model_config("transformer", size)
+    h, t = n_params(hope_cfg), n_params(matched_transformer(transformer_cfg))
+    assert abs(h - t) / h < 0.01
