@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 import deepopt
 from deepopt.checkpoint import load_pretrained
+from deepopt.rules.deep import decayed_lr
 
 from .tasks import Task, held_out_task
 
@@ -52,7 +53,8 @@ def load_learned(
 def adam_with_decay(params: Iterable[torch.nn.Parameter], lr: float, decay: float) -> Optimizer:
     """``deepopt.Adam`` whose step t takes ``lr/(1 + decay·(t − 1))`` (a ``LambdaLR`` stepped after each step)."""
     opt = deepopt.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + decay * t))
+    # LambdaLR's t counts the steps taken, so the next one is step t + 1: DeepMomentum's own lr_decay formula
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: decayed_lr(1.0, decay, t + 1))
     opt.register_step_post_hook(lambda *_: schedule.step())
     return opt
 
