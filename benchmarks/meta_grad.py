@@ -38,8 +38,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import deepopt
 from deepopt.checkpoint import atomic_save_json
-from meta_train import Backprop, InnerState, MetaParams, Unroll, higher_unroll_loss
-from meta_train.tasks import Task, TaskStack, mlp_task
+from deepopt.meta_train import Backprop, InnerState, MetaParams, Unroll, higher_unroll_loss
+from deepopt.meta_train.tasks import Task, TaskStack, mlp_task
 
 
 def digits_task(seed: int = 0) -> Task:

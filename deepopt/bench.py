@@ -2,7 +2,8 @@
 
 Optimizers are timed round-robin (one step each, repeated), so background load hits every one alike,
 and each reports its median step time over the repeats, divided by that of torch's fused Adam and of
-torch's foreach Adam.
+torch's foreach Adam, and the number of aten ops one ``step()`` dispatches (a device-independent proxy for
+kernel launches: a ``_foreach`` or fused op counts once, whatever the number of tensors).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import deepopt
 
@@ -26,7 +28,38 @@ PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "1M-10": lambda: [(316, 316)] * 10,
     "10M-10": lambda: [(1000, 1000)] * 10,
     "transformer-12M": lambda: [(512, 512)] * 16 + [(2048, 512), (512, 2048)] * 4,
+    "gpt2-124M": lambda: gpt2_shapes(),
 }
+
+
+def gpt2_shapes(layers: int = 12, d: int = 768, vocab: int = 50304, context: int = 1024) -> list[tuple[int, ...]]:
+    """The 148 parameter shapes of GPT-2 small as nanoGPT builds it (vocabulary padded to 50304, Linear
+    weights as (out, in)): 124,475,904 parameters."""
+    block = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return [(vocab, d), (context, d), *block * layers, (d,), (d,)]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, by overload name (``counter.total``, ``counter.ops``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def count_step_ops(opt: torch.optim.Optimizer) -> OpCounter:
+    """The aten ops of one ``opt.step()``."""
+    with OpCounter() as counter:
+        opt.step()
+    return counter
 
 # label -> factory(params)
 OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
@@ -45,8 +78,9 @@ REFERENCES = ("torch Adam fused", "torch Adam foreach")
 
 
 def time_steps(param_set: str, optimizers: list[str], repeats: int, warmup: int,
-               device: str) -> dict[str, list[float]]:
-    """Seconds per step of each optimizer, timed round-robin on its own copy of the same parameters."""
+               device: str) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds per step of each optimizer, timed round-robin on its own copy of the same parameters, and
+    the aten ops of one (warm) step of each."""
     gen = torch.Generator().manual_seed(0)
     shapes = PARAM_SETS[param_set]()
     base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
@@ -67,7 +101,8 @@ def time_steps(param_set: str, optimizers: list[str], repeats: int, warmup: int,
             sync()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return times
+    ops = {name: count_step_ops(opt).total for name, opt in runs.items()}
+    return times, ops
 
 
 def run(param_sets: list[str], optimizers: list[str], repeats: int = 15, warmup: int = 3,
@@ -77,27 +112,29 @@ def run(param_sets: list[str], optimizers: list[str], repeats: int = 15, warmup:
     names = list(dict.fromkeys([*REFERENCES, *optimizers]))
     rows = []
     for ps in tqdm(param_sets, desc="bench", disable=not progress):
-        times = time_steps(ps, names, repeats, warmup, device)
+        times, ops = time_steps(ps, names, repeats, warmup, device)
         med = {n: statistics.median(t) for n, t in times.items()}
         for n in names:
-            rows.append({"params": ps, "optimizer": n, "median_ms": 1e3 * med[n],
+            rows.append({"params": ps, "optimizer": n, "median_ms": 1e3 * med[n], "aten_ops": ops[n],
                          "vs_fused_adam": med[n] / med["torch Adam fused"],
                          "vs_foreach_adam": med[n] / med["torch Adam foreach"]})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| params | optimizer | median step (ms) | × fused Adam | × foreach Adam |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["| params | optimizer | median step (ms) | × fused Adam | × foreach Adam | aten ops/step |",
+             "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['params']} | {r['optimizer']} | {r['median_ms']:.2f} | {r['vs_fused_adam']:.2f} "
-                     f"| {r['vs_foreach_adam']:.2f} |")
+                     f"| {r['vs_foreach_adam']:.2f} | {r['aten_ops']} |")
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.smoke:
         args.param_sets, args.repeats, args.warmup = ["100k-10"], 3, 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows = run(args.param_sets, args.optimizers, args.repeats, args.warmup, args.device)
     table = format_table(rows)
     print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -120,6 +157,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=15, help="timed steps per optimizer (default 15)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true", help="100k parameters, 3 repeats: a quick check")
     p.add_argument("--out", default=None, help="output folder (default runs/bench-<timestamp>)")
     p.set_defaults(func=main)

@@ -62,10 +62,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``meta-train`` subcommand."""
-    from meta_train.params import LEARNABLE
-    from meta_train.tasks import FAMILIES, HELD_OUT_SPECS
-    from meta_train.trainer import DTYPES, ESTIMATORS
-    from meta_train.unroll import OUTER_LOSSES
+    from deepopt.meta_train.params import LEARNABLE
+    from deepopt.meta_train.tasks import FAMILIES, HELD_OUT_SPECS
+    from deepopt.meta_train.trainer import DTYPES, ESTIMATORS
+    from deepopt.meta_train.unroll import OUTER_LOSSES
 
     p = subparsers.add_parser(
         "meta-train",
@@ -206,10 +206,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from deepopt.checkpoint import atomic_save_json
-    from meta_train.evaluate import evaluate
-    from meta_train.params import DEFAULT_LEARN
-    from meta_train.tasks import HELD_OUT_SPECS
-    from meta_train.trainer import DTYPES, OPTIMIZER_DIR, MetaTrainConfig, MetaTrainer
+    from deepopt.meta_train.evaluate import evaluate
+    from deepopt.meta_train.params import DEFAULT_LEARN
+    from deepopt.meta_train.tasks import HELD_OUT_SPECS
+    from deepopt.meta_train.trainer import DTYPES, OPTIMIZER_DIR, MetaTrainConfig, MetaTrainer
 
     torch.set_num_threads(args.threads)
     size = _resolve(args)

@@ -1,6 +1,6 @@
 """Meta-training deepopt optimizers through unrolled inner loops (torch.func, higher, ES).
 
-    from meta_train import MetaParams, Unroll, Backprop, AntitheticES, InnerState, sample_task
+    from deepopt.meta_train import MetaParams, Unroll, Backprop, AntitheticES, InnerState, sample_task
     meta = MetaParams("deep_momentum", lr=0.03)              # learns θ₀ = (W1, W2), α, η, lr
     task = sample_task("digits", seed=0)
     est = Backprop()(Unroll(meta, task, steps=20), InnerState.fresh(task))   # est.loss, est.grads

@@ -1,6 +1,6 @@
 """deepopt optimizers inside ``higher``: differentiable unrolls in MAML-style user code.
 
-Importing this module (``import meta_train`` does) registers one ``higher`` differentiable optimizer
+Importing this module (``import deepopt.meta_train`` does) registers one ``higher`` differentiable optimizer
 for every deepopt optimizer class, so::
 
     opt = deepopt.DeepMomentum(model.parameters(), lr=0.05)
@@ -24,7 +24,7 @@ from higher.optim import DifferentiableOptimizer
 from torch import Tensor
 
 import deepopt
-import optimizers
+from deepopt import optimizers
 from deepopt.rules import Rule
 
 from .unroll import Unroll

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import deepopt
 from deepopt.checkpoint import save_pretrained
-from meta_train import (
+from deepopt.meta_train import (
     InnerState,
     MetaParams,
     MetaTrainConfig,
@@ -23,7 +23,7 @@ from meta_train import (
     held_out_task,
     sample_task,
 )
-from meta_train.evaluate import load_learned, speedup, steps_to_reach
+from deepopt.meta_train.evaluate import load_learned, speedup, steps_to_reach
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(meta_steps=6, unroll=3, horizon=6, tasks_per_step=2, save_every=2, hparams={"lr": 0.03})
