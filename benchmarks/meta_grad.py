@@ -34,12 +34,12 @@ from collections.abc import Callable
 
 import higher
 import torch
+from deepopt.meta_train import Backprop, InnerState, MetaParams, Unroll, higher_unroll_loss
+from deepopt.meta_train.tasks import Task, TaskStack, mlp_task
 from torch.profiler import ProfilerActivity, profile
 
 import deepopt
 from deepopt.checkpoint import atomic_save_json
-from deepopt.meta_train import Backprop, InnerState, MetaParams, Unroll, higher_unroll_loss
-from deepopt.meta_train.tasks import Task, TaskStack, mlp_task
 
 
 def digits_task(seed: int = 0) -> Task:

@@ -10,10 +10,10 @@ from pathlib import Path
 import higher
 import pytest
 import torch
-
-import deepopt
 from deepopt.meta_train import AntitheticES, Backprop, InnerState, MetaParams, Unroll, higher_unroll_loss
 from deepopt.meta_train.tasks import TaskStack, digits_task, mlp_task, quadratic_task
+
+import deepopt
 
 F64 = torch.float64
 # Small configurations with a non-trivial inner trajectory (digits seed 1: width 16, tanh, batch 32).

@@ -10,10 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-import deepopt
-from deepopt.checkpoint import save_pretrained
 from deepopt.meta_train import (
     InnerState,
     MetaParams,
@@ -24,6 +20,10 @@ from deepopt.meta_train import (
     sample_task,
 )
 from deepopt.meta_train.evaluate import load_learned, speedup, steps_to_reach
+from safetensors.torch import load_file
+
+import deepopt
+from deepopt.checkpoint import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(meta_steps=6, unroll=3, horizon=6, tasks_per_step=2, save_every=2, hparams={"lr": 0.03})
