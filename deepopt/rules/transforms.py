@@ -58,7 +58,7 @@ def descend(direction: Tensor, param: Tensor, hp: Hparams) -> Tensor:
 
 def init_preconditioner(param: Tensor, hp: Hparams) -> State:
     if hp["preconditioner"] == "adam":
-        return {"step": torch.zeros((), dtype=step_dtype()), "exp_avg_sq": torch.zeros_like(param)}
+        return {"step": new_step(param), "exp_avg_sq": torch.zeros_like(param)}
     return {}
 
 
@@ -69,7 +69,7 @@ def precondition(grad: Tensor, state: State, hp: Hparams) -> tuple[Tensor, State
     step = state["step"] + 1
     beta2 = hp["beta2"]
     v = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
-    bias_correction2 = 1 - beta2 ** step.to(grad.dtype)
+    bias_correction2 = (1 - beta2 ** step_float(step, grad)).to(grad.dtype)
     denom = sqrt0(v / bias_correction2) + hp["eps"]
     return grad / denom, {"step": step, "exp_avg_sq": v}
 
@@ -114,3 +114,14 @@ def is_zero(value: Any) -> bool:
 
 def step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def new_step(param: Tensor) -> Tensor:
+    """A fresh step counter: a 0-dim tensor on ``param``'s device (so no kernel waits on the host)."""
+    return torch.zeros((), dtype=step_dtype(), device=param.device)
+
+
+def step_float(step: Tensor, like: Tensor) -> Tensor:
+    """``step`` as a float for bias corrections and schedules: fp64 for fp64 tensors, else fp32, so that
+    ``1 − β₂ᵗ`` does not round to 0 in bf16/fp16 (the caller casts the small result, as torch does)."""
+    return step.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
