@@ -69,7 +69,7 @@ def precondition(grad: Tensor, state: State, hp: Hparams) -> tuple[Tensor, State
     step = state["step"] + 1
     beta2 = hp["beta2"]
     v = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
-    bias_correction2 = (1 - beta2 ** step_float(step, grad)).to(grad.dtype)
+    bias_correction2 = 1 - beta2 ** step_float(step, grad)  # 0-dim fp32: does not promote grad
     denom = sqrt0(v / bias_correction2) + hp["eps"]
     return grad / denom, {"step": step, "exp_avg_sq": v}
 
