@@ -12,7 +12,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -20,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import deepopt
 
-from .checkpoint import atomic_save_json
+from .checkpoint import atomic_save_json, atomic_write
+from .runs import add_out_option, check_at_least, check_device, prepare_out, show_progress, wrote
 
 # name -> shapes of the parameter tensors
 PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
@@ -131,33 +131,40 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.smoke:
-        args.param_sets, args.repeats, args.warmup = ["100k-10"], 3, 1
+    smoke = {"param_sets": ["100k-10"], "repeats": 3, "warmup": 1}  # --smoke sizes; explicit options win
+    default = {"param_sets": ["1M-10", "10M-10", "transformer-12M"], "repeats": 15, "warmup": 3}
+    for key, value in (smoke if args.smoke else default).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_at_least(args, 1, "repeats", "threads")
+    check_at_least(args, 0, "warmup")
+    check_device(args.device)
+    out = prepare_out(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = run(args.param_sets, args.optimizers, args.repeats, args.warmup, args.device)
+    rows = run(args.param_sets, args.optimizers, args.repeats, args.warmup, args.device,
+               progress=show_progress(True))
     table = format_table(rows)
     print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(table)
-    out = Path(args.out or f"runs/bench-{datetime.now():%Y%m%d-%H%M%S}")
-    out.mkdir(parents=True, exist_ok=True)
     atomic_save_json({"device": args.device, "torch": torch.__version__, "rows": rows}, out / "bench.json")
-    (out / "bench.md").write_text(table + "\n")
-    print(f"wrote {out / 'bench.json'}")
+    atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    wrote(out)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="optimizer step time as a ratio to torch.optim.Adam",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--param-sets", nargs="+", default=["1M-10", "10M-10", "transformer-12M"],
-                   choices=list(PARAM_SETS), help="parameter sets to time (default: 1M-10 10M-10 transformer-12M)")
+    p.add_argument("--param-sets", nargs="+", choices=list(PARAM_SETS),
+                   help="parameter sets to time (default: 1M-10 10M-10 transformer-12M; --smoke: 100k-10)")
     p.add_argument("--optimizers", nargs="+", default=[n for n in OPTIMIZERS if n not in REFERENCES],
                    choices=list(OPTIMIZERS), help="optimizers to time besides the two torch Adam references")
-    p.add_argument("--repeats", type=int, default=15, help="timed steps per optimizer (default 15)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--repeats", type=int, help="timed steps per optimizer, >= 1 (default 15; --smoke: 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps first, >= 0 (default 3; --smoke: 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--smoke", action="store_true", help="100k parameters, 3 repeats: a quick check")
-    p.add_argument("--out", default=None, help="output folder (default runs/bench-<timestamp>)")
+    p.add_argument("--smoke", action="store_true",
+                   help="100k parameters, 3 repeats, 1 warm-up: a quick check (explicit options win)")
+    add_out_option(p, "bench", ("bench.json", "bench.md"))
     p.set_defaults(func=main)

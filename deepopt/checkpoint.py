@@ -2,19 +2,23 @@
 
 Nothing here unpickles: tensors load with ``safetensors`` and torch files with ``weights_only=True``.
 Every write goes to a temporary file in the destination folder and is renamed into place, so a
-crash leaves either the old file or the new one, never a torn one.
+crash leaves either the old file or the new one, never a torn one; the file gets the permissions a
+plain ``open(path, "w")`` would (0644 under the usual umask 022).  A missing, truncated or corrupt file
+raises a ``ValueError`` (``FileNotFoundError`` when missing) that names it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -30,11 +34,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save_json(obj: Any, path: str | os.PathLike) -> None:
@@ -58,11 +69,34 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """Load a torch file with ``weights_only=True`` (no arbitrary unpickling)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    _require_file(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint of plain tensors and data (truncated or "
+                         f"corrupt?): {type(err).__name__}") from err
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
-    return load_file(str(path))
+    _require_file(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """``json.load`` of ``path``; a truncated or invalid file raises a ``ValueError`` naming it."""
+    _require_file(path)
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {err}") from err
+
+
+def _require_file(path: str | os.PathLike) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(2, "no such file" if not os.path.exists(path) else "not a file", str(path))
 
 
 def save_pretrained(path: str | os.PathLike, optimizer: str, hparams: Mapping[str, Any],
@@ -85,8 +119,7 @@ def load_pretrained(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[
     for f in (config_file, tensor_file):
         if not f.is_file():
             raise FileNotFoundError(f"{path} is not a saved optimizer: missing {f.name}")
-    with open(config_file) as f:
-        config = json.load(f)
+    config = load_json(config_file)
     if not isinstance(config, dict) or not {"optimizer", "hparams"} <= set(config):
         raise ValueError(f"{config_file} must hold an object with 'optimizer' and 'hparams'")
     return config["optimizer"], dict(config["hparams"]), load_tensors(tensor_file)
