@@ -24,15 +24,17 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import multiprocessing
+import os
 import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ from deepopt.noise import (
     corrupt_labels,
     make_noise,
 )
+from deepopt.runs import add_out_option, prepare_out, show_progress, wrote
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "delta_momentum", "deep_momentum", "torch_adam")
 NOISE_MODELS = (*NOISES, *TASK_NOISES)
@@ -276,18 +279,58 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
     }
 
 
-def _execute(specs: Sequence[RunSpec], workers: int, desc: str, progress: bool) -> list[dict[str, Any]]:
-    """Run ``specs`` (zero-noise runs shared across noise models), in ``workers`` processes if > 1."""
+class RunLog:
+    """``runs.jsonl`` in the output folder: every finished run (its spec and record) on one line, appended
+    and flushed as it finishes, so a kill or a late failure keeps what was computed; a resumed study
+    reads it back (a line torn by a kill is dropped) and skips those runs."""
+
+    FILE = "runs.jsonl"
+
+    def __init__(self, out: str | Path, resume: bool) -> None:
+        self.path = Path(out) / self.FILE
+        self.done: dict[str, dict[str, Any]] = {}
+        lines = self.path.read_text().splitlines() if resume and self.path.is_file() else []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                self.done[entry["spec"]] = entry["record"]
+            except (ValueError, KeyError, TypeError):
+                continue
+        kept = "".join(json.dumps({"spec": k, "record": r}) + "\n" for k, r in self.done.items())
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(kept))
+
+    @staticmethod
+    def key(spec: RunSpec) -> str:
+        return json.dumps(asdict(spec), sort_keys=True)
+
+    def add(self, spec: RunSpec, record: dict[str, Any]) -> None:
+        line = json.dumps({"spec": self.key(spec), "record": record}) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[self.key(spec)] = record
+
+
+def _execute(specs: Sequence[RunSpec], workers: int, desc: str, progress: bool,
+             log: RunLog | None = None) -> list[dict[str, Any]]:
+    """Run ``specs`` (zero-noise runs shared across noise models), in ``workers`` processes if > 1; runs
+    already in ``log`` are read from it, new ones are appended to it as they finish."""
     canonical = [replace(s, noise="none", level=0.0) if s.level == 0 else s for s in specs]
     unique = list(dict.fromkeys(canonical))
-    bar = {"total": len(unique), "desc": desc, "disable": not progress, "unit": "run"}
-    if workers > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            results = list(tqdm(pool.map(train_run, unique, chunksize=4), **bar))
-    else:
-        results = [train_run(s) for s in tqdm(unique, **bar)]
-    by_spec = dict(zip(unique, results))
+    by_spec = {s: log.done[RunLog.key(s)] for s in unique if log is not None and RunLog.key(s) in log.done}
+    todo = [s for s in unique if s not in by_spec]
+    bar = {"total": len(unique), "initial": len(by_spec), "desc": desc, "disable": not progress, "unit": "run"}
+    with ExitStack() as stack:
+        if workers > 1 and len(todo) > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+            results = pool.map(train_run, todo, chunksize=4)
+        else:
+            results = map(train_run, todo)
+        for spec, record in zip(todo, tqdm(results, **bar)):
+            by_spec[spec] = record
+            if log is not None:
+                log.add(spec, record)
     return [{**by_spec[c], "noise": s.noise} for s, c in zip(specs, canonical)]
 
 
@@ -328,14 +371,16 @@ def run(task: str = "digits", optimizers: Sequence[str] = OPTIMIZERS,
         seeds: int = 5, steps: int = 300, lrs: Sequence[float] = DEFAULT_LRS, tune_seeds: int = 2,
         retune: bool = False, eval_every: int = 10, target: float | None = None, metric: str = "test_loss",
         dof: float = 3.0, gamma: float = 0.0, relative: bool = True, workers: int = 1,
-        out: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
+        out: str | Path | None = None, progress: bool = True, resume: bool = False) -> list[dict[str, Any]]:
     """Run the study; return one record per (optimizer, noise, level, seed) run.
 
     ``noises``: default every model that applies to the task (label noise needs classes).
     ``levels``: one sequence for every noise model, a mapping noise → levels, or ``None`` for
     ``DEFAULT_LEVELS`` (level 0 is always added: it is the reference of the degradation ratio).
     ``lrs`` is the tuning sweep, run on ``tune_seeds`` seeds disjoint from the study's ``seeds``.
-    With ``out``, also writes ``results.csv``, ``curves.csv``, ``summary.json`` and the plots there.
+    With ``out`` (an existing folder), appends every run to ``out/runs.jsonl`` as it finishes (``resume``:
+    runs already there are not run again) and writes ``results.csv``, ``curves.csv``, ``summary.json`` and
+    the plots there at the end.
     """
     the_task = get_task(task)
     if noises is None:
@@ -363,17 +408,18 @@ def run(task: str = "digits", optimizers: Sequence[str] = OPTIMIZERS,
     base = RunSpec(task, "", "none", 0.0, 0, 0.0, steps, eval_every,
                    the_task.target if target is None else float(target), dof, gamma, relative)
 
+    log = None if out is None else RunLog(out, resume)
     cells = [(o, n, lv) for o in optimizers for n in noises for lv in grid[n]] if retune else \
         [(o, "none", 0.0) for o in optimizers]
     tuning = _execute([replace(base, optimizer=o, noise=n, level=lv, seed=TUNE_SEED_OFFSET + s, lr=float(lr))
                        for o, n, lv in cells for lr in lrs for s in range(tune_seeds)],
-                      workers, "tuning lr", progress)
+                      workers, "tuning lr", progress, log)
     best, tuned = _best_lrs(tuning, lrs)
     lr_of = (lambda o, n, lv: best[(o, n, lv)]) if retune else (lambda o, n, lv: best[(o, "none", 0.0)])
     started = time.time()
     records = _execute([replace(base, optimizer=o, noise=n, level=lv, seed=s, lr=lr_of(o, n, lv))
                         for o in optimizers for n in noises for lv in grid[n] for s in range(seeds)],
-                       workers, "robustness", progress)
+                       workers, "robustness", progress, log)
     if out is not None:
         config = {"task": task, "optimizers": list(optimizers), "levels": grid, "seeds": seeds, "steps": steps,
                   "lrs": list(lrs), "tune_seeds": tune_seeds, "retune": retune, "eval_every": eval_every,
@@ -536,7 +582,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--absolute", action="store_true",
                    help="additive noise std is σ, not σ × the tensor's gradient RMS")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--out", type=Path, help="output folder (default runs/<timestamp>)")
+    add_out_option(p, "robustness", (RunLog.FILE, "results.csv", "curves.csv", "summary.json"))
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the study in --out: runs already in its {RunLog.FILE} are not run again")
     p.add_argument("--smoke", action="store_true",
                    help="tiny grid for CI: 2 noise models × 2 levels × 2 seeds × 40 steps (< 1 minute)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -552,9 +600,10 @@ def main(args: argparse.Namespace) -> int:
         options["levels"] = _levels_option(args.levels)
         if isinstance(options["levels"], dict) and args.noises is None:  # NOISE=... names the noise models
             options["noises"] = tuple(options["levels"])
-    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out = prepare_out(args)
     records = run(task=args.task, metric=args.metric, dof=args.dof, gamma=args.gamma, relative=not args.absolute,
-                  workers=args.workers, out=out, progress=not args.no_progress, **options)
+                  workers=args.workers, out=out, progress=show_progress(not args.no_progress), resume=args.resume,
+                  **options)
     ranking = summarize(records, args.metric)["ranking"][args.metric]
     print(f"degradation of {args.metric}, loss(σ)/loss(0) averaged over levels (geometric mean, 95% CI), "
           "least first:")
@@ -562,7 +611,7 @@ def main(args: argparse.Namespace) -> int:
         cells = ", ".join(f"{o} {v['factor']:.3g} [{v['ci_low'] or math.nan:.3g}, {v['ci_high'] or math.nan:.3g}]"
                           for o, v in sorted(entry["degradation"].items(), key=lambda kv: kv[1]["factor"]))
         print(f"  {noise}: {cells}")
-    print(f"wrote {out}")
+    wrote(out)
     return 0
 
 
