@@ -27,7 +27,6 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import time
 import warnings
 from collections import defaultdict
@@ -56,7 +55,7 @@ from deepopt.noise import (
     corrupt_labels,
     make_noise,
 )
-from deepopt.runs import add_out_option, prepare_out, show_progress, wrote
+from deepopt.runs import JsonLines, add_out_option, prepare_out, show_progress, wrote
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "delta_momentum", "deep_momentum", "torch_adam")
 NOISE_MODELS = (*NOISES, *TASK_NOISES)
@@ -279,46 +278,20 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
     }
 
 
-class RunLog:
-    """``runs.jsonl`` in the output folder: every finished run (its spec and record) on one line, appended
-    and flushed as it finishes, so a kill or a late failure keeps what was computed; a resumed study
-    reads it back (a line torn by a kill is dropped) and skips those runs."""
+RUNS_FILE = "runs.jsonl"  # every finished run, one line each (deepopt.runs.JsonLines)
 
-    FILE = "runs.jsonl"
 
-    def __init__(self, out: str | Path, resume: bool) -> None:
-        self.path = Path(out) / self.FILE
-        self.done: dict[str, dict[str, Any]] = {}
-        lines = self.path.read_text().splitlines() if resume and self.path.is_file() else []
-        for line in lines:
-            try:
-                entry = json.loads(line)
-                self.done[entry["spec"]] = entry["record"]
-            except (ValueError, KeyError, TypeError):
-                continue
-        kept = "".join(json.dumps({"spec": k, "record": r}) + "\n" for k, r in self.done.items())
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(kept))
-
-    @staticmethod
-    def key(spec: RunSpec) -> str:
-        return json.dumps(asdict(spec), sort_keys=True)
-
-    def add(self, spec: RunSpec, record: dict[str, Any]) -> None:
-        line = json.dumps({"spec": self.key(spec), "record": record}) + "\n"
-        with open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        self.done[self.key(spec)] = record
+def _key(spec: RunSpec) -> str:
+    return json.dumps(asdict(spec), sort_keys=True)
 
 
 def _execute(specs: Sequence[RunSpec], workers: int, desc: str, progress: bool,
-             log: RunLog | None = None) -> list[dict[str, Any]]:
+             log: JsonLines | None = None) -> list[dict[str, Any]]:
     """Run ``specs`` (zero-noise runs shared across noise models), in ``workers`` processes if > 1; runs
     already in ``log`` are read from it, new ones are appended to it as they finish."""
     canonical = [replace(s, noise="none", level=0.0) if s.level == 0 else s for s in specs]
     unique = list(dict.fromkeys(canonical))
-    by_spec = {s: log.done[RunLog.key(s)] for s in unique if log is not None and RunLog.key(s) in log.done}
+    by_spec = {s: log.done[_key(s)] for s in unique if log is not None and _key(s) in log.done}
     todo = [s for s in unique if s not in by_spec]
     bar = {"total": len(unique), "initial": len(by_spec), "desc": desc, "disable": not progress, "unit": "run"}
     with ExitStack() as stack:
@@ -330,7 +303,7 @@ def _execute(specs: Sequence[RunSpec], workers: int, desc: str, progress: bool,
         for spec, record in zip(todo, tqdm(results, **bar)):
             by_spec[spec] = record
             if log is not None:
-                log.add(spec, record)
+                log.add(_key(spec), record)
     return [{**by_spec[c], "noise": s.noise} for s, c in zip(specs, canonical)]
 
 
@@ -408,7 +381,7 @@ def run(task: str = "digits", optimizers: Sequence[str] = OPTIMIZERS,
     base = RunSpec(task, "", "none", 0.0, 0, 0.0, steps, eval_every,
                    the_task.target if target is None else float(target), dof, gamma, relative)
 
-    log = None if out is None else RunLog(out, resume)
+    log = None if out is None else JsonLines(Path(out) / RUNS_FILE, resume)
     cells = [(o, n, lv) for o in optimizers for n in noises for lv in grid[n]] if retune else \
         [(o, "none", 0.0) for o in optimizers]
     tuning = _execute([replace(base, optimizer=o, noise=n, level=lv, seed=TUNE_SEED_OFFSET + s, lr=float(lr))
@@ -582,9 +555,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--absolute", action="store_true",
                    help="additive noise std is σ, not σ × the tensor's gradient RMS")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    add_out_option(p, "robustness", (RunLog.FILE, "results.csv", "curves.csv", "summary.json"))
+    add_out_option(p, "robustness", (RUNS_FILE, "results.csv", "curves.csv", "summary.json"))
     p.add_argument("--resume", action="store_true",
-                   help=f"continue the study in --out: runs already in its {RunLog.FILE} are not run again")
+                   help=f"continue the study in --out: runs already in its {RUNS_FILE} are not run again")
     p.add_argument("--smoke", action="store_true",
                    help="tiny grid for CI: 2 noise models × 2 levels × 2 seeds × 40 steps (< 1 minute)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import deepopt
 
@@ -98,6 +99,34 @@ def prepare_out(args: argparse.Namespace) -> Path:
         atomic_save_json({"command": command, "deepopt": deepopt.__version__,
                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, out / RUN_MARKER)
     return out
+
+
+class JsonLines:
+    """A results file of one JSON object per line, ``{"key": ..., "value": ...}``, each appended, flushed
+    and fsync'd as it is computed, so a kill or a late failure keeps what was done.  Opened with
+    ``resume``, it reads back the entries (``done``: key → value; a line torn by a kill is dropped);
+    otherwise it starts empty."""
+
+    def __init__(self, path: str | os.PathLike, resume: bool) -> None:
+        from .checkpoint import atomic_write
+
+        self.path = Path(path)
+        self.done: dict[str, Any] = {}
+        for line in self.path.read_text().splitlines() if resume and self.path.is_file() else []:
+            try:
+                entry = json.loads(line)
+                self.done[entry["key"]] = entry["value"]
+            except (ValueError, KeyError, TypeError):
+                continue
+        kept = "".join(json.dumps({"key": k, "value": v}) + "\n" for k, v in self.done.items())
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(kept))
+
+    def add(self, key: str, value: Any) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"key": key, "value": value}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[key] = value
 
 
 def _check_writable(folder: Path) -> None:
