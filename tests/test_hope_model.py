@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from deepopt.hope.model import (
     VARIANTS,
     CMSLevel,
+    apply_variant,
+    set_in_context_learning,
     HopeConfig,
     LanguageModel,
     SelfModifyingTitans,
@@ -57,10 +59,11 @@ def test_chunk_parallel_equals_token_sequential_float64(overrides):
     for a, b, w0 in zip(w_par, w_seq, init):
         assert (a - b).abs().max() <= 1e-8
         assert (a - w0).abs().max() > 1e-3  # the memories did update
+    err = 0.05 * torch.randn_like(x)
     for level in m.blocks[0].cms:
-        _, (p1, p2, n_par) = level(x, return_state=True)
-        _, (s1, s2, n_seq) = level(x, reference=True, return_state=True)
-        assert n_par == n_seq
+        _, (p1, p2, n_par) = level(x, err, return_state=True)
+        _, (s1, s2, n_seq) = level(x, err, reference=True, return_state=True)
+        assert n_par == n_seq == (0 if level.period is None else 23 // level.period)
         assert max((p1 - s1).abs().max(), (p2 - s2).abs().max()) <= 1e-8
 
 
@@ -71,14 +74,15 @@ def test_cms_level_updates_exactly_every_period(period):
     level = CMSLevel(cfg, period).double()
     T = 20
     x = torch.randn(1, T, cfg.d_model, dtype=torch.float64)
-    y, (_, _, n_updates) = level(x, return_state=True)
+    err = 0.05 * torch.randn_like(x)  # the size of a next-token loss's error signals
+    y, (_, _, n_updates) = level(x, err, return_state=True)
     assert n_updates == T // period
     # Perturbing token s changes token t != s only once the chunk holding s has been applied to the state:
     # exactly the tokens from the next multiple of `period` on.
     for s in range(T):
         xp = x.clone()
         xp[0, s] += 1.0
-        changed = ((level(xp) - y).abs().amax(-1)[0] > 1e-12).nonzero().flatten().tolist()
+        changed = ((level(xp, err) - y).abs().amax(-1)[0] > 1e-12).nonzero().flatten().tolist()
         first = (s // period + 1) * period
         assert changed == [s] + list(range(max(first, s + 1), T)), (s, changed)
 
@@ -125,7 +129,7 @@ def test_gradients_reach_meta_learned_initial_states(self_modifying):
     for level in m.blocks[0].cms:
         assert level.W1.grad.abs().sum() > 0 and level.W2.grad.abs().sum() > 0
         if level.period is not None:
-            assert level.W_v.grad.abs().sum() > 0  # values only matter through the in-context updates
+            assert level.eta_rho.grad.abs() > 0  # η^{(ℓ)} only matters through the in-context updates
 
 
 def test_transformer_matches_hope_parameter_count_and_variants_build():
@@ -133,8 +137,8 @@ def test_transformer_matches_hope_parameter_count_and_variants_build():
     hope, tf = n_params(cfg), n_params(matched_transformer(cfg))
     assert abs(tf - hope) / hope < 0.01
     idx = torch.randint(0, 256, (1, 9))
-    for name, over in VARIANTS.items():
-        logits, loss = LanguageModel(HopeConfig(**{**TINY, **over}))(idx, idx)
+    for name in VARIANTS:
+        logits, loss = LanguageModel(apply_variant(HopeConfig(**TINY), name))(idx, idx)
         assert logits.shape == (1, 9, 256) and torch.isfinite(loss), name
 
 
@@ -142,7 +146,7 @@ def test_transformer_matches_hope_parameter_count_and_variants_build():
     ({"model": "rnn"}, ValueError), ({"d_model": 15}, ValueError), ({"cms_periods": (0,)}, ValueError),
     ({"inner_rule": "adam"}, ValueError), ({"inner_rule": "nope"}, ValueError), ({"eta_max": 2.0}, ValueError),
     ({"inner_hparams": {"momentum": 0.9, "nonlinearity": "newton_schulz"}, "inner_rule": "momentum"}, ValueError),
-    ({"inner_hparams": {"bogus": 1}}, TypeError), ({"activation": "swish"}, ValueError),
+    ({"inner_hparams": {"bogus": 1}}, TypeError), ({"activation": "swish"}, ValueError), ({"cms_lr": 0.0}, ValueError),
 ])
 def test_bad_config_is_rejected_with_the_argument_named(bad, err):
     with pytest.raises(err):
@@ -199,3 +203,73 @@ def test_every_size_preset_builds_and_the_transformer_matches_its_parameter_coun
     hope_cfg, transformer_cfg = model_config("hope", size), model_config("transformer", size)
     h, t = n_params(hope_cfg), n_params(matched_transformer(transformer_cfg))
     assert abs(h - t) / h < 0.01
+
+
+def test_cms_step_is_eq71_gradient_descent_on_the_error_signal():
+    """One period's update equals θ₀ − η/C·∇_θ Σ_t⟨M_θ(k_t), δ_t⟩ (autograd), η = softplus(ρ)."""
+    torch.manual_seed(1)
+    cfg = HopeConfig(**{**TINY, "cms_periods": (6,)}, cms_lr=0.7)
+    level = CMSLevel(cfg, 6).double()
+    x, err = torch.randn(1, 6, cfg.d_model, dtype=torch.float64), torch.randn(1, 6, cfg.d_model, dtype=torch.float64)
+    _, (w1, w2, n) = level(x, err, return_state=True)
+    y = level(x)  # θ₀ read throughout
+    g1, g2 = torch.autograd.grad((y * err).sum(), (level.W1, level.W2))
+    eta = F.softplus(level.eta_rho)
+    assert n == 1 and abs(float(eta.detach()) - 0.7) < 1e-6
+    torch.testing.assert_close(w1[0], level.W1 - eta / 6 * g1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w2[0], level.W2 - eta / 6 * g2, rtol=0, atol=1e-12)
+
+
+def test_cms_error_signals_are_next_token_loss_gradients_and_the_model_stays_causal():
+    cfg = HopeConfig(**{**TINY, "cms_periods": (4, None)})
+    m = perturbed(cfg)
+    idx = torch.randint(0, 256, (1, 13))
+    err = m.cms_errors(idx)
+    assert err.shape == (1, 13, cfg.d_model)
+    assert err[0, -1].abs().max() == 0 and err[0, :-1].abs().amax(-1).min() > 0  # no target after T−1
+    # δ_t = ∂ℓ_t/∂x_t at the final residual stream of the model whose CMS levels do not learn
+    set_in_context_learning(m, cms=False)
+    x = m.embed(idx)
+    for blk in m.blocks:
+        x = blk(x)
+    losses = F.cross_entropy(m.norm(x)[0] @ m.embed.weight.mT, torch.cat([idx[0, 1:], idx[0, :1]]), reduction="none")
+    for t in (0, 5, 11):
+        torch.testing.assert_close(torch.autograd.grad(losses[t], x, retain_graph=True)[0][0, t], err[0, t])
+    set_in_context_learning(m, cms=True)
+    logits, _ = m(idx)
+    for s in (3, 4, 9):
+        other = idx.clone()
+        other[0, s] = (idx[0, s] + 1) % 256
+        diff = (m(other)[0] - logits).abs().amax(-1)[0]
+        assert (diff[:s] == 0).all() and diff[s] > 0, s
+
+
+def test_switching_in_context_learning_off_freezes_every_memory_at_its_initial_state():
+    cfg = HopeConfig(**TINY)
+    m = perturbed(cfg)
+    frozen = copy.deepcopy(m)
+    with torch.no_grad():
+        for blk in frozen.blocks:
+            blk.titans.f.b_eta.fill_(-1e4)
+            blk.titans.f.b_alpha.fill_(1e4)
+            for level in blk.cms:
+                level.period = None
+    idx = torch.randint(0, 256, (2, 17))
+    learning, _ = m(idx)
+    set_in_context_learning(m, cms=False)
+    no_cms, _ = m(idx)
+    set_in_context_learning(m, titans=False)
+    assert not m.cms_learns
+    torch.testing.assert_close(m(idx)[0], frozen(idx)[0], rtol=0, atol=1e-12)
+    assert (no_cms - learning).abs().max() > 1e-6 and (m(idx)[0] - no_cms).abs().max() > 1e-6
+    set_in_context_learning(m, cms=True, titans=True)
+    torch.testing.assert_close(m(idx)[0], learning, rtol=0, atol=0)
+
+
+def test_single_cms_variant_is_one_middle_level_with_every_level_s_width():
+    for size in ("tiny", "small"):
+        base, single = model_config("hope", size), model_config("hope-single-cms", size)
+        finite = [p for p in base.cms_periods if p is not None]
+        assert single.cms_periods == (finite[len(finite) // 2],)
+        assert single.cms_hidden == base.cms_hidden * len(base.cms_periods)
+        assert single == apply_variant(base, "hope-single-cms")  # one definition, whichever path builds it

@@ -8,17 +8,18 @@ Every memory has the form ``M(x) = x + W₁σ(W₂x)`` (W₁: d×h, W₂: h×d) 
 
 **Self-modifying Titans** (Nested Learning Eq. 76–93), per head, input ``u_t`` = short causal conv (width 4)
 of a projection of ``x_t``, query ``q_t`` = ℓ2-normalised conv projection.  Five memories
-``M_k, M_v, M_η, M_α, M_mem`` produce ``k_t = M_k(u_t)/‖·‖``, ``v_t = M_v(u_t)``,
-``η_t = (η_max/C)·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)``, and each memory
-□ is trained on its self-generated value ``v̂_□ = M_□(v_t)/‖·‖`` (ℓ2-normalised like q and k: unnormalised,
-the self-referential target grows with the memory and the inner regression runs away)::
+``M_k, M_v, M_η, M_α, M_mem`` produce ``k_t = M_k(u_t)/‖·‖``, ``v_t = M_v(u_t)`` (Eq. 76–81),
+``η_t = η_max·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)`` (Eq. 82–83), and each
+memory □ is trained on its self-generated value ``v̂_□ = M_□(v_t)/‖·‖`` (Eq. 84; ℓ2-normalised like q and k:
+unnormalised, the self-referential target grows with the memory and the inner regression runs away)::
 
-    W_t = α_t W_{t−1} − η_t U_t,   U_t = ∇ℓ(M_□; k_t, v̂_□)  (+ Delta-GD term z kᵀ on W₂)
+    W_t = α_t W_{t−1} − η_t U_t,   U_t = ∇ℓ(M_□; k_t, v̂_□)  (+ Delta-GD term z kᵀ on W₂)   (Eq. 85–93)
 
-(C = chunk size: a chunk's C steps are all taken at its start state, so their sum is capped at η_max;
-the gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and ``g₂/(1 + ‖W₁‖²)`` for W₂: k is
+η_max is a per-token cap (earlier versions capped at η_max/C, which bound on a third of the tokens of a
+trained model: the outer loop wanted larger steps; ``docs/notes/hope.md`` has the measured fractions).  The
+gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and ``g₂/(1 + ‖W₁‖²)`` for W₂: k is
 unit-norm but h and W₁ are not, and without it the in-context regression diverges once the outer loop
-grows them).
+grows them.
 
 Chunk-parallel training (paper Sec. 8.2): in a chunk starting at state ``W_c`` every gradient, read of
 ``k, v, η, α`` and value is taken at ``W_c``; with ``G_t = α_t G_{t−1} + η_t U_t`` and ``A_t = Π α``
@@ -29,12 +30,17 @@ of the chunk the rule's update is committed.  ``reference=True`` runs the same r
 token with explicit states (the test oracle).  With ``self_modifying=False`` only ``M_mem`` learns in
 context: the other four are static maps (their initial states) and ``v̂ = v/‖v‖``.
 
-**CMS** (Eq. 70–71): a chain of levels ``h ← h + W₁σ(W₂ norm(h))``; level ℓ reads its state for a whole
-chunk of ``C^{(ℓ)}`` tokens, accumulates the mean (normalised-LMS) gradient of ``½‖M(k) − v‖²`` with ``k = norm(h)``,
-``v = k + W_v k`` (a learned value map) and applies it once per chunk through a deepopt rule with
-step ``cms_lr/d`` (``‖k‖² = d`` after RMSNorm, so ``cms_lr < 2`` keeps the regression step stable).  A period
-of ``None`` (∞) never updates: the level is a plain residual MLP.  Initial memory states are outer
-parameters in both parts.
+**CMS** (Eq. 70–71): a chain of levels ``y = h + W₁σ(W₂ norm(h))``.  Level ℓ reads one state for a whole
+chunk of ``C^{(ℓ)}`` tokens and, at the chunk's end, takes the step of Eq. 71,
+``θ ← θ − η^{(ℓ)}·(1/C)·Σ_t f(θ; x_t)`` with ``f`` the error component of gradient descent on the model's
+own objective: ``f = ∇_θ ⟨y_t(θ), δ_t⟩``, ``δ_t`` the gradient of token t's next-token loss (its target,
+token t+1, is in the context) with respect to the level's output along the residual stream, i.e.
+``∇_{W₁} = δ hᵀ``, ``∇_{W₂} = (σ'(z) ⊙ W₁ᵀδ) kᵀ``, applied through a deepopt rule.  ``η^{(ℓ)} = softplus(ρ_ℓ)``
+is an outer parameter.  Departures (argued and measured in ``docs/notes/hope.md``): the δ_t of a sequence
+come from one first pass in which no CMS level learns, and are constants of the second pass (no
+second-order outer gradient), the way chunk-parallel Titans takes a chunk's gradients at its start state;
+and they are taken at the final residual stream (``LanguageModel.cms_errors``).  A period of ``None`` (∞) never updates: the level is
+a plain residual MLP (a Transformer FFN).  Initial memory states are outer parameters in both parts.
 """
 
 from __future__ import annotations
@@ -67,7 +73,8 @@ class HopeConfig:
     mem_hidden: int = 16
     chunk_size: int = 16
     conv_width: int = 4
-    eta_max: float = 0.5
+    eta_max: float = 0.5  # per-token cap on η_t
+    eta_bias: float = -2.0  # initial b_η: η_t starts near η_max·sigmoid(b_η)
     alpha_bias: float = 6.0
     self_modifying: bool = True
     delta_gd: bool = True
@@ -77,7 +84,7 @@ class HopeConfig:
     # continuum memory system: one level per period (None = ∞, never updated)
     cms_periods: tuple[int | None, ...] = (16, 64, None)
     cms_hidden: int = 64
-    cms_lr: float = 0.1
+    cms_lr: float = 1.0  # initial η^{(ℓ)} of every level's in-context step (Eq. 71)
     cms_rule: str = "sgd"
     # Transformer++ (0 = chosen to match the HOPE model's parameter count)
     ffn_hidden: int = 0
@@ -102,8 +109,8 @@ class HopeConfig:
         for p in self.cms_periods:
             if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
                 raise ValueError(f"cms_periods entries must be ints >= 1 or None (∞), got {p!r}")
-        if self.cms_lr < 0:
-            raise ValueError(f"cms_lr must be >= 0, got {self.cms_lr}")
+        if not self.cms_lr > 0:
+            raise ValueError(f"cms_lr must be > 0 (softplus parameterisation), got {self.cms_lr}")
         if self.ffn_hidden < 0:
             raise ValueError(f"ffn_hidden must be >= 0, got {self.ffn_hidden}")
         affine_rule(self.inner_rule, self.inner_hparams)
@@ -126,14 +133,29 @@ class HopeConfig:
         return cls(**d)
 
 
-# Ablations by configuration (applied on top of a HOPE config).
-VARIANTS: dict[str, dict[str, Any]] = {
-    "hope": {},
-    "hope-no-cms": {"cms_periods": ()},
-    "hope-no-selfmod": {"self_modifying": False},
-    "hope-single-cms": {"cms_periods": (16,)},
-    "transformer": {"model": "transformer"},
+def _single_cms(cfg: HopeConfig) -> dict[str, Any]:
+    """One level at the middle finite period holding all the levels' width (the same parameter count)."""
+    finite = [p for p in cfg.cms_periods if p is not None]
+    if not finite:
+        raise ValueError(f"hope-single-cms needs a finite CMS period, got cms_periods={cfg.cms_periods}")
+    return {"cms_periods": (finite[len(finite) // 2],), "cms_hidden": cfg.cms_hidden * len(cfg.cms_periods)}
+
+
+# Ablations by configuration: name -> the overrides they make to a HOPE config (``apply_variant``).
+VARIANTS: dict[str, Any] = {
+    "hope": lambda cfg: {},
+    "hope-no-cms": lambda cfg: {"cms_periods": ()},
+    "hope-no-selfmod": lambda cfg: {"self_modifying": False},
+    "hope-single-cms": _single_cms,
+    "transformer": lambda cfg: {"model": "transformer"},
 }
+
+
+def apply_variant(cfg: HopeConfig, variant: str) -> HopeConfig:
+    """The ablation ``variant`` (a ``VARIANTS`` name) of the HOPE config ``cfg``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"model must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return replace(cfg, **VARIANTS[variant](cfg))
 
 
 def affine_rule(name: str, hparams: dict[str, Any]) -> tuple[Rule, dict[str, Any], float]:
@@ -206,7 +228,7 @@ class SelfModifyingTitans(nn.Module):
         self.W1 = nn.Parameter(0.02 * torch.randn(H, n, self.dh, hid))
         self.W2 = nn.Parameter(torch.randn(H, n, hid, self.dh) / math.sqrt(self.dh))
         self.w_eta = nn.Parameter(torch.zeros(H, self.dh))
-        self.b_eta = nn.Parameter(torch.zeros(H))
+        self.b_eta = nn.Parameter(torch.full((H,), cfg.eta_bias))
         self.w_alpha = nn.Parameter(torch.zeros(H, self.dh))
         self.b_alpha = nn.Parameter(torch.full((H,), cfg.alpha_bias))
         self.rule, self.hp, self.kappa = affine_rule(cfg.inner_rule, cfg.inner_hparams)
@@ -214,6 +236,8 @@ class SelfModifyingTitans(nn.Module):
         probe = torch.ones(2, 2, device="cpu")
         self.drifts = bool(self.rule.init(probe, self.hp)) or bool(
             self.rule.update(torch.zeros_like(probe), {}, probe, self.hp)[0].any())
+        self.learns_in_context = True  # False: η = 0, α = 1, every memory stays at θ₀ (the ablation)
+        self.eta_log: list[Tensor] | None = None  # a list collects every chunk's η (B, H, C) when set
 
     # -- pieces shared by both paths ------------------------------------------------------------------
     def _initial_state(self, batch: int) -> tuple[Tensor, Tensor]:
@@ -234,8 +258,12 @@ class SelfModifyingTitans(nn.Module):
         # η and α read only w·M(u) = w·u + (W₁ᵀw)·σ(W₂u): no d-wide output for their memories
         w = torch.stack([self.w_eta, self.w_alpha], dim=1)  # (H, 2, dh)
         logits = u @ w.mT + (hid[:, :, 2:] @ (r1[:, :, 2:].mT @ w[..., None])).squeeze(-1).transpose(-1, -2)
-        eta = self.cfg.eta_max / self.cfg.chunk_size * torch.sigmoid(logits[..., 0] + self.b_eta[:, None])
+        eta = self.cfg.eta_max * torch.sigmoid(logits[..., 0] + self.b_eta[:, None])
         log_alpha = F.logsigmoid(logits[..., 1] + self.b_alpha[:, None])
+        if self.eta_log is not None:
+            self.eta_log.append(eta.detach())
+        if not self.learns_in_context:
+            eta, log_alpha = torch.zeros_like(eta), torch.zeros_like(log_alpha)
         values = F.normalize(apply_memory(w1, w2, v[:, :, None], act) if self.cfg.self_modifying else v[:, :, None],
                              dim=-1)
         err, z, h, g2, _ = memory_factors(w1, w2, k[:, :, None], values, act)
@@ -321,7 +349,8 @@ class SelfModifyingTitans(nn.Module):
 
 
 class CMSLevel(nn.Module):
-    """One CMS level ``h ← h + W₁σ(W₂ norm(h))``, updated in context every ``period`` tokens."""
+    """One CMS level ``y = h + W₁σ(W₂ norm(h))`` (Eq. 70), updated in context every ``period`` tokens by
+    Eq. 71 on the error signals ``δ`` of its output (module doc)."""
 
     def __init__(self, cfg: HopeConfig, period: int | None) -> None:
         super().__init__()
@@ -330,40 +359,54 @@ class CMSLevel(nn.Module):
         self.norm = nn.RMSNorm(d)
         self.W1 = nn.Parameter(torch.randn(d, cfg.cms_hidden) * 0.02)
         self.W2 = nn.Parameter(torch.randn(cfg.cms_hidden, d) / math.sqrt(d))
-        # the value map only matters through in-context updates, so a period-∞ level has none
-        self.W_v = None if period is None else nn.Parameter(torch.randn(d, d) * 0.02)
+        # η^{(ℓ)} = softplus(ρ): only in-context updates use it, so a period-∞ level has none
+        rho = math.log(math.expm1(cfg.cms_lr)) if cfg.cms_lr < 20 else cfg.cms_lr
+        self.eta_rho = None if period is None else nn.Parameter(torch.tensor(rho))
         self.rule, self.hp, _ = affine_rule(cfg.cms_rule, {})
-        self.hp = {**self.hp, "lr": cfg.cms_lr / d}  # RMS-normalised keys: ‖k‖² = d
+        self.learns_in_context = True  # False: the level stays at θ₀ (the ablation)
 
-    def _chunk(self, w1: Tensor, w2: Tensor, st: tuple, k: Tensor, update: bool):
-        """The chunk's read ``W₁σ(W₂k)`` at the current state and, with ``update``, the new state after the
-        mean gradient of ``½‖M(k) − v‖²`` over the chunk's keys, applied by the rule."""
-        if not update:
-            return ACTIVATIONS[self.activation][0](k @ w2.mT) @ w1.mT, w1, w2, st
-        err, _, h, g2, read = memory_factors(w1, w2, k, k + k @ self.W_v.mT, self.activation)
-        err, g2 = normalized_steps(err, h, g2, w1)
-        n = k.shape[-2]
-        (d1, s1), (d2, s2) = (self.rule.update(g, s, p, self.hp)
-                              for g, s, p in zip((err.mT @ h / n, g2.mT @ k / n), st, (w1, w2)))
+    @property
+    def learns(self) -> bool:
+        return self.period is not None and self.learns_in_context
+
+    def _chunk(self, w1: Tensor, w2: Tensor, st: tuple, k: Tensor, err: Tensor | None):
+        """The chunk's read ``W₁σ(W₂k)`` at the current state and, given the chunk's error signals ``err``
+        (δ_t, same shape as the read), the state after Eq. 71's step on ``(1/C)Σ_t ∇_θ⟨M_θ(k_t), δ_t⟩``."""
+        act, act_grad = ACTIVATIONS[self.activation]
+        z = k @ w2.mT
+        h = act(z)
+        read = h @ w1.mT
+        if err is None:
+            return read, w1, w2, st
+        scale = F.softplus(self.eta_rho) / k.shape[-2]
+        g2 = act_grad(z, h) * (err @ w1)
+        (d1, s1), (d2, s2) = (self.rule.update(scale * g, s, p, self.hp)
+                              for g, s, p in zip((err.mT @ h, g2.mT @ k), st, (w1, w2)))
         return read, w1 + d1, w2 + d2, (s1, s2)
 
-    def forward(self, x: Tensor, reference: bool = False, return_state: bool = False):
+    def forward(self, x: Tensor, error: Tensor | None = None, reference: bool = False, return_state: bool = False):
+        """``error``: the error signals δ (B, T, d) of this level's output; ``None`` (or a level that does not
+        learn) reads θ₀ throughout."""
         k = self.norm(x)
         T = x.shape[1]
         w1, w2 = self.W1, self.W2
         st = (self.rule.init(w1, self.hp), self.rule.init(w2, self.hp))
-        period = T if self.period is None else self.period
+        learns = self.learns and error is not None
+        period = self.period if learns else T
         ys, n_updates = [], 0
         if reference:  # token by token: read at the current state, apply the update every `period` tokens
             for t in range(T):
-                ys.append(self._chunk(w1, w2, st, k[:, t:t + 1], False)[0])
-                if self.period is not None and (t + 1) % period == 0:
-                    _, w1, w2, st = self._chunk(w1, w2, st, k[:, t + 1 - period:t + 1], True)
+                ys.append(self._chunk(w1, w2, st, k[:, t:t + 1], None)[0])
+                if learns and (t + 1) % period == 0:
+                    s = slice(t + 1 - period, t + 1)
+                    _, w1, w2, st = self._chunk(w1, w2, st, k[:, s], error[:, s])
                     n_updates += 1
         else:
-            for kc in k.split(period, dim=1):
-                update = self.period is not None and kc.shape[1] == period
-                y, w1, w2, st = self._chunk(w1, w2, st, kc, update)
+            chunks = k.split(period, dim=1)
+            errors = error.split(period, dim=1) if learns else (None,) * len(chunks)
+            for kc, ec in zip(chunks, errors):
+                update = learns and kc.shape[1] == period
+                y, w1, w2, st = self._chunk(w1, w2, st, kc, ec if update else None)
                 ys.append(y)
                 n_updates += update
         y = x + torch.cat(ys, dim=1)
@@ -389,10 +432,11 @@ class HopeBlock(nn.Module):
         self.titans = RMSNormLinear(cfg.d_model, SelfModifyingTitans(cfg))
         self.cms = nn.ModuleList(CMSLevel(cfg, p) for p in cfg.cms_periods)
 
-    def forward(self, x: Tensor, reference: bool = False) -> Tensor:
+    def forward(self, x: Tensor, error: Tensor | None = None, reference: bool = False) -> Tensor:
+        """``error``: the error signals δ (B, T, d) the CMS levels learn from (``None``: they do not)."""
         x = self.titans(x, reference=reference)
         for level in self.cms:
-            x = level(x, reference=reference)
+            x = level(x, error, reference=reference)
         return x
 
 
@@ -438,7 +482,7 @@ class TransformerBlock(nn.Module):
         self.attn = RMSNormLinear(cfg.d_model, Attention(cfg))
         self.ffn = RMSNormLinear(cfg.d_model, SwiGLU(cfg.d_model, cfg.ffn_hidden))
 
-    def forward(self, x: Tensor, reference: bool = False) -> Tensor:
+    def forward(self, x: Tensor, error: None = None, reference: bool = False) -> Tensor:
         return self.ffn(self.attn(x))
 
 
@@ -457,12 +501,46 @@ class LanguageModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, reference: bool = False):
+        error = self.cms_errors(idx, reference) if self.cms_learns and idx.shape[1] > 1 else None
         x = self.embed(idx)
         for blk in self.blocks:
-            x = blk(x, reference=reference)
+            x = blk(x, error, reference)
         logits = self.norm(x) @ self.embed.weight.mT
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
+
+    @property
+    def cms_learns(self) -> bool:
+        """Whether any CMS level learns in context (a finite period, and not switched off)."""
+        return any(isinstance(m, CMSLevel) and m.learns for m in self.modules())
+
+    def cms_errors(self, idx: Tensor, reference: bool = False) -> Tensor:
+        """Eq. 71's error signals ``δ_t = ∂ℓ_t/∂x_t`` (B, T, d): the gradient of token t's next-token loss
+        ``ℓ_t`` (target ``idx[:, t+1]``, in the context; δ of the last token is 0) with respect to the final
+        residual stream ``x_t``, from a pass in which no CMS level learns.  Every level learns from them:
+        for the last level they are exactly ``∂ℓ_t/∂y_t``; for the others they are its residual path, since
+        the full gradient through later blocks' Titans layers would carry later tokens' losses (not causal).
+        Constants of the pass that uses them (no graph)."""
+        with torch.no_grad():
+            x = self.embed(idx)
+            for blk in self.blocks:
+                x = blk(x, None, reference)
+        with torch.enable_grad():
+            x = x[:, :-1].detach().requires_grad_()
+            logits = self.norm(x) @ self.embed.weight.detach().mT
+            loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten(), reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x)
+        return F.pad(grad, (0, 0, 0, 1))
+
+
+def set_in_context_learning(model: nn.Module, *, cms: bool | None = None, titans: bool | None = None) -> None:
+    """Switch the in-context updates of every CMS level and/or Titans memory on or off (the ablations of
+    ``deepopt hope eval --no-cms-updates/--no-titans-updates``); ``None`` leaves that part as it is."""
+    for m in model.modules():
+        if isinstance(m, CMSLevel) and cms is not None:
+            m.learns_in_context = cms
+        elif isinstance(m, SelfModifyingTitans) and titans is not None:
+            m.learns_in_context = titans
 
 
 def compile_model(model: LanguageModel, **options: Any) -> LanguageModel:

@@ -30,7 +30,7 @@ from deepopt.checkpoint import (
 )
 
 from . import data
-from .model import VARIANTS, HopeConfig, LanguageModel
+from .model import VARIANTS, HopeConfig, LanguageModel, apply_variant
 
 # Model sizes: (d_model, n_layers, n_heads, mem_hidden, cms_hidden, chunk_size, cms_periods)
 SIZES: dict[str, dict[str, Any]] = {
@@ -51,16 +51,14 @@ MODEL_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
 
 
 def model_config(variant: str, size: str, **overrides: Any) -> HopeConfig:
-    """The ``HopeConfig`` of a named variant (``VARIANTS``) at a named size (``SIZES``)."""
+    """The ``HopeConfig`` of a named variant (``VARIANTS``) at a named size (``SIZES``); ``overrides``
+    (``None`` values ignored) change the size's settings before the variant is applied."""
     if variant not in VARIANTS:
         raise ValueError(f"model must be one of {sorted(VARIANTS)}, got {variant!r}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    cfg = {**SIZES[size], **VARIANTS[variant], **{k: v for k, v in overrides.items() if v is not None}}
-    if variant == "hope-single-cms":  # one level at the middle frequency with all the levels' width
-        periods = [p for p in SIZES[size]["cms_periods"] if p is not None]
-        cfg.update(cms_periods=(periods[len(periods) // 2],), cms_hidden=cfg["cms_hidden"] * len(periods))
-    return HopeConfig(**cfg)
+    base = HopeConfig(**{**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}})
+    return apply_variant(base, variant)
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
