@@ -16,7 +16,7 @@ from .rules import RULES, get_rule
 
 __version__ = "0.1.0"
 
-_FROM_OPTIMIZERS = ("SGD", "Adam", "AdamW", "DeepMomentum", "DeltaMomentum", "MemoryOptimizer", "Momentum",
+_FROM_OPTIMIZERS = ("SGD", "Adam", "AdamW", "DeepMomentum", "DeltaMomentum", "M3", "MemoryOptimizer", "Momentum",
                     "NonFiniteGradientError")
 _SUBMODULES = ("hope", "noise", "robustness", "checkpoint", "data", "bench", "cli", "optimizers", "meta_train")
 __all__ = ["OPTIMIZERS", "RULES", *_FROM_OPTIMIZERS, *_SUBMODULES, "get_rule", "rules"]
@@ -33,5 +33,5 @@ def __getattr__(name: str) -> Any:
     if name == "OPTIMIZERS":  # name -> class, as the CLIs spell them
         return {"sgd": optimizers.SGD, "momentum": optimizers.Momentum, "adam": optimizers.Adam,
                 "adamw": optimizers.AdamW, "delta_momentum": optimizers.DeltaMomentum,
-                "deep_momentum": optimizers.DeepMomentum}
+                "deep_momentum": optimizers.DeepMomentum, "m3": optimizers.M3}
     raise AttributeError(f"module 'deepopt' has no attribute {name!r}")

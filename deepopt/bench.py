@@ -73,6 +73,9 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "DeltaMomentum keys=rows": lambda ps: deepopt.DeltaMomentum(ps, lr=1e-3, keys="rows"),
     "DeepMomentum h=16": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3, hidden=16),
     "Muon (Momentum+NS)": lambda ps: deepopt.Momentum(ps, lr=1e-3, nesterov=True, nonlinearity="newton_schulz"),
+    # the 2-D parameters only, the ones torch.optim.Muon takes
+    "torch Muon": lambda ps: torch.optim.Muon([p for p in ps if p.dim() == 2], lr=1e-3),
+    "M3": lambda ps: deepopt.M3([p for p in ps if p.dim() == 2], lr=1e-3),
 }
 REFERENCES = ("torch Adam fused", "torch Adam foreach")
 

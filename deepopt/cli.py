@@ -19,6 +19,7 @@ _REGISTRARS: tuple[str, ...] = (
     "deepopt.robustness:register",
     "deepopt.metatrain_cli:register",
     "deepopt.hope.cli:register",
+    "deepopt.compare:register",
 )
 
 

@@ -18,7 +18,8 @@ def global_batch(step: int):
     return torch.randn(32, 5, generator=g, dtype=torch.float64), torch.randn(32, 3, generator=g, dtype=torch.float64)
 
 
-FSDP2_NAMES = [n for n in sorted(CONFIGS) if n != "deep_momentum"]  # DeepMomentum refuses DTensors
+REFUSE_DTENSORS = ("deep_momentum", "m3")  # whole-tensor memories / Newton–Schulz need unsharded tensors
+FSDP2_NAMES = [n for n in sorted(CONFIGS) if n not in REFUSE_DTENSORS]
 
 
 def run(model: torch.nn.Module, name: str, shard=slice(None)) -> list[torch.Tensor]:
@@ -42,10 +43,11 @@ def worker(rank: int, port: int, out: str) -> None:
             results[f"ddp/{name}"] = run(ddp, name, shard)
         for name in FSDP2_NAMES:
             results[f"fsdp2/{name}"] = run(fully_shard(small_mlp()), name, shard)
-        try:
-            make("deep_momentum", fully_shard(small_mlp()).parameters())
-        except TypeError as err:
-            results["deep_momentum_refuses_dtensor"] = "DTensor" in str(err)
+        for name in REFUSE_DTENSORS:
+            try:
+                make(name, fully_shard(small_mlp()).parameters())
+            except TypeError as err:
+                results[f"{name}_refuses_dtensor"] = "DTensor" in str(err)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -72,5 +74,6 @@ def test_two_processes_match_single_process(distributed_results, key):
         assert (a - b).abs().max().item() <= 1e-10, key
 
 
-def test_deep_momentum_refuses_sharded_parameters_clearly(distributed_results):
-    assert distributed_results["deep_momentum_refuses_dtensor"] is True
+@pytest.mark.parametrize("name", REFUSE_DTENSORS)
+def test_refuses_sharded_parameters_clearly(distributed_results, name):
+    assert distributed_results.get(f"{name}_refuses_dtensor") is True

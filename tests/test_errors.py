@@ -111,7 +111,7 @@ def _equal_state(a, b):
 
 
 OTHER = {"sgd": "momentum", "momentum": "delta_momentum", "adam": "deep_momentum", "adamw": "adam",
-         "delta_momentum": "momentum", "deep_momentum": "delta_momentum"}
+         "delta_momentum": "momentum", "deep_momentum": "delta_momentum", "m3": "momentum"}
 
 
 def test_loading_another_optimizers_state_dict_raises_and_changes_nothing(opt_name):

@@ -4,11 +4,12 @@ from .adam import adam
 from .base import Hparams, Rule, State
 from .deep import deep_momentum
 from .delta import delta_momentum
+from .m3 import m3
 from .momentum import momentum
 from .sgd import sgd
 from .transforms import newton_schulz
 
-RULES: dict[str, Rule] = {r.name: r for r in (sgd, momentum, adam, delta_momentum, deep_momentum)}
+RULES: dict[str, Rule] = {r.name: r for r in (sgd, momentum, adam, delta_momentum, deep_momentum, m3)}
 
 
 def get_rule(name: str) -> Rule:
@@ -20,5 +21,5 @@ def get_rule(name: str) -> Rule:
 
 __all__ = [
     "RULES", "Hparams", "Rule", "State", "adam", "deep_momentum", "delta_momentum", "get_rule",
-    "momentum", "newton_schulz", "sgd",
+    "m3", "momentum", "newton_schulz", "sgd",
 ]

@@ -1,0 +1,426 @@
+"""``deepopt compare``: deepopt's optimizers against torch's AdamW, Muon and SGD with momentum, each given
+the same tuning budget on the same tasks.
+
+Protocol: every optimizer trains each task at 5 learning rates log-spaced around its own recommended lr
+(``RECOMMENDED_LR``; the same span, ×10^±1 by default, for all), seed 0; the lr with the lowest final
+validation loss is kept and run at seeds 0, 1, 2.  Reported: the final validation loss, mean and 95%
+t-interval over the seeds.  A run whose loss turns non-finite is recorded as diverged (its loss: ∞).
+Muon and M3 step the 2-D hidden matrices (not the embedding/input layer, not the output head); AdamW
+steps the rest at the same multiple of its own recommended lr.
+
+Tasks: ``digits_mlp`` (64-128-128-10 ReLU MLP), ``digits_cnn`` (two 3×3 convolutions and a linear head)
+on scikit-learn's digits (minibatches of 64, validation = 20% of the training split); ``char_lm``, a
+Transformer++ (RMSNorm, RoPE, SwiGLU; ``deepopt.hope``) predicting the next byte of the Python standard
+library's source, and ``hope_lm``, the HOPE model (self-modifying Titans + CMS) on the same bytes; both
+validated on held-out files.  ``--device cuda`` trains the LMs at a nanoGPT (shakespeare-char) size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import multiprocessing
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import deepopt
+
+from .checkpoint import atomic_save_json, atomic_write
+from .runs import add_out_option, check_at_least, check_device, prepare_out, show_progress, wrote
+
+TASKS = ("digits_mlp", "digits_cnn", "char_lm", "hope_lm")
+# name -> recommended lr (the centre of its sweep); for the split optimizers, the lr of the matrix group
+RECOMMENDED_LR: dict[str, float] = {
+    "torch_adamw": 3e-3,
+    "torch_muon": 0.02,
+    "torch_sgd_momentum": 0.05,
+    "momentum": 0.05,
+    "deep_momentum": 0.05,
+    "deep_momentum_adam": 3e-3,
+    "m3": 0.02,
+    "adam": 3e-3,
+    "delta_momentum": 0.05,
+}
+OPTIMIZERS = tuple(RECOMMENDED_LR)
+SPLIT = ("torch_muon", "m3")  # matrices with their own rule, AdamW for the rest
+# Targets of issue 11: (optimizer, must be <= reference, on tasks)
+TARGETS = (("deep_momentum", "momentum", TASKS), ("deep_momentum_adam", "torch_adamw", ("char_lm", "hope_lm")),
+           ("m3", "torch_muon", ("char_lm", "hope_lm")))
+
+# Sizes: steps, batch, and the LMs' shape (cpu default, cuda, smoke)
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {"digits_mlp": {"steps": 300, "batch": 64}, "digits_cnn": {"steps": 300, "batch": 64},
+                "char_lm": {"steps": 300, "batch": 16, "context": 64, "d_model": 64, "n_layers": 2, "n_heads": 4,
+                            "max_bytes": 400_000},
+                "hope_lm": {"steps": 150, "batch": 8, "context": 32, "size": "smoke", "max_bytes": 400_000}},
+    "cuda": {"digits_mlp": {"steps": 1000, "batch": 64}, "digits_cnn": {"steps": 1000, "batch": 64},
+             "char_lm": {"steps": 2000, "batch": 64, "context": 256, "d_model": 384, "n_layers": 6, "n_heads": 6,
+                         "max_bytes": 4_000_000},
+             "hope_lm": {"steps": 1000, "batch": 16, "context": 128, "size": "small", "max_bytes": 4_000_000}},
+    "smoke": {"digits_mlp": {"steps": 8, "batch": 32}, "digits_cnn": {"steps": 8, "batch": 32},
+              "char_lm": {"steps": 4, "batch": 4, "context": 16, "d_model": 16, "n_layers": 1, "n_heads": 2,
+                          "max_bytes": 20_000},
+              "hope_lm": {"steps": 3, "batch": 2, "context": 16, "size": "smoke", "max_bytes": 20_000}},
+}
+VAL_BATCHES = 8
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str
+    optimizer: str
+    lr: float
+    seed: int
+    phase: str  # "sweep" or "seeds"
+    size: str
+    device: str = "cpu"
+
+
+# ------------------------------------------------------------------------------------------ tasks
+class Problem:
+    """A task instance: ``model(seed)``, ``batch(step, seed)`` and ``val_loss(model)``."""
+
+    def __init__(self, task: str, size: str, device: str) -> None:
+        self.task, self.cfg, self.device = task, SIZES[size][task], torch.device(device)
+        if task.startswith("digits"):
+            from .data import load_classification
+
+            x, y, _, _ = load_classification("digits", seed=0)
+            n = round(0.8 * len(x))
+            if task == "digits_cnn":
+                x = x.reshape(-1, 1, 8, 8)
+            self.x, self.y = x[:n].to(self.device), y[:n].to(self.device)
+            self.x_val, self.y_val = x[n:].to(self.device), y[n:].to(self.device)
+        else:
+            from .hope.data import load_corpus
+
+            corpus = load_corpus("code", max_bytes=self.cfg["max_bytes"])
+            self.train_stream, self.val_stream = corpus.train, corpus.val
+
+    def model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        c = self.cfg
+        if self.task == "digits_mlp":
+            m: nn.Module = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                                         nn.Linear(128, 10))
+        elif self.task == "digits_cnn":
+            m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+        elif self.task == "char_lm":
+            from .hope import HopeConfig, LanguageModel
+
+            m = LanguageModel(HopeConfig(model="transformer", vocab_size=256, d_model=c["d_model"],
+                                         n_layers=c["n_layers"], n_heads=c["n_heads"], ffn_hidden=4 * c["d_model"]))
+        else:
+            from .hope import LanguageModel, model_config
+
+            m = LanguageModel(model_config("hope", c["size"]))
+        return m.to(self.device)
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if self.task.startswith("digits"):
+            return nn.functional.cross_entropy(model(x), y)
+        return model(x, y)[1]
+
+    def batch(self, step: int, seed: int) -> tuple[Tensor, Tensor]:
+        c = self.cfg
+        if self.task.startswith("digits"):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            idx = torch.randint(0, len(self.x), (c["batch"],), generator=gen).to(self.device)
+            return self.x[idx], self.y[idx]
+        from .hope.data import train_batch
+
+        x, y = train_batch(self.train_stream, c["batch"], c["context"], seed, step)
+        return x.to(self.device), y.to(self.device)
+
+    @torch.no_grad()
+    def val_loss(self, model: nn.Module) -> float:
+        if self.task.startswith("digits"):
+            return float(self.loss(model, self.x_val, self.y_val))
+        from .hope.data import val_batches
+
+        c = self.cfg
+        losses = [self.loss(model, x.to(self.device), y.to(self.device))
+                  for x, y in val_batches(self.val_stream, c["batch"], c["context"], VAL_BATCHES)]
+        return float(torch.stack(losses).mean())
+
+
+@cache
+def get_problem(task: str, size: str, device: str) -> Problem:
+    return Problem(task, size, device)
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+def hidden_matrices(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """``(matrices, rest)``: the 2-D weights between the first and the last layer (Muon's domain), and the
+    other parameters (embeddings, the input layer and output head, biases, norms, convolutions)."""
+    weights = [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]
+    edge = {weights[0][0], weights[-1][0]} | {n for n, _ in weights if "embed" in n}
+    matrices = [p for n, p in weights if p.dim() == 2 and n not in edge]
+    ids = {id(p) for p in matrices}
+    return matrices, [p for p in model.parameters() if id(p) not in ids]
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float) -> list[torch.optim.Optimizer]:
+    """The optimizer(s) ``name`` stepping ``model`` at ``lr`` (the matrix group's, for Muon and M3, whose
+    AdamW group runs at the same multiple of AdamW's recommended lr)."""
+    params = list(model.parameters())
+    if name == "torch_adamw":
+        return [torch.optim.AdamW(params, lr=lr, weight_decay=0.0)]
+    if name == "torch_sgd_momentum":
+        return [torch.optim.SGD(params, lr=lr, momentum=0.9)]
+    if name in SPLIT:
+        matrices, rest = hidden_matrices(model)
+        scale = lr / RECOMMENDED_LR[name]
+        rest_opt = torch.optim.AdamW(rest, lr=scale * RECOMMENDED_LR["torch_adamw"], weight_decay=0.0)
+        if not matrices:
+            return [rest_opt]
+        main = (torch.optim.Muon(matrices, lr=lr, weight_decay=0.0) if name == "torch_muon"
+                else deepopt.M3(matrices, lr=lr))
+        return [main, rest_opt]
+    if name == "momentum":
+        return [deepopt.Momentum(params, lr=lr, momentum=0.9)]
+    if name == "deep_momentum":
+        return [deepopt.DeepMomentum(params, lr=lr)]
+    if name == "deep_momentum_adam":
+        return [deepopt.DeepMomentum(params, lr=lr, preconditioner="adam")]
+    if name == "adam":
+        return [deepopt.Adam(params, lr=lr)]
+    if name == "delta_momentum":
+        return [deepopt.DeltaMomentum(params, lr=lr)]
+    raise ValueError(f"unknown optimizer {name!r}; accepted: {list(OPTIMIZERS)}")
+
+
+# ------------------------------------------------------------------------------------------ runs
+def train_run(spec: RunSpec, threads: int | None = None) -> dict[str, Any]:
+    """Train one run; its record (the spec, final validation loss, divergence, seconds)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    problem = get_problem(spec.task, spec.size, spec.device)
+    model = problem.model(spec.seed)
+    opts = make_optimizer(spec.optimizer, model, spec.lr)
+    t0 = time.perf_counter()
+    diverged = False
+    for step in range(problem.cfg["steps"]):
+        x, y = problem.batch(step, spec.seed)
+        loss = problem.loss(model, x, y)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in opts:
+            opt.step()
+        if (step + 1) % 25 == 0 or step + 1 == problem.cfg["steps"]:
+            if not math.isfinite(float(loss.detach())):
+                diverged = True
+                break
+    val = math.inf if diverged else problem.val_loss(model)
+    if not math.isfinite(val):
+        diverged, val = True, math.inf
+    return {**asdict(spec), "val_loss": val, "diverged": diverged, "seconds": time.perf_counter() - t0}
+
+
+def sweep_lrs(center: float, n: int, span: float) -> list[float]:
+    """``n`` learning rates log-spaced over ``center × 10^[−span, +span]``."""
+    if n == 1:
+        return [center]
+    return [float(center * 10 ** e) for e in np.linspace(-span, span, n)]
+
+
+CSV_FIELDS = ("task", "optimizer", "phase", "lr", "seed", "val_loss", "diverged", "seconds", "size", "device")
+
+
+def _run_all(specs: Sequence[RunSpec], workers: int, threads: int | None, csv_path: Path, desc: str,
+             progress: bool) -> list[dict[str, Any]]:
+    """Run ``specs`` (in ``workers`` processes if > 1), appending each record to ``csv_path`` as it ends."""
+    from tqdm import tqdm
+
+    records = []
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        pool = None
+        if workers > 1 and len(specs) > 1:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            results: Iterator[dict[str, Any]] = pool.map(train_run, specs, [threads] * len(specs))
+        else:
+            results = (train_run(s, threads) for s in specs)
+        try:
+            for record in tqdm(results, total=len(specs), desc=desc, disable=not progress, unit="run"):
+                writer.writerow(record)
+                f.flush()
+                records.append(record)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    return records
+
+
+def run(tasks: Sequence[str], optimizers: Sequence[str], out: Path, size: str = "default", lrs: int = 5,
+        span: float = 1.0, seeds: int = 3, workers: int = 1, threads: int | None = None, device: str = "cpu",
+        progress: bool = False) -> dict[str, Any]:
+    """The whole study: lr sweep at seed 0, then ``seeds`` seeds at each best lr; writes ``results.csv``
+    and returns the summary."""
+    csv_path = out / "results.csv"
+    with open(csv_path, "w", newline="") as f:
+        csv.DictWriter(f, CSV_FIELDS).writeheader()
+    for t in tasks:  # build every problem (data, caches) once, before any worker starts
+        get_problem(t, size, device)
+    sweep = [RunSpec(t, o, lr, 0, "sweep", size, device) for t in tasks for o in optimizers
+             for lr in sweep_lrs(RECOMMENDED_LR[o], lrs, span)]
+    swept = _run_all(sweep, workers, threads, csv_path, "lr sweep", progress)
+    best = {}
+    for t in tasks:
+        for o in optimizers:
+            rows = [r for r in swept if r["task"] == t and r["optimizer"] == o]
+            best[(t, o)] = min(rows, key=lambda r: (r["val_loss"], r["lr"]))
+    extra = [RunSpec(t, o, best[(t, o)]["lr"], s, "seeds", size, device)
+             for t in tasks for o in optimizers for s in range(1, seeds)]
+    seeded = _run_all(extra, workers, threads, csv_path, "seeds", progress)
+    return summarize(swept, seeded, best, tasks, optimizers)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (NaN for one value; ∞ if a run diverged)."""
+    from .robustness import mean_ci as interval
+
+    mean, low, high = interval(values)
+    return mean, (high - low) / 2 if math.isfinite(mean) else math.nan
+
+
+def summarize(swept: list[dict], seeded: list[dict], best: dict, tasks: Sequence[str],
+              optimizers: Sequence[str]) -> dict[str, Any]:
+    results: dict[str, dict[str, Any]] = {t: {} for t in tasks}
+    for t in tasks:
+        for o in optimizers:
+            runs = [best[(t, o)], *(r for r in seeded if r["task"] == t and r["optimizer"] == o)]
+            losses = [r["val_loss"] for r in runs]
+            mean, half = mean_ci(losses)
+            results[t][o] = {"best_lr": best[(t, o)]["lr"], "val_losses": losses, "mean": mean, "ci95": half,
+                             "diverged": sum(r["diverged"] for r in runs),
+                             "sweep": {f"{r['lr']:.4g}": r["val_loss"] for r in swept
+                                       if r["task"] == t and r["optimizer"] == o}}
+    targets = []
+    for opt, ref, on in TARGETS:
+        for t in on:
+            if t in results and opt in results[t] and ref in results[t]:
+                a, b = results[t][opt]["mean"], results[t][ref]["mean"]
+                targets.append({"optimizer": opt, "reference": ref, "task": t, "mean": a, "reference_mean": b,
+                                "met": bool(a <= b)})
+    return {"results": results, "targets": targets}
+
+
+# ------------------------------------------------------------------------------------------ reports
+def format_table(summary: dict[str, Any]) -> str:
+    results = summary["results"]
+    tasks = list(results)
+    optimizers = list(next(iter(results.values())))
+    lines = ["| optimizer | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for o in optimizers:
+        cells = []
+        for t in tasks:
+            r = results[t][o]
+            ci = f" ± {r['ci95']:.3f}" if math.isfinite(r["ci95"]) else ""
+            cells.append(f"{r['mean']:.3f}{ci} (lr {r['best_lr']:.2g})")
+        lines.append(f"| {o} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| target | task | optimizer | reference | met |")
+    lines.append("|---|---|---:|---:|---|")
+    for tg in summary["targets"]:
+        lines.append(f"| {tg['optimizer']} ≤ {tg['reference']} | {tg['task']} | {tg['mean']:.3f} | "
+                     f"{tg['reference_mean']:.3f} | {'yes' if tg['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = summary["results"]
+    tasks = list(results)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        names = list(results[t])
+        means = [results[t][o]["mean"] for o in names]
+        errs = [results[t][o]["ci95"] if math.isfinite(results[t][o]["ci95"]) else 0.0 for o in names]
+        finite = [m for m in means if math.isfinite(m)]
+        top = max(finite) * 1.1 if finite else 1.0
+        ax.barh(names, [m if math.isfinite(m) else top for m in means], xerr=errs, color="tab:blue")
+        ax.set_title(t)
+        ax.set_xlabel("final validation loss (mean, 95% CI)")
+        if finite:
+            ax.set_xlim(min(finite) * 0.9, top)
+    fig.tight_layout()
+
+    def save(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=110)
+
+    atomic_write(path, save)
+    plt.close(fig)
+
+
+OUTPUTS = ("results.csv", "summary.json", "compare.png", "table.md")
+
+
+def main(args: argparse.Namespace) -> int:
+    check_at_least(args, 1, "lrs", "seeds", "workers", "threads")
+    if not args.span > 0:
+        raise ValueError(f"--span must be > 0 (decades each side of the recommended lr), got {args.span}")
+    check_device(args.device)
+    size = "smoke" if args.smoke else ("cuda" if args.device.startswith("cuda") else "default")
+    lrs, seeds = (2, 2) if args.smoke and args.lrs is None else (args.lrs or 5, args.seeds or 3)
+    out = prepare_out(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    summary = run(args.tasks, args.optimizers, out, size, lrs, args.span, seeds, args.workers, args.threads,
+                  args.device, progress=show_progress(True))
+    config = {"tasks": list(args.tasks), "optimizers": list(args.optimizers), "size": size, "sizes": SIZES[size],
+              "lrs": lrs, "span": args.span, "seeds": seeds, "recommended_lr": RECOMMENDED_LR,
+              "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "seconds": time.perf_counter() - t0}
+    atomic_save_json(_json_safe({"config": config, **summary}), out / "summary.json")
+    table = format_table(summary)
+    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    plot(summary, out / "compare.png")
+    print(table)
+    wrote(out)
+    return 0
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("compare", help="tuned optimizer comparison on four tasks (val loss, 95%% CI)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks (default: all)")
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS,
+                   help="optimizers (default: all)")
+    p.add_argument("--lrs", type=int, default=None, help="learning rates per sweep, >= 1 (default 5; --smoke 2)")
+    p.add_argument("--span", type=float, default=1.0,
+                   help="decades each side of the recommended lr the sweep covers (default 1)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds at the best lr, >= 1 (default 3; --smoke 2)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cuda: nanoGPT-sized LMs)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 lrs, 2 seeds: a check in seconds")
+    add_out_option(p, "compare", OUTPUTS)
+    p.set_defaults(func=main)

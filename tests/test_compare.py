@@ -1,0 +1,80 @@
+"""``deepopt compare``: the protocol (same sweep for all, best lr by validation loss, seeds at the best),
+the parameter split of Muon/M3, the outputs of ``--smoke``, and argument errors."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from deepopt import compare
+from deepopt.cli import main
+
+
+def test_every_optimizer_gets_the_same_span_around_its_recommended_lr():
+    for name, centre in compare.RECOMMENDED_LR.items():
+        lrs = compare.sweep_lrs(centre, 5, 1.0)
+        assert len(lrs) == 5 and math.isclose(lrs[2], centre), name
+        assert math.isclose(lrs[-1] / lrs[0], 100.0) and all(b > a for a, b in zip(lrs, lrs[1:]))
+
+
+def test_muon_and_m3_step_hidden_matrices_only():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    matrices, rest = compare.hidden_matrices(model)
+    assert [p is model[2].weight for p in matrices] == [True]
+    assert len(rest) == len(list(model.parameters())) - 1
+    for name in compare.SPLIT:
+        main_opt, adamw = compare.make_optimizer(name, model, compare.RECOMMENDED_LR[name])
+        assert main_opt.param_groups[0]["params"] == [model[2].weight]
+        assert isinstance(adamw, torch.optim.AdamW)
+        assert math.isclose(adamw.param_groups[0]["lr"], compare.RECOMMENDED_LR["torch_adamw"])
+
+
+def test_a_diverging_run_is_recorded_not_raised():
+    spec = compare.RunSpec("digits_mlp", "torch_sgd_momentum", 1e4, 0, "sweep", "smoke")
+    record = compare.train_run(spec)
+    assert record["diverged"] and record["val_loss"] == math.inf
+
+
+def test_best_lr_and_seeds_follow_the_protocol(tmp_path):
+    summary = compare.run(["digits_mlp"], ["torch_adamw", "m3"], tmp_path, size="smoke", lrs=3, seeds=2)
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * (3 + 1)
+    for name in ("torch_adamw", "m3"):
+        sweep = [r for r in rows if r["optimizer"] == name and r["phase"] == "sweep"]
+        best = min(sweep, key=lambda r: float(r["val_loss"]))
+        seeded = [r for r in rows if r["optimizer"] == name and r["phase"] == "seeds"]
+        assert [r["seed"] for r in seeded] == ["1"] and seeded[0]["lr"] == best["lr"]
+        result = summary["results"]["digits_mlp"][name]
+        assert math.isclose(result["best_lr"], float(best["lr"]))
+        assert math.isclose(result["mean"], (float(best["val_loss"]) + float(seeded[0]["val_loss"])) / 2)
+
+
+def test_smoke_cli_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["compare", "--smoke", "--threads", "1", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    for name in compare.OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["results"]) == set(compare.TASKS)
+    assert all(set(r) == set(compare.OPTIMIZERS) for r in summary["results"].values())
+    assert {(t["optimizer"], t["task"]) for t in summary["targets"]} >= {("m3", "char_lm"), ("m3", "hope_lm")}
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(compare.TASKS) * len(compare.OPTIMIZERS) * (2 + 1)
+    assert "| m3 |" in (out / "table.md").read_text()
+    with pytest.raises(SystemExit) as exc:  # an existing run is never overwritten unless asked
+        main(["compare", "--smoke", "--out", str(out)])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv,word", [(["--lrs", "0"], "--lrs"), (["--span", "0"], "--span"),
+                                       (["--device", "tpu"], "--device"), (["--workers", "0"], "--workers")])
+def test_bad_arguments_are_named(tmp_path, capsys, argv, word):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--smoke", "--out", str(tmp_path / "x"), *argv])
+    assert exc.value.code == 2 and word in capsys.readouterr().err
+    assert not (tmp_path / "x" / "results.csv").exists()
