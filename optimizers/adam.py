@@ -11,7 +11,7 @@ from deepopt.rules import adam
 
 from .base import MemoryOptimizer
 
-_FUSED_DEVICES = ("cpu", "cuda")
+_FUSED_DEVICES = ("cpu", "cuda", "meta")
 
 
 class Adam(MemoryOptimizer):
@@ -20,7 +20,9 @@ class Adam(MemoryOptimizer):
         m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;  W ← W − lr/(1−β₁ᵗ) · m/(√v/√(1−β₂ᵗ) + ε)
 
     ``weight_decay`` is coupled (``g + wd·W``) unless ``decoupled_weight_decay=True`` (AdamW).
-    The fast path is torch's fused Adam kernel (``fused=False`` or ``foreach=False`` run the rule).
+    Paths: torch's fused Adam kernel (default, ``fused=None``/``True``, on CPU and CUDA), a multi-tensor
+    ``torch._foreach_*`` path (``fused=False``), the per-tensor pure rule (``foreach=False``).  Step counters
+    live on the parameters' device, so all three run without host synchronisation.
     """
 
     _fast_path_takes_dtensors = True
@@ -31,26 +33,85 @@ class Adam(MemoryOptimizer):
                  *, fused: bool | None = None, **options: Any) -> None:
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
-        if fused is False:
-            options["foreach"] = False
+        self._fused = fused
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay, **options)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_fused", None)
+        super().__setstate__(state)
+
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
-        if isinstance(group["lr"], Tensor) or any(
-            p.device.type not in _FUSED_DEVICES or not p.is_floating_point() for p in params
-        ):
+        if _tensor_options(group):
             return False
-        beta1, beta2 = group["betas"]
-        kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
         states = [self.state[p] for p in params]
-        grouped = _by_device_and_dtype(params, grads, states)
-        for p_list, g_list, m_list, v_list, steps in grouped:
-            torch._foreach_add_(steps, 1)
-            kernel(p_list, g_list, m_list, v_list, [], steps, lr=float(group["lr"]), beta1=float(beta1),
-                   beta2=float(beta2), weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-                   amsgrad=False, maximize=False)
+        if self._fusable(params):
+            _fused_adam(group, params, grads, states)
+        else:
+            _foreach_adam(group, params, grads, states)
         return True
+
+    def _fast_masked_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                          found_inf: Tensor) -> bool:
+        """The fused kernel skips the whole step itself when ``found_inf`` is set (as under GradScaler)."""
+        if _tensor_options(group) or not self._fusable(params):
+            return False
+        _fused_adam(group, params, grads, [self.state[p] for p in params], found_inf)
+        return True
+
+    def _fusable(self, params: list[Tensor]) -> bool:
+        return self._fused is not False and all(p.device.type in _FUSED_DEVICES for p in params)
+
+
+def _tensor_options(group: dict[str, Any]) -> bool:
+    """Whether a hyperparameter other than ``lr`` is a tensor (the fast paths take a tensor ``lr`` only)."""
+    return any(isinstance(v, Tensor) for v in (group["eps"], group["weight_decay"], *group["betas"]))
+
+
+def _fused_adam(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                found_inf: Tensor | None = None) -> None:
+    """torch's fused Adam(W) kernel, one launch per (device, dtype) bucket."""
+    beta1, beta2 = group["betas"]
+    kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+    lr = group["lr"]
+    for p_list, g_list, m_list, v_list, steps in _by_device_and_dtype(params, grads, states):
+        device = p_list[0].device
+        flag = None if found_inf is None else found_inf.to(device)
+        if flag is None:
+            torch._foreach_add_(steps, 1)
+        else:  # a skipped step does not count (a list of 0-dim tensors: the Tensor overload reads it on the host)
+            torch._foreach_add_(steps, [1 - flag] * len(steps))
+        kernel(p_list, g_list, m_list, v_list, [], steps,
+               lr=lr.to(device) if isinstance(lr, Tensor) else lr, beta1=beta1, beta2=beta2,
+               weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False,
+               found_inf=flag)
+
+
+def _foreach_adam(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                  states: list[dict[str, Tensor]]) -> None:
+    """The ``adam`` rule over lists with ``torch._foreach_*`` ops (torch's multi-tensor Adam with device-side
+    bias corrections): same arithmetic order as the rule."""
+    beta1, beta2 = group["betas"]
+    steps = [st["step"] for st in states]
+    exp_avg, exp_avg_sq = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+    torch._foreach_add_(steps, 1)
+    grads = MemoryOptimizer._foreach_weight_decay(group, params, grads)
+    torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+    bias_correction1 = torch._foreach_pow(beta1, steps)
+    torch._foreach_neg_(bias_correction1)
+    torch._foreach_add_(bias_correction1, 1)  # 1 − β₁ᵗ
+    bias_correction2 = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(bias_correction2)
+    torch._foreach_add_(bias_correction2, 1)
+    torch._foreach_sqrt_(bias_correction2)  # √(1 − β₂ᵗ)
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, bias_correction2)
+    torch._foreach_add_(denom, group["eps"])
+    direction = torch._foreach_div(exp_avg, denom)
+    torch._foreach_div_(direction, bias_correction1)
+    MemoryOptimizer._foreach_descend(params, direction, group["lr"])
 
 
 def _by_device_and_dtype(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]):

@@ -11,6 +11,7 @@ from torch import Tensor
 from deepopt.rules import delta_momentum
 
 from .base import MemoryOptimizer
+from .momentum import foreach_output_nonlinearity, foreach_precondition
 
 
 class DeltaMomentum(MemoryOptimizer):
@@ -21,7 +22,7 @@ class DeltaMomentum(MemoryOptimizer):
     ``momentum`` is α, ``beta`` the erasure strength (0 ≤ β ≤ 1 + α; β = 0 is ``Momentum``).
     ``keys="rows"`` uses the rows of 2-D gradients as keys, ``m(αI − βK̂ᵀK̂)``.  Further options:
     ``weight_decay``, ``decoupled_weight_decay``, ``preconditioner`` ("identity" | "adam"),
-    ``nonlinearity`` (None | "newton_schulz"), ``foreach``, ``nonfinite``.
+    ``nonlinearity`` (None | "newton_schulz"), ``foreach``, ``nonfinite``, ``capturable``.
     """
 
     rule = delta_momentum
@@ -32,18 +33,63 @@ class DeltaMomentum(MemoryOptimizer):
                          **options)
 
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
-        """``m ← α m + c·g`` with ``c = 1 − β⟨m, g⟩/‖g‖²`` per tensor (the ``keys="tensor"`` rule)."""
-        if (group["keys"] != "tensor" or group["preconditioner"] != "identity"
-                or group["nonlinearity"] is not None or isinstance(group["lr"], Tensor)):
+        """All tensors at once: the per-tensor inner products ``⟨m, g⟩`` and ``‖g‖²`` come from ``_foreach``
+        norms, row keys from batched matrix products over same-shape matrices."""
+        if any(isinstance(group[k], Tensor) for k in ("momentum", "beta", "weight_decay", "beta2", "eps")):
             return False
-        lr, alpha, beta = group["lr"], group["momentum"], group["beta"]
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        states = [self.state[p] for p in params]
+        bufs = [st["momentum_buffer"] for st in states]
         grads = self._foreach_weight_decay(group, params, grads)
-        flat = [(m.reshape(-1), g.reshape(-1)) for m, g in zip(bufs, grads)]
-        dots = torch.stack([torch.dot(m, g).double() for m, g in flat])
-        sq = torch.stack([torch.dot(g, g).double() for _, g in flat])
-        coefs = (1 - beta * dots / torch.where(sq > 0, sq, torch.ones_like(sq))).tolist()
-        for m, g, c in zip(bufs, grads, coefs):
-            m.mul_(alpha).add_(g, alpha=c)
-        torch._foreach_add_(params, bufs, alpha=-lr)
+        values = foreach_precondition(group, states, grads)
+        rows = [i for i, g in enumerate(grads) if group["keys"] == "rows" and g.dim() >= 2]
+        keyed = [i for i in range(len(grads)) if i not in set(rows)]
+        # both erasures read m before the α scaling
+        erased = _erase_along_rows([bufs[i] for i in rows], [grads[i] for i in rows], group["beta"]) if rows else []
+        if keyed:  # −β⟨m, g⟩/‖g‖² per tensor-keyed tensor
+            keyed_bufs, keyed_grads = [bufs[i] for i in keyed], [grads[i] for i in keyed]
+            coef = _inner_products(keyed_bufs, keyed_grads) / _squared_norms(keyed_grads) * -group["beta"]
+        torch._foreach_mul_(bufs, group["momentum"])
+        if keyed:
+            torch._foreach_addcmul_(keyed_bufs, keyed_grads, list(coef.unbind()))
+        if rows:
+            torch._foreach_sub_([bufs[i] for i in rows], erased)
+        torch._foreach_add_(bufs, values)
+        self._foreach_descend(params, foreach_output_nonlinearity(group, bufs), group["lr"])
         return True
+
+
+def _inner_products(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """``[⟨aᵢ, bᵢ⟩]`` as one vector: Σx = 2·Σmax(x, 0) − Σ|x| for x = aᵢ ⊙ bᵢ, from two ℓ1 ``_foreach_norm``
+    launches (its rounding error is that of a direct sum, ∝ Σ|x|)."""
+    prod = torch._foreach_mul(a, b)
+    absolute = torch.stack(torch._foreach_norm(prod, ord=1))
+    positive = torch.stack(torch._foreach_norm(torch._foreach_clamp_min(prod, 0.0), ord=1))
+    return 2 * positive - absolute
+
+
+def _squared_norms(tensors: list[Tensor]) -> Tensor:
+    """``[‖tᵢ‖²]``; a zero key gives ⟨m, 0⟩ = 0 whatever it is divided by, so clamping at the smallest normal
+    number stands in for the rule's ``where(sq > 0, sq, 1)``."""
+    sq = torch.stack(torch._foreach_norm(tensors, ord=2)) ** 2
+    return sq.clamp(min=torch.finfo(sq.dtype).tiny)
+
+
+def _erase_along_rows(bufs: list[Tensor], grads: list[Tensor], beta: float) -> list[Tensor]:
+    """``β·m K̂ᵀK̂`` per matrix (``keys="rows"``), same-shape matrices stacked into one batched product in
+    the cheaper evaluation order."""
+    by_shape: dict[torch.Size, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_shape.setdefault(g.shape, []).append(i)
+    out: list[Tensor] = list(bufs)
+    for shape, idx in by_shape.items():
+        m, g = torch.stack([bufs[i] for i in idx]), torch.stack([grads[i] for i in idx])
+        if len(shape) != 2:
+            m, g = m.reshape(len(idx), shape[0], -1), g.reshape(len(idx), shape[0], -1)
+        sq = torch.linalg.vector_norm(g, dim=(1, 2), keepdim=True) ** 2
+        scale = beta / sq.clamp(min=torch.finfo(sq.dtype).tiny)
+        rows, cols = g.shape[1:]
+        erased = torch.bmm(torch.bmm(m, g.mT), g) if rows <= cols else torch.bmm(m, torch.bmm(g.mT, g))
+        erased = scale * erased
+        for i, e in zip(idx, (erased if len(shape) == 2 else erased.reshape(len(idx), *shape)).unbind(0)):
+            out[i] = e
+    return out

@@ -26,11 +26,13 @@ BAD_HPARAMS = [
     ("delta_momentum", dict(preconditioner="shampoo"), ValueError, "preconditioner"),
     ("deep_momentum", dict(activation="swish"), ValueError, "activation"),
     ("deep_momentum", dict(objective="cosine"), ValueError, "objective"),
-    ("deep_momentum", dict(hidden=0), ValueError, "hidden"),
+    ("deep_momentum", dict(hidden=-1), ValueError, "hidden"),
     ("deep_momentum", dict(key_dim=2.5), TypeError, "key_dim"),
     ("deep_momentum", dict(memory_init=(torch.zeros(3, 3), torch.zeros(3, 3))), ValueError, "memory_init"),
     ("deep_momentum", dict(nonfinite="ignore"), ValueError, "nonfinite"),
-    ("deep_momentum", dict(momentum=0.9), TypeError, "momentum"),
+    ("deep_momentum", dict(momentum=1.0), ValueError, "momentum"),
+    ("deep_momentum", dict(objective="l2", eta=2.5), ValueError, "eta"),
+    ("deep_momentum", dict(nesterov=True), TypeError, "nesterov"),
 ]
 
 
@@ -46,7 +48,7 @@ def test_bad_param_group_is_rejected_and_not_added(opt_name):
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": model[2].parameters(), "lr": -1.0})
     assert len(opt.param_groups) == 1
-    foreign = "alpha" if opt_name != "deep_momentum" else "betas"  # another optimizer's hyperparameter
+    foreign = "eta" if opt_name != "deep_momentum" else "betas"  # another optimizer's hyperparameter
     with pytest.raises(TypeError, match=foreign):
         opt.add_param_group({"params": model[2].parameters(), foreign: 0.5})
     assert len(opt.param_groups) == 1
@@ -69,7 +71,7 @@ def _poison(model):
 
 def test_nonfinite_gradient_raises_before_any_change(opt_name):
     model = small_mlp()
-    opt = make(opt_name, model.parameters())
+    opt = make(opt_name, model.parameters(), nonfinite="raise")
     train(model, opt, 3)
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
@@ -81,18 +83,29 @@ def test_nonfinite_gradient_raises_before_any_change(opt_name):
     assert _equal_state(state, opt.state_dict())
 
 
-def test_huge_finite_gradients_are_not_mistaken_for_nonfinite():
-    """The cheap screen sums each gradient; a sum that overflows is re-checked element-wise."""
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(policy):
+    """The screen takes each gradient's max-norm, which cannot overflow as a sum of squares would."""
     w = torch.zeros(4, requires_grad=True)
-    opt = deepopt.SGD([w], lr=1e-40)
+    opt = deepopt.SGD([w], lr=1e-40, nonfinite=policy)
     w.grad = torch.full((4,), 3e38)
     opt.step()
     assert torch.isfinite(w).all() and (w < 0).all()
 
 
+def test_default_policy_propagates_like_torch(opt_name):
+    """``nonfinite="propagate"`` (the default) screens nothing, as torch.optim does: NaN reaches the weights."""
+    model = small_mlp()
+    opt = make(opt_name, model.parameters())
+    _poison(model)
+    opt.step()
+    assert torch.isnan(model[2].bias).any()
+
+
 def test_nonfinite_gradient_skip_policy(opt_name):
     model, ref = small_mlp(), small_mlp()
-    opt, ref_opt = make(opt_name, model.parameters(), nonfinite="skip"), make(opt_name, ref.parameters())
+    opt, ref_opt = make(opt_name, model.parameters(), nonfinite="skip"), make(opt_name, ref.parameters(),
+                                                                              nonfinite="skip")
     train(model, opt, 3)
     train(ref, ref_opt, 3)
     opt.zero_grad()
@@ -127,10 +140,9 @@ def test_loading_another_optimizers_state_dict_raises_and_changes_nothing(opt_na
     assert _equal_state(before, opt.state_dict())
 
 
-@pytest.mark.parametrize("name", ["momentum", "adam", "adamw", "delta_momentum"])
+@pytest.mark.parametrize("name", ["momentum", "adam", "adamw", "delta_momentum", "deep_momentum"])
 def test_loading_state_of_a_different_model_raises_and_changes_nothing(name):
-    """State shaped like another model's parameters (DeepMomentum's and SGD's state do not depend on
-    parameter shapes, so the next test covers them)."""
+    """State shaped like another model's parameters (SGD keeps no state, so the next test covers it)."""
     model = small_mlp()
     opt = make(name, model.parameters())
     train(model, opt, 3)

@@ -22,7 +22,7 @@ DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
 
 def init(param: Tensor, hp: Hparams) -> State:
     return {
-        "step": torch.zeros((), dtype=T.step_dtype()),
+        "step": T.new_step(param),
         "exp_avg": torch.zeros_like(param),
         "exp_avg_sq": torch.zeros_like(param),
     }
@@ -34,7 +34,7 @@ def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tens
     step = state["step"] + 1
     m = state["exp_avg"] + (1 - beta1) * (g - state["exp_avg"])  # lerp, as torch computes it for β₁ > ½
     v = state["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
-    t = step.to(g.dtype)
+    t = T.step_float(step, g)  # fp32 for low-precision g: 1 − β₂ᵗ must not round to 0
     denom = T.sqrt0(v) / (1 - beta2**t).sqrt() + hp["eps"]
     delta = T.descend(m / denom / (1 - beta1**t), param, hp)
     return delta, {"step": step, "exp_avg": m, "exp_avg_sq": v}

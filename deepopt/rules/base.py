@@ -23,14 +23,17 @@ from torch import Tensor
 
 State = dict[str, Tensor]
 Hparams = Mapping[str, Any]
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a real number or a 0-dim tensor, got {type(value).__name__}")
     if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise TypeError(f"{name} must be a real scalar tensor, got shape {tuple(value.shape)}")
+        if value.is_complex() or not (value.is_floating_point() or value.dtype in _INT_DTYPES):
+            raise TypeError(f"{name} must be a real number or a real 1-element tensor, got dtype {value.dtype}")
+        if value.numel() != 1:  # torch.optim's wording and exception type
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
         return float(value.detach())
     return float(value)
 
@@ -86,6 +89,10 @@ class Rule:
     # True when, under ``hp``, each coordinate's update depends on that coordinate alone (so the rule
     # may run on several tensors concatenated into one; its scalar state entries are shared)
     elementwise: Callable[[Hparams], bool] = field(default=lambda hp: False, compare=False)
+    # True when, under ``hp``, the rule may run on the real view (``torch.view_as_real``) of a complex
+    # parameter, as torch.optim does for complex parameters; False where it reads 2-D structure (rows as
+    # keys, Newton–Schulz), which a complex matrix's real view does not have
+    complex_ok: Callable[[Hparams], bool] = field(default=lambda hp: True, compare=False)
 
     def hparams(self, **overrides: Any) -> dict[str, Any]:
         """The defaults updated by ``overrides``, validated; unknown names raise ``TypeError``."""

@@ -63,4 +63,8 @@ def validate(hp: Hparams) -> None:
     check_choice("keys", hp["keys"], KEYS)
 
 
-delta_momentum = Rule("delta_momentum", DEFAULTS, init, update, validate, doc=__doc__)
+delta_momentum = Rule(
+    "delta_momentum", DEFAULTS, init, update, validate, doc=__doc__,
+    # keys="tensor" on the real view is the conjugated inner product Re⟨m, g⟩ of a complex parameter
+    complex_ok=lambda hp: hp["keys"] == "tensor" and hp["nonlinearity"] is None,
+)

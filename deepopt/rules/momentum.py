@@ -41,5 +41,6 @@ def validate(hp: Hparams) -> None:
 
 
 momentum = Rule(
-    "momentum", DEFAULTS, init, update, validate, doc=__doc__, elementwise=lambda hp: hp["nonlinearity"] is None
+    "momentum", DEFAULTS, init, update, validate, doc=__doc__, elementwise=lambda hp: hp["nonlinearity"] is None,
+    complex_ok=lambda hp: hp["nonlinearity"] is None,
 )

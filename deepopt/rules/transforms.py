@@ -81,24 +81,51 @@ def sqrt0(v: Tensor) -> Tensor:
     return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
 def newton_schulz(update: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """Approximate orthogonalisation ``U → (U Uᵀ)^{-1/2} U`` by the quintic Newton–Schulz iteration of Muon.
 
-    Applies to the 2-D view ``(shape[0], -1)``; the result is scaled by ``sqrt(max(1, rows/cols))``.
+    Applies to the 2-D view ``(shape[0], -1)`` (or a batch of them: ``(B, rows, cols)`` with ``batched``
+    callers, see ``newton_schulz_many``); the input is first divided by ``max(‖U‖_F, eps)`` and the result
+    scaled by ``sqrt(max(1, rows/cols))``: ``torch.optim.Muon``'s conventions (its lr adjustment "original").
     """
     shape = update.shape
-    x = update.reshape(shape[0], -1)
-    a, b, c = 3.4445, -4.7750, 2.0315
-    transposed = x.shape[0] > x.shape[1]
+    return _newton_schulz_3d(update.reshape(1, shape[0], -1), steps, eps).reshape(shape)
+
+
+def _newton_schulz_3d(x: Tensor, steps: int, eps: float) -> Tensor:
+    """Newton–Schulz on a batch ``(B, rows, cols)`` of same-shape matrices (bmm: one launch per product)."""
+    a, b, c = NS_COEFFICIENTS
+    rows, cols = x.shape[-2:]
+    transposed = rows > cols
     if transposed:
         x = x.mT
-    x = x / (torch.linalg.matrix_norm(x) + eps)
+    x = x / torch.linalg.matrix_norm(x, keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        gram = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     if transposed:
         x = x.mT
-    return (x * max(1.0, x.shape[0] / x.shape[1]) ** 0.5).reshape(shape)
+    return x * max(1.0, rows / cols) ** 0.5 if rows > cols else x
+
+
+def newton_schulz_many(updates: list[Tensor], steps: int = 5, eps: float = 1e-7) -> list[Tensor]:
+    """``[newton_schulz(u) for u in updates]`` with same-shape matrices stacked and iterated together, so the
+    kernels launched grow with the number of distinct shapes, not of tensors."""
+    by_shape: dict[torch.Size, list[int]] = {}
+    for i, u in enumerate(updates):
+        by_shape.setdefault(u.shape, []).append(i)
+    out: list[Tensor] = [updates[0]] * len(updates)
+    for shape, idx in by_shape.items():
+        x = torch.stack([updates[i] for i in idx])
+        if x.dim() != 3:
+            x = x.reshape(len(idx), shape[0], -1)
+        y = _newton_schulz_3d(x, steps, eps)
+        for i, yi in zip(idx, (y if len(shape) == 2 else y.reshape(len(idx), *shape)).unbind(0)):
+            out[i] = yi
+    return out
 
 
 def output_nonlinearity(direction: Tensor, hp: Hparams) -> Tensor:
@@ -117,8 +144,10 @@ def step_dtype() -> torch.dtype:
 
 
 def new_step(param: Tensor) -> Tensor:
-    """A fresh step counter: a 0-dim tensor on ``param``'s device (so no kernel waits on the host)."""
-    return torch.zeros((), dtype=step_dtype(), device=param.device)
+    """A fresh step counter: a 0-dim tensor on ``param``'s device (so no kernel waits on the host), fp64 for
+    fp64 parameters (or under an fp64 default dtype), else fp32."""
+    dtype = torch.float64 if param.dtype == torch.float64 else step_dtype()
+    return torch.zeros((), dtype=dtype, device=param.device)
 
 
 def step_float(step: Tensor, like: Tensor) -> Tensor:
