@@ -73,9 +73,10 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "DeltaMomentum keys=rows": lambda ps: deepopt.DeltaMomentum(ps, lr=1e-3, keys="rows"),
     "DeepMomentum h=16": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3, hidden=16),
     "Muon (Momentum+NS)": lambda ps: deepopt.Momentum(ps, lr=1e-3, nesterov=True, nonlinearity="newton_schulz"),
-    # the 2-D parameters only, the ones torch.optim.Muon takes
+    # the 2-D parameters only, the ones torch.optim.Muon takes; "M3" iterates Newton–Schulz in bf16 as it does
     "torch Muon": lambda ps: torch.optim.Muon([p for p in ps if p.dim() == 2], lr=1e-3),
-    "M3": lambda ps: deepopt.M3([p for p in ps if p.dim() == 2], lr=1e-3),
+    "M3": lambda ps: deepopt.M3([p for p in ps if p.dim() == 2], lr=1e-3, ns_dtype="bfloat16"),
+    "M3 fp32 NS": lambda ps: deepopt.M3([p for p in ps if p.dim() == 2], lr=1e-3),
 }
 REFERENCES = ("torch Adam fused", "torch Adam foreach")
 
@@ -150,7 +151,8 @@ def main(args: argparse.Namespace) -> int:
     table = format_table(rows)
     print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(table)
-    atomic_save_json({"device": args.device, "torch": torch.__version__, "rows": rows}, out / "bench.json")
+    atomic_save_json({"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "repeats": args.repeats, "warmup": args.warmup, "rows": rows}, out / "bench.json")
     atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     wrote(out)
     return 0

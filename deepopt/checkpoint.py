@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -72,7 +71,7 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     _require_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+    except Exception as err:  # the unpickler fails on a torn file in many ways (EOFError, IndexError, ...)
         raise ValueError(f"{path} is not a readable torch checkpoint of plain tensors and data (truncated or "
                          f"corrupt?): {type(err).__name__}") from err
 

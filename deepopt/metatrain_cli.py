@@ -1,17 +1,24 @@
 """``deepopt meta-train``: meta-train an optimizer on a task family, then evaluate it on held-out tasks.
 
 Writes into ``--out DIR``: ``optimizer/`` (the learned optimizer, a ``save_pretrained`` folder that
-``DeepMomentum.from_pretrained`` loads), ``trainer_state.pt`` (resume point), ``report.json``,
-``curves.csv`` and ``curves.png``.  Re-running with the same ``--out`` resumes from the last checkpoint.
+``DeepMomentum.from_pretrained`` loads), ``trainer_state.pt`` (resume point), ``eval.jsonl`` (each held-out
+task's evaluation, appended as it finishes), ``report.json``, ``curves.csv`` and ``curves.png``.
+``--resume`` continues the run in ``--out`` from its last checkpoint and skips the tasks already
+evaluated at that meta-step; ``--overwrite`` starts it over.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import time
 from pathlib import Path
 from typing import Any
+
+from deepopt.runs import JsonLines, UsageError, add_out_option, check_at_least, prepare_out, show_progress, wrote
+
+EVAL_FILE = "eval.jsonl"
 
 # Sizes: the default run (a few minutes on 2 CPU cores) and --smoke (well under a minute).
 DEFAULTS: dict[str, Any] = dict(
@@ -64,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``meta-train`` subcommand."""
     from deepopt.meta_train.params import LEARNABLE
     from deepopt.meta_train.tasks import FAMILIES, HELD_OUT_SPECS
-    from deepopt.meta_train.trainer import DTYPES, ESTIMATORS
+    from deepopt.meta_train.trainer import DTYPES, ESTIMATORS, OPTIMIZER_DIR, STATE_FILE
     from deepopt.meta_train.unroll import OUTER_LOSSES
 
     p = subparsers.add_parser(
@@ -74,12 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
     )
     a = p.add_argument
-    a(
-        "--out",
-        type=Path,
-        default=None,
-        help="run directory (default: runs/<timestamp>); resumes if it holds a checkpoint",
-    )
+    add_out_option(p, "meta-train", (STATE_FILE, OPTIMIZER_DIR, EVAL_FILE, "report.json", "curves.csv", "curves.png"))
+    a("--resume", action="store_true", help=f"continue the run in --out from its {STATE_FILE}")
     a(
         "--smoke",
         action="store_true",
@@ -197,6 +200,13 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         if isinstance(out[key], str):
             out[key] = _floats(out[key])
     out["eval_tasks"] = [t for t in out["eval_tasks"].split(",") if t]
+    check_at_least(argparse.Namespace(**out), 1, "eval_steps", "eval_seeds", "budget")
+    check_at_least(args, 1, "threads")
+    for key in ("adam_lrs", "momentum_lrs"):
+        if not out[key] or not all(v > 0 for v in out[key]):
+            raise UsageError(f"--{key.replace('_', '-')} must be one or more numbers > 0, got {out[key]}")
+    if not out["eval_tasks"]:
+        raise UsageError("--eval-tasks must name at least one held-out task")
     return out
 
 
@@ -209,14 +219,13 @@ def run(args: argparse.Namespace) -> int:
     from deepopt.meta_train.evaluate import evaluate
     from deepopt.meta_train.params import DEFAULT_LEARN
     from deepopt.meta_train.tasks import HELD_OUT_SPECS
-    from deepopt.meta_train.trainer import DTYPES, OPTIMIZER_DIR, MetaTrainConfig, MetaTrainer
+    from deepopt.meta_train.trainer import DTYPES, OPTIMIZER_DIR, STATE_FILE, MetaTrainConfig, MetaTrainer
 
-    torch.set_num_threads(args.threads)
     size = _resolve(args)
+    torch.set_num_threads(args.threads)
     unknown = sorted(set(size["eval_tasks"]) - set(HELD_OUT_SPECS))
     if unknown:
         raise ValueError(f"--eval-tasks: unknown task(s) {unknown}; accepted: {sorted(HELD_OUT_SPECS)}")
-    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     hparams: dict[str, Any] = {"lr": size["lr"]}
     learn = None if args.learn is None else args.learn.split(",")
     if args.rule == "deep_momentum":
@@ -250,29 +259,46 @@ def run(args: argparse.Namespace) -> int:
         learn=learn,
         hparams=hparams,
     )
+    if args.resume and not (args.out is not None and (args.out / STATE_FILE).is_file()):
+        raise UsageError(f"--resume: --out {args.out} holds no run to continue (no {STATE_FILE}); check the "
+                         "folder, or run without --resume")
+    out = prepare_out(args)
     trainer = MetaTrainer(config, out)
     if trainer.step:
         print(f"resuming {out} from meta-step {trainer.step}")
     started = time.perf_counter()
-    trainer.run(progress=not args.no_progress)
+    trainer.run(progress=show_progress(not args.no_progress))
     trainer.save()
     train_s = time.perf_counter() - started
 
     seeds = list(range(size["eval_seeds"]))
-    bar = tqdm(total=len(size["eval_tasks"]) * len(seeds), desc="evaluate", disable=args.no_progress)
-    report, rows = evaluate(
-        out / OPTIMIZER_DIR,
-        size["eval_tasks"],
-        seeds,
-        size["eval_steps"],
-        size["adam_lrs"],
-        size["momentum_lrs"],
-        size["budget"],
-        DTYPES[args.dtype],
-        progress=lambda: bar.update(1),
-        adam_decays=size["adam_decays"],
-    )
+    bar = tqdm(total=len(size["eval_tasks"]) * len(seeds), desc="evaluate",
+               disable=not show_progress(not args.no_progress))
+    settings = {"meta_step": trainer.step, "seeds": seeds, "dtype": args.dtype,
+                **{k: size[k] for k in ("eval_steps", "adam_lrs", "adam_decays", "momentum_lrs", "budget")}}
+    done = JsonLines(out / EVAL_FILE, resume=args.resume)  # tasks evaluated at this meta-step and settings
+    for task in size["eval_tasks"]:
+        key = json.dumps({"task": task, **settings}, sort_keys=True)
+        if key in done.done:
+            bar.update(len(seeds))
+            continue
+        part, part_rows = evaluate(
+            out / OPTIMIZER_DIR,
+            [task],
+            seeds,
+            size["eval_steps"],
+            size["adam_lrs"],
+            size["momentum_lrs"],
+            size["budget"],
+            DTYPES[args.dtype],
+            progress=lambda: bar.update(1),
+            adam_decays=size["adam_decays"],
+        )
+        done.add(key, {"report": part, "rows": part_rows})
     bar.close()
+    parts = [done.done[json.dumps({"task": t, **settings}, sort_keys=True)] for t in size["eval_tasks"]]
+    report = {**parts[0]["report"], "tasks": {t: p["report"]["tasks"][t] for t, p in zip(size["eval_tasks"], parts)}}
+    rows = [row for p in parts for row in p["rows"]]
     name, learned, _ = trainer.meta.export()
     report = {
         "optimizer": name,
@@ -304,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
         if "learned_beats_adam_decay" in r:
             line += f", below Adam with a tuned 1/t decay in {r['learned_beats_adam_decay']}/{n}"
         print(line)
-    print(f"wrote {out}")
+    wrote(out)
     return 0
 
 

@@ -1,9 +1,17 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 import deepopt
+
+# Tests never write to the real ~/.cache/deepopt: the HOPE corpus and tokenizer cache (deepopt.hope.data.cache_dir
+# reads $DEEPOPT_CACHE) lives in a temporary folder for the session, inherited by the subprocesses tests start.
+os.environ["DEEPOPT_CACHE"] = tempfile.mkdtemp(prefix="deepopt-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DEEPOPT_CACHE"], ignore_errors=True)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One intra-op thread per xdist worker (and for the processes they spawn): two workers with two
@@ -43,7 +51,6 @@ CONFIGS = {
     "adamw": dict(lr=0.01, weight_decay=0.1),
     "delta_momentum": dict(lr=0.05),
     "deep_momentum": dict(lr=0.05),
-    "m3": dict(lr=0.02, chunk=3),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,15 @@ from typing import Any
 import torch
 
 from deepopt.checkpoint import atomic_save_json, atomic_torch_save, torch_load
+from deepopt.runs import UsageError, add_out_option, check_device, default_out, prepare_out, show_progress, wrote
 
 from . import data
 from .model import VARIANTS, LanguageModel, compile_model, n_params
 from .train import (
     CHECKPOINT,
+    CONFIG_FILE,
     DTYPES,
+    MODEL_FILE,
     OPTIMIZERS,
     SCHEDULES,
     SIZES,
@@ -51,6 +55,7 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
     "val_batches": (16, 2),
     "max_bytes": (4_000_000, 200_000),
 }
+EVAL_REPORT, EVAL_RESULTS = "eval_report.json", "eval_results.csv"  # beside a training run's own report.json
 # Arguments that must match for ``--resume`` to continue a run.
 _NOT_RUN_IDENTITY = ("resume", "out", "progress", "func", "command", "hope_command", "device", "threads",
                      "compile")
@@ -103,7 +108,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, lr_schedule: str = "cosine", bp
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype (default float32)")
-    p.add_argument("--out", type=Path, help="output folder (default runs/<timestamp>-hope-<command>)")
+    add_out_option(p, p.prog.split(" ", 1)[1], ("report.json", "results.csv"))  # "hope <command>"; see set_defaults
     p.add_argument("--smoke", action="store_true", help="tiny sizes and few steps (CI)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
     p.add_argument("--compile", action="store_true",
@@ -124,10 +129,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     _add_run_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, run_outputs=(CHECKPOINT, MODEL_FILE, CONFIG_FILE, data.TOKENIZER_FILE,
+                                                "report.json", "metrics.csv", "loss.png"))
 
     p = sub.add_parser("eval", help="validation perplexity of a trained model on each domain")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a `deepopt hope train` output folder")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a `deepopt hope train` output folder (or its model.safetensors or checkpoint.pt: a run "
+                        "that did not finish is evaluated at its last checkpoint)")
     p.add_argument("--domains", nargs="+", default=list(data.DOMAINS), choices=data.DOMAINS,
                    help="domains to evaluate (default both)")
     p.add_argument("--data", nargs="+", metavar="PATH", help="evaluate on these text files instead")
@@ -136,7 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-batches", type=int, help="batches (default 16)")
     p.add_argument("--max-bytes", type=int, help="bytes read per domain (default 4e6)")
     _add_device_args(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, run_outputs=(EVAL_REPORT, EVAL_RESULTS), run_shares=("hope train",))
 
     p = sub.add_parser("continual", help="train on domain A then B; forgetting on A, HOPE vs Transformer++")
     p.add_argument("--models", nargs="+", default=["hope", "transformer"], choices=sorted(VARIANTS),
@@ -145,7 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--domain-a", default="code", choices=data.DOMAINS, help="first domain (default code)")
     p.add_argument("--domain-b", default="prose", choices=data.DOMAINS, help="second domain (default prose)")
     _add_run_args(p, lr_schedule="constant", bpe_on="--domain-a")
-    p.set_defaults(func=cmd_continual)
+    p.set_defaults(func=cmd_continual, run_outputs=("report.json", "results.csv", "metrics.csv", "loss.png"))
 
     p = sub.add_parser("niah", help="passkey retrieval accuracy at several context lengths")
     p.add_argument("--models", nargs="+", default=["hope", "transformer"], choices=sorted(VARIANTS),
@@ -155,7 +163,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="context lengths to test (default 128 256 512 1024; smoke 112 160)")
     p.add_argument("--eval-samples", type=int, help="passkeys per context length (default 64; smoke 4)")
     _add_run_args(p, bpe_on="prose (the filler)")
-    p.set_defaults(func=cmd_niah, context_default=(256, 112))
+    p.set_defaults(func=cmd_niah, context_default=(256, 112), run_outputs=("report.json", "results.csv", "loss.png"))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -170,8 +178,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("steps", "context", "batch_size", "val_batches", "max_bytes", "chunk_size", "ckpt_every",
                  "val_every", "eval_samples"):
         v = getattr(args, name, None)
-        if v is not None and v < (0 if name in ("ckpt_every", "val_every") else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        lowest = 0 if name == "ckpt_every" else 1
+        if v is not None and v < lowest:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {lowest}, got {v}")
     if getattr(args, "warmup", None) is not None and args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if getattr(args, "lr", None) is not None and not args.lr > 0:
@@ -192,9 +201,30 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if args.out is None:
-        args.out = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-hope-{args.hope_command}"
+    check_device(args.device)
+    args.progress = show_progress(args.progress)
+    if getattr(args, "checkpoint", None) is not None:
+        args.checkpoint = _run_folder(args.checkpoint)
+    if getattr(args, "resume", False) and not (args.out is not None and (args.out / CHECKPOINT).is_file()):
+        raise UsageError(f"--resume: --out {args.out} holds no run to continue (no {CHECKPOINT}); check the "
+                         "folder, or run without --resume")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 checks and creates --out
+        prepare_out(args)
+    elif args.out is None:
+        args.out = default_out(args.run_command)
     return args
+
+
+def _run_folder(path: Path) -> Path:
+    """``--checkpoint``: a training run's folder, given as the folder or one of its model files."""
+    if path.is_file() and path.name in (MODEL_FILE, CONFIG_FILE, CHECKPOINT):
+        return path.parent
+    if path.is_file():
+        raise UsageError(f"--checkpoint {path} is a file; expected a `deepopt hope train` output folder (or its "
+                         f"{MODEL_FILE} or {CHECKPOINT})")
+    if not path.is_dir():
+        raise UsageError(f"--checkpoint {path} does not exist; expected a `deepopt hope train` output folder")
+    return path
 
 
 def _build(args: argparse.Namespace, variant: str, seed: int, device: torch.device, vocab_size: int
@@ -245,14 +275,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, d)
     out: Path = args.out
     ckpt = out / CHECKPOINT
-    if ckpt.exists() and not args.resume:
-        raise ValueError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it or another --out")
     resumed = args.resume and (out / data.TOKENIZER_FILE).is_file()
     corpus = _corpus(args, args.domain, args.data, data.load_tokenizer(out) if resumed else None)
     model = _build(args, args.model, args.seed, device, corpus.vocab_size)
     trainer = _trainer(args, model, args.steps, d)
     metrics, identity = Metrics(), _run_identity(args)
-    if args.resume and ckpt.exists():
+    if args.resume:
         state = torch_load(ckpt, map_location=device)
         if state["args"] != identity:
             diff = sorted(k for k in set(identity) | set(state["args"]) if identity.get(k) != state["args"].get(k))
@@ -265,7 +293,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def checkpoint() -> None:
         if d.main:
-            atomic_torch_save({**trainer.state_dict(), "metrics": metrics.rows, "args": identity}, ckpt)
+            atomic_torch_save({**trainer.state_dict(), "metrics": metrics.rows, "args": identity,
+                               "model_config": model.cfg.to_dict()}, ckpt)  # `hope eval` reads a killed run
 
     t0 = time.perf_counter()
     fit(trainer, corpus.train, batch_size=args.batch_size, context=args.context, seed=args.seed,
@@ -288,6 +317,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "val_loss": last_val.get("val_loss"), "val_ppl": last_val.get("val_ppl"), **per_byte,
             "wall_s_this_process": time.perf_counter() - t0, "args": identity,
         }, out / "report.json")
+        wrote(out)
     _leave(d)
     return 0
 
@@ -302,7 +332,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args = _resolve(args)
     device = resolve_device(args.device, Dist())
     model = load_model(args.checkpoint, device)
-    tokenizer = data.load_tokenizer(args.checkpoint)
+    tokenizer = _load_tokenizer(args.checkpoint)
     if model.cfg.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"--checkpoint {args.checkpoint}: the model's vocab_size is {model.cfg.vocab_size} but its "
                          f"tokenizer ({data.TOKENIZER_FILE}, or bytes when there is none) has {tokenizer.vocab_size}")
@@ -314,14 +344,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         nll = trainer.evaluate(data.val_batches(corpus.val, args.batch_size, args.context, args.val_batches))
         results[dom] = {"val_loss": nll, "val_ppl": _ppl(nll),
                         **_per_byte(nll, corpus, args.batch_size, args.context, args.val_batches)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "results.csv", [{"domain": k, **v} for k, v in results.items()])
+    write_csv(args.out / EVAL_RESULTS, [{"domain": k, **v} for k, v in results.items()])
     atomic_save_json({"command": "eval", "checkpoint": str(args.checkpoint), "context": args.context,
                       "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
                       "tokens_per_domain": args.val_batches * args.batch_size * args.context,
-                      "results": results}, args.out / "report.json")
+                      "results": results}, args.out / EVAL_REPORT)
     print(json.dumps(results, indent=2))
+    wrote(args.out)
     return 0
+
+
+def _load_tokenizer(folder: Path) -> data.Tokenizer:
+    try:
+        return data.load_tokenizer(folder)
+    except Exception as err:  # the tokenizers library raises plain Exceptions on a bad file
+        raise ValueError(f"{folder / data.TOKENIZER_FILE} is not a readable tokenizer (truncated or corrupt?): "
+                         f"{err}") from err
 
 
 def cmd_continual(args: argparse.Namespace) -> int:
@@ -363,7 +401,6 @@ def cmd_continual(args: argparse.Namespace) -> int:
                          "bpb_b_after_b": bits_per_byte(args.domain_b, nll_b_b)})
             curves[f"{variant} s{seed}"] = [(r["step"], r["train_loss"]) for r in metrics.rows]
     if d.main:
-        args.out.mkdir(parents=True, exist_ok=True)
         write_csv(args.out / "results.csv", rows)
         write_csv(args.out / "metrics.csv", [{"run": k, "step": s, "train_loss": v} for k, pts in curves.items()
                                              for s, v in pts])
@@ -373,6 +410,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
                           "tokenizer": first.tokenizer.kind, "vocab_size": first.vocab_size,
                           "steps_per_domain": steps, "world_size": d.world, "summary": summary,
                           "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
+        wrote(args.out)
     _leave(d)
     return 0
 
@@ -398,7 +436,6 @@ def cmd_niah(args: argparse.Namespace) -> int:
                 rows.append({"model": variant, "seed": seed, "train_context": args.context, "context": ctx,
                              "digit_accuracy": digit, "exact_accuracy": exact, "samples": samples})
     if d.main:
-        args.out.mkdir(parents=True, exist_ok=True)
         write_csv(args.out / "results.csv", rows)
         plot_curves(args.out / "loss.png", "passkey training (answer-digit loss)", curves)
         summary = {f"{m} @ {c}": _summary([r for r in rows if r["model"] == m and r["context"] == c],
@@ -408,6 +445,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
         atomic_save_json({"command": "niah", "contexts": contexts, "chance_digit_accuracy": None if bpe else 0.1,
                           "tokenizer": filler.tokenizer.kind, "vocab_size": filler.vocab_size, "world_size": d.world,
                           "summary": summary, "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
+        wrote(args.out)
     _leave(d)
     return 0
 

@@ -26,7 +26,9 @@ import deepopt
 from deepopt.checkpoint import (
     atomic_save_json,
     atomic_save_tensors,
+    load_json,
     load_tensors,
+    torch_load,
 )
 
 from . import data
@@ -190,16 +192,28 @@ def save_model(model: LanguageModel, out: Path) -> None:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LanguageModel:
+    """The model of a ``deepopt hope train`` run folder: ``model.safetensors`` + ``model_config.json``, or, for
+    a run killed before it finished, its last ``checkpoint.pt``.  A missing, truncated or corrupt file
+    raises ``FileNotFoundError`` / ``ValueError`` naming it."""
     path = Path(path)
-    for f in (MODEL_FILE, CONFIG_FILE):
-        if not (path / f).is_file():
-            raise FileNotFoundError(f"{path} holds no saved model: missing {f} (written by `deepopt hope train`)")
-    import json
-
-    cfg = HopeConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    tensors = load_tensors(path / MODEL_FILE)
-    model = LanguageModel(cfg).to(device=device, dtype=next(iter(tensors.values())).dtype)
-    model.load_state_dict(tensors)
+    saved = [(path / f).exists() for f in (MODEL_FILE, CONFIG_FILE)]
+    if all(saved) or (any(saved) and not (path / CHECKPOINT).exists()):  # a missing one is named
+        source, config, tensors = path / MODEL_FILE, load_json(path / CONFIG_FILE), load_tensors(path / MODEL_FILE)
+    elif (path / CHECKPOINT).exists():
+        source, state = path / CHECKPOINT, torch_load(path / CHECKPOINT)
+        if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
+            raise ValueError(f"{source} holds no model and its config (written before checkpoints recorded the "
+                             "config?); finish the run with `deepopt hope train --resume` first")
+        config, tensors = state["model_config"], state["model"]
+    else:
+        raise FileNotFoundError(2, f"holds no saved model ({MODEL_FILE} + {CONFIG_FILE}) nor a {CHECKPOINT}; "
+                                   "expected a `deepopt hope train` output folder", str(path))
+    try:
+        cfg = HopeConfig.from_dict(config)
+        model = LanguageModel(cfg).to(device=device, dtype=next(iter(tensors.values())).dtype)
+        model.load_state_dict(tensors)
+    except (TypeError, KeyError, AttributeError, StopIteration, RuntimeError, ValueError) as err:
+        raise ValueError(f"{source} does not hold a model its config describes: {str(err).splitlines()[0]}") from err
     return model
 
 
