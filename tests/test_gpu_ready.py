@@ -342,6 +342,7 @@ def test_muon_mode_momentum_equals_torch_muon():
     import torch.optim._muon as muon
 
     shapes = [(6, 4), (4, 9), (5, 5)]
+    original = muon._zeropower_via_newtonschulz
     runs = []
     for build in (lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True),
                   lambda ps: deepopt.Momentum(ps, lr=0.02, momentum=0.95, nesterov=True,
@@ -353,7 +354,6 @@ def test_muon_mode_momentum_equals_torch_muon():
             gen = torch.Generator().manual_seed(t)
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            original = muon._zeropower_via_newtonschulz
             with mock.patch.object(muon, "_zeropower_via_newtonschulz",
                                    lambda g, *a: _without_bf16(original, g, *a)):
                 opt.step()
