@@ -51,6 +51,7 @@ CONFIGS = {
     "adamw": dict(lr=0.01, weight_decay=0.1),
     "delta_momentum": dict(lr=0.05),
     "deep_momentum": dict(lr=0.05),
+    "m3": dict(lr=0.02, chunk=3),
 }
 
 
