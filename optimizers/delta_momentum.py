@@ -34,10 +34,15 @@ class DeltaMomentum(MemoryOptimizer):
 
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """All tensors at once: the per-tensor inner products ``⟨m, g⟩`` and ``‖g‖²`` come from ``_foreach``
-        norms, row keys from batched matrix products over same-shape matrices."""
+        norms, row keys from batched matrix products over same-shape matrices.  On the CPU, where a
+        multi-tensor op is a loop anyway and each out-of-place op allocates (and page-faults) a full-size
+        temporary, the default options run an in-place loop instead (torch.optim's own CPU default)."""
         if any(isinstance(group[k], Tensor) for k in ("momentum", "beta", "weight_decay", "beta2", "eps")):
             return False
         states = [self.state[p] for p in params]
+        if _cpu_loop_applies(group, params):
+            _cpu_loop_step(group, states, params, self._foreach_weight_decay(group, params, grads))
+            return True
         bufs = [st["momentum_buffer"] for st in states]
         grads = self._foreach_weight_decay(group, params, grads)
         values = foreach_precondition(group, states, grads)
@@ -56,6 +61,28 @@ class DeltaMomentum(MemoryOptimizer):
         torch._foreach_add_(bufs, values)
         self._foreach_descend(params, foreach_output_nonlinearity(group, bufs), group["lr"])
         return True
+
+
+def _cpu_loop_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
+    return (all(p.device.type == "cpu" for p in params) and group["preconditioner"] == "identity"
+            and group["nonlinearity"] is None and group["keys"] == "tensor")
+
+
+def _cpu_loop_step(group: dict[str, Any], states: list[dict[str, Tensor]], params: list[Tensor],
+                   grads: list[Tensor]) -> None:
+    """``m ← α m + (1 − β⟨m, g⟩/‖g‖²)·g;  W ← W − lr·m`` tensor by tensor, in place, with the coefficient a
+    0-dim tensor (nothing read on the host)."""
+    lr, alpha, beta = group["lr"], group["momentum"], group["beta"]
+    for st, p, g in zip(states, params, grads):
+        m = st["momentum_buffer"]
+        mf, gf = m.reshape(-1), g.reshape(-1)
+        sq = torch.dot(gf, gf)
+        coef = 1 - beta * torch.dot(mf, gf) / sq.clamp(min=torch.finfo(sq.dtype).tiny)
+        m.mul_(alpha).addcmul_(g, coef)
+        if isinstance(lr, Tensor):
+            p.addcmul_(m, lr, value=-1)
+        else:
+            p.add_(m, alpha=-lr)
 
 
 def _inner_products(a: list[Tensor], b: list[Tensor]) -> Tensor:

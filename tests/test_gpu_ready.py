@@ -104,6 +104,19 @@ def test_aten_ops_per_step_stay_within_budget_whatever_the_number_of_tensors(nam
     assert counts["gpt2-124M"] == counts["gpt2-2-layers"], counts
 
 
+@pytest.mark.parametrize("options", OPTION_SETS["delta_momentum"])
+def test_delta_momentum_multi_tensor_path_equals_the_rule_on_cpu_too(options):
+    """On the CPU DeltaMomentum's default options take an in-place loop; the multi-tensor path that
+    accelerators take is checked against the rule here all the same."""
+    from deepopt.optimizers import delta_momentum
+
+    a, b = small_mlp(), small_mlp()
+    with mock.patch.object(delta_momentum, "_cpu_loop_applies", lambda *_: False):
+        train(a, make("delta_momentum", a.parameters(), **options), 40)
+    train(b, make("delta_momentum", b.parameters(), foreach=False, **options), 40)
+    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) <= 1e-12
+
+
 # ---------------------------------------------------------------------------------------------------- CUDA
 @needs_cuda
 @pytest.mark.parametrize("name,options", CLASS_OPTIONS)
