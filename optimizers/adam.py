@@ -109,9 +109,8 @@ def _foreach_adam(group: dict[str, Any], params: list[Tensor], grads: list[Tenso
     denom = torch._foreach_sqrt(exp_avg_sq)
     torch._foreach_div_(denom, bias_correction2)
     torch._foreach_add_(denom, group["eps"])
-    direction = torch._foreach_div(exp_avg, denom)
-    torch._foreach_div_(direction, bias_correction1)
-    MemoryOptimizer._foreach_descend(params, direction, group["lr"])
+    torch._foreach_mul_(denom, torch._foreach_div(bias_correction1, -group["lr"]))  # 0-dim: −(1 − β₁ᵗ)/lr
+    torch._foreach_addcdiv_(params, exp_avg, denom)  # W ← W − lr/(1 − β₁ᵗ)·m/denom, one pass
 
 
 def _by_device_and_dtype(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]):
