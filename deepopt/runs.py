@@ -9,7 +9,8 @@ as one line (exit status 2):
 * a folder holding another command's run (``.deepopt-run.json``, written into a fresh folder, names
   the command that made it);
 * a folder holding this command's outputs, unless ``--overwrite`` (outputs deleted first) or
-  ``--resume`` (the command continues the run).
+  ``--resume`` (the command continues the run);
+* ``--resume`` where there is no run to continue.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def prepare_out(args: argparse.Namespace) -> Path:
     resume, overwrite = bool(getattr(args, "resume", False)), bool(args.overwrite)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run in --out or replace it")
+    if resume and not (out.is_dir() and any((out / name).exists() for name in outputs)):
+        raise UsageError(f"--resume: --out {out} holds no `deepopt {command}` run to continue; check the folder, "
+                         "or run without --resume")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; expected a folder (new, or a previous `deepopt {command}` run)")
     try:

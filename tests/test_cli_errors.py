@@ -135,7 +135,8 @@ def test_bad_flags_are_one_line(command, trained, tmp_path, capsys):
         refused(capsys, [*argv(command, trained, "--out", str(out)), "--threads", "0"], "--threads", ">= 1")
     if "--device" in options(command) and not torch.cuda.is_available():  # item 10
         refused(capsys, argv(command, trained, "--out", str(out), "--device", "cuda"), "--device", "CUDA")
-    if "--resume" in options(command) and "--overwrite" in options(command):
+    if "--resume" in options(command):  # item 15: nothing to resume in a new (e.g. mistyped) folder
+        refused(capsys, argv(command, trained, "--out", str(out), "--resume"), "--resume", str(out))
         refused(capsys, argv(command, trained, "--out", str(out), "--resume", "--overwrite"), "--resume")
     assert outputs(out) == set()
 
