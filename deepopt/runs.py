@@ -44,8 +44,8 @@ def add_out_option(parser: argparse.ArgumentParser, command: str, outputs: Seque
     outputs have names of their own), e.g. ``hope eval`` into a ``hope train`` run.
     """
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help=f"output folder (default runs/<timestamp>-{command.replace(' ', '-')}); "
-                             f"writes {', '.join(outputs)}")
+                        help=f"output folder (default runs/<timestamp>-{command.replace(' ', '-')}); checked "
+                             "before any compute, and a previous run there is never replaced without --overwrite")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an existing run in --out (default: refuse)")
     parser.set_defaults(run_command=command, run_outputs=tuple(outputs), run_shares=tuple(shares))
