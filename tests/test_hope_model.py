@@ -144,7 +144,7 @@ def test_transformer_matches_hope_parameter_count_and_variants_build():
 
 @pytest.mark.parametrize("bad, err", [
     ({"model": "rnn"}, ValueError), ({"d_model": 15}, ValueError), ({"cms_periods": (0,)}, ValueError),
-    ({"inner_rule": "adam"}, ValueError), ({"inner_rule": "nope"}, ValueError), ({"eta_max": 2.0}, ValueError),
+    ({"inner_rule": "adam"}, ValueError), ({"inner_rule": "nope"}, ValueError), ({"eta_max": 2.5}, ValueError),
     ({"inner_hparams": {"momentum": 0.9, "nonlinearity": "newton_schulz"}, "inner_rule": "momentum"}, ValueError),
     ({"inner_hparams": {"bogus": 1}}, TypeError), ({"activation": "swish"}, ValueError), ({"cms_lr": 0.0}, ValueError),
 ])
@@ -206,14 +206,17 @@ def test_every_size_preset_builds_and_the_transformer_matches_its_parameter_coun
 
 
 def test_cms_step_is_eq71_gradient_descent_on_the_error_signal():
-    """One period's update equals θ₀ − η/C·∇_θ Σ_t⟨M_θ(k_t), δ_t⟩ (autograd), η = softplus(ρ)."""
+    """One period's update equals θ₀ − η/C·∇_θ Σ_t⟨M_θ(k_t), δ̃_t⟩ (autograd), η = softplus(ρ), with the
+    normalised-LMS scalings: δ̃ = δ/(1 + ‖h‖²) for W₁, δ/((1 + ‖W₁‖²)·d) for W₂."""
     torch.manual_seed(1)
     cfg = HopeConfig(**{**TINY, "cms_periods": (6,)}, cms_lr=0.7)
     level = CMSLevel(cfg, 6).double()
     x, err = torch.randn(1, 6, cfg.d_model, dtype=torch.float64), torch.randn(1, 6, cfg.d_model, dtype=torch.float64)
     _, (w1, w2, n) = level(x, err, return_state=True)
     y = level(x)  # θ₀ read throughout
-    g1, g2 = torch.autograd.grad((y * err).sum(), (level.W1, level.W2))
+    h = F.silu(level.norm(x) @ level.W2.mT)
+    g1 = torch.autograd.grad((y * err / (1 + (h * h).sum(-1, keepdim=True))).sum(), level.W1, retain_graph=True)[0]
+    g2 = torch.autograd.grad((y * err).sum(), level.W2)[0] / ((1 + (level.W1 ** 2).sum()) * cfg.d_model)
     eta = F.softplus(level.eta_rho)
     assert n == 1 and abs(float(eta.detach()) - 0.7) < 1e-6
     torch.testing.assert_close(w1[0], level.W1 - eta / 6 * g1, rtol=0, atol=1e-12)

@@ -19,8 +19,9 @@ import torch
 from deepopt.checkpoint import atomic_save_json, atomic_torch_save, torch_load
 from deepopt.runs import UsageError, add_out_option, check_device, default_out, prepare_out, show_progress, wrote
 
-from . import data
-from .model import VARIANTS, LanguageModel, compile_model, n_params
+from . import data, mqar
+from .ablation import in_context_ablations
+from .model import VARIANTS, LanguageModel, compile_model, n_params, set_in_context_learning
 from .train import (
     CHECKPOINT,
     CONFIG_FILE,
@@ -143,6 +144,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="sequences per batch (default 16)")
     p.add_argument("--val-batches", type=int, help="batches (default 16)")
     p.add_argument("--max-bytes", type=int, help="bytes read per domain (default 4e6)")
+    p.add_argument("--no-cms-updates", action="store_true", help="HOPE's CMS levels do not learn in context")
+    p.add_argument("--no-titans-updates", action="store_true", help="HOPE's Titans memories do not learn in context")
+    p.add_argument("--ablations", action="store_true",
+                   help="also report perplexity with CMS / Titans in-context updates off, as ratios (and η at cap)")
     _add_device_args(p)
     p.set_defaults(func=cmd_eval, run_outputs=(EVAL_REPORT, EVAL_RESULTS), run_shares=("hope train",))
 
@@ -164,6 +169,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-samples", type=int, help="passkeys per context length (default 64; smoke 4)")
     _add_run_args(p, bpe_on="prose (the filler)")
     p.set_defaults(func=cmd_niah, context_default=(256, 112), run_outputs=("report.json", "results.csv", "loss.png"))
+
+    mqar.register(sub, _add_device_args, _resolve)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -337,6 +344,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--checkpoint {args.checkpoint}: the model's vocab_size is {model.cfg.vocab_size} but its "
                          f"tokenizer ({data.TOKENIZER_FILE}, or bytes when there is none) has {tokenizer.vocab_size}")
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), lr=0.0, steps=0)
+    set_in_context_learning(model, cms=not args.no_cms_updates, titans=not args.no_titans_updates)
     domains = ["files"] if args.data else args.domains
     results = {}
     for dom in domains:
@@ -344,6 +352,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         nll = trainer.evaluate(data.val_batches(corpus.val, args.batch_size, args.context, args.val_batches))
         results[dom] = {"val_loss": nll, "val_ppl": _ppl(nll),
                         **_per_byte(nll, corpus, args.batch_size, args.context, args.val_batches)}
+        if args.ablations:
+            batches = list(data.val_batches(corpus.val, args.batch_size, args.context, args.val_batches))
+            results[dom].update({k: v for k, v in in_context_ablations(model, batches).items() if k != "val_loss"})
+            set_in_context_learning(model, cms=not args.no_cms_updates, titans=not args.no_titans_updates)
     write_csv(args.out / EVAL_RESULTS, [{"domain": k, **v} for k, v in results.items()])
     atomic_save_json({"command": "eval", "checkpoint": str(args.checkpoint), "context": args.context,
                       "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,

@@ -9,15 +9,16 @@ Every memory has the form ``M(x) = x + W₁σ(W₂x)`` (W₁: d×h, W₂: h×d) 
 **Self-modifying Titans** (Nested Learning Eq. 76–93), per head, input ``u_t`` = short causal conv (width 4)
 of a projection of ``x_t``, query ``q_t`` = ℓ2-normalised conv projection.  Five memories
 ``M_k, M_v, M_η, M_α, M_mem`` produce ``k_t = M_k(u_t)/‖·‖``, ``v_t = M_v(u_t)`` (Eq. 76–81),
-``η_t = η_max·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)`` (Eq. 82–83), and each
+``η_t = (η_max/C)·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)`` (Eq. 82–83), and each
 memory □ is trained on its self-generated value ``v̂_□ = M_□(v_t)/‖·‖`` (Eq. 84; ℓ2-normalised like q and k:
 unnormalised, the self-referential target grows with the memory and the inner regression runs away)::
 
     W_t = α_t W_{t−1} − η_t U_t,   U_t = ∇ℓ(M_□; k_t, v̂_□)  (+ Delta-GD term z kᵀ on W₂)   (Eq. 85–93)
 
-η_max is a per-token cap (earlier versions capped at η_max/C, which bound on a third of the tokens of a
-trained model: the outer loop wanted larger steps; ``docs/notes/hope.md`` has the measured fractions).  The
-gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and ``g₂/(1 + ‖W₁‖²)`` for W₂: k is
+C = chunk size: a chunk's steps are all taken at its start state, so their sum is capped at η_max ≤ 2,
+which keeps ``I − Σ_t η_t k_t k_tᵀ`` a contraction for unit keys however the keys of a chunk align (the
+DeltaNet bound β ≤ 2; the former η_max ≤ 1 bound on 35% of a trained model's tokens, ``docs/notes/hope.md``
+has the fractions measured before and after).  The gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and ``g₂/(1 + ‖W₁‖²)`` for W₂: k is
 unit-norm but h and W₁ are not, and without it the in-context regression diverges once the outer loop
 grows them.
 
@@ -35,7 +36,9 @@ chunk of ``C^{(ℓ)}`` tokens and, at the chunk's end, takes the step of Eq. 71,
 ``θ ← θ − η^{(ℓ)}·(1/C)·Σ_t f(θ; x_t)`` with ``f`` the error component of gradient descent on the model's
 own objective: ``f = ∇_θ ⟨y_t(θ), δ_t⟩``, ``δ_t`` the gradient of token t's next-token loss (its target,
 token t+1, is in the context) with respect to the level's output along the residual stream, i.e.
-``∇_{W₁} = δ hᵀ``, ``∇_{W₂} = (σ'(z) ⊙ W₁ᵀδ) kᵀ``, applied through a deepopt rule.  ``η^{(ℓ)} = softplus(ρ_ℓ)``
+``∇_{W₁} = δ hᵀ``, ``∇_{W₂} = (σ'(z) ⊙ W₁ᵀδ) kᵀ``, each divided by a bound on its curvature as in Titans
+(``δ/(1 + ‖h‖²)``, ``(σ'(z) ⊙ W₁ᵀδ)/((1 + ‖W₁‖²)·d)``; the dot-product objective has no curvature of its
+own, and raw steps blew training up), applied through a deepopt rule.  ``η^{(ℓ)} = softplus(ρ_ℓ)``
 is an outer parameter.  Departures (argued and measured in ``docs/notes/hope.md``): the δ_t of a sequence
 come from one first pass in which no CMS level learns, and are constants of the second pass (no
 second-order outer gradient), the way chunk-parallel Titans takes a chunk's gradients at its start state;
@@ -73,8 +76,8 @@ class HopeConfig:
     mem_hidden: int = 16
     chunk_size: int = 16
     conv_width: int = 4
-    eta_max: float = 0.5  # per-token cap on η_t
-    eta_bias: float = -2.0  # initial b_η: η_t starts near η_max·sigmoid(b_η)
+    eta_max: float = 2.0  # cap on a chunk's summed step: η_t ≤ η_max/C
+    eta_bias: float = -1.0  # initial b_η: η_t starts near (η_max/C)·sigmoid(b_η)
     alpha_bias: float = 6.0
     self_modifying: bool = True
     delta_gd: bool = True
@@ -102,8 +105,8 @@ class HopeConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.model == "transformer" and (self.d_model // self.n_heads) % 2:
             raise ValueError("transformer head size d_model/n_heads must be even for RoPE")
-        if not 0 <= self.eta_max <= 1:
-            raise ValueError(f"eta_max must be in [0, 1] (keeps αI − ηkkᵀ a contraction), got {self.eta_max}")
+        if not 0 <= self.eta_max <= 2:
+            raise ValueError(f"eta_max must be in [0, 2] (keeps αI − Σηkkᵀ a contraction), got {self.eta_max}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         for p in self.cms_periods:
@@ -258,7 +261,7 @@ class SelfModifyingTitans(nn.Module):
         # η and α read only w·M(u) = w·u + (W₁ᵀw)·σ(W₂u): no d-wide output for their memories
         w = torch.stack([self.w_eta, self.w_alpha], dim=1)  # (H, 2, dh)
         logits = u @ w.mT + (hid[:, :, 2:] @ (r1[:, :, 2:].mT @ w[..., None])).squeeze(-1).transpose(-1, -2)
-        eta = self.cfg.eta_max * torch.sigmoid(logits[..., 0] + self.b_eta[:, None])
+        eta = self.cfg.eta_max / self.cfg.chunk_size * torch.sigmoid(logits[..., 0] + self.b_eta[:, None])
         log_alpha = F.logsigmoid(logits[..., 1] + self.b_alpha[:, None])
         if self.eta_log is not None:
             self.eta_log.append(eta.detach())
@@ -371,7 +374,8 @@ class CMSLevel(nn.Module):
 
     def _chunk(self, w1: Tensor, w2: Tensor, st: tuple, k: Tensor, err: Tensor | None):
         """The chunk's read ``W₁σ(W₂k)`` at the current state and, given the chunk's error signals ``err``
-        (δ_t, same shape as the read), the state after Eq. 71's step on ``(1/C)Σ_t ∇_θ⟨M_θ(k_t), δ_t⟩``."""
+        (δ_t, same shape as the read), the state after Eq. 71's step on ``(1/C)Σ_t ∇_θ⟨M_θ(k_t), δ_t⟩`` in
+        normalised-LMS form (``normalized_steps``, and the W₂ factor over ``‖k‖² = d``)."""
         act, act_grad = ACTIVATIONS[self.activation]
         z = k @ w2.mT
         h = act(z)
@@ -379,9 +383,10 @@ class CMSLevel(nn.Module):
         if err is None:
             return read, w1, w2, st
         scale = F.softplus(self.eta_rho) / k.shape[-2]
-        g2 = act_grad(z, h) * (err @ w1)
+        e1, g2 = normalized_steps(err, h, act_grad(z, h) * (err @ w1), w1)
+        g2 = g2 / k.shape[-1]  # ‖k‖² = d after RMSNorm
         (d1, s1), (d2, s2) = (self.rule.update(scale * g, s, p, self.hp)
-                              for g, s, p in zip((err.mT @ h, g2.mT @ k), st, (w1, w2)))
+                              for g, s, p in zip((e1.mT @ h, g2.mT @ k), st, (w1, w2)))
         return read, w1 + d1, w2 + d2, (s1, s2)
 
     def forward(self, x: Tensor, error: Tensor | None = None, reference: bool = False, return_state: bool = False):
