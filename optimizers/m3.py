@@ -24,7 +24,8 @@ class M3(MemoryOptimizer):
 
     ``momentum`` is β₁, ``slow_momentum`` β₃, ``beta2`` β₂; ``nesterov`` orthogonalises Muon's look-ahead
     ``(1 − β₁)g + β₁M¹``; ``accumulate="sum"`` is Algorithm 1 as printed (``M ← M + βx``, no decay).
-    Newton–Schulz (``ns_steps`` iterations) applies to tensors with ≥ 2 dims; on the others M3 is EMA
+    Newton–Schulz (``ns_steps`` iterations, in ``ns_dtype``: None = the parameter's dtype, or "bfloat16"
+    as torch.optim.Muon does, or "float32") applies to tensors with ≥ 2 dims; on the others M3 is EMA
     momentum (Adam-like with ``second_moment=True``) — or give them their own optimizer, as Muon users
     do (AdamW for embeddings, biases and norms).  With ``alpha=0, second_moment=False`` it is
     ``torch.optim.Muon(lr, momentum=β₁, nesterov=…, weight_decay=wd)``.  Weight decay is decoupled.
@@ -35,7 +36,7 @@ class M3(MemoryOptimizer):
     rule = m3
 
     def __init__(self, params: Any, lr: float = 0.02, momentum: float = 0.95, slow_momentum: float = 0.9,
-                 alpha: float = 0.5, chunk: int = 10, second_moment: bool = False, weight_decay: float = 0.0,
+                 alpha: float = 0.1, chunk: int = 10, second_moment: bool = False, weight_decay: float = 0.0,
                  **options: Any) -> None:
         super().__init__(params, lr=lr, momentum=momentum, slow_momentum=slow_momentum, alpha=alpha, chunk=chunk,
                          second_moment=second_moment, weight_decay=weight_decay, **options)

@@ -61,10 +61,10 @@ def test_smoke_cli_writes_every_output(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["results"]) == set(compare.TASKS)
-    assert all(set(r) == set(compare.OPTIMIZERS) for r in summary["results"].values())
+    assert all(set(r) == set(compare.DEFAULT_OPTIMIZERS) for r in summary["results"].values())
     assert {(t["optimizer"], t["task"]) for t in summary["targets"]} >= {("m3", "char_lm"), ("m3", "hope_lm")}
     with open(out / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(compare.TASKS) * len(compare.OPTIMIZERS) * (2 + 1)
+        assert len(list(csv.DictReader(f))) == len(compare.TASKS) * len(compare.DEFAULT_OPTIMIZERS) * (2 + 1)
     assert "| m3 |" in (out / "table.md").read_text()
     with pytest.raises(SystemExit) as exc:  # an existing run is never overwritten unless asked
         main(["compare", "--smoke", "--out", str(out)])

@@ -54,6 +54,19 @@ def test_one_level_is_torch_muon(foreach, nesterov, weight_decay):
 
 
 # (with V the step is lr·O/√V̂, large where gradients are small: a smaller lr keeps the run non-chaotic)
+def test_bf16_newton_schulz_is_torch_muons_precision():
+    """``ns_dtype="bfloat16"``: float32 parameters and state, Newton–Schulz iterated in bf16 as torch's Muon
+    does (the op order differs, so the steps agree to bf16 precision, not bitwise)."""
+    ours, theirs = ([torch.nn.Parameter(p.detach().float()) for p in matrices()] for _ in range(2))
+    opt = deepopt.M3(ours, lr=0.05, alpha=0.0, ns_dtype="bfloat16")
+    feed(ours, opt, 5)
+    feed(theirs, torch.optim.Muon(theirs, lr=0.05, weight_decay=0.0), 5)
+    start = [p.float() for p in matrices()]
+    for a, b, w in zip(ours, theirs, start):
+        assert a.dtype == torch.float32 and opt.state[a]["fast"].dtype == torch.float32
+        assert (a - b).norm() <= 0.02 * (b - w).norm()
+
+
 OPTIONS = [dict(), dict(second_moment=True, lr=1e-3), dict(nesterov=False, alpha=1.0, chunk=1),
            dict(accumulate="sum", second_moment=True, lr=1e-3), dict(accumulate="sum", nesterov=False, chunk=4),
            dict(weight_decay=0.1, slow_momentum=0.5, chunk=2)]
@@ -220,7 +233,8 @@ def test_meta_gradient_through_chunk_ends_matches_finite_differences(name):
     (dict(momentum=1.0), ValueError, "momentum"), (dict(slow_momentum=-0.1), ValueError, "slow_momentum"),
     (dict(alpha=-1.0), ValueError, "alpha"), (dict(eps=0.0), ValueError, "eps"),
     (dict(accumulate="mean"), ValueError, "accumulate"), (dict(second_moment=1), TypeError, "second_moment"),
-    (dict(ns_steps=0), ValueError, "ns_steps"), (dict(betas=(0.9, 0.99)), TypeError, "betas"),
+    (dict(ns_steps=0), ValueError, "ns_steps"), (dict(ns_dtype="float16"), ValueError, "ns_dtype"),
+    (dict(betas=(0.9, 0.99)), TypeError, "betas"),
 ])
 def test_bad_hyperparameters_are_named(kwargs, exc, word):
     with pytest.raises(exc, match=word):
