@@ -276,3 +276,11 @@ def test_single_cms_variant_is_one_middle_level_with_every_level_s_width():
         assert single.cms_periods == (finite[len(finite) // 2],)
         assert single.cms_hidden == base.cms_hidden * len(base.cms_periods)
         assert single == apply_variant(base, "hope-single-cms")  # one definition, whichever path builds it
+
+
+@pytest.mark.parametrize("size, low, high", [("125m", 115e6, 140e6), ("340m", 320e6, 360e6)])
+def test_paper_scale_presets_are_parameter_matched_without_allocating_them(size, low, high):
+    """Counted on the meta device (``n_params``): no 340M floats are allocated."""
+    hope_cfg = model_config("hope", size, vocab_size=32000)
+    h, t = n_params(hope_cfg), n_params(matched_transformer(model_config("transformer", size, vocab_size=32000)))
+    assert low <= h <= high and abs(h - t) / h < 0.01, (h, t)

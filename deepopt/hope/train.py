@@ -44,6 +44,12 @@ SIZES: dict[str, dict[str, Any]] = {
               "cms_periods": (64, 256, None)},
     "base": {"d_model": 512, "n_layers": 4, "n_heads": 8, "mem_hidden": 32, "cms_hidden": 512, "chunk_size": 64,
              "cms_periods": (64, 256, None)},
+    # the paper's scale (≈125M / ≈340M parameters with a 32K vocabulary, e.g. --tokenizer bpe --vocab-size 32000);
+    # CMS periods from the paper's range (512 and up): they need contexts of 2048+ tokens to update
+    "125m": {"d_model": 768, "n_layers": 12, "n_heads": 12, "mem_hidden": 64, "cms_hidden": 1280, "chunk_size": 64,
+             "cms_periods": (512, 2048, None)},
+    "340m": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "mem_hidden": 64, "cms_hidden": 1536, "chunk_size": 64,
+             "cms_periods": (512, 2048, None)},
 }
 OPTIMIZERS = (*deepopt.OPTIMIZERS, "torch_adamw")
 SCHEDULES = ("constant", "cosine")
