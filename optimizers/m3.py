@@ -41,7 +41,7 @@ class M3(MemoryOptimizer):
         super().__init__(params, lr=lr, momentum=momentum, slow_momentum=slow_momentum, alpha=alpha, chunk=chunk,
                          second_moment=second_moment, weight_decay=weight_decay, **options)
         # Steps taken per parameter, on the host, so the fast path knows where a chunk ends without
-        # reading the device step counter (rebuilt from the counters when a state dict is loaded).
+        # reading the device step counter (rebuilt from the counters by ``__setstate__``).
         self._steps_taken: dict[Tensor, int | None] = {}
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -50,8 +50,10 @@ class M3(MemoryOptimizer):
             raise TypeError("M3 does not take sharded DTensor parameters (FSDP2): Newton–Schulz needs whole "
                             "matrices; use DistributedDataParallel")
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """After ``load_state_dict``, ``deepcopy`` and unpickling (torch keeps only defaults, state and
+        groups): the host step counts, read once from the state's counters."""
+        super().__setstate__(state)
         self._steps_taken = {p: int(s["step"]) for p, s in self.state.items() if "step" in s}
 
     def _rule_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],

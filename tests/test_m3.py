@@ -189,6 +189,20 @@ def test_resume_from_a_state_dict_mid_chunk_is_exact():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_keeps_the_chunk_phase(how):
+    """torch pickles only defaults, state and groups: the host step counts are rebuilt from the state."""
+    import pickle
+
+    a = matrices()
+    opt = deepopt.M3(a, lr=0.02, chunk=4)
+    feed(a, opt, 5)
+    b, twin = copy.deepcopy((a, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((a, opt)))
+    feed(a, opt, 6, start=5)
+    feed(b, twin, 6, start=5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_a_skipped_step_keeps_the_chunk_phase():
     """``nonfinite="skip"``: a step skipped on the device does not count towards the chunk."""
     a, b = matrices(), matrices()
