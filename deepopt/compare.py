@@ -46,7 +46,7 @@ RECOMMENDED_LR: dict[str, float] = {
     "torch_sgd_momentum": 0.05,
     "momentum": 0.05,
     "deep_momentum": 0.05,
-    "deep_momentum_adam": 3e-3,
+    "deep_momentum_adam": 1e-3,  # m sums P g (no 1 − β₁ factor): ~10× Adam's step at the same lr
     "m3": 0.02,
     "adam": 3e-3,
     "delta_momentum": 0.05,
