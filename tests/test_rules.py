@@ -83,7 +83,7 @@ def test_delta_rule_forgets_along_the_current_key():
 
 def test_hparams_rejects_unknown_names():
     with pytest.raises(TypeError, match="accepted"):
-        RULES["sgd"].hparams(momentum=0.9)
+        RULES["sgd"].hparams(beta=0.9)
 
 
 ELEMENTWISE_CASES = [("sgd", {}), ("adam", {}), ("momentum", {"nesterov": True}),
