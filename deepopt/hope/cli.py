@@ -259,7 +259,10 @@ def _ppl(nll: float) -> float:
 
 
 def _per_byte(nll: float, corpus: data.Corpus, batch_size: int, context: int, n_batches: int) -> dict[str, float]:
-    """``nll`` (nats per token on ``corpus``'s validation batches) per byte of the text those tokens spell."""
+    """``nll`` (nats per token on ``corpus``'s validation batches) per byte of the text those tokens spell
+    (nothing for a token file's ids: their text is unknown)."""
+    if corpus.tokenizer.kind == "ids":
+        return {}
     tokens, n_bytes = 0, 0
     for _, y in data.val_batches(corpus.val, batch_size, context, n_batches):
         tokens, n_bytes = tokens + y.numel(), n_bytes + corpus.tokenizer.n_bytes(y)

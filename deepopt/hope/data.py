@@ -4,7 +4,11 @@ Domains (no download):
     ``code``   the standard library's ``*.py`` source files;
     ``prose``  English prose shipped with Python: the stdlib's docstrings (read with ``ast``, nothing is
                imported) and the ``pydoc_data.topics`` help texts;
-    files      a user's own text files (``--data PATH...``).
+    files      a user's own text files (``--data PATH...``), or a corpus too large for memory:
+               a folder of text files (streamed once into a token file in the cache, then memory-mapped),
+               a nanoGPT-style token file ``NAME.bin`` (flat uint16 tokens; uint32 when the name ends in
+               ``.u32.bin``; its last tenth is validation) or a folder holding ``train.bin`` and ``val.bin``.
+               Token files are read through ``numpy.memmap``: a batch reads only its windows.
 
 A document goes to validation when ``crc32(name) % 10 == 0`` (≈10%), so the split depends on nothing
 but the document's name.  Tokens are bytes (vocabulary 256) by default, or a byte-level BPE trained on
@@ -39,6 +43,7 @@ TOKENIZERS = ("bytes", "bpe")
 BPE_VOCAB_RANGE = (VOCAB_SIZE + 1, 65536)  # the 256 byte tokens + at least one merge
 DEFAULT_BPE_VOCAB = 4096
 TOKENIZER_FILE = "tokenizer.json"
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".html", ".tex", ".csv", ".c", ".h", ".js", ".java", "")
 
 
 def cache_dir() -> Path:
@@ -153,6 +158,56 @@ class BPETokenizer(Tokenizer):
 BYTES = ByteTokenizer()
 
 
+class TokenIds(Tokenizer):
+    """The ids of a pre-tokenized token file: no text, so no encoding and no per-byte figures."""
+
+    kind, cache_tag = "ids", "-ids"
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode_bytes(self, raw: bytes) -> Tensor:
+        raise ValueError("a token file's ids have no tokenizer: text cannot be encoded (train on text instead)")
+
+    def decode(self, tokens: Tensor) -> str:
+        return " ".join(map(str, tokens.tolist()))
+
+    def token_bytes(self) -> Tensor:
+        raise ValueError("a token file's ids have no tokenizer: per-byte figures are unknown")
+
+
+class TokenFile:
+    """Tokens ``[start, stop)`` of a flat binary token file, memory-mapped: indexing (by a tensor of positions or
+    a slice) reads only those tokens and returns ``int64``; stands in for a 1-D token tensor in the batchers."""
+
+    def __init__(self, path: str | os.PathLike, dtype: Any = None, start: int = 0, stop: int | None = None) -> None:
+        import numpy as np
+
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype or (np.uint32 if self.path.name.endswith(".u32.bin") else np.uint16))
+        size = self.path.stat().st_size
+        if size % self.dtype.itemsize:
+            raise ValueError(f"data: {self.path} has {size} bytes, not a whole number of {self.dtype} tokens")
+        self._map = np.memmap(self.path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
+        self.start, self.stop = start, len(self._map) if stop is None else stop
+
+    def numel(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, idx: Tensor | slice) -> Tensor:
+        import numpy as np
+
+        if isinstance(idx, slice):
+            lo, hi, _ = idx.indices(self.numel())
+            return torch.from_numpy(self._map[self.start + lo:self.start + hi].astype(np.int64))
+        return torch.from_numpy(self._map[idx.numpy() + self.start].astype(np.int64))
+
+    def max(self, block: int = 1 << 24) -> int:
+        """The largest token id (one pass over the file in blocks of ``block`` tokens)."""
+        return max((int(self._map[i:min(i + block, self.stop)].max())
+                    for i in range(self.start, self.stop, block)), default=0)
+
+
 def check_vocab_size(vocab_size: int) -> None:
     """A ``ValueError`` unless ``vocab_size`` is an int in ``BPE_VOCAB_RANGE``."""
     lo, hi = BPE_VOCAB_RANGE
@@ -165,6 +220,8 @@ def save_tokenizer(tokenizer: Tokenizer, folder: str | os.PathLike) -> None:
     file = Path(folder) / TOKENIZER_FILE
     if isinstance(tokenizer, BPETokenizer):
         _write_text(file, tokenizer.to_json())
+    elif isinstance(tokenizer, TokenIds):
+        _write_text(file, json.dumps({"kind": "ids", "vocab_size": tokenizer.vocab_size}))
     else:
         file.unlink(missing_ok=True)
 
@@ -176,7 +233,13 @@ def _write_text(path: Path, text: str) -> None:
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a run folder: its ``tokenizer.json``, or bytes when it has none."""
     file = Path(folder) / TOKENIZER_FILE
-    return BPETokenizer.from_json(file.read_text()) if file.is_file() else BYTES
+    if not file.is_file():
+        return BYTES
+    text = file.read_text()
+    spec = json.loads(text)
+    if spec.get("kind") == "ids":
+        return TokenIds(int(spec["vocab_size"]))
+    return BPETokenizer.from_json(text)
 
 
 def _stdlib_files() -> list[Path]:
@@ -279,6 +342,11 @@ def load_corpus(domain: str = "code", paths: Iterable[str | os.PathLike] | None 
         raise TypeError(f"tokenizer must be one of {TOKENIZERS} or a Tokenizer, got {type(tokenizer).__name__}")
     if max_bytes is not None and max_bytes < 1:
         raise ValueError(f"max_bytes must be None or >= 1, got {max_bytes}")
+    paths = list(paths or [])
+    if any(Path(p).is_dir() or str(p).endswith(".bin") for p in paths):
+        if len(paths) != 1:
+            raise ValueError(f"data: a token file or folder must be the only --data path, got {len(paths)} paths")
+        return _large_corpus(Path(paths[0]), tokenizer, vocab_size, max_bytes, cache)
     if paths:
         docs: Iterable[tuple[str, bytes]] = list(_file_docs(paths))
         digest = hashlib.sha256()
@@ -386,3 +454,73 @@ def passkey_batch(filler: Tensor, batch_size: int, length: int, seed: int, step:
         xs.append(seq[:-1])
         ys.append(y)
     return torch.stack(xs), torch.stack(ys)
+
+
+def _large_corpus(path: Path, tokenizer: str | Tokenizer, vocab_size: int, max_bytes: int | None,
+                  cache: bool) -> Corpus:
+    """A corpus kept on disk (module doc): a ``.bin`` token file, a folder with ``train.bin``/``val.bin``, or a
+    folder of text streamed file by file into token files under the cache (reused while no file changes)."""
+    if path.is_file():  # one token file: its last tenth is validation
+        whole = TokenFile(path)
+        if whole.numel() < 20:
+            raise ValueError(f"data: {path} holds {whole.numel()} tokens; too few to split")
+        cut = whole.numel() - whole.numel() // 10
+        train, val = TokenFile(path, stop=cut), TokenFile(path, start=cut)
+        return _ids_corpus(path.name, train, val, tokenizer, max(whole.max(), 0) + 1)
+    if (path / "train.bin").is_file() and (path / "val.bin").is_file():
+        train, val = TokenFile(path / "train.bin"), TokenFile(path / "val.bin")
+        return _ids_corpus(path.name, train, val, tokenizer, max(train.max(), val.max()) + 1)
+    if not path.is_dir():
+        raise ValueError(f"data: {path} is neither a token file (.bin) nor a folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise ValueError(f"data: the folder {path} holds no text files ({', '.join(s for s in TEXT_SUFFIXES if s)})")
+    names = [str(p.relative_to(path)) for p in files]
+    digest = hashlib.sha256()
+    for name, p in zip(names, files):
+        st = p.stat()
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    if isinstance(tokenizer, str) and tokenizer == "bpe":  # trained on the first max_bytes of training text
+        sample = b"".join(p.read_bytes() for n, p in zip(names, files) if not is_validation(n))[:max_bytes]
+        tokenizer = BPETokenizer.train(sample, vocab_size)
+    tok = BYTES if isinstance(tokenizer, str) else tokenizer
+    folder = cache_dir() / "hope" / f"folder-{digest.hexdigest()[:16]}{tok.cache_tag}"
+    if not (cache and (folder / "val.bin").is_file()):
+        _stream_tokens(zip(names, files), tok, folder)
+    return Corpus(path.name, TokenFile(folder / "train.bin"), TokenFile(folder / "val.bin"), tok)
+
+
+def _stream_tokens(docs: Iterable[tuple[str, Path]], tokenizer: Tokenizer, folder: Path) -> None:
+    """Encode the documents one at a time into ``folder/train.bin`` and ``val.bin`` (uint16; split by name)."""
+    import numpy as np
+
+    if tokenizer.vocab_size > 65536:
+        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the uint16 token files")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = {split: folder / f".{split}.bin.tmp" for split in ("train", "val")}
+    outs = {split: open(f, "wb") for split, f in tmp.items()}
+    try:
+        for name, p in docs:
+            tokens = tokenizer.encode_bytes(p.read_bytes() + SEPARATOR).numpy().astype(np.uint16)
+            outs["val" if is_validation(name) else "train"].write(tokens.tobytes())
+    finally:
+        for f in outs.values():
+            f.close()
+    for split, f in tmp.items():
+        if f.stat().st_size < 4:
+            raise ValueError(f"data: the folder's {split} split is empty (validation takes files with "
+                             f"crc32(name) % 10 == 0; add files)")
+    for split, f in tmp.items():
+        os.replace(f, folder / f"{split}.bin")
+
+
+def _ids_corpus(name: str, train: TokenFile, val: TokenFile, tokenizer: str | Tokenizer, vocab: int) -> Corpus:
+    """A corpus of pre-tokenized ids; a run's own ``TokenIds`` (at evaluation) must cover them."""
+    if isinstance(tokenizer, str):
+        if tokenizer != "bytes":
+            raise ValueError("--tokenizer bpe does not apply to a token file: its tokens are already ids")
+        return Corpus(name, train, val, TokenIds(vocab))
+    if not isinstance(tokenizer, TokenIds) or tokenizer.vocab_size < vocab:
+        raise ValueError(f"data: token ids up to {vocab - 1} need a model trained on token files with a vocabulary "
+                         f"of at least {vocab}; this model's tokenizer is {tokenizer.kind} ({tokenizer.vocab_size})")
+    return Corpus(name, train, val, tokenizer)
