@@ -352,15 +352,18 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         names = list(results[t])
-        means = [results[t][o]["mean"] for o in names]
-        errs = [results[t][o]["ci95"] if math.isfinite(results[t][o]["ci95"]) else 0.0 for o in names]
-        finite = [m for m in means if math.isfinite(m)]
-        top = max(finite) * 1.1 if finite else 1.0
-        ax.barh(names, [m if math.isfinite(m) else top for m in means], xerr=errs, color="tab:blue")
+        for y, o in enumerate(names):
+            r = results[t][o]
+            if not math.isfinite(r["mean"]):
+                ax.annotate("diverged", (0.02, y), xycoords=("axes fraction", "data"), va="center", color="tab:red")
+                continue
+            err = r["ci95"] if math.isfinite(r["ci95"]) else 0.0
+            ax.errorbar(r["mean"], y, xerr=err, fmt="o", capsize=3,
+                        color="tab:gray" if o.startswith("torch_") else "tab:blue")
+        ax.set_yticks(range(len(names)), names)
         ax.set_title(t)
         ax.set_xlabel("final validation loss (mean, 95% CI)")
-        if finite:
-            ax.set_xlim(min(finite) * 0.9, top)
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
 
     def save(tmp: str) -> None:
