@@ -12,6 +12,10 @@ import csv
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,9 +184,30 @@ def test_robustness_keeps_and_resumes_a_study(tmp_path, capsys):
     assert (out / "results.csv").read_text() == results
     assert (out / "runs.jsonl").read_text().splitlines() == lines  # the torn line dropped, the rest rerun
 
-    assert main([*TINY_STUDY, "--out", str(out), "--overwrite", "--seeds", "1"]) == 0
+
+def test_robustness_killed_mid_study_keeps_its_runs(tmp_path):
+    """Item 1/3 with a real SIGKILL: the runs finished before the kill stay in runs.jsonl and --resume
+    completes the study without running them again; --overwrite starts a new one."""
+    out = tmp_path / "killed"
+    grid = ["--levels", "1", "2", "--seeds", "3", "--steps", "30"]  # 2 tuning + 2 × 3 × 3 study runs
+    cmd = [sys.executable, "-m", "deepopt.cli", *TINY_STUDY, *grid, "--out", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = out / "runs.jsonl"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 2):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the study ended before it could be killed"
+    kept = log.read_text().splitlines()
+    assert 2 <= len(kept) < 2 + 2 * 3 * 3 and not (out / "results.csv").exists()
+    assert main([*TINY_STUDY, *grid, "--out", str(out), "--resume"]) == 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 + 2 * 3 * 3 and lines[:len(kept) - 1] == kept[:-1]  # the last may be torn
     with open(out / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2 * 2
+        assert len(list(csv.DictReader(f))) == 2 * 3 * 3
+    assert main([*TINY_STUDY, "--out", str(out), "--overwrite"]) == 0  # a new study replaces it
+    assert len(log.read_text().splitlines()) == 2 + 2 * 2 * 2
 
 
 # ------------------------------------------------------------------------------------------- meta-train
