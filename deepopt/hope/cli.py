@@ -23,6 +23,7 @@ from . import data, mqar
 from .ablation import in_context_ablations
 from .model import VARIANTS, LanguageModel, compile_model, n_params, set_in_context_learning
 from .train import (
+    AMP,
     CHECKPOINT,
     CONFIG_FILE,
     DTYPES,
@@ -97,6 +98,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, lr_schedule: str = "cosine", bp
                    help=f"lr schedule after warm-up (default {lr_schedule})")
     p.add_argument("--warmup", type=int, help="linear warm-up steps (default 100)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default 1)")
+    p.add_argument("--amp", default="none", choices=tuple(AMP), help="autocast the forward pass to bf16 (default none)")
     p.add_argument("--context", type=int, help="training context length in tokens (default 256)")
     p.add_argument("--batch-size", type=int, help="global batch size in sequences (default 16)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
@@ -246,11 +248,12 @@ def _build(args: argparse.Namespace, variant: str, seed: int, device: torch.devi
 def _trainer(args: argparse.Namespace, model: LanguageModel, steps: int, d) -> Trainer:
     opt = make_optimizer(args.optimizer, model, args.lr, args.weight_decay, dict(args.optimizer_option))
     return Trainer(model, opt, lr=args.lr, steps=steps, warmup=args.warmup, schedule=args.schedule,
-                   grad_clip=args.grad_clip, dist=d)
+                   grad_clip=args.grad_clip, dist=d, amp=args.amp)
 
 
 def _run_identity(args: argparse.Namespace) -> dict[str, Any]:
     skip = _NOT_RUN_IDENTITY + (("tokenizer", "vocab_size") if args.tokenizer == "bytes" else ())  # as before BPE
+    skip += ("amp",) if args.amp == "none" else ()  # as before --amp
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
 
 

@@ -54,6 +54,7 @@ SIZES: dict[str, dict[str, Any]] = {
 OPTIMIZERS = (*deepopt.OPTIMIZERS, "torch_adamw")
 SCHEDULES = ("constant", "cosine")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AMP = {"none": None, "bf16": torch.bfloat16}  # autocast dtype of the forward pass (parameters stay in --dtype)
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
 
@@ -135,12 +136,15 @@ class Trainer:
     warmup: int = 0
     schedule: str = "cosine"
     grad_clip: float = 1.0
+    amp: str = "none"
     dist: Dist = field(default_factory=Dist)
     step_count: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.amp not in AMP:
+            raise ValueError(f"amp must be one of {tuple(AMP)}, got {self.amp!r}")
         self.net: nn.Module = self.model
         if self.dist.world > 1:
             self.net = nn.parallel.DistributedDataParallel(self.model)
@@ -159,7 +163,8 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        _, loss = self.net(x, y)
+        with self.autocast():
+            _, loss = self.net(x, y)
         loss.backward()
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -177,9 +182,14 @@ class Trainer:
         self.model.eval()
         total, n = 0.0, 0
         for x, y in batches:
-            _, loss = self.model(x.to(self.device), y.to(self.device))
+            with self.autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
             total, n = total + float(loss) * y.numel(), n + y.numel()
         return total / n
+
+    def autocast(self) -> torch.autocast:
+        """``torch.autocast`` to ``amp``'s dtype on the model's device (a no-op context for ``"none"``)."""
+        return torch.autocast(self.device.type, dtype=AMP[self.amp] or torch.float32, enabled=AMP[self.amp] is not None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
