@@ -10,6 +10,7 @@ from torch import Tensor
 
 from deepopt.rules import delta_momentum
 
+from . import delta_kernels
 from .base import MemoryOptimizer
 from .momentum import foreach_output_nonlinearity, foreach_precondition
 
@@ -36,12 +37,18 @@ class DeltaMomentum(MemoryOptimizer):
         """All tensors at once: the per-tensor inner products ``⟨m, g⟩`` and ``‖g‖²`` come from ``_foreach``
         norms, row keys from batched matrix products over same-shape matrices.  On the CPU, where a
         multi-tensor op is a loop anyway and each out-of-place op allocates (and page-faults) a full-size
-        temporary, the default options run an in-place loop instead (torch.optim's own CPU default)."""
+        temporary, the default options run an in-place loop instead (torch.optim's own CPU default); on CUDA
+        they run two Triton launches (``delta_kernels``) when Triton is installed."""
         if any(isinstance(group[k], Tensor) for k in ("momentum", "beta", "weight_decay", "beta2", "eps")):
             return False
         states = [self.state[p] for p in params]
         if _cpu_loop_applies(group, params):
             _cpu_loop_step(group, states, params, self._foreach_weight_decay(group, params, grads))
+            return True
+        if _triton_applies(group, params):
+            delta_kernels.delta_momentum_step_(params, self._foreach_weight_decay(group, params, grads),
+                                               [st["momentum_buffer"] for st in states], group["lr"],
+                                               group["momentum"], group["beta"])
             return True
         bufs = [st["momentum_buffer"] for st in states]
         grads = self._foreach_weight_decay(group, params, grads)
@@ -64,8 +71,16 @@ class DeltaMomentum(MemoryOptimizer):
 
 
 def _cpu_loop_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
-    return (all(p.device.type == "cpu" for p in params) and group["preconditioner"] == "identity"
-            and group["nonlinearity"] is None and group["keys"] == "tensor")
+    return _default_layout(group) and all(p.device.type == "cpu" for p in params)
+
+
+def _triton_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
+    return (_default_layout(group) and all(p.device.type == "cuda" for p in params)
+            and not isinstance(group["lr"], Tensor) and delta_kernels.available(params))
+
+
+def _default_layout(group: dict[str, Any]) -> bool:
+    return group["preconditioner"] == "identity" and group["nonlinearity"] is None and group["keys"] == "tensor"
 
 
 def _cpu_loop_step(group: dict[str, Any], states: list[dict[str, Tensor]], params: list[Tensor],

@@ -1,0 +1,74 @@
+"""DeltaMomentum's Triton kernels equal the pure rule: on the CPU under ``TRITON_INTERPRET=1`` (a subprocess,
+since the interpreter is chosen when the kernels are defined) and on CUDA when a device is present."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import batch, small_mlp, train
+
+import deepopt
+
+pytest.importorskip("triton")
+
+CHECK = textwrap.dedent("""
+    import torch
+    from unittest import mock
+    import deepopt
+    from deepopt.optimizers import delta_kernels, delta_momentum
+    from deepopt.rules import delta_momentum as rule
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (3000,), (40, 33), (1,)]
+    for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 2e-2)):
+        ps, ms, gs = ([torch.randn(s).to(dtype) for s in shapes] for _ in range(3))
+        gs[3].zero_()  # a zero key erases nothing
+        hp = rule.hparams(lr=0.1, momentum=0.9, beta=0.5)
+        before = [p.float().clone() for p in ps]
+        want = [rule.update(g.float(), {"momentum_buffer": m.float().clone()}, p, hp) for p, m, g in zip(before, ms, gs)]
+        delta_kernels.delta_momentum_step_(ps, gs, ms, 0.1, 0.9, 0.5)
+        for p0, (delta, st), p, m in zip(before, want, ps, ms):
+            torch.testing.assert_close(m.float(), st["momentum_buffer"], rtol=tol, atol=tol)
+            torch.testing.assert_close(p.float(), p0 + delta, rtol=tol, atol=tol)
+    # the optimizer class on the kernel path (forced on the CPU) against the per-tensor rule
+    def run(force):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        opt = deepopt.DeltaMomentum(model.parameters(), lr=0.05, weight_decay=0.01, foreach=None if force else False)
+        with mock.patch.object(delta_momentum, "_cpu_loop_applies", lambda *_: False), \\
+             mock.patch.object(delta_momentum, "_triton_applies", lambda *_: force):
+            for t in range(10):
+                g = torch.Generator().manual_seed(t)
+                x, y = torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+        return list(model.parameters())
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    print("kernels equal the rule")
+""")
+
+
+def test_kernels_equal_the_rule_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kernels equal the rule" in out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_path_on_cuda_equals_the_cpu_rule():
+    a, b = small_mlp(dtype=torch.float32), small_mlp(dtype=torch.float32).cuda()
+    train(a, deepopt.DeltaMomentum(a.parameters(), lr=0.05, foreach=False), 20)
+    opt = deepopt.DeltaMomentum(b.parameters(), lr=0.05)
+    for t in range(20):
+        x, y = batch(t, torch.float32)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(b(x.cuda()), y.cuda()).backward()
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-4, atol=1e-5)
