@@ -313,9 +313,12 @@ def summarize(swept: list[dict], seeded: list[dict], best: dict, tasks: Sequence
     for opt, ref, on in TARGETS:
         for t in on:
             if t in results and opt in results[t] and ref in results[t]:
-                a, b = results[t][opt]["mean"], results[t][ref]["mean"]
-                targets.append({"optimizer": opt, "reference": ref, "task": t, "mean": a, "reference_mean": b,
-                                "met": bool(a <= b)})
+                a, b = results[t][opt], results[t][ref]
+                gap = abs(a["mean"] - b["mean"])
+                targets.append({"optimizer": opt, "reference": ref, "task": t, "mean": a["mean"],
+                                "reference_mean": b["mean"], "met": bool(a["mean"] <= b["mean"]),
+                                # the 95% intervals overlap: the order may be noise
+                                "within_noise": bool(gap <= a["ci95"] + b["ci95"])})
     return {"results": results, "targets": targets}
 
 
@@ -333,11 +336,12 @@ def format_table(summary: dict[str, Any]) -> str:
             cells.append(f"{r['mean']:.3f}{ci} (lr {r['best_lr']:.2g})")
         lines.append(f"| {o} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("| target | task | optimizer | reference | met |")
-    lines.append("|---|---|---:|---:|---|")
+    lines.append("| target | task | optimizer | reference | met | 95% CIs overlap |")
+    lines.append("|---|---|---:|---:|---|---|")
     for tg in summary["targets"]:
         lines.append(f"| {tg['optimizer']} ≤ {tg['reference']} | {tg['task']} | {tg['mean']:.3f} | "
-                     f"{tg['reference_mean']:.3f} | {'yes' if tg['met'] else 'no'} |")
+                     f"{tg['reference_mean']:.3f} | {'yes' if tg['met'] else 'no'} | "
+                     f"{'yes' if tg['within_noise'] else 'no'} |")
     return "\n".join(lines)
 
 
