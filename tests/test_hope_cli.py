@@ -63,7 +63,7 @@ def test_train_smoke_writes_report_metrics_plot_and_model_that_eval_reads(tmp_pa
     assert report["val_bits_per_byte"] == pytest.approx(report["val_loss"] / math.log(2))
     assert not (out / "tokenizer.json").exists()  # a run without one is a byte run
     assert hope("eval", "--smoke", "--checkpoint", out, "--out", tmp_path / "ev") == 0
-    ev = json.loads((tmp_path / "ev" / "report.json").read_text())["results"]
+    ev = json.loads((tmp_path / "ev" / "eval_report.json").read_text())["results"]
     assert set(ev) == {"code", "prose"} and all(r["val_ppl"] > 1 for r in ev.values())
     rejected(capsys, "--resume", "train", "--smoke", "--out", out)  # never clobbers an existing run
     rejected(capsys, "options differ", "train", "--smoke", "--out", out, "--resume", "--lr", "0.01")
@@ -151,7 +151,7 @@ def test_continual_and_niah_under_two_process_ddp_match_single_process(tmp_path,
         for k in keys:
             assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-9), k
     # the trainers really split the global batch across the two processes
-    odd = [c if c != "4" else "3" for c in cmd]
+    odd = [c if c != "4" else "3" for c in cmd] + ["--overwrite"]
     res = subprocess.run(odd, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=False)
     assert res.returncode != 0 and "divisible by the world size 2" in res.stderr
 
@@ -198,7 +198,7 @@ def test_bpe_train_records_its_tokenizer_and_eval_uses_it(tmp_path, capsys):
     assert 1 < bpt < 4 and report["val_bits_per_byte"] == pytest.approx(report["val_loss"] / math.log(2) / bpt)
     assert report["val_ppl_per_byte"] == pytest.approx(math.exp(report["val_loss"] / bpt))
     assert hope("eval", "--smoke", "--checkpoint", out, "--out", tmp_path / "ev") == 0
-    ev = json.loads((tmp_path / "ev" / "report.json").read_text())
+    ev = json.loads((tmp_path / "ev" / "eval_report.json").read_text())
     assert ev["tokenizer"] == "bpe" and ev["vocab_size"] == 300
     code = ev["results"]["code"]  # the same model, tokenizer and validation windows as the run's last validation
     assert code["val_loss"] == pytest.approx(report["val_loss"], rel=1e-5)

@@ -213,7 +213,7 @@ def test_cli_smoke_and_resume_after_kill(tmp_path):
     step_at_kill = torch.load(killed / "trainer_state.pt", weights_only=True)["step"]
     assert 1 <= step_at_kill < 12
     resumed = subprocess.run(
-        _cli(killed, *extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        _cli(killed, *extra, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"from meta-step {step_at_kill}" in resumed.stdout
