@@ -9,7 +9,7 @@ from torch import Tensor
 
 from deepopt.rules import adam
 
-from .base import MemoryOptimizer
+from .base import MemoryOptimizer, by_device_and_dtype
 
 _FUSED_DEVICES = ("cpu", "cuda", "meta")
 
@@ -74,7 +74,8 @@ def _fused_adam(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     beta1, beta2 = group["betas"]
     kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
     lr = group["lr"]
-    for p_list, g_list, m_list, v_list, steps in _by_device_and_dtype(params, grads, states):
+    for p_list, g_list, m_list, v_list, steps in by_device_and_dtype(
+            params, grads, *([st[k] for st in states] for k in ("exp_avg", "exp_avg_sq", "step"))):
         device = p_list[0].device
         flag = None if found_inf is None else found_inf.to(device)
         if flag is None:
@@ -111,16 +112,6 @@ def _foreach_adam(group: dict[str, Any], params: list[Tensor], grads: list[Tenso
     torch._foreach_add_(denom, group["eps"])
     torch._foreach_mul_(denom, torch._foreach_div(bias_correction1, -group["lr"]))  # 0-dim: −(1 − β₁ᵗ)/lr
     torch._foreach_addcdiv_(params, exp_avg, denom)  # W ← W − lr/(1 − β₁ᵗ)·m/denom, one pass
-
-
-def _by_device_and_dtype(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]):
-    """Lists per (device, dtype), as the fused kernel needs them."""
-    buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = {}
-    for p, g, s in zip(params, grads, states):
-        b = buckets.setdefault((p.device, p.dtype), ([], [], [], [], []))
-        for lst, t in zip(b, (p, g, s["exp_avg"], s["exp_avg_sq"], s["step"])):
-            lst.append(t)
-    return list(buckets.values())
 
 
 class AdamW(Adam):

@@ -289,6 +289,16 @@ def _validate_options(group: dict[str, Any]) -> None:
     check_bool("capturable", group["capturable"])
 
 
+def by_device_and_dtype(params: list[Tensor], *lists: list[Tensor]) -> list[tuple[list[Tensor], ...]]:
+    """``(params, *lists)`` split into buckets of one (device, dtype) of the parameter, as fused kernels need."""
+    buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = {}
+    for p, *others in zip(params, *lists):
+        bucket = buckets.setdefault((p.device, p.dtype), tuple([] for _ in range(1 + len(lists))))
+        for lst, t in zip(bucket, (p, *others)):
+            lst.append(t)
+    return list(buckets.values())
+
+
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 

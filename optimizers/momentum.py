@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from deepopt.rules import momentum
-from deepopt.rules.transforms import newton_schulz_many
+from deepopt.rules.transforms import is_zero, newton_schulz_many
 
-from .base import MemoryOptimizer, is_dtensor
+from .base import MemoryOptimizer, by_device_and_dtype, is_dtensor
 
 
 class Momentum(MemoryOptimizer):
@@ -42,19 +42,62 @@ class Momentum(MemoryOptimizer):
         foreach_momentum_step(group, [self.state[p] for p in params], params, grads)
         return True
 
+    def _fast_masked_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                          found_inf: Tensor) -> bool:
+        if not fused_momentum_applies(group, params, masked=True):
+            return False
+        fused_momentum_step(group, [self.state[p] for p in params], params, grads, found_inf)
+        return True
+
 
 def foreach_momentum_step(group: dict[str, Any], states: list[dict[str, Tensor]], params: list[Tensor],
                           grads: list[Tensor]) -> None:
-    """The ``momentum`` rule over lists of tensors with ``torch._foreach_*`` ops (and Newton–Schulz batched
-    over same-shape matrices): a kernel count independent of the number of tensors."""
+    """The ``momentum`` rule over lists of tensors: torch's fused SGD kernel where it applies, else
+    ``torch._foreach_*`` ops (and Newton–Schulz batched over same-shape matrices): a kernel count independent
+    of the number of tensors."""
+    if fused_momentum_applies(group, params):
+        fused_momentum_step(group, states, params, grads)
+        return
     lr, mu = group["lr"], group["momentum"]
     grads = MemoryOptimizer._foreach_weight_decay(group, params, grads)
     values = foreach_precondition(group, states, grads)
+    if is_zero(mu):  # plain SGD keeps no buffer
+        MemoryOptimizer._foreach_descend(params, foreach_output_nonlinearity(group, values), lr)
+        return
     bufs = [st["momentum_buffer"] for st in states]
     torch._foreach_mul_(bufs, mu)
     torch._foreach_add_(bufs, values)
     direction = torch._foreach_add(values, bufs, alpha=mu) if group["nesterov"] else bufs
     MemoryOptimizer._foreach_descend(params, foreach_output_nonlinearity(group, direction), lr)
+
+
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_momentum_applies(group: dict[str, Any], params: list[Tensor], masked: bool = False) -> bool:
+    """torch's fused SGD kernel computes ``m ← μm + g;  W ← W − lr·(g + μm if nesterov else m)`` with coupled
+    weight decay: the rule for identity ``P`` and σ (a decoupled decay is applied before it, except in a
+    masked step, which must leave W untouched when skipped)."""
+    return (group["preconditioner"] == "identity" and group["nonlinearity"] is None
+            and not (masked and group.get("decoupled_weight_decay") and not is_zero(group["weight_decay"]))
+            and not any(isinstance(group[k], Tensor) for k in ("momentum", "weight_decay"))
+            and all(p.device.type in _FUSED_DEVICES for p in params))
+
+
+def fused_momentum_step(group: dict[str, Any], states: list[dict[str, Tensor]], params: list[Tensor],
+                        grads: list[Tensor], found_inf: Tensor | None = None) -> None:
+    """One fused pass per (device, dtype): reads W, g, m, writes W, m (``momentum = 0``: no m)."""
+    lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+    if group.get("decoupled_weight_decay") and not is_zero(wd):
+        MemoryOptimizer._foreach_weight_decay(group, params, grads)  # W ← (1 − lr·wd)·W in place
+        wd = 0.0
+    bufs = [st["momentum_buffer"] for st in states] if not is_zero(mu) else None
+    for p_list, g_list, *m_list in by_device_and_dtype(params, grads, *([bufs] if bufs else [])):
+        device = p_list[0].device
+        torch._fused_sgd_(p_list, g_list, m_list[0] if m_list else [], weight_decay=wd, momentum=mu,
+                          lr=lr.to(device) if isinstance(lr, Tensor) else lr, dampening=0.0,
+                          nesterov=group["nesterov"], maximize=False, is_first_step=False,
+                          found_inf=None if found_inf is None else found_inf.to(device))
 
 
 def foreach_precondition(group: dict[str, Any], states: list[dict[str, Tensor]], grads: list[Tensor]) -> list[Tensor]:

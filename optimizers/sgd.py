@@ -7,10 +7,10 @@ from typing import Any
 from torch import Tensor
 
 from deepopt.rules import sgd
-from deepopt.rules.sgd import has_momentum
+from deepopt.rules.sgd import as_momentum_hparams, has_momentum
 
 from .base import MemoryOptimizer
-from .momentum import foreach_momentum_step
+from .momentum import foreach_momentum_step, fused_momentum_applies, fused_momentum_step
 
 
 class SGD(MemoryOptimizer):
@@ -28,15 +28,26 @@ class SGD(MemoryOptimizer):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, **options)
 
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
-        if any(isinstance(group[k], Tensor) for k in ("momentum", "weight_decay")):
+        states = self._momentum_states(group, params)
+        if states is None:
             return False
-        if has_momentum(group):
-            states = [self.state[p] for p in params]
-            if any("momentum_buffer" not in st for st in states):
-                return False
-            foreach_momentum_step({**group, "decoupled_weight_decay": False, "preconditioner": "identity",
-                                   "nonlinearity": None}, states, params, grads)
-            return True
-        grads = self._foreach_weight_decay({**group, "decoupled_weight_decay": False}, params, grads)
-        self._foreach_descend(params, grads, group["lr"])
+        foreach_momentum_step(as_momentum_hparams(group), states, params, grads)
         return True
+
+    def _fast_masked_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                          found_inf: Tensor) -> bool:
+        states = self._momentum_states(group, params)
+        if states is None or not fused_momentum_applies(as_momentum_hparams(group), params, masked=True):
+            return False
+        fused_momentum_step(as_momentum_hparams(group), states, params, grads, found_inf)
+        return True
+
+    def _momentum_states(self, group: dict[str, Any], params: list[Tensor]) -> list[dict[str, Tensor]] | None:
+        """The states for the momentum paths, or ``None`` where a tensor hyperparameter or a buffer not made
+        yet (momentum switched on mid-run) leaves the step to the rule."""
+        if any(isinstance(group[k], Tensor) for k in ("momentum", "weight_decay")):
+            return None
+        states = [self.state[p] for p in params]
+        if has_momentum(group) and any("momentum_buffer" not in st for st in states):
+            return None
+        return states

@@ -18,7 +18,8 @@ from .base import Hparams, Rule, State, check_bool, check_range
 DEFAULTS = {"lr": 1e-3, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
 
 
-def _as_momentum(hp: Hparams) -> dict:
+def as_momentum_hparams(hp: Hparams) -> dict:
+    """SGD's hyperparameters as the ``momentum`` rule's (identity P and σ, coupled weight decay)."""
     return {**T.SHARED_DEFAULTS, **{k: hp[k] for k in DEFAULTS}}
 
 
@@ -27,14 +28,14 @@ def has_momentum(hp: Hparams) -> bool:
 
 
 def init(param: Tensor, hp: Hparams) -> State:
-    return momentum_rule.init(param, _as_momentum(hp)) if has_momentum(hp) else {}
+    return momentum_rule.init(param, as_momentum_hparams(hp)) if has_momentum(hp) else {}
 
 
 def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tensor, State]:
     if has_momentum(hp):
         if "momentum_buffer" not in state:  # momentum switched on after the first step (e.g. by a scheduler)
-            state = momentum_rule.init(param, _as_momentum(hp))
-        return momentum_rule.update(grad, state, param, _as_momentum(hp))
+            state = momentum_rule.init(param, as_momentum_hparams(hp))
+        return momentum_rule.update(grad, state, param, as_momentum_hparams(hp))
     if not T.is_zero(hp["weight_decay"]):
         grad = grad + hp["weight_decay"] * param
     return -hp["lr"] * grad, {}
