@@ -21,4 +21,12 @@ done
 python -m deepopt.cli hope continual --seeds 0 1 2 --steps 100 $C --out "$S/continual"
 python -m deepopt.cli hope niah --seeds 0 1 2 --steps 150 --context 192 --eval-contexts 192 384 768 \
   --eval-samples 32 --warmup 25 --size tiny --batch-size 16 --threads 1 --no-progress --out "$S/niah"
+# In-context learning ablations (docs/notes/hope.md): perplexity with CMS / Titans updates off, η at its cap
+for seed in 0 1 2; do
+  python -m deepopt.cli hope eval --checkpoint "$S/ppl-hope-code-s$seed" --domains code --context 128 --ablations \
+    --threads 1 --no-progress --out "$S/ablate-s$seed"
+done
+# MQAR (Zoology protocol, CPU-sized): width 64, equal parameters, accuracy vs key-value pairs
+python -m deepopt.cli hope mqar --widths 64 --train-settings 64x4 64x8 128x16 --eval-settings 64x4 64x8 64x16 128x16 \
+  256x16 --steps 600 --batch-size 32 --eval-samples 128 --threads 1 --no-progress --out "$S/mqar"
 echo "reports: $S/*/report.json"

@@ -19,7 +19,7 @@ import torch
 from deepopt.checkpoint import atomic_save_json, atomic_torch_save, torch_load
 from deepopt.runs import UsageError, add_out_option, check_device, default_out, prepare_out, show_progress, wrote
 
-from . import data, mqar
+from . import data, mqar, niah
 from .ablation import in_context_ablations
 from .model import VARIANTS, LanguageModel, compile_model, n_params, set_in_context_learning
 from .train import (
@@ -169,6 +169,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-contexts", type=int, nargs="+",
                    help="context lengths to test (default 128 256 512 1024; smoke 112 160)")
     p.add_argument("--eval-samples", type=int, help="passkeys per context length (default 64; smoke 4)")
+    p.add_argument("--task", default="passkey", choices=("passkey", *niah.TASKS),
+                   help="passkey (default) or an S-NIAH-style task (deepopt.hope.niah); these also report accuracy "
+                        "with the needle removed, which must fall to chance")
     _add_run_args(p, bpe_on="prose (the filler)")
     p.set_defaults(func=cmd_niah, context_default=(256, 112), run_outputs=("report.json", "results.csv", "loss.png"))
 
@@ -445,22 +448,35 @@ def cmd_niah(args: argparse.Namespace) -> int:
         for seed in args.seeds:
             model = _build(args, variant, seed, device, filler.vocab_size)
             trainer = _trainer(args, model, args.steps, d)
-            batch = _passkey_batches(filler.train, args.batch_size, args.context, seed, filler.tokenizer)
+            batch = (_passkey_batches(filler.train, args.batch_size, args.context, seed, filler.tokenizer)
+                     if args.task == "passkey" else
+                     lambda step, seed=seed: niah.niah_batch(args.task, filler.train, args.batch_size, args.context,
+                                                             seed, step, filler.tokenizer))
             metrics = fit_batches(trainer, batch, args.steps, args.progress, f"niah {variant} seed {seed}")
             curves[f"{variant} s{seed}"] = [(r["step"], r["train_loss"]) for r in metrics.rows]
             for ctx in contexts:
-                digit, exact = passkey_accuracy(model, filler.val, ctx, samples, args.batch_size, seed,
-                                                filler.tokenizer)
-                rows.append({"model": variant, "seed": seed, "train_context": args.context, "context": ctx,
-                             "digit_accuracy": digit, "exact_accuracy": exact, "samples": samples})
+                extra = {}
+                if args.task == "passkey":
+                    digit, exact = passkey_accuracy(model, filler.val, ctx, samples, args.batch_size, seed,
+                                                    filler.tokenizer)
+                else:
+                    digit, exact = niah.niah_accuracy(model, args.task, filler.val, ctx, samples, args.batch_size,
+                                                      seed, filler.tokenizer)
+                    extra["digit_accuracy_needle_removed"] = niah.niah_accuracy(
+                        model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer,
+                        needle=False)[0]
+                rows.append({"model": variant, "seed": seed, "task": args.task, "train_context": args.context,
+                             "context": ctx, "digit_accuracy": digit, "exact_accuracy": exact, "samples": samples,
+                             **extra})
     if d.main:
         write_csv(args.out / "results.csv", rows)
         plot_curves(args.out / "loss.png", "passkey training (answer-digit loss)", curves)
-        summary = {f"{m} @ {c}": _summary([r for r in rows if r["model"] == m and r["context"] == c],
-                                          ("digit_accuracy", "exact_accuracy"))
+        keys = ("digit_accuracy", "exact_accuracy") + (() if args.task == "passkey" else ("digit_accuracy_needle_removed",))
+        summary = {f"{m} @ {c}": _summary([r for r in rows if r["model"] == m and r["context"] == c], keys)
                    for m in args.models for c in contexts}
         bpe = filler.tokenizer.kind == "bpe"  # scores the tokens of " <key>": no per-token chance level
-        atomic_save_json({"command": "niah", "contexts": contexts, "chance_digit_accuracy": None if bpe else 0.1,
+        chance = None if bpe else 0.1 if args.task == "passkey" else niah.chance(args.task)
+        atomic_save_json({"command": "niah", "task": args.task, "contexts": contexts, "chance_digit_accuracy": chance,
                           "tokenizer": filler.tokenizer.kind, "vocab_size": filler.vocab_size, "world_size": d.world,
                           "summary": summary, "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
         wrote(args.out)
