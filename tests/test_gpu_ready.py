@@ -323,32 +323,29 @@ def test_duplicate_parameters_update_as_torch(name, ours, torch_cls, theirs, for
 
 
 # --------------------------------------------------------------------------------------------- schedulers
-def test_one_cycle_lr_with_its_defaults_works_with_every_class(opt_name):
-    model = small_mlp()
-    opt = make(opt_name, model.parameters())
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=10)
-    for t in range(10):
+def _one_cycle(model, opt, max_lr, steps):
+    """Train ``steps`` steps under ``OneCycleLR`` with its defaults (momentum cycled between 0.85 and 0.95)."""
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps)
+    for t in range(steps):
         opt.zero_grad()
         loss_fn(model, t).backward()
         opt.step()
         sched.step()
+    return model
+
+
+def test_one_cycle_lr_with_its_defaults_works_with_every_class(opt_name):
+    model = small_mlp()
+    _one_cycle(model, make(opt_name, model.parameters()), 0.01, 10)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_sgd_under_one_cycle_equals_torch_sgd():
-    """OneCycleLR cycles SGD's momentum (0.85–0.95), on torch's SGD and on deepopt's alike."""
-    runs = []
-    for cls in (deepopt.SGD, torch.optim.SGD):
-        model = small_mlp()
-        opt = cls(model.parameters(), lr=0.01)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20)
-        for t in range(20):
-            opt.zero_grad()
-            loss_fn(model, t).backward()
-            opt.step()
-            sched.step()
-        runs.append(model)
-    for p, q in zip(runs[0].parameters(), runs[1].parameters()):
+    """OneCycleLR cycles SGD's momentum, on torch's SGD and on deepopt's alike."""
+    ours, theirs = small_mlp(), small_mlp()
+    _one_cycle(ours, deepopt.SGD(ours.parameters(), lr=0.01), 0.1, 20)
+    _one_cycle(theirs, torch.optim.SGD(theirs.parameters(), lr=0.01), 0.1, 20)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
