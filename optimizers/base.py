@@ -107,7 +107,7 @@ class MemoryOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            self._accelerator_graph_capture_health_check()
+            self._check_graph_capture()
             work = []
             for group in self.param_groups:
                 params, grads = self._collect(group)
@@ -133,6 +133,16 @@ class MemoryOptimizer(Optimizer):
                 for round_params, round_grads in _rounds(params, grads):
                     self._update_group(hp, round_params, round_grads, found_inf)
         return loss
+
+    def _check_graph_capture(self) -> None:
+        """torch's rule: capturing ``step()`` in a CUDA graph needs ``capturable=True`` in every group.  (torch's
+        own check also warns when ``capturable=True`` steps run uncaptured, since its capturable paths are
+        slower; deepopt's are the same paths, so there is nothing to warn about.)"""
+        if (not torch.compiler.is_compiling() and torch.cuda.is_initialized()
+                and torch.cuda.is_current_stream_capturing()
+                and not all(group["capturable"] for group in self.param_groups)):
+            raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of {type(self).__name__} "
+                               "but param_groups' capturable is False; pass capturable=True")
 
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params = [p for p in group["params"] if p.grad is not None]
