@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -240,44 +242,67 @@ def sweep_lrs(center: float, n: int, span: float) -> list[float]:
 CSV_FIELDS = ("task", "optimizer", "phase", "lr", "seed", "val_loss", "diverged", "seconds", "size", "device")
 
 
-def _run_all(specs: Sequence[RunSpec], workers: int, threads: int | None, csv_path: Path, desc: str,
-             progress: bool) -> list[dict[str, Any]]:
-    """Run ``specs`` (in ``workers`` processes if > 1), appending each record to ``csv_path`` as it ends."""
+def _run_all(specs: Sequence[RunSpec], done: dict[RunSpec, dict[str, Any]], workers: int, threads: int | None,
+             csv_path: Path, desc: str, progress: bool) -> list[dict[str, Any]]:
+    """The records of ``specs``: those in ``done`` (a resumed run's), the others trained (in ``workers``
+    processes if > 1) and appended to ``csv_path`` as each ends."""
     from tqdm import tqdm
 
-    records = []
+    todo = [s for s in specs if s not in done]
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
         pool = None
-        if workers > 1 and len(specs) > 1:
+        if workers > 1 and len(todo) > 1:
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            results: Iterator[dict[str, Any]] = pool.map(train_run, specs, [threads] * len(specs))
+            results: Iterator[dict[str, Any]] = pool.map(train_run, todo, [threads] * len(todo))
         else:
-            results = (train_run(s, threads) for s in specs)
+            results = (train_run(s, threads) for s in todo)
         try:
-            for record in tqdm(results, total=len(specs), desc=desc, disable=not progress, unit="run"):
+            bar = tqdm(results, total=len(specs), initial=len(specs) - len(todo), desc=desc, disable=not progress,
+                       unit="run")
+            for spec, record in zip(todo, bar):
                 writer.writerow(record)
                 f.flush()
-                records.append(record)
+                os.fsync(f.fileno())
+                done[spec] = record
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-    return records
+    return [done[s] for s in specs]
+
+
+def read_results(csv_path: Path) -> dict[RunSpec, dict[str, Any]]:
+    """The records of a (possibly killed) run's ``results.csv``, by spec; a torn last line is dropped."""
+    done = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                spec = RunSpec(row["task"], row["optimizer"], float(row["lr"]), int(row["seed"]), row["phase"],
+                               row["size"], row["device"])
+                done[spec] = {**asdict(spec), "val_loss": float(row["val_loss"]),
+                              "diverged": row["diverged"] == "True", "seconds": float(row["seconds"])}
+            except (KeyError, TypeError, ValueError):
+                continue
+    return done
 
 
 def run(tasks: Sequence[str], optimizers: Sequence[str], out: Path, size: str = "default", lrs: int = 5,
         span: float = 1.0, seeds: int = 3, workers: int = 1, threads: int | None = None, device: str = "cpu",
-        progress: bool = False) -> dict[str, Any]:
+        progress: bool = False, resume: bool = False) -> dict[str, Any]:
     """The whole study: lr sweep at seed 0, then ``seeds`` seeds at each best lr; writes ``results.csv``
-    and returns the summary."""
+    (``resume``: keeps the runs it holds and trains the others) and returns the summary."""
     csv_path = out / "results.csv"
-    with open(csv_path, "w", newline="") as f:
-        csv.DictWriter(f, CSV_FIELDS).writeheader()
+    done = read_results(csv_path) if resume and csv_path.is_file() else {}
+    text = io.StringIO()
+    writer = csv.DictWriter(text, CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(done.values())
+    atomic_write(csv_path, lambda tmp: Path(tmp).write_text(text.getvalue()))
     for t in tasks:  # build every problem (data, caches) once, before any worker starts
         get_problem(t, size, device)
     sweep = [RunSpec(t, o, lr, 0, "sweep", size, device) for t in tasks for o in optimizers
              for lr in sweep_lrs(RECOMMENDED_LR[o], lrs, span)]
-    swept = _run_all(sweep, workers, threads, csv_path, "lr sweep", progress)
+    swept = _run_all(sweep, done, workers, threads, csv_path, "lr sweep", progress)
     best = {}
     for t in tasks:
         for o in optimizers:
@@ -285,7 +310,7 @@ def run(tasks: Sequence[str], optimizers: Sequence[str], out: Path, size: str = 
             best[(t, o)] = min(rows, key=lambda r: (r["val_loss"], r["lr"]))
     extra = [RunSpec(t, o, best[(t, o)]["lr"], s, "seeds", size, device)
              for t in tasks for o in optimizers for s in range(1, seeds)]
-    seeded = _run_all(extra, workers, threads, csv_path, "seeds", progress)
+    seeded = _run_all(extra, done, workers, threads, csv_path, "seeds", progress)
     return summarize(swept, seeded, best, tasks, optimizers)
 
 
@@ -392,7 +417,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     summary = run(args.tasks, args.optimizers, out, size, lrs, args.span, seeds, args.workers, args.threads,
-                  args.device, progress=show_progress(True))
+                  args.device, progress=show_progress(True), resume=args.resume)
     config = {"tasks": list(args.tasks), "optimizers": list(args.optimizers), "size": size, "sizes": SIZES[size],
               "lrs": lrs, "span": args.span, "seeds": seeds, "recommended_lr": RECOMMENDED_LR,
               "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -430,5 +455,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cuda: nanoGPT-sized LMs)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 lrs, 2 seeds: a check in seconds")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study in --out: keep the runs its results.csv holds, train the others")
     add_out_option(p, "compare", OUTPUTS)
     p.set_defaults(func=main)

@@ -53,6 +53,21 @@ def test_best_lr_and_seeds_follow_the_protocol(tmp_path):
         assert math.isclose(result["mean"], (float(best["val_loss"]) + float(seeded[0]["val_loss"])) / 2)
 
 
+def test_resume_keeps_finished_runs_and_trains_the_rest(tmp_path):
+    """A study killed after some runs: ``resume`` keeps them (not retrained) and ends as a fresh study does."""
+    fresh = compare.run(["digits_mlp"], ["torch_adamw"], tmp_path / "a", size="smoke", lrs=3, seeds=2)
+    (tmp_path / "b").mkdir()
+    lines = (tmp_path / "a" / "results.csv").read_text().splitlines(True)
+    (tmp_path / "b" / "results.csv").write_text("".join(lines[:3]) + lines[3][:10])  # 2 runs and a torn line
+    kept = compare.read_results(tmp_path / "b" / "results.csv")
+    assert len(kept) == 2
+    resumed = compare.run(["digits_mlp"], ["torch_adamw"], tmp_path / "b", size="smoke", lrs=3, seeds=2,
+                          resume=True)
+    assert resumed == fresh
+    rows = (tmp_path / "b" / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[1:3] == [line.rstrip("\r\n") for line in lines[1:3]]
+
+
 def test_smoke_cli_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["compare", "--smoke", "--threads", "1", "--out", str(out)]) == 0
