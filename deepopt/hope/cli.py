@@ -19,7 +19,7 @@ import torch
 from deepopt.checkpoint import atomic_save_json, atomic_torch_save, torch_load
 from deepopt.runs import UsageError, add_out_option, check_device, default_out, prepare_out, show_progress, wrote
 
-from . import data, mqar, niah
+from . import continual, data, mqar, niah
 from .ablation import in_context_ablations
 from .model import VARIANTS, LanguageModel, compile_model, n_params, set_in_context_learning
 from .train import (
@@ -176,6 +176,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_niah, context_default=(256, 112), run_outputs=("report.json", "results.csv", "loss.png"))
 
     mqar.register(sub, _add_device_args, _resolve)
+    continual.register(sub, _add_device_args, _resolve)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
