@@ -44,7 +44,8 @@ def test_bf16_autocast_trains_like_float32(variant):
 
 def test_amp_flag_reaches_the_run_and_bad_values_are_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["hope", "train", "--smoke", "--amp", "bf16", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+    args = ["hope", "train", "--smoke", "--amp", "bf16", "--out", str(out), "--threads", "1", "--no-progress"]
+    assert main(args) == 0
     assert json.loads((out / "report.json").read_text())["args"]["amp"] == "bf16"
     with pytest.raises(ValueError, match="amp"):
         Trainer(LanguageModel(model_config("hope", "smoke")), None, lr=1.0, steps=1, amp="fp8")

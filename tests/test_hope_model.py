@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from deepopt.hope.model import (
     VARIANTS,
     CMSLevel,
-    apply_variant,
-    set_in_context_learning,
     HopeConfig,
     LanguageModel,
     SelfModifyingTitans,
+    apply_variant,
     compile_model,
     matched_transformer,
     n_params,
+    set_in_context_learning,
 )
 from deepopt.hope.train import model_config
 

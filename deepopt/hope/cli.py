@@ -472,7 +472,8 @@ def cmd_niah(args: argparse.Namespace) -> int:
     if d.main:
         write_csv(args.out / "results.csv", rows)
         plot_curves(args.out / "loss.png", "passkey training (answer-digit loss)", curves)
-        keys = ("digit_accuracy", "exact_accuracy") + (() if args.task == "passkey" else ("digit_accuracy_needle_removed",))
+        keys = ("digit_accuracy", "exact_accuracy")
+        keys += () if args.task == "passkey" else ("digit_accuracy_needle_removed",)
         summary = {f"{m} @ {c}": _summary([r for r in rows if r["model"] == m and r["context"] == c], keys)
                    for m in args.models for c in contexts}
         bpe = filler.tokenizer.kind == "bpe"  # scores the tokens of " <key>": no per-token chance level

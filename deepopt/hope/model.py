@@ -17,10 +17,10 @@ unnormalised, the self-referential target grows with the memory and the inner re
 
 C = chunk size: a chunk's steps are all taken at its start state, so their sum is capped at η_max ≤ 2,
 which keeps ``I − Σ_t η_t k_t k_tᵀ`` a contraction for unit keys however the keys of a chunk align (the
-DeltaNet bound β ≤ 2; the former η_max ≤ 1 bound on 35% of a trained model's tokens, ``docs/notes/hope.md``
-has the fractions measured before and after).  The gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and ``g₂/(1 + ‖W₁‖²)`` for W₂: k is
-unit-norm but h and W₁ are not, and without it the in-context regression diverges once the outer loop
-grows them.
+DeltaNet bound β ≤ 2; the former cap, η_max = 0.5, bound on 32% of a trained model's steps and the new one
+on 2%: ``docs/notes/hope.md``).  The gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and
+``g₂/(1 + ‖W₁‖²)`` for W₂: k is unit-norm but h and W₁ are not, and without it the in-context regression
+diverges once the outer loop grows them.
 
 Chunk-parallel training (paper Sec. 8.2): in a chunk starting at state ``W_c`` every gradient, read of
 ``k, v, η, α`` and value is taken at ``W_c``; with ``G_t = α_t G_{t−1} + η_t U_t`` and ``A_t = Π α``
@@ -42,8 +42,8 @@ own, and raw steps blew training up), applied through a deepopt rule.  ``η^{(�
 is an outer parameter.  Departures (argued and measured in ``docs/notes/hope.md``): the δ_t of a sequence
 come from one first pass in which no CMS level learns, and are constants of the second pass (no
 second-order outer gradient), the way chunk-parallel Titans takes a chunk's gradients at its start state;
-and they are taken at the final residual stream (``LanguageModel.cms_errors``).  A period of ``None`` (∞) never updates: the level is
-a plain residual MLP (a Transformer FFN).  Initial memory states are outer parameters in both parts.
+and they are taken at the final residual stream (``LanguageModel.cms_errors``).  A period of ``None`` (∞)
+never updates: the level is a plain residual MLP (a Transformer FFN).  Initial memory states are outer parameters in both parts.
 """
 
 from __future__ import annotations
