@@ -43,7 +43,8 @@ is an outer parameter.  Departures (argued and measured in ``docs/notes/hope.md`
 come from one first pass in which no CMS level learns, and are constants of the second pass (no
 second-order outer gradient), the way chunk-parallel Titans takes a chunk's gradients at its start state;
 and they are taken at the final residual stream (``LanguageModel.cms_errors``).  A period of ``None`` (∞)
-never updates: the level is a plain residual MLP (a Transformer FFN).  Initial memory states are outer parameters in both parts.
+never updates: the level is a plain residual MLP (a Transformer FFN).  Initial memory states are outer
+parameters in both parts.
 """
 
 from __future__ import annotations
