@@ -155,7 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--learn",
         default=None,
         help="comma-separated names to learn (default: the rule's hyperparameters; for deep_momentum "
-        "W1,W2,alpha,eta,lr,lr_decay)",
+        "W1,W2,momentum,eta,lr,lr_decay)",
     )
     a("--seed", type=int, default=0, help="seed of task draws, batches and ES perturbations")
     a("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of tasks and meta-parameters")

@@ -3,7 +3,7 @@
 Each learnable hyperparameter lives in an unconstrained raw tensor and is mapped into its range::
 
     positive (lr, eta, lr_decay): x = exp(r)
-    unit interval (α, μ, β, β₁, β₂): x = sigmoid(r)
+    unit interval (μ, β, β₁, β₂; DMGD's momentum α): x = sigmoid(r)
     memory θ₀ = (W₁, W₂):        x = r
 
 ``MetaParams.hparams(raw)`` is a pure function of the raw tensors (``torch.func``/``vmap`` friendly)
@@ -29,7 +29,7 @@ LEARNABLE: dict[str, dict[str, str]] = {
     "momentum": {"lr": "log", "momentum": "logit"},
     "adam": {"lr": "log", "beta1": "logit", "beta2": "logit"},
     "delta_momentum": {"lr": "log", "momentum": "logit", "beta": "logit"},
-    "deep_momentum": {"lr": "log", "alpha": "logit", "eta": "log", "lr_decay": "log", "W1": "none", "W2": "none"},
+    "deep_momentum": {"lr": "log", "momentum": "logit", "eta": "log", "lr_decay": "log", "W1": "none", "W2": "none"},
 }
 _TO_RAW = {"log": torch.log, "logit": torch.logit, "none": lambda t: t}
 _FROM_RAW = {"log": torch.exp, "logit": torch.sigmoid, "none": lambda t: t}
@@ -39,7 +39,7 @@ DEFAULT_LEARN: dict[str, tuple[str, ...]] = {
     "momentum": ("lr", "momentum"),
     "adam": ("lr", "beta1", "beta2"),
     "delta_momentum": ("lr", "momentum", "beta"),
-    "deep_momentum": ("W1", "W2", "alpha", "eta", "lr"),
+    "deep_momentum": ("W1", "W2", "momentum", "eta", "lr"),
 }
 
 
@@ -77,7 +77,7 @@ class MetaParams(nn.Module):
 
     def _initial_values(self, dtype: torch.dtype) -> dict[str, Tensor]:
         hp = self.static
-        values = {k: hp[k] for k in ("lr", "momentum", "alpha", "eta", "beta", "lr_decay") if k in hp}
+        values = {k: hp[k] for k in ("lr", "momentum", "eta", "beta", "lr_decay") if k in hp}
         for k in self.learn:
             if LEARNABLE[self.rule.name][k] == "log" and not float(values[k]) > 0:
                 raise ValueError(f"{k} starts at {values[k]} but must start > 0 to be learned (x = exp(r))")

@@ -1,96 +1,171 @@
-"""DeepMomentum (DMGD): momentum as an MLP memory trained online (see ``deepopt.rules.deep``)."""
+"""DeepMomentum: momentum with a per-coordinate memory and a deep read-out (see ``deepopt.rules.deep``)."""
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
-from deepopt.rules.deep import ACTIVATIONS, INPLACE_ACTIVATIONS, decayed_lr
+from deepopt.rules.deep import decayed_lr
 
 from .base import MemoryOptimizer, is_dtensor
+from .delta_momentum import _inner_products, _squared_norms
+from .momentum import foreach_output_nonlinearity, foreach_precondition
+
+# activations with an in-place multi-tensor op (the others take the rule path)
+_FOREACH_ACTIVATIONS = {
+    "tanh": torch._foreach_tanh_,
+    "relu": lambda ts: torch._foreach_clamp_min_(ts, 0.0),
+    "identity": lambda ts: None,
+}
+
+
+@dataclass
+class _Blocks:
+    """Flat work buffers for one list of parameters, each tensor zero-padded to whole key blocks, with views
+    made once: ``as_param[i]`` shaped like parameter i (for ``_foreach_copy_`` in), ``rows[i]`` its
+    ``(n_i, key_dim)`` block view and ``cols[i]`` that view transposed."""
+
+    buffer: Tensor
+    as_param: list[Tensor]
+    rows: list[Tensor]
+    cols: list[Tensor]
+    sqrt_counts: Tensor  # √n_i, blocks per tensor
+
+    @classmethod
+    def like(cls, params: list[Tensor], key_dim: int) -> _Blocks:
+        sizes = [math.ceil(p.numel() / key_dim) * key_dim for p in params]
+        buffer = params[0].new_zeros(sum(sizes))
+        as_param, rows = [], []
+        for p, part in zip(params, buffer.split(sizes)):
+            as_param.append(part[: p.numel()].view(p.shape))
+            rows.append(part.view(-1, key_dim))
+        counts = torch.tensor([r.shape[0] for r in rows], dtype=buffer.dtype)
+        return cls(buffer, as_param, rows, [r.mT for r in rows], counts.sqrt().to(buffer.device))
 
 
 class DeepMomentum(MemoryOptimizer):
-    """Deep Momentum Gradient Descent (Nested Learning Eq. 23 / 50), one MLP memory per tensor::
+    """Deep Momentum Gradient Descent (Nested Learning Eq. 23 / 50)::
 
-        K = blocks(g)/s_g,  V = blocks(P g)/s_Pg;   θ ← α·θ − η·∇_θ ℓ(θ; K, V);   W ← W − lr·σ(s_Pg·M_θ(K))
+        m ← α·m + P g                          (objective="dot";  "l2": m ← α·m − β⟨m, k̂⟩k̂ + P g)
+        W₁ ← α·W₁ − η·∇_{W₁} ℓ(W₁; Φ̂(K), V),   Φ̂(K) = σ(K W₂ᵀ)/r      (K, V: normalised key/value blocks)
+        W ← W − lr_t·σ_out(m + s_v·Φ̂(K) W₁ᵀ),   lr_t = lr/(1 + lr_decay·(t − 1))
 
-    with ``s = ‖·‖/√n`` the RMS norm of the ``n`` blocks, ``M_θ(x) = x + W₁ act(W₂ x)`` on key blocks of
-    ``key_dim`` coordinates, ``hidden`` units, and
-    ``objective`` "dot" (``ℓ = −⟨M(k), v⟩``) or "l2" (``ℓ = ½‖M(k) − v‖²``); ``lr_decay`` ≥ 0 gives step t
-    the learning rate ``lr/(1 + lr_decay·(t − 1))`` (0: constant, the default).  ``memory_init=(W1, W2)``
-    sets the initial state θ₀ (what meta-training learns; see ``from_pretrained``), else W₁ = 0 and
+    ``momentum`` is α; ``eta`` the read-out's inner learning rate; ``hidden`` its width (0: no deep
+    branch, then this is ``Momentum``, or ``DeltaMomentum`` with ``objective="l2"``); ``key_dim`` the
+    coordinates per key block; ``key_source`` keys on the raw ("gradient") or preconditioned gradient.
+    ``memory_init=(W1, W2)`` sets θ₀ (what meta-training learns; see ``from_pretrained``), else W₁ = 0 and
     W₂ ~ init_scale·N(0, 1) drawn from ``seed``.  Further options: ``weight_decay``,
-    ``decoupled_weight_decay``, ``preconditioner``, ``nonlinearity``, ``foreach``, ``nonfinite``.
+    ``decoupled_weight_decay``, ``preconditioner`` ("identity" | "adam"), ``nonlinearity``, ``foreach``,
+    ``nonfinite``.  The full equations are in ``deepopt.rules.deep``.
     """
 
     rule = deep_momentum
 
-    def __init__(self, params: Any, lr: float = 1e-3, alpha: float = 0.9, eta: float = 0.5, hidden: int = 16,
-                 key_dim: int = 16, activation: str = "tanh", objective: str = "dot", **options: Any) -> None:
-        super().__init__(params, lr=lr, alpha=alpha, eta=eta, hidden=hidden, key_dim=key_dim,
-                         activation=activation, objective=objective, **options)
+    def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.9, eta: float = 0.1,
+                 hidden: int = 16, key_dim: int = 16, objective: str = "dot", **options: Any) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, eta=eta, hidden=hidden, key_dim=key_dim,
+                         objective=objective, **options)
+        self._blocks: dict[tuple, _Blocks] = {}  # work buffers (not state: rebuilt on demand)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        if any(is_dtensor(p) for p in group.get("params", ()) if isinstance(p, Tensor)):
-            raise TypeError("DeepMomentum does not take sharded DTensor parameters (FSDP2) yet: its memory "
-                            "reads whole gradient tensors; use DistributedDataParallel, or another deepopt "
-                            "optimizer under FSDP2")
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the work buffers behind
+        return {**super().__getstate__(), "_blocks": {}}
+
+    def _work(self, params: list[Tensor], key_dim: int, role: str) -> _Blocks:
+        key = (role, key_dim, *map(id, params))
+        if key not in self._blocks:
+            if len(self._blocks) > 4 * (len(self.param_groups) + 1):
+                self._blocks.clear()
+            self._blocks[key] = _Blocks.like(params, key_dim)
+        return self._blocks[key]
 
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
-        """The dot-objective rule with the key scale folded into the small matrices, so the keys
-        ``K = G/s`` are never materialised, the two gradient GEMMs share one pass over ``G``, and the
-        step lands on ``W`` in place::
+        """The rule over all tensors at once, in a number of kernels that does not grow with the number of
+        tensors: the per-coordinate memory with ``_foreach`` ops, the deep read-out on block views of flat
+        work buffers with ``_foreach_mm`` in the transposed layout (``Φᵀ = σ(W₂ Kᵀ/s)``, ``h × n``), so no
+        per-tensor view is made after the first step::
 
-            [Z | A] = G [W₂ᵀ | W₁]/s,  H = σ(Z),  [∇W₁ | ∇W₂ᵀ] = −Gᵀ[H | σ'(Z) ⊙ A]/(n s)
-            W ← W − lr·G − lr·s·σ(G W₂'ᵀ/s) W₁'ᵀ
-
-        (right-hand matrices are passed in ``F.linear``'s (out, in) layout, the fast one for
-        tall-skinny GEMMs on CPU).
+            Φᵀ = σ((W₂/s_k) Kᵀ),  r = ‖Φ‖/√n,  C = ΦᵀV/(s_v r n)
+            dot: W₁ᵀ ← α W₁ᵀ + η C;   l2: W₁ᵀ ← α W₁ᵀ − η(Φᵀ(Φ W₁ᵀ/r − V/s_v)/(r n))
+            u = m + (W₁ s_v/r Φᵀ)ᵀ
         """
-        if (group["objective"] != "dot" or group["preconditioner"] != "identity"
-                or group["nonlinearity"] is not None or isinstance(group["lr"], Tensor)
-                or any(isinstance(group[k], Tensor) for k in ("alpha", "eta", "weight_decay", "lr_decay"))):
+        hidden, kd = group["hidden"], group["key_dim"]
+        if (any(isinstance(group[k], Tensor) for k in ("momentum", "eta", "beta", "weight_decay", "lr_decay",
+                                                          "beta2", "eps"))
+                or (hidden and group["activation"] not in _FOREACH_ACTIVATIONS)
+                or (group["lr_decay"] != 0 and group["decoupled_weight_decay"] and group["weight_decay"] != 0)
+                or len({(p.dtype, p.device) for p in params}) > 1):
             return False
-        alpha, eta, kd, hd = group["alpha"], group["eta"], group["key_dim"], group["hidden"]
-        act, act_grad = ACTIVATIONS[group["activation"]]
-        act_, scale_by_grad_ = INPLACE_ACTIVATIONS.get(group["activation"], (None, None))
-        for p, g in zip(params, grads):
-            if p.numel() % kd or not p.is_contiguous():
-                self._rule_step(group, [p], [g])
-                continue
-            state = self.state[p]
-            state["step"] += 1
-            lr = group["lr"] if group["lr_decay"] == 0 else decayed_lr(group["lr"], group["lr_decay"],
-                                                                        float(state["step"]))
-            (g,) = self._foreach_weight_decay({**group, "lr": lr}, [p], [g])
-            blocks = g.reshape(-1, kd)
-            n = blocks.shape[0]
-            sq = float(torch.dot(blocks.reshape(-1), blocks.reshape(-1)))
-            s = (sq / n) ** 0.5 if sq > 0 else 1.0
-            w1, w2 = state["W1"], state["W2"]
-            za = F.linear(blocks, torch.cat([w2, w1.mT]) / s)
-            z, a = za[:, :hd], za[:, hd:]
-            if act_ is not None:  # za ← [σ(Z) | σ'(Z) ⊙ A] without temporaries
-                scale_by_grad_(a, act_(z))
-            else:
-                h = act(z)
-                a.mul_(act_grad(z, h))
-                z.copy_(h)
-            grads_w = (blocks.mT @ za) / (-n * s)
-            w1 = state["W1"] = alpha * w1 - eta * grads_w[:, :hd]
-            w2 = state["W2"] = alpha * w2 - eta * grads_w[:, hd:].mT
-            p.add_(g, alpha=-lr)
-            z_new = F.linear(blocks, w2 / s)
-            p.view(-1, kd).addmm_(act_(z_new) if act_ is not None else act(z_new), w1.mT, alpha=-lr * s)
+        states = [self.state[p] for p in params]
+        bufs = [st["momentum_buffer"] for st in states]
+        grads = self._foreach_weight_decay(group, params, grads)
+        values = foreach_precondition(group, states, grads)
+        if group["preconditioner"] != "adam":
+            torch._foreach_add_([st["step"] for st in states], 1)
+        keys = values if group["key_source"] == "preconditioned" else grads
+        if group["objective"] == "l2":  # −β⟨m, k⟩/‖k‖² per tensor, read before the α scaling
+            coef = _inner_products(bufs, keys) / _squared_norms(keys) * -group["beta"]
+        torch._foreach_mul_(bufs, group["momentum"])
+        if group["objective"] == "l2":
+            torch._foreach_addcmul_(bufs, keys, list(coef.unbind()))
+        torch._foreach_add_(bufs, values)
+        direction = bufs
+        if hidden:
+            direction = self._deep_read(group, params, states, keys, values)
+        lr = group["lr"]
+        if group["lr_decay"] != 0:
+            lr = decayed_lr(lr, group["lr_decay"], torch.stack([st["step"] for st in states]).to(params[0].dtype))
+            direction = torch._foreach_mul(direction, list(lr.unbind()))
+            lr = 1.0
+        self._foreach_descend(params, foreach_output_nonlinearity(group, direction), lr)
         return True
+
+    def _deep_read(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]],
+                   keys: list[Tensor], values: list[Tensor]) -> list[Tensor]:
+        """Updates every W₁ and returns ``u = m + s_v·Φ̂W₁ᵀ`` as views (shaped like the parameters) of a
+        work buffer.  With ``N_x = ‖x‖`` per tensor, ``s = N/√n`` and ``r = N_Φ/√n``, so the scale factors
+        are ``√n/N_k`` (keys), ``1/(N_v N_Φ)`` (C) and ``N_v/N_Φ`` (read)."""
+        kd, alpha, eta = group["key_dim"], group["momentum"], group["eta"]
+        key_blocks = self._work(params, kd, "keys")
+        torch._foreach_copy_(key_blocks.as_param, keys)
+        value_blocks = key_blocks
+        if values is not keys:
+            value_blocks = self._work(params, kd, "values")
+            torch._foreach_copy_(value_blocks.as_param, values)
+
+        def norms(tensors: list[Tensor]) -> Tensor:  # ‖t‖ per tensor, 1 for a zero tensor
+            n = torch.stack(torch._foreach_norm(tensors))
+            return torch.where(n > 0, n, 1.0)
+
+        n_k = norms(key_blocks.rows)
+        n_v = n_k if value_blocks is key_blocks else norms(value_blocks.rows)
+        w2 = torch.stack([st["W2"] for st in states]) * (key_blocks.sqrt_counts / n_k).view(-1, 1, 1)
+        phi_t = torch._foreach_mm(list(w2.unbind()), key_blocks.cols)  # Φᵀ = σ(W₂Kᵀ/s_k), (h, n) each
+        _FOREACH_ACTIVATIONS[group["activation"]](phi_t)
+        n_phi = norms(phi_t)
+        w1 = torch.stack([st["W1"] for st in states])  # (T, kd, h)
+        corr = torch.stack(torch._foreach_mm(phi_t, value_blocks.rows)).mT  # VᵀΦ, (T, kd, h)
+        step = corr * (eta / (n_v * n_phi)).view(-1, 1, 1)  # η V̂ᵀΦ̂/n
+        if group["objective"] == "l2":  # − η(Φ̂W₁ᵀ)ᵀΦ̂/n, via Φ̂W₁ᵀ in a work buffer
+            read_t = torch._foreach_mm(list(w1.unbind()), phi_t)  # (kd, n) each, times r
+            read = self._work(params, kd, "read")
+            torch._foreach_copy_(read.cols, read_t)
+            gram_w1 = torch.stack(torch._foreach_mm(phi_t, read.rows)).mT
+            step = step - gram_w1 * (eta / (n_phi * n_phi)).view(-1, 1, 1)
+        w1 = torch.add(step, w1, alpha=alpha)
+        for st, w in zip(states, w1.unbind()):
+            st["W1"] = w
+        out_t = torch._foreach_mm(list((w1 * (n_v / n_phi).view(-1, 1, 1)).unbind()), phi_t)  # (kd, n) each
+        out = self._work(params, kd, "direction")
+        torch._foreach_copy_(out.cols, out_t)
+        torch._foreach_add_(out.as_param, [st["momentum_buffer"] for st in states])
+        return out.as_param
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, params: Any, **overrides: Any) -> DeepMomentum:

@@ -22,7 +22,7 @@ RULES = {
     "momentum": dict(lr=0.1, momentum=0.8),
     "adam": dict(lr=0.01),
     "delta_momentum": dict(lr=0.1, beta=0.5),
-    "deep_momentum": dict(lr=0.05, hidden=4, key_dim=8, alpha=0.8, eta=0.3),
+    "deep_momentum": dict(lr=0.05, hidden=4, key_dim=8, momentum=0.8, eta=0.3),
 }
 
 

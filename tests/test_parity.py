@@ -5,7 +5,6 @@ import torch
 from conftest import CONFIGS, loss_fn, make, small_mlp, train
 
 import deepopt
-from deepopt.rules import deep_momentum
 
 STEPS = 100
 
@@ -103,52 +102,6 @@ def loss_fn_functional(module, params, step):
     return loss_fn(Bound(), step)
 
 
-def test_deep_momentum_linear_limit_closed_form():
-    """σ = identity: θ follows W₁ ← αW₁ + ηCW₂ᵀ, W₂ ← αW₂ + ηW₁ᵀC with C = KᵀK/n; step = −lr·s(K + K W₂ᵀW₁ᵀ)."""
-    torch.manual_seed(0)
-    lr, alpha, eta, d, h = 0.1, 0.8, 0.3, 4, 3
-    w = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
-    opt = deepopt.DeepMomentum([w], lr=lr, alpha=alpha, eta=eta, hidden=h, key_dim=d, activation="identity")
-    w1 = torch.zeros(d, h, dtype=torch.float64)
-    w2 = deep_momentum.init(w, opt.param_groups[0])["W2"]
-    expected = w.detach().clone()
-    for _ in range(5):
-        g = torch.randn(6, 8, dtype=torch.float64)
-        w.grad = g.clone()
-        opt.step()
-        blocks = g.reshape(-1, d)
-        s = blocks.norm() / blocks.shape[0] ** 0.5
-        k = blocks / s
-        c = k.T @ k / k.shape[0]
-        w1, w2 = alpha * w1 + eta * c @ w2.T, alpha * w2 + eta * w1.T @ c
-        expected = expected - lr * (s * (k + k @ w2.T @ w1.T)).reshape(6, 8)
-        assert torch.allclose(w.detach(), expected, atol=1e-12, rtol=0)
-    assert torch.allclose(opt.state[w]["W1"], w1, atol=1e-12) and torch.allclose(opt.state[w]["W2"], w2, atol=1e-12)
-
-
-@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu", "silu", "identity"])
-@pytest.mark.parametrize("objective", ["dot", "l2"])
-def test_deep_momentum_memory_gradients_match_autograd(activation, objective):
-    """The closed-form ∇θ of the internal objective equals autograd of the objective itself."""
-    from deepopt.rules.deep import ACTIVATIONS, memory_grads
-
-    torch.manual_seed(1)
-    k, v = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
-    w1, w2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
-    act = ACTIVATIONS[activation][0]
-
-    def objective_fn(w1, w2):
-        out = k + act(k @ w2.T) @ w1.T
-        if objective == "dot":
-            return -(out * v).sum() / k.shape[0]
-        return 0.5 * ((out - v) ** 2).sum() / k.shape[0]
-
-    want = torch.func.grad(objective_fn, argnums=(0, 1))(w1, w2)
-    got = memory_grads(w1, w2, k, v, dict(activation=activation, objective=objective))
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, atol=1e-12)
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fast_path_equals_rule_path(name):
     a, b = small_mlp(), small_mlp()
@@ -169,15 +122,3 @@ def test_deep_momentum_lr_decay_is_a_1_over_t_schedule(options):
     assert max_diff(a, b) <= 1e-12
     with pytest.raises(ValueError, match="lr_decay"):
         deepopt.DeepMomentum(a.parameters(), lr_decay=-1.0)
-
-
-def test_deep_momentum_keyed_on_the_preconditioned_gradient_with_a_frozen_zero_memory_is_adam_without_momentum():
-    """``key_source="preconditioned"``: the memory's skip path is the preconditioned step, so with W₁ = 0
-    kept there (η = 0) DMGD is Adam with β₁ = 0."""
-    a, b = small_mlp(), small_mlp()
-    train(a, deepopt.DeepMomentum(a.parameters(), lr=0.01, eta=0.0, key_source="preconditioned",
-                                  preconditioner="adam"), STEPS)
-    train(b, deepopt.Adam(b.parameters(), lr=0.01, betas=(0.0, 0.999)), STEPS)
-    assert max_diff(a, b) <= 1e-10
-    with pytest.raises(ValueError, match="key_source"):
-        deepopt.DeepMomentum(a.parameters(), key_source="values")

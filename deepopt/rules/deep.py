@@ -1,28 +1,35 @@
-"""Deep Momentum Gradient Descent (DMGD, Nested Learning Eq. 23 / 50): the momentum is an MLP
-memory ``M_θ(x) = x + W₁ σ(W₂ x)`` per parameter tensor, trained online by its own gradient step.
+"""Deep Momentum Gradient Descent (DMGD, Nested Learning Eq. 23 / 50): momentum whose memory is a
+per-coordinate vector plus a deep (MLP) read-out, both trained online by one gradient step per gradient.
 
-The gradient ``G`` is cut into key blocks of ``key_dim`` coordinates (rows of its flattened,
-zero-padded view, ``n`` of them) scaled to unit mean norm, ``K = blocks(G)/s_G`` with
-``s_G = ‖G‖_F/√n``; the values are ``V = blocks(P G)/s_PG`` likewise (``V = K`` for P = identity;
-``key_source="preconditioned"`` keys on ``P G`` too, ``K = V``, so the memory's skip path is the
-preconditioned step, e.g. Adam's without its momentum).  Each step::
+Paper: ``W ← W + m(u)``, ``m ← α·m − η·∇ℓ(m; u, ·)``.  Here the memory ``M = (m, W₁)`` of a tensor has a
+per-coordinate part ``m`` (shaped like the parameter) and a shared deep part: a 2-layer MLP read-out
+``D(K) = Φ̂(K) W₁ᵀ`` over key blocks, ``Φ̂ = σ(K W₂ᵀ)/r``.  With ``g`` the gradient (+ coupled weight
+decay), ``v = P g`` the value (P: identity or Adam's diagonal) and the key ``k = g`` (``key_source=
+"gradient"``) or ``k = v`` ("preconditioned"), each step::
 
-    θ ← α·θ − η·∇_θ ℓ(θ; K, V)          θ = (W₁ ∈ R^{key_dim×hidden}, W₂ ∈ R^{hidden×key_dim})
-    W ← W − lr_t·σ_out(s_PG · M_θ(K))    (back to the parameter's shape)
+    K = blocks(k)/s_k,  V = blocks(v)/s_v          (n blocks of key_dim coordinates; s = RMS block norm)
+    Φ̂ = σ(K W₂ᵀ)/r,  r = ‖σ(K W₂ᵀ)‖_F/√n           (normalised features: ‖Φ̂ᵀΦ̂/n‖ ≤ tr = 1)
+    dot objective  ℓ = −⟨m, v⟩ − (1/n)⟨Φ̂W₁ᵀ, V⟩:
+        m ← α·m + v                                              (Momentum, μ = α)
+        W₁ ← α·W₁ + η·VᵀΦ̂/n
+    l2 objective   ℓ = ½⟨m, k̂⟩²·β − ⟨m, v⟩ + (1/2n)‖Φ̂W₁ᵀ − V‖²,  k̂ = k/‖k‖:
+        m ← α·m − β⟨m, k̂⟩k̂ + v                                  (the delta rule: DeltaMomentum)
+        W₁ ← W₁(α·I − η·Φ̂ᵀΦ̂/n) + η·VᵀΦ̂/n
+    u = m + s_v·from_blocks(Φ̂ W₁ᵀ);    W ← W − lr_t·σ_out(u),   lr_t = lr/(1 + lr_decay·(t − 1))
 
-with ``lr_t = lr/(1 + lr_decay·(t − 1))`` at step t (``lr_decay = 0``: constant; a learnable 1/t decay
-for meta-training, carried by ``from_pretrained``), and the internal objective either the dot product
-``ℓ = −(1/n) Σᵢ ⟨M_θ(kᵢ), vᵢ⟩`` (default) or the ℓ2 regression ``ℓ = (1/2n) Σᵢ ‖M_θ(kᵢ) − vᵢ‖²``.
-Gradients are written out in closed form (they are plain tensor algebra, so ``torch.func`` differentiates
-through them).  The memory's shape does not depend on the parameter's, so a meta-learned initial state θ₀
-(``memory_init``) serves any model.  With W₁ = 0 the first step is SGD; a step with a zero gradient and
-zero W₁ moves nothing.
+``α`` is ``momentum``.  The inner map contracts: its Jacobian in W₁ is ``αI`` (dot) or ``αI − ηΦ̂ᵀΦ̂/n``
+with eigenvalues in ``[α − η, α]`` (l2, 0 ≤ η ≤ 1 + α), so ``‖W₁‖ ≤ α^t‖W₁⁰‖ + η/(1 − α)`` and the deep
+read ``RMS(Φ̂W₁ᵀ) ≤ ‖W₁‖`` stays a bounded multiple of one normalised value.  ``W₂`` (the feature layer)
+is not moved online: its gradient through ``σ'`` would feed back on ``W₁`` (the instability of the
+previous design); it is what meta-training shapes, with θ₀ = (W₁⁰, W₂), α, η, lr and lr_decay.
+Deep branch off (``hidden=0``, or η = 0 with W₁⁰ = 0): ``Momentum`` (dot) or ``DeltaMomentum`` (l2)
+exactly.  θ₀ = (W₁ ∈ R^{key_dim×hidden}, W₂ ∈ R^{hidden×key_dim}) does not depend on the parameter's
+shape, so a meta-learned θ₀ (``memory_init``) serves any model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +37,6 @@ from torch import Tensor
 
 from . import transforms as T
 from .base import Hparams, Rule, State, check_choice, check_int, check_range
-
-OBJECTIVES = ("dot", "l2")
-KEY_SOURCES = ("gradient", "preconditioned")
 
 
 def _gelu_grad(z: Tensor, h: Tensor) -> Tensor:
@@ -44,7 +48,7 @@ def _silu_grad(z: Tensor, h: Tensor) -> Tensor:
     return s * (1 + z * (1 - s))
 
 
-# name -> (σ(z), σ'(z, h)) where h = σ(z) is passed so σ' can reuse it
+# name -> (σ(z), σ'(z, h)) where h = σ(z) is passed so σ' can reuse it (HOPE's memories use σ' too)
 ACTIVATIONS = {
     "tanh": (torch.tanh, lambda z, h: 1 - h * h),
     "relu": (torch.relu, lambda z, h: (z > 0).to(z.dtype)),
@@ -52,19 +56,14 @@ ACTIVATIONS = {
     "silu": (F.silu, _silu_grad),
     "identity": (lambda z: z, lambda z, h: torch.ones_like(z)),
 }
-
-# For activations whose σ' is a function of h = σ(z): name -> (σ in place, ``a ← a ⊙ σ'`` in place from h),
-# which lets the optimizer's fast path run without temporaries.
-INPLACE_ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
-    "tanh": (torch.tanh_, lambda a, h: a.addcmul_(a * h, h, value=-1)),
-    "relu": (torch.relu_, lambda a, h: a.mul_(h > 0)),
-    "identity": (lambda z: z, lambda a, h: a),
-}
+OBJECTIVES = ("dot", "l2")
+KEY_SOURCES = ("gradient", "preconditioned")
 
 DEFAULTS = {
     "lr": 1e-3,
-    "alpha": 0.9,
-    "eta": 0.5,
+    "momentum": 0.9,
+    "eta": 0.1,
+    "beta": 0.5,
     "hidden": 16,
     "key_dim": 16,
     "activation": "tanh",
@@ -90,7 +89,8 @@ def initial_memory(hp: Hparams, dtype: torch.dtype, device: torch.device) -> tup
 
 def init(param: Tensor, hp: Hparams) -> State:
     w1, w2 = initial_memory(hp, param.dtype, param.device)
-    return {"W1": w1, "W2": w2, "step": torch.zeros((), dtype=T.step_dtype()), **T.init_preconditioner(param, hp)}
+    return {"momentum_buffer": torch.zeros_like(param), "W1": w1, "W2": w2, "step": T.new_step(param),
+            **T.init_preconditioner(param, hp)}
 
 
 def to_blocks(x: Tensor, key_dim: int) -> Tensor:
@@ -102,37 +102,36 @@ def to_blocks(x: Tensor, key_dim: int) -> Tensor:
     return flat.reshape(-1, key_dim)
 
 
-def normalized_blocks(x: Tensor, key_dim: int) -> tuple[Tensor, Tensor]:
-    """``(blocks(x)/s, s)`` with ``s = ‖x‖/√n`` the RMS block norm (``s = 1`` for a zero tensor)."""
-    blocks = to_blocks(x, key_dim)
-    sq = (blocks * blocks).sum()
-    scale = (torch.where(sq > 0, sq, torch.ones_like(sq)) / blocks.shape[0]).sqrt()
-    return blocks / scale, scale
-
-
 def from_blocks(blocks: Tensor, like: Tensor) -> Tensor:
     return blocks.reshape(-1)[: like.numel()].reshape(like.shape)
 
 
-def memory_grads(
-    w1: Tensor, w2: Tensor, keys: Tensor, values: Tensor, hp: Hparams
-) -> tuple[Tensor, Tensor]:
-    """∇_{W₁} ℓ and ∇_{W₂} ℓ of the internal objective on ``(n, key_dim)`` keys and values."""
-    act, act_grad = ACTIVATIONS[hp["activation"]]
-    n = keys.shape[0]
-    z = keys @ w2.mT  # (n, hidden)
-    h = act(z)
-    if hp["objective"] == "dot":  # ℓ = −(1/n) Σ ⟨k + W₁σ(W₂k), v⟩
-        err = -values / n
-    else:  # ℓ = (1/2n) Σ ‖k + W₁σ(W₂k) − v‖²
-        err = (keys + h @ w1.mT - values) / n
-    grad_w1 = err.mT @ h
-    grad_w2 = (act_grad(z, h) * (err @ w1)).mT @ keys
-    return grad_w1, grad_w2
+def safe_rms(sq_sum: Tensor, n: int) -> Tensor:
+    """``sqrt(sq_sum/n)``, and 1 where ``sq_sum = 0`` (a zero tensor keeps its zeros)."""
+    return (torch.where(sq_sum > 0, sq_sum, torch.ones_like(sq_sum)) / n).sqrt()
+
+
+def normalized_blocks(x: Tensor, key_dim: int) -> tuple[Tensor, Tensor]:
+    """``(blocks(x)/s, s)`` with ``s = ‖x‖/√n`` the RMS block norm (``s = 1`` for a zero tensor)."""
+    blocks = to_blocks(x, key_dim)
+    scale = safe_rms((blocks * blocks).sum(), blocks.shape[0])
+    return blocks / scale, scale
+
+
+def features(keys: Tensor, w2: Tensor, activation: str) -> Tensor:
+    """``Φ̂ = σ(K W₂ᵀ)/r`` with ``r`` the RMS row norm of ``σ(K W₂ᵀ)``."""
+    phi = ACTIVATIONS[activation][0](keys @ w2.mT)
+    return phi / safe_rms((phi * phi).sum(), phi.shape[0])
+
+
+def readout_grad(w1: Tensor, phi: Tensor, values: Tensor, objective: str) -> Tensor:
+    """∇_{W₁} of the deep part of ℓ: ``−VᵀΦ̂/n`` (dot) or ``(Φ̂W₁ᵀ − V)ᵀΦ̂/n`` (l2)."""
+    err = -values if objective == "dot" else phi @ w1.mT - values
+    return err.mT @ phi / phi.shape[0]
 
 
 def apply_memory(w1: Tensor, w2: Tensor, keys: Tensor, activation: str) -> Tensor:
-    """``M_θ(K) = K + σ(K W₂ᵀ) W₁ᵀ`` row-wise."""
+    """``M_θ(K) = K + σ(K W₂ᵀ) W₁ᵀ`` row-wise: the residual MLP memory that HOPE's inner memories use."""
     return keys + ACTIVATIONS[activation][0](keys @ w2.mT) @ w1.mT
 
 
@@ -140,20 +139,28 @@ def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tens
     g = T.coupled_weight_decay(grad, param, hp)
     value, pstate = T.precondition(g, state, hp)
     step = pstate.get("step", state["step"] + 1)  # the preconditioner's count when it keeps one
-    if hp["preconditioner"] == "identity" or hp["key_source"] == "preconditioned":
-        keys, scale = normalized_blocks(value, hp["key_dim"])
-        values = keys
-    else:
-        keys, _ = normalized_blocks(g, hp["key_dim"])
+    key = value if hp["key_source"] == "preconditioned" else g
+    m = _linear_step(state["momentum_buffer"], key, value, hp)
+    w1, direction = state["W1"], m
+    if hp["hidden"] > 0:
+        keys, _ = normalized_blocks(key, hp["key_dim"])
         values, scale = normalized_blocks(value, hp["key_dim"])
-    grad_w1, grad_w2 = memory_grads(state["W1"], state["W2"], keys, values, hp)
-    w1 = hp["alpha"] * state["W1"] - hp["eta"] * grad_w1
-    w2 = hp["alpha"] * state["W2"] - hp["eta"] * grad_w2
-    direction = from_blocks(scale * apply_memory(w1, w2, keys, hp["activation"]), g)
+        phi = features(keys, state["W2"], hp["activation"])
+        w1 = hp["momentum"] * w1 - hp["eta"] * readout_grad(w1, phi, values, hp["objective"])
+        direction = m + from_blocks(scale * (phi @ w1.mT), g)
     if not T.is_zero(hp["lr_decay"]):
-        hp = {**hp, "lr": decayed_lr(hp["lr"], hp["lr_decay"], step.to(g.dtype))}
+        hp = {**hp, "lr": decayed_lr(hp["lr"], hp["lr_decay"], T.step_float(step, g)).to(g.dtype)}
     delta = T.descend(T.output_nonlinearity(direction, hp), param, hp)
-    return delta, {"W1": w1, "W2": w2, **pstate, "step": step}
+    return delta, {"momentum_buffer": m, "W1": w1, "W2": state["W2"], **pstate, "step": step}
+
+
+def _linear_step(m: Tensor, key: Tensor, value: Tensor, hp: Hparams) -> Tensor:
+    """``α·m + v`` (dot) or the delta rule ``α·m − β⟨m, k̂⟩k̂ + v`` (l2, as ``DeltaMomentum``)."""
+    new = hp["momentum"] * m + value
+    if hp["objective"] == "l2":
+        sq = (key * key).sum()
+        new = new - (hp["beta"] * (m * key).sum() / torch.where(sq > 0, sq, torch.ones_like(sq))) * key
+    return new
 
 
 def decayed_lr(lr: float | Tensor, lr_decay: float | Tensor, step: float | Tensor) -> float | Tensor:
@@ -163,12 +170,15 @@ def decayed_lr(lr: float | Tensor, lr_decay: float | Tensor, step: float | Tenso
 
 def validate(hp: Hparams) -> None:
     T.validate_shared(hp)
-    check_range("alpha", hp["alpha"], 0.0, 1.0)
+    check_range("momentum", hp["momentum"], 0.0, 1.0, high_open=True)
     check_range("eta", hp["eta"], 0.0)
-    check_int("hidden", hp["hidden"])
+    check_range("beta", hp["beta"], 0.0, 1.0 + float(hp["momentum"]))
+    check_int("hidden", hp["hidden"], low=0)
     check_int("key_dim", hp["key_dim"])
     check_choice("activation", hp["activation"], tuple(ACTIVATIONS))
     check_choice("objective", hp["objective"], OBJECTIVES)
+    if hp["objective"] == "l2":  # the inner map αI − ηΦ̂ᵀΦ̂/n contracts
+        check_range("eta", hp["eta"], 0.0, 1.0 + float(hp["momentum"]))
     check_choice("key_source", hp["key_source"], KEY_SOURCES)
     check_range("init_scale", hp["init_scale"], 0.0)
     check_range("lr_decay", hp["lr_decay"], 0.0)
@@ -183,4 +193,7 @@ def validate(hp: Hparams) -> None:
             raise ValueError(f"memory_init shapes must be {want} for key_dim/hidden, got {got}")
 
 
-deep_momentum = Rule("deep_momentum", DEFAULTS, init, update, validate, doc=__doc__)
+deep_momentum = Rule(
+    "deep_momentum", DEFAULTS, init, update, validate, doc=__doc__,
+    elementwise=lambda hp: hp["hidden"] == 0 and hp["objective"] == "dot" and hp["nonlinearity"] is None,
+)

@@ -1,0 +1,216 @@
+"""DeepMomentum's design requirements (issue 11): its limits, its capacity, its stability, its shape-free θ₀."""
+
+import functools
+import math
+
+import pytest
+import torch
+from conftest import small_mlp, train
+
+import deepopt
+from deepopt.data import load_classification
+from deepopt.rules import deep_momentum
+from deepopt.rules.deep import features, readout_grad
+
+F64 = torch.float64
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def trajectory(make, steps: int = 100) -> torch.Tensor:
+    model = small_mlp()
+    train(model, make(model.parameters()), steps)
+    return flat(model)
+
+
+# ------------------------------------------------------------------ (a) limits: Momentum and the delta rule
+@pytest.mark.parametrize("off", [dict(hidden=0), dict(eta=0.0)])
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("extra", [dict(), dict(preconditioner="adam"), dict(weight_decay=0.01)])
+def test_deep_branch_off_is_momentum(off, foreach, extra):
+    """hidden = 0, or η = 0 with W₁⁰ = 0: ``Momentum`` with μ = α, exactly (fp64, 100 steps; relative to
+    the weights' size, which reach ~10 with the Adam preconditioner)."""
+    ours = trajectory(lambda p: deepopt.DeepMomentum(p, lr=0.05, momentum=0.9, foreach=foreach, **off, **extra))
+    ref = trajectory(lambda p: deepopt.Momentum(p, lr=0.05, momentum=0.9, **extra))
+    assert (ours - ref).abs().max() <= 1e-12 * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_l2_objective_linear_limit_is_the_delta_rule(foreach):
+    """``objective="l2"`` without the deep branch is DeltaMomentum (``m ← αm − β⟨m, k̂⟩k̂ + g``)."""
+    ours = trajectory(lambda p: deepopt.DeepMomentum(p, lr=0.05, momentum=0.8, beta=1.2, hidden=0,
+                                                      objective="l2", foreach=foreach))
+    ref = trajectory(lambda p: deepopt.DeltaMomentum(p, lr=0.05, momentum=0.8, beta=1.2))
+    assert (ours - ref).abs().max() <= 1e-12
+
+
+# ------------------------------------------------------------------ (b) the deep branch adds capacity
+@pytest.mark.parametrize("objective", ["dot", "l2"])
+def test_deep_branch_changes_the_trajectory_and_neither_objective_is_sgd(objective):
+    on = trajectory(lambda p: deepopt.DeepMomentum(p, lr=0.05, objective=objective, eta=0.5))
+    linear = trajectory(lambda p: deepopt.DeepMomentum(p, lr=0.05, objective=objective, hidden=0))
+    sgd = trajectory(lambda p: torch.optim.SGD(p, lr=0.05 / (1 - 0.9)))  # the same long-run step size
+    assert (on - linear).norm() / linear.norm() > 1e-3
+    assert (on - sgd).norm() / sgd.norm() > 1e-2
+
+
+@pytest.mark.parametrize("objective", ["dot", "l2"])
+def test_consistent_gradients_accumulate(objective):
+    """The issue's measurement: on consistent noisy gradients the step grows like momentum's,
+    |u|/|g| ≈ 1/(1 − α) (dot), or the delta rule's 1/(1 − α + β) (l2), not SGD's |u|/|g| = 1."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.zeros(64, 32, dtype=F64, requires_grad=True)
+    opt = deepopt.DeepMomentum([w], lr=1.0, objective=objective)
+    mean = torch.randn(64, 32, generator=gen, dtype=F64)
+    for _ in range(50):
+        g = mean + 0.3 * torch.randn(64, 32, generator=gen, dtype=F64)
+        before = w.detach().clone()
+        w.grad = g
+        opt.step()
+    step = before - w.detach()
+    assert step.norm() / g.norm() > (5 if objective == "dot" else 1.5)
+    assert torch.nn.functional.cosine_similarity(step.reshape(-1), mean.reshape(-1), dim=0) > 0.9
+
+
+# ------------------------------------------------------------------ (c) stability
+@pytest.mark.parametrize("objective,eta", [("dot", 0.1), ("dot", 2.0), ("l2", 0.5), ("l2", 1.9)])
+def test_readout_update_contracts(objective, eta):
+    """W₁ ↦ αW₁ − η∇ℓ is a contraction with factor ρ = max(α, |α − η|) (dot: α), whatever the keys:
+    the features are normalised, ‖Φ̂ᵀΦ̂/n‖ ≤ 1."""
+    alpha = 0.9
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(40, 8, generator=gen, dtype=F64) * 50
+    keys[20:] = keys[0]  # repeated keys
+    values = torch.randn(40, 8, generator=gen, dtype=F64)
+    phi = features(keys, torch.randn(6, 8, generator=gen, dtype=F64), "identity")
+
+    def step(w1):
+        return alpha * w1 - eta * readout_grad(w1, phi, values, objective)
+
+    a, b = torch.randn(8, 6, generator=gen, dtype=F64), torch.randn(8, 6, generator=gen, dtype=F64)
+    rho = alpha if objective == "dot" else max(alpha, abs(alpha - eta))
+    assert (step(a) - step(b)).norm() <= rho * (a - b).norm() + 1e-12
+
+
+@pytest.mark.parametrize("activation", ["identity", "tanh", "relu"])
+@pytest.mark.parametrize("objective", ["dot", "l2"])
+def test_deep_read_stays_bounded_on_repeated_keys(activation, objective):
+    """The issue's divergence cases (identity/tanh activation, identical key blocks, 500 steps):
+    ‖u − m‖ ≤ ‖v‖·‖W₁‖_F and ‖W₁‖_F ≤ η/(1 − ρ)."""
+    eta, alpha = 0.5, 0.9
+    hp = deep_momentum.hparams(lr=1.0, eta=eta, momentum=alpha, hidden=8, key_dim=4, activation=activation,
+                               objective=objective, init_scale=3.0)
+    w = torch.zeros(16, 4, dtype=F64)
+    g = torch.ones(16, 4, dtype=F64)  # every key block the same
+    state = deep_momentum.init(w, hp)
+    rho = alpha if objective == "dot" else max(alpha, abs(alpha - eta))
+    for _ in range(500):
+        delta, state = deep_momentum.update(g, state, w, hp)
+        deep_read = -delta - state["momentum_buffer"]
+        assert state["W1"].norm() <= eta / (1 - rho) + 1e-9
+        assert deep_read.norm() <= g.norm() * state["W1"].norm() + 1e-9
+    assert math.isfinite(float(delta.norm()))
+
+
+@functools.cache
+def _digits() -> tuple[torch.Tensor, ...]:
+    return load_classification("digits", test_fraction=0.2, seed=0)
+
+
+def _digits_mlp_loss(make, steps: int = 100) -> tuple[float, float]:
+    xtr, ytr, _, _ = _digits()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    opt = make(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        first = float(torch.nn.functional.cross_entropy(model(xtr), ytr))
+    for _ in range(steps):
+        idx = torch.randint(0, len(xtr), (64,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        return first, float(torch.nn.functional.cross_entropy(model(xtr), ytr))
+
+
+@functools.cache
+def _momentum_digits_mlp_loss(lr: float) -> tuple[float, float]:
+    return _digits_mlp_loss(lambda p: deepopt.Momentum(p, lr=lr, momentum=0.9))
+
+
+@pytest.mark.parametrize("objective", ["dot", "l2"])
+def test_no_lr_where_momentum_converges_makes_it_diverge(objective):
+    for lr in (0.1, 0.3, 1.0, 3.0):  # from where both train well to where Momentum diverges
+        first, mom = _momentum_digits_mlp_loss(lr)
+        if not (math.isfinite(mom) and mom < first):
+            continue
+        _, ours = _digits_mlp_loss(lambda p, lr=lr: deepopt.DeepMomentum(p, lr=lr, objective=objective))
+        assert math.isfinite(ours) and ours < first, (lr, mom, ours)
+
+
+RECOMMENDED_LR = 0.03  # docs/notes/deep-momentum.md: DeepMomentum and Momentum (μ = 0.9) at lr 0.03
+
+
+def test_recommended_lr_trains_the_digits_cnn_as_well_as_momentum():
+    def cnn_run(make) -> tuple[float, float]:
+        xtr, ytr, xte, yte = _digits()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 8, 8)), torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(256, 10))
+        opt = make(model.parameters())
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(200):
+            idx = torch.randint(0, len(xtr), (64,), generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            acc = (model(xte).argmax(1) == yte).double().mean().item()
+            return acc, float(torch.nn.functional.cross_entropy(model(xtr), ytr))
+
+    ours = cnn_run(lambda p: deepopt.DeepMomentum(p, lr=RECOMMENDED_LR))
+    ref = cnn_run(lambda p: deepopt.Momentum(p, lr=RECOMMENDED_LR, momentum=0.9))
+    assert ours[0] >= ref[0] and ours[1] <= ref[1], (ours, ref)
+    assert ours[0] > 0.9
+
+
+# ------------------------------------------------------------------ (d) θ₀ does not depend on shapes
+def test_one_memory_init_serves_any_shapes():
+    gen = torch.Generator().manual_seed(2)
+    theta0 = (0.1 * torch.randn(8, 4, generator=gen), torch.randn(4, 8, generator=gen))
+    for shapes in ([(3,), (5, 7)], [(2, 3, 4, 5)], [(1,)]):
+        params = [torch.randn(s, requires_grad=True) for s in shapes]
+        opt = deepopt.DeepMomentum(params, lr=0.01, hidden=4, key_dim=8, memory_init=theta0)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for p in params:
+            assert opt.state[p]["W1"].shape == (8, 4) and opt.state[p]["W2"].shape == (4, 8)
+            assert torch.equal(opt.state[p]["W2"], theta0[1])  # W₂ is meta-learned, not moved online
+            assert p.isfinite().all()
+
+
+def test_zero_gradient_with_zero_state_does_not_move():
+    w = torch.randn(5, 6, dtype=F64, requires_grad=True)
+    before = w.detach().clone()
+    opt = deepopt.DeepMomentum([w], lr=0.1, preconditioner="adam")
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    assert torch.equal(w.detach(), before)
+
+
+def test_momentum_name_lets_one_cycle_cycle_it():
+    w = torch.zeros(3, requires_grad=True)
+    opt = deepopt.DeepMomentum([w], lr=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, cycle_momentum=True)
+    moments = []
+    for _ in range(5):
+        w.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+        moments.append(opt.param_groups[0]["momentum"])
+    assert len(set(moments)) > 1
