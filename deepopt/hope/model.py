@@ -531,9 +531,11 @@ class LanguageModel(nn.Module):
             x = self.embed(idx)
             for blk in self.blocks:
                 x = blk(x, None, reference)
-        with torch.enable_grad():
+        with torch.enable_grad():  # functional norm: no module hooks (FlopCounterMode's) on this small graph
             x = x[:, :-1].detach().requires_grad_()
-            logits = self.norm(x) @ self.embed.weight.detach().mT
+            norm = self.norm
+            h = F.rms_norm(x, norm.normalized_shape, norm.weight.detach(), norm.eps)
+            logits = h @ self.embed.weight.detach().mT
             loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten(), reduction="sum")
             (grad,) = torch.autograd.grad(loss, x)
         return F.pad(grad, (0, 0, 0, 1))
