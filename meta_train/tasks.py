@@ -9,6 +9,9 @@ compared across backends)::
 Families (sampled by seed, used for meta-training):
     ``digits``: MLPs on scikit-learn digits, width ∈ {16, 32, 64}, depth ∈ {1, 2},
         activation ∈ {relu, tanh}, batch size ∈ {32, 64, 128}.
+    ``tabular``: MLPs on small problems cut from digits (8–32 of its features, 2–5 of its classes) or
+        iris, width ∈ {16, 32, 64}, depth ∈ {1, 2}, relu/tanh, batch ∈ {16, 32, 64}.
+    ``mixed``: half ``digits``, half ``tabular`` (VeLO's lesson: breadth of tasks generalises).
     ``quadratic``: ``½‖S(w − c − ξ)‖²`` with ``SᵀS`` of eigenvalues log-uniform in [0.01, 1] and
         minibatch noise ξ ~ 0.1·N(0, I).
 Held-out tasks (never sampled by a family; evaluation only): digits MLPs of depth 3 / width 128 with
@@ -149,7 +152,19 @@ def mlp_task(
     dtype: torch.dtype = torch.float32,
 ) -> Task:
     """A cross-entropy MLP ``in → widths… → classes`` on a scikit-learn data set."""
-    x, y, x_test, y_test = _dataset(dataset, dtype)
+    return _mlp_on(name, _dataset(dataset, dtype), widths, activation, batch_size, seed, dtype)
+
+
+def _mlp_on(
+    name: str,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    widths: tuple[int, ...],
+    activation: str,
+    batch_size: int,
+    seed: int,
+    dtype: torch.dtype,
+) -> Task:
+    x, y, x_test, y_test = data
     sizes = (x.shape[1], *widths, int(y.max()) + 1)
 
     def build() -> nn.Module:
@@ -228,7 +243,36 @@ def digits_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
     return mlp_task(name, "digits", (width,) * depth, activation, batch_size, seed, dtype)
 
 
-FAMILIES: dict[str, Callable[..., Task]] = {"digits": digits_task, "quadratic": quadratic_task}
+def tabular_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
+    """A member of the tabular family: a small problem cut from digits (a random 8–32 of its non-constant features and
+    2–5 of its 10 classes, relabelled) or iris, under an MLP of width 16/32/64, depth 1/2, relu/tanh, batch
+    16/32/64 — small, low-dimensional problems like the held-out wine and breast-cancer ones, from other data."""
+    rng = random.Random(seed)
+    width, depth = rng.choice((16, 32, 64)), rng.choice((1, 2))
+    activation, batch_size = rng.choice(("relu", "tanh")), rng.choice((16, 32, 64))
+    if rng.random() < 0.25:
+        name, data = "iris", _dataset("iris", dtype)
+    else:
+        x, y, x_test, y_test = _dataset("digits", dtype)
+        features = sorted(rng.sample(range(x.shape[1]), rng.randint(8, 32)))
+        classes = sorted(rng.sample(range(10), rng.randint(2, 5)))
+        relabel = torch.full((10,), -1, dtype=torch.long)
+        relabel[classes] = torch.arange(len(classes))
+        keep, keep_test = relabel[y] >= 0, relabel[y_test] >= 0
+        data = (x[keep][:, features], relabel[y[keep]], x_test[keep_test][:, features], relabel[y_test[keep_test]])
+        name = f"digits{len(features)}f{len(classes)}c"
+    return _mlp_on(f"{name}_w{width}_d{depth}_{activation}_b{batch_size}", data, (width,) * depth, activation,
+                   batch_size, seed, dtype)
+
+
+def mixed_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
+    """Half digits-family, half tabular-family members (drawn from ``seed``)."""
+    return (digits_task if random.Random(seed).random() < 0.5 else tabular_task)(seed, dtype=dtype)
+
+
+FAMILIES: dict[str, Callable[..., Task]] = {
+    "digits": digits_task, "quadratic": quadratic_task, "tabular": tabular_task, "mixed": mixed_task,
+}
 
 # name -> (data set, widths, activation, batch size); none of these is a member of a family.
 HELD_OUT_SPECS: dict[str, tuple[str, tuple[int, ...], str, int]] = {

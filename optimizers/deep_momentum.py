@@ -95,7 +95,7 @@ class DeepMomentum(MemoryOptimizer):
             dot: W₁ᵀ ← α W₁ᵀ + η C;   l2: W₁ᵀ ← α W₁ᵀ − η(Φᵀ(Φ W₁ᵀ/r − V/s_v)/(r n))
             u = m + (W₁ s_v/r Φᵀ)ᵀ
         """
-        hidden, kd = group["hidden"], group["key_dim"]
+        hidden = group["hidden"]
         if (any(isinstance(group[k], Tensor) for k in ("momentum", "eta", "beta", "weight_decay", "lr_decay",
                                                           "beta2", "eps"))
                 or (hidden and group["activation"] not in _FOREACH_ACTIVATIONS)
@@ -166,6 +166,13 @@ class DeepMomentum(MemoryOptimizer):
         torch._foreach_copy_(out.cols, out_t)
         torch._foreach_add_(out.as_param, [st["momentum_buffer"] for st in states])
         return out.as_param
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        if any(is_dtensor(p) for p in group.get("params", ()) if isinstance(p, Tensor)):
+            raise TypeError("DeepMomentum does not take sharded DTensor parameters (FSDP2) yet: its memory "
+                            "reads whole gradient tensors; use DistributedDataParallel, or another deepopt "
+                            "optimizer under FSDP2")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, params: Any, **overrides: Any) -> DeepMomentum:

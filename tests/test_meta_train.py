@@ -242,3 +242,23 @@ def test_learned_hyperparameters_round_trip(tmp_path, rule):
     for key in meta.learned_keys():
         got, want = opt.defaults[key], expected[key]
         assert torch.allclose(torch.as_tensor(got, dtype=torch.float32), torch.as_tensor(want)), key
+
+
+def test_tabular_and_mixed_families_are_small_problems_from_other_data():
+    """The ``tabular`` family cuts problems from digits (feature and class subsets, relabelled 0…C−1) or
+    iris — never the held-out wine and breast-cancer data — and ``mixed`` draws from both families; a
+    meta-step on it runs."""
+    seen = set()
+    for seed in range(12):
+        task = sample_task("tabular", seed)
+        x, y = task.full_batch
+        classes = int(y.max()) + 1
+        assert set(y.unique().tolist()) == set(range(classes)) and 2 <= classes <= 5
+        assert task.name.startswith(("iris", "digits")) and x.shape[1] <= 32
+        assert task.model(x).shape == (x.shape[0], classes)
+        seen.add(sample_task("mixed", seed).name.split("_")[0])
+    assert "digits" in seen and any(s != "digits" for s in seen)
+    trainer = MetaTrainer(MetaTrainConfig(rule="deep_momentum", family="mixed", meta_steps=1, unroll=2, horizon=2,
+                                          hparams={"lr": 0.03, "hidden": 4, "key_dim": 8}))
+    record = trainer.meta_step()
+    assert record["outer_loss"] is not None and record["dropped"] == 0
