@@ -57,7 +57,8 @@ def test_ablations_switch_each_part_off_and_leave_the_model_learning():
 def test_eval_ablations_and_switches_from_the_cli(tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--no-progress", "--threads", "1"]
-    assert main(["hope", "train", "--smoke", "--out", str(run), *common]) == 0
+    assert main(["hope", "train", "--smoke", "--cms-periods", "4,8,inf", "--out", str(run), *common]) == 0
+    assert json.loads((run / "report.json").read_text())["config"]["cms_periods"] == [4, 8, None]
     reports = {}
     for name, flags in (("full", ["--ablations"]), ("no-cms", ["--no-cms-updates"])):
         out = tmp_path / name

@@ -73,10 +73,21 @@ def _option(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _periods(text: str) -> tuple[int | None, ...]:
+    try:
+        return tuple(None if p.strip().lower() in ("inf", "none") else int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints or inf, such as 16,64,inf; got {text!r}") \
+            from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=sorted(SIZES), help="model size preset (default tiny; smoke with --smoke)")
     p.add_argument("--chunk-size", type=int, help="Titans chunk length C (default: the size's)")
     p.add_argument("--inner-rule", choices=("sgd", "momentum"), help="the memories' inner deepopt rule (sgd)")
+    p.add_argument("--cms-periods", type=_periods, metavar="P,P,...",
+                   help="CMS update periods in tokens, inf = never (default: the size's, e.g. 16,64,inf; the paper "
+                        "uses 512 and up)")
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, lr_schedule: str = "cosine", bpe_on: str = "--domain/--data") -> None:
@@ -243,7 +254,7 @@ def _run_folder(path: Path) -> Path:
 def _build(args: argparse.Namespace, variant: str, seed: int, device: torch.device, vocab_size: int
            ) -> LanguageModel:
     cfg = model_config(variant, args.size, chunk_size=args.chunk_size, inner_rule=args.inner_rule,
-                       vocab_size=vocab_size)
+                       cms_periods=args.cms_periods, vocab_size=vocab_size)
     torch.manual_seed(seed)
     model = LanguageModel(cfg).to(device=device, dtype=DTYPES[args.dtype])
     return compile_model(model) if args.compile else model
