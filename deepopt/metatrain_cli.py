@@ -159,6 +159,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     a("--seed", type=int, default=0, help="seed of task draws, batches and ES perturbations")
     a("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of tasks and meta-parameters")
+    a("--device", default="cpu", help="cpu, cuda or cuda:N: where tasks, unrolls and the evaluation run")
     a("--save-every", type=int, help=f"checkpoint every N meta-steps (default {DEFAULTS['save_every']})")
     a(
         "--eval-steps",
@@ -254,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         es_sigma=args.es_sigma,
         vectorize=args.vectorize,
         seed=args.seed,
+        device=args.device,
         dtype=args.dtype,
         save_every=size["save_every"],
         learn=learn,
@@ -293,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
             DTYPES[args.dtype],
             progress=lambda: bar.update(1),
             adam_decays=size["adam_decays"],
+            device=args.device,
         )
         done.add(key, {"report": part, "rows": part_rows})
     bar.close()

@@ -107,11 +107,12 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     progress: Callable[[], None] | None = None,
     adam_decays: Sequence[float] = (),
+    device: str | torch.device = "cpu",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run the comparison; returns the ``report.json`` payload and ``curves.csv`` rows.
 
     Momentum uses μ = 0.9 with the best lr of ``momentum_lrs`` (lowest loss at step ``steps``).
-    ``progress`` is called after each task/seed.
+    ``progress`` is called after each task/seed; the tasks run on ``device``.
     """
     report: dict[str, Any] = {
         "steps": steps,
@@ -126,7 +127,7 @@ def evaluate(
     for name in tasks:
         per_seed = {}
         for seed in seeds:
-            task = held_out_task(name, seed, dtype)
+            task = held_out_task(name, seed, dtype, device)
             learned = loss_curve(task, lambda p: load_learned(learned_path, p), steps)
             adam = {
                 lr: loss_curve(task, lambda p, lr=lr: deepopt.Adam(p, lr=lr), budget * steps)

@@ -20,6 +20,8 @@ activations outside the family (gelu, elu), and MLPs on the wine and breast-canc
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import random
 from collections.abc import Callable
@@ -66,6 +68,19 @@ class Task:
     train_batch: Callable[[int], Batch]
     heldout_batch: Callable[[int], Batch]
     full_batch: Batch  # the whole training split, for evaluation curves
+
+    def to(self, device: str | torch.device) -> Task:
+        """This task with its model, data and batch streams on ``device`` (the same batches: indices are
+        still drawn by CPU generators)."""
+        def moved(stream):
+            if not dataclasses.is_dataclass(stream):
+                return stream
+            fields = {f.name: getattr(stream, f.name) for f in dataclasses.fields(stream)}
+            return dataclasses.replace(stream, **{k: v.to(device) for k, v in fields.items() if isinstance(v, Tensor)})
+
+        return dataclasses.replace(self, model=copy.deepcopy(self.model).to(device),
+                                   train_batch=moved(self.train_batch), heldout_batch=moved(self.heldout_batch),
+                                   full_batch=tuple(t.to(device) for t in self.full_batch))
 
     def init_params(self) -> dict[str, Tensor]:
         """Fresh copies of the model's initial weights."""
@@ -209,7 +224,7 @@ class _NoisyTarget:
 
     def __call__(self, step: int) -> Batch:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        xi = torch.randn(1, self.center.shape[0], generator=gen, dtype=torch.float64).to(self.center.dtype)
+        xi = torch.randn(1, self.center.shape[0], generator=gen, dtype=torch.float64).to(self.center)
         x = self.center + self.noise * xi
         return x, torch.zeros_like(x)
 
@@ -283,16 +298,17 @@ HELD_OUT_SPECS: dict[str, tuple[str, tuple[int, ...], str, int]] = {
 }
 
 
-def held_out_task(name: str, seed: int, dtype: torch.dtype = torch.float32) -> Task:
+def held_out_task(name: str, seed: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Task:
     """Evaluation-only task ``name`` (see ``HELD_OUT_SPECS``) with weights and batches drawn from ``seed``."""
     if name not in HELD_OUT_SPECS:
         raise ValueError(f"unknown held-out task {name!r}; accepted: {sorted(HELD_OUT_SPECS)}")
     dataset, widths, activation, batch_size = HELD_OUT_SPECS[name]
-    return mlp_task(name, dataset, widths, activation, batch_size, 10_000 + seed, dtype)
+    return mlp_task(name, dataset, widths, activation, batch_size, 10_000 + seed, dtype).to(device)
 
 
-def sample_task(family: str, seed: int, dtype: torch.dtype = torch.float32) -> Task:
-    """The task of ``family`` drawn from ``seed``."""
+def sample_task(family: str, seed: int, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> Task:
+    """The task of ``family`` drawn from ``seed``, on ``device``."""
     if family not in FAMILIES:
         raise ValueError(f"unknown task family {family!r}; accepted: {sorted(FAMILIES)}")
-    return FAMILIES[family](seed, dtype=dtype)
+    return FAMILIES[family](seed, dtype=dtype).to(device)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 import deepopt
 from deepopt.checkpoint import atomic_torch_save, save_pretrained, torch_load
+from deepopt.runs import check_device
 
 from .es import AntitheticES
 from .params import LEARNABLE, MetaParams
@@ -59,6 +60,7 @@ class MetaTrainConfig:
     dtype: str = "float32"
     save_every: int = 25
     vectorize: bool = True
+    device: str = "cpu"
     learn: list[str] | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +81,7 @@ class MetaTrainConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.horizon % self.unroll:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        check_device(self.device, "device")
         if not isinstance(self.vectorize, bool):
             raise TypeError(f"vectorize must be a bool, got {type(self.vectorize).__name__}")
         for name in ("meta_lr", "clip", "es_sigma"):
@@ -101,7 +104,7 @@ class MetaTrainer:
         self.config = config
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.dtype = DTYPES[config.dtype]
-        self.meta = MetaParams(config.rule, config.learn, self.dtype, **config.hparams)
+        self.meta = MetaParams(config.rule, config.learn, self.dtype, **config.hparams).to(config.device)
         self.opt = deepopt.Adam(self.meta.parameters(), lr=config.meta_lr, nonfinite="skip")
         self.estimator: Callable[..., Any] = (
             Backprop(config.checkpoint_every)
@@ -122,7 +125,7 @@ class MetaTrainer:
         slot = self.slots[i]
         if slot is None or slot.inner.step >= self.config.horizon:
             seed = self._task_seed(i)
-            task = sample_task(self.config.family, seed, self.dtype)
+            task = sample_task(self.config.family, seed, self.dtype, self.config.device)
             slot = self.slots[i] = _Slot(seed, task, InnerState.fresh(task))
         return slot
 
@@ -245,7 +248,7 @@ class MetaTrainer:
             if s is None
             else _Slot(
                 s["seed"],
-                sample_task(self.config.family, s["seed"], self.dtype),
+                sample_task(self.config.family, s["seed"], self.dtype, self.config.device),
                 InnerState(s["params"], s["state"], s["step"]),
             )
             for s in sd["slots"]

@@ -262,3 +262,20 @@ def test_tabular_and_mixed_families_are_small_problems_from_other_data():
                                           hparams={"lr": 0.03, "hidden": 4, "key_dim": 8}))
     record = trainer.meta_step()
     assert record["outer_loss"] is not None and record["dropped"] == 0
+
+
+def test_device_option_moves_tasks_and_refuses_a_missing_gpu():
+    """``Task.to`` keeps the batch stream (indices from CPU generators) and the loss; ``device="cuda"`` on a
+    machine without CUDA is refused when the config is built, before any compute."""
+    for task in (sample_task("digits", 3), sample_task("quadratic", 3)):
+        moved = task.to("cpu")
+        assert moved.model is not task.model
+        for t in (0, 5):
+            assert torch.equal(moved.train_batch(t)[0], task.train_batch(t)[0])
+            assert torch.equal(moved.loss(moved.init_params(), moved.train_batch(t)),
+                               task.loss(task.init_params(), task.train_batch(t)))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            MetaTrainConfig(device="cuda")
+    with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
+        MetaTrainConfig(device="tpu")
