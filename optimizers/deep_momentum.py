@@ -12,6 +12,7 @@ from torch import Tensor
 
 from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
+from deepopt.rules import transforms as T
 from deepopt.rules.deep import decayed_lr
 
 from .base import MemoryOptimizer, is_dtensor
@@ -120,7 +121,8 @@ class DeepMomentum(MemoryOptimizer):
             direction = self._deep_read(group, params, states, keys, values)
         lr = group["lr"]
         if group["lr_decay"] != 0:
-            lr = decayed_lr(lr, group["lr_decay"], torch.stack([st["step"] for st in states]).to(params[0].dtype))
+            steps = T.step_float(torch.stack([st["step"] for st in states]), params[0])  # fp32 for bf16 params
+            lr = decayed_lr(lr, group["lr_decay"], steps)
             direction = torch._foreach_mul(direction, list(lr.unbind()))
             lr = 1.0
         self._foreach_descend(params, foreach_output_nonlinearity(group, direction), lr)
