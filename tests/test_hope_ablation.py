@@ -59,6 +59,9 @@ def test_eval_ablations_and_switches_from_the_cli(tmp_path, capsys):
     common = ["--no-progress", "--threads", "1"]
     assert main(["hope", "train", "--smoke", "--cms-periods", "4,8,inf", "--out", str(run), *common]) == 0
     assert json.loads((run / "report.json").read_text())["config"]["cms_periods"] == [4, 8, None]
+    with pytest.raises(SystemExit):
+        main(["hope", "train", "--smoke", "--cms-periods", "0,inf", "--out", str(tmp_path / "bad"), *common])
+    assert "--cms-periods" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     reports = {}
     for name, flags in (("full", ["--ablations"]), ("no-cms", ["--no-cms-updates"])):
         out = tmp_path / name

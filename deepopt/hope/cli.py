@@ -75,10 +75,12 @@ def _option(text: str) -> tuple[str, Any]:
 
 def _periods(text: str) -> tuple[int | None, ...]:
     try:
-        return tuple(None if p.strip().lower() in ("inf", "none") else int(p) for p in text.split(","))
+        periods = tuple(None if p.strip().lower() in ("inf", "none") else int(p) for p in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints or inf, such as 16,64,inf; got {text!r}") \
-            from None
+        periods = (0,)
+    if any(p is not None and p < 1 for p in periods):
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1 or inf, such as 16,64,inf; got {text!r}")
+    return periods
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
