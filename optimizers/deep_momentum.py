@@ -143,7 +143,7 @@ class DeepMomentum(MemoryOptimizer):
 
         def norms(tensors: list[Tensor]) -> Tensor:  # ‖t‖ per tensor, 1 for a zero tensor
             n = torch.stack(torch._foreach_norm(tensors))
-            return torch.where(n > 0, n, 1.0)
+            return n.masked_fill(n == 0, 1.0)
 
         n_k = norms(key_blocks.rows)
         n_v = n_k if value_blocks is key_blocks else norms(value_blocks.rows)
