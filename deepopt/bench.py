@@ -75,6 +75,9 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "DeltaMomentum": lambda ps: deepopt.DeltaMomentum(ps, lr=1e-3),
     "DeltaMomentum keys=rows": lambda ps: deepopt.DeltaMomentum(ps, lr=1e-3, keys="rows"),
     "DeepMomentum h=16": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3, hidden=16),
+    "DeepMomentum h=4 relu": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3, hidden=4, activation="relu"),
+    "DeepMomentum Adam-preconditioned": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3, preconditioner="adam",
+                                                                        key_source="preconditioned"),
     "Muon (Momentum+NS)": lambda ps: deepopt.Momentum(ps, lr=1e-3, nesterov=True, nonlinearity="newton_schulz"),
     # the 2-D parameters only, the ones torch.optim.Muon takes; "M3" iterates Newton–Schulz in bf16 as it does
     "torch Muon": lambda ps: torch.optim.Muon([p for p in ps if p.dim() == 2], lr=1e-3),
