@@ -81,7 +81,8 @@ def fused_momentum_applies(group: dict[str, Any], params: list[Tensor], masked: 
     return (group["preconditioner"] == "identity" and group["nonlinearity"] is None
             and not (masked and group.get("decoupled_weight_decay") and not is_zero(group["weight_decay"]))
             and not any(isinstance(group[k], Tensor) for k in ("momentum", "weight_decay"))
-            and all(p.device.type in _FUSED_DEVICES for p in params))
+            and all(p.device.type in _FUSED_DEVICES and not is_dtensor(p) for p in params))  # fused SGD has no
+    # DTensor sharding rule (FSDP2 parameters take the _foreach path)
 
 
 def fused_momentum_step(group: dict[str, Any], states: list[dict[str, Tensor]], params: list[Tensor],
