@@ -81,6 +81,8 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "DeepMomentum Adam-preconditioned": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3, preconditioner="adam",
                                                                         key_source="preconditioned"),
     "Muon (Momentum+NS)": lambda ps: deepopt.Momentum(ps, lr=1e-3, nesterov=True, nonlinearity="newton_schulz"),
+    "Muon (Momentum+NS bf16)": lambda ps: deepopt.Momentum([p for p in ps if p.dim() == 2], lr=1e-3, nesterov=True,
+                                                           nonlinearity="newton_schulz", ns_dtype="bfloat16"),
     # the 2-D parameters only, the ones torch.optim.Muon takes; "M3" iterates Newton–Schulz in bf16 as it does
     "torch Muon": lambda ps: torch.optim.Muon([p for p in ps if p.dim() == 2], lr=1e-3),
     "M3": lambda ps: deepopt.M3([p for p in ps if p.dim() == 2], lr=1e-3, ns_dtype="bfloat16"),

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from deepopt.rules import momentum
-from deepopt.rules.transforms import is_zero, newton_schulz_many
+from deepopt.rules.transforms import is_zero, orthogonalize_many
 
 from .base import MemoryOptimizer, by_device_and_dtype, is_dtensor
 
@@ -124,9 +124,4 @@ def foreach_output_nonlinearity(group: dict[str, Any], direction: list[Tensor]) 
     """σ over a list: Newton–Schulz on the tensors with ≥ 2 dims, batched by shape, when asked for."""
     if group["nonlinearity"] != "newton_schulz":
         return direction
-    matrices = [i for i, d in enumerate(direction) if d.dim() >= 2]
-    out = list(direction)
-    for i, y in zip(matrices, newton_schulz_many([direction[i] for i in matrices])):
-        out[i] = y
-    return out
-
+    return orthogonalize_many(direction, group["ns_dtype"])

@@ -39,7 +39,6 @@ from . import transforms as T
 from .base import Hparams, Rule, State, check_bool, check_choice, check_int, check_range
 
 ACCUMULATIONS = ("ema", "sum")
-NS_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULTS = {
     "lr": 0.02,
     "momentum": 0.95,
@@ -78,16 +77,8 @@ def orthogonalize(x: Tensor, hp: Hparams) -> Tensor:
 
 
 def orthogonalize_many(xs: list[Tensor], hp: Hparams) -> list[Tensor]:
-    """``[NS_T(x) if x.dim() >= 2 else x for x in xs]``, same-shape matrices batched
-    (``transforms.newton_schulz_many``), iterated in ``ns_dtype`` (default: the tensors' own)."""
-    matrices = [i for i, x in enumerate(xs) if x.dim() >= 2]
-    out = list(xs)
-    if matrices:
-        dtype = NS_DTYPES[hp["ns_dtype"]]
-        inputs = [xs[i] if dtype is None else xs[i].to(dtype) for i in matrices]
-        for i, y in zip(matrices, T.newton_schulz_many(inputs, steps=hp["ns_steps"])):
-            out[i] = y.to(xs[i].dtype)
-    return out
+    """``[NS_T(x) if x.dim() >= 2 else x for x in xs]`` in ``ns_dtype`` (``transforms.orthogonalize_many``)."""
+    return T.orthogonalize_many(xs, hp["ns_dtype"], hp["ns_steps"])
 
 
 def look_ahead(grad: Tensor, fast: Tensor, hp: Hparams) -> Tensor:
@@ -133,7 +124,7 @@ def validate(hp: Hparams) -> None:
     check_bool("nesterov", hp["nesterov"])
     check_choice("accumulate", hp["accumulate"], ACCUMULATIONS)
     check_int("ns_steps", hp["ns_steps"])
-    check_choice("ns_dtype", hp["ns_dtype"], NS_DTYPES)
+    check_choice("ns_dtype", hp["ns_dtype"], T.NS_DTYPES)
     check_range("eps", hp["eps"], 0.0, low_open=True)
     check_range("weight_decay", hp["weight_decay"], 0.0)
 

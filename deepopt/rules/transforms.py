@@ -20,6 +20,8 @@ from .base import Hparams, State, check_bool, check_choice, check_range
 
 PRECONDITIONERS = ("identity", "adam")
 NONLINEARITIES = (None, "newton_schulz")
+# the dtype Newton–Schulz iterates in: the tensors' own, or bf16 as torch.optim.Muon does (fast on tensor cores)
+NS_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 SHARED_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
@@ -28,6 +30,7 @@ SHARED_DEFAULTS: dict[str, Any] = {
     "beta2": 0.999,
     "eps": 1e-8,
     "nonlinearity": None,
+    "ns_dtype": None,
 }
 
 
@@ -39,6 +42,7 @@ def validate_shared(hp: Hparams) -> None:
     check_range("beta2", hp["beta2"], 0.0, 1.0, high_open=True)
     check_range("eps", hp["eps"], 0.0)
     check_choice("nonlinearity", hp["nonlinearity"], NONLINEARITIES)
+    check_choice("ns_dtype", hp["ns_dtype"], NS_DTYPES)
 
 
 def coupled_weight_decay(grad: Tensor, param: Tensor, hp: Hparams) -> Tensor:
@@ -128,10 +132,24 @@ def newton_schulz_many(updates: list[Tensor], steps: int = 5, eps: float = 1e-7)
     return out
 
 
+def orthogonalize_many(xs: list[Tensor], ns_dtype: str | None = None, steps: int = 5) -> list[Tensor]:
+    """``[newton_schulz(x) if x.dim() >= 2 else x for x in xs]``, same-shape matrices batched
+    (``newton_schulz_many``), iterated in ``ns_dtype`` (a key of ``NS_DTYPES``; default the tensors' own)."""
+    matrices = [i for i, x in enumerate(xs) if x.dim() >= 2]
+    out = list(xs)
+    if matrices:
+        dtype = NS_DTYPES[ns_dtype]
+        inputs = [xs[i] if dtype is None else xs[i].to(dtype) for i in matrices]
+        for i, y in zip(matrices, newton_schulz_many(inputs, steps=steps)):
+            out[i] = y.to(xs[i].dtype)
+    return out
+
+
 def output_nonlinearity(direction: Tensor, hp: Hparams) -> Tensor:
-    """σ on the update: Newton–Schulz for tensors with ≥ 2 dims when asked for, identity otherwise."""
-    if hp["nonlinearity"] == "newton_schulz" and direction.dim() >= 2:
-        return newton_schulz(direction)
+    """σ on the update: Newton–Schulz (in ``ns_dtype``) for tensors with ≥ 2 dims when asked for, identity
+    otherwise."""
+    if hp["nonlinearity"] == "newton_schulz":
+        return orthogonalize_many([direction], hp["ns_dtype"])[0]
     return direction
 
 
