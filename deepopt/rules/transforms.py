@@ -115,18 +115,20 @@ def _newton_schulz_3d(x: Tensor, steps: int, eps: float) -> Tensor:
     return x * max(1.0, rows / cols) ** 0.5 if rows > cols else x
 
 
-def newton_schulz_many(updates: list[Tensor], steps: int = 5, eps: float = 1e-7) -> list[Tensor]:
-    """``[newton_schulz(u) for u in updates]`` with same-shape matrices stacked and iterated together, so the
-    kernels launched grow with the number of distinct shapes, not of tensors."""
-    by_shape: dict[torch.Size, list[int]] = {}
+def newton_schulz_many(updates: list[Tensor], steps: int = 5, eps: float = 1e-7,
+                       dtype: torch.dtype | None = None) -> list[Tensor]:
+    """``[newton_schulz(u) for u in updates]`` with same-shape matrices stacked and iterated together (in
+    ``dtype`` if given, cast back after), so the kernels launched grow with the number of distinct shapes,
+    not of tensors."""
+    by_shape: dict[tuple[torch.Size, torch.dtype], list[int]] = {}
     for i, u in enumerate(updates):
-        by_shape.setdefault(u.shape, []).append(i)
-    out: list[Tensor] = [updates[0]] * len(updates)
-    for shape, idx in by_shape.items():
+        by_shape.setdefault((u.shape, u.dtype), []).append(i)
+    out: list[Tensor] = list(updates)
+    for (shape, own_dtype), idx in by_shape.items():
         x = torch.stack([updates[i] for i in idx])
         if x.dim() != 3:
             x = x.reshape(len(idx), shape[0], -1)
-        y = _newton_schulz_3d(x, steps, eps)
+        y = _newton_schulz_3d(x if dtype is None else x.to(dtype), steps, eps).to(own_dtype)
         for i, yi in zip(idx, (y if len(shape) == 2 else y.reshape(len(idx), *shape)).unbind(0)):
             out[i] = yi
     return out
@@ -137,11 +139,8 @@ def orthogonalize_many(xs: list[Tensor], ns_dtype: str | None = None, steps: int
     (``newton_schulz_many``), iterated in ``ns_dtype`` (a key of ``NS_DTYPES``; default the tensors' own)."""
     matrices = [i for i, x in enumerate(xs) if x.dim() >= 2]
     out = list(xs)
-    if matrices:
-        dtype = NS_DTYPES[ns_dtype]
-        inputs = [xs[i] if dtype is None else xs[i].to(dtype) for i in matrices]
-        for i, y in zip(matrices, newton_schulz_many(inputs, steps=steps)):
-            out[i] = y.to(xs[i].dtype)
+    for i, y in zip(matrices, newton_schulz_many([xs[i] for i in matrices], steps=steps, dtype=NS_DTYPES[ns_dtype])):
+        out[i] = y
     return out
 
 
