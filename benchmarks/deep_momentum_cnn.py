@@ -13,26 +13,13 @@ import argparse
 import torch
 
 import deepopt
-from deepopt.data import load_classification
+from deepopt.data import digits_cnn, fit_digits
 
 
 def cnn_run(make, steps: int, seed: int = 0) -> tuple[float, float]:
     """(test accuracy, full training loss) of the digits CNN after ``steps`` minibatch steps."""
-    xtr, ytr, xte, yte = load_classification("digits", test_fraction=0.2, seed=0)
-    torch.manual_seed(seed)
-    nn = torch.nn
-    model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(256, 10))
-    opt = make(model.parameters())
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xtr), (64,), generator=gen)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-        opt.step()
-    with torch.no_grad():
-        accuracy = (model(xte).argmax(1) == yte).float().mean().item()
-        return accuracy, float(torch.nn.functional.cross_entropy(model(xtr), ytr))
+    model = digits_cnn(seed)
+    return fit_digits(model, make(model.parameters()), steps, seed)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import torch
 from conftest import small_mlp, train
 
 import deepopt
-from deepopt.data import load_classification
+from deepopt.data import digits_cnn, fit_digits, load_classification
 from deepopt.rules import deep_momentum
 from deepopt.rules.deep import features, readout_grad
 
@@ -156,21 +156,8 @@ RECOMMENDED_LR = 0.03  # docs/notes/deep-momentum.md: DeepMomentum and Momentum 
 
 def test_recommended_lr_trains_the_digits_cnn_as_well_as_momentum():
     def cnn_run(make) -> tuple[float, float]:
-        xtr, ytr, xte, yte = _digits()
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 8, 8)), torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(),
-                                    torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                                    torch.nn.Linear(256, 10))
-        opt = make(model.parameters())
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(200):
-            idx = torch.randint(0, len(xtr), (64,), generator=gen)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
-        with torch.no_grad():
-            acc = (model(xte).argmax(1) == yte).double().mean().item()
-            return acc, float(torch.nn.functional.cross_entropy(model(xtr), ytr))
+        model = digits_cnn(0)
+        return fit_digits(model, make(model.parameters()), 200)
 
     ours = cnn_run(lambda p: deepopt.DeepMomentum(p, lr=RECOMMENDED_LR))
     ref = cnn_run(lambda p: deepopt.Momentum(p, lr=RECOMMENDED_LR, momentum=0.9))

@@ -4,22 +4,13 @@ import pytest
 import torch
 
 import deepopt
-from deepopt.data import load_classification
+from deepopt.data import fit_digits, load_classification
 
 
 def digits_accuracy(opt_cls, lr: float, steps: int = 300, seed: int = 0) -> float:
-    xtr, ytr, xte, yte = load_classification("digits", test_fraction=0.2, seed=0)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    opt = opt_cls(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xtr), (64,), generator=gen)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-        opt.step()
-    with torch.no_grad():
-        return (model(xte).argmax(1) == yte).float().mean().item()
+    return fit_digits(model, opt_cls(model.parameters(), lr=lr), steps, seed)[0]
 
 
 @pytest.mark.parametrize("opt_cls,lr", [(deepopt.DeltaMomentum, 0.03), (deepopt.DeepMomentum, 0.1)])
