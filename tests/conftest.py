@@ -55,6 +55,14 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Tests that run a command with ``--threads N`` change torch's process-wide thread count: put it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(CONFIGS))
 def opt_name(request):
     return request.param

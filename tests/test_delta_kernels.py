@@ -28,7 +28,8 @@ CHECK = textwrap.dedent("""
         gs[3].zero_()  # a zero key erases nothing
         hp = rule.hparams(lr=0.1, momentum=0.9, beta=0.5)
         before = [p.float().clone() for p in ps]
-        want = [rule.update(g.float(), {"momentum_buffer": m.float().clone()}, p, hp) for p, m, g in zip(before, ms, gs)]
+        want = [rule.update(g.float(), {"momentum_buffer": m.float().clone()}, p, hp)
+                for p, m, g in zip(before, ms, gs)]
         delta_kernels.delta_momentum_step_(ps, gs, ms, 0.1, 0.9, 0.5)
         for p0, (delta, st), p, m in zip(before, want, ps, ms):
             torch.testing.assert_close(m.float(), st["momentum_buffer"], rtol=tol, atol=tol)

@@ -12,14 +12,6 @@ from deepopt.hope.model import LanguageModel
 from deepopt.hope.train import model_config
 
 
-@pytest.fixture(autouse=True)
-def _cache_and_threads(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path_factory.getbasetemp() / "hope-cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def batches(vocab: int = 256, n: int = 2):
     gen = torch.Generator().manual_seed(0)
     return [(x[:, :-1], x[:, 1:]) for x in (torch.randint(0, vocab, (2, 25), generator=gen) for _ in range(n))]

@@ -12,12 +12,8 @@ from deepopt.hope.train import Trainer, make_optimizer, model_config
 
 
 @pytest.fixture(autouse=True)
-def _cache_and_threads(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path_factory.getbasetemp() / "hope-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    torch.set_num_threads(1)  # conftest's fixture puts the count back
 
 
 def losses(variant: str, amp: str, steps: int = 30) -> tuple[list[float], LanguageModel]:

@@ -20,14 +20,6 @@ from deepopt.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _cache_and_threads(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path_factory.getbasetemp() / "hope-cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # the CLI runs below use --threads 1
-
-
 def hope(*args) -> int:
     return main(["hope", *map(str, args), "--no-progress", "--threads", "1"])
 

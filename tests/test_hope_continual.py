@@ -9,13 +9,6 @@ from deepopt.cli import main
 from deepopt.hope import continual, data
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_snippets_come_from_their_class_and_score_only_the_label():
     streams = continual.package_streams(("email", "xml"))
     train = [streams["email"][0], streams["xml"][0]]

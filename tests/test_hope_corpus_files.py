@@ -13,11 +13,8 @@ from deepopt.hope import data
 
 
 @pytest.fixture(autouse=True)
-def _cache_and_threads(tmp_path, monkeypatch):
-    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+def _fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path / "cache"))  # each test sees its own token-file cache
 
 
 def test_token_file_is_split_by_position_and_batches_equal_the_in_memory_ones(tmp_path):

@@ -18,11 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TEXT = ("def add(a, b):\n    return a + b  # the sum of 12 and 345\n\n" * 40).encode()
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path_factory.getbasetemp() / "hope-cache"))
-
-
 @pytest.mark.parametrize("domain", data.DOMAINS)
 def test_domains_load_deterministically_and_split_by_document_name(domain):
     a = data.load_corpus(domain, max_bytes=50_000, cache=False)

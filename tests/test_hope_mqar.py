@@ -11,13 +11,6 @@ from deepopt.cli import main
 from deepopt.hope.mqar import check_setting, mqar_batch
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("seq_len, n_pairs", [(64, 4), (64, 16), (256, 64), (129, 8)])
 def test_every_query_asks_a_key_of_the_context_and_scores_its_value(seq_len, n_pairs):
     vocab = 8192

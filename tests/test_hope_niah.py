@@ -9,14 +9,6 @@ from deepopt.cli import main
 from deepopt.hope import data, niah
 
 
-@pytest.fixture(autouse=True)
-def _cache_and_threads(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path_factory.getbasetemp() / "hope-cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("task", niah.TASKS)
 def test_the_answer_is_in_the_needle_and_only_there(task):
     prose = data.load_corpus("prose", max_bytes=200_000).train
