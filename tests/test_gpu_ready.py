@@ -26,7 +26,7 @@ HOST_READ = "aten._local_scalar_dense.default"
 # option sets the sync-free promise covers, per optimizer (on top of CONFIGS)
 SYNC_FREE_OPTIONS = [{}, {"nonfinite": "skip"}, {"capturable": True}, {"lr": torch.tensor(0.01)}]
 CLASS_OPTIONS = [(n, o) for n, opts in OPTION_SETS.items() for o in opts] + [
-    ("adam", {"fused": False}), ("sgd", {"momentum": 0.9, "nesterov": True}), ("m3", {}),
+    ("adam", {"fused": False}), ("sgd", {"momentum": 0.9, "nesterov": True}),
 ]
 
 

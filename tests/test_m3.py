@@ -7,7 +7,6 @@ import unittest.mock
 import pytest
 import torch
 import torch.optim._muon as torch_muon
-from conftest import batch, small_mlp, train
 
 import deepopt
 from deepopt.bench import count_step_ops
@@ -65,35 +64,6 @@ def test_bf16_newton_schulz_is_torch_muons_precision():
     for a, b, w in zip(ours, theirs, start):
         assert a.dtype == torch.float32 and opt.state[a]["fast"].dtype == torch.float32
         assert (a - b).norm() <= 0.02 * (b - w).norm()
-
-
-OPTIONS = [dict(), dict(second_moment=True, lr=1e-3), dict(nesterov=False, alpha=1.0, chunk=1),
-           dict(accumulate="sum", second_moment=True, lr=1e-3), dict(accumulate="sum", nesterov=False, chunk=4),
-           dict(weight_decay=0.1, slow_momentum=0.5, chunk=2)]
-
-
-@pytest.mark.parametrize("options", OPTIONS)
-def test_fast_path_and_class_equal_the_pure_rule(options):
-    """The fast path (foreach ops, batched Newton–Schulz, host-known chunk ends) and a functional loop over
-    the pure rule take the same steps, biases (1-D) included, across several chunk ends."""
-    model, ref = small_mlp(), small_mlp()
-    opt = deepopt.M3(model.parameters(), **{"lr": 0.02, "chunk": 3, **options})
-    train(model, opt, 20)
-    hp = {k: v for k, v in opt.param_groups[0].items() if k in m3.defaults}
-    params = {k: v.detach().clone() for k, v in ref.named_parameters()}
-    states = {k: m3.init(v, hp) for k, v in params.items()}
-    for t in range(20):
-        grads = torch.func.grad(lambda p, t=t: _loss(ref, p, t))(params)
-        for k in params:
-            delta, states[k] = m3.update(grads[k], states[k], params[k], hp)
-            params[k] = params[k] + delta
-    for k, p in model.named_parameters():
-        assert (p - params[k]).abs().max().item() <= 1e-12, k
-
-
-def _loss(module, params, step):
-    x, y = batch(step, F64)
-    return torch.nn.functional.mse_loss(torch.func.functional_call(module, params, (x,)), y)
 
 
 def test_slow_memory_is_written_once_per_chunk_from_that_chunks_gradients():

@@ -65,6 +65,10 @@ OPTION_SETS = {
     "sgd": [dict(), dict(weight_decay=0.1)],
     "adam": [dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decoupled_weight_decay=True)],
     "adamw": [dict()],
+    # M3's fast path (foreach ops, batched Newton–Schulz, host-known chunk ends) across several chunk ends
+    "m3": [dict(), dict(second_moment=True, lr=1e-3), dict(nesterov=False, alpha=1.0, chunk=1),
+           dict(accumulate="sum", second_moment=True, lr=1e-3), dict(accumulate="sum", nesterov=False, chunk=4),
+           dict(weight_decay=0.1, slow_momentum=0.5, chunk=2)],
 }
 
 
