@@ -46,7 +46,8 @@ class MemoryOptimizer(Optimizer):
             device by a found-inf flag as ``GradScaler`` does: no host sync, capturable) or ``"raise"``
             (``NonFiniteGradientError`` before any state or parameter changes; reads one flag per device on
             the host, so it synchronises).
-        capturable: ``True`` allows capturing ``step()`` in a CUDA graph (torch's check refuses otherwise).
+        capturable: ``True`` allows capturing ``step()`` in a CUDA graph (capture is refused otherwise, as torch
+            refuses it).
             Every deepopt step keeps its state, step counters and scalars on the parameters' device and
             reads nothing on the host either way, so the flag changes no arithmetic.
 
