@@ -284,3 +284,27 @@ def test_paper_scale_presets_are_parameter_matched_without_allocating_them(size,
     hope_cfg = model_config("hope", size, vocab_size=32000)
     h, t = n_params(hope_cfg), n_params(matched_transformer(model_config("transformer", size, vocab_size=32000)))
     assert low <= h <= high and abs(h - t) / h < 0.01, (h, t)
+
+
+def test_compiled_model_compiles_once_whatever_the_number_of_chunks():
+    """``compile_model``: every chunk of a sequence reuses the chunk functions' graphs (states of one type, rank
+    and layout from the first chunk on), so the graphs compiled do not grow with the context, and a second
+    training step compiles nothing."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    frames = {}
+    for context in (64, 128):  # 8 and 16 Titans chunks; CMS periods 8 and 16
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = LanguageModel(model_config("hope", "smoke"))
+        counter = CompileCounter()
+        compile_model(model, backend=counter)
+        x = torch.randint(0, 256, (2, context + 1))
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        first = counter.frame_count
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        assert counter.frame_count == first, "the second step recompiled"
+        frames[context] = first
+    torch._dynamo.reset()
+    assert frames[64] == frames[128], frames

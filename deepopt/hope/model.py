@@ -246,8 +246,10 @@ class SelfModifyingTitans(nn.Module):
     # -- pieces shared by both paths ------------------------------------------------------------------
     def _initial_state(self, batch: int) -> tuple[Tensor, Tensor]:
         sl = slice(None) if self.cfg.self_modifying else slice(-1, None)
-        return (self.W1[None, :, sl].expand(batch, -1, -1, -1, -1),
-                self.W2[None, :, sl].expand(batch, -1, -1, -1, -1))
+        # materialised (not stride-0 expanded views): every chunk then sees states of one layout, so a compiled
+        # chunk function is not recompiled after the first chunk
+        return (self.W1[None, :, sl].expand(batch, -1, -1, -1, -1).contiguous(),
+                self.W2[None, :, sl].expand(batch, -1, -1, -1, -1).contiguous())
 
     def _factors(self, w1: Tensor, w2: Tensor, u: Tensor) -> dict[str, Tensor]:
         """Everything a chunk needs from its start state ``(w1, w2)`` and inputs ``u`` (B, H, C, dh)."""
@@ -395,7 +397,9 @@ class CMSLevel(nn.Module):
         learn) reads θ₀ throughout."""
         k = self.norm(x)
         T = x.shape[1]
-        w1, w2 = self.W1, self.W2
+        # per-sequence copies of θ₀ (plain tensors, batched like the states the updates make): every chunk sees
+        # one tensor type and rank, so a compiled ``_chunk`` is not recompiled after the first chunk
+        w1, w2 = (w.expand(x.shape[0], -1, -1).contiguous() for w in (self.W1, self.W2))
         st = (self.rule.init(w1, self.hp), self.rule.init(w2, self.hp))
         learns = self.learns and error is not None
         period = self.period if learns else T
