@@ -286,6 +286,26 @@ def test_paper_scale_presets_are_parameter_matched_without_allocating_them(size,
     assert low <= h <= high and abs(h - t) / h < 0.01, (h, t)
 
 
+def test_compiled_chunk_functions_serve_every_chunk_with_one_graph():
+    """``compile_model`` compiles the per-chunk functions: the first chunk of a sequence and every later one must
+    share one graph (same tensor types, ranks and layouts), so no chunk recompiles and the compile cache cannot
+    overflow into eager. One Titans layer and one learning CMS level, 4 chunks each, one grad mode."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    cfg = HopeConfig(**TINY)
+    torch.manual_seed(0)
+    x = torch.randn(2, 4 * cfg.chunk_size, cfg.d_model)
+    for layer, args in ((SelfModifyingTitans(cfg), ()), (CMSLevel(cfg, cfg.chunk_size), (0.05 * torch.randn_like(x),))):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        model = torch.nn.Sequential(layer)
+        compile_model(model, backend=counter)
+        layer(x, *args).sum().backward()
+        assert counter.frame_count == 1, (type(layer).__name__, counter.frame_count)
+    torch._dynamo.reset()
+
+
 def test_compiled_model_compiles_once_whatever_the_number_of_chunks():
     """``compile_model``: every chunk of a sequence reuses the chunk functions' graphs (states of one type, rank
     and layout from the first chunk on), so the graphs compiled do not grow with the context, and a second
