@@ -41,10 +41,11 @@ def _proc_kib(field: str) -> int:
 
 
 def measure(model_name: str, size: str, context: int, tokens: int, steps: int, warmup: int,
-            device: str, compile: bool = False) -> dict[str, float]:
-    """Tokens/s and peak memory (MiB) of ``steps`` training steps of one model."""
+            device: str, compile: bool = False, recompute: bool = False) -> dict[str, float]:
+    """Tokens/s and peak memory (MiB) of ``steps`` training steps of one model (``recompute``: HOPE recomputes
+    its chunk states in the backward pass, ``HopeConfig.recompute_chunks``)."""
     torch.manual_seed(0)
-    cfg = model_config(model_name, size)
+    cfg = model_config(model_name, size, recompute_chunks=recompute or None)
     model = LanguageModel(cfg).to(device)
     if compile:
         compile_model(model, dynamic=False)
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="size smoke, contexts 64 128, 1 step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both models (deepopt.hope.model.compile_model); compilation is in the warm-up")
+    p.add_argument("--recompute-chunks", action="store_true",
+                   help="HOPE recomputes its chunk states in the backward pass instead of keeping them")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -116,20 +119,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.model, args.size, args.contexts[0], args.tokens, args.steps, args.warmup,
-                                 args.device, args.compile)))
+                                 args.device, args.compile, args.recompute_chunks)))
         return 0
     rows = []
     for ctx in args.contexts:
         for model in MODELS:
             if args.device.startswith("cuda"):
                 rows.append(measure(model, args.size, ctx, args.tokens, args.steps, args.warmup, args.device,
-                                    args.compile))
+                                    args.compile, args.recompute_chunks))
             else:
                 cmd = [sys.executable, __file__, "--worker", "--model", model, "--size", args.size, "--contexts",
                        str(ctx), "--tokens", str(args.tokens), "--steps", str(args.steps), "--warmup",
                        str(args.warmup), "--device", args.device]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
                 cmd += ["--compile"] if args.compile else []
+                cmd += ["--recompute-chunks"] if args.recompute_chunks else []
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(args.out / "results.csv", rows)
         atomic_save_json({"size": args.size, "tokens_per_step": args.tokens, "device": args.device,
-                          "threads": args.threads, "compile": args.compile,
+                          "threads": args.threads, "compile": args.compile, "recompute_chunks": args.recompute_chunks,
                           "rows": rows, "ratios": {str(k): v for k, v in ratios.items()}},
                          args.out / "report.json")
     return 0

@@ -233,3 +233,9 @@ def test_throughput_benchmark_smoke_reports_ratios_and_flops(tmp_path):
     assert all(r["tok_per_s"] > 0 and r["mflop_per_token"] > 0 for r in report["rows"])
     for ratio in report["ratios"].values():
         assert ratio["tok_per_s_ratio"] > 0 and ratio["flop_ratio"] > 0
+
+
+def test_recompute_chunks_flag_reaches_the_saved_model_config(tmp_path):
+    out = tmp_path / "run"
+    assert hope("train", "--smoke", "--steps", "2", "--recompute-chunks", "--out", out) == 0
+    assert json.loads((out / "model_config.json").read_text())["recompute_chunks"] is True

@@ -328,3 +328,19 @@ def test_compiled_model_compiles_once_whatever_the_number_of_chunks():
         frames[context] = first
     torch._dynamo.reset()
     assert frames[64] == frames[128], frames
+
+
+def test_recomputing_chunk_states_in_backward_gives_the_same_loss_and_gradients():
+    """``recompute_chunks=True`` keeps no chunk activations for the backward pass (it recomputes them there):
+    the loss and every parameter's gradient are those of the stored-activation model."""
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = LanguageModel(model_config("hope", "smoke", recompute_chunks=recompute)).double()
+        x = torch.randint(0, 256, (2, 49), generator=torch.Generator().manual_seed(1))
+        loss = model(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grads_a, grads_b))

@@ -93,6 +93,8 @@ class HopeConfig:
     # Transformer++ (0 = chosen to match the HOPE model's parameter count)
     ffn_hidden: int = 0
     rope_base: float = 10000.0
+    # training memory: recompute each chunk's states in the backward pass instead of keeping them (same numbers)
+    recompute_chunks: bool = False
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -300,7 +302,7 @@ class SelfModifyingTitans(nn.Module):
         run = self._sequential_chunk if reference else self._parallel_chunk
         ys = []
         for uc, qc in zip(u.split(self.cfg.chunk_size, dim=2), q.split(self.cfg.chunk_size, dim=2)):
-            y, w, st = run(w, st, uc, qc)
+            y, w, st = recomputed(run, self.cfg.recompute_chunks, w, st, uc, qc)
             ys.append(y)
         y = torch.cat(ys, dim=2).transpose(1, 2).reshape(B, T, -1)
         out = self.out_proj(y)
@@ -354,6 +356,15 @@ class SelfModifyingTitans(nn.Module):
         return torch.cat(ys, dim=2), w, st
 
 
+def recomputed(fn, recompute: bool, *args: Any):
+    """``fn(*args)``; with ``recompute`` while building a graph, its intermediate tensors are not kept for the
+    backward pass but recomputed there (``torch.utils.checkpoint``): a chunk's activations live only while its
+    backward runs."""
+    if recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class CMSLevel(nn.Module):
     """One CMS level ``y = h + W₁σ(W₂ norm(h))`` (Eq. 70), updated in context every ``period`` tokens by
     Eq. 71 on the error signals ``δ`` of its output (module doc)."""
@@ -370,6 +381,7 @@ class CMSLevel(nn.Module):
         self.eta_rho = None if period is None else nn.Parameter(torch.tensor(rho))
         self.rule, self.hp, _ = affine_rule(cfg.cms_rule, {})
         self.learns_in_context = True  # False: the level stays at θ₀ (the ablation)
+        self.recompute = cfg.recompute_chunks
 
     @property
     def learns(self) -> bool:
@@ -416,7 +428,7 @@ class CMSLevel(nn.Module):
             errors = error.split(period, dim=1) if learns else (None,) * len(chunks)
             for kc, ec in zip(chunks, errors):
                 update = learns and kc.shape[1] == period
-                y, w1, w2, st = self._chunk(w1, w2, st, kc, ec if update else None)
+                y, w1, w2, st = recomputed(self._chunk, self.recompute, w1, w2, st, kc, ec if update else None)
                 ys.append(y)
                 n_updates += update
         y = x + torch.cat(ys, dim=1)
