@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import CONFIGS, loss_fn, make, small_mlp, train
+from conftest import CONFIGS, batch, loss_fn, make, small_mlp, train
 from test_parity import OPTION_SETS, TORCH_TWINS
 
 import deepopt
@@ -133,7 +133,7 @@ def test_cuda_trajectory_equals_cpu_in_float64(name, options):
     opt = make(name, b.parameters(), **options)
     for t in range(30):
         opt.zero_grad()
-        x, y = (v.cuda() for v in _batch(t))
+        x, y = (v.cuda() for v in batch(t))
         torch.nn.functional.mse_loss(b(x), y).backward()
         opt.step()
     assert max((p - q.cpu()).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) <= 1e-12
@@ -147,7 +147,7 @@ def test_cuda_matches_torch_twin_in_float32(name, ours, torch_cls, theirs):
     for t in range(20):
         for model, opt in ((a, oa), (b, ob)):
             opt.zero_grad()
-            x, y = (v.float().cuda() for v in _batch(t))
+            x, y = (v.cuda() for v in batch(t, torch.float32))
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
     for p, q in zip(a.parameters(), b.parameters()):
@@ -159,7 +159,7 @@ def test_whole_training_step_captured_in_a_cuda_graph(opt_name):
     """``capturable=True``: warm up, capture forward + backward + step, replay; equals eager steps."""
     model, ref = small_mlp(dtype=torch.float32).cuda(), small_mlp(dtype=torch.float32).cuda()
     opt, ref_opt = make(opt_name, model.parameters(), capturable=True), make(opt_name, ref.parameters())
-    x, y = (v.float().cuda() for v in _batch(0))
+    x, y = (v.cuda() for v in batch(0, torch.float32))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -181,11 +181,6 @@ def test_whole_training_step_captured_in_a_cuda_graph(opt_name):
         ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
-def _batch(step):
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------- state dicts
