@@ -100,7 +100,7 @@ class M3(MemoryOptimizer):
                 denom = torch._foreach_add(v, group["eps"])
             torch._foreach_sqrt_(denom)
             direction = torch._foreach_div(direction, denom)
-        torch._foreach_add_(params, direction, alpha=-lr)
+        self._foreach_descend(params, direction, lr)
         torch._foreach_add_([s["step"] for s in states], 1)
         sums = [s["chunk_sum"] for s in states]
         torch._foreach_add_(sums, grads)
