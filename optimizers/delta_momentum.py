@@ -42,19 +42,17 @@ class DeltaMomentum(MemoryOptimizer):
         if any(isinstance(group[k], Tensor) for k in ("momentum", "beta", "weight_decay", "beta2", "eps")):
             return False
         states = [self.state[p] for p in params]
-        if _cpu_loop_applies(group, params):
-            _cpu_loop_step(group, states, params, self._foreach_weight_decay(group, params, grads))
-            return True
-        if _triton_applies(group, params):
-            delta_kernels.delta_momentum_step_(params, self._foreach_weight_decay(group, params, grads),
-                                               [st["momentum_buffer"] for st in states], group["lr"],
-                                               group["momentum"], group["beta"])
-            return True
         bufs = [st["momentum_buffer"] for st in states]
         grads = self._foreach_weight_decay(group, params, grads)
+        if _cpu_loop_applies(group, params):
+            _cpu_loop_step(group, states, params, grads)
+            return True
+        if _triton_applies(group, params):
+            delta_kernels.delta_momentum_step_(params, grads, bufs, group["lr"], group["momentum"], group["beta"])
+            return True
         values = foreach_precondition(group, states, grads)
         rows = [i for i, g in enumerate(grads) if group["keys"] == "rows" and g.dim() >= 2]
-        keyed = [i for i in range(len(grads)) if i not in set(rows)]
+        keyed = sorted(set(range(len(grads))) - set(rows))
         # both erasures read m before the α scaling
         erased = _erase_along_rows([bufs[i] for i in rows], [grads[i] for i in rows], group["beta"]) if rows else []
         if keyed:  # −β⟨m, g⟩/‖g‖² per tensor-keyed tensor
