@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepopt.hope.titans_kernels import chunk_factors, chunk_mix, normalized_steps, titans_scan
 from deepopt.rules import Rule, get_rule
 from deepopt.rules.deep import ACTIVATIONS, apply_memory
 
@@ -182,26 +183,6 @@ def affine_rule(name: str, hparams: dict[str, Any]) -> tuple[Rule, dict[str, Any
     return rule, hp, kappa
 
 
-def memory_factors(w1: Tensor, w2: Tensor, keys: Tensor, values: Tensor, activation: str):
-    """Per-token factors of ∇ℓ for ``ℓ = ½‖k + W₁σ(W₂k) − v‖²``: returns ``(e, z, h, g₂, W₁h)`` (module doc)."""
-    act, act_grad = ACTIVATIONS[activation]
-    z = keys @ w2.mT
-    h = act(z)
-    read = h @ w1.mT
-    err = keys + read - values
-    return err, z, h, act_grad(z, h) * (err @ w1), read
-
-
-def normalized_steps(err: Tensor, h: Tensor, g2: Tensor, w1: Tensor) -> tuple[Tensor, Tensor]:
-    """Normalised-LMS factors ``e/(1 + ‖h‖²)`` (W₁ step) and ``g₂/(1 + ‖W₁‖²_F)`` (W₂ step).
-
-    Each divides the gradient by a bound on its own curvature, so a step of size η < 2 cannot diverge
-    whatever the scale the outer loop gives ``h`` or ``W₁`` (keys are unit-norm or scaled by the step).
-    """
-    n1 = (w1 * w1).sum((-2, -1), keepdim=True)
-    return err / (1 + (h * h).sum(-1, keepdim=True)), g2 / (1 + n1)
-
-
 class CausalConv(nn.Module):
     """Depthwise causal convolution over time: ``y_t = Σ_{j<w} c_j ⊙ x_{t−j}`` (shifted sums: w is tiny)."""
 
@@ -254,30 +235,15 @@ class SelfModifyingTitans(nn.Module):
                 self.W2[None, :, sl].expand(batch, -1, -1, -1, -1).contiguous())
 
     def _factors(self, w1: Tensor, w2: Tensor, u: Tensor) -> dict[str, Tensor]:
-        """Everything a chunk needs from its start state ``(w1, w2)`` and inputs ``u`` (B, H, C, dh)."""
-        act = self.cfg.activation
-        if self.cfg.self_modifying:
-            r1, r2 = w1[:, :, :4], w2[:, :, :4]
-        else:
-            r1, r2 = self.W1[None, :, :4], self.W2[None, :, :4]
-        hid = ACTIVATIONS[act][0](u[:, :, None] @ r2.mT)  # (B, H, 4, C, hid)
-        kv = u[:, :, None] + hid[:, :, :2] @ r1[:, :, :2].mT
-        k, v = F.normalize(kv[:, :, 0], dim=-1), kv[:, :, 1]
-        # η and α read only w·M(u) = w·u + (W₁ᵀw)·σ(W₂u): no d-wide output for their memories
-        w = torch.stack([self.w_eta, self.w_alpha], dim=1)  # (H, 2, dh)
-        logits = u @ w.mT + (hid[:, :, 2:] @ (r1[:, :, 2:].mT @ w[..., None])).squeeze(-1).transpose(-1, -2)
-        eta = self.cfg.eta_max / self.cfg.chunk_size * torch.sigmoid(logits[..., 0] + self.b_eta[:, None])
-        log_alpha = F.logsigmoid(logits[..., 1] + self.b_alpha[:, None])
+        """Everything a chunk needs from its start state ``(w1, w2)`` and inputs ``u`` (B, H, C, dh):
+        ``titans_kernels.chunk_factors`` (static reads of ``k, v, η, α`` without self-modification)."""
+        reads = None if self.cfg.self_modifying else (self.W1[None, :, :4], self.W2[None, :, :4])
+        f = chunk_factors(w1, w2, u, self.w_eta, self.b_eta, self.w_alpha, self.b_alpha,
+                          eta_scale=self.cfg.eta_max / self.cfg.chunk_size, activation=self.cfg.activation,
+                          delta_gd=self.cfg.delta_gd, learns=self.learns_in_context, reads=reads)
         if self.eta_log is not None:
-            self.eta_log.append(eta.detach())
-        if not self.learns_in_context:
-            eta, log_alpha = torch.zeros_like(eta), torch.zeros_like(log_alpha)
-        values = F.normalize(apply_memory(w1, w2, v[:, :, None], act) if self.cfg.self_modifying else v[:, :, None],
-                             dim=-1)
-        err, z, h, g2, _ = memory_factors(w1, w2, k[:, :, None], values, act)
-        e1, g2 = normalized_steps(err, h, g2, w1)
-        u2 = g2 + z if self.cfg.delta_gd else g2
-        return {"k": k, "eta": eta, "log_alpha": log_alpha, "err": e1, "h": h, "u2": u2}
+            self.eta_log.append(f["eta_raw"].detach())
+        return f
 
     def _commit(self, w: tuple[Tensor, Tensor], st: tuple[dict, dict], grads: tuple[Tensor, Tensor],
                 decay: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[dict, dict]]:
@@ -294,47 +260,46 @@ class SelfModifyingTitans(nn.Module):
         uq = self.conv(self.in_proj(x)).view(B, T, 2, self.cfg.n_heads, self.dh).permute(2, 0, 3, 1, 4)
         return uq[0], F.normalize(uq[1], dim=-1)  # (B, H, T, dh) each
 
+    def scans(self) -> bool:
+        """Does this layer run as one ``deepopt::titans_scan`` op (self-modifying, an inner rule that does not
+        drift, i.e. SGD, and no η log)?  Otherwise the Python loop over ``_parallel_chunk``."""
+        return self.cfg.self_modifying and not self.drifts and self.eta_log is None
+
+    def _scan(self, u: Tensor, q: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The whole chunk recurrence in one op: outputs (B, H, T, dh) and the final states."""
+        y, s1, s2 = titans_scan(u, q, self.W1, self.W2, self.w_eta, self.b_eta, self.w_alpha, self.b_alpha,
+                                self.cfg.chunk_size, self.cfg.eta_max, self.cfg.activation, self.cfg.delta_gd,
+                                self.learns_in_context, self.kappa)
+        return y, (s1[:, :, -1], s2[:, :, -1])
+
     def forward(self, x: Tensor, reference: bool = False, return_state: bool = False):
         B, T, _ = x.shape
         u, q = self._project(x)
-        w = self._initial_state(B)
-        st = tuple(self.rule.init(wi, self.hp) for wi in w)
-        run = self._sequential_chunk if reference else self._parallel_chunk
-        ys = []
-        for uc, qc in zip(u.split(self.cfg.chunk_size, dim=2), q.split(self.cfg.chunk_size, dim=2)):
-            y, w, st = recomputed(run, self.cfg.recompute_chunks, w, st, uc, qc)
-            ys.append(y)
-        y = torch.cat(ys, dim=2).transpose(1, 2).reshape(B, T, -1)
-        out = self.out_proj(y)
+        if not reference and self.scans():  # the scan always recomputes its chunks in the backward pass
+            y, w = self._scan(u, q)
+        else:
+            w = self._initial_state(B)
+            st = tuple(self.rule.init(wi, self.hp) for wi in w)
+            run = self._sequential_chunk if reference else self._parallel_chunk
+            ys = []
+            for uc, qc in zip(u.split(self.cfg.chunk_size, dim=2), q.split(self.cfg.chunk_size, dim=2)):
+                y, w, st = recomputed(run, self.cfg.recompute_chunks, w, st, uc, qc)
+                ys.append(y)
+            y = torch.cat(ys, dim=2)
+        out = self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
         return (out, w) if return_state else out
 
     def _parallel_chunk(self, w, st, u, q):
-        act = ACTIVATIONS[self.cfg.activation][0]
         f = self._factors(*w, u)
-        L = f["log_alpha"].cumsum(-1)  # (B, H, C)
-        C = L.shape[-1]
-        causal = torch.ones(C, C, dtype=torch.bool, device=L.device).tril()
-        logd = (L[..., :, None] - L[..., None, :]).masked_fill(~causal, -math.inf)
-        wts = logd.exp() * f["eta"][..., None, :]  # w_ts = (Π_{s<r≤t} α_r) η_s, s ≤ t
-        A = L.exp()
-        # output memory read at every token's state (linear-attention form of W_t = A_t W_c + δ(0) + κ G_t)
         w1m, w2m = w[0][:, :, -1], w[1][:, :, -1]
-        k, err, h, u2 = f["k"], f["err"][:, :, -1], f["h"][:, :, -1], f["u2"][:, :, -1]
-        zq = A[..., None] * (q @ w2m.mT) + self.kappa * ((wts * (q @ k.mT)) @ u2)
-        if self.drifts:  # + the rule's gradient-free move δ(0)
+        drift = None
+        if self.drifts:  # the rule's gradient-free move δ(0): W_t = A_t W_c + δ(0) + κ G_t
             zero_st = tuple({n: s[:, :, -1] for n, s in si.items()} for si in st)
-            d1, d2 = (self.rule.update(torch.zeros_like(wi), si, wi, self.hp)[0]
-                      for wi, si in zip((w1m, w2m), zero_st))
-            zq = zq + q @ d2.mT
-        hq = act(zq)
-        y = q + A[..., None] * (hq @ w1m.mT) + self.kappa * ((wts * (hq @ h.mT)) @ err)
-        if self.drifts:
-            y = y + hq @ d1.mT
-        last = wts[..., -1, :, None, None].transpose(2, 3)  # (B, H, 1, C, 1)
-        g1 = (last * f["err"]).mT @ f["h"]
-        g2 = (last * f["u2"]).mT @ k[:, :, None]
-        w, st = self._commit(w, st, (g1, g2), A[..., -1])
-        return y, w, st
+            drift = tuple(self.rule.update(torch.zeros_like(wi), si, wi, self.hp)[0]
+                          for wi, si in zip((w1m, w2m), zero_st))
+        o = chunk_mix(w1m, w2m, f, q, self.kappa, self.cfg.activation, drift)
+        w, st = self._commit(w, st, (o["g1"], o["g2"]), o["A"][..., -1])
+        return o["y"], w, st
 
     def _sequential_chunk(self, w, st, u, q):
         act = self.cfg.activation
@@ -365,6 +330,23 @@ def recomputed(fn, recompute: bool, *args: Any):
     return fn(*args)
 
 
+def cms_factors(w1: Tensor, w2: Tensor, k: Tensor, err: Tensor | None, activation: str) -> dict[str, Tensor]:
+    """A CMS chunk at state ``(W₁, W₂)``: ``z = kW₂ᵀ``, ``h = σ(z)``, ``read = hW₁ᵀ`` and, given the error signals
+    ``err`` (δ), ``q = δW₁`` and Eq. 71's gradient sums in normalised-LMS form (``normalized_steps``, the W₂
+    factor also over ``‖k‖² = d``): ``g1 = Σ_t (δ_t/(1 + ‖h_t‖²)) h_tᵀ``,
+    ``g2 = Σ_t ((σ'(z_t) ⊙ q_t)/((1 + ‖W₁‖²)·d)) k_tᵀ``."""
+    act, act_grad = ACTIVATIONS[activation]
+    z = k @ w2.mT
+    h = act(z)
+    f = {"z": z, "h": h, "read": h @ w1.mT}
+    if err is not None:
+        q = err @ w1
+        e1, g2 = normalized_steps(err, h, act_grad(z, h) * q, w1)
+        g2 = g2 / k.shape[-1]  # ‖k‖² = d after RMSNorm
+        f.update(q=q, g1=e1.mT @ h, g2=g2.mT @ k)
+    return f
+
+
 class CMSLevel(nn.Module):
     """One CMS level ``y = h + W₁σ(W₂ norm(h))`` (Eq. 70), updated in context every ``period`` tokens by
     Eq. 71 on the error signals ``δ`` of its output (module doc)."""
@@ -382,6 +364,7 @@ class CMSLevel(nn.Module):
         self.rule, self.hp, _ = affine_rule(cfg.cms_rule, {})
         self.learns_in_context = True  # False: the level stays at θ₀ (the ablation)
         self.recompute = cfg.recompute_chunks
+        self.scans = cfg.cms_rule == "sgd"  # the whole recurrence as one op (deepopt.hope.cms_kernels)
 
     @property
     def learns(self) -> bool:
@@ -389,31 +372,39 @@ class CMSLevel(nn.Module):
 
     def _chunk(self, w1: Tensor, w2: Tensor, st: tuple, k: Tensor, err: Tensor | None):
         """The chunk's read ``W₁σ(W₂k)`` at the current state and, given the chunk's error signals ``err``
-        (δ_t, same shape as the read), the state after Eq. 71's step on ``(1/C)Σ_t ∇_θ⟨M_θ(k_t), δ_t⟩`` in
-        normalised-LMS form (``normalized_steps``, and the W₂ factor over ``‖k‖² = d``)."""
-        act, act_grad = ACTIVATIONS[self.activation]
-        z = k @ w2.mT
-        h = act(z)
-        read = h @ w1.mT
+        (δ_t, same shape as the read), the state after Eq. 71's step on ``(1/C)Σ_t ∇_θ⟨M_θ(k_t), δ_t⟩``
+        (``cms_factors``) through the level's rule."""
+        f = cms_factors(w1, w2, k, err, self.activation)
         if err is None:
-            return read, w1, w2, st
+            return f["read"], w1, w2, st
         scale = F.softplus(self.eta_rho) / k.shape[-2]
-        e1, g2 = normalized_steps(err, h, act_grad(z, h) * (err @ w1), w1)
-        g2 = g2 / k.shape[-1]  # ‖k‖² = d after RMSNorm
         (d1, s1), (d2, s2) = (self.rule.update(scale * g, s, p, self.hp)
-                              for g, s, p in zip((e1.mT @ h, g2.mT @ k), st, (w1, w2)))
-        return read, w1 + d1, w2 + d2, (s1, s2)
+                              for g, s, p in zip((f["g1"], f["g2"]), st, (w1, w2)))
+        return f["read"], w1 + d1, w2 + d2, (s1, s2)
+
+    def _scan(self, x: Tensor, error: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A learning ``sgd`` level over the whole sequence: ``(y, W₁ states, W₂ states)`` from one
+        ``deepopt::cms_scan`` op (Triton on CUDA; it recomputes chunks in its backward pass)."""
+        from deepopt.hope.cms_kernels import cms_scan  # it imports this module
+
+        k = self.norm(x)
+        lr = F.softplus(self.eta_rho) / self.period
+        read, s1, s2 = cms_scan(k, error.to(k.dtype), self.W1, self.W2, lr, self.period, self.activation)
+        return x + read, s1, s2
 
     def forward(self, x: Tensor, error: Tensor | None = None, reference: bool = False, return_state: bool = False):
         """``error``: the error signals δ (B, T, d) of this level's output; ``None`` (or a level that does not
         learn) reads θ₀ throughout."""
-        k = self.norm(x)
         T = x.shape[1]
+        learns = self.learns and error is not None
+        if learns and self.scans and not reference:
+            y, s1, s2 = self._scan(x, error)
+            return (y, (s1[:, -1], s2[:, -1], T // self.period)) if return_state else y
+        k = self.norm(x)
         # per-sequence copies of θ₀ (plain tensors, batched like the states the updates make): every chunk sees
         # one tensor type and rank, so a compiled ``_chunk`` is not recompiled after the first chunk
         w1, w2 = (w.expand(x.shape[0], -1, -1).contiguous() for w in (self.W1, self.W2))
         st = (self.rule.init(w1, self.hp), self.rule.init(w2, self.hp))
-        learns = self.learns and error is not None
         period = self.period if learns else T
         ys, n_updates = [], 0
         if reference:  # token by token: read at the current state, apply the update every `period` tokens
@@ -570,12 +561,15 @@ def set_in_context_learning(model: nn.Module, *, cms: bool | None = None, titans
 def compile_model(model: LanguageModel, **options: Any) -> LanguageModel:
     """``torch.compile`` (``options`` passed on) the repeated pieces of ``model`` in place: HOPE's per-chunk
     functions (the Python loop over chunks stays eager, so one compiled graph serves every chunk of a
-    length) and Transformer++'s blocks.  Same numbers up to rounding; returns ``model``."""
+    length), the Titans scan op (``deepopt::titans_scan``, a custom op with a fake kernel: no graph break) and
+    Transformer++'s blocks.  Same numbers up to rounding; returns ``model``."""
     for m in model.modules():
-        if isinstance(m, SelfModifyingTitans):
+        if isinstance(m, SelfModifyingTitans):  # the scan op (one graph per sequence) or the per-chunk function
+            m._scan = torch.compile(m._scan, **options)
             m._parallel_chunk = torch.compile(m._parallel_chunk, **options)
         elif isinstance(m, CMSLevel):
             m._chunk = torch.compile(m._chunk, **options)
+            m._scan = torch.compile(m._scan, **options)
         elif isinstance(m, TransformerBlock):
             m.compile(**options)
     return model

@@ -1,0 +1,342 @@
+"""The chunk math of the self-modifying Titans memory and its whole-sequence scan as a torch custom op.
+
+One chunk of C tokens (per batch b and head h; math in ``deepopt.hope.model``'s module doc), at the chunk's start
+state ``W₁ (5, d, hid)``, ``W₂ (5, hid, d)`` of the memories ``M_k, M_v, M_η, M_α, M_mem``:
+
+    P = σ(u W₂ᵀ), R = P W₁ᵀ          (memories k, v, η, α read at u)
+    k = (u + R_k)/‖·‖,  v = u + R_v,  η = (η_max/C)·sigmoid((u + R_η)·w_η + b_η),
+    log α = logsigmoid((u + R_α)·w_α + b_α)
+    V_□ = M_□(v)/‖·‖,  z = k W₂ᵀ,  h = σ(z),  e = k + h W₁ᵀ − V,  g = σ'(z) ⊙ e W₁
+    e₁ = e/(1 + ‖h‖²),  u₂ = g/(1 + ‖W₁‖²) (+ z with Delta GD)
+    L = cumsum log α,  D_ts = e^{L_t − L_s} η_s (s ≤ t),  A = e^L
+    z_q = A ⊙ q W₂ᵀ + κ (D ⊙ q kᵀ) u₂,  y = q + A ⊙ σ(z_q) W₁ᵀ + κ (D ⊙ σ(z_q) hᵀ) e₁      (memory M_mem)
+    W₁ ← A_C W₁ + κ Σ_s D_Cs e₁_s h_sᵀ,   W₂ ← A_C W₂ + κ Σ_s D_Cs u₂_s k_sᵀ                 (κ = −lr of SGD)
+
+``chunk_factors`` and ``chunk_mix`` compute it (``SelfModifyingTitans._parallel_chunk`` calls them too);
+``chunk_vjp`` is its hand-derived reverse mode.  ``titans_scan`` (op ``deepopt::titans_scan``) runs every chunk of
+a sequence in one op and returns the chunk-start states; its backward (op ``deepopt::titans_scan_backward``) walks
+the chunks in reverse, recomputing each from its start state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepopt.rules.deep import ACTIVATIONS
+
+N_MEMORIES = 5  # M_k, M_v, M_η, M_α, M_mem (deepopt.hope.model.TITANS_MEMORIES)
+
+# σ''(z) given z and h = σ(z): the reverse mode of g = σ'(z) ⊙ eW₁ needs it
+SECOND_DERIVATIVES = {
+    "tanh": lambda z, h: -2 * h * (1 - h * h),
+    "relu": lambda z, h: torch.zeros_like(z),
+    "gelu": lambda z, h: torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (2 - z * z),
+    "silu": lambda z, h: torch.sigmoid(z) * (1 - torch.sigmoid(z)) * (2 + z * (1 - 2 * torch.sigmoid(z))),
+    "identity": lambda z, h: torch.zeros_like(z),
+}
+
+
+def memory_factors(w1: Tensor, w2: Tensor, keys: Tensor, values: Tensor, activation: str):
+    """Per-token factors of ∇ℓ for ``ℓ = ½‖k + W₁σ(W₂k) − v‖²``: returns ``(e, z, h, g₂, W₁h)`` (module doc)."""
+    act, act_grad = ACTIVATIONS[activation]
+    z = keys @ w2.mT
+    h = act(z)
+    read = h @ w1.mT
+    err = keys + read - values
+    return err, z, h, act_grad(z, h) * (err @ w1), read
+
+
+def normalized_steps(err: Tensor, h: Tensor, g2: Tensor, w1: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalised-LMS factors ``e/(1 + ‖h‖²)`` (W₁ step) and ``g₂/(1 + ‖W₁‖²_F)`` (W₂ step).
+
+    Each divides the gradient by a bound on its own curvature, so a step of size η < 2 cannot diverge
+    whatever the scale the outer loop gives ``h`` or ``W₁`` (keys are unit-norm or scaled by the step).
+    """
+    n1 = (w1 * w1).sum((-2, -1), keepdim=True)
+    return err / (1 + (h * h).sum(-1, keepdim=True)), g2 / (1 + n1)
+
+
+def chunk_factors(w1: Tensor, w2: Tensor, u: Tensor, w_eta: Tensor, b_eta: Tensor, w_alpha: Tensor, b_alpha: Tensor,
+                  *, eta_scale: float, activation: str, delta_gd: bool, learns: bool = True,
+                  reads: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """Everything a chunk needs from its start state ``w1 (B, H, n, d, hid)``, ``w2`` and inputs ``u (B, H, C, d)``.
+
+    ``reads`` = the (static) states that read ``k, v, η, α`` when the memories are not self-modifying (then the
+    value is ``v/‖v‖`` and ``w1, w2`` hold ``M_mem`` only); ``None``: the first four memories of ``w1, w2``.
+    ``learns=False`` sets η = 0, log α = 0 (``eta_raw`` keeps the η read).  The dict holds the intermediates
+    that ``chunk_vjp`` reuses.
+    """
+    act = ACTIVATIONS[activation][0]
+    r1, r2 = (w1[:, :, :4], w2[:, :, :4]) if reads is None else reads
+    Z = u[:, :, None] @ r2.mT  # (B, H, 4, C, hid)
+    P = act(Z)
+    R = P @ r1.mT  # (B, H, 4, C, d): M_□(u) − u
+    kv0 = u + R[:, :, 0]
+    k, v = F.normalize(kv0, dim=-1), u + R[:, :, 1]
+    eta_logit = ((u + R[:, :, 2]) * w_eta[:, None]).sum(-1) + b_eta[:, None]  # (B, H, C)
+    alpha_logit = ((u + R[:, :, 3]) * w_alpha[:, None]).sum(-1) + b_alpha[:, None]
+    eta_raw = eta_scale * torch.sigmoid(eta_logit)
+    eta, log_alpha = eta_raw, F.logsigmoid(alpha_logit)
+    if not learns:
+        eta, log_alpha = torch.zeros_like(eta), torch.zeros_like(log_alpha)
+    f = {"Z": Z, "P": P, "R": R, "kv0": kv0, "k": k, "v": v, "eta_logit": eta_logit, "eta_raw": eta_raw,
+         "eta": eta, "log_alpha": log_alpha}
+    if reads is None:
+        f["Zv"] = v[:, :, None] @ w2.mT  # (B, H, 5, C, hid)
+        f["Pv"] = act(f["Zv"])
+        f["Vraw"] = v[:, :, None] + f["Pv"] @ w1.mT
+    else:
+        f["Vraw"] = v[:, :, None]
+    f["V"] = F.normalize(f["Vraw"], dim=-1)
+    f["e"], f["z"], f["h"], f["g"], _ = memory_factors(w1, w2, k[:, :, None], f["V"], activation)
+    f["err"], g2 = normalized_steps(f["e"], f["h"], f["g"], w1)
+    f["u2"] = g2 + f["z"] if delta_gd else g2
+    return f
+
+
+def chunk_mix(w1m: Tensor, w2m: Tensor, f: dict[str, Tensor], q: Tensor, kappa: float, activation: str,
+              drift: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """The chunk's output and step sums from ``chunk_factors``' ``f``: ``y`` (linear-attention form of the
+    output memory ``w1m, w2m`` read at every token's state, plus ``q @ drift`` terms of a drifting rule) and
+    ``g1, g2 = Σ_s D_Cs (e₁_s h_sᵀ, u₂_s k_sᵀ)``, ``A`` = the decays ``e^L`` (B, H, C)."""
+    act = ACTIVATIONS[activation][0]
+    L = f["log_alpha"].cumsum(-1)  # (B, H, C)
+    C = L.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=L.device).tril()
+    E = (L[..., :, None] - L[..., None, :]).masked_fill(~causal, -math.inf).exp()
+    D = E * f["eta"][..., None, :]  # D_ts = (Π_{s<r≤t} α_r) η_s, s ≤ t
+    A = L.exp()
+    k, err, h, u2 = f["k"], f["err"][:, :, -1], f["h"][:, :, -1], f["u2"][:, :, -1]
+    zq = A[..., None] * (q @ w2m.mT) + kappa * ((D * (q @ k.mT)) @ u2)
+    if drift is not None:
+        zq = zq + q @ drift[1].mT
+    hq = act(zq)
+    y = q + A[..., None] * (hq @ w1m.mT) + kappa * ((D * (hq @ h.mT)) @ err)
+    if drift is not None:
+        y = y + hq @ drift[0].mT
+    last = D[..., -1, :, None].unsqueeze(2)  # (B, H, 1, C, 1)
+    g1 = (last * f["err"]).mT @ f["h"]
+    g2 = (last * f["u2"]).mT @ k[:, :, None]
+    return {"y": y, "g1": g1, "g2": g2, "A": A, "E": E, "D": D, "zq": zq, "hq": hq}
+
+
+def chunk_step(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor, ...], *, eta_scale: float,
+               activation: str, delta_gd: bool, learns: bool, kappa: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk of the SGD inner rule: ``(y, A_C W₁ + κ G₁, A_C W₂ + κ G₂)``; ``params = (w_η, b_η, w_α, b_α)``."""
+    f = chunk_factors(w1, w2, u, *params, eta_scale=eta_scale, activation=activation, delta_gd=delta_gd,
+                      learns=learns)
+    o = chunk_mix(w1[:, :, -1], w2[:, :, -1], f, q, kappa, activation)
+    a = o["A"][..., -1, None, None, None]
+    return o["y"], a * w1 + kappa * o["g1"], a * w2 + kappa * o["g2"]
+
+
+def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor, ...], dy: Tensor, dw1n: Tensor,
+              dw2n: Tensor, *, eta_scale: float, activation: str, delta_gd: bool, learns: bool, kappa: float):
+    """Reverse mode of ``chunk_step`` by hand: cotangents ``dy, dw1n, dw2n`` of its outputs →
+    ``(dw1, dw2, du, dq, (dw_η, db_η, dw_α, db_α))`` (the last per batch: (B, H, d), (B, H)).  The steps undo
+    ``chunk_factors``/``chunk_mix`` line by line, last first."""
+    act_grad, act2 = ACTIVATIONS[activation][1], SECOND_DERIVATIVES[activation]
+    w_eta, _, w_alpha, _ = params
+    f = chunk_factors(w1, w2, u, *params, eta_scale=eta_scale, activation=activation, delta_gd=delta_gd,
+                      learns=learns)
+    o = chunk_mix(w1[:, :, -1], w2[:, :, -1], f, q, kappa, activation)
+    k, K, h, err, u2 = f["k"], f["k"][:, :, None], f["h"], f["err"], f["u2"]
+    A, D = o["A"], o["D"]
+    # commit: W' = A_C W + κ G,  G₁ = Σ_s last_s e₁_s h_sᵀ,  G₂ = Σ_s last_s u₂_s k_sᵀ
+    a = A[..., -1, None, None, None]
+    dw1, dw2 = a * dw1n, a * dw2n
+    dA = torch.zeros_like(A)
+    dA[..., -1] = (dw1n * w1).sum((2, 3, 4)) + (dw2n * w2).sum((2, 3, 4))
+    dG1, dG2 = kappa * dw1n, kappa * dw2n
+    last = D[..., -1, :, None].unsqueeze(2)  # (B, H, 1, C, 1)
+    t1, t2 = err @ dG1, u2 @ dG2  # (B, H, 5, C, hid), (B, H, 5, C, d)
+    d_err, dh, du2 = last * (h @ dG1.mT), last * t1, last * (K @ dG2.mT)
+    dk = (last * t2).sum(2)
+    dlast = (t1 * h).sum((2, 4)) + (t2 * K).sum((2, 4))
+    # output: y = q + A ⊙ σ(z_q) W₁ᵀ + κ (D ⊙ σ(z_q) hᵀ) e₁,  z_q = A ⊙ q W₂ᵀ + κ (D ⊙ q kᵀ) u₂   (memory M_mem)
+    w1m, w2m, zq, hq, Ac = w1[:, :, -1], w2[:, :, -1], o["zq"], o["hq"], A[..., None]
+    dq = dy.clone()
+    dA = dA + (dy * (hq @ w1m.mT)).sum(-1)
+    dhq = Ac * (dy @ w1m)
+    dw1[:, :, -1] += (Ac * dy).mT @ hq
+    P2, dM2 = hq @ h[:, :, -1].mT, kappa * (dy @ err[:, :, -1].mT)  # (B, H, C, C)
+    d_err[:, :, -1] += kappa * (D * P2).mT @ dy
+    dD = dM2 * P2
+    dhq = dhq + (dM2 * D) @ h[:, :, -1]
+    dh[:, :, -1] += (dM2 * D).mT @ hq
+    dzq = dhq * act_grad(zq, hq)
+    dA = dA + (dzq * (q @ w2m.mT)).sum(-1)
+    dq = dq + Ac * (dzq @ w2m)
+    dw2[:, :, -1] += (Ac * dzq).mT @ q
+    Sq, dM1 = q @ k.mT, kappa * (dzq @ u2[:, :, -1].mT)
+    du2[:, :, -1] += kappa * (D * Sq).mT @ dzq
+    dD = dD + dM1 * Sq
+    dq = dq + (dM1 * D) @ k
+    dk = dk + (dM1 * D).mT @ q
+    # decays: D_ts = e^{L_t − L_s} η_s, A_t = e^{L_t}, L = cumsum log α
+    dD[..., -1, :] += dlast
+    deta = (dD * o["E"]).sum(-2)
+    DD = dD * D
+    dL = DD.sum(-1) - DD.sum(-2) + dA * A
+    dlog_alpha = dL.flip(-1).cumsum(-1).flip(-1)
+    # normalised steps: e₁ = e/(1 + ‖h‖²), u₂ = g/(1 + ‖W₁‖²) (+ z)
+    nh = 1 + (h * h).sum(-1, keepdim=True)
+    de = d_err / nh
+    dh = dh - 2 * h * (d_err * err).sum(-1, keepdim=True) / nh
+    n1 = 1 + (w1 * w1).sum((-2, -1), keepdim=True)
+    dg = du2 / n1
+    dw1 = dw1 - 2 * w1 * (du2 * f["g"]).sum((-2, -1), keepdim=True) / n1 ** 2
+    dz = du2 if delta_gd else torch.zeros_like(du2)
+    # memory factors: z = k W₂ᵀ, h = σ(z), e = k + h W₁ᵀ − V, g = σ'(z) ⊙ e W₁
+    z, e = f["z"], f["e"]
+    s1 = act_grad(z, h)
+    ew = e @ w1
+    dew = dg * s1
+    de = de + dew @ w1.mT
+    dw1 = dw1 + e.mT @ dew
+    dz = dz + dg * ew * act2(z, h)
+    dk = dk + de.sum(2)
+    dh = dh + de @ w1
+    dw1 = dw1 + de.mT @ h
+    dz = dz + dh * s1
+    dk = dk + (dz @ w2).sum(2)
+    dw2 = dw2 + dz.mT @ K
+    # values: V = Vraw/‖Vraw‖, Vraw = v + σ(v W₂ᵀ) W₁ᵀ
+    V, dV = f["V"], -de
+    dVraw = (dV - V * (dV * V).sum(-1, keepdim=True)) / f["Vraw"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dv = dVraw.sum(2)
+    dw1 = dw1 + dVraw.mT @ f["Pv"]
+    dZv = (dVraw @ w1) * act_grad(f["Zv"], f["Pv"])
+    dw2 = dw2 + dZv.mT @ f["v"][:, :, None]
+    dv = dv + (dZv @ w2).sum(2)
+    # η = s·sigmoid(logit_η), log α = logsigmoid(logit_α), logits = (u + R_□)·w_□ + b_□
+    R = f["R"]
+    if learns:
+        d_eta_logit = deta * f["eta_raw"] * (1 - torch.sigmoid(f["eta_logit"]))
+        d_alpha_logit = dlog_alpha * (1 - f["log_alpha"].exp())
+    else:
+        d_eta_logit = d_alpha_logit = torch.zeros_like(deta)
+    dR = torch.stack([torch.zeros_like(dv), dv, d_eta_logit[..., None] * w_eta[:, None],
+                      d_alpha_logit[..., None] * w_alpha[:, None]], dim=2)
+    dparams = ((d_eta_logit[..., None] * (u + R[:, :, 2])).sum(2), d_eta_logit.sum(2),
+               (d_alpha_logit[..., None] * (u + R[:, :, 3])).sum(2), d_alpha_logit.sum(2))
+    # k = kv₀/‖kv₀‖, kv₀ = u + R_k, v = u + R_v
+    dkv0 = (dk - k * (dk * k).sum(-1, keepdim=True)) / f["kv0"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dR[:, :, 0] = dkv0
+    du = dR.sum(2)
+    # reads: R = σ(u W₂ᵀ) W₁ᵀ for the first four memories
+    dw1[:, :, :4] += dR.mT @ f["P"]
+    dZ = (dR @ w1[:, :, :4]) * act_grad(f["Z"], f["P"])
+    dw2[:, :, :4] += dZ.mT @ u[:, :, None]
+    du = du + (dZ @ w2[:, :, :4]).sum(2)
+    return dw1, dw2, du, dq, dparams
+
+
+def _chunks(x: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
+    return x.split(chunk_size, dim=2)
+
+
+def _scan_reference(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[Tensor, ...], chunk_size: int,
+                    consts: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch loop of ``titans_scan``: y and the states at every chunk boundary (B, H, n + 1, 5, ...)."""
+    B = u.shape[0]
+    s1 = [w1[None].expand(B, *w1.shape).contiguous()]
+    s2 = [w2[None].expand(B, *w2.shape).contiguous()]
+    ys = []
+    for uc, qc in zip(_chunks(u, chunk_size), _chunks(q, chunk_size)):
+        y, a, b = chunk_step(s1[-1], s2[-1], uc, qc, params, **consts)
+        ys.append(y)
+        s1.append(a)
+        s2.append(b)
+    return torch.cat(ys, dim=2), torch.stack(s1, dim=2), torch.stack(s2, dim=2)
+
+
+def _scan_backward_reference(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tensor, q: Tensor, s1: Tensor,
+                             s2: Tensor, params: tuple[Tensor, ...], chunk_size: int, consts: dict):
+    """Reverse walk over the chunks: each chunk recomputed from its saved start state and ``chunk_vjp``'d."""
+    n = s1.shape[2] - 1
+    dw1 = ds1[:, :, n] if ds1 is not None else torch.zeros_like(s1[:, :, n])
+    dw2 = ds2[:, :, n] if ds2 is not None else torch.zeros_like(s2[:, :, n])
+    du, dq, dps = [], [], [torch.zeros(()) for _ in params]
+    for c, (uc, qc, dyc) in reversed(list(enumerate(zip(*(_chunks(x, chunk_size) for x in (u, q, dy)))))):
+        dw1, dw2, duc, dqc, dpc = chunk_vjp(s1[:, :, c], s2[:, :, c], uc, qc, params, dyc, dw1, dw2, **consts)
+        if ds1 is not None:
+            dw1 = dw1 + ds1[:, :, c]
+        if ds2 is not None:
+            dw2 = dw2 + ds2[:, :, c]
+        du.append(duc)
+        dq.append(dqc)
+        dps = [a + b for a, b in zip(dps, dpc)]
+    return (torch.cat(du[::-1], dim=2), torch.cat(dq[::-1], dim=2), dw1.sum(0), dw2.sum(0),
+            *(p.sum(0).to(x.dtype) for p, x in zip(dps, params)))
+
+
+@torch.library.custom_op("deepopt::titans_scan", mutates_args=())
+def titans_scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_eta: Tensor, w_alpha: Tensor,
+                b_alpha: Tensor, chunk_size: int, eta_max: float, activation: str, delta_gd: bool, learns: bool,
+                kappa: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Self-modifying Titans (SGD inner rule) over a whole sequence: ``u, q (B, H, T, d)``, initial states
+    ``w1 (H, 5, d, hid)``, ``w2 (H, 5, hid, d)``; returns ``y (B, H, T, d)`` and the states at the chunk
+    boundaries ``(B, H, n + 1, 5, d, hid)``, ``(B, H, n + 1, 5, hid, d)`` (index c: the start of chunk c; the
+    last: the final state), n = ⌈T/C⌉ chunks, the last one possibly partial: the torch chunk loop."""
+    params, consts = (w_eta, b_eta, w_alpha, b_alpha), _consts(chunk_size, eta_max, activation, delta_gd, learns,
+                                                               kappa)
+    return _scan_reference(u, q, w1, w2, params, chunk_size, consts)
+
+
+def _consts(chunk_size: int, eta_max: float, activation: str, delta_gd: bool, learns: bool, kappa: float) -> dict:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return {"eta_scale": eta_max / chunk_size, "activation": activation, "delta_gd": delta_gd, "learns": learns,
+            "kappa": kappa}
+
+
+@titans_scan.register_fake
+def _(u, q, w1, w2, w_eta, b_eta, w_alpha, b_alpha, chunk_size, eta_max, activation, delta_gd, learns, kappa):
+    B, n = u.shape[0], -(-u.shape[2] // chunk_size)
+    return (u.new_empty(u.shape), w1.new_empty(B, w1.shape[0], n + 1, *w1.shape[1:]),
+            w2.new_empty(B, w2.shape[0], n + 1, *w2.shape[1:]))
+
+
+@torch.library.custom_op("deepopt::titans_scan_backward", mutates_args=())
+def titans_scan_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tensor, q: Tensor, s1: Tensor,
+                         s2: Tensor, w_eta: Tensor, b_eta: Tensor, w_alpha: Tensor, b_alpha: Tensor, chunk_size: int,
+                         eta_max: float, activation: str, delta_gd: bool, learns: bool,
+                         kappa: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``titans_scan`` with respect to ``u, q, w1, w2, w_η, b_η, w_α, b_α`` from those of its outputs
+    (``ds1, ds2``: of the boundary states, ``None`` = zero), one reverse pass over the chunks."""
+    params = (w_eta, b_eta, w_alpha, b_alpha)
+    consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa)
+    return _scan_backward_reference(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts)
+
+
+@titans_scan_backward.register_fake
+def _(dy, ds1, ds2, u, q, s1, s2, w_eta, b_eta, w_alpha, b_alpha, *_):
+    return (u.new_empty(u.shape), q.new_empty(q.shape), s1.new_empty(s1.shape[1], *s1.shape[3:]),
+            s2.new_empty(s2.shape[1], *s2.shape[3:]),
+            *(p.new_empty(p.shape) for p in (w_eta, b_eta, w_alpha, b_alpha)))
+
+
+_SCALARS = ("chunk_size", "eta_max", "activation", "delta_gd", "learns", "kappa")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, q, _, _, w_eta, b_eta, w_alpha, b_alpha, *scalars = inputs
+    ctx.save_for_backward(u, q, output[1], output[2], w_eta, b_eta, w_alpha, b_alpha)
+    ctx.scalars = scalars
+
+
+def _backward(ctx, dy, ds1, ds2):
+    u, q, s1, s2, *params = ctx.saved_tensors
+    du, dq, dw1, dw2, *dparams = titans_scan_backward(dy, ds1, ds2, u, q, s1, s2, *params, *ctx.scalars)
+    return du, dq, dw1, dw2, *dparams, *(None for _ in _SCALARS)
+
+
+titans_scan.register_autograd(_backward, setup_context=_setup_context)
+
