@@ -4,13 +4,16 @@
     python benchmarks/hope_throughput.py --device cuda
     python benchmarks/hope_throughput.py --smoke               # seconds, for CI
     python benchmarks/hope_throughput.py --compile             # both models under torch.compile
+    python benchmarks/hope_throughput.py --device cuda --cuda-graph   # each step one CUDA graph replay
 
 A step is forward + backward + AdamW on ``--tokens`` tokens (batch = tokens / context).  Tokens/s is the
 median over ``--steps`` timed steps after ``--warmup`` untimed ones.  Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU each configuration runs in its own process and reports its
 peak resident set growth during training (``VmHWM`` − ``VmRSS`` before the first step, warm-up included).  Ratios are
 HOPE / Transformer++ within this one run.  FLOPs per token of a forward + backward are counted by
-``FlopCounterMode`` (``step_flops``), the reference for how much of a throughput gap is arithmetic.
+``FlopCounterMode`` (``step_flops``), the reference for how much of a throughput gap is arithmetic.  Ops per step:
+the ops one training step dispatches (forward, backward, AdamW), counted by ``deepopt.bench.OpCounter`` in an extra
+step after the timing: on CUDA each is about one kernel launch (a custom op's fused kernel counts once).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from deepopt.bench import OpCounter
 from deepopt.checkpoint import atomic_save_json
+from deepopt.cuda_graph import GraphedStep
 from deepopt.hope.model import HopeConfig, LanguageModel, compile_model, n_params
 from deepopt.hope.train import SIZES, model_config, write_csv
 
@@ -41,19 +46,26 @@ def _proc_kib(field: str) -> int:
 
 
 def measure(model_name: str, size: str, context: int, tokens: int, steps: int, warmup: int,
-            device: str, compile: bool = False, recompute: bool = False) -> dict[str, float]:
+            device: str, compile: bool = False, recompute: bool = False, cuda_graph: bool = False
+            ) -> dict[str, float]:
     """Tokens/s and peak memory (MiB) of ``steps`` training steps of one model (``recompute``: HOPE recomputes
-    its chunk states in the backward pass, ``HopeConfig.recompute_chunks``)."""
+    its chunk states in the backward pass, ``HopeConfig.recompute_chunks``; ``cuda_graph``: each step is one
+    replay of a captured graph, ``deepopt.cuda_graph.GraphedStep``)."""
     torch.manual_seed(0)
     cfg = model_config(model_name, size, recompute_chunks=recompute or None)
     model = LanguageModel(cfg).to(device)
     if compile:
         compile_model(model, dynamic=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=cuda_graph)
     batch = max(1, tokens // context)
     x = torch.randint(0, cfg.vocab_size, (batch, context + 1), device=device)
+    # one eager warm-up step, then the capture: both inside the untimed warm-up (``--warmup`` ≥ 2)
+    graphed = GraphedStep(lambda inp, tgt: model(inp, tgt)[1], opt, warmup=1) if cuda_graph else None
 
     def step() -> None:
+        if graphed is not None:
+            graphed(x[:, :-1], x[:, 1:])
+            return
         opt.zero_grad(set_to_none=True)
         _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
@@ -74,8 +86,13 @@ def measure(model_name: str, size: str, context: int, tokens: int, steps: int, w
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (_proc_kib("VmHWM") - base) / 1024
+    with OpCounter() as counter:  # an eager step (a graph replay dispatches no ops)
+        opt.zero_grad(set_to_none=True)
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        opt.step()
     return {"model": model_name, "context": context, "batch": batch, "n_params": n_params(model.cfg),
             "tok_per_s": batch * context / statistics.median(times), "peak_mib": peak, "device": device,
+            "ops_per_step": sum(counter.ops.values()),
             "mflop_per_token": step_flops(model.cfg, batch, context, device) / (batch * context) / 1e6}
 
 
@@ -110,23 +127,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile both models (deepopt.hope.model.compile_model); compilation is in the warm-up")
     p.add_argument("--recompute-chunks", action="store_true",
                    help="HOPE recomputes its chunk states in the backward pass instead of keeping them")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each training step in one CUDA graph (deepopt.cuda_graph.GraphedStep; CUDA only)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.size, args.contexts, args.tokens, args.steps, args.warmup = "smoke", [64, 128], 256, 1, 1
+    if args.cuda_graph and (not args.device.startswith("cuda") or args.warmup < 2):
+        p.error("--cuda-graph needs --device cuda and --warmup >= 2 (an eager step, then the capture)")
     if args.worker:  # one configuration in this process (clean CPU peak-memory reading)
         if args.threads:
             torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.model, args.size, args.contexts[0], args.tokens, args.steps, args.warmup,
-                                 args.device, args.compile, args.recompute_chunks)))
+                                 args.device, args.compile, args.recompute_chunks, args.cuda_graph)))
         return 0
     rows = []
     for ctx in args.contexts:
         for model in MODELS:
             if args.device.startswith("cuda"):
                 rows.append(measure(model, args.size, ctx, args.tokens, args.steps, args.warmup, args.device,
-                                    args.compile, args.recompute_chunks))
+                                    args.compile, args.recompute_chunks, args.cuda_graph))
             else:
                 cmd = [sys.executable, __file__, "--worker", "--model", model, "--size", args.size, "--contexts",
                        str(ctx), "--tokens", str(args.tokens), "--steps", str(args.steps), "--warmup",
@@ -139,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"{r['model']:>11}  ctx {ctx:>5}  batch {r['batch']:>3}  params {r['n_params']:>9,}  "
                   f"{r['tok_per_s']:>9.0f} tok/s  peak {r['peak_mib']:>8.1f} MiB  "
-                  f"{r['mflop_per_token']:6.2f} MFLOP/token", flush=True)
+                  f"{r['mflop_per_token']:6.2f} MFLOP/token  {r['ops_per_step']:>7,} ops/step", flush=True)
     ratios = {}
     for ctx in args.contexts:
         h, t = (next(r for r in rows if r["model"] == m and r["context"] == ctx) for m in MODELS)
@@ -153,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(args.out / "results.csv", rows)
         atomic_save_json({"size": args.size, "tokens_per_step": args.tokens, "device": args.device,
                           "threads": args.threads, "compile": args.compile, "recompute_chunks": args.recompute_chunks,
+                          "cuda_graph": args.cuda_graph,
                           "rows": rows, "ratios": {str(k): v for k, v in ratios.items()}},
                          args.out / "report.json")
     return 0

@@ -60,7 +60,7 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
 EVAL_REPORT, EVAL_RESULTS = "eval_report.json", "eval_results.csv"  # beside a training run's own report.json
 # Arguments that must match for ``--resume`` to continue a run.
 _NOT_RUN_IDENTITY = ("resume", "out", "progress", "func", "command", "hope_command", "device", "threads",
-                     "compile")
+                     "compile", "cuda_graph")
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -116,6 +116,9 @@ def _add_run_args(p: argparse.ArgumentParser, *, lr_schedule: str = "cosine", bp
     p.add_argument("--warmup", type=int, help="linear warm-up steps (default 100)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default 1)")
     p.add_argument("--amp", default="none", choices=tuple(AMP), help="autocast the forward pass to bf16 (default none)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each training step (forward, backward, clip, optimizer) in one CUDA graph and replay "
+                        "it: one host launch per step (CUDA, one process; the optimizer is built capturable)")
     p.add_argument("--context", type=int, help="training context length in tokens (default 256)")
     p.add_argument("--batch-size", type=int, help="global batch size in sequences (default 16)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
@@ -268,9 +271,11 @@ def _build(args: argparse.Namespace, variant: str, seed: int, device: torch.devi
 
 
 def _trainer(args: argparse.Namespace, model: LanguageModel, steps: int, d) -> Trainer:
-    opt = make_optimizer(args.optimizer, model, args.lr, args.weight_decay, dict(args.optimizer_option))
+    graph = getattr(args, "cuda_graph", False)
+    options = {**dict(args.optimizer_option), **({"capturable": True} if graph else {})}
+    opt = make_optimizer(args.optimizer, model, args.lr, args.weight_decay, options)
     return Trainer(model, opt, lr=args.lr, steps=steps, warmup=args.warmup, schedule=args.schedule,
-                   grad_clip=args.grad_clip, dist=d, amp=args.amp)
+                   grad_clip=args.grad_clip, dist=d, amp=args.amp, cuda_graph=graph)
 
 
 def _run_identity(args: argparse.Namespace) -> dict[str, Any]:

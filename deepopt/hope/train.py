@@ -30,6 +30,7 @@ from deepopt.checkpoint import (
     load_tensors,
     torch_load,
 )
+from deepopt.cuda_graph import GraphedStep
 
 from . import data
 from .model import VARIANTS, HopeConfig, LanguageModel, apply_variant
@@ -139,6 +140,7 @@ class Trainer:
     amp: str = "none"
     dist: Dist = field(default_factory=Dist)
     step_count: int = 0
+    cuda_graph: bool = False  # capture the whole step in one CUDA graph (``deepopt.cuda_graph.GraphedStep``)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -147,7 +149,11 @@ class Trainer:
             raise ValueError(f"amp must be one of {tuple(AMP)}, got {self.amp!r}")
         self.net: nn.Module = self.model
         if self.dist.world > 1:
+            if self.cuda_graph:
+                raise ValueError("cuda_graph runs on one process; it is not supported with a world size > 1")
             self.net = nn.parallel.DistributedDataParallel(self.model)
+        self.graphed = GraphedStep(self._loss, self.optimizer, self.model.parameters(), self.grad_clip) \
+            if self.cuda_graph else None
 
     @property
     def device(self) -> torch.device:
@@ -159,22 +165,28 @@ class Trainer:
             raise ValueError(f"batch size {x.shape[0]} must be divisible by the world size {self.dist.world}")
         x, y = (t[self.dist.rank::self.dist.world].to(self.device) for t in (x, y))
         lr = lr_at(self.step_count, self.lr, self.steps, self.warmup, self.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            _, loss = self.net(x, y)
-        loss.backward()
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        if self.graphed is not None:
+            loss = self.graphed(x, y, lr=lr)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._loss(x, y)
+            loss.backward()
+            if self.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            loss = loss.detach()
         self.step_count += 1
-        loss = loss.detach()
         if self.dist.world > 1:
             dist.all_reduce(loss)
             loss /= self.dist.world
         return float(loss)
+
+    def _loss(self, x: Tensor, y: Tensor) -> Tensor:
+        with self.autocast():
+            return self.net(x, y)[1]
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
@@ -189,7 +201,9 @@ class Trainer:
 
     def autocast(self) -> torch.autocast:
         """``torch.autocast`` to ``amp``'s dtype on the model's device (a no-op context for ``"none"``)."""
-        return torch.autocast(self.device.type, dtype=AMP[self.amp] or torch.float32, enabled=AMP[self.amp] is not None)
+        # autocast's weight cast cache outlives a graph capture: off when graphing, as the CUDA graph docs ask
+        return torch.autocast(self.device.type, dtype=AMP[self.amp] or torch.float32,
+                              enabled=AMP[self.amp] is not None, cache_enabled=not self.cuda_graph)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
