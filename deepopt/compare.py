@@ -47,7 +47,7 @@ RECOMMENDED_LR: dict[str, float] = {
     "torch_muon": 0.02,
     "torch_sgd_momentum": 0.05,
     "momentum": 0.05,
-    "deep_momentum": 0.03,  # the README's (docs/notes/deep-momentum.md)
+    "deep_momentum": 0.03,  # the README's ("DeepMomentum, precisely")
     "deep_momentum_adam": 1e-3,  # m sums P g (no 1 − β₁ factor): ~10× Adam's step at the same lr
     "m3": 0.02,
     "adam": 3e-3,

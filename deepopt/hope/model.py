@@ -18,7 +18,7 @@ unnormalised, the self-referential target grows with the memory and the inner re
 C = chunk size: a chunk's steps are all taken at its start state, so their sum is capped at η_max ≤ 2,
 which keeps ``I − Σ_t η_t k_t k_tᵀ`` a contraction for unit keys however the keys of a chunk align (the
 DeltaNet bound β ≤ 2; the former cap, η_max = 0.5, bound on 32% of a trained model's steps and the new one
-on 2%: ``docs/notes/hope.md``).  The gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and
+on 2%: the README's HOPE section).  The gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and
 ``g₂/(1 + ‖W₁‖²)`` for W₂: k is unit-norm but h and W₁ are not, and without it the in-context regression
 diverges once the outer loop grows them.
 
@@ -39,7 +39,7 @@ token t+1, is in the context) with respect to the level's output along the resid
 ``∇_{W₁} = δ hᵀ``, ``∇_{W₂} = (σ'(z) ⊙ W₁ᵀδ) kᵀ``, each divided by a bound on its curvature as in Titans
 (``δ/(1 + ‖h‖²)``, ``(σ'(z) ⊙ W₁ᵀδ)/((1 + ‖W₁‖²)·d)``; the dot-product objective has no curvature of its
 own, and raw steps blew training up), applied through a deepopt rule.  ``η^{(ℓ)} = softplus(ρ_ℓ)``
-is an outer parameter.  Departures (argued and measured in ``docs/notes/hope.md``): the δ_t of a sequence
+is an outer parameter.  Departures (argued and measured in the README's HOPE section): the δ_t of a sequence
 come from one first pass in which no CMS level learns, and are constants of the second pass (no
 second-order outer gradient), the way chunk-parallel Titans takes a chunk's gradients at its start state;
 and they are taken at the final residual stream (``LanguageModel.cms_errors``).  A period of ``None`` (∞)
