@@ -1,11 +1,18 @@
 """The Titans scan op (``deepopt::titans_scan``): hand-derived reverse mode == autograd (float64), the op's
-registration (opcheck), the op == the Python chunk loop with gradients, and a training step whose dispatched op
-count does not grow with the context."""
+registration (opcheck), the op == the Python chunk loop with gradients, the Triton kernels == the torch reference
+(on the CPU under ``TRITON_INTERPRET=1``, in a subprocess since the interpreter is chosen when the kernels are
+defined, and on CUDA when present), and a training step whose dispatched op count does not grow with the context."""
 
+import os
+import subprocess
+import sys
+import textwrap
 from collections import Counter
+from unittest import mock
 
 import pytest
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepopt.hope import titans_kernels as tk
@@ -121,3 +128,69 @@ def test_bad_scan_arguments_are_rejected():
         tk.titans_scan(*scan_inputs(), 4, 1.0, "swish", True, True, -1.0)
     with pytest.raises(ValueError, match="chunk_size"):
         tk.titans_scan(*scan_inputs(), 0, 1.0, "silu", True, True, -1.0)
+
+
+TRITON_CHECK = textwrap.dedent("""
+    import sys
+    from unittest import mock
+    import torch
+    sys.path.insert(0, "tests")
+    from deepopt.hope import titans_kernels as tk
+    from test_titans_kernels import scan_inputs
+
+    # T = 48: whole chunks; 40 and 33: a partial last chunk (masked tokens neither step nor decay)
+    for T, delta_gd, learns in ((48, True, True), (40, False, True), (33, True, False)):
+        inputs = [x.detach().float() for x in scan_inputs(B=1, H=2, T=T, d=16, hid=16, seed=T)]
+        consts = tk._consts(16, 2.0, "silu", delta_gd, learns, -1.0)
+        want = tk._scan_reference(*inputs[:4], tuple(inputs[4:]), 16, consts)
+        got = tk._triton_forward(*inputs[:4], tuple(inputs[4:]), 16, consts)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert (want[1][:, :, -1] - want[1][:, :, 0]).abs().max() > 1e-3 or not learns  # the memories moved
+    # the op dispatches to the kernels where they apply (forced for CPU tensors here)
+    inputs = [x.detach().float() for x in scan_inputs(B=1, H=2, T=40, d=16, hid=16)]
+    with mock.patch.object(tk, "_triton_applies", lambda *_: True):
+        got = tk.titans_scan(*inputs, 16, 2.0, "silu", True, True, -1.0)
+    want = tk.titans_scan(*inputs, 16, 2.0, "silu", True, True, -1.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    print("kernels equal the reference")
+""")
+
+
+def test_triton_kernels_equal_the_reference_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kernels equal the reference" in out.stdout
+
+
+def test_non_power_of_two_shapes_and_cpu_tensors_take_the_torch_reference():
+    u, q, w1, w2 = scan_inputs(B=1, H=2, T=20, d=16, hid=16, dtype=torch.float32)[:4]
+    assert not tk._triton_applies(u, q, w1, w2, 16, "silu")  # CPU tensors
+    meta = [torch.empty(x.shape, device="meta") for x in (u, q, w1, w2)]
+    with mock.patch.object(Tensor, "is_cuda", True):
+        assert tk.triton is None or tk._triton_applies(*meta, 16, "silu")
+        assert not tk._triton_applies(*meta, 12, "silu")  # chunk size not a power of two
+        assert not tk._triton_applies(*meta, 8, "silu")  # below tl.dot's 16
+        assert not tk._triton_applies(*meta, 16, "tanh")
+        assert not tk._triton_applies(*(x.double() for x in meta), 16, "silu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("T", [256, 200])
+def test_cuda_scan_equals_the_cpu_reference_with_gradients(T):
+    inputs = scan_inputs(B=2, H=4, T=T, d=32, hid=32, dtype=torch.float32, device="cuda")
+    cpu = [x.detach().cpu().requires_grad_() for x in inputs]
+    args = (64, 2.0, "silu", True, True, -1.0)
+    assert tk._triton_applies(*inputs[:4], 64, "silu")
+    outs = [tk.titans_scan(*xs, *args) for xs in (inputs, cpu)]
+    cots = [torch.randn_like(o) for o in outs[1]]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.cpu(), b.detach(), rtol=1e-4, atol=1e-4)
+    grads = [torch.autograd.grad(sum((o * c.to(o.device)).sum() for o, c in zip(os_, cots)), xs)
+             for os_, xs in zip(outs, (inputs, cpu))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)

@@ -28,7 +28,14 @@ from torch import Tensor
 
 from deepopt.rules.deep import ACTIVATIONS
 
+try:  # Triton is optional: without it every device runs the torch reference
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
 N_MEMORIES = 5  # M_k, M_v, M_η, M_α, M_mem (deepopt.hope.model.TITANS_MEMORIES)
+N_MEM = tl.constexpr(N_MEMORIES) if triton is not None else N_MEMORIES
 
 # σ''(z) given z and h = σ(z): the reverse mode of g = σ'(z) ⊙ eW₁ needs it
 SECOND_DERIVATIVES = {
@@ -285,6 +292,8 @@ def titans_scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_e
     last: the final state), n = ⌈T/C⌉ chunks, the last one possibly partial: the torch chunk loop."""
     params, consts = (w_eta, b_eta, w_alpha, b_alpha), _consts(chunk_size, eta_max, activation, delta_gd, learns,
                                                                kappa)
+    if _triton_applies(u, q, w1, w2, chunk_size, activation):
+        return _triton_forward(u, q, w1, w2, params, chunk_size, consts)
     return _scan_reference(u, q, w1, w2, params, chunk_size, consts)
 
 
@@ -340,3 +349,145 @@ def _backward(ctx, dy, ds1, ds2):
 
 titans_scan.register_autograd(_backward, setup_context=_setup_context)
 
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def _triton_applies(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, chunk_size: int, activation: str) -> bool:
+    """The Triton kernels take CUDA tensors of one dtype (float32 or bfloat16), SiLU, and chunk size, head size and
+    memory width that are powers of two >= 16 (``tl.dot``'s tiles); anything else runs the torch reference."""
+    return (triton is not None and u.is_cuda and activation == "silu"
+            and len({t.dtype for t in (u, q, w1, w2)}) == 1 and u.dtype in (torch.float32, torch.bfloat16)
+            and all(_pow2(n) for n in (chunk_size, u.shape[-1], w1.shape[-1])))
+
+
+def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[Tensor, ...], chunk_size: int,
+                    consts: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """``titans_scan`` in one Triton launch (plus the copies of θ₀ into the boundary-state buffers)."""
+    B, H, T, d = u.shape
+    hid, n = w1.shape[-1], -(-T // chunk_size)
+    s1 = w1.new_empty(B, H, n + 1, N_MEMORIES, d, hid)
+    s2 = w2.new_empty(B, H, n + 1, N_MEMORIES, hid, d)
+    s1[:, :, 0] = w1
+    s2[:, :, 0] = w2
+    y = u.new_empty(u.shape)
+    _forward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, y, *(p.contiguous() for p in params), T, n,
+                              consts["eta_scale"], consts["kappa"], H=H, C=chunk_size, D=d, HID=hid,
+                              DELTA_GD=consts["delta_gd"], LEARNS=consts["learns"], num_warps=4)
+    return y, s1, s2
+
+
+if triton is not None:
+
+    @triton.jit
+    def _silu(z):
+        return z * tl.sigmoid(z)
+
+    @triton.jit
+    def _silu_grad(z):
+        s = tl.sigmoid(z)
+        return s * (1 + z * (1 - s))
+
+    @triton.jit
+    def _dot(a, b):
+        return tl.dot(a, b, input_precision="ieee")
+
+    @triton.jit
+    def _normalize(x):
+        return x / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)[:, None]
+
+    @triton.jit
+    def _state(s1, s2, m, D: tl.constexpr, HID: tl.constexpr):
+        """Memory m of the states at ``s1, s2``: ``W₁ (D, HID)`` and ``W₂ᵀ (D, HID)``, fp32."""
+        rd, rh = tl.arange(0, D), tl.arange(0, HID)
+        w1 = tl.load(s1 + m * D * HID + rd[:, None] * HID + rh[None, :]).to(tl.float32)
+        w2t = tl.load(s2 + m * HID * D + rh[None, :] * D + rd[:, None]).to(tl.float32)
+        return w1, w2t
+
+    @triton.jit
+    def _read(u, w1, w2t):
+        """``M(u) − u = σ(u W₂ᵀ) W₁ᵀ`` (C, D)."""
+        return _dot(_silu(_dot(u, w2t)), tl.trans(w1))
+
+    @triton.jit
+    def _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D: tl.constexpr,
+                     HID: tl.constexpr, LEARNS: tl.constexpr):
+        """``chunk_factors``' first part: k, v, η, log α (zero past the sequence's end)."""
+        w1, w2t = _state(s1, s2, 0, D, HID)
+        k = _normalize(u + _read(u, w1, w2t))
+        w1, w2t = _state(s1, s2, 1, D, HID)
+        v = u + _read(u, w1, w2t)
+        w1, w2t = _state(s1, s2, 2, D, HID)
+        eta_logit = tl.sum((u + _read(u, w1, w2t)) * w_eta[None, :], 1) + b_eta
+        w1, w2t = _state(s1, s2, 3, D, HID)
+        alpha_logit = tl.sum((u + _read(u, w1, w2t)) * w_alpha[None, :], 1) + b_alpha
+        eta = eta_scale * tl.sigmoid(eta_logit)
+        log_alpha = tl.minimum(alpha_logit, 0.0) - tl.log(1 + tl.exp(-tl.abs(alpha_logit)))
+        keep = valid & LEARNS
+        return k, v, tl.where(keep, eta, 0.0), tl.where(keep, log_alpha, 0.0)
+
+    @triton.jit
+    def _decays(eta, log_alpha, C: tl.constexpr):
+        """``A = e^L``, ``D_ts = e^{L_t − L_s} η_s`` (s ≤ t), its last row and ``A_C``."""
+        rc = tl.arange(0, C)
+        L = tl.cumsum(log_alpha, 0)
+        E = tl.where(rc[:, None] >= rc[None, :], tl.exp(L[:, None] - L[None, :]), 0.0)
+        Dm = E * eta[None, :]
+        A = tl.exp(L)
+        last = tl.sum(tl.where(rc[:, None] == C - 1, Dm, 0.0), 0)
+        return A, E, Dm, last, tl.sum(tl.where(rc == C - 1, A, 0.0), 0)
+
+    @triton.jit
+    def _memory_factors(k, v, w1, w2t, DELTA_GD: tl.constexpr):
+        """``chunk_factors``' second part for one memory: value, z, h, e, g, e₁, u₂."""
+        V = _normalize(v + _read(v, w1, w2t))
+        z = _dot(k, w2t)
+        h = _silu(z)
+        e = k + _dot(h, tl.trans(w1)) - V
+        g = _silu_grad(z) * _dot(e, w1)
+        e1 = e / (1 + tl.sum(h * h, 1))[:, None]
+        u2 = g / (1 + tl.sum(tl.sum(w1 * w1, 1), 0))
+        if DELTA_GD:
+            u2 = u2 + z
+        return V, z, h, e, g, e1, u2
+
+    @triton.jit
+    def _forward_kernel(u_ptr, q_ptr, s1_ptr, s2_ptr, y_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, T, n_chunks, eta_scale,
+                        kappa, H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
+                        DELTA_GD: tl.constexpr, LEARNS: tl.constexpr):
+        """One program per (batch, head): the chunks in order, states read from and written to the boundary
+        buffers (chunk c reads entry c and writes entry c + 1)."""
+        bh = tl.program_id(0)
+        h = bh % H
+        rc, rd, rh = tl.arange(0, C), tl.arange(0, D), tl.arange(0, HID)
+        w_eta, w_alpha = tl.load(we_ptr + h * D + rd).to(tl.float32), tl.load(wa_ptr + h * D + rd).to(tl.float32)
+        b_eta, b_alpha = tl.load(be_ptr + h).to(tl.float32), tl.load(ba_ptr + h).to(tl.float32)
+        size = N_MEM * D * HID
+        for c in range(n_chunks):
+            t = c * C + rc
+            valid = t < T
+            io = (bh.to(tl.int64) * T + t)[:, None] * D + rd[None, :]
+            u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
+            s1, s2 = s1_ptr + start, s2_ptr + start
+            k, v, eta, log_alpha = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D, HID,
+                                                LEARNS)
+            A, E, Dm, last, a_c = _decays(eta, log_alpha, C)
+            for m in tl.static_range(N_MEM):
+                w1, w2t = _state(s1, s2, m, D, HID)
+                V, z, hm, e, g, e1, u2 = _memory_factors(k, v, w1, w2t, DELTA_GD)
+                if m == N_MEM - 1:  # the output memory read at every token's state (linear-attention form)
+                    zq = A[:, None] * _dot(q, w2t) + kappa * _dot(Dm * _dot(q, tl.trans(k)), u2)
+                    hq = _silu(zq)
+                    y = q + A[:, None] * _dot(hq, tl.trans(w1)) + kappa * _dot(Dm * _dot(hq, tl.trans(hm)), e1)
+                    tl.store(y_ptr + io, y.to(y_ptr.dtype.element_ty), mask=valid[:, None])
+                g1 = _dot(tl.trans(e1 * last[:, None]), hm)  # (D, HID)
+                g2t = _dot(tl.trans(k), u2 * last[:, None])  # G₂ᵀ (D, HID)
+                o1 = s1 + size + m * D * HID + rd[:, None] * HID + rh[None, :]
+                o2 = s2 + size + m * HID * D + rh[None, :] * D + rd[:, None]
+                tl.store(o1, (a_c * w1 + kappa * g1).to(s1_ptr.dtype.element_ty))
+                tl.store(o2, (a_c * w2t + kappa * g2t).to(s2_ptr.dtype.element_ty))
+            tl.debug_barrier()  # the next chunk reads the states this one wrote
