@@ -139,21 +139,33 @@ TRITON_CHECK = textwrap.dedent("""
     from test_titans_kernels import scan_inputs
 
     # T = 48: whole chunks; 40 and 33: a partial last chunk (masked tokens neither step nor decay)
-    for T, delta_gd, learns in ((48, True, True), (40, False, True), (33, True, False)):
+    for T, delta_gd, learns, with_ds in ((48, True, True, False), (40, False, True, True), (33, True, False, False)):
         inputs = [x.detach().float() for x in scan_inputs(B=1, H=2, T=T, d=16, hid=16, seed=T)]
-        consts = tk._consts(16, 2.0, "silu", delta_gd, learns, -1.0)
-        want = tk._scan_reference(*inputs[:4], tuple(inputs[4:]), 16, consts)
-        got = tk._triton_forward(*inputs[:4], tuple(inputs[4:]), 16, consts)
+        params, consts = tuple(inputs[4:]), tk._consts(16, 2.0, "silu", delta_gd, learns, -1.0)
+        want = tk._scan_reference(*inputs[:4], params, 16, consts)
+        got = tk._triton_forward(*inputs[:4], params, 16, consts)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert (want[1][:, :, -1] - want[1][:, :, 0]).abs().max() > 1e-3 or not learns  # the memories moved
-    # the op dispatches to the kernels where they apply (forced for CPU tensors here)
-    inputs = [x.detach().float() for x in scan_inputs(B=1, H=2, T=40, d=16, hid=16)]
-    with mock.patch.object(tk, "_triton_applies", lambda *_: True):
-        got = tk.titans_scan(*inputs, 16, 2.0, "silu", True, True, -1.0)
-    want = tk.titans_scan(*inputs, 16, 2.0, "silu", True, True, -1.0)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # backward, with cotangents on every boundary state (with_ds) or on y only
+        g = torch.Generator().manual_seed(T)
+        dy, ds1, ds2 = (torch.randn(x.shape, generator=g) for x in want)
+        ds1, ds2 = (ds1, ds2) if with_ds else (None, None)
+        grads = [f(dy, ds1, ds2, *inputs[:2], *want[1:], params, 16, consts)
+                 for f in (tk._triton_backward, tk._scan_backward_reference)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert grads[1][2].abs().max() > 1e-2 and (not learns or grads[1][6].abs().max() > 1e-3)
+    # the op and its autograd dispatch to the kernels where they apply (forced for CPU tensors here)
+    inputs = [x.detach().float().requires_grad_() for x in scan_inputs(B=1, H=2, T=40, d=16, hid=16)]
+    runs = []
+    for force in (True, False):
+        with mock.patch.object(tk, "_triton_applies", lambda *_: force):
+            y, s1, s2 = tk.titans_scan(*inputs, 16, 2.0, "silu", True, True, -1.0)
+            loss = (y * torch.linspace(-1, 1, y.shape[-1])).sum() + s1[:, :, -1].square().sum()
+            runs.append((y, s1, s2, *torch.autograd.grad(loss, inputs)))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     print("kernels equal the reference")
 """)
 

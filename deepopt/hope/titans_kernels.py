@@ -322,6 +322,8 @@ def titans_scan_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: 
     (``ds1, ds2``: of the boundary states, ``None`` = zero), one reverse pass over the chunks."""
     params = (w_eta, b_eta, w_alpha, b_alpha)
     consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa)
+    if _triton_applies(u, q, s1, s2, chunk_size, activation):
+        return _triton_backward(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts)
     return _scan_backward_reference(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts)
 
 
@@ -339,10 +341,12 @@ def _setup_context(ctx, inputs, output) -> None:
     u, q, _, _, w_eta, b_eta, w_alpha, b_alpha, *scalars = inputs
     ctx.save_for_backward(u, q, output[1], output[2], w_eta, b_eta, w_alpha, b_alpha)
     ctx.scalars = scalars
+    ctx.set_materialize_grads(False)  # unused boundary states (all but the last, mostly) get no zero cotangents
 
 
 def _backward(ctx, dy, ds1, ds2):
     u, q, s1, s2, *params = ctx.saved_tensors
+    dy = torch.zeros_like(u) if dy is None else dy
     du, dq, dw1, dw2, *dparams = titans_scan_backward(dy, ds1, ds2, u, q, s1, s2, *params, *ctx.scalars)
     return du, dq, dw1, dw2, *dparams, *(None for _ in _SCALARS)
 
@@ -379,6 +383,32 @@ def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[
     return y, s1, s2
 
 
+def _triton_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tensor, q: Tensor, s1: Tensor,
+                     s2: Tensor, params: tuple[Tensor, ...], chunk_size: int, consts: dict):
+    """``titans_scan_backward`` in one Triton launch (plus the cotangent buffers' set-up and the sums over the
+    batch of the per-(batch, head) parameter gradients)."""
+    B, H, T, d = u.shape
+    n, hid = s1.shape[2] - 1, s1.shape[-1]
+    a1 = ds1[:, :, n].float().contiguous() if ds1 is not None else s1.new_zeros(B, H, N_MEMORIES, d, hid,
+                                                                                dtype=torch.float32)
+    a2 = ds2[:, :, n].float().contiguous() if ds2 is not None else s2.new_zeros(B, H, N_MEMORIES, hid, d,
+                                                                                dtype=torch.float32)
+    du, dq = u.new_empty(u.shape), q.new_empty(q.shape)
+    dp = u.new_empty(B, H, 2 * d + 2, dtype=torch.float32)
+    has_ds = ds1 is not None and ds2 is not None
+    if not has_ds and (ds1 is not None or ds2 is not None):
+        ds1, ds2 = (x if x is not None else torch.zeros_like(s) for x, s in ((ds1, s1), (ds2, s2)))
+        has_ds = True
+    _backward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, dy.contiguous(),
+                               ds1.contiguous() if has_ds else s1, ds2.contiguous() if has_ds else s2, a1, a2, du, dq,
+                               dp, *(p.contiguous() for p in params), T, n, consts["eta_scale"], consts["kappa"], H=H,
+                               C=chunk_size, D=d, HID=hid, DELTA_GD=consts["delta_gd"], LEARNS=consts["learns"],
+                               HAS_DS=has_ds, num_warps=4)
+    dp = dp.sum(0).split([d, 1, d, 1], dim=-1)  # dw_η, db_η, dw_α, db_α per head (copies: outputs may not alias)
+    return (du, dq, a1.sum(0).to(s1.dtype), a2.sum(0).to(s2.dtype),
+            *(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(dp, params)))
+
+
 if triton is not None:
 
     @triton.jit
@@ -389,6 +419,11 @@ if triton is not None:
     def _silu_grad(z):
         s = tl.sigmoid(z)
         return s * (1 + z * (1 - s))
+
+    @triton.jit
+    def _silu_grad2(z):
+        s = tl.sigmoid(z)
+        return s * (1 - s) * (2 + z * (1 - 2 * s))
 
     @triton.jit
     def _dot(a, b):
@@ -414,19 +449,21 @@ if triton is not None:
     @triton.jit
     def _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D: tl.constexpr,
                      HID: tl.constexpr, LEARNS: tl.constexpr):
-        """``chunk_factors``' first part: k, v, η, log α (zero past the sequence's end)."""
+        """``chunk_factors``' first part: k, v, η, log α (zero past the sequence's end) and ``u + R_η``, ``u + R_α``."""
         w1, w2t = _state(s1, s2, 0, D, HID)
         k = _normalize(u + _read(u, w1, w2t))
         w1, w2t = _state(s1, s2, 1, D, HID)
         v = u + _read(u, w1, w2t)
         w1, w2t = _state(s1, s2, 2, D, HID)
-        eta_logit = tl.sum((u + _read(u, w1, w2t)) * w_eta[None, :], 1) + b_eta
+        xe = u + _read(u, w1, w2t)
         w1, w2t = _state(s1, s2, 3, D, HID)
-        alpha_logit = tl.sum((u + _read(u, w1, w2t)) * w_alpha[None, :], 1) + b_alpha
+        xa = u + _read(u, w1, w2t)
+        eta_logit = tl.sum(xe * w_eta[None, :], 1) + b_eta
+        alpha_logit = tl.sum(xa * w_alpha[None, :], 1) + b_alpha
         eta = eta_scale * tl.sigmoid(eta_logit)
         log_alpha = tl.minimum(alpha_logit, 0.0) - tl.log(1 + tl.exp(-tl.abs(alpha_logit)))
         keep = valid & LEARNS
-        return k, v, tl.where(keep, eta, 0.0), tl.where(keep, log_alpha, 0.0)
+        return k, v, tl.where(keep, eta, 0.0), tl.where(keep, log_alpha, 0.0), xe, xa
 
     @triton.jit
     def _decays(eta, log_alpha, C: tl.constexpr):
@@ -441,8 +478,11 @@ if triton is not None:
 
     @triton.jit
     def _memory_factors(k, v, w1, w2t, DELTA_GD: tl.constexpr):
-        """``chunk_factors``' second part for one memory: value, z, h, e, g, e₁, u₂."""
-        V = _normalize(v + _read(v, w1, w2t))
+        """``chunk_factors``' second part for one memory: value, z, h, e, g, e₁, u₂ (and the value's Zv, Pv, Vraw)."""
+        Zv = _dot(v, w2t)
+        Pv = _silu(Zv)
+        Vraw = v + _dot(Pv, tl.trans(w1))
+        V = _normalize(Vraw)
         z = _dot(k, w2t)
         h = _silu(z)
         e = k + _dot(h, tl.trans(w1)) - V
@@ -451,7 +491,14 @@ if triton is not None:
         u2 = g / (1 + tl.sum(tl.sum(w1 * w1, 1), 0))
         if DELTA_GD:
             u2 = u2 + z
-        return V, z, h, e, g, e1, u2
+        return V, z, h, e, g, e1, u2, Zv, Pv, Vraw
+
+    @triton.jit
+    def _output(q, k, A, Dm, w1, w2t, h, e1, u2, kappa):
+        """The output memory read at every token's state (linear-attention form): ``z_q, σ(z_q), y``."""
+        zq = A[:, None] * _dot(q, w2t) + kappa * _dot(Dm * _dot(q, tl.trans(k)), u2)
+        hq = _silu(zq)
+        return zq, hq, q + A[:, None] * _dot(hq, tl.trans(w1)) + kappa * _dot(Dm * _dot(hq, tl.trans(h)), e1)
 
     @triton.jit
     def _forward_kernel(u_ptr, q_ptr, s1_ptr, s2_ptr, y_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, T, n_chunks, eta_scale,
@@ -473,16 +520,14 @@ if triton is not None:
             q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
             start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
             s1, s2 = s1_ptr + start, s2_ptr + start
-            k, v, eta, log_alpha = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D, HID,
-                                                LEARNS)
+            k, v, eta, log_alpha, _, _ = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D,
+                                                      HID, LEARNS)
             A, E, Dm, last, a_c = _decays(eta, log_alpha, C)
             for m in tl.static_range(N_MEM):
                 w1, w2t = _state(s1, s2, m, D, HID)
-                V, z, hm, e, g, e1, u2 = _memory_factors(k, v, w1, w2t, DELTA_GD)
-                if m == N_MEM - 1:  # the output memory read at every token's state (linear-attention form)
-                    zq = A[:, None] * _dot(q, w2t) + kappa * _dot(Dm * _dot(q, tl.trans(k)), u2)
-                    hq = _silu(zq)
-                    y = q + A[:, None] * _dot(hq, tl.trans(w1)) + kappa * _dot(Dm * _dot(hq, tl.trans(hm)), e1)
+                _, _, hm, _, _, e1, u2, _, _, _ = _memory_factors(k, v, w1, w2t, DELTA_GD)
+                if m == N_MEM - 1:
+                    _, _, y = _output(q, k, A, Dm, w1, w2t, hm, e1, u2, kappa)
                     tl.store(y_ptr + io, y.to(y_ptr.dtype.element_ty), mask=valid[:, None])
                 g1 = _dot(tl.trans(e1 * last[:, None]), hm)  # (D, HID)
                 g2t = _dot(tl.trans(k), u2 * last[:, None])  # G₂ᵀ (D, HID)
@@ -491,3 +536,161 @@ if triton is not None:
                 tl.store(o1, (a_c * w1 + kappa * g1).to(s1_ptr.dtype.element_ty))
                 tl.store(o2, (a_c * w2t + kappa * g2t).to(s2_ptr.dtype.element_ty))
             tl.debug_barrier()  # the next chunk reads the states this one wrote
+
+    @triton.jit
+    def _backward_kernel(u_ptr, q_ptr, s1_ptr, s2_ptr, dy_ptr, ds1_ptr, ds2_ptr, a1_ptr, a2_ptr, du_ptr, dq_ptr,
+                         dp_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, T, n_chunks, eta_scale, kappa, H: tl.constexpr,
+                         C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, DELTA_GD: tl.constexpr,
+                         LEARNS: tl.constexpr, HAS_DS: tl.constexpr):
+        """One program per (batch, head): the chunks in reverse, each recomputed from its saved start state and
+        differentiated as ``chunk_vjp`` does.  ``a1, a2`` (fp32, (5, D, HID) and (5, HID, D) per program) hold the
+        cotangent of the state at the current chunk boundary: read as the next state's, overwritten with the start
+        state's.  Pass 1 recomputes the reads and decays, pass 2 runs each memory's commit, output (M_mem),
+        step-normalisation, factor and value terms, pass 3 the decays, η, α, k and the reads."""
+        bh = tl.program_id(0)
+        h = bh % H
+        rc, rd, rh = tl.arange(0, C), tl.arange(0, D), tl.arange(0, HID)
+        w_eta, w_alpha = tl.load(we_ptr + h * D + rd).to(tl.float32), tl.load(wa_ptr + h * D + rd).to(tl.float32)
+        b_eta, b_alpha = tl.load(be_ptr + h).to(tl.float32), tl.load(ba_ptr + h).to(tl.float32)
+        size = N_MEM * D * HID
+        a1, a2 = a1_ptr + bh.to(tl.int64) * size, a2_ptr + bh.to(tl.int64) * size
+        off1 = rd[:, None] * HID + rh[None, :]  # (D, HID) in a (D, HID) matrix
+        off2 = rh[None, :] * D + rd[:, None]  # (D, HID) view of the transpose of a (HID, D) matrix
+        dwe, dwa = tl.zeros([D], dtype=tl.float32), tl.zeros([D], dtype=tl.float32)
+        dbe, dba = tl.sum(dwe, 0), tl.sum(dwa, 0)
+        for i in range(n_chunks):
+            c = n_chunks - 1 - i
+            t = c * C + rc
+            valid = t < T
+            io = (bh.to(tl.int64) * T + t)[:, None] * D + rd[None, :]
+            u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
+            s1, s2 = s1_ptr + start, s2_ptr + start
+            k, v, eta, log_alpha, xe, xa = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale,
+                                                        D, HID, LEARNS)
+            A, E, Dm, last, a_c = _decays(eta, log_alpha, C)
+            dk, dv, dq = tl.zeros([C, D], dtype=tl.float32), tl.zeros([C, D], dtype=tl.float32), dy
+            dD = tl.zeros([C, C], dtype=tl.float32)
+            dA, dlast = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32)
+            da_c = tl.sum(dA, 0)
+            for m in tl.static_range(N_MEM):
+                w1, w2t = _state(s1, s2, m, D, HID)
+                V, z, hm, e, g, e1, u2, Zv, Pv, Vraw = _memory_factors(k, v, w1, w2t, DELTA_GD)
+                # commit: W' = A_C W + κ G
+                dn1, dn2t = tl.load(a1 + m * D * HID + off1), tl.load(a2 + m * HID * D + off2)
+                da_c += tl.sum(tl.sum(dn1 * w1, 1), 0) + tl.sum(tl.sum(dn2t * w2t, 1), 0)
+                dw1, dw2t = a_c * dn1, a_c * dn2t
+                t1 = _dot(e1, kappa * dn1)  # (C, HID)
+                de1 = last[:, None] * _dot(hm, tl.trans(kappa * dn1))
+                dh = last[:, None] * t1
+                t2 = _dot(u2, tl.trans(kappa * dn2t))  # (C, D)
+                du2 = last[:, None] * _dot(k, kappa * dn2t)
+                dk += last[:, None] * t2
+                dlast += tl.sum(t1 * hm, 1) + tl.sum(t2 * k, 1)
+                if m == N_MEM - 1:  # the output y (chunk_vjp's "output" block)
+                    zq, hq, _ = _output(q, k, A, Dm, w1, w2t, hm, e1, u2, kappa)
+                    dA += tl.sum(dy * _dot(hq, tl.trans(w1)), 1)
+                    dhq = A[:, None] * _dot(dy, w1)
+                    dw1 += _dot(tl.trans(A[:, None] * dy), hq)
+                    P2, dM2 = _dot(hq, tl.trans(hm)), kappa * _dot(dy, tl.trans(e1))
+                    de1 += kappa * _dot(tl.trans(Dm * P2), dy)
+                    dD += dM2 * P2
+                    dhq += _dot(dM2 * Dm, hm)
+                    dh += _dot(tl.trans(dM2 * Dm), hq)
+                    dzq = dhq * _silu_grad(zq)
+                    dA += tl.sum(dzq * _dot(q, w2t), 1)
+                    dq += A[:, None] * _dot(dzq, tl.trans(w2t))
+                    dw2t += _dot(tl.trans(q), A[:, None] * dzq)
+                    Sq, dM1 = _dot(q, tl.trans(k)), kappa * _dot(dzq, tl.trans(u2))
+                    du2 += kappa * _dot(tl.trans(Dm * Sq), dzq)
+                    dD += dM1 * Sq
+                    dq += _dot(dM1 * Dm, k)
+                    dk += _dot(tl.trans(dM1 * Dm), q)
+                # normalised steps: e₁ = e/(1 + ‖h‖²), u₂ = g/(1 + ‖W₁‖²) (+ z)
+                nh = 1 + tl.sum(hm * hm, 1)
+                de = de1 / nh[:, None]
+                dh -= 2 * hm * (tl.sum(de1 * e1, 1) / nh)[:, None]
+                n1 = 1 + tl.sum(tl.sum(w1 * w1, 1), 0)
+                dg = du2 / n1
+                dw1 -= 2 * w1 * (tl.sum(tl.sum(du2 * g, 1), 0) / (n1 * n1))
+                dz = tl.zeros([C, HID], dtype=tl.float32)
+                if DELTA_GD:
+                    dz += du2
+                # factors: z = k W₂ᵀ, h = σ(z), e = k + h W₁ᵀ − V, g = σ'(z) ⊙ e W₁
+                s1g = _silu_grad(z)
+                ew = _dot(e, w1)
+                dew = dg * s1g
+                de += _dot(dew, tl.trans(w1))
+                dw1 += _dot(tl.trans(e), dew)
+                dz += dg * ew * _silu_grad2(z)
+                dk += de
+                dh += _dot(de, w1)
+                dw1 += _dot(tl.trans(de), hm)
+                dz += dh * s1g
+                dk += _dot(dz, tl.trans(w2t))
+                dw2t += _dot(tl.trans(k), dz)
+                # values: V = Vraw/‖Vraw‖, Vraw = v + σ(v W₂ᵀ) W₁ᵀ
+                dV = -de
+                dVraw = (dV - V * tl.sum(dV * V, 1)[:, None]) / tl.maximum(tl.sqrt(tl.sum(Vraw * Vraw, 1)),
+                                                                             1e-12)[:, None]
+                dv += dVraw
+                dw1 += _dot(tl.trans(dVraw), Pv)
+                dZv = _dot(dVraw, w1) * _silu_grad(Zv)
+                dw2t += _dot(tl.trans(v), dZv)
+                dv += _dot(dZv, tl.trans(w2t))
+                if HAS_DS:  # the cotangent of this boundary state as an output of the op
+                    dw1 += tl.load(ds1_ptr + start + m * D * HID + off1).to(tl.float32)
+                    dw2t += tl.load(ds2_ptr + start + m * HID * D + off2).to(tl.float32)
+                tl.store(a1 + m * D * HID + off1, dw1)
+                tl.store(a2 + m * HID * D + off2, dw2t)
+            # decays: D_ts = e^{L_t − L_s} η_s, A_t = e^{L_t}, L = cumsum log α
+            dD += tl.where(rc[:, None] == C - 1, dlast[None, :], 0.0)
+            dA += tl.where(rc == C - 1, da_c, 0.0)
+            deta = tl.sum(dD * E, 0)
+            DD = dD * Dm
+            dL = tl.sum(DD, 1) - tl.sum(DD, 0) + dA * A
+            dlog_alpha = tl.sum(dL, 0) - tl.cumsum(dL, 0) + dL  # Σ_{t ≥ r} dL_t
+            if LEARNS:
+                d_eta_logit = tl.where(valid, deta * eta * (1 - eta / tl.maximum(eta_scale, 1e-30)), 0.0)
+                d_alpha_logit = tl.where(valid, dlog_alpha * (1 - tl.exp(log_alpha)), 0.0)
+            else:
+                d_eta_logit, d_alpha_logit = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32)
+            dwe += tl.sum(d_eta_logit[:, None] * xe, 0)
+            dbe += tl.sum(d_eta_logit, 0)
+            dwa += tl.sum(d_alpha_logit[:, None] * xa, 0)
+            dba += tl.sum(d_alpha_logit, 0)
+            # k = kv₀/‖kv₀‖ (‖kv₀‖ recomputed from k's reads), v = u + R_v, logits = (u + R_□)·w_□ + b_□
+            w1, w2t = _state(s1, s2, 0, D, HID)
+            kv0 = u + _read(u, w1, w2t)
+            dkv0 = (dk - k * tl.sum(dk * k, 1)[:, None]) / tl.maximum(tl.sqrt(tl.sum(kv0 * kv0, 1)), 1e-12)[:, None]
+            de_w = d_eta_logit[:, None] * w_eta[None, :]
+            da_w = d_alpha_logit[:, None] * w_alpha[None, :]
+            du = dkv0 + dv + de_w + da_w
+            tl.debug_barrier()  # pass 2's stores to a1, a2 before pass 3 adds to them
+            # reads: R = σ(u W₂ᵀ) W₁ᵀ for the first four memories
+            for m in tl.static_range(N_MEM - 1):
+                w1, w2t = _state(s1, s2, m, D, HID)
+                if m == 0:
+                    dR = dkv0
+                elif m == 1:
+                    dR = dv
+                elif m == 2:
+                    dR = de_w
+                else:
+                    dR = da_w
+                Z = _dot(u, w2t)
+                dZ = _dot(dR, w1) * _silu_grad(Z)
+                p1, p2 = a1 + m * D * HID + off1, a2 + m * HID * D + off2
+                tl.store(p1, tl.load(p1) + _dot(tl.trans(dR), _silu(Z)))
+                tl.store(p2, tl.load(p2) + _dot(tl.trans(u), dZ))
+                du += _dot(dZ, tl.trans(w2t))
+            tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=valid[:, None])
+            tl.store(dq_ptr + io, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
+            tl.debug_barrier()  # the previous chunk reads a1, a2
+        dp = dp_ptr + bh * (2 * D + 2)
+        tl.store(dp + rd, dwe)
+        tl.store(dp + D, dbe)
+        tl.store(dp + D + 1 + rd, dwa)
+        tl.store(dp + 2 * D + 1, dba)
