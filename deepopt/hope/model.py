@@ -267,9 +267,9 @@ class SelfModifyingTitans(nn.Module):
 
     def _scan(self, u: Tensor, q: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The whole chunk recurrence in one op: outputs (B, H, T, dh) and the final states."""
-        y, s1, s2 = titans_scan(u, q, self.W1, self.W2, self.w_eta, self.b_eta, self.w_alpha, self.b_alpha,
-                                self.cfg.chunk_size, self.cfg.eta_max, self.cfg.activation, self.cfg.delta_gd,
-                                self.learns_in_context, self.kappa)
+        y, s1, s2 = titans_scan(u.contiguous(), q.contiguous(), self.W1, self.W2, self.w_eta, self.b_eta,
+                                self.w_alpha, self.b_alpha, self.cfg.chunk_size, self.cfg.eta_max,
+                                self.cfg.activation, self.cfg.delta_gd, self.learns_in_context, self.kappa)
         return y, (s1[:, :, -1], s2[:, :, -1])
 
     def forward(self, x: Tensor, reference: bool = False, return_state: bool = False):

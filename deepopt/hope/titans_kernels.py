@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 N_MEMORIES = 5  # M_k, M_v, M_η, M_α, M_mem (deepopt.hope.model.TITANS_MEMORIES)
 N_MEM = tl.constexpr(N_MEMORIES) if triton is not None else N_MEMORIES
+use_triton = True  # False: CUDA tensors run the torch reference too (e.g. to compare, or if a kernel misbehaves)
 
 # σ''(z) given z and h = σ(z): the reverse mode of g = σ'(z) ⊙ eW₁ needs it
 SECOND_DERIVATIVES = {
@@ -362,9 +363,15 @@ def _pow2(n: int) -> bool:
 def _triton_applies(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, chunk_size: int, activation: str) -> bool:
     """The Triton kernels take CUDA tensors of one dtype (float32 or bfloat16), SiLU, and chunk size, head size and
     memory width that are powers of two >= 16 (``tl.dot``'s tiles); anything else runs the torch reference."""
-    return (triton is not None and u.is_cuda and activation == "silu"
+    return (triton is not None and use_triton and u.is_cuda and activation == "silu"
             and len({t.dtype for t in (u, q, w1, w2)}) == 1 and u.dtype in (torch.float32, torch.bfloat16)
             and all(_pow2(n) for n in (chunk_size, u.shape[-1], w1.shape[-1])))
+
+
+def _num_warps(*sizes: int) -> int:
+    """Warps per program: 8 once a tile is 64 wide (the (C, C), (C, hid), (d, hid) fp32 tiles of a chunk live at
+    once; more threads, fewer registers each).  A guess to tune on a GPU."""
+    return 8 if max(sizes) >= 64 else 4
 
 
 def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[Tensor, ...], chunk_size: int,
@@ -379,7 +386,8 @@ def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[
     y = u.new_empty(u.shape)
     _forward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, y, *(p.contiguous() for p in params), T, n,
                               consts["eta_scale"], consts["kappa"], H=H, C=chunk_size, D=d, HID=hid,
-                              DELTA_GD=consts["delta_gd"], LEARNS=consts["learns"], num_warps=4)
+                              DELTA_GD=consts["delta_gd"], LEARNS=consts["learns"],
+                              num_warps=_num_warps(chunk_size, d, hid))
     return y, s1, s2
 
 
@@ -403,7 +411,7 @@ def _triton_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tens
                                ds1.contiguous() if has_ds else s1, ds2.contiguous() if has_ds else s2, a1, a2, du, dq,
                                dp, *(p.contiguous() for p in params), T, n, consts["eta_scale"], consts["kappa"], H=H,
                                C=chunk_size, D=d, HID=hid, DELTA_GD=consts["delta_gd"], LEARNS=consts["learns"],
-                               HAS_DS=has_ds, num_warps=4)
+                               HAS_DS=has_ds, num_warps=_num_warps(chunk_size, d, hid))
     dp = dp.sum(0).split([d, 1, d, 1], dim=-1)  # dw_η, db_η, dw_α, db_α per head (copies: outputs may not alias)
     return (du, dq, a1.sum(0).to(s1.dtype), a2.sum(0).to(s2.dtype),
             *(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(dp, params)))
@@ -462,8 +470,11 @@ if triton is not None:
         alpha_logit = tl.sum(xa * w_alpha[None, :], 1) + b_alpha
         eta = eta_scale * tl.sigmoid(eta_logit)
         log_alpha = tl.minimum(alpha_logit, 0.0) - tl.log(1 + tl.exp(-tl.abs(alpha_logit)))
-        keep = valid & LEARNS
-        return k, v, tl.where(keep, eta, 0.0), tl.where(keep, log_alpha, 0.0), xe, xa
+        if LEARNS:
+            eta, log_alpha = tl.where(valid, eta, 0.0), tl.where(valid, log_alpha, 0.0)
+        else:
+            eta, log_alpha = eta * 0.0, log_alpha * 0.0
+        return k, v, eta, log_alpha, xe, xa
 
     @triton.jit
     def _decays(eta, log_alpha, C: tl.constexpr):
