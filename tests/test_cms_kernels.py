@@ -4,6 +4,10 @@ chunk loop (values and gradients), its dispatched ops do not grow with the conte
 equal the reference under ``TRITON_INTERPRET=1`` (and on CUDA when a device is present)."""
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 
 import pytest
@@ -139,3 +143,95 @@ def test_ops_dispatched_by_a_level_do_not_grow_with_the_context():
         counts[T] = counter.ops
     assert counts[64] == counts[256], (counts[64], counts[256])
     assert counts[64]["deepopt.cms_scan.default"] == counts[64]["deepopt.cms_scan_backward.default"] == 1
+
+
+KERNEL_CHECK = textwrap.dedent("""
+    import copy
+    from unittest import mock
+    import torch
+    from deepopt.hope import cms_kernels as ck
+    from deepopt.hope.model import CMSLevel, HopeConfig
+
+    def check(B, T, d, hid, period, act, dtype=torch.float32, tol=2e-5, gs=(True, True), seed=0):
+        g = torch.Generator().manual_seed(seed)
+        k, err = torch.randn(B, T, d, generator=g), torch.randn(B, T, d, generator=g)
+        w1, w2, lr = 0.3 * torch.randn(d, hid, generator=g), torch.randn(hid, d, generator=g), torch.tensor(0.3)
+        want = ck.scan_reference(k.double(), err.double(), w1.double(), w2.double(), lr.double(), period, act)
+        got = ck.scan_triton(k.to(dtype), err.to(dtype), w1, w2, lr, period, act)
+        gy = torch.randn(B, T, d, generator=g)
+        g1, g2 = (torch.randn(t.shape, generator=g) if on else None for t, on in zip(got[1:], gs))
+        want += ck.scan_backward_reference(gy.double(), *(None if t is None else t.double() for t in (g1, g2)),
+                                           k.double(), err.double(), *want[1:], lr.double(), period, act)
+        got += ck.scan_backward_triton(gy.to(dtype), g1, g2, k.to(dtype), err.to(dtype), *got[1:], lr, period, act)
+        for name, a, b in zip(("y", "W1 states", "W2 states", "dk", "dW1", "dW2", "dlr"), got, want):
+            scale = 1 + b.abs().max()
+            assert a.dtype == (dtype if name in ("y", "dk") else torch.float32), (name, a.dtype)
+            assert ((a.double() - b).abs().max() / scale) < tol, (B, T, d, hid, period, act, dtype, name)
+
+    for act in ("silu", "tanh", "gelu", "relu", "identity"):
+        check(2, 11, 6, 5, 3, act)  # 3 full chunks and a partial one
+    check(2, 5, 6, 5, 1, "silu", gs=(False, True))  # period 1; only the final W2 state used
+    check(1, 4, 6, 5, 7, "silu", gs=(False, False))  # no full chunk: reads only
+    check(2, 37, 36, 33, 17, "silu", gs=(True, False))  # several tiles along tokens, d and hid
+    check(2, 11, 6, 5, 3, "gelu", dtype=torch.bfloat16, tol=2e-2)
+
+    # a CMS level on the op, forced onto the kernels, against the level's Python chunk loop (values, gradients)
+    torch.manual_seed(0)
+    cfg = HopeConfig(d_model=8, n_heads=2, mem_hidden=4, cms_hidden=6, cms_periods=(4,))
+    level = CMSLevel(cfg, 4)
+    loop = copy.deepcopy(level)
+    loop.scans = False
+    x = torch.randn(2, 10, 8)
+    err = 0.05 * torch.randn_like(x)
+    results, launches = [], []
+
+    class Counted:  # counts a kernel's launches
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.kernel.fn.__name__)
+            return self.kernel[grid]
+
+    with mock.patch.object(ck, "triton_applies", lambda *_: True), \\
+         mock.patch.object(ck, "_scan_fwd_kernel", Counted(ck._scan_fwd_kernel)), \\
+         mock.patch.object(ck, "_scan_bwd_kernel", Counted(ck._scan_bwd_kernel)):
+        for lv in (level, loop):
+            xi = x.clone().requires_grad_()
+            y, (w1, w2, _) = lv(xi, err, return_state=True)
+            grads = torch.autograd.grad((y.sin()).sum() + w1.sum() + (w2 ** 2).sum(), (xi, *lv.parameters()))
+            results.append((y, w1, w2, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert launches == ["_scan_fwd_kernel", "_scan_bwd_kernel"], launches  # 3 chunks: one launch each way
+    print("kernels equal the reference")
+""")
+
+
+def test_kernels_equal_the_reference_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kernels equal the reference" in out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_level_on_cuda_equals_the_float64_chunk_loop(dtype, tol):
+    """The op on CUDA (the kernels: ``triton_applies``) against the CPU float64 Python chunk loop, gradients
+    included; the states stay float32 with bfloat16 activations."""
+    cfg, scan, loop = loop_and_scan_levels(16)
+    scan = scan.float().cuda()
+    x = torch.randn(3, 100, cfg.d_model, dtype=torch.float64)  # 6 full chunks and a partial one
+    err = 0.05 * torch.randn_like(x)
+    assert cms_kernels.triton_applies(x.cuda().to(dtype), scan.W1, 16)
+    out = []
+    for level, xi, ei in ((scan, x.cuda().to(dtype), err.cuda().to(dtype)), (loop, x, err)):
+        xi = xi.clone().requires_grad_()
+        y, (w1, w2, _) = level(xi, ei, return_state=True)
+        loss = y.float().sin().sum() + w1.float().sum() + (w2.float() ** 2).sum()
+        grads = torch.autograd.grad(loss, (xi, *level.parameters()))
+        out.append([t.detach().cpu().double() for t in (y, w1, w2, *grads)])
+    for a, b in zip(*out):
+        assert (a - b).abs().max() / (1 + b.abs().max()) < tol
