@@ -22,22 +22,12 @@ accumulation; design and launch counts: ``docs/notes/cms-kernels.md``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from deepopt.hope.model import cms_factors
+from deepopt.hope.titans_kernels import SECOND_DERIVATIVES  # σ''(z): the backward of the W₂ step's σ'(z) factor
 from deepopt.rules.deep import ACTIVATIONS
-
-# σ''(z) given z and h = σ(z), for every activation of ACTIVATIONS (the backward of the W₂ step's σ'(z) factor)
-SECOND_DERIVATIVES = {
-    "tanh": lambda z, h: -2 * h * (1 - h * h),
-    "relu": lambda z, h: torch.zeros_like(z),
-    "gelu": lambda z, h: (2 - z * z) * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi),
-    "silu": lambda z, h: torch.sigmoid(z) * (1 - torch.sigmoid(z)) * (2 + z * (1 - 2 * torch.sigmoid(z))),
-    "identity": lambda z, h: torch.zeros_like(z),
-}
 
 
 def _check(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, period: int, activation: str) -> None:
@@ -169,6 +159,7 @@ def _setup_context(ctx, inputs, output) -> None:
     _, s1, s2 = output
     ctx.save_for_backward(k, err, s1, s2, lr)
     ctx.period, ctx.activation = period, activation
+    ctx.set_materialize_grads(False)  # unused state outputs (all of them in training) get no zero cotangents
 
 
 def _backward(ctx, gy, gs1, gs2):
@@ -200,6 +191,7 @@ try:
 except ImportError:  # the reference serves everywhere
     triton = None
 
+use_triton = True  # False: CUDA tensors run the torch reference too (e.g. to compare, or if a kernel misbehaves)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # period·d·hid above which a chunk is left to the reference's batched cuBLAS GEMMs: the kernels run one program
 # per sequence, which pays where launches dominate (many small chunks), not for GEMMs that fill the GPU alone
@@ -209,10 +201,10 @@ BT, BD, BH, BLOCK = 16, 32, 32, 1024  # tile rows (tokens), d and hid tile width
 
 
 def triton_applies(k: Tensor, w: Tensor, period: int) -> bool:
-    """Whether the kernels take these inputs: Triton importable, CUDA, float32/bfloat16 keys and states
-    (``w``: the initial or saved states, hid last), and a chunk small enough (``MAX_CHUNK_WORK``)."""
-    return (triton is not None and k.is_cuda and k.dtype in KERNEL_DTYPES and w.dtype in KERNEL_DTYPES
-            and period * k.shape[-1] * w.shape[-1] <= MAX_CHUNK_WORK)
+    """Whether the kernels take these inputs: Triton importable and ``use_triton``, CUDA, float32/bfloat16 keys
+    and states (``w``: the initial or saved states, hid last), and a chunk small enough (``MAX_CHUNK_WORK``)."""
+    return (triton is not None and use_triton and k.is_cuda and k.dtype in KERNEL_DTYPES
+            and w.dtype in KERNEL_DTYPES and period * k.shape[-1] * w.shape[-1] <= MAX_CHUNK_WORK)
 
 
 def _precision(*tensors: Tensor) -> str:
