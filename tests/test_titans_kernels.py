@@ -156,6 +156,19 @@ TRITON_CHECK = textwrap.dedent("""
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert grads[1][2].abs().max() > 1e-2 and (not learns or grads[1][6].abs().max() > 1e-3)
+    # bfloat16 loads and stores (fp32 inside): within bf16 rounding of the fp32 reference on the same inputs
+    inputs = [x.detach().bfloat16() for x in scan_inputs(B=1, H=2, T=40, d=16, hid=16, seed=3)]
+    params, consts = tuple(inputs[4:]), tk._consts(16, 2.0, "silu", True, True, -1.0)
+    want = tk._scan_reference(*(x.float() for x in inputs[:4]), tuple(p.float() for p in params), 16, consts)
+    got = tk._triton_forward(*inputs[:4], params, 16, consts)
+    dy = torch.randn(want[0].shape, generator=torch.Generator().manual_seed(0))
+    want += tk._scan_backward_reference(dy, None, None, *(x.float() for x in inputs[:2]), *want[1:],
+                                        tuple(p.float() for p in params), 16, consts)
+    got += tk._triton_backward(dy.bfloat16(), None, None, *inputs[:2], *(s.bfloat16() for s in want[1:3]), params,
+                               16, consts)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=5e-2)
     # the op and its autograd dispatch to the kernels where they apply (forced for CPU tensors here)
     inputs = [x.detach().float().requires_grad_() for x in scan_inputs(B=1, H=2, T=40, d=16, hid=16)]
     runs = []
