@@ -654,6 +654,7 @@ if triton is not None:
                 if HAS_DS:  # the cotangent of this boundary state as an output of the op
                     dw1 += tl.load(ds1_ptr + start + m * D * HID + off1).to(tl.float32)
                     dw2t += tl.load(ds2_ptr + start + m * HID * D + off2).to(tl.float32)
+                tl.debug_barrier()  # every thread has read this memory's slot (dn1, dn2t) before it is overwritten
                 tl.store(a1 + m * D * HID + off1, dw1)
                 tl.store(a2 + m * HID * D + off2, dw2t)
             # decays: D_ts = e^{L_t − L_s} η_s, A_t = e^{L_t}, L = cumsum log α
@@ -694,8 +695,10 @@ if triton is not None:
                 Z = _dot(u, w2t)
                 dZ = _dot(dR, w1) * _silu_grad(Z)
                 p1, p2 = a1 + m * D * HID + off1, a2 + m * HID * D + off2
-                tl.store(p1, tl.load(p1) + _dot(tl.trans(dR), _silu(Z)))
-                tl.store(p2, tl.load(p2) + _dot(tl.trans(u), dZ))
+                acc1, acc2 = tl.load(p1) + _dot(tl.trans(dR), _silu(Z)), tl.load(p2) + _dot(tl.trans(u), dZ)
+                tl.debug_barrier()  # loads of the slot before its stores, whatever threads hold which elements
+                tl.store(p1, acc1)
+                tl.store(p2, acc2)
                 du += _dot(dZ, tl.trans(w2t))
             tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=valid[:, None])
             tl.store(dq_ptr + io, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
