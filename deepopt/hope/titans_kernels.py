@@ -15,7 +15,10 @@ state ``W₁ (5, d, hid)``, ``W₂ (5, hid, d)`` of the memories ``M_k, M_v, M_�
 ``chunk_factors`` and ``chunk_mix`` compute it (``SelfModifyingTitans._parallel_chunk`` calls them too);
 ``chunk_vjp`` is its hand-derived reverse mode.  ``titans_scan`` (op ``deepopt::titans_scan``) runs every chunk of
 a sequence in one op and returns the chunk-start states; its backward (op ``deepopt::titans_scan_backward``) walks
-the chunks in reverse, recomputing each from its start state.
+the chunks in reverse, recomputing each from its start state.  On CUDA (float32/bfloat16, SiLU, power-of-two sizes
+>= 16) each op is one Triton launch (``_forward_kernel``, ``_backward_kernel``: one program per batch·head looping
+over the chunks); elsewhere the torch loops ``_scan_reference``/``_scan_backward_reference`` run inside the ops.
+Design and launch counts: ``docs/notes/titans-kernels.md``.
 """
 
 from __future__ import annotations
@@ -290,7 +293,8 @@ def titans_scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_e
     """Self-modifying Titans (SGD inner rule) over a whole sequence: ``u, q (B, H, T, d)``, initial states
     ``w1 (H, 5, d, hid)``, ``w2 (H, 5, hid, d)``; returns ``y (B, H, T, d)`` and the states at the chunk
     boundaries ``(B, H, n + 1, 5, d, hid)``, ``(B, H, n + 1, 5, hid, d)`` (index c: the start of chunk c; the
-    last: the final state), n = ⌈T/C⌉ chunks, the last one possibly partial: the torch chunk loop."""
+    last: the final state), n = ⌈T/C⌉ chunks, the last one possibly partial.  Triton where ``_triton_applies``,
+    the torch chunk loop elsewhere."""
     params, consts = (w_eta, b_eta, w_alpha, b_alpha), _consts(chunk_size, eta_max, activation, delta_gd, learns,
                                                                kappa)
     if _triton_applies(u, q, w1, w2, chunk_size, activation):
@@ -353,7 +357,6 @@ def _backward(ctx, dy, ds1, ds2):
 
 
 titans_scan.register_autograd(_backward, setup_context=_setup_context)
-
 
 
 def _pow2(n: int) -> bool:
