@@ -91,9 +91,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CMS update periods in tokens, inf = never (default: the size's, e.g. 16,64,inf; the paper "
                         "uses 512 and up)")
     p.add_argument("--recompute-chunks", action="store_true",
-                   help="recompute HOPE's chunk states in the backward pass instead of keeping them: peak memory "
-                        "~1.7-1.9x Transformer++'s instead of ~5.6x (size small), same numbers, slower at long "
-                        "contexts")
+                   help="for the memories that run the Python chunk loop (a momentum inner rule, --model "
+                        "hope-no-selfmod, a non-sgd CMS rule): recompute their chunk states in the backward pass "
+                        "instead of keeping them (same numbers).  The default memories run as the scan ops, "
+                        "which always recompute")
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, lr_schedule: str = "cosine", bpe_on: str = "--domain/--data") -> None:

@@ -94,7 +94,9 @@ class HopeConfig:
     # Transformer++ (0 = chosen to match the HOPE model's parameter count)
     ffn_hidden: int = 0
     rope_base: float = 10000.0
-    # training memory: recompute each chunk's states in the backward pass instead of keeping them (same numbers)
+    # training memory of the Python chunk loop (memories the scan ops do not take: a drifting inner rule,
+    # self_modifying=False, a non-sgd CMS rule): recompute each chunk's states in the backward pass instead of
+    # keeping them (same numbers).  The scan ops (titans_scan, cms_scan) always recompute.
     recompute_chunks: bool = False
 
     def __post_init__(self) -> None:
