@@ -13,7 +13,7 @@ from torch import Tensor
 from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
 from deepopt.rules import transforms as T
-from deepopt.rules.deep import decayed_lr
+from deepopt.rules.deep import decayed_lr, safe_rms, to_blocks
 
 from .base import MemoryOptimizer, is_dtensor
 from .delta_momentum import _inner_products, _squared_norms
@@ -25,6 +25,14 @@ _FOREACH_ACTIVATIONS = {
     "relu": lambda ts: torch._foreach_clamp_min_(ts, 0.0),
     "identity": lambda ts: None,
 }
+# the CPU loop's activations, in place on a block of pre-activations z' = pre·z: Φ up to a positive factor, which
+# the normalised features Φ̂ = Φ/r cancel (tanh z = 2(σ(2z) − ½), and σ is 6× faster than tanh on the CPU)
+_CPU_ACTIVATIONS = {
+    "tanh": (2.0, lambda z: z.sigmoid_().sub_(0.5)),
+    "relu": (1.0, lambda z: z.clamp_min_(0.0)),
+    "identity": (1.0, lambda z: None),
+}
+_CPU_CHUNK = 1 << 18  # coordinates per chunk of the CPU loop (≈ 1 MiB in fp32: its blocks stay in cache)
 
 
 @dataclass
@@ -37,7 +45,7 @@ class _Blocks:
     as_param: list[Tensor]
     rows: list[Tensor]
     cols: list[Tensor]
-    sqrt_counts: Tensor  # √n_i, blocks per tensor
+    sqrt_counts: Tensor  # √n_i, blocks per tensor, shaped (T, 1, 1)
 
     @classmethod
     def like(cls, params: list[Tensor], key_dim: int) -> _Blocks:
@@ -47,8 +55,47 @@ class _Blocks:
         for p, part in zip(params, buffer.split(sizes)):
             as_param.append(part[: p.numel()].view(p.shape))
             rows.append(part.view(-1, key_dim))
-        counts = torch.tensor([r.shape[0] for r in rows], dtype=buffer.dtype)
+        counts = torch.tensor([r.shape[0] for r in rows], dtype=buffer.dtype).view(-1, 1, 1)
         return cls(buffer, as_param, rows, [r.mT for r in rows], counts.sqrt().to(buffer.device))
+
+
+@dataclass
+class _Memory:
+    """W₁ ``(T, kd, h)`` and W₂ ``(T, h, kd)`` of one list of parameters stacked, the states holding the views
+    ``w1_views``/``w2_views`` (so W₁ is updated in place, through ``w1_t = w1.mT``), and ``(T, 1, 1)`` buffers
+    for the per-tensor norms of keys, values and features, with ``(T,)`` views of them to stack into."""
+
+    w1: Tensor
+    w2: Tensor
+    w1_t: Tensor
+    w1_views: list[Tensor]
+    w2_views: list[Tensor]
+    norms: dict[str, Tensor]
+    norm_outs: dict[str, Tensor]
+
+    @classmethod
+    def stack(cls, states: list[dict[str, Tensor]]) -> _Memory:
+        w1, w2 = (torch.stack([st[k] for st in states]) for k in ("W1", "W2"))
+        w1_views, w2_views = list(w1.unbind()), list(w2.unbind())
+        for st, a, b in zip(states, w1_views, w2_views):
+            st["W1"], st["W2"] = a, b
+        norms = {k: w1.new_empty(len(states), 1, 1) for k in ("keys", "values", "features")}
+        return cls(w1, w2, w1.mT, w1_views, w2_views, norms, {k: n.view(-1) for k, n in norms.items()})
+
+
+def _cpu_loop_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
+    """The CPU loop covers the deep branch with the dot objective, identity preconditioner and no output
+    nonlinearity or 1/t schedule, on contiguous fp32/fp64 CPU parameters."""
+    return (group["hidden"] > 0 and group["objective"] == "dot" and group["preconditioner"] == "identity"
+            and group["nonlinearity"] is None and group["lr_decay"] == 0
+            and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
+                    for p in params))
+
+
+def _block_rows(flat: Tensor, whole: Tensor, a: int, b: int) -> Tensor:
+    """Rows ``a:b`` of ``to_blocks(flat, key_dim)``: a view of ``whole`` (the whole blocks, ``(rows, key_dim)``)
+    where they are whole, else a zero-padded copy of the tail."""
+    return whole[a:b] if b <= whole.shape[0] else to_blocks(flat[a * whole.shape[1]:], whole.shape[1])
 
 
 class DeepMomentum(MemoryOptimizer):
@@ -73,7 +120,7 @@ class DeepMomentum(MemoryOptimizer):
                  hidden: int = 16, key_dim: int = 16, objective: str = "dot", **options: Any) -> None:
         super().__init__(params, lr=lr, momentum=momentum, eta=eta, hidden=hidden, key_dim=key_dim,
                          objective=objective, **options)
-        self._blocks: dict[tuple, _Blocks] = {}  # work buffers (not state: rebuilt on demand)
+        self._blocks: dict[tuple, Any] = {}  # work buffers (not state: rebuilt on demand)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the work buffers behind
         return {**super().__getstate__(), "_blocks": {}}
@@ -106,6 +153,10 @@ class DeepMomentum(MemoryOptimizer):
         states = [self.state[p] for p in params]
         bufs = [st["momentum_buffer"] for st in states]
         grads = self._foreach_weight_decay(group, params, grads)
+        if _cpu_loop_applies(group, params):
+            torch._foreach_add_([st["step"] for st in states], 1)
+            self._cpu_loop_step(group, states, params, grads)
+            return True
         values = foreach_precondition(group, states, grads)
         if group["preconditioner"] != "adam":
             torch._foreach_add_([st["step"] for st in states], 1)
@@ -132,7 +183,9 @@ class DeepMomentum(MemoryOptimizer):
                    keys: list[Tensor], values: list[Tensor]) -> list[Tensor]:
         """Updates every W₁ and returns ``u = m + s_v·Φ̂W₁ᵀ`` as views (shaped like the parameters) of a
         work buffer.  With ``N_x = ‖x‖`` per tensor, ``s = N/√n`` and ``r = N_Φ/√n``, so the scale factors
-        are ``√n/N_k`` (keys), ``1/(N_v N_Φ)`` (C) and ``N_v/N_Φ`` (read)."""
+        are ``√n/N_k`` (keys), ``1/(N_v N_Φ)`` (C) and ``N_v/N_Φ`` (read); a zero norm's reciprocal is taken
+        as 0, which is exact: the keys, values or features it scales are then zero.  W₁ and W₂ are updated and
+        read as ``(T, ·, ·)`` stacks that the states hold views of (``_Memory``)."""
         kd, alpha, eta = group["key_dim"], group["momentum"], group["eta"]
         key_blocks = self._work(params, kd, "keys")
         torch._foreach_copy_(key_blocks.as_param, keys)
@@ -140,34 +193,109 @@ class DeepMomentum(MemoryOptimizer):
         if values is not keys:
             value_blocks = self._work(params, kd, "values")
             torch._foreach_copy_(value_blocks.as_param, values)
+        mem = self._memory(params, states)
 
-        def norms(tensors: list[Tensor]) -> Tensor:  # ‖t‖ per tensor, 1 for a zero tensor
-            n = torch.stack(torch._foreach_norm(tensors))
-            return n.masked_fill(n == 0, 1.0)
+        def inverse_norms(tensors: list[Tensor], role: str) -> Tensor:  # 1/‖t‖ per tensor, 0 for a zero tensor
+            torch.stack(torch._foreach_norm(tensors), out=mem.norm_outs[role])
+            return torch.reciprocal(mem.norms[role]).nan_to_num_(posinf=0.0)
 
-        n_k = norms(key_blocks.rows)
-        n_v = n_k if value_blocks is key_blocks else norms(value_blocks.rows)
-        w2 = torch.stack([st["W2"] for st in states]) * (key_blocks.sqrt_counts / n_k).view(-1, 1, 1)
+        inv_k = inverse_norms(key_blocks.rows, "keys")
+        values_role = "keys" if value_blocks is key_blocks else "values"
+        inv_v = inv_k if value_blocks is key_blocks else inverse_norms(value_blocks.rows, "values")
+        w2 = mem.w2 * (inv_k * key_blocks.sqrt_counts)
         phi_t = torch._foreach_mm(list(w2.unbind()), key_blocks.cols)  # Φᵀ = σ(W₂Kᵀ/s_k), (h, n) each
         _FOREACH_ACTIVATIONS[group["activation"]](phi_t)
-        n_phi = norms(phi_t)
-        w1 = torch.stack([st["W1"] for st in states])  # (T, kd, h)
-        corr = torch.stack(torch._foreach_mm(phi_t, value_blocks.rows)).mT  # VᵀΦ, (T, kd, h)
-        step = corr * (eta / (n_v * n_phi)).view(-1, 1, 1)  # η V̂ᵀΦ̂/n
-        if group["objective"] == "l2":  # − η(Φ̂W₁ᵀ)ᵀΦ̂/n, via Φ̂W₁ᵀ in a work buffer
-            read_t = torch._foreach_mm(list(w1.unbind()), phi_t)  # (kd, n) each, times r
+        inv_phi = inverse_norms(phi_t, "features")
+        corr_t = torch.stack(torch._foreach_mm(phi_t, value_blocks.rows))  # (VᵀΦ)ᵀ, (T, h, kd)
+        if group["objective"] == "l2":  # Φᵀ(ΦW₁ᵀ), via ΦW₁ᵀ in a work buffer, read before W₁ moves
+            read_t = torch._foreach_mm(list(mem.w1.unbind()), phi_t)  # (kd, n) each
             read = self._work(params, kd, "read")
             torch._foreach_copy_(read.cols, read_t)
-            gram_w1 = torch.stack(torch._foreach_mm(phi_t, read.rows)).mT
-            step = step - gram_w1 * (eta / (n_phi * n_phi)).view(-1, 1, 1)
-        w1 = torch.add(step, w1, alpha=alpha)
-        for st, w in zip(states, w1.unbind()):
-            st["W1"] = w
-        out_t = torch._foreach_mm(list((w1 * (n_v / n_phi).view(-1, 1, 1)).unbind()), phi_t)  # (kd, n) each
+            gram_t = torch.stack(torch._foreach_mm(phi_t, read.rows))  # (T, h, kd)
+        # W₁ᵀ ← α W₁ᵀ + η (V̂ᵀΦ̂/n)ᵀ  [− η (Φ̂ᵀΦ̂ W₁ᵀ/n)ᵀ for l2]
+        mem.w1_t.mul_(alpha).addcmul_(corr_t, inv_v * inv_phi, value=eta)
+        if group["objective"] == "l2":
+            mem.w1_t.addcmul_(gram_t, inv_phi * inv_phi, value=-eta)
+        w1 = mem.w1 * (mem.norms[values_role] * inv_phi)  # W₁ N_v/N_Φ
+        out_t = torch._foreach_mm(list(w1.unbind()), phi_t)  # (kd, n) each
         out = self._work(params, kd, "direction")
         torch._foreach_copy_(out.cols, out_t)
         torch._foreach_add_(out.as_param, [st["momentum_buffer"] for st in states])
         return out.as_param
+
+    def _memory(self, params: list[Tensor], states: list[dict[str, Tensor]]) -> _Memory:
+        """The stacked W₁, W₂ of ``params``, whose states hold views of them; built again (from the states)
+        whenever a state holds another tensor (after a load, the rule path, or a new parameter list)."""
+        key = ("memory", *map(id, params))
+        mem = self._blocks.get(key)
+        if mem is None or any(st["W1"] is not w1 or st["W2"] is not w2
+                              for st, w1, w2 in zip(states, mem.w1_views, mem.w2_views)):
+            mem = _Memory.stack(states)
+            self._blocks[key] = mem
+        return mem
+
+    def _cpu_loop_step(self, group: dict[str, Any], states: list[dict[str, Tensor]], params: list[Tensor],
+                       grads: list[Tensor]) -> None:
+        """The rule (dot objective, identity preconditioner) tensor by tensor, in place, in chunks of
+        ``_CPU_CHUNK`` coordinates whose blocks stay in cache, in three passes over each tensor::
+
+            1. m ← α m + g,  N_k² = Σ‖g_c‖²                     (per chunk c)
+            2. Φ_c = σ(G_c W₂ᵀ/s_k),  N_Φ² = Σ‖Φ_c‖²,  C = Σ G_cᵀΦ_c    (Φ kept in a work buffer)
+               W₁ ← α W₁ + η C/(s_k r n)
+            3. W ← W − lr·(m + Φ_c (W₁ s_k/r)ᵀ)
+
+        with ``s_k = N_k/√n``, ``r = N_Φ/√n`` (``deep.safe_rms``) and the last block zero-padded
+        (``deep.to_blocks``).  Scalars stay 0-dim tensors: nothing is read on the host."""
+        kd, hidden, alpha, eta, lr = (group[k] for k in ("key_dim", "hidden", "momentum", "eta", "lr"))
+        pre, activation = _CPU_ACTIVATIONS[group["activation"]]
+        span = max(1, _CPU_CHUNK // kd)  # rows per chunk
+        rows = [math.ceil(p.numel() / kd) for p in params]
+        phi_all, out_all = self._cpu_work(params[0], max(rows) * hidden, span * kd)
+        out_all = out_all.view(span, kd)
+        for st, p, g, nb in zip(states, params, grads, rows):
+            n = p.numel()
+            m, pf, gf = st["momentum_buffer"].view(-1), p.view(-1), g.reshape(-1)
+            full = n // kd  # rows without padding
+            mb, pb, gb = (x[: full * kd].view(full, kd) for x in (m, pf, gf))
+            cuts = [(a, min(a + span, nb)) for a in range(0, nb, span)]
+            sq = []
+            for a, b in cuts:
+                gc, mc = gf[a * kd: b * kd], m[a * kd: b * kd]
+                torch.add(gc, mc, alpha=alpha, out=mc)
+                sq.append(torch.dot(gc, gc))
+            s_k = safe_rms(torch.stack(sq).sum(), nb)
+            w2t = (st["W2"] * (pre / s_k)).mT  # (kd, h)
+            phi = phi_all[: nb * hidden].view(nb, hidden)
+            corr = torch.zeros_like(st["W1"])  # GᵀΦ, (kd, h)
+            sq = []
+            for a, b in cuts:
+                keys, block = _block_rows(gf, gb, a, b), phi[a:b]
+                torch.mm(keys, w2t, out=block)
+                activation(block)
+                flat = block.view(-1)
+                sq.append(torch.dot(flat, flat))
+                corr.addmm_(keys.mT, block)
+            r = safe_rms(torch.stack(sq).sum(), nb)
+            st["W1"] = w1 = torch.add(corr * (eta / (s_k * r * nb)), st["W1"], alpha=alpha)
+            w1t = (w1 * (s_k / r)).mT  # (h, kd)
+            for a, b in cuts:
+                u = torch.addmm(_block_rows(m, mb, a, b), phi[a:b], w1t, out=out_all[: b - a])
+                pc = pb[a:b] if b <= full else pf[a * kd:]
+                u = u if b <= full else u.view(-1)[: n - a * kd]
+                if isinstance(lr, Tensor):
+                    pc.addcmul_(u, lr, value=-1)
+                else:
+                    pc.add_(u, alpha=-lr)
+
+    def _cpu_work(self, like: Tensor, phi_numel: int, chunk_numel: int) -> tuple[Tensor, Tensor]:
+        """The CPU loop's work buffers, grown on demand: the features Φ of one tensor and one chunk's ``u``."""
+        key = ("cpu", like.dtype)
+        work = self._blocks.get(key)
+        if work is None or work[0].numel() < phi_numel or work[1].numel() < chunk_numel:
+            old = work or (like.new_empty(0),) * 2
+            work = tuple(like.new_empty(max(need, t.numel())) for need, t in zip((phi_numel, chunk_numel), old))
+            self._blocks[key] = work
+        return work
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

@@ -1,5 +1,6 @@
 """DeepMomentum's design requirements (issue 11): its limits, its capacity, its stability, its shape-free θ₀."""
 
+import copy
 import functools
 import math
 
@@ -201,3 +202,61 @@ def test_momentum_name_lets_one_cycle_cycle_it():
         sched.step()
         moments.append(opt.param_groups[0]["momentum"])
     assert len(set(moments)) > 1
+
+
+# ------------------------------------------------------------------ (e) the fast paths are the rule
+LOOP_OPTIONS = [dict(), dict(activation="relu"), dict(activation="identity", key_dim=5, hidden=3),
+                dict(weight_decay=0.01), dict(weight_decay=0.01, decoupled_weight_decay=True, momentum=0.8),
+                dict(lr=torch.tensor(0.05))]
+
+
+@pytest.mark.parametrize("chunk", [16, 48, 1 << 18])
+@pytest.mark.parametrize("options", LOOP_OPTIONS)
+def test_cpu_loop_equals_the_rule(chunk, options, monkeypatch):
+    """The CPU loop (chunks of ``_CPU_CHUNK`` coordinates, ragged last blocks, σ(2z) − ½ for tanh) follows
+    the rule's trajectory in fp64, whether a tensor spans one chunk or several."""
+    from deepopt.optimizers import deep_momentum as module
+
+    monkeypatch.setattr(module, "_CPU_CHUNK", chunk)
+    calls = []
+    loop = module.DeepMomentum._cpu_loop_step
+    monkeypatch.setattr(module.DeepMomentum, "_cpu_loop_step", lambda self, *a: calls.append(1) or loop(self, *a))
+    kw = {"lr": 0.05, "eta": 0.5, **options}
+    ours = trajectory(lambda p: deepopt.DeepMomentum(p, **kw), 60)
+    ref = trajectory(lambda p: deepopt.DeepMomentum(p, foreach=False, **kw), 60)
+    assert len(calls) == 60
+    assert (ours - ref).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("options", [dict(), dict(activation="relu"), dict(objective="l2", preconditioner="adam"),
+                                     dict(key_source="preconditioned", preconditioner="adam"),
+                                     dict(weight_decay=0.01, key_dim=5, hidden=3)])
+def test_multi_tensor_path_equals_the_rule_on_cpu_too(options, monkeypatch):
+    """On the CPU the default options take the loop; the multi-tensor path that accelerators take is checked
+    against the rule here all the same (a second call reuses its work buffers and persistent W₁, W₂)."""
+    from deepopt.optimizers import deep_momentum as module
+
+    monkeypatch.setattr(module, "_cpu_loop_applies", lambda *_: False)
+    ours = trajectory(lambda p: deepopt.DeepMomentum(p, lr=0.05, eta=0.5, **options), 60)
+    ref = trajectory(lambda p: deepopt.DeepMomentum(p, lr=0.05, eta=0.5, foreach=False, **options), 60)
+    assert (ours - ref).abs().max() <= 1e-12 * max(1.0, float(ref.abs().max()))
+
+
+def test_multi_tensor_path_restacks_its_memory_after_a_load_or_rule_steps(monkeypatch):
+    """The multi-tensor path updates W₁ in place in a stack the states hold views of; a state that holds
+    another tensor (after ``load_state_dict`` or steps of the rule path) makes it stack the states again."""
+    from deepopt.optimizers import deep_momentum as module
+
+    monkeypatch.setattr(module, "_cpu_loop_applies", lambda *_: False)
+    a, b = small_mlp(), small_mlp()
+    ours, ref = deepopt.DeepMomentum(a.parameters(), lr=0.05, eta=0.5), deepopt.DeepMomentum(
+        b.parameters(), lr=0.05, eta=0.5, foreach=False)
+    train(b, ref, 30)
+    train(a, ours, 10)
+    ours.load_state_dict(copy.deepcopy(ours.state_dict()))
+    train(a, ours, 5, start=10)
+    ours.param_groups[0]["foreach"] = False
+    train(a, ours, 5, start=15)
+    ours.param_groups[0]["foreach"] = None
+    train(a, ours, 10, start=20)
+    assert (flat(a) - flat(b)).abs().max() <= 1e-12

@@ -96,7 +96,6 @@ OP_BUDGET = 30
 # Classes outside issue 10's budget, with the reason; their counts must still not grow with the tensor count.
 OVER_BUDGET = {
     "m3": "orthogonalises every matrix: Newton–Schulz batched per shape, so launches grow with distinct shapes",
-    "deep_momentum": "its own target (≤ 30, issue 11) is not met yet: 38 ops (the deep read-out's norms and GEMMs)",
 }
 
 
