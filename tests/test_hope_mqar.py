@@ -26,6 +26,9 @@ def test_every_query_asks_a_key_of_the_context_and_scores_its_value(seq_len, n_p
         asked = [int(x[b, t]) for t in scored]
         assert sorted(asked) == sorted(answer)  # every key asked once
         assert all(int(y[b, t]) == answer[int(x[b, t])] for t in scored)
+        after = scored[scored + 1 < seq_len] + 1
+        echoed = sum(int(x[b, t]) == int(y[b, t - 1]) for t in after)
+        assert echoed <= 1  # as in Zoology the input after a query is noise, not its value
     again = mqar_batch(3, seq_len, n_pairs, vocab, torch.Generator().manual_seed(1))
     assert torch.equal(again[0], x) and torch.equal(again[1], y)
 

@@ -490,6 +490,8 @@ def cmd_niah(args: argparse.Namespace) -> int:
                     extra["digit_accuracy_needle_removed"] = niah.niah_accuracy(
                         model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer,
                         needle=False)[0]
+                    extra["needle_gradient_share"], extra["needle_token_fraction"] = niah.needle_gradient_share(
+                        model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer)
                 rows.append({"model": variant, "seed": seed, "task": args.task, "train_context": args.context,
                              "context": ctx, "digit_accuracy": digit, "exact_accuracy": exact, "samples": samples,
                              **extra})
@@ -497,7 +499,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
         write_csv(args.out / "results.csv", rows)
         plot_curves(args.out / "loss.png", "passkey training (answer-digit loss)", curves)
         keys = ("digit_accuracy", "exact_accuracy")
-        keys += () if args.task == "passkey" else ("digit_accuracy_needle_removed",)
+        keys += () if args.task == "passkey" else ("digit_accuracy_needle_removed", "needle_gradient_share")
         summary = {f"{m} @ {c}": _summary([r for r in rows if r["model"] == m and r["context"] == c], keys)
                    for m in args.models for c in contexts}
         bpe = filler.tokenizer.kind == "bpe"  # scores the tokens of " <key>": no per-token chance level

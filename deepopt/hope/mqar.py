@@ -4,9 +4,10 @@
 A sequence opens with ``n`` key-value pairs ``k₁ v₁ … kₙ vₙ`` (distinct keys from the lower half of the
 vocabulary, values from the upper half), then every key is asked once, in random order, at a position
 drawn with a power law that favours short gaps (p(slot i) ∝ (i+1)^(a−1), a = 0.01); the target after a
-queried key is its value, every other position is unscored random noise.  Accuracy is the fraction of
-queries whose value is the model's greedy prediction.  Models train on a mixture of (length, pairs)
-settings and are evaluated on held-out sequences of each setting and of longer ones.
+queried key is its value, every other position is unscored random noise (as in Zoology, the token after a
+query is noise too, not the value).  Accuracy is the fraction of queries whose value is the model's greedy
+prediction.  Models train on a mixture of (length, pairs) settings and are evaluated on held-out sequences
+of each setting and of longer ones.
 
 ``deepopt hope mqar`` (``register``) trains HOPE and Transformer++ at equal parameter counts for each
 width and writes ``report.json``, ``results.csv`` and ``accuracy_<model>.png`` (accuracy vs pairs).
@@ -56,7 +57,7 @@ def mqar_batch(batch_size: int, seq_len: int, n_pairs: int, vocab_size: int = VO
     n_slots = (seq_len + 1 - 2 * n_pairs) // 2  # two-token (query key, value) slots after the pairs
     slot_weights = torch.arange(1, n_slots + 1, dtype=torch.float64) ** (POWER_A - 1)
     raw = torch.randint(1, vocab_size, (batch_size, seq_len + 1), generator=gen)
-    scored = torch.zeros(batch_size, seq_len + 1, dtype=torch.bool)
+    target = torch.full_like(raw, -100)
     for b in range(batch_size):
         keys = 1 + torch.randperm(half - 1, generator=gen)[:n_pairs]
         values = torch.randint(half, vocab_size, (n_pairs,), generator=gen)
@@ -64,10 +65,8 @@ def mqar_batch(batch_size: int, seq_len: int, n_pairs: int, vocab_size: int = VO
         slots = torch.multinomial(slot_weights, n_pairs, replacement=False, generator=gen)
         pos = 2 * n_pairs + 2 * slots
         order = torch.randperm(n_pairs, generator=gen)
-        raw[b, pos], raw[b, pos + 1] = keys[order], values[order]
-        scored[b, pos + 1] = True
-    y = torch.where(scored[:, 1:], raw[:, 1:], torch.full_like(raw[:, 1:], -100))
-    return raw[:, :-1], y
+        raw[b, pos], target[b, pos + 1] = keys[order], values[order]  # the input after a query stays noise
+    return raw[:, :-1], target[:, 1:]
 
 
 @torch.no_grad()

@@ -12,12 +12,14 @@ the sequence ends in ``" What is the special magic number for <key>? The special
 
 ``needle=False`` replaces the asked needle by haystack text of the same length (the distractors of
 ``mk-niah`` stay): the diagnostic that the answer comes from the needle, whose accuracy must fall to chance
-(1/10 per digit, 1/16 per hex digit with byte tokens).
+(1/10 per digit, 1/16 per hex digit with byte tokens).  ``needle_gradient_share`` is the second diagnostic,
+which also reads a model at chance: how much of the answer's input gradient falls on the needle's tokens.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .data import BYTES, Tokenizer
@@ -101,3 +103,34 @@ def niah_accuracy(model, task: str, haystack: Tensor, length: int, samples: int,
         right, scored = right + int(hit.sum()), scored + int(answer.sum())
         exact, n, i = exact + int((hit | ~answer).all(-1).sum()), n + x.shape[0], i + 1
     return right / scored, exact / n
+
+
+def needle_gradient_share(model, task: str, haystack: Tensor, length: int, samples: int, batch_size: int, seed: int,
+                          tokenizer: Tokenizer = BYTES) -> tuple[float, float]:
+    """``(share, fraction)`` on the held-out sequences of ``niah_accuracy``: ``share = Σ_{t∈N} ‖g_t‖ / Σ_t ‖g_t‖``
+    with ``g_t = ∂ℓ/∂e_t`` the gradient of the answer's summed NLL ``ℓ`` with respect to token t's embedding
+    and ``N`` the asked needle's positions (where the ``needle=False`` sequence differs), ``fraction = |N| / T``
+    (the share of a model that spreads its gradient evenly).  A model that reads the needle puts far more than
+    ``fraction`` on it; one whose memory carries nothing from the needle to the answer puts about 0."""
+    model.eval()
+    device = model.embed.weight.device
+    grabbed: list[Tensor] = []
+    handle = model.embed.register_forward_hook(lambda m, i, out: grabbed.append(out) if out.requires_grad else None)
+    on_needle, total, needle_tokens, tokens, n, i = 0.0, 0.0, 0, 0, 0, 0
+    try:
+        while n < samples:
+            size = min(batch_size, samples - n)
+            x, y = niah_batch(task, haystack, size, length, seed + 7919, i, tokenizer)
+            gone = niah_batch(task, haystack, size, length, seed + 7919, i, tokenizer, needle=False)[0]
+            grabbed.clear()
+            with torch.enable_grad():
+                logits, _ = model(x.to(device))
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
+                (g,) = torch.autograd.grad(loss, grabbed[-1])
+            norm, mask = g.norm(dim=-1).cpu().double(), x != gone
+            on_needle, total = on_needle + float(norm[mask].sum()), total + float(norm.sum())
+            needle_tokens, tokens = needle_tokens + int(mask.sum()), tokens + mask.numel()
+            n, i = n + size, i + 1
+    finally:
+        handle.remove()
+    return on_needle / total, needle_tokens / tokens
