@@ -85,11 +85,11 @@ class _Memory:
 
 def _cpu_loop_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
     """The CPU loop covers the deep branch with the dot objective, identity preconditioner and no output
-    nonlinearity or 1/t schedule, on contiguous fp32/fp64 CPU parameters."""
+    nonlinearity or 1/t schedule, on contiguous, non-empty fp32/fp64 CPU parameters."""
     return (group["hidden"] > 0 and group["objective"] == "dot" and group["preconditioner"] == "identity"
             and group["nonlinearity"] is None and group["lr_decay"] == 0
             and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
-                    for p in params))
+                    and p.numel() > 0 for p in params))
 
 
 def _block_rows(flat: Tensor, whole: Tensor, a: int, b: int) -> Tensor:

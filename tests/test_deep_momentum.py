@@ -260,3 +260,19 @@ def test_multi_tensor_path_restacks_its_memory_after_a_load_or_rule_steps(monkey
     ours.param_groups[0]["foreach"] = None
     train(a, ours, 10, start=20)
     assert (flat(a) - flat(b)).abs().max() <= 1e-12
+
+
+def test_an_empty_parameter_does_not_stop_the_fast_path():
+    """A zero-element parameter in the list (the CPU loop leaves such a list to the multi-tensor path): the
+    other parameters follow the rule."""
+    def run(foreach):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.zeros(0, 4, dtype=F64, requires_grad=True), torch.zeros(6, 5, dtype=F64, requires_grad=True)]
+        opt = deepopt.DeepMomentum(params, lr=0.1, foreach=foreach)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=F64)
+            opt.step()
+        return params[1].detach()
+
+    assert (run(None) - run(False)).abs().max() <= 1e-12
