@@ -142,6 +142,9 @@ class DeepMomentum(MemoryOptimizer):
             Φᵀ = σ((W₂/s_k) Kᵀ),  r = ‖Φ‖/√n,  C = ΦᵀV/(s_v r n)
             dot: W₁ᵀ ← α W₁ᵀ + η C;   l2: W₁ᵀ ← α W₁ᵀ − η(Φᵀ(Φ W₁ᵀ/r − V/s_v)/(r n))
             u = m + (W₁ s_v/r Φᵀ)ᵀ
+
+        On the CPU, where a multi-tensor op is a loop anyway and every full-size temporary costs a pass over
+        memory, the default options run an in-place loop over cache-sized chunks instead (``_cpu_loop_step``).
         """
         hidden = group["hidden"]
         if (any(isinstance(group[k], Tensor) for k in ("momentum", "eta", "beta", "weight_decay", "lr_decay",
