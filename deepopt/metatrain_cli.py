@@ -109,6 +109,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "weighs late progress like early progress), or mean loss on held-out batches after each step",
     )
     a(
+        "--late-weight",
+        type=float,
+        default=0.0,
+        help="a truncation ending at inner step t weighs (t/horizon)^P in the meta-gradient (0: all alike; > 0 "
+        "leans the outer loss towards the end of the horizon, where the evaluation compares final losses)",
+    )
+    a(
         "--estimator",
         default="backprop",
         choices=ESTIMATORS,
@@ -249,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         meta_lr=args.meta_lr,
         clip=args.clip,
         outer=args.outer,
+        late_weight=args.late_weight,
         estimator=args.estimator,
         checkpoint_every=args.checkpoint_every,
         es_pairs=args.es_pairs,

@@ -12,6 +12,9 @@ Families (sampled by seed, used for meta-training):
     ``tabular``: MLPs on small problems cut from digits (8–32 of its features, 2–5 of its classes) or
         iris, width ∈ {16, 32, 64}, depth ∈ {1, 2}, relu/tanh, batch ∈ {16, 32, 64}.
     ``mixed``: half ``digits``, half ``tabular`` (VeLO's lesson: breadth of tasks generalises).
+    ``small``: 64–400 training rows of a teacher-labelled Gaussian problem or a ``tabular`` cut, small enough
+        for the MLP to memorise within the horizon (the loss falls towards 0, as on wine and breast cancer).
+    ``broad``: a third each of ``digits``, ``tabular`` and ``small``.
     ``quadratic``: ``½‖S(w − c − ξ)‖²`` with ``SᵀS`` of eigenvalues log-uniform in [0.01, 1] and
         minibatch noise ξ ~ 0.1·N(0, I).
 Held-out tasks (never sampled by a family; evaluation only): digits MLPs of depth 3 / width 128 with
@@ -265,19 +268,50 @@ def tabular_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
     rng = random.Random(seed)
     width, depth = rng.choice((16, 32, 64)), rng.choice((1, 2))
     activation, batch_size = rng.choice(("relu", "tanh")), rng.choice((16, 32, 64))
-    if rng.random() < 0.25:
-        name, data = "iris", _dataset("iris", dtype)
-    else:
-        x, y, x_test, y_test = _dataset("digits", dtype)
-        features = sorted(rng.sample(range(x.shape[1]), rng.randint(8, 32)))
-        classes = sorted(rng.sample(range(10), rng.randint(2, 5)))
-        relabel = torch.full((10,), -1, dtype=torch.long)
-        relabel[classes] = torch.arange(len(classes))
-        keep, keep_test = relabel[y] >= 0, relabel[y_test] >= 0
-        data = (x[keep][:, features], relabel[y[keep]], x_test[keep_test][:, features], relabel[y_test[keep_test]])
-        name = f"digits{len(features)}f{len(classes)}c"
+    name, data = _cut(rng, dtype)
     return _mlp_on(f"{name}_w{width}_d{depth}_{activation}_b{batch_size}", data, (width,) * depth, activation,
                    batch_size, seed, dtype)
+
+
+def _cut(rng: random.Random, dtype: torch.dtype) -> tuple[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Iris (1 in 4) or a problem cut from digits: 8–32 of its features, 2–5 of its classes (relabelled 0…C−1)."""
+    if rng.random() < 0.25:
+        return "iris", _dataset("iris", dtype)
+    x, y, x_test, y_test = _dataset("digits", dtype)
+    features = sorted(rng.sample(range(x.shape[1]), rng.randint(8, 32)))
+    classes = sorted(rng.sample(range(10), rng.randint(2, 5)))
+    relabel = torch.full((10,), -1, dtype=torch.long)
+    relabel[classes] = torch.arange(len(classes))
+    keep, keep_test = relabel[y] >= 0, relabel[y_test] >= 0
+    data = (x[keep][:, features], relabel[y[keep]], x_test[keep_test][:, features], relabel[y_test[keep_test]])
+    return f"digits{len(features)}f{len(classes)}c", data
+
+
+def _teacher_data(rng: random.Random, dtype: torch.dtype) -> tuple[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Synthetic classification: ``x ~ N(0, I_d)`` (d ∈ [4, 32]), labels ``argmax tanh(x A) B`` of a random
+    one-hidden-layer teacher with 2–4 classes; 512 training and 256 test rows."""
+    d, classes = rng.randint(4, 32), rng.randint(2, 4)
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    a = torch.randn(d, 16, generator=gen, dtype=torch.float64) / d**0.5
+    b = torch.randn(16, classes, generator=gen, dtype=torch.float64)
+    x = torch.randn(768, d, generator=gen, dtype=torch.float64)
+    y = (torch.tanh(x @ a) @ b).argmax(-1)
+    x = x.to(dtype)
+    return f"teacher{d}f{classes}c", (x[:512], y[:512], x[512:], y[512:])
+
+
+def small_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
+    """A member of the small family: 64–400 training rows (an MLP memorises them within the horizon, so the loss
+    keeps falling towards 0 — as on the held-out wine and breast-cancer problems, and unlike digits' minibatch
+    noise floor) of a teacher-labelled Gaussian problem (``_teacher_data``) or a ``tabular`` cut, under an MLP
+    of width 16/32/64, depth 1/2, relu/tanh, batch 16/32/64."""
+    rng = random.Random(seed)
+    width, depth = rng.choice((16, 32, 64)), rng.choice((1, 2))
+    activation, batch_size = rng.choice(("relu", "tanh")), rng.choice((16, 32, 64))
+    name, (x, y, x_test, y_test) = (_teacher_data if rng.random() < 0.5 else _cut)(rng, dtype)
+    rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[: rng.randint(64, 400)]
+    return _mlp_on(f"{name}{len(rows)}r_w{width}_d{depth}_{activation}_b{batch_size}",
+                   (x[rows], y[rows], x_test, y_test), (width,) * depth, activation, batch_size, seed, dtype)
 
 
 def mixed_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
@@ -285,8 +319,14 @@ def mixed_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
     return (digits_task if random.Random(seed).random() < 0.5 else tabular_task)(seed, dtype=dtype)
 
 
+def broad_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
+    """One third each of digits-family, tabular-family and small-family members (drawn from ``seed``)."""
+    return random.Random(seed).choice((digits_task, tabular_task, small_task))(seed, dtype=dtype)
+
+
 FAMILIES: dict[str, Callable[..., Task]] = {
     "digits": digits_task, "quadratic": quadratic_task, "tabular": tabular_task, "mixed": mixed_task,
+    "small": small_task, "broad": broad_task,
 }
 
 # name -> (data set, widths, activation, batch size); none of these is a member of a family.

@@ -1,13 +1,16 @@
 """The meta-training loop: truncated unrolls over a task family, Adam on the raw meta-parameters.
 
-Each meta-step, every one of ``tasks_per_step`` slots runs one truncation of ``unroll`` inner steps on
-its task, carrying (θ, s) from its previous truncation (TBPTT); a slot draws a new task from the family
-once it has done ``horizon`` inner steps.  The estimates are averaged, clipped to norm ``clip`` and
-applied by ``deepopt.Adam`` (``nonfinite="skip"``); a slot whose loss or meta-gradient is not finite is
-dropped and restarted on a new task.  Slots whose tasks share a structure (``Task.signature``: always in the
-quadratic family, by chance among digits MLPs) and an inner step run as one ``TaskStack`` under ``vmap``
-(``vectorize``), the same estimate up to rounding.  Everything random derives from ``seed`` (task draws, batches, ES
-perturbations), so a run resumed from its last checkpoint continues exactly as an uninterrupted one.
+Each meta-step, every one of ``tasks_per_step`` slots runs one truncation of ``unroll`` inner steps on its
+task, carrying (θ, s) from its previous truncation (TBPTT); a slot draws a new task from the family once it
+has done ``horizon`` inner steps.  The estimates are averaged, clipped to norm ``clip`` and applied by
+``deepopt.Adam`` (``nonfinite="skip"``); with ``late_weight = p > 0`` a truncation that ends at inner step t
+weighs ``(t/horizon)^p`` in that average (the outer loss leans towards the end of the horizon, where the
+held-out evaluation compares final losses; p = 0: all alike); a slot whose loss or meta-gradient is not finite
+is dropped and restarted on a new task.  Slots whose tasks share a structure (``Task.signature``: always in
+the quadratic family, by chance among digits MLPs) and an inner step run as one ``TaskStack`` under ``vmap``
+(``vectorize``), the same estimate up to rounding.  Everything random derives from ``seed`` (task draws,
+batches, ES perturbations), so a run resumed from its last checkpoint continues exactly as an uninterrupted
+one.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class MetaTrainConfig:
     meta_lr: float = 0.03
     clip: float = 1.0
     outer: str = "log_train"
+    late_weight: float = 0.0
     estimator: str = "backprop"
     checkpoint_every: int = 0
     es_pairs: int = 32
@@ -87,6 +91,8 @@ class MetaTrainConfig:
         for name in ("meta_lr", "clip", "es_sigma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.late_weight >= 0:
+            raise ValueError(f"late_weight must be >= 0, got {self.late_weight!r}")
 
 
 @dataclass
@@ -172,8 +178,9 @@ class MetaTrainer:
             for i, inner in zip(idx, inners):
                 self.slots[i].inner = inner
             losses += [float(est.loss)] * len(idx)
+            weight = (inners[0].step / cfg.horizon) ** cfg.late_weight  # a group's slots are at one inner step
             for k, g in est.grads.items():
-                total[k] += g * (len(idx) / cfg.tasks_per_step)
+                total[k] += g * (weight * len(idx) / cfg.tasks_per_step)
         for k, p in params.items():
             p.grad = total[k]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip))
@@ -235,9 +242,8 @@ class MetaTrainer:
         """Resume from a ``trainer_state.pt``; the run's config must match (``meta_steps`` may differ)."""
         sd = torch_load(path)
         ours = dataclasses.asdict(self.config)
-        diff = sorted(
-            k for k in ours if k not in _RESUMABLE_CHANGES and _plain(sd["config"].get(k)) != _plain(ours[k])
-        )
+        theirs = {**dataclasses.asdict(MetaTrainConfig()), **sd["config"]}  # fields added since: their default
+        diff = sorted(k for k in ours if k not in _RESUMABLE_CHANGES and _plain(theirs[k]) != _plain(ours[k]))
         if diff:
             raise ValueError(f"{path} is from a different run: config fields {diff} differ")
         self.meta.load_state_dict(sd["meta"])

@@ -279,3 +279,55 @@ def test_device_option_moves_tasks_and_refuses_a_missing_gpu():
             MetaTrainConfig(device="cuda")
     with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
         MetaTrainConfig(device="tpu")
+
+
+def test_small_and_broad_families_are_memorisable_problems_from_other_data():
+    """The ``small`` family has 64–400 training rows of a teacher-labelled Gaussian problem or a digits/iris cut
+    (never wine or breast cancer), deterministic in the seed, that an MLP memorises within the meta-training
+    horizon (Adam drives the full-split loss towards 0, as on the held-out wine task); ``broad`` draws from
+    digits, tabular and small, and a meta-step on it runs."""
+    from deepopt.meta_train.evaluate import loss_curve
+
+    sources = set()
+    for seed in range(12):
+        task = sample_task("small", seed)
+        x, y = task.full_batch
+        assert 64 <= x.shape[0] <= 400 and x.shape[1] <= 32
+        assert task.name.startswith(("iris", "digits", "teacher"))
+        sources.add(task.name[:5])
+        assert task.model(x).shape == (x.shape[0], int(y.max()) + 1)
+        again = sample_task("small", seed)
+        assert torch.equal(again.full_batch[0], x) and torch.equal(again.train_batch(7)[1], task.train_batch(7)[1])
+        assert task.heldout_batch(0)[0].shape[0] == task.train_batch(0)[0].shape[0]
+    assert {"teach", "digit"} <= sources
+    for seed in (3, 5):
+        curve = loss_curve(sample_task("small", seed), lambda p: deepopt.Adam(p, lr=0.02), 200)
+        assert curve[-1] < 0.01 * curve[0]
+    drawn = {sample_task("broad", seed).name for seed in range(12)}
+    assert any(n.startswith("digits_") for n in drawn) and any("r_w" in n for n in drawn)
+    assert any("f" in n.split("_")[0] and "r" not in n.split("_")[0][-4:] for n in drawn)
+    trainer = MetaTrainer(MetaTrainConfig(rule="deep_momentum", family="broad", meta_steps=1, unroll=2, horizon=2,
+                                          hparams={"lr": 0.03, "hidden": 4, "key_dim": 8}))
+    record = trainer.meta_step()
+    assert record["outer_loss"] is not None and record["dropped"] == 0
+
+
+def test_late_weight_scales_each_truncation_by_its_position_in_the_horizon(tmp_path):
+    """``late_weight = p`` multiplies the meta-gradient of a truncation ending at inner step t by (t/horizon)^p
+    (first truncation of 2 steps in a horizon of 8: 4^-p), p = 0 is the unweighted run; a checkpoint written
+    before the field existed resumes as p = 0, and p < 0 is refused."""
+    base = dict(rule="deep_momentum", family="quadratic", meta_steps=1, unroll=2, horizon=8,
+                hparams={"lr": 0.03, "hidden": 4, "key_dim": 8})
+    norms = {p: MetaTrainer(MetaTrainConfig(late_weight=p, **base)).meta_step()["grad_norm"] for p in (0.0, 1.5)}
+    assert norms[0.0] > 0
+    assert norms[1.5] == pytest.approx(norms[0.0] * 4**-1.5, rel=1e-5)
+    trainer = MetaTrainer(MetaTrainConfig(**base), tmp_path)
+    trainer.run(progress=False)
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    del state["config"]["late_weight"]
+    torch.save(state, tmp_path / "trainer_state.pt")
+    assert MetaTrainer(MetaTrainConfig(**base), tmp_path).step == 1
+    with pytest.raises(ValueError, match="different run"):
+        MetaTrainer(MetaTrainConfig(late_weight=1.0, **base), tmp_path)
+    with pytest.raises(ValueError, match="late_weight"):
+        MetaTrainConfig(late_weight=-1.0)
