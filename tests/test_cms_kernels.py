@@ -8,14 +8,13 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections import Counter
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from deepopt.bench import OpCounter
 from deepopt.hope import cms_kernels
 from deepopt.hope.model import CMSLevel, HopeConfig
 from deepopt.rules.deep import ACTIVATIONS
@@ -120,16 +119,6 @@ def test_level_on_the_op_equals_the_chunk_loop_with_gradients(period, T):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     names = [n for n, _ in scan.named_parameters()]
     assert g[1 + names.index("eta_rho")].abs() > 0  # η's ρ gets a gradient through the steps
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_ops_dispatched_by_a_level_do_not_grow_with_the_context():

@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections import Counter
 from unittest import mock
 
 import pytest
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from deepopt.bench import OpCounter
 from deepopt.hope import titans_kernels as tk
 from deepopt.hope.model import HopeConfig, LanguageModel, SelfModifyingTitans
 
@@ -82,24 +81,13 @@ def test_scan_op_equals_the_chunk_loop_with_gradients(T):
     torch.testing.assert_close(g_y, r_y, rtol=0, atol=1e-10)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts every op dispatched (a custom op once, whatever it runs inside)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_training_step_dispatches_the_same_ops_at_every_context_length():
-    """A HOPE training step (forward + backward) whose CMS levels do not learn in context (their chunk loop is
-    another issue's) dispatches the same ops at context 64 and 256: the Titans recurrence is one
-    ``deepopt::titans_scan`` forward and one ``titans_scan_backward`` per layer.  The torch chunk loop runs inside
-    each op (a dispatch mode sees the op once)."""
-    cfg = HopeConfig(d_model=32, n_heads=2, n_layers=2, mem_hidden=16, chunk_size=16, cms_periods=(None,))
+    """A HOPE training step (forward + backward, CMS levels learning in context: their error pass included)
+    dispatches the same ops at context 64 and 256: each layer's Titans recurrence is one ``deepopt::titans_scan``
+    per forward pass and one ``titans_scan_backward``, each CMS level's one ``cms_scan`` and one
+    ``cms_scan_backward``.  On the CPU the torch chunk loop runs inside each op (a dispatch mode sees the op once);
+    on CUDA each is a Triton launch."""
+    cfg = HopeConfig(d_model=32, n_heads=2, n_layers=2, mem_hidden=16, chunk_size=16, cms_periods=(16, 32, None))
     counts = {}
     for context in (64, 256):
         torch.manual_seed(0)
@@ -109,7 +97,9 @@ def test_training_step_dispatches_the_same_ops_at_every_context_length():
             model(idx[:, :-1], idx[:, 1:])[1].backward()
         counts[context] = counter.ops
     assert counts[64] == counts[256], set(counts[64].items()) ^ set(counts[256].items())
-    assert counts[64]["deepopt.titans_scan.default"] == counts[64]["deepopt.titans_scan_backward.default"] == 2
+    # per layer: the error pass's forward and the training forward; one backward
+    assert counts[64]["deepopt.titans_scan.default"] == 4 and counts[64]["deepopt.titans_scan_backward.default"] == 2
+    assert counts[64]["deepopt.cms_scan.default"] == 4 and counts[64]["deepopt.cms_scan_backward.default"] == 4
 
 
 def test_layer_uses_the_scan_only_where_it_applies():
