@@ -5,6 +5,7 @@
     python benchmarks/hope_throughput.py --smoke               # seconds, for CI
     python benchmarks/hope_throughput.py --compile             # both models under torch.compile
     python benchmarks/hope_throughput.py --device cuda --cuda-graph   # each step one CUDA graph replay
+    python benchmarks/hope_throughput.py --no-scan-ops         # HOPE on the Python chunk loop (before the scan ops)
 
 A step is forward + backward + AdamW on ``--tokens`` tokens (batch = tokens / context).  Tokens/s is the
 median over ``--steps`` timed steps after ``--warmup`` untimed ones.  Peak memory: on CUDA
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,13 +48,14 @@ def _proc_kib(field: str) -> int:
 
 
 def measure(model_name: str, size: str, context: int, tokens: int, steps: int, warmup: int,
-            device: str, compile: bool = False, recompute: bool = False, cuda_graph: bool = False
-            ) -> dict[str, float]:
+            device: str, compile: bool = False, recompute: bool = False, cuda_graph: bool = False,
+            scan_ops: bool = True) -> dict[str, float]:
     """Tokens/s and peak memory (MiB) of ``steps`` training steps of one model (``recompute``: HOPE recomputes
     its chunk states in the backward pass, ``HopeConfig.recompute_chunks``; ``cuda_graph``: each step is one
-    replay of a captured graph, ``deepopt.cuda_graph.GraphedStep``)."""
+    replay of a captured graph, ``deepopt.cuda_graph.GraphedStep``; ``scan_ops=False``: HOPE's memories run the
+    Python chunk loop instead of the whole-sequence ops, ``HopeConfig.scan_ops``)."""
     torch.manual_seed(0)
-    cfg = model_config(model_name, size, recompute_chunks=recompute or None)
+    cfg = model_config(model_name, size, recompute_chunks=recompute or None, scan_ops=scan_ops)
     model = LanguageModel(cfg).to(device)
     if compile:
         compile_model(model, dynamic=False)
@@ -98,10 +101,12 @@ def measure(model_name: str, size: str, context: int, tokens: int, steps: int, w
 
 def step_flops(cfg: HopeConfig, batch: int, context: int, device: str) -> float:
     """FLOPs of one forward + backward of a fresh eager model, counted by ``FlopCounterMode`` (run after the
-    timing and the memory reading).  Attention is counted analytically instead, so that it is the same on
-    every device: ``6·T·d`` per token and layer (QKᵀ and AV, 2·T·d forward on average under the causal mask,
-    backward twice that); the counter's own figure for a fused attention kernel (GPU) is left out."""
-    model = LanguageModel(cfg).to(device)
+    timing and the memory reading) on HOPE's Python chunk loop (``scan_ops=False``: the counter cannot see inside
+    the scan ops, whose backward also recomputes the forward), so the figure is the model's arithmetic, not a
+    path's.  Attention is counted analytically instead, so that it is the same on every device: ``6·T·d`` per
+    token and layer (QKᵀ and AV, 2·T·d forward on average under the causal mask, backward twice that); the
+    counter's own figure for a fused attention kernel (GPU) is left out."""
+    model = LanguageModel(replace(cfg, scan_ops=False)).to(device)
     x = torch.randint(0, cfg.vocab_size, (batch, context + 1), device=device)
     with FlopCounterMode(display=False) as counter:
         model(x[:, :-1], x[:, 1:])[1].backward()
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile both models (deepopt.hope.model.compile_model); compilation is in the warm-up")
     p.add_argument("--recompute-chunks", action="store_true",
                    help="HOPE recomputes its chunk states in the backward pass instead of keeping them")
+    p.add_argument("--no-scan-ops", dest="scan_ops", action="store_false",
+                   help="HOPE's memories run the Python chunk loop instead of the scan ops (the path before them)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each training step in one CUDA graph (deepopt.cuda_graph.GraphedStep; CUDA only)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -140,14 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.model, args.size, args.contexts[0], args.tokens, args.steps, args.warmup,
-                                 args.device, args.compile, args.recompute_chunks, args.cuda_graph)))
+                                 args.device, args.compile, args.recompute_chunks, args.cuda_graph, args.scan_ops)))
         return 0
     rows = []
     for ctx in args.contexts:
         for model in MODELS:
             if args.device.startswith("cuda"):
                 rows.append(measure(model, args.size, ctx, args.tokens, args.steps, args.warmup, args.device,
-                                    args.compile, args.recompute_chunks, args.cuda_graph))
+                                    args.compile, args.recompute_chunks, args.cuda_graph, args.scan_ops))
             else:
                 cmd = [sys.executable, __file__, "--worker", "--model", model, "--size", args.size, "--contexts",
                        str(ctx), "--tokens", str(args.tokens), "--steps", str(args.steps), "--warmup",
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--threads", str(args.threads)] if args.threads else []
                 cmd += ["--compile"] if args.compile else []
                 cmd += ["--recompute-chunks"] if args.recompute_chunks else []
+                cmd += [] if args.scan_ops else ["--no-scan-ops"]
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(args.out / "results.csv", rows)
         atomic_save_json({"size": args.size, "tokens_per_step": args.tokens, "device": args.device,
                           "threads": args.threads, "compile": args.compile, "recompute_chunks": args.recompute_chunks,
-                          "cuda_graph": args.cuda_graph,
+                          "cuda_graph": args.cuda_graph, "scan_ops": args.scan_ops,
                           "rows": rows, "ratios": {str(k): v for k, v in ratios.items()}},
                          args.out / "report.json")
     return 0

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -209,3 +210,23 @@ def test_cuda_scan_equals_the_cpu_reference_with_gradients(T):
              for os_, xs in zip(outs, (inputs, cpu))]
     for a, b in zip(*grads):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
+
+
+def test_scan_ops_false_runs_the_python_chunk_loop_with_the_same_numbers():
+    """``HopeConfig.scan_ops=False`` takes every memory off the ops (the loop a FLOP counter can see into)."""
+    cfg = HopeConfig(d_model=32, n_heads=2, n_layers=1, mem_hidden=16, chunk_size=16, cms_periods=(16, None))
+    idx = torch.randint(0, 256, (2, 49), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for scan_ops in (True, False):
+        torch.manual_seed(0)
+        model = LanguageModel(replace(cfg, scan_ops=scan_ops)).double()
+        assert model.blocks[0].titans.f.scans() is scan_ops and model.blocks[0].cms[0].scans is scan_ops
+        with OpCounter() as counter:
+            loss = model(idx[:, :-1], idx[:, 1:])[1]
+            loss.backward()
+        assert (counter.ops.get("deepopt.titans_scan.default", 0) > 0) is scan_ops
+        runs.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (la, ga), (lb, gb) = runs
+    torch.testing.assert_close(la, lb, rtol=0, atol=1e-12)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

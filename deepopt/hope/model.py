@@ -98,6 +98,10 @@ class HopeConfig:
     # self_modifying=False, a non-sgd CMS rule): recompute each chunk's states in the backward pass instead of
     # keeping them (same numbers).  The scan ops (titans_scan, cms_scan) always recompute.
     recompute_chunks: bool = False
+    # run the memories they take as the whole-sequence ops deepopt::titans_scan / deepopt::cms_scan (Triton on
+    # CUDA; on the CPU the torch chunk loop inside one op, chunks recomputed in the backward pass); False: the
+    # Python chunk loop everywhere (same numbers; on the CPU faster, keeping every chunk's activations)
+    scan_ops: bool = True
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -265,7 +269,7 @@ class SelfModifyingTitans(nn.Module):
     def scans(self) -> bool:
         """Does this layer run as one ``deepopt::titans_scan`` op (self-modifying, an inner rule that does not
         drift, i.e. SGD, and no η log)?  Otherwise the Python loop over ``_parallel_chunk``."""
-        return self.cfg.self_modifying and not self.drifts and self.eta_log is None
+        return self.cfg.scan_ops and self.cfg.self_modifying and not self.drifts and self.eta_log is None
 
     def _scan(self, u: Tensor, q: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The whole chunk recurrence in one op: outputs (B, H, T, dh) and the final states."""
@@ -366,7 +370,7 @@ class CMSLevel(nn.Module):
         self.rule, self.hp, _ = affine_rule(cfg.cms_rule, {})
         self.learns_in_context = True  # False: the level stays at θ₀ (the ablation)
         self.recompute = cfg.recompute_chunks
-        self.scans = cfg.cms_rule == "sgd"  # the whole recurrence as one op (deepopt.hope.cms_kernels)
+        self.scans = cfg.scan_ops and cfg.cms_rule == "sgd"  # the whole recurrence as one op (cms_kernels)
 
     @property
     def learns(self) -> bool:
