@@ -20,10 +20,12 @@ from deepopt.runs import JsonLines, UsageError, add_out_option, check_at_least, 
 
 EVAL_FILE = "eval.jsonl"
 
-# Sizes: the default run (a few minutes on 2 CPU cores) and --smoke (well under a minute).
+# Sizes: the default run (a few minutes on 2 CPU cores) and --smoke (well under a minute).  Truncations of K = 50
+# steps (not 20: a 20-step meta-gradient learns too fast an lr decay for step 200, the short-horizon bias) over the
+# same 8000 inner steps per task slot (README "Meta-training", docs/notes/meta-training.md).
 DEFAULTS: dict[str, Any] = dict(
-    meta_steps=400,
-    unroll=20,
+    meta_steps=160,
+    unroll=50,
     horizon=200,
     tasks_per_step=2,
     lr=0.01,
@@ -89,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="tiny sizes for a < 1 minute end-to-end check (explicit options win)",
     )
     a("--rule", default="deep_momentum", choices=sorted(LEARNABLE), help="the deepopt rule to meta-train")
-    a("--family", default="digits", choices=sorted(FAMILIES), help="task family sampled for meta-training")
+    a("--family", default="broad", choices=sorted(FAMILIES),
+      help="task family sampled for meta-training (default broad: a third each of digits, tabular and small)")
     a("--meta-steps", type=int, help=f"meta-gradient steps (default {DEFAULTS['meta_steps']})")
     a("--unroll", type=int, help=f"inner steps per truncation K (default {DEFAULTS['unroll']})")
     a(
