@@ -1,7 +1,7 @@
 """A CMS level's whole chunk recurrence as one torch custom op, ``deepopt::cms_scan``, and its backward.
 
 For one sequence, chunk c of ``P = period`` tokens (keys ``k``, constant error signals ``δ``) is read at the state
-``(W₁, W₂)_c`` and, when full, moves it by Eq. 71 with the level's ``sgd`` rule (``model.cms_factors``)::
+``(W₁, W₂)_c`` and, when full, moves it by Eq. 71 with the level's ``sgd`` rule (``cms_factors``)::
 
     y_t = W₁σ(W₂k_t)                                   for every token t of the chunk
     W₁ ← W₁ − lr·Σ_t a_t δ_t h_tᵀ,                     a_t = 1/(1 + ‖h_t‖²),  h_t = σ(z_t),  z_t = W₂k_t
@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deepopt.hope.model import cms_factors
-from deepopt.hope.titans_kernels import SECOND_DERIVATIVES  # σ''(z): the backward of the W₂ step's σ'(z) factor
+# SECOND_DERIVATIVES: σ''(z), for the backward of the W₂ step's σ'(z) factor
+from deepopt.hope.titans_kernels import SECOND_DERIVATIVES, normalized_steps
 from deepopt.rules.deep import ACTIVATIONS
 
 
@@ -44,6 +44,23 @@ def _check(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, period: i
     if k.dtype != err.dtype or not w1.dtype == w2.dtype == lr.dtype:
         raise TypeError(f"k, err ({k.dtype}, {err.dtype}) and w1, w2, lr ({w1.dtype}, {w2.dtype}, {lr.dtype}) "
                         f"must share a dtype pairwise")
+
+
+def cms_factors(w1: Tensor, w2: Tensor, k: Tensor, err: Tensor | None, activation: str) -> dict[str, Tensor]:
+    """A CMS chunk at state ``(W₁, W₂)``: ``z = kW₂ᵀ``, ``h = σ(z)``, ``read = hW₁ᵀ`` and, given the error signals
+    ``err`` (δ), ``q = δW₁`` and Eq. 71's gradient sums in normalised-LMS form (``normalized_steps``, the W₂
+    factor also over ``‖k‖² = d``): ``g1 = Σ_t (δ_t/(1 + ‖h_t‖²)) h_tᵀ``,
+    ``g2 = Σ_t ((σ'(z_t) ⊙ q_t)/((1 + ‖W₁‖²)·d)) k_tᵀ``."""
+    act, act_grad = ACTIVATIONS[activation]
+    z = k @ w2.mT
+    h = act(z)
+    f = {"z": z, "h": h, "read": h @ w1.mT}
+    if err is not None:
+        q = err @ w1
+        e1, g2 = normalized_steps(err, h, act_grad(z, h) * q, w1)
+        g2 = g2 / k.shape[-1]  # ‖k‖² = d after RMSNorm
+        f.update(q=q, g1=e1.mT @ h, g2=g2.mT @ k)
+    return f
 
 
 # -- the pure-torch reference -------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepopt.hope.titans_kernels import chunk_factors, chunk_mix, normalized_steps, titans_scan
+from deepopt.hope.cms_kernels import cms_factors, cms_scan
+from deepopt.hope.titans_kernels import chunk_factors, chunk_mix, titans_scan
 from deepopt.rules import Rule, get_rule
 from deepopt.rules.deep import ACTIVATIONS, apply_memory
 
@@ -336,23 +337,6 @@ def recomputed(fn, recompute: bool, *args: Any):
     return fn(*args)
 
 
-def cms_factors(w1: Tensor, w2: Tensor, k: Tensor, err: Tensor | None, activation: str) -> dict[str, Tensor]:
-    """A CMS chunk at state ``(W₁, W₂)``: ``z = kW₂ᵀ``, ``h = σ(z)``, ``read = hW₁ᵀ`` and, given the error signals
-    ``err`` (δ), ``q = δW₁`` and Eq. 71's gradient sums in normalised-LMS form (``normalized_steps``, the W₂
-    factor also over ``‖k‖² = d``): ``g1 = Σ_t (δ_t/(1 + ‖h_t‖²)) h_tᵀ``,
-    ``g2 = Σ_t ((σ'(z_t) ⊙ q_t)/((1 + ‖W₁‖²)·d)) k_tᵀ``."""
-    act, act_grad = ACTIVATIONS[activation]
-    z = k @ w2.mT
-    h = act(z)
-    f = {"z": z, "h": h, "read": h @ w1.mT}
-    if err is not None:
-        q = err @ w1
-        e1, g2 = normalized_steps(err, h, act_grad(z, h) * q, w1)
-        g2 = g2 / k.shape[-1]  # ‖k‖² = d after RMSNorm
-        f.update(q=q, g1=e1.mT @ h, g2=g2.mT @ k)
-    return f
-
-
 class CMSLevel(nn.Module):
     """One CMS level ``y = h + W₁σ(W₂ norm(h))`` (Eq. 70), updated in context every ``period`` tokens by
     Eq. 71 on the error signals ``δ`` of its output (module doc)."""
@@ -391,7 +375,6 @@ class CMSLevel(nn.Module):
     def _scan(self, x: Tensor, error: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A learning ``sgd`` level over the whole sequence: ``(y, W₁ states, W₂ states)`` from one
         ``deepopt::cms_scan`` op (Triton on CUDA; it recomputes chunks in its backward pass)."""
-        from deepopt.hope.cms_kernels import cms_scan  # it imports this module
 
         k = self.norm(x)
         lr = F.softplus(self.eta_rho) / self.period
