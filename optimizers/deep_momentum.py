@@ -15,6 +15,7 @@ from deepopt.rules import deep_momentum
 from deepopt.rules import transforms as T
 from deepopt.rules.deep import decayed_lr, safe_rms, to_blocks
 
+from . import deep_kernels
 from .base import MemoryOptimizer, is_dtensor
 from .delta_momentum import _inner_products, _squared_norms
 from .momentum import foreach_output_nonlinearity, foreach_precondition
@@ -92,6 +93,15 @@ def _cpu_loop_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
                     and p.numel() > 0 for p in params))
 
 
+def _triton_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
+    """The Triton kernels (``deep_kernels``) cover the CPU loop's options on CUDA, with tanh/relu/identity
+    features, for dense fp32/bf16 parameters whose ``key_dim``, ``hidden`` the kernels take."""
+    return (group["hidden"] > 0 and group["objective"] == "dot" and group["preconditioner"] == "identity"
+            and group["nonlinearity"] is None and group["lr_decay"] == 0 and params[0].device.type == "cuda"
+            and group["activation"] in deep_kernels.ACTIVATIONS
+            and deep_kernels.available(params, group["key_dim"], group["hidden"]))
+
+
 def _block_rows(flat: Tensor, whole: Tensor, a: int, b: int) -> Tensor:
     """Rows ``a:b`` of ``to_blocks(flat, key_dim)``: a view of ``whole`` (the whole blocks, ``(rows, key_dim)``)
     where they are whole, else a zero-padded copy of the tail."""
@@ -145,6 +155,7 @@ class DeepMomentum(MemoryOptimizer):
 
         On the CPU, where a multi-tensor op is a loop anyway and every full-size temporary costs a pass over
         memory, the default options run an in-place loop over cache-sized chunks instead (``_cpu_loop_step``).
+        On CUDA they run four Triton launches for the whole list (``deep_kernels``, ``_triton_applies``).
         """
         hidden = group["hidden"]
         if (any(isinstance(group[k], Tensor) for k in ("momentum", "eta", "beta", "weight_decay", "lr_decay",
@@ -156,6 +167,12 @@ class DeepMomentum(MemoryOptimizer):
         states = [self.state[p] for p in params]
         bufs = [st["momentum_buffer"] for st in states]
         grads = self._foreach_weight_decay(group, params, grads)
+        if _triton_applies(group, params):  # four launches for the whole list
+            torch._foreach_add_([st["step"] for st in states], 1)
+            mem = self._memory(params, states)
+            deep_kernels.deep_momentum_step_(params, grads, bufs, mem.w1, mem.w2, group["lr"], group["momentum"],
+                                             group["eta"], group["activation"])
+            return True
         if _cpu_loop_applies(group, params):
             torch._foreach_add_([st["step"] for st in states], 1)
             self._cpu_loop_step(group, states, params, grads)

@@ -1,0 +1,173 @@
+"""Triton kernels for ``DeepMomentum``'s default step on CUDA: the whole parameter list in four launches.
+
+The reference is the pure rule (``deepopt.rules.deep``) with the dot objective, identity preconditioner, no
+output nonlinearity and ``lr_decay = 0``.  Per tensor, with ``G`` the gradient's ``n`` key blocks (the last
+zero-padded) and ``N_g``, ``N_Φ`` Frobenius norms::
+
+    m ← α·m + g                                   s_k = N_g/√n        (launch 1, with N_g² by atomics)
+    Φ = σ(G W₂ᵀ/s_k),  C = GᵀΦ                    r = N_Φ/√n          (launch 2, C and N_Φ² by atomics)
+    W₁ ← α·W₁ + η·C/(s_k r n)                                         (launch 3, one program per tensor)
+    W ← W − lr·(m + (s_k/r)·Φ W₁ᵀ)                (Φ recomputed from G) (launch 4)
+
+(``s = 1`` / ``r = 1`` for a zero gradient, ``deep.safe_rms``.)  As in ``delta_kernels``, a table of device
+pointers and a table of (tensor, block) work items let one launch cover every tensor; a block is
+``delta_kernels.BLOCK`` coordinates, ``BLOCK/key_dim`` key rows.  Φ is recomputed in launch 4 rather than
+stored: reading ``g`` again costs less traffic than writing and reading ``n·hidden`` features.  W₁ and W₂ are
+the ``(T, key_dim, hidden)`` and ``(T, hidden, key_dim)`` stacks that ``DeepMomentum`` keeps (``_Memory``);
+all arithmetic is fp32.  ``lr``, ``momentum`` and ``eta`` may be Python floats or 0-dim device tensors, which
+the kernels load: nothing is read on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import delta_kernels
+from .delta_kernels import BLOCK, _pointers, _work
+
+triton = delta_kernels.triton
+if triton is not None:
+    import triton.language as tl
+
+    from .delta_kernels import _pointer
+
+ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available(params: list[Tensor], key_dim: int = 16, hidden: int = 16) -> bool:
+    """Whether the kernels can take this list: Triton importable, one fp32/bf16 dtype and device, dense
+    non-empty tensors, and ``key_dim``, ``hidden`` powers of two with ``16 ≤ key_dim ≤ BLOCK/16``,
+    ``hidden ≥ 16`` (the sizes ``tl.dot`` takes)."""
+    def fits(k: int, high: int) -> bool:
+        return 16 <= k <= high and k & (k - 1) == 0
+    return (triton is not None and len({(p.device, p.dtype) for p in params}) == 1
+            and params[0].dtype in _DTYPES and all(p.is_contiguous() and p.numel() > 0 for p in params)
+            and fits(key_dim, BLOCK // 16) and fits(hidden, 256))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scalar(x, IS_TENSOR: tl.constexpr):
+        if IS_TENSOR:
+            return tl.load(x).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _safe_rms(sq, n):
+        """``deep.safe_rms``: ``sqrt(sq/n)``, 1 where ``sq = 0``."""
+        return tl.sqrt(tl.where(sq > 0, sq, 1.0) / n)
+
+    @triton.jit
+    def _item(work, block_tensor, block_start, numels, KD: tl.constexpr, ROWS: tl.constexpr):
+        """(tensor, element offsets ``(ROWS, KD)`` of this block, mask, key rows n) of a work item."""
+        t = tl.load(block_tensor + work)
+        numel = tl.load(numels + t)
+        offs = tl.load(block_start + work) + tl.arange(0, ROWS)[:, None] * KD + tl.arange(0, KD)[None, :]
+        return t, offs, offs < numel, (numel + KD - 1) // KD
+
+    @triton.jit
+    def _features(g, w2, t, scale, KD: tl.constexpr, H: tl.constexpr, ACT: tl.constexpr):
+        """``Φ = σ(G W₂ᵀ/s_k)`` for a ``(ROWS, KD)`` block G, ``(ROWS, H)``; tanh as ``2σ(2z) − 1``."""
+        w2t = tl.load(w2 + t * H * KD + tl.arange(0, H)[None, :] * KD + tl.arange(0, KD)[:, None]).to(tl.float32)
+        z = tl.dot(g, w2t * scale, input_precision="ieee")
+        if ACT == 0:
+            z = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+        elif ACT == 1:
+            z = tl.maximum(z, 0.0)
+        return z
+
+    @triton.jit
+    def _momentum_kernel(m_table, g_table, numels, block_tensor, block_start, g_squares, alpha,
+                         ALPHA_T: tl.constexpr, DTYPE: tl.constexpr, KD: tl.constexpr, ROWS: tl.constexpr):
+        t, offs, mask, _ = _item(tl.program_id(0), block_tensor, block_start, numels, KD, ROWS)
+        m_ptr = _pointer(m_table, t, DTYPE) + offs
+        g = tl.load(_pointer(g_table, t, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+        m = _scalar(alpha, ALPHA_T) * tl.load(m_ptr, mask=mask).to(tl.float32) + g
+        tl.store(m_ptr, m.to(DTYPE), mask=mask)
+        tl.atomic_add(g_squares + t, tl.sum(g * g))
+
+    @triton.jit
+    def _correlation_kernel(g_table, w2, numels, block_tensor, block_start, g_squares, phi_squares, corr,
+                            DTYPE: tl.constexpr, KD: tl.constexpr, H: tl.constexpr, ROWS: tl.constexpr,
+                            ACT: tl.constexpr):
+        t, offs, mask, n = _item(tl.program_id(0), block_tensor, block_start, numels, KD, ROWS)
+        g = tl.load(_pointer(g_table, t, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+        phi = _features(g, w2, t, 1.0 / _safe_rms(tl.load(g_squares + t), n), KD, H, ACT)
+        tl.atomic_add(phi_squares + t, tl.sum(phi * phi))
+        c = tl.dot(tl.trans(g), phi, input_precision="ieee")  # (KD, H)
+        tl.atomic_add(corr + t * KD * H + tl.arange(0, KD)[:, None] * H + tl.arange(0, H)[None, :], c)
+
+    @triton.jit
+    def _memory_kernel(w1, numels, g_squares, phi_squares, corr, alpha, eta, ALPHA_T: tl.constexpr,
+                       ETA_T: tl.constexpr, KD: tl.constexpr, H: tl.constexpr):
+        t = tl.program_id(0)
+        n = (tl.load(numels + t) + KD - 1) // KD
+        scale = _safe_rms(tl.load(g_squares + t), n) * _safe_rms(tl.load(phi_squares + t), n) * n
+        offs = t * KD * H + tl.arange(0, KD)[:, None] * H + tl.arange(0, H)[None, :]
+        w = _scalar(alpha, ALPHA_T) * tl.load(w1 + offs).to(tl.float32) \
+            + _scalar(eta, ETA_T) * tl.load(corr + offs) / scale
+        tl.store(w1 + offs, w.to(w1.dtype.element_ty))
+
+    @triton.jit
+    def _update_kernel(p_table, m_table, g_table, w1, w2, numels, block_tensor, block_start, g_squares,
+                       phi_squares, lr, LR_T: tl.constexpr, DTYPE: tl.constexpr, KD: tl.constexpr,
+                       H: tl.constexpr, ROWS: tl.constexpr, ACT: tl.constexpr):
+        t, offs, mask, n = _item(tl.program_id(0), block_tensor, block_start, numels, KD, ROWS)
+        g = tl.load(_pointer(g_table, t, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+        s_k = _safe_rms(tl.load(g_squares + t), n)
+        phi = _features(g, w2, t, 1.0 / s_k, KD, H, ACT)
+        w1t = tl.load(w1 + t * KD * H + tl.arange(0, KD)[None, :] * H + tl.arange(0, H)[:, None]).to(tl.float32)
+        read = tl.dot(phi, w1t * (s_k / _safe_rms(tl.load(phi_squares + t), n)), input_precision="ieee")
+        m = tl.load(_pointer(m_table, t, DTYPE) + offs, mask=mask).to(tl.float32)
+        p_ptr = _pointer(p_table, t, DTYPE) + offs
+        p = tl.load(p_ptr, mask=mask).to(tl.float32) - _scalar(lr, LR_T) * (m + read)
+        tl.store(p_ptr, p.to(DTYPE), mask=mask)
+
+    _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
+
+
+def _device_scalar(x: float | Tensor, name: str, device: torch.device) -> tuple[float | Tensor, bool]:
+    """A Python float, or a 0-dim tensor moved (without a host read) to ``device`` in fp32; flag: a tensor."""
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
+        return x.to(device=device, dtype=torch.float32).reshape(()), True
+    return float(x), False
+
+
+def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], w1: Tensor, w2: Tensor,
+                        lr: float | Tensor, momentum: float | Tensor, eta: float | Tensor,
+                        activation: str = "tanh") -> None:
+    """The deep rule's default step over the lists, in place on ``params``, ``bufs`` (m) and ``w1``
+    (``(T, key_dim, hidden)``; ``w2`` is ``(T, hidden, key_dim)``): see the module docstring."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    count, kd, hidden = len(params), w1.shape[1], w1.shape[2]
+    if w1.shape != (count, kd, hidden) or w2.shape != (count, hidden, kd):
+        raise ValueError(f"w1, w2 must be ({count}, key_dim, hidden) and ({count}, hidden, key_dim), "
+                         f"got {tuple(w1.shape)} and {tuple(w2.shape)}")
+    if not (available(params, kd, hidden) and w1.is_contiguous() and w2.is_contiguous()):
+        raise ValueError("deep_momentum_step_ takes dense fp32/bf16 tensors on one device, key_dim and hidden "
+                         "powers of two ≥ 16 (see deep_kernels.available)")
+    device = params[0].device
+    grads = [g.contiguous() for g in grads]
+    numels, block_tensor, block_start = _work(tuple(p.numel() for p in params), device)
+    g_squares = torch.zeros(count, dtype=torch.float32, device=device)
+    phi_squares = torch.zeros_like(g_squares)
+    corr = torch.zeros(count, kd, hidden, dtype=torch.float32, device=device)
+    p_table, m_table, g_table = _pointers(params), _pointers(bufs), _pointers(grads)
+    (lr, lr_t), (alpha, alpha_t), (eta, eta_t) = (_device_scalar(x, k, device) for k, x in
+                                                   (("lr", lr), ("momentum", momentum), ("eta", eta)))
+    dtype, act, rows = _TRITON_DTYPES[params[0].dtype], ACTIVATIONS[activation], BLOCK // kd
+    grid = (block_tensor.numel(),)
+    _momentum_kernel[grid](m_table, g_table, numels, block_tensor, block_start, g_squares, alpha,
+                           ALPHA_T=alpha_t, DTYPE=dtype, KD=kd, ROWS=rows)
+    _correlation_kernel[grid](g_table, w2, numels, block_tensor, block_start, g_squares, phi_squares, corr,
+                              DTYPE=dtype, KD=kd, H=hidden, ROWS=rows, ACT=act)
+    _memory_kernel[(count,)](w1, numels, g_squares, phi_squares, corr, alpha, eta, ALPHA_T=alpha_t,
+                             ETA_T=eta_t, KD=kd, H=hidden)
+    _update_kernel[grid](p_table, m_table, g_table, w1, w2, numels, block_tensor, block_start, g_squares,
+                         phi_squares, lr, LR_T=lr_t, DTYPE=dtype, KD=kd, H=hidden, ROWS=rows, ACT=act)
