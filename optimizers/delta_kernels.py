@@ -87,24 +87,33 @@ def _work(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor
     return _work_tables[key]
 
 
-_pointer_tables: dict[tuple, Tensor] = {}
+_pointer_tables: dict[tuple, tuple[Tensor, Tensor]] = {}  # key -> (device table, its host source)
+_captured_tables: dict[tuple, tuple[Tensor, Tensor]] = {}  # tables copied inside a CUDA-graph capture: never evicted
 _MAX_POINTER_TABLES = 16
 
 
 def _pointers(tensors: list[Tensor]) -> Tensor:
     """The tensors' data pointers as an int64 device tensor, cached by address: in a steady training loop
     (and under CUDA-graph capture after warm-up) no copy is made; a new table is copied from pinned memory
-    without blocking."""
+    without blocking.  The pinned source is kept with the table: a copy recorded inside a graph capture reads it
+    again at every replay, so a table made during a capture is also never evicted."""
     device = tensors[0].device
     key = (device, *(t.data_ptr() for t in tensors))
-    table = _pointer_tables.get(key)
-    if table is None:
+    entry = _pointer_tables.get(key) or _captured_tables.get(key)
+    if entry is None:
         host = torch.tensor(key[1:], dtype=torch.int64)
-        table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+        if device.type == "cuda":
+            host = host.pin_memory()
+            entry = (host.to(device, non_blocking=True), host)
+            if torch.cuda.is_current_stream_capturing():
+                _captured_tables[key] = entry
+                return entry[0]
+        else:
+            entry = (host, host)
         if len(_pointer_tables) >= _MAX_POINTER_TABLES:
             _pointer_tables.pop(next(iter(_pointer_tables)))
-        _pointer_tables[key] = table
-    return table
+        _pointer_tables[key] = entry
+    return entry[0]
 
 
 def delta_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lr: float, alpha: float,
