@@ -1,6 +1,8 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -70,3 +72,14 @@ def opt_name(request):
 
 def make(name: str, params, **overrides) -> torch.optim.Optimizer:
     return deepopt.OPTIMIZERS[name](params, **{**CONFIGS[name], **overrides})
+
+
+def run_under_triton_interpreter(code: str, marker: str) -> None:
+    """Runs ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton picks its interpreter when the kernels
+    are defined, so it cannot be switched on inside this process) and checks that it succeeded and printed
+    ``marker``."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert marker in out.stdout, out.stdout[-3000:]

@@ -4,15 +4,13 @@ chunk loop (values and gradients), its dispatched ops do not grow with the conte
 equal the reference under ``TRITON_INTERPRET=1`` (and on CUDA when a device is present)."""
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_under_triton_interpreter
 
 from deepopt.bench import OpCounter
 from deepopt.hope import cms_kernels
@@ -202,10 +200,7 @@ KERNEL_CHECK = textwrap.dedent("""
 
 def test_kernels_equal_the_reference_under_the_triton_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "kernels equal the reference" in out.stdout
+    run_under_triton_interpreter(KERNEL_CHECK, "kernels equal the reference")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

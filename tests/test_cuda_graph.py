@@ -1,6 +1,6 @@
-"""A HOPE training step can be captured in a CUDA graph (``deepopt.cuda_graph.GraphedStep``, ``Trainer(cuda_graph=True)``,
-``deepopt hope train --cuda-graph``): on the CPU, the step reads no device data on the host and runs on the meta
-device (shapes only); on CUDA, a graphed run equals an eager one."""
+"""A HOPE training step can be captured in a CUDA graph (``deepopt.cuda_graph.GraphedStep``,
+``Trainer(cuda_graph=True)``, ``deepopt hope train --cuda-graph``): on the CPU, the step reads no device data on
+the host and runs on the meta device (shapes only); on CUDA, a graphed run equals an eager one."""
 
 import pytest
 import torch

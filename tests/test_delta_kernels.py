@@ -1,14 +1,11 @@
 """DeltaMomentum's Triton kernels equal the pure rule: on the CPU under ``TRITON_INTERPRET=1`` (a subprocess,
 since the interpreter is chosen when the kernels are defined) and on CUDA when a device is present."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import batch, small_mlp, train
+from conftest import batch, run_under_triton_interpreter, small_mlp, train
 
 import deepopt
 
@@ -55,10 +52,7 @@ CHECK = textwrap.dedent("""
 
 
 def test_kernels_equal_the_rule_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "kernels equal the rule" in out.stdout
+    run_under_triton_interpreter(CHECK, "kernels equal the rule")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -3,15 +3,13 @@ registration (opcheck), the op == the Python chunk loop with gradients, the Trit
 (on the CPU under ``TRITON_INTERPRET=1``, in a subprocess since the interpreter is chosen when the kernels are
 defined, and on CUDA when present), and a training step whose dispatched op count does not grow with the context."""
 
-import os
-import subprocess
-import sys
 import textwrap
 from dataclasses import replace
 from unittest import mock
 
 import pytest
 import torch
+from conftest import run_under_triton_interpreter
 from torch import Tensor
 
 from deepopt.bench import OpCounter
@@ -176,11 +174,7 @@ TRITON_CHECK = textwrap.dedent("""
 
 def test_triton_kernels_equal_the_reference_under_the_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "kernels equal the reference" in out.stdout
+    run_under_triton_interpreter(TRITON_CHECK, "kernels equal the reference")
 
 
 def test_non_power_of_two_shapes_and_cpu_tensors_take_the_torch_reference():
