@@ -90,8 +90,8 @@ class GraphedStep:
         else:
             if len(inputs) != len(self.static_inputs) or any(
                     x.shape != s.shape or x.dtype != s.dtype for x, s in zip(inputs, self.static_inputs)):
-                raise ValueError("a graphed step needs inputs of the captured shapes and dtypes "
-                                 f"{[tuple(s.shape) for s in self.static_inputs]}, got {[tuple(x.shape) for x in inputs]}")
+                want, got = [tuple(s.shape) for s in self.static_inputs], [tuple(x.shape) for x in inputs]
+                raise ValueError(f"a graphed step needs inputs of the captured shapes and dtypes {want}, got {got}")
             for s, x in zip(self.static_inputs, inputs):
                 s.copy_(x, non_blocking=True)
         self.graph.replay()
