@@ -33,8 +33,9 @@ def batch(step: int, dtype: torch.dtype = torch.float64, n: int = 16) -> tuple[t
 
 
 def loss_fn(model: torch.nn.Module, step: int) -> torch.Tensor:
+    """The MSE of ``model`` on ``batch(step)``, in the dtype and on the device of its parameters."""
     p = next(model.parameters())
-    x, y = batch(step, p.dtype)
+    x, y = (v.to(p.device) for v in batch(step, p.dtype))
     return torch.nn.functional.mse_loss(model(x), y)
 
 

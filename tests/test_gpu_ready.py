@@ -129,12 +129,7 @@ def test_delta_momentum_multi_tensor_path_equals_the_rule_on_cpu_too(options):
 def test_cuda_trajectory_equals_cpu_in_float64(name, options):
     a, b = small_mlp(), small_mlp().cuda()
     train(a, make(name, a.parameters(), **options), 30)
-    opt = make(name, b.parameters(), **options)
-    for t in range(30):
-        opt.zero_grad()
-        x, y = (v.cuda() for v in batch(t))
-        torch.nn.functional.mse_loss(b(x), y).backward()
-        opt.step()
+    train(b, make(name, b.parameters(), **options), 30)
     assert max((p - q.cpu()).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) <= 1e-12
 
 
@@ -142,13 +137,8 @@ def test_cuda_trajectory_equals_cpu_in_float64(name, options):
 @pytest.mark.parametrize("name,ours,torch_cls,theirs", TORCH_TWINS)
 def test_cuda_matches_torch_twin_in_float32(name, ours, torch_cls, theirs):
     a, b = small_mlp(dtype=torch.float32).cuda(), small_mlp(dtype=torch.float32).cuda()
-    oa, ob = deepopt.OPTIMIZERS[name](a.parameters(), **ours), torch_cls(b.parameters(), **theirs)
-    for t in range(20):
-        for model, opt in ((a, oa), (b, ob)):
-            opt.zero_grad()
-            x, y = (v.cuda() for v in batch(t, torch.float32))
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
+    train(a, deepopt.OPTIMIZERS[name](a.parameters(), **ours), 20)
+    train(b, torch_cls(b.parameters(), **theirs), 20)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # torch's fused-vs-foreach tolerance
 
