@@ -458,6 +458,12 @@ if triton is not None:
         return _dot(_silu(_dot(u, w2t)), tl.trans(w1))
 
     @triton.jit
+    def _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D: tl.constexpr):
+        """Head h's η and α read-outs ``w_η, b_η, w_α, b_α`` in fp32 (each program loads them once)."""
+        w_eta, w_alpha = tl.load(we_ptr + h * D + rd).to(tl.float32), tl.load(wa_ptr + h * D + rd).to(tl.float32)
+        return w_eta, tl.load(be_ptr + h).to(tl.float32), w_alpha, tl.load(ba_ptr + h).to(tl.float32)
+
+    @triton.jit
     def _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D: tl.constexpr,
                      HID: tl.constexpr, LEARNS: tl.constexpr):
         """``chunk_factors``' first part: k, v, η, log α (zero past the sequence's end) and ``u + R_η``, ``u + R_α``."""
@@ -523,8 +529,7 @@ if triton is not None:
         bh = tl.program_id(0)
         h = bh % H
         rc, rd, rh = tl.arange(0, C), tl.arange(0, D), tl.arange(0, HID)
-        w_eta, w_alpha = tl.load(we_ptr + h * D + rd).to(tl.float32), tl.load(wa_ptr + h * D + rd).to(tl.float32)
-        b_eta, b_alpha = tl.load(be_ptr + h).to(tl.float32), tl.load(ba_ptr + h).to(tl.float32)
+        w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)
         size = N_MEM * D * HID
         for c in range(n_chunks):
             t = c * C + rc
@@ -564,8 +569,7 @@ if triton is not None:
         bh = tl.program_id(0)
         h = bh % H
         rc, rd, rh = tl.arange(0, C), tl.arange(0, D), tl.arange(0, HID)
-        w_eta, w_alpha = tl.load(we_ptr + h * D + rd).to(tl.float32), tl.load(wa_ptr + h * D + rd).to(tl.float32)
-        b_eta, b_alpha = tl.load(be_ptr + h).to(tl.float32), tl.load(ba_ptr + h).to(tl.float32)
+        w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)
         size = N_MEM * D * HID
         a1, a2 = a1_ptr + bh.to(tl.int64) * size, a2_ptr + bh.to(tl.int64) * size
         off1 = rd[:, None] * HID + rh[None, :]  # (D, HID) in a (D, HID) matrix
