@@ -62,17 +62,22 @@ def measure(model_name: str, size: str, context: int, tokens: int, steps: int, w
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=cuda_graph)
     batch = max(1, tokens // context)
     x = torch.randint(0, cfg.vocab_size, (batch, context + 1), device=device)
+    def loss(inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return model(inp, tgt)[1]
+
+    def eager_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss(x[:, :-1], x[:, 1:]).backward()
+        opt.step()
+
     # one eager warm-up step, then the capture: both inside the untimed warm-up (``--warmup`` ≥ 2)
-    graphed = GraphedStep(lambda inp, tgt: model(inp, tgt)[1], opt, warmup=1) if cuda_graph else None
+    graphed = GraphedStep(loss, opt, warmup=1) if cuda_graph else None
 
     def step() -> None:
         if graphed is not None:
             graphed(x[:, :-1], x[:, 1:])
-            return
-        opt.zero_grad(set_to_none=True)
-        _, loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
+        else:
+            eager_step()
 
     cuda = device.startswith("cuda")
     base = 0 if cuda else _proc_kib("VmRSS")  # the CPU peak counts from here, warm-up included
@@ -90,9 +95,7 @@ def measure(model_name: str, size: str, context: int, tokens: int, steps: int, w
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (_proc_kib("VmHWM") - base) / 1024
     with OpCounter() as counter:  # an eager step (a graph replay dispatches no ops)
-        opt.zero_grad(set_to_none=True)
-        model(x[:, :-1], x[:, 1:])[1].backward()
-        opt.step()
+        eager_step()
     return {"model": model_name, "context": context, "batch": batch, "n_params": n_params(model.cfg),
             "tok_per_s": batch * context / statistics.median(times), "peak_mib": peak, "device": device,
             "ops_per_step": sum(counter.ops.values()),

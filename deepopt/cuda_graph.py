@@ -21,6 +21,19 @@ import torch
 from torch import Tensor, nn
 
 
+def training_step(loss_fn: Callable[..., Tensor], optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
+                  grad_clip: float, *inputs: Tensor) -> Tensor:
+    """One update on gradients zeroed by the caller: ``loss_fn(*inputs).backward()``, the global gradient norm of
+    ``params`` clipped to ``grad_clip`` (0: no clipping), ``optimizer.step()``; returns the detached loss.  The body
+    that an eager step and a captured graph (``GraphedStep``) share."""
+    loss = loss_fn(*inputs)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 class GraphedStep:
     """``loss_fn(*inputs).backward(); clip_grad_norm_(params, grad_clip); optimizer.step()`` as one CUDA graph.
 
@@ -50,12 +63,7 @@ class GraphedStep:
         self.static_loss: Tensor | None = None
 
     def _step(self, *inputs: Tensor) -> Tensor:
-        loss = self.loss_fn(*inputs)
-        loss.backward()
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        self.optimizer.step()
-        return loss.detach()
+        return training_step(self.loss_fn, self.optimizer, self.params, self.grad_clip, *inputs)
 
     def set_lr(self, lr: float | None = None) -> None:
         """Refill every group's device lr with ``lr`` (``None``: keep the value), making it a device tensor

@@ -30,7 +30,7 @@ from deepopt.checkpoint import (
     load_tensors,
     torch_load,
 )
-from deepopt.cuda_graph import GraphedStep
+from deepopt.cuda_graph import GraphedStep, training_step
 
 from . import data
 from .model import VARIANTS, HopeConfig, LanguageModel, apply_variant
@@ -172,12 +172,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(x, y)
-            loss.backward()
-            if self.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.optimizer.step()
-            loss = loss.detach()
+            loss = training_step(self._loss, self.optimizer, self.model.parameters(), self.grad_clip, x, y)
         self.step_count += 1
         if self.dist.world > 1:
             dist.all_reduce(loss)
