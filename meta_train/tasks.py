@@ -252,11 +252,16 @@ def quadratic_task(seed: int, dim: int = 16, noise: float = 0.1, dtype: torch.dt
     )
 
 
+def _draw_mlp(rng: random.Random, batch_sizes: tuple[int, ...]) -> tuple[int, int, str, int]:
+    """A family member's MLP, drawn in this order: width 16/32/64, depth 1/2, relu/tanh, a batch size."""
+    width, depth = rng.choice((16, 32, 64)), rng.choice((1, 2))
+    return width, depth, rng.choice(("relu", "tanh")), rng.choice(batch_sizes)
+
+
 def digits_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
     """A member of the digits family: width, depth, activation and batch size drawn from ``seed``."""
     rng = random.Random(seed)
-    width, depth = rng.choice((16, 32, 64)), rng.choice((1, 2))
-    activation, batch_size = rng.choice(("relu", "tanh")), rng.choice((32, 64, 128))
+    width, depth, activation, batch_size = _draw_mlp(rng, (32, 64, 128))
     name = f"digits_w{width}_d{depth}_{activation}_b{batch_size}"
     return mlp_task(name, "digits", (width,) * depth, activation, batch_size, seed, dtype)
 
@@ -266,8 +271,7 @@ def tabular_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
     2–5 of its 10 classes, relabelled) or iris, under an MLP of width 16/32/64, depth 1/2, relu/tanh, batch
     16/32/64 — small, low-dimensional problems like the held-out wine and breast-cancer ones, from other data."""
     rng = random.Random(seed)
-    width, depth = rng.choice((16, 32, 64)), rng.choice((1, 2))
-    activation, batch_size = rng.choice(("relu", "tanh")), rng.choice((16, 32, 64))
+    width, depth, activation, batch_size = _draw_mlp(rng, (16, 32, 64))
     name, data = _cut(rng, dtype)
     return _mlp_on(f"{name}_w{width}_d{depth}_{activation}_b{batch_size}", data, (width,) * depth, activation,
                    batch_size, seed, dtype)
@@ -306,8 +310,7 @@ def small_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
     noise floor) of a teacher-labelled Gaussian problem (``_teacher_data``) or a ``tabular`` cut, under an MLP
     of width 16/32/64, depth 1/2, relu/tanh, batch 16/32/64."""
     rng = random.Random(seed)
-    width, depth = rng.choice((16, 32, 64)), rng.choice((1, 2))
-    activation, batch_size = rng.choice(("relu", "tanh")), rng.choice((16, 32, 64))
+    width, depth, activation, batch_size = _draw_mlp(rng, (16, 32, 64))
     name, (x, y, x_test, y_test) = (_teacher_data if rng.random() < 0.5 else _cut)(rng, dtype)
     rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[: rng.randint(64, 400)]
     return _mlp_on(f"{name}{len(rows)}r_w{width}_d{depth}_{activation}_b{batch_size}",
