@@ -42,8 +42,7 @@ def available(params: list[Tensor], key_dim: int = 16, hidden: int = 16) -> bool
     ``hidden ≥ 16`` (the sizes ``tl.dot`` takes)."""
     def fits(k: int, high: int) -> bool:
         return 16 <= k <= high and k & (k - 1) == 0
-    return (triton is not None and len({(p.device, p.dtype) for p in params}) == 1
-            and params[0].dtype in _DTYPES and all(p.is_contiguous() and p.numel() > 0 for p in params)
+    return (delta_kernels.available(params) and params[0].dtype in _DTYPES and all(p.numel() > 0 for p in params)
             and fits(key_dim, BLOCK // 16) and fits(hidden, 256))
 
 

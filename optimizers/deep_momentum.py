@@ -84,20 +84,24 @@ class _Memory:
         return cls(w1, w2, w1.mT, w1_views, w2_views, norms, {k: n.view(-1) for k, n in norms.items()})
 
 
-def _cpu_loop_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
-    """The CPU loop covers the deep branch with the dot objective, identity preconditioner and no output
-    nonlinearity or 1/t schedule, on contiguous, non-empty fp32/fp64 CPU parameters."""
+def _fused_options(group: dict[str, Any]) -> bool:
+    """The options the CPU loop and the Triton kernels cover: the deep branch with the dot objective, identity
+    preconditioner and no output nonlinearity or 1/t schedule."""
     return (group["hidden"] > 0 and group["objective"] == "dot" and group["preconditioner"] == "identity"
-            and group["nonlinearity"] is None and group["lr_decay"] == 0
-            and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
-                    and p.numel() > 0 for p in params))
+            and group["nonlinearity"] is None and group["lr_decay"] == 0)
+
+
+def _cpu_loop_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
+    """The CPU loop takes the ``_fused_options`` on contiguous, non-empty fp32/fp64 CPU parameters."""
+    return _fused_options(group) and all(
+        p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.is_contiguous() and p.numel() > 0
+        for p in params)
 
 
 def _triton_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
-    """The Triton kernels (``deep_kernels``) cover the CPU loop's options on CUDA, with tanh/relu/identity
+    """The Triton kernels (``deep_kernels``) take the ``_fused_options`` on CUDA, with tanh/relu/identity
     features, for dense fp32/bf16 parameters whose ``key_dim``, ``hidden`` the kernels take."""
-    return (group["hidden"] > 0 and group["objective"] == "dot" and group["preconditioner"] == "identity"
-            and group["nonlinearity"] is None and group["lr_decay"] == 0 and params[0].device.type == "cuda"
+    return (_fused_options(group) and params[0].device.type == "cuda"
             and group["activation"] in deep_kernels.ACTIVATIONS
             and deep_kernels.available(params, group["key_dim"], group["hidden"]))
 
