@@ -18,6 +18,8 @@ which also reads a model at chance: how much of the answer's input gradient fall
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -88,20 +90,27 @@ def niah_batch(task: str, haystack: Tensor, batch_size: int, length: int, seed: 
     return torch.stack(xs), torch.stack(ys)
 
 
+def held_out_batches(task: str, haystack: Tensor, length: int, samples: int, batch_size: int, seed: int,
+                     tokenizer: Tokenizer = BYTES, needle: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+    """The held-out sequences that the evaluations read: ``samples`` of them, ``(x, y)`` in batches of at most
+    ``batch_size``, drawn from ``seed + 7919`` (never a training batch)."""
+    for i, n in enumerate(range(0, samples, batch_size)):
+        yield niah_batch(task, haystack, min(batch_size, samples - n), length, seed + 7919, i, tokenizer, needle)
+
+
 @torch.no_grad()
 def niah_accuracy(model, task: str, haystack: Tensor, length: int, samples: int, batch_size: int, seed: int,
                   tokenizer: Tokenizer = BYTES, needle: bool = True) -> tuple[float, float]:
     """(value-token accuracy, exact-match accuracy) on ``samples`` held-out sequences (teacher forced, greedy)."""
     model.eval()
     device = model.embed.weight.device
-    right, scored, exact, n, i = 0, 0, 0, 0, 0
-    while n < samples:
-        x, y = niah_batch(task, haystack, min(batch_size, samples - n), length, seed + 7919, i, tokenizer, needle)
+    right, scored, exact, n = 0, 0, 0, 0
+    for x, y in held_out_batches(task, haystack, length, samples, batch_size, seed, tokenizer, needle):
         logits, _ = model(x.to(device))
         answer = y != -100
         hit = (logits.argmax(-1).cpu() == y) & answer
         right, scored = right + int(hit.sum()), scored + int(answer.sum())
-        exact, n, i = exact + int((hit | ~answer).all(-1).sum()), n + x.shape[0], i + 1
+        exact, n = exact + int((hit | ~answer).all(-1).sum()), n + x.shape[0]
     return right / scored, exact / n
 
 
@@ -116,12 +125,11 @@ def needle_gradient_share(model, task: str, haystack: Tensor, length: int, sampl
     device = model.embed.weight.device
     grabbed: list[Tensor] = []
     handle = model.embed.register_forward_hook(lambda m, i, out: grabbed.append(out) if out.requires_grad else None)
-    on_needle, total, needle_tokens, tokens, n, i = 0.0, 0.0, 0, 0, 0, 0
+    on_needle, total, needle_tokens, tokens = 0.0, 0.0, 0, 0
+    batches = (held_out_batches(task, haystack, length, samples, batch_size, seed, tokenizer, needle)
+               for needle in (True, False))
     try:
-        while n < samples:
-            size = min(batch_size, samples - n)
-            x, y = niah_batch(task, haystack, size, length, seed + 7919, i, tokenizer)
-            gone = niah_batch(task, haystack, size, length, seed + 7919, i, tokenizer, needle=False)[0]
+        for (x, y), (gone, _) in zip(*batches):
             grabbed.clear()
             with torch.enable_grad():
                 logits, _ = model(x.to(device))
@@ -130,7 +138,6 @@ def needle_gradient_share(model, task: str, haystack: Tensor, length: int, sampl
             norm, mask = g.norm(dim=-1).cpu().double(), x != gone
             on_needle, total = on_needle + float(norm[mask].sum()), total + float(norm.sum())
             needle_tokens, tokens = needle_tokens + int(mask.sum()), tokens + mask.numel()
-            n, i = n + size, i + 1
     finally:
         handle.remove()
     return on_needle / total, needle_tokens / tokens
