@@ -57,7 +57,7 @@ from deepopt.noise import (
 )
 from deepopt.runs import JsonLines, add_out_option, prepare_out, show_progress, wrote
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "delta_momentum", "deep_momentum", "torch_adam")
+OPTIMIZERS = ("sgd", "momentum", "adam", "delta_momentum", "deep_momentum", "m3", "torch_adam")
 NOISE_MODELS = (*NOISES, *TASK_NOISES)
 TASKS = ("digits", "quadratic", "hope")
 METRICS = ("train_loss", "test_loss")
