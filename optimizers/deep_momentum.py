@@ -15,7 +15,7 @@ from deepopt.rules import deep_momentum
 from deepopt.rules import transforms as T
 from deepopt.rules.deep import decayed_lr, safe_rms, to_blocks
 
-from . import deep_kernels
+from . import deep_cpu, deep_kernels
 from .base import MemoryOptimizer, is_dtensor
 from .delta_momentum import _inner_products, _squared_norms
 from .momentum import foreach_output_nonlinearity, foreach_precondition
@@ -158,7 +158,8 @@ class DeepMomentum(MemoryOptimizer):
             u = m + (W₁ s_v/r Φᵀ)ᵀ
 
         On the CPU, where a multi-tensor op is a loop anyway and every full-size temporary costs a pass over
-        memory, the default options run an in-place loop over cache-sized chunks instead (``_cpu_loop_step``).
+        memory, the default options run a compiled kernel (``deep_cpu``) or an in-place loop over cache-sized
+        chunks instead (``_cpu_loop_step``).
         On CUDA they run four Triton launches for the whole list (``deep_kernels``, ``_triton_applies``).
         """
         hidden = group["hidden"]
@@ -269,11 +270,20 @@ class DeepMomentum(MemoryOptimizer):
             3. W ← W − lr·(m + Φ_c (W₁ s_k/r)ᵀ)
 
         with ``s_k = N_k/√n``, ``r = N_Φ/√n`` (``deep.safe_rms``) and the last block zero-padded
-        (``deep.to_blocks``).  Scalars stay 0-dim tensors: nothing is read on the host."""
+        (``deep.to_blocks``).  Scalars stay 0-dim tensors: nothing is read on the host.  fp32 lists whose block
+        shape the compiled kernel takes run it instead (``deep_cpu``: the same three passes, each block in
+        registers, all tensors in one call), when a C compiler built it."""
         kd, hidden, alpha, eta, lr = (group[k] for k in ("key_dim", "hidden", "momentum", "eta", "lr"))
+        rows = [math.ceil(p.numel() / kd) for p in params]
+        bufs, w1s, w2s = ([st[k] for st in states] for k in ("momentum_buffer", "W1", "W2"))
+        grads = [g.contiguous() for g in grads]
+        if (params[0].dtype == torch.float32 and deep_cpu.available(kd, hidden, group["activation"])
+                and all(t.dtype == torch.float32 and t.is_contiguous() for t in (*bufs, *w1s, *w2s))):
+            phi = self._cpu_work(params[0], max(rows) * hidden, 0)[0]
+            deep_cpu.deep_momentum_step_(params, grads, bufs, w1s, w2s, lr, alpha, eta, group["activation"], phi)
+            return
         pre, activation = _CPU_ACTIVATIONS[group["activation"]]
         span = max(1, _CPU_CHUNK // kd)  # rows per chunk
-        rows = [math.ceil(p.numel() / kd) for p in params]
         phi_all, out_all = self._cpu_work(params[0], max(rows) * hidden, span * kd)
         out_all = out_all.view(span, kd)
         for st, p, g, nb in zip(states, params, grads, rows):
