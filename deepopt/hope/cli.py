@@ -38,7 +38,9 @@ from .train import (
     init_distributed,
     load_model,
     make_optimizer,
+    add_titans_init_args,
     model_config,
+    titans_init_overrides,
     plot_curves,
     resolve_device,
     save_model,
@@ -95,6 +97,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "hope-no-selfmod, a non-sgd CMS rule): recompute their chunk states in the backward pass "
                         "instead of keeping them (same numbers).  The default memories run as the scan ops, "
                         "which always recompute")
+    add_titans_init_args(p)
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, lr_schedule: str = "cosine", bpe_on: str = "--domain/--data") -> None:
@@ -265,7 +268,7 @@ def _build(args: argparse.Namespace, variant: str, seed: int, device: torch.devi
            ) -> LanguageModel:
     cfg = model_config(variant, args.size, chunk_size=args.chunk_size, inner_rule=args.inner_rule,
                        cms_periods=args.cms_periods, vocab_size=vocab_size,
-                       recompute_chunks=args.recompute_chunks or None)
+                       recompute_chunks=args.recompute_chunks or None, **titans_init_overrides(args))
     torch.manual_seed(seed)
     model = LanguageModel(cfg).to(device=device, dtype=DTYPES[args.dtype])
     return compile_model(model) if args.compile else model

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepopt.hope.cms_kernels import cms_factors, cms_scan
-from deepopt.hope.titans_kernels import chunk_factors, chunk_mix, titans_scan
+from deepopt.hope.titans_kernels import chunk_factors, chunk_mix, memory_factors, normalized_steps, titans_scan
 from deepopt.rules import Rule, get_rule
 from deepopt.rules.deep import ACTIVATIONS, apply_memory
 
@@ -79,6 +79,7 @@ class HopeConfig:
     mem_hidden: int = 16
     chunk_size: int = 16
     conv_width: int = 4
+    conv_tap_std: float = 0.1  # initial taps of the causal conv on earlier tokens ~ N(0, std²) (current token: 1)
     eta_max: float = 2.0  # cap on a chunk's summed step: η_t ≤ η_max/C
     eta_bias: float = -1.0  # initial b_η: η_t starts near (η_max/C)·sigmoid(b_η)
     alpha_bias: float = 6.0
@@ -87,6 +88,11 @@ class HopeConfig:
     inner_rule: str = "sgd"
     inner_hparams: dict[str, Any] = field(default_factory=dict)
     activation: str = "silu"
+    # initial states θ₀ of the five Titans memories (outer parameters; their init is ours, not the paper's math):
+    # W₁ ~ N(0, std²), W₂ ~ N(0, (gain/√d_head)²); one number for all five memories or one per memory in
+    # TITANS_MEMORIES order (k, v, η, α, mem)
+    titans_w1_std: float | tuple[float, ...] = 0.02
+    titans_w2_gain: float | tuple[float, ...] = 1.0
     # continuum memory system: one level per period (None = ∞, never updated)
     cms_periods: tuple[int | None, ...] = (16, 64, None)
     cms_hidden: int = 64
@@ -118,6 +124,11 @@ class HopeConfig:
             raise ValueError("transformer head size d_model/n_heads must be even for RoPE")
         if not 0 <= self.eta_max <= 2:
             raise ValueError(f"eta_max must be in [0, 2] (keeps αI − Σηkkᵀ a contraction), got {self.eta_max}")
+        if isinstance(self.conv_tap_std, bool) or not isinstance(self.conv_tap_std, (int, float)) or not (
+                math.isfinite(self.conv_tap_std) and self.conv_tap_std >= 0):
+            raise ValueError(f"conv_tap_std must be a finite number >= 0, got {self.conv_tap_std!r}")
+        for name in ("titans_w1_std", "titans_w2_gain"):
+            object.__setattr__(self, name, _per_memory(name, getattr(self, name)))
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         for p in self.cms_periods:
@@ -133,6 +144,8 @@ class HopeConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["cms_periods"] = list(self.cms_periods)
+        for name in ("titans_w1_std", "titans_w2_gain"):
+            d[name] = list(d[name])
         return d
 
     @classmethod
@@ -145,6 +158,18 @@ class HopeConfig:
         if "cms_periods" in d:
             d["cms_periods"] = tuple(d["cms_periods"])
         return cls(**d)
+
+
+def _per_memory(name: str, value: Any) -> tuple[float, ...]:
+    """``value`` (one number, or one per Titans memory in ``TITANS_MEMORIES`` order) as a tuple of five floats
+    >= 0; ``ValueError`` naming ``name`` otherwise."""
+    n = len(TITANS_MEMORIES)
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+    if len(values) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   and v >= 0 for v in values):
+        raise ValueError(f"{name} must be a finite number >= 0 or {n} of them (one per memory {TITANS_MEMORIES}), "
+                         f"got {value!r}")
+    return tuple(float(v) for v in values)
 
 
 def _single_cms(cfg: HopeConfig) -> dict[str, Any]:
@@ -193,12 +218,12 @@ def affine_rule(name: str, hparams: dict[str, Any]) -> tuple[Rule, dict[str, Any
 class CausalConv(nn.Module):
     """Depthwise causal convolution over time: ``y_t = Σ_{j<w} c_j ⊙ x_{t−j}`` (shifted sums: w is tiny)."""
 
-    def __init__(self, channels: int, width: int) -> None:
+    def __init__(self, channels: int, width: int, tap_std: float = 0.1) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(width, channels))  # weight[j] multiplies x_{t−j}
         with torch.no_grad():
             self.weight[0] = 1.0
-            self.weight[1:].normal_(0, 0.1)
+            self.weight[1:].normal_(0, tap_std)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C)
         T, w = x.shape[1], self.weight.shape[0]
@@ -215,12 +240,13 @@ class SelfModifyingTitans(nn.Module):
         d, H = cfg.d_model, cfg.n_heads
         self.dh, hid = d // H, cfg.mem_hidden
         self.in_proj = nn.Linear(d, 2 * d, bias=False)  # memory input u and query q
-        self.conv = CausalConv(2 * d, cfg.conv_width)
+        self.conv = CausalConv(2 * d, cfg.conv_width, cfg.conv_tap_std)
         self.out_proj = nn.Linear(d, d, bias=False)
         n = len(TITANS_MEMORIES)
-        # initial memory states θ₀ (outer parameters)
-        self.W1 = nn.Parameter(0.02 * torch.randn(H, n, self.dh, hid))
-        self.W2 = nn.Parameter(torch.randn(H, n, hid, self.dh) / math.sqrt(self.dh))
+        # initial memory states θ₀ (outer parameters): W₁ ~ N(0, std²), W₂ ~ N(0, gain²/d_head) per memory
+        std, gain = (torch.tensor(v)[:, None, None] for v in (cfg.titans_w1_std, cfg.titans_w2_gain))
+        self.W1 = nn.Parameter(std * torch.randn(H, n, self.dh, hid))
+        self.W2 = nn.Parameter(gain * torch.randn(H, n, hid, self.dh) / math.sqrt(self.dh))
         self.w_eta = nn.Parameter(torch.zeros(H, self.dh))
         self.b_eta = nn.Parameter(torch.full((H,), cfg.eta_bias))
         self.w_alpha = nn.Parameter(torch.zeros(H, self.dh))
@@ -326,6 +352,37 @@ class SelfModifyingTitans(nn.Module):
             ys.append(apply_memory(w1t[:, :, -1], w2t[:, :, -1], q[:, :, t:t + 1], act))
         w, st = self._commit(w, st, (g1, g2), A)
         return torch.cat(ys, dim=2), w, st
+
+
+def planted_write_readback(layer: SelfModifyingTitans, keys: Tensor, targets: Tensor, gap: int = 0) -> Tensor:
+    """How much of one in-context write of the output memory ``M_mem`` (at its initial state θ₀) is read back.
+
+    Each head h writes ``keys[h, i] → targets[h, i]`` (unit keys, shape (H, N, d_head)) with one step of the
+    memory's rule at the cap ``η = η_max/C``: ``W₁ ← W₁ − η e hᵀ/(1 + ‖h‖²)``, ``W₂ ← W₂ − η (g₂/(1 + ‖W₁‖²)
+    (+ z)) kᵀ`` with ``e = M(k) − v̂`` (module doc); then ``gap`` tokens pass with no write and the state decays by
+    ``α^gap``, ``α = sigmoid(b_α)`` (each token's α at init, where ``w_α = 0``).  Returns (H, N): the share of
+    the error the write removed at its key, ``ρ = ⟨M_gap(k) − M'_gap(k), e⟩/‖e‖²`` (M': with the write), 1 = the
+    target read back exactly.  A diagnostic of the initial state, not used in training.
+    """
+    if keys.dim() != 3 or keys.shape != targets.shape or keys.shape[0] != layer.cfg.n_heads or keys.shape[-1] != layer.dh:
+        raise ValueError(f"keys and targets must both have shape (n_heads={layer.cfg.n_heads}, N, "
+                         f"d_head={layer.dh}), got {tuple(keys.shape)} and {tuple(targets.shape)}")
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0 tokens, got {gap}")
+    act = layer.cfg.activation
+    with torch.no_grad():
+        w1, w2 = layer.W1[:, -1, None], layer.W2[:, -1, None]  # (H, 1, d, hid), (H, 1, hid, d)
+        err, z, h, g2, _ = memory_factors(w1, w2, keys[:, :, None], targets[:, :, None], act)
+        e1, u2 = normalized_steps(err, h, g2, w1)
+        if layer.cfg.delta_gd:
+            u2 = u2 + z
+        eta = layer.cfg.eta_max / layer.cfg.chunk_size
+        decay = torch.sigmoid(layer.b_alpha)[:, None, None, None] ** gap
+        w1n, w2n = w1 - eta * e1.mT @ h, w2 - eta * u2.mT @ keys[:, :, None]  # (H, N, d, hid), (H, N, hid, d)
+        before = apply_memory(decay * w1, decay * w2, keys[:, :, None], act)
+        after = apply_memory(decay * w1n, decay * w2n, keys[:, :, None], act)
+        e = err[:, :, 0]
+        return ((before - after)[:, :, 0] * e).sum(-1) / (e * e).sum(-1)
 
 
 def recomputed(fn, recompute: bool, *args: Any):

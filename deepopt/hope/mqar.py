@@ -28,7 +28,18 @@ from deepopt.checkpoint import atomic_save_json
 from deepopt.runs import wrote
 
 from .model import VARIANTS, LanguageModel, compile_model, n_params
-from .train import DTYPES, Dist, Trainer, make_optimizer, model_config, plot_curves, resolve_device, write_csv
+from .train import (
+    DTYPES,
+    Dist,
+    Trainer,
+    add_titans_init_args,
+    make_optimizer,
+    model_config,
+    plot_curves,
+    resolve_device,
+    titans_init_overrides,
+    write_csv,
+)
 
 VOCAB_SIZE = 8192
 POWER_A = 0.01
@@ -117,6 +128,8 @@ def register(sub: argparse._SubParsersAction, add_common: Callable[[argparse.Arg
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
     p.add_argument("--eval-samples", type=int, help="held-out sequences per setting (default 256; smoke 8)")
+    p.add_argument("--chunk-size", type=int, help="HOPE's Titans chunk length C (default: size tiny's)")
+    add_titans_init_args(p)
     add_common(p)
     p.set_defaults(func=lambda args: cmd_mqar(resolve(_mqar_defaults(args))),
                    run_outputs=("report.json", "results.csv"))
@@ -129,8 +142,8 @@ def _mqar_defaults(args: argparse.Namespace) -> argparse.Namespace:
                               ("steps", 2000, 6), ("batch_size", 64, 4), ("eval_samples", 256, 8)):
         if getattr(args, name) is None:
             setattr(args, name, small if smoke else full)
-    for name in ("steps", "batch_size", "eval_samples", "layers"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "batch_size", "eval_samples", "layers", "chunk_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for w in args.widths:
         if w < 8 or w % 8:
@@ -142,10 +155,11 @@ def _mqar_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def mqar_config(variant: str, width: int, layers: int, vocab_size: int):
-    """The model of ``variant`` at ``width``: size ``tiny``'s structure, heads of 16 channels (≥ 2)."""
+def mqar_config(variant: str, width: int, layers: int, vocab_size: int, **overrides: Any):
+    """The model of ``variant`` at ``width``: size ``tiny``'s structure, heads of 16 channels (≥ 2);
+    ``overrides`` (``None`` = unset) as ``model_config``'s."""
     return model_config(variant, "tiny", d_model=width, n_layers=layers, n_heads=max(2, width // 16),
-                        cms_hidden=width, vocab_size=vocab_size)
+                        cms_hidden=width, vocab_size=vocab_size, **overrides)
 
 
 def cmd_mqar(args: argparse.Namespace) -> int:
@@ -153,13 +167,16 @@ def cmd_mqar(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device, Dist())
     rows: list[dict[str, Any]] = []
+    configs: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
     for width in args.widths:
         for variant in args.models:
             for seed in args.seeds:
-                cfg = mqar_config(variant, width, args.layers, args.mqar_vocab)
+                cfg = mqar_config(variant, width, args.layers, args.mqar_vocab,
+                                  chunk_size=getattr(args, "chunk_size", None), **titans_init_overrides(args))
                 torch.manual_seed(seed)
                 model = LanguageModel(cfg).to(device=device, dtype=DTYPES[args.dtype])
+                configs[f"{variant} d{width}"] = model.cfg.to_dict()
                 if args.compile:
                     compile_model(model)
                 opt = make_optimizer("adamw", model, args.lr, 0.1)
@@ -204,6 +221,7 @@ def cmd_mqar(args: argparse.Namespace) -> int:
                       "eval_settings": [list(s) for s in args.eval_settings], "steps": args.steps,
                       "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
                       "n_params": {f"{r['model']} d{r['width']}": r["n_params"] for r in rows},
+                      "model_configs": configs,
                       "accuracy": summary, "wall_s": time.perf_counter() - t0}, out / "report.json")
     print({k: {c: round(a, 3) for c, a in v.items()} for k, v in summary.items()})
     wrote(out)

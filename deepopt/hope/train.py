@@ -9,6 +9,7 @@ equals the single-process one on that global batch.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import os
@@ -69,6 +70,32 @@ def model_config(variant: str, size: str, **overrides: Any) -> HopeConfig:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     base = HopeConfig(**{**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}})
     return apply_variant(base, variant)
+
+
+def _floats(text: str) -> float | tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def add_titans_init_args(p: argparse.ArgumentParser) -> None:
+    """``--titans-w1-std``, ``--titans-w2-gain``, ``--conv-tap-std``, ``--eta-bias``: the Titans memories' initial
+    state (``HopeConfig`` fields of the same names; unset = the config's default)."""
+    p.add_argument("--titans-w1-std", type=_floats, metavar="S[,S,S,S,S]",
+                   help="std of the Titans memories' initial W₁, one for all or one per memory k,v,eta,alpha,mem "
+                        "(default: HopeConfig's)")
+    p.add_argument("--titans-w2-gain", type=_floats, metavar="G[,G,G,G,G]",
+                   help="gain of their initial W₂ (std gain/√d_head), one or five (default: HopeConfig's)")
+    p.add_argument("--conv-tap-std", type=float, help="std of the Titans input conv's taps on earlier tokens")
+    p.add_argument("--eta-bias", type=float, help="initial b_η of the Titans step size")
+
+
+def titans_init_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``model_config`` overrides of ``add_titans_init_args``' options (``None`` = unset)."""
+    return {name: getattr(args, name, None) for name in ("titans_w1_std", "titans_w2_gain", "conv_tap_std",
+                                                         "eta_bias")}
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
