@@ -99,6 +99,20 @@ def test_summary_statistics_on_known_records():
     assert ranking["overall"]["degradation"]["b"]["factor"] == pytest.approx(math.sqrt(1.5 * 8))
 
 
+def test_tuning_takes_the_smallest_of_lrs_that_tie_within_rounding():
+    def tuned(losses: dict[float, float]) -> float:
+        records = [{"optimizer": "o", "noise": "none", "level": 0.0, "lr": lr, "diverged": not math.isfinite(v),
+                    "final_val_loss": v} for lr, v in losses.items()]
+        best, table = robustness._best_lrs(records, list(losses))
+        assert table[("o", "none", 0.0)]["lr"] == best[("o", "none", 0.0)]
+        return best[("o", "none", 0.0)]
+
+    # the noisy quadratic's Adam sweep: seven lrs reach the optimum, the lowest by 1e-9 is rounding
+    assert tuned({0.01: 0.0494, 0.03: 0.046074, 0.3: 0.0460739, 3.0: 0.0460738, 10.0: 0.046074}) == 0.03
+    assert tuned({0.01: 0.0494, 0.03: 0.0461, 0.3: 0.0460}) == 0.3  # 0.2% apart: not a tie
+    assert tuned({0.1: math.inf, 1.0: math.inf}) == 0.1
+
+
 def test_parallel_workers_give_the_same_records():
     grid = {"optimizers": ("sgd", "deep_momentum"), "noises": ("dropout", "label"), "levels": (0.0, 0.5)}
     serial = run(**grid, **TINY)
