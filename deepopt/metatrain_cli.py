@@ -146,6 +146,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="deep_momentum: 1/t decay rate c of the inner lr, lr_t = lr/(1 + c(t-1)); the initial value when "
         "learned (default 0.01), else fixed (default 0)",
     )
+    a(
+        "--lr-horizon",
+        type=int,
+        help="deep_momentum: N of the training-progress schedule h_t = (1 - (t-1)/N)^p on the inner lr (0: off); "
+        "the saved optimizer keeps it, so it anneals over N steps of any model (default: --horizon)",
+    )
+    a(
+        "--lr-power",
+        type=float,
+        help="deep_momentum: the schedule's power p, learned from this value when --lr-horizon > 0 (default 1)",
+    )
+    a(
+        "--beta2",
+        type=float,
+        help="momentum/delta_momentum/deep_momentum with the adam preconditioner: its second-moment decay β₂ "
+        "(the initial value when 'beta2' is in --learn: default 0.99 then, else the rule's 0.999)",
+    )
     a("--hidden", type=int, default=16, help="DeepMomentum: hidden units of the MLP memory")
     a("--key-dim", type=int, default=16, help="DeepMomentum: coordinates per key block")
     a(
@@ -165,7 +182,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--learn",
         default=None,
         help="comma-separated names to learn (default: the rule's hyperparameters; for deep_momentum "
-        "W1,W2,momentum,eta,lr,lr_decay)",
+        "W1,W2,momentum,eta,lr,lr_decay, then lr_power with --lr-horizon > 0 and beta2 with the adam preconditioner)",
     )
     a("--seed", type=int, default=0, help="seed of task draws, batches and ES perturbations")
     a("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of tasks and meta-parameters")
@@ -239,16 +256,31 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval-tasks: unknown task(s) {unknown}; accepted: {sorted(HELD_OUT_SPECS)}")
     hparams: dict[str, Any] = {"lr": size["lr"]}
     learn = None if args.learn is None else args.learn.split(",")
+    preconditioner = args.preconditioner or ("adam" if args.rule == "deep_momentum" else None)
     if args.rule == "deep_momentum":
-        learn = [*DEFAULT_LEARN["deep_momentum"], "lr_decay"] if learn is None else learn
+        # defaults (docs/notes/meta-training.md, round 2): the lr anneals over the meta-training horizon, h_t =
+        # (1 − (t − 1)/N)^p with p learned, and the Adam preconditioner's β₂ is learned from 0.99
+        lr_horizon = args.lr_horizon if args.lr_horizon is not None else size["horizon"]
+        if learn is None:
+            learn = [*DEFAULT_LEARN["deep_momentum"], "lr_decay", *(("lr_power",) if lr_horizon else ()),
+                     *(("beta2",) if preconditioner == "adam" else ())]
         lr_decay = args.lr_decay if args.lr_decay is not None else (0.01 if "lr_decay" in learn else 0.0)
         hparams.update(hidden=args.hidden, key_dim=args.key_dim, lr_decay=lr_decay,
-                       key_source=args.key_source or "preconditioned")
-    elif args.lr_decay is not None or args.key_source is not None:
-        raise ValueError(f"--lr-decay and --key-source are deep_momentum options, not ones of {args.rule}")
-    preconditioner = args.preconditioner or ("adam" if args.rule == "deep_momentum" else None)
+                       key_source=args.key_source or "preconditioned", lr_horizon=lr_horizon,
+                       lr_power=args.lr_power if args.lr_power is not None else 1.0)
+        if "beta2" in learn and args.beta2 is None:
+            hparams["beta2"] = 0.99
+    elif any(v is not None for v in (args.lr_decay, args.key_source, args.lr_horizon, args.lr_power)):
+        raise ValueError("--lr-decay, --key-source, --lr-horizon and --lr-power are deep_momentum options, not "
+                         f"ones of {args.rule}")
     if preconditioner is not None:
         hparams["preconditioner"] = preconditioner
+    if args.beta2 is not None or "beta2" in (learn or ()):
+        if preconditioner != "adam":
+            raise UsageError(f"--beta2 and learning beta2 are the adam preconditioner's; {args.rule} runs with "
+                             f"preconditioner {preconditioner or 'identity'} (add --preconditioner adam)")
+        if args.beta2 is not None:
+            hparams["beta2"] = args.beta2
     config = MetaTrainConfig(
         rule=args.rule,
         family=args.family,

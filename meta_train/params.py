@@ -2,8 +2,8 @@
 
 Each learnable hyperparameter lives in an unconstrained raw tensor and is mapped into its range::
 
-    positive (lr, eta, lr_decay): x = exp(r)
-    unit interval (μ, β, β₁, β₂; DMGD's momentum α): x = sigmoid(r)
+    positive (lr, eta, lr_decay, lr_power): x = exp(r)
+    unit interval (μ, β, β₁, β₂; DMGD's momentum α and its Adam preconditioner's β₂): x = sigmoid(r)
     memory θ₀ = (W₁, W₂):        x = r
 
 ``MetaParams.hparams(raw)`` is a pure function of the raw tensors (``torch.func``/``vmap`` friendly)
@@ -29,7 +29,8 @@ LEARNABLE: dict[str, dict[str, str]] = {
     "momentum": {"lr": "log", "momentum": "logit"},
     "adam": {"lr": "log", "beta1": "logit", "beta2": "logit"},
     "delta_momentum": {"lr": "log", "momentum": "logit", "beta": "logit"},
-    "deep_momentum": {"lr": "log", "momentum": "logit", "eta": "log", "lr_decay": "log", "W1": "none", "W2": "none"},
+    "deep_momentum": {"lr": "log", "momentum": "logit", "eta": "log", "lr_decay": "log", "lr_power": "log",
+                      "beta2": "logit", "W1": "none", "W2": "none"},
 }
 _TO_RAW = {"log": torch.log, "logit": torch.logit, "none": lambda t: t}
 _FROM_RAW = {"log": torch.exp, "logit": torch.sigmoid, "none": lambda t: t}
@@ -77,12 +78,14 @@ class MetaParams(nn.Module):
 
     def _initial_values(self, dtype: torch.dtype) -> dict[str, Tensor]:
         hp = self.static
-        values = {k: hp[k] for k in ("lr", "momentum", "eta", "beta", "lr_decay") if k in hp}
+        values = {k: hp[k] for k in ("lr", "momentum", "eta", "beta", "lr_decay", "lr_power") if k in hp}
         for k in self.learn:
             if LEARNABLE[self.rule.name][k] == "log" and not float(values[k]) > 0:
                 raise ValueError(f"{k} starts at {values[k]} but must start > 0 to be learned (x = exp(r))")
         if self.rule.name == "adam":
             values["beta1"], values["beta2"] = hp["betas"]
+        elif "beta2" in hp:  # a memory rule's Adam preconditioner
+            values["beta2"] = hp["beta2"]
         if self.rule is deep_momentum:
             values["W1"], values["W2"] = initial_memory(hp, torch.float64, torch.device("cpu"))
         return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in values.items()}
@@ -96,7 +99,7 @@ class MetaParams(nn.Module):
         """The full mapping ``rule.update`` reads: fixed hyperparameters with the learned ones substituted."""
         v = self.values(raw)
         hp = {**self.static, **{k: x for k, x in v.items() if k in self.static}}
-        if "beta1" in v or "beta2" in v:
+        if "betas" in self.static and ("beta1" in v or "beta2" in v):  # Adam's pair
             b1, b2 = self.static["betas"]
             hp["betas"] = (v.get("beta1", b1), v.get("beta2", b2))
         if "W1" in v or "W2" in v:
@@ -106,7 +109,9 @@ class MetaParams(nn.Module):
 
     def learned_keys(self) -> tuple[str, ...]:
         """Hyperparameter names (as the rule spells them) that ``hparams`` replaces with tensors."""
-        rename = {"beta1": "betas", "beta2": "betas", "W1": "memory_init", "W2": "memory_init"}
+        rename = {"W1": "memory_init", "W2": "memory_init"}
+        if "betas" in self.static:
+            rename.update(beta1="betas", beta2="betas")
         return tuple(dict.fromkeys(rename.get(k, k) for k in self.learn))
 
     def export(self) -> tuple[str, dict[str, Any], dict[str, Tensor]]:

@@ -13,7 +13,7 @@ from torch import Tensor
 from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
 from deepopt.rules import transforms as T
-from deepopt.rules.deep import decayed_lr, safe_rms, to_blocks
+from deepopt.rules.deep import decayed_lr, horizon_factor, safe_rms, to_blocks
 
 from . import deep_cpu, deep_kernels
 from .base import MemoryOptimizer, is_dtensor
@@ -88,7 +88,7 @@ def _fused_options(group: dict[str, Any]) -> bool:
     """The options the CPU loop and the Triton kernels cover: the deep branch with the dot objective, identity
     preconditioner and no output nonlinearity or 1/t schedule."""
     return (group["hidden"] > 0 and group["objective"] == "dot" and group["preconditioner"] == "identity"
-            and group["nonlinearity"] is None and group["lr_decay"] == 0)
+            and group["nonlinearity"] is None and group["lr_decay"] == 0 and group["lr_horizon"] == 0)
 
 
 def _cpu_loop_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -117,13 +117,15 @@ class DeepMomentum(MemoryOptimizer):
 
         m ← α·m + P g                          (objective="dot";  "l2": m ← α·m − β⟨m, k̂⟩k̂ + P g)
         W₁ ← α·W₁ − η·∇_{W₁} ℓ(W₁; Φ̂(K), V),   Φ̂(K) = σ(K W₂ᵀ)/r      (K, V: normalised key/value blocks)
-        W ← W − lr_t·σ_out(m + s_v·Φ̂(K) W₁ᵀ),   lr_t = lr/(1 + lr_decay·(t − 1))
+        W ← W − lr_t·σ_out(m + s_v·Φ̂(K) W₁ᵀ),   lr_t = lr/(1 + lr_decay·(t − 1))·h_t
+        h_t = 1, or with lr_horizon = N > 0: h_t = (1 − (t − 1)/N)₊^lr_power    (0 after step N)
 
     ``momentum`` is α; ``eta`` the read-out's inner learning rate; ``hidden`` its width (0: no deep
     branch, then this is ``Momentum``, or ``DeltaMomentum`` with ``objective="l2"``); ``key_dim`` the
     coordinates per key block; ``key_source`` keys on the raw ("gradient") or preconditioned gradient.
     ``memory_init=(W1, W2)`` sets θ₀ (what meta-training learns; see ``from_pretrained``), else W₁ = 0 and
-    W₂ ~ init_scale·N(0, 1) drawn from ``seed``.  Further options: ``weight_decay``,
+    W₂ ~ init_scale·N(0, 1) drawn from ``seed``.  ``lr_decay``, ``lr_horizon`` (N, the run's length; 0: no
+    h_t) and ``lr_power`` set the lr schedule.  Further options: ``weight_decay``,
     ``decoupled_weight_decay``, ``preconditioner`` ("identity" | "adam"), ``nonlinearity``, ``foreach``,
     ``nonfinite``.  The full equations are in ``deepopt.rules.deep``.
     """
@@ -163,10 +165,11 @@ class DeepMomentum(MemoryOptimizer):
         On CUDA they run four Triton launches for the whole list (``deep_kernels``, ``_triton_applies``).
         """
         hidden = group["hidden"]
+        scheduled = group["lr_decay"] != 0 or group["lr_horizon"] != 0
         if (any(isinstance(group[k], Tensor) for k in ("momentum", "eta", "beta", "weight_decay", "lr_decay",
-                                                          "beta2", "eps"))
+                                                          "lr_power", "beta2", "eps"))
                 or (hidden and group["activation"] not in _FOREACH_ACTIVATIONS)
-                or (group["lr_decay"] != 0 and group["decoupled_weight_decay"] and group["weight_decay"] != 0)
+                or (scheduled and group["decoupled_weight_decay"] and group["weight_decay"] != 0)
                 or len({(p.dtype, p.device) for p in params}) > 1):
             return False
         states = [self.state[p] for p in params]
@@ -196,9 +199,11 @@ class DeepMomentum(MemoryOptimizer):
         if hidden:
             direction = self._deep_read(group, params, states, keys, values)
         lr = group["lr"]
-        if group["lr_decay"] != 0:
+        if scheduled:
             steps = T.step_float(torch.stack([st["step"] for st in states]), params[0])  # fp32 for bf16 params
-            lr = decayed_lr(lr, group["lr_decay"], steps)
+            lr = decayed_lr(lr, group["lr_decay"], steps) if group["lr_decay"] != 0 else lr * torch.ones_like(steps)
+            if group["lr_horizon"] != 0:
+                lr = lr * horizon_factor(steps, group["lr_horizon"], group["lr_power"])
             direction = torch._foreach_mul(direction, list(lr.unbind()))
             lr = 1.0
         self._foreach_descend(params, foreach_output_nonlinearity(group, direction), lr)

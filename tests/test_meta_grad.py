@@ -75,6 +75,28 @@ def test_meta_gradient_of_the_learned_lr_decay_matches_central_differences(task)
         MetaParams("deep_momentum", learn=("lr_decay",))
 
 
+def test_meta_gradients_of_the_learned_lr_power_and_beta2_match_central_differences(task):
+    """The training-progress schedule h_t = (1 − (t − 1)/N)₊^p: its power p gets the exact meta-gradient, also
+    over an unroll that runs past N (steps 6 and 7 of N = 5 take lr 0, and the meta-gradient stays finite); so
+    does the Adam preconditioner's β₂ (learned through a logit, like the momentum α)."""
+    meta = MetaParams("deep_momentum", learn=("lr", "lr_power", "beta2", "W1"), dtype=F64,
+                      **{**RULES["deep_momentum"], "lr_horizon": 5, "lr_power": 1.5, "preconditioner": "adam",
+                         "beta2": 0.9})
+    unroll = Unroll(meta, task, steps=7)
+    est = Backprop()(unroll, InnerState.fresh(task))
+    assert all(g.isfinite().all() for g in est.grads.values())
+    for name in ("lr_power", "beta2"):
+        assert est.grads[name].abs() > 0
+        direction = {k: torch.zeros_like(v) for k, v in meta.raw.items()}
+        direction[name] = torch.ones_like(direction[name])
+        fd = directional_fd(unroll, InnerState.fresh(task), direction)
+        assert abs(dot(est.grads, direction) - fd) <= 1e-6 * abs(fd), name
+    # after N the weights stay where step N left them
+    params = Unroll(meta, task, steps=5).loss(dict(meta.raw), InnerState.fresh(task))[1].params
+    for k, v in est.inner.params.items():
+        assert torch.equal(v, params[k].detach()), k
+
+
 @pytest.mark.parametrize(
     "rule,hp",
     [("adam", RULES["adam"]), ("deep_momentum", {**RULES["deep_momentum"], "preconditioner": "adam"})],

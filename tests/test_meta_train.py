@@ -23,6 +23,7 @@ from deepopt.meta_train.evaluate import load_learned, speedup, steps_to_reach
 from safetensors.torch import load_file
 
 import deepopt
+from deepopt import cli
 from deepopt.checkpoint import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +199,11 @@ def test_cli_smoke_and_resume_after_kill(tmp_path):
             assert seed["learned_beats_adam_decay"] == (seed["learned"] < seed["adam_decay_tuned"])
     header = (run / "curves.csv").read_text().splitlines()[0]
     assert header == "kind,task,optimizer,lr,seed,step,loss"
+    # the default DeepMomentum run anneals its lr over the horizon (p learned) and learns β₂ from 0.99
+    config = report["config"]
+    assert config["hparams"]["lr_horizon"] == config["horizon"] == report["learned_hparams"]["lr_horizon"]
+    assert config["hparams"]["beta2"] == 0.99 and config["learn"][-2:] == ["lr_power", "beta2"]
+    assert report["learned_hparams"]["beta2"] != 0.99 and report["learned_hparams"]["lr_power"] != 1.0
 
     # 2. SIGKILL a longer run at its first checkpoint, run it again: same result as uninterrupted
     extra = ("--meta-steps", "12", "--save-every", "1", "--eval-tasks", "wine_mlp")
@@ -331,3 +337,60 @@ def test_late_weight_scales_each_truncation_by_its_position_in_the_horizon(tmp_p
         MetaTrainer(MetaTrainConfig(late_weight=1.0, **base), tmp_path)
     with pytest.raises(ValueError, match="late_weight"):
         MetaTrainConfig(late_weight=-1.0)
+
+
+def test_lr_horizon_schedule_scales_each_step_and_round_trips(tmp_path):
+    """DeepMomentum's opt-in training-progress schedule: with ``lr_horizon = N`` step t moves the weights by
+    exactly (1 − (t − 1)/N)^p times the unscheduled step (fp64, same memory trajectory), not at all after N, the
+    multi-tensor path equals the per-tensor rule path, ``lr_horizon = 0`` is today's optimizer, bad values are
+    refused, and a learned optimizer saves N and p for ``from_pretrained``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(3, (32,))
+    grads = []
+    for _ in range(7):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+
+    def deltas(**kw):  # the step each of 7 fixed gradient lists causes
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        opt = deepopt.DeepMomentum(params, lr=0.01, hidden=4, key_dim=4, preconditioner="adam", **kw)
+        out = []
+        for gs in grads:
+            before = [p.detach().clone() for p in params]
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+            out.append([p.detach() - b for p, b in zip(params, before)])
+        return out
+
+    plain = deltas()
+    assert all(torch.equal(a, b) for da, db in zip(plain, deltas(lr_horizon=0)) for a, b in zip(da, db))
+    for foreach in (None, False):
+        scheduled = deltas(lr_horizon=5, lr_power=1.5, foreach=foreach)
+        for t, (d_s, d_p) in enumerate(zip(scheduled, plain), start=1):
+            h = max(1 - (t - 1) / 5, 0.0) ** 1.5
+            for a, b in zip(d_s, d_p):
+                torch.testing.assert_close(a, h * b, rtol=1e-12, atol=1e-15)
+        assert all(torch.equal(a, torch.zeros_like(a)) for d in scheduled[5:] for a in d)
+    for bad, err in (({"lr_horizon": -1}, ValueError), ({"lr_horizon": 2.5}, TypeError),
+                     ({"lr_power": -0.5}, ValueError)):
+        with pytest.raises(err, match=next(iter(bad))):
+            deepopt.DeepMomentum(model.parameters(), **bad)
+    meta = MetaParams("deep_momentum", learn=("lr", "lr_power"), lr=0.01, lr_horizon=200, lr_power=0.7)
+    save_pretrained(tmp_path, *meta.export())
+    opt = load_learned(tmp_path, held_out_task("wine_mlp", 0).model.parameters())
+    assert opt.defaults["lr_horizon"] == 200 and opt.defaults["lr_power"] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preconditioner", "identity", "--beta2", "0.9"], "--beta2 and learning beta2 are the adam preconditioner's"),
+    (["--preconditioner", "identity", "--learn", "lr,beta2"], "add --preconditioner adam"),
+    (["--rule", "sgd", "--lr-horizon", "10"], "deep_momentum options, not ones of sgd"),
+    (["--lr-horizon", "-1"], "lr_horizon must be an int >= 0"),
+])
+def test_cli_refuses_schedule_and_beta2_misuse(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["meta-train", "--smoke", "--no-progress", "--out", str(tmp_path / "run"), *argv])
+    assert message in capsys.readouterr().err

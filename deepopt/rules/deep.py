@@ -15,7 +15,12 @@ decay), ``v = P g`` the value (P: identity or Adam's diagonal) and the key ``k =
     l2 objective   ℓ = ½⟨m, k̂⟩²·β − ⟨m, v⟩ + (1/2n)‖Φ̂W₁ᵀ − V‖²,  k̂ = k/‖k‖:
         m ← α·m − β⟨m, k̂⟩k̂ + v                                  (the delta rule: DeltaMomentum)
         W₁ ← W₁(α·I − η·Φ̂ᵀΦ̂/n) + η·VᵀΦ̂/n
-    u = m + s_v·from_blocks(Φ̂ W₁ᵀ);    W ← W − lr_t·σ_out(u),   lr_t = lr/(1 + lr_decay·(t − 1))
+    u = m + s_v·from_blocks(Φ̂ W₁ᵀ);    W ← W − lr_t·σ_out(u),   lr_t = lr/(1 + lr_decay·(t − 1))·h_t
+    h_t = 1 (lr_horizon = 0, the default), else h_t = (1 − (t − 1)/N)₊^p,  N = lr_horizon, p = lr_power
+
+``h_t`` is an opt-in training-progress schedule (``lr_horizon = N`` > 0: the length of the run, as VeLO's
+learned optimizers take it): the lr falls from ``lr`` at step 1 to ``lr·(1/N)^p`` at step N and is 0 after;
+``p`` shapes the fall (1: linear to zero) and is meta-learnable, as are lr and lr_decay.
 
 ``α`` is ``momentum``.  The inner map contracts: its Jacobian in W₁ is ``αI`` (dot) or ``αI − ηΦ̂ᵀΦ̂/n``
 with eigenvalues in ``[α − η, α]`` (l2, 0 ≤ η ≤ 1 + α), so ``‖W₁‖ ≤ α^t‖W₁⁰‖ + η/(1 − α)`` and the deep
@@ -73,6 +78,8 @@ DEFAULTS = {
     "memory_init": None,
     "lr_decay": 0.0,
     "key_source": "gradient",
+    "lr_horizon": 0,
+    "lr_power": 1.0,
     **T.SHARED_DEFAULTS,
 }
 
@@ -148,8 +155,12 @@ def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tens
         phi = features(keys, state["W2"], hp["activation"])
         w1 = hp["momentum"] * w1 - hp["eta"] * readout_grad(w1, phi, values, hp["objective"])
         direction = m + from_blocks(scale * (phi @ w1.mT), g)
-    if not T.is_zero(hp["lr_decay"]):
-        hp = {**hp, "lr": decayed_lr(hp["lr"], hp["lr_decay"], T.step_float(step, g)).to(g.dtype)}
+    if not T.is_zero(hp["lr_decay"]) or hp["lr_horizon"]:
+        t = T.step_float(step, g)
+        lr = decayed_lr(hp["lr"], hp["lr_decay"], t) if not T.is_zero(hp["lr_decay"]) else hp["lr"]
+        if hp["lr_horizon"]:
+            lr = lr * horizon_factor(t, hp["lr_horizon"], hp["lr_power"])
+        hp = {**hp, "lr": lr.to(g.dtype)}
     delta = T.descend(T.output_nonlinearity(direction, hp), param, hp)
     return delta, {"momentum_buffer": m, "W1": w1, "W2": state["W2"], **pstate, "step": step}
 
@@ -168,6 +179,14 @@ def decayed_lr(lr: float | Tensor, lr_decay: float | Tensor, step: float | Tenso
     return lr / (1 + lr_decay * (step - 1))
 
 
+def horizon_factor(step: Tensor, horizon: int, power: float | Tensor) -> Tensor:
+    """``(1 − (step − 1)/horizon)₊^power``: 1 at step 1, ``(1/horizon)^power`` at step ``horizon``, 0 after
+    (where its derivative in ``power`` is 0 too, not NaN)."""
+    x = 1 - (step - 1) / horizon
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)) ** power, torch.zeros_like(x))
+
+
 def validate(hp: Hparams) -> None:
     T.validate_shared(hp)
     check_range("momentum", hp["momentum"], 0.0, 1.0, high_open=True)
@@ -182,6 +201,8 @@ def validate(hp: Hparams) -> None:
     check_choice("key_source", hp["key_source"], KEY_SOURCES)
     check_range("init_scale", hp["init_scale"], 0.0)
     check_range("lr_decay", hp["lr_decay"], 0.0)
+    check_int("lr_horizon", hp["lr_horizon"], low=0)
+    check_range("lr_power", hp["lr_power"], 0.0)
     check_int("seed", hp["seed"], low=0)
     mem = hp["memory_init"]
     if mem is not None:
