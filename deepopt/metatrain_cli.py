@@ -22,7 +22,9 @@ EVAL_FILE = "eval.jsonl"
 
 # Sizes: the default run (a few minutes on 2 CPU cores) and --smoke (well under a minute).  Truncations of K = 50
 # steps (not 20: a 20-step meta-gradient learns too fast an lr decay for step 200, the short-horizon bias) over the
-# same 8000 inner steps per task slot (README "Meta-training", docs/notes/meta-training.md).
+# same 8000 inner steps per task slot (README "Meta-training", docs/notes/meta-training.md).  For deep_momentum the
+# run also anneals the inner lr over the horizon (lr_horizon = horizon, its power learned) and learns the Adam
+# preconditioner's β₂ from 0.99 (``run``).
 DEFAULTS: dict[str, Any] = dict(
     meta_steps=160,
     unroll=50,
