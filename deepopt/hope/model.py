@@ -11,7 +11,10 @@ of a projection of ``x_t``, query ``q_t`` = ℓ2-normalised conv projection.  Fi
 ``M_k, M_v, M_η, M_α, M_mem`` produce ``k_t = M_k(u_t)/‖·‖``, ``v_t = M_v(u_t)`` (Eq. 76–81),
 ``η_t = (η_max/C)·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)`` (Eq. 82–83), and each
 memory □ is trained on its self-generated value ``v̂_□ = M_□(v_t)/‖·‖`` (Eq. 84; ℓ2-normalised like q and k:
-unnormalised, the self-referential target grows with the memory and the inner regression runs away)::
+unnormalised, the self-referential target grows with the memory and the inner regression runs away).  Since all
+five read the same ``u_t``, the initial states decide whether k ≠ v: with W₁ small every memory is ≈ the identity,
+``k ≈ v ≈ u/‖u‖``, ``e ≈ 0`` and nothing is written; the default θ₀ (``HopeConfig.titans_w1_std``,
+``titans_w2_gain``) starts M_k and M_v far from the identity and σ(W₂k) of order 1::
 
     W_t = α_t W_{t−1} − η_t U_t,   U_t = ∇ℓ(M_□; k_t, v̂_□)  (+ Delta-GD term z kᵀ on W₂)   (Eq. 85–93)
 
@@ -90,9 +93,11 @@ class HopeConfig:
     activation: str = "silu"
     # initial states θ₀ of the five Titans memories (outer parameters; their init is ours, not the paper's math):
     # W₁ ~ N(0, std²), W₂ ~ N(0, (gain/√d_head)²); one number for all five memories or one per memory in
-    # TITANS_MEMORIES order (k, v, η, α, mem)
-    titans_w1_std: float | tuple[float, ...] = 0.02
-    titans_w2_gain: float | tuple[float, ...] = 1.0
+    # TITANS_MEMORIES order (k, v, η, α, mem).  The default makes M_k and M_v far from the identity (so k ≠ v and
+    # the error e = M(k) − v̂ is not ≈ 0) and h = σ(W₂k) of order 1 (‖h‖² ≈ 5 instead of 0.25), so a write is read
+    # back; the former θ₀ (W₁ std 0.02 for all, gain 1) left HOPE at chance on MQAR (docs/notes/hope-recall.md §6)
+    titans_w1_std: float | tuple[float, ...] = (0.5, 0.5, 0.02, 0.02, 0.02)
+    titans_w2_gain: float | tuple[float, ...] = 4.0
     # continuum memory system: one level per period (None = ∞, never updated)
     cms_periods: tuple[int | None, ...] = (16, 64, None)
     cms_hidden: int = 64
