@@ -34,16 +34,16 @@ from .train import (
     Dist,
     Metrics,
     Trainer,
+    add_titans_init_args,
     fit,
     init_distributed,
     load_model,
     make_optimizer,
-    add_titans_init_args,
     model_config,
-    titans_init_overrides,
     plot_curves,
     resolve_device,
     save_model,
+    titans_init_overrides,
     write_csv,
 )
 

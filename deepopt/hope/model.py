@@ -369,7 +369,8 @@ def planted_write_readback(layer: SelfModifyingTitans, keys: Tensor, targets: Te
     the error the write removed at its key, ``ρ = ⟨M_gap(k) − M'_gap(k), e⟩/‖e‖²`` (M': with the write), 1 = the
     target read back exactly.  A diagnostic of the initial state, not used in training.
     """
-    if keys.dim() != 3 or keys.shape != targets.shape or keys.shape[0] != layer.cfg.n_heads or keys.shape[-1] != layer.dh:
+    expected = (layer.cfg.n_heads, layer.dh)
+    if keys.dim() != 3 or keys.shape != targets.shape or (keys.shape[0], keys.shape[-1]) != expected:
         raise ValueError(f"keys and targets must both have shape (n_heads={layer.cfg.n_heads}, N, "
                          f"d_head={layer.dh}), got {tuple(keys.shape)} and {tuple(targets.shape)}")
     if gap < 0:
