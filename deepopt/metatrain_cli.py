@@ -24,7 +24,7 @@ EVAL_FILE = "eval.jsonl"
 # steps (not 20: a 20-step meta-gradient learns too fast an lr decay for step 200, the short-horizon bias) over the
 # same 8000 inner steps per task slot (README "Meta-training", docs/notes/meta-training.md).  For deep_momentum the
 # run also anneals the inner lr over the horizon (lr_horizon = horizon, its power learned) and learns the Adam
-# preconditioner's β₂ from 0.99 (``run``).
+# preconditioner's β₂ from 0.95 (``run``).
 DEFAULTS: dict[str, Any] = dict(
     meta_steps=160,
     unroll=50,
@@ -163,7 +163,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--beta2",
         type=float,
         help="momentum/delta_momentum/deep_momentum with the adam preconditioner: its second-moment decay β₂ "
-        "(the initial value when 'beta2' is in --learn: default 0.99 then, else the rule's 0.999)",
+        "(the initial value when 'beta2' is in --learn: default 0.95 then, else the rule's 0.999)",
     )
     a("--hidden", type=int, default=16, help="DeepMomentum: hidden units of the MLP memory")
     a("--key-dim", type=int, default=16, help="DeepMomentum: coordinates per key block")
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     preconditioner = args.preconditioner or ("adam" if args.rule == "deep_momentum" else None)
     if args.rule == "deep_momentum":
         # defaults (docs/notes/meta-training.md, round 2): the lr anneals over the meta-training horizon, h_t =
-        # (1 − (t − 1)/N)^p with p learned, and the Adam preconditioner's β₂ is learned from 0.99
+        # (1 − (t − 1)/N)^p with p learned, and the Adam preconditioner's β₂ is learned from 0.95
         lr_horizon = args.lr_horizon if args.lr_horizon is not None else size["horizon"]
         if learn is None:
             learn = [*DEFAULT_LEARN["deep_momentum"], "lr_decay", *(("lr_power",) if lr_horizon else ()),
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
                        key_source=args.key_source or "preconditioned", lr_horizon=lr_horizon,
                        lr_power=args.lr_power if args.lr_power is not None else 1.0)
         if "beta2" in learn and args.beta2 is None:
-            hparams["beta2"] = 0.99
+            hparams["beta2"] = 0.95
     elif any(v is not None for v in (args.lr_decay, args.key_source, args.lr_horizon, args.lr_power)):
         raise ValueError("--lr-decay, --key-source, --lr-horizon and --lr-power are deep_momentum options, not "
                          f"ones of {args.rule}")

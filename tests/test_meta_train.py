@@ -199,11 +199,11 @@ def test_cli_smoke_and_resume_after_kill(tmp_path):
             assert seed["learned_beats_adam_decay"] == (seed["learned"] < seed["adam_decay_tuned"])
     header = (run / "curves.csv").read_text().splitlines()[0]
     assert header == "kind,task,optimizer,lr,seed,step,loss"
-    # the default DeepMomentum run anneals its lr over the horizon (p learned) and learns β₂ from 0.99
+    # the default DeepMomentum run anneals its lr over the horizon (p learned) and learns β₂ from 0.95
     config = report["config"]
     assert config["hparams"]["lr_horizon"] == config["horizon"] == report["learned_hparams"]["lr_horizon"]
-    assert config["hparams"]["beta2"] == 0.99 and config["learn"][-2:] == ["lr_power", "beta2"]
-    assert report["learned_hparams"]["beta2"] != 0.99 and report["learned_hparams"]["lr_power"] != 1.0
+    assert config["hparams"]["beta2"] == 0.95 and config["learn"][-2:] == ["lr_power", "beta2"]
+    assert report["learned_hparams"]["beta2"] != 0.95 and report["learned_hparams"]["lr_power"] != 1.0
 
     # 2. SIGKILL a longer run at its first checkpoint, run it again: same result as uninterrupted
     extra = ("--meta-steps", "12", "--save-every", "1", "--eval-tasks", "wine_mlp")
