@@ -48,6 +48,9 @@ SOURCE = r"""
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* KD (coordinates per key block) and H (memory width) are compile-time constants: -DKD=.. -DH=.. */
 #define SMALL (1 << 16)     /* tensors with fewer coordinates are left to one thread */
@@ -88,6 +91,26 @@ static inline vh select_h(vhi mask, vh a, vh b) { return (vh)(((vhi)a & mask) | 
 
 /* e^x, x clamped to [-87, 88]: x = k ln2 + r, e^r by a degree-6 polynomial (relative error ~2e-7) */
 static inline vh exp_h(vh x) {
+#if defined(__AVX512F__)
+    if (sizeof(vh) == 64) {   /* the same steps with AVX-512's min/max, rounding and scaling by 2^k */
+        __m512 v, k, r, s;
+        vh q;
+        memcpy(&v, &x, 64);
+        /* max/min return their second operand when one is NaN: a NaN z stays NaN, as in the rule */
+        v = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), v));
+        k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), v);
+        r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187045e-06f), r);
+        memcpy(&x, &r, 64);
+        q = 1.0f + x * (1.0f + x * (0.5f + x * (0.16666667163372040f + x * (0.041666667908430099f
+            + x * (0.0083333337679505348f + x * 0.0013888889225199819f)))));
+        memcpy(&s, &q, 64);
+        s = _mm512_scalef_ps(s, k);
+        memcpy(&q, &s, 64);
+        return q;
+    }
+#endif
     const vh lo = (vh){0} - 87.0f, hi = (vh){0} + 88.0f;
     x = select_h(x < lo, lo, x);
     x = select_h(x > hi, hi, x);
@@ -164,8 +187,9 @@ static void *worker(void *argp) {
             vh lanes = {0};
             for (int64_t b = bs; b < be; b++) {
                 vk gb = key_block(g, b, n);
-                vh z = {0};
-                for (int i = 0; i < KD; i++) z += gb[i] * w2t[i];
+                vh z0 = {0}, z1 = {0};   /* two chains: the FMAs' latency overlaps */
+                for (int i = 0; i < KD; i += 2) { z0 += gb[i] * w2t[i]; z1 += gb[i + 1] * w2t[i + 1]; }
+                vh z = z0 + z1;
                 z = activate(z, act);
                 store_h(phi + b * H, z);
                 lanes += z * z;
@@ -196,8 +220,9 @@ static void *worker(void *argp) {
         const float lr = c->lr_ptr ? *c->lr_ptr : c->lr;
         for (int64_t b = b0; b < b1; b++) {
             vh ph = load_h(phi + b * H);
-            vk u = {0};
-            for (int j = 0; j < H; j++) u += ph[j] * w1t[j];
+            vk u0 = {0}, u1 = {0};
+            for (int j = 0; j < H; j += 2) { u0 += ph[j] * w1t[j]; u1 += ph[j + 1] * w1t[j + 1]; }
+            vk u = u0 + u1;
             if (b < full) store_k(p + b * KD, load_k(p + b * KD) - lr * (load_k(m + b * KD) + u));
             else for (int i = 0; b * KD + i < n; i++) p[b * KD + i] -= lr * (m[b * KD + i] + u[i]);
         }
