@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 import pytest
 import torch
@@ -73,6 +74,26 @@ def opt_name(request):
 
 def make(name: str, params, **overrides) -> torch.optim.Optimizer:
     return deepopt.OPTIMIZERS[name](params, **{**CONFIGS[name], **overrides})
+
+
+# The training loop both kernel checks run inside their interpreter subprocess (prepend it to the script): a
+# 5-8-3 tanh MLP, ``steps`` MSE steps on seeded batches, with the optimizer ``make_opt(params)``.
+INTERPRETER_TRAINING = textwrap.dedent("""
+    import torch
+
+
+    def train_tiny_mlp(make_opt, steps=10):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        opt = make_opt(model.parameters())
+        for t in range(steps):
+            g = torch.Generator().manual_seed(t)
+            x, y = torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return model, opt
+""")
 
 
 def run_under_triton_interpreter(code: str, marker: str) -> None:

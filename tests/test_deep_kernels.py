@@ -5,13 +5,13 @@ import textwrap
 
 import pytest
 import torch
-from conftest import run_under_triton_interpreter, small_mlp, train
+from conftest import INTERPRETER_TRAINING, run_under_triton_interpreter, small_mlp, train
 
 import deepopt
 
 pytest.importorskip("triton")
 
-CHECK = textwrap.dedent("""
+CHECK = INTERPRETER_TRAINING + textwrap.dedent("""
     import torch
     from unittest import mock
     import deepopt
@@ -41,16 +41,8 @@ CHECK = textwrap.dedent("""
             torch.testing.assert_close(p.float(), p0 + delta, rtol=tol, atol=tol)
     # the optimizer class on the kernel path (forced on the CPU) against its normal CPU path
     def run(force):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-        opt = deepopt.DeepMomentum(model.parameters(), lr=0.05, weight_decay=0.01)
         with mock.patch.object(deep_momentum, "_triton_applies", lambda *_: force):
-            for t in range(10):
-                g = torch.Generator().manual_seed(t)
-                x, y = torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
-                opt.zero_grad()
-                torch.nn.functional.mse_loss(model(x), y).backward()
-                opt.step()
+            model, opt = train_tiny_mlp(lambda ps: deepopt.DeepMomentum(ps, lr=0.05, weight_decay=0.01))
         return list(model.parameters()), [opt.state[p]["W1"] for p in model.parameters()]
     (pa, wa), (pb, wb) = run(True), run(False)
     for a, b in zip(pa + wa, pb + wb):

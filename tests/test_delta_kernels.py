@@ -5,13 +5,13 @@ import textwrap
 
 import pytest
 import torch
-from conftest import run_under_triton_interpreter, small_mlp, train
+from conftest import INTERPRETER_TRAINING, run_under_triton_interpreter, small_mlp, train
 
 import deepopt
 
 pytest.importorskip("triton")
 
-CHECK = textwrap.dedent("""
+CHECK = INTERPRETER_TRAINING + textwrap.dedent("""
     import torch
     from unittest import mock
     import deepopt
@@ -33,17 +33,10 @@ CHECK = textwrap.dedent("""
             torch.testing.assert_close(p.float(), p0 + delta, rtol=tol, atol=tol)
     # the optimizer class on the kernel path (forced on the CPU) against the per-tensor rule
     def run(force):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-        opt = deepopt.DeltaMomentum(model.parameters(), lr=0.05, weight_decay=0.01, foreach=None if force else False)
+        make = lambda ps: deepopt.DeltaMomentum(ps, lr=0.05, weight_decay=0.01, foreach=None if force else False)
         with mock.patch.object(delta_momentum, "_cpu_loop_applies", lambda *_: False), \\
              mock.patch.object(delta_momentum, "_triton_applies", lambda *_: force):
-            for t in range(10):
-                g = torch.Generator().manual_seed(t)
-                x, y = torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
-                opt.zero_grad()
-                torch.nn.functional.mse_loss(model(x), y).backward()
-                opt.step()
+            model, _ = train_tiny_mlp(make)
         return list(model.parameters())
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
