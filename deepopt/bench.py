@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import deepopt
 
 from .checkpoint import atomic_save_json, atomic_write
-from .runs import add_out_option, check_at_least, check_device, prepare_out, show_progress, wrote
+from .runs import add_out_option, check_at_least, check_device, finish, prepare_out, progress_bar
 
 # name -> shapes of the parameter tensors
 PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
@@ -121,11 +121,9 @@ def time_steps(param_set: str, optimizers: list[str], repeats: int, warmup: int,
 
 def run(param_sets: list[str], optimizers: list[str], repeats: int = 15, warmup: int = 3,
         device: str = "cpu", progress: bool = True) -> list[dict]:
-    from tqdm import tqdm
-
     names = list(dict.fromkeys([*REFERENCES, *optimizers]))
     rows = []
-    for ps in tqdm(param_sets, desc="bench", disable=not progress):
+    for ps in progress_bar(param_sets, desc="bench", enabled=progress, unit="parameter set"):
         times, ops = time_steps(ps, names, repeats, warmup, device)
         med = {n: statistics.median(t) for n, t in times.items()}
         for n in names:
@@ -156,15 +154,14 @@ def main(args: argparse.Namespace) -> int:
     out = prepare_out(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = run(args.param_sets, args.optimizers, args.repeats, args.warmup, args.device,
-               progress=show_progress(True))
+    rows = run(args.param_sets, args.optimizers, args.repeats, args.warmup, args.device, progress=True)
     table = format_table(rows)
     print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(table)
     atomic_save_json({"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "repeats": args.repeats, "warmup": args.warmup, "rows": rows}, out / "bench.json")
     atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(table + "\n"))
-    wrote(out)
+    finish(out, files=[("bench.md", "the table above"), ("bench.json", "the same with the settings")])
     return 0
 
 

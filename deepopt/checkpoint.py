@@ -4,41 +4,67 @@ Nothing here unpickles: tensors load with ``safetensors`` and torch files with `
 Every write goes to a temporary file in the destination folder and is renamed into place, so a
 crash leaves either the old file or the new one, never a torn one; the file gets the permissions a
 plain ``open(path, "w")`` would (0644 under the usual umask 022).  A missing, truncated or corrupt file
-raises a ``ValueError`` (``FileNotFoundError`` when missing) that names it.
+raises a ``ValueError`` (``FileNotFoundError`` when missing) that names it; a write that fails (disk full,
+file too large, no permission) raises an ``OSError`` whose ``filename`` is the destination, whichever library
+wrote it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import Tensor
 
 PRETRAINED_CONFIG = "config.json"
 PRETRAINED_TENSORS = "memory.safetensors"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an ``OSError`` of the block that names no file (``write()``, ``fsync()``) or ``path``'s temporary
+    file as one whose ``filename`` is ``path``: the file the user knows."""
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as err:
+        name = None if err.filename is None else Path(err.filename).name
+        path = Path(path)
+        if name is not None and not (name.startswith(f".{path.name}.") and name.endswith(".tmp")):
+            raise  # about another file (a folder to create, an input): it names that one
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.  Any failure
+    removes the temporary file and leaves ``path`` as it was; an ``OSError`` names ``path``."""
+    path = Path(path)
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def _write_bytes(tmp: str, data: bytes | memoryview) -> None:
+    with open(tmp, "wb") as f:
+        f.write(data)
 
 
 def _umask() -> int:
@@ -58,12 +84,34 @@ def atomic_save_json(obj: Any, path: str | os.PathLike) -> None:
 def atomic_save_tensors(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     """Write a flat ``name -> tensor`` mapping as safetensors (contiguous CPU copies)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(cpu, tmp)
+        except SafetensorError as err:
+            if "I/O error" not in str(err):
+                raise
+            _write_bytes(tmp, save(cpu))  # through Python's I/O: the failure becomes an OSError with its errno
+    atomic_write(path, write)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file; ``obj`` must hold only tensors and plain Python data."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            if not _TORCH_WRITE_FAILED.search(str(err)):
+                raise
+            # torch's zip writer reports a failed write (disk full, file too large) without its cause; writing
+            # the same bytes through Python's I/O raises the OSError that says it (or succeeds)
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            _write_bytes(tmp, buffer.getbuffer())
+    atomic_write(path, write)
+
+
+_TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|file write failed")
 
 
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

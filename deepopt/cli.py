@@ -1,14 +1,16 @@
 """The ``deepopt`` command line: one entry point, one subcommand per capability.
 
 Each capability module exposes ``register(subparsers)``, which adds its subcommand and sets
-``func`` on it; the parsed namespace is then passed to ``func``.  Every user-facing error (a bad
-option, an unusable ``--out``, a missing or corrupt input file) is one line on stderr that names the
-flag or file, with exit status 2; tracebacks are left for bugs.
+``func`` on it; the parsed namespace is then passed to ``func``, after the command's ``--out`` folder
+(``deepopt.runs.add_out_option``) has been checked.  Every user-facing error (a bad option, an unusable
+``--out``, a missing or corrupt input file, a write that fails: disk full) is one line on stderr that names
+the flag or file, with exit status 2; tracebacks are left for bugs.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 from collections.abc import Sequence
 from typing import NoReturn
@@ -58,6 +60,8 @@ def _torch_version() -> str:
 def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename is not None:  # name the file, not just the errno
         text = f"{err.filename}: {err.strerror or err}"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            text += " (free some space, or choose another --out)"
     else:
         text = str(err) or type(err).__name__
     return " ".join(text.split())
@@ -68,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = " ".join(["deepopt", args.command, *filter(None, [getattr(args, "hope_command", None)])])
     try:
+        if getattr(args, "run_command", None) is not None:  # before the command: nothing is computed or created
+            from deepopt.runs import check_out
+
+            check_out(args)
         return int(args.func(args) or 0)
     except (ValueError, OSError) as err:  # bad input or an unusable file: one line, exit status 2 like argparse
         parser.exit(2, f"{prog}: error: {_one_line(err)}\n")

@@ -24,7 +24,7 @@ import math
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 import deepopt
 
-from .checkpoint import atomic_save_json, atomic_write
-from .runs import add_out_option, check_at_least, check_device, prepare_out, show_progress, wrote
+from .checkpoint import atomic_save_json, atomic_write, naming
+from .runs import add_out_option, check_at_least, check_device, finish, prepare_out, progress_bar
 
 TASKS = ("digits_mlp", "digits_cnn", "char_lm", "hope_lm")
 # name -> recommended lr (the centre of its sweep); for the split optimizers, the lr of the matrix group
@@ -246,10 +246,10 @@ def _run_all(specs: Sequence[RunSpec], done: dict[RunSpec, dict[str, Any]], work
              csv_path: Path, desc: str, progress: bool) -> list[dict[str, Any]]:
     """The records of ``specs``: those in ``done`` (a resumed run's), the others trained (in ``workers``
     processes if > 1) and appended to ``csv_path`` as each ends."""
-    from tqdm import tqdm
-
     todo = [s for s in specs if s not in done]
-    with open(csv_path, "a", newline="") as f:
+    with naming(csv_path):
+        f = open(csv_path, "a", newline="")
+    with f:
         writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
         pool = None
         if workers > 1 and len(todo) > 1:
@@ -257,49 +257,67 @@ def _run_all(specs: Sequence[RunSpec], done: dict[RunSpec, dict[str, Any]], work
             results: Iterator[dict[str, Any]] = pool.map(train_run, todo, [threads] * len(todo))
         else:
             results = (train_run(s, threads) for s in todo)
+        bar = progress_bar(total=len(specs), initial=len(specs) - len(todo), desc=desc, enabled=progress, unit="run")
         try:
-            bar = tqdm(results, total=len(specs), initial=len(specs) - len(todo), desc=desc, disable=not progress,
-                       unit="run")
-            for spec, record in zip(todo, bar):
-                writer.writerow(record)
-                f.flush()
-                os.fsync(f.fileno())
+            for spec, record in zip(todo, results):
+                with naming(csv_path):
+                    writer.writerow(record)
+                    f.flush()
+                    os.fsync(f.fileno())
                 done[spec] = record
+                bar.update(1)
         finally:
+            bar.close()
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
     return [done[s] for s in specs]
 
 
 def read_results(csv_path: Path) -> dict[RunSpec, dict[str, Any]]:
-    """The records of a (possibly killed) run's ``results.csv``, by spec; a torn last line is dropped."""
+    """The records of a (possibly killed) run's ``results.csv``, by spec; a torn last line is dropped, any
+    other unreadable line is a ``ValueError`` naming the file and the line."""
+    with naming(csv_path):
+        raw = csv_path.read_bytes()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:  # a kill can tear a multi-byte character only at the very end
+        text = raw[:raw.rfind(b"\n") + 1].decode(errors="replace")
+    lines = text.splitlines(keepends=True)
+    if lines and list(csv.reader(lines[:1])) != [list(CSV_FIELDS)]:
+        raise ValueError(f"--resume: {csv_path} is not a `deepopt compare` results file (its header is not "
+                         f"{','.join(CSV_FIELDS)}); start over with --overwrite")
     done = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                spec = RunSpec(row["task"], row["optimizer"], float(row["lr"]), int(row["seed"]), row["phase"],
-                               row["size"], row["device"])
-                done[spec] = {**asdict(spec), "val_loss": float(row["val_loss"]),
-                              "diverged": row["diverged"] == "True", "seconds": float(row["seconds"])}
-            except (KeyError, TypeError, ValueError):
+    for number, row in enumerate(csv.DictReader(lines), 2):
+        try:
+            spec = RunSpec(row["task"], row["optimizer"], float(row["lr"]), int(row["seed"]), row["phase"],
+                           row["size"], row["device"])
+            done[spec] = {**asdict(spec), "val_loss": float(row["val_loss"]),
+                          "diverged": row["diverged"] == "True", "seconds": float(row["seconds"])}
+        except (KeyError, TypeError, ValueError):
+            if number == len(lines) and not lines[-1].endswith("\n"):  # torn by a kill: that run is done again
                 continue
+            raise ValueError(f"--resume: {csv_path} line {number} is not a run of this study (the file is "
+                             "corrupt); remove that line to run it again, or start over with --overwrite") from None
     return done
 
 
 def run(tasks: Sequence[str], optimizers: Sequence[str], out: Path, size: str = "default", lrs: int = 5,
         span: float = 1.0, seeds: int = 3, workers: int = 1, threads: int | None = None, device: str = "cpu",
-        progress: bool = False, resume: bool = False) -> dict[str, Any]:
+        progress: bool = False, resume: bool = False, on_start: Callable[[], Any] | None = None) -> dict[str, Any]:
     """The whole study: lr sweep at seed 0, then ``seeds`` seeds at each best lr; writes ``results.csv``
-    (``resume``: keeps the runs it holds and trains the others) and returns the summary."""
+    (``resume``: keeps the runs it holds and trains the others) and returns the summary.  ``on_start`` is called
+    once the tasks' data are built and a resumed run's results read, before anything is written."""
     csv_path = out / "results.csv"
     done = read_results(csv_path) if resume and csv_path.is_file() else {}
+    for t in tasks:  # build every problem (data, caches) once, before any worker starts
+        get_problem(t, size, device)
+    if on_start is not None:
+        on_start()
     text = io.StringIO()
     writer = csv.DictWriter(text, CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(done.values())
     atomic_write(csv_path, lambda tmp: Path(tmp).write_text(text.getvalue()))
-    for t in tasks:  # build every problem (data, caches) once, before any worker starts
-        get_problem(t, size, device)
     sweep = [RunSpec(t, o, lr, 0, "sweep", size, device) for t in tasks for o in optimizers
              for lr in sweep_lrs(RECOMMENDED_LR[o], lrs, span)]
     swept = _run_all(sweep, done, workers, threads, csv_path, "lr sweep", progress)
@@ -370,7 +388,19 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def log_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Geometric mean and 95% t-interval of positive ``values``, from their logs: ``exp(m ± t·s/√n)`` with m, s
+    the mean and sd of ``log values``.  It never reaches 0 or below, unlike ``mean ± t·sd/√n`` of a loss over 2 or
+    3 seeds; NaN bounds for one value."""
+    from .robustness import mean_ci as interval
+
+    mean, low, high = interval(np.log(np.asarray(values, dtype=float)))
+    return math.exp(mean), math.exp(low), math.exp(high)
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
+    """Per task, each optimizer's final validation loss on a log axis: every seed (dots), their geometric mean
+    and its 95% interval from the log losses (never below 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,17 +412,22 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for ax, t in zip(axes[0], tasks):
         names = list(results[t])
         for y, o in enumerate(names):
-            r = results[t][o]
-            if not math.isfinite(r["mean"]):
+            losses = [v for v in results[t][o]["val_losses"] if math.isfinite(v) and v > 0]
+            color = "tab:gray" if o.startswith("torch_") else "tab:blue"
+            if len(losses) < len(results[t][o]["val_losses"]):
                 ax.annotate("diverged", (0.02, y), xycoords=("axes fraction", "data"), va="center", color="tab:red")
                 continue
-            err = r["ci95"] if math.isfinite(r["ci95"]) else 0.0
-            ax.errorbar(r["mean"], y, xerr=err, fmt="o", capsize=3,
-                        color="tab:gray" if o.startswith("torch_") else "tab:blue")
+            centre, low, high = log_interval(losses)
+            if math.isfinite(low):
+                ax.errorbar(centre, y, xerr=[[centre - low], [high - centre]], fmt="o", capsize=3, color=color)
+            else:
+                ax.plot(centre, y, "o", color=color)
+            ax.plot(losses, [y] * len(losses), "|", color=color, ms=9, alpha=0.6)
         ax.set_yticks(range(len(names)), names)
+        ax.set_xscale("log")
         ax.set_title(t)
-        ax.set_xlabel("final validation loss (mean, 95% CI)")
-        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel("final validation loss (seeds |, geometric mean, 95% CI)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3, which="both")
     fig.tight_layout()
 
     def save(tmp: str) -> None:
@@ -412,12 +447,12 @@ def main(args: argparse.Namespace) -> int:
     check_device(args.device)
     size = "smoke" if args.smoke else ("cuda" if args.device.startswith("cuda") else "default")
     lrs, seeds = (2, 2) if args.smoke and args.lrs is None else (args.lrs or 5, args.seeds or 3)
-    out = prepare_out(args)
+    out = args.out
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     summary = run(args.tasks, args.optimizers, out, size, lrs, args.span, seeds, args.workers, args.threads,
-                  args.device, progress=show_progress(True), resume=args.resume)
+                  args.device, progress=True, resume=args.resume, on_start=lambda: prepare_out(args))
     config = {"tasks": list(args.tasks), "optimizers": list(args.optimizers), "size": size, "sizes": SIZES[size],
               "lrs": lrs, "span": args.span, "seeds": seeds, "recommended_lr": RECOMMENDED_LR,
               "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -427,7 +462,12 @@ def main(args: argparse.Namespace) -> int:
     atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     plot(summary, out / "compare.png")
     print(table)
-    wrote(out)
+    finish(out, targets=[(f"{t['optimizer']} <= {t['reference']} on {t['task']}: {t['mean']:.4g} vs "
+                          f"{t['reference_mean']:.4g}" + (" (within the 95% CIs)" if t["within_noise"] else ""),
+                          t["met"]) for t in summary["targets"]],
+           files=[("compare.png", "final validation loss per optimizer and task (95% CI)"),
+                  ("table.md", "the same as a table, with the targets"),
+                  ("summary.json", "every sweep and seed")])
     return 0
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
-from deepopt.runs import JsonLines, UsageError, add_out_option, check_at_least, prepare_out, show_progress, wrote
+from deepopt.runs import JsonLines, UsageError, add_out_option, check_at_least, finish, prepare_out, progress_bar
 
 EVAL_FILE = "eval.jsonl"
 
@@ -243,7 +245,6 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Meta-train, save, evaluate, and write the report, curves and plot under ``--out``."""
     import torch
-    from tqdm.auto import tqdm
 
     from deepopt.checkpoint import atomic_save_json
     from deepopt.meta_train.evaluate import evaluate
@@ -309,18 +310,19 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not (args.out is not None and (args.out / STATE_FILE).is_file()):
         raise UsageError(f"--resume: --out {args.out} holds no run to continue (no {STATE_FILE}); check the "
                          "folder, or run without --resume")
+    MetaTrainer(config)  # every option checked (the rule's hyperparameters too) before the run starts
     out = prepare_out(args)
     trainer = MetaTrainer(config, out)
     if trainer.step:
         print(f"resuming {out} from meta-step {trainer.step}")
     started = time.perf_counter()
-    trainer.run(progress=show_progress(not args.no_progress))
+    trainer.run(progress=not args.no_progress)
     trainer.save()
     train_s = time.perf_counter() - started
 
     seeds = list(range(size["eval_seeds"]))
-    bar = tqdm(total=len(size["eval_tasks"]) * len(seeds), desc="evaluate",
-               disable=not show_progress(not args.no_progress))
+    bar = progress_bar(total=len(size["eval_tasks"]) * len(seeds), desc="evaluate", enabled=not args.no_progress,
+                       unit="task-seed")
     settings = {"meta_step": trainer.step, "seeds": seeds, "dtype": args.dtype,
                 **{k: size[k] for k in ("eval_steps", "adam_lrs", "adam_decays", "momentum_lrs", "budget")}}
     done = JsonLines(out / EVAL_FILE, resume=args.resume)  # tasks evaluated at this meta-step and settings
@@ -378,18 +380,40 @@ def run(args: argparse.Namespace) -> int:
         if "learned_beats_adam_decay" in r:
             line += f", below Adam with a tuned 1/t decay in {r['learned_beats_adam_decay']}/{n}"
         print(line)
-    wrote(out)
+    finish(out, targets=_targets(report), files=[
+        ("curves.png", "outer loss; per held-out task the learned optimizer against tuned Adam, Adam with a tuned "
+                       "1/t decay and tuned Momentum"),
+        ("report.json", "per task and seed: final losses, tuned lrs, speed-ups; the learned hyperparameters"),
+        (OPTIMIZER_DIR, f'the learned optimizer: DeepMomentum.from_pretrained("{out / OPTIMIZER_DIR}", params)')])
     return 0
 
 
+def _targets(report: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The main job's target (README, docs/meta-training.md): a final loss below Adam with a tuned 1/t decay (tuned
+    Adam when no decays were swept) in a majority of seeds on at least 3 of 4 held-out tasks."""
+    tasks = report["tasks"]
+    decayed = all("learned_beats_adam_decay" in r for r in tasks.values())
+    key, reference = ("learned_beats_adam_decay", "Adam with a tuned 1/t decay") if decayed else \
+        ("learned_beats_adam", "tuned Adam")
+    won = [t for t, r in tasks.items() if r[key] > len(r["seeds"]) / 2]
+    need = math.ceil(0.75 * len(tasks))
+    return [(f"final loss below {reference} in a majority of seeds on >= {need} of {len(tasks)} held-out tasks: "
+             f"{len(won)} ({', '.join(won) or 'none'})", len(won) >= need)]
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields = ["kind", "task", "optimizer", "lr", "seed", "step", "loss"]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    from deepopt.checkpoint import atomic_write
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["kind", "task", "optimizer", "lr", "seed", "step", "loss"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue()))
+
+
+# label in curves.csv -> legend of curves.png (the tuned-decay Adam is the reference the target is judged against)
+CURVE_LABELS = {"learned": "learned", "adam": "Adam (tuned lr)", "adam_decay": "Adam (tuned lr and 1/t decay)",
+                "momentum": "Momentum (tuned lr)"}
 
 
 def _plot(path: Path, meta_rows: list[dict[str, Any]], rows: list[dict[str, Any]], tasks: list[str]) -> None:
@@ -399,23 +423,23 @@ def _plot(path: Path, meta_rows: list[dict[str, Any]], rows: list[dict[str, Any]
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from deepopt.checkpoint import atomic_write
+
     fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(4 * (1 + len(tasks)), 3.4), squeeze=False)
     ax = axes[0, 0]
     meta_loss = [np.nan if r["loss"] is None else r["loss"] for r in meta_rows]
     ax.plot([r["step"] for r in meta_rows], meta_loss, lw=0.8)
     ax.set(title="meta-training", xlabel="meta-step", ylabel="outer loss")
     for ax, task in zip(axes[0, 1:], tasks):
-        for label in ("learned", "adam", "momentum"):
+        for (label, legend), ls in zip(CURVE_LABELS.items(), ("-", "--", "-.", ":")):
             by_seed: dict[int, list[float]] = {}
             for r in rows:
                 if r["task"] == task and r["optimizer"] == label:
                     by_seed.setdefault(r["seed"], []).append(r["loss"])
-            curves = np.array(list(by_seed.values()))
-            ax.plot(curves.mean(0), label=label if label == "learned" else f"{label} (tuned lr)")
-        ax.set(title=task, xlabel="step", ylabel="train loss", yscale="log")
+            if by_seed:  # an evaluation written before adam_decay curves were kept has none
+                ax.plot(np.array(list(by_seed.values())).mean(0), label=legend, ls=ls)
+        ax.set(title=task, xlabel="step", ylabel="train loss (mean over seeds)", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)

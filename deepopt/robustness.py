@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from deepopt import OPTIMIZERS as DEEPOPT_OPTIMIZERS
 from deepopt import NonFiniteGradientError
@@ -55,7 +54,7 @@ from deepopt.noise import (
     corrupt_labels,
     make_noise,
 )
-from deepopt.runs import JsonLines, add_out_option, prepare_out, show_progress, wrote
+from deepopt.runs import JsonLines, add_out_option, finish, prepare_out, progress_bar
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "delta_momentum", "deep_momentum", "m3", "torch_adam")
 NOISE_MODELS = (*NOISES, *TASK_NOISES)
@@ -294,17 +293,19 @@ def _execute(specs: Sequence[RunSpec], workers: int, desc: str, progress: bool,
     unique = list(dict.fromkeys(canonical))
     by_spec = {s: log.done[_key(s)] for s in unique if log is not None and _key(s) in log.done}
     todo = [s for s in unique if s not in by_spec]
-    bar = {"total": len(unique), "initial": len(by_spec), "desc": desc, "disable": not progress, "unit": "run"}
+    bar = progress_bar(total=len(unique), initial=len(by_spec), desc=desc, enabled=progress, unit="run")
     with ExitStack() as stack:
         if workers > 1 and len(todo) > 1:
             pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
             results = pool.map(train_run, todo, chunksize=4)
         else:
             results = map(train_run, todo)
-        for spec, record in zip(todo, tqdm(results, **bar)):
+        for spec, record in zip(todo, results):
             by_spec[spec] = record
             if log is not None:
                 log.add(_key(spec), record)
+            bar.update(1)
+    bar.close()
     return [{**by_spec[c], "noise": s.noise} for s, c in zip(specs, canonical)]
 
 
@@ -349,7 +350,8 @@ def run(task: str = "digits", optimizers: Sequence[str] = OPTIMIZERS,
         seeds: int = 5, steps: int = 300, lrs: Sequence[float] = DEFAULT_LRS, tune_seeds: int = 2,
         retune: bool = False, eval_every: int = 10, target: float | None = None, metric: str = "test_loss",
         dof: float = 3.0, gamma: float = 0.0, relative: bool = True, workers: int = 1,
-        out: str | Path | None = None, progress: bool = True, resume: bool = False) -> list[dict[str, Any]]:
+        out: str | Path | None = None, progress: bool = True, resume: bool = False,
+        on_start: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
     """Run the study; return one record per (optimizer, noise, level, seed) run.
 
     ``noises``: default every model that applies to the task (label noise needs classes).
@@ -358,7 +360,8 @@ def run(task: str = "digits", optimizers: Sequence[str] = OPTIMIZERS,
     ``lrs`` is the tuning sweep, run on ``tune_seeds`` seeds disjoint from the study's ``seeds``.
     With ``out`` (an existing folder), appends every run to ``out/runs.jsonl`` as it finishes (``resume``:
     runs already there are not run again) and writes ``results.csv``, ``curves.csv``, ``summary.json`` and
-    the plots there at the end.
+    the plots there at the end.  ``on_start`` is called once every argument has been checked and the task built,
+    before the first run (the CLI creates ``out`` there).
     """
     the_task = get_task(task)
     if noises is None:
@@ -386,6 +389,8 @@ def run(task: str = "digits", optimizers: Sequence[str] = OPTIMIZERS,
     base = RunSpec(task, "", "none", 0.0, 0, 0.0, steps, eval_every,
                    the_task.target if target is None else float(target), dof, gamma, relative)
 
+    if on_start is not None:
+        on_start()
     log = None if out is None else JsonLines(Path(out) / RUNS_FILE, resume)
     cells = [(o, n, lv) for o in optimizers for n in noises for lv in grid[n]] if retune else \
         [(o, "none", 0.0) for o in optimizers]
@@ -560,7 +565,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--absolute", action="store_true",
                    help="additive noise std is σ, not σ × the tensor's gradient RMS")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    add_out_option(p, "robustness", (RUNS_FILE, "results.csv", "curves.csv", "summary.json"))
+    add_out_option(p, "robustness", (RUNS_FILE, "results.csv", "curves.csv", "summary.json",
+                                     *(f"{plot}.{ext}" for plot in PLOTS for ext in PLOT_FORMATS)))
     p.add_argument("--resume", action="store_true",
                    help=f"continue the study in --out: runs already in its {RUNS_FILE} are not run again")
     p.add_argument("--smoke", action="store_true",
@@ -578,10 +584,9 @@ def main(args: argparse.Namespace) -> int:
         options["levels"] = _levels_option(args.levels)
         if isinstance(options["levels"], dict) and args.noises is None:  # NOISE=... names the noise models
             options["noises"] = tuple(options["levels"])
-    out = prepare_out(args)
     records = run(task=args.task, metric=args.metric, dof=args.dof, gamma=args.gamma, relative=not args.absolute,
-                  workers=args.workers, out=out, progress=show_progress(not args.no_progress), resume=args.resume,
-                  **options)
+                  workers=args.workers, out=args.out, progress=not args.no_progress, resume=args.resume,
+                  on_start=lambda: prepare_out(args), **options)
     ranking = summarize(records, args.metric)["ranking"][args.metric]
     print(f"degradation of {args.metric}, loss(σ)/loss(0) averaged over levels (geometric mean, 95% CI), "
           "least first:")
@@ -589,13 +594,36 @@ def main(args: argparse.Namespace) -> int:
         cells = ", ".join(f"{o} {v['factor']:.3g} [{v['ci_low'] or math.nan:.3g}, {v['ci_high'] or math.nan:.3g}]"
                           for o, v in sorted(entry["degradation"].items(), key=lambda kv: kv[1]["factor"]))
         print(f"  {noise}: {cells}")
-    wrote(out)
+    noises = list(dict.fromkeys(r["noise"] for r in records if r["level"] > 0))
+    finish(args.out, targets=claim(ranking.get("overall", {}).get("degradation", {}), args.metric),
+           files=[("loss_vs_level.png", f"final {args.metric} against noise level, per optimizer"),
+                  ("degradation.png", f"{args.metric}(σ)/{args.metric}(0) per optimizer and level"),
+                  *((f"curves_{n}.png", f"train loss curves under {n} noise") for n in noises),
+                  ("summary.json", "tuned lrs, every cell's mean and 95% CI, the ranking")])
     return 0
 
 
+EXPRESSIVE = ("delta_momentum", "deep_momentum")  # the claim: these degrade less than ...
+REFERENCES = ("momentum", "adam")  # ... these
+
+
+def claim(degradation: Mapping[str, Mapping[str, float]], metric: str) -> list[tuple[str, bool]]:
+    """The claim under test, for each (expressive, reference) pair in the study: the expressive optimizer's
+    overall degradation (geometric mean over noise models and levels) is below the reference's."""
+    return [(f"{o} degrades less than {ref} ({metric}, overall): {degradation[o]['factor']:.3g}x vs "
+             f"{degradation[ref]['factor']:.3g}x", degradation[o]["factor"] < degradation[ref]["factor"])
+            for o in EXPRESSIVE for ref in REFERENCES if o in degradation and ref in degradation]
+
+
 # ---------------------------------------------------------------------------------------------- plots
+PLOTS = ("loss_vs_level", "degradation", "curves_*")  # curves_<noise> per noise model
+PLOT_FORMATS = ("png", "svg")
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "x", "D", "v", "+")
+
+
 def _save(fig: Any, out: Path, name: str) -> None:
-    for ext in ("png", "svg"):
+    for ext in PLOT_FORMATS:
         atomic_write(out / f"{name}.{ext}", lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=130,
                                                                               bbox_inches="tight"))
 
@@ -607,8 +635,18 @@ def _level_axis(ax: Any, levels: Sequence[float]) -> None:
         ax.set_xscale("symlog", linthresh=min(positive))
 
 
-def _band(ax: Any, x: Sequence[float], rows: np.ndarray, label: str, color: Any) -> None:
-    """Mean over rows (NaN-aware) with a 95% t band; log-scale safe."""
+def _styles(optimizers: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per optimizer a colour, a line style and a hollow marker of its own, so that one optimizer's line lying
+    exactly on another's (adam and torch_adam, say) still shows both."""
+    import matplotlib
+
+    return {o: {"color": matplotlib.colormaps["tab10"](i % 10), "ls": _LINESTYLES[i % len(_LINESTYLES)],
+                "marker": _MARKERS[i % len(_MARKERS)], "index": i} for i, o in enumerate(optimizers)}
+
+
+def _band(ax: Any, x: Sequence[float], rows: np.ndarray, label: str, style: Mapping[str, Any]) -> None:
+    """Mean over rows (NaN-aware) with a 95% t band; log-scale safe.  Markers on at most ~8 points per line, each
+    optimizer's on points of its own (``style["index"]``) when the line is long."""
     from scipy.stats import t as student_t
 
     n = np.sum(np.isfinite(rows), axis=0)
@@ -617,8 +655,10 @@ def _band(ax: Any, x: Sequence[float], rows: np.ndarray, label: str, color: Any)
         mean = np.nanmean(rows, axis=0)
         sd = np.nanstd(rows, axis=0, ddof=1)
     half = np.where(n > 1, student_t.ppf(0.975, np.maximum(n - 1, 1)) * sd / np.sqrt(np.maximum(n, 1)), 0.0)
-    ax.plot(x, mean, label=label, color=color, lw=1.6, ls="--" if label == "torch_adam" else "-")
-    ax.fill_between(x, np.maximum(mean - half, mean * 0.05), mean + half, color=color, alpha=0.2, lw=0)
+    every = max(1, len(x) // 8)
+    ax.plot(x, mean, label=label, color=style["color"], lw=1.4, ls=style["ls"], marker=style["marker"], mfc="none",
+            ms=5, markevery=(style["index"] % every, every))
+    ax.fill_between(x, np.maximum(mean - half, mean * 0.05), mean + half, color=style["color"], alpha=0.15, lw=0)
 
 
 def _grid_figure(n: int, width: float = 4.2, height: float = 3.2) -> tuple[Any, list[Any]]:
@@ -636,12 +676,11 @@ def _grid_figure(n: int, width: float = 4.2, height: float = 3.2) -> tuple[Any, 
 def plot_all(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], out: Path, every: int) -> None:
     """``loss_vs_level``: final loss vs level per optimizer with 95% bands; ``curves_<noise>``: loss curves
     at each level; ``degradation``: heat map of loss(σ)/loss(0).  PNG and SVG each."""
-    import matplotlib
 
     metric = summary["metric"]
     optimizers = list(dict.fromkeys(r["optimizer"] for r in records))
     noises = list(dict.fromkeys(r["noise"] for r in records))
-    colors = {o: matplotlib.colormaps["tab10"](i) for i, o in enumerate(optimizers)}
+    styles = _styles(optimizers)
     grid = {n: sorted({r["level"] for r in records if r["noise"] == n}) for n in noises}
     pretty = metric.replace("_", " ")
 
@@ -653,7 +692,7 @@ def plot_all(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], o
                 if r["optimizer"] == opt and r["noise"] == noise:
                     by_seed[r["seed"]][r["level"]] = _final(r, metric)
             rows = np.array([[v.get(lv, np.nan) for lv in grid[noise]] for v in by_seed.values()])
-            _band(ax, grid[noise], rows, opt, colors[opt])
+            _band(ax, grid[noise], rows, opt, styles[opt])
         _level_axis(ax, grid[noise])
         ax.set(yscale="log", title=noise, xlabel=LEVEL_LABELS[noise], ylabel=f"final {pretty}")
         ax.grid(alpha=0.3, which="both")
@@ -670,7 +709,7 @@ def plot_all(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], o
                 length = max(map(len, curves))
                 rows = np.array([c + [np.nan] * (length - len(c)) for c in curves])
                 steps = [min(i * every, records[0]["steps"]) for i in range(length)]
-                _band(ax, steps, rows, opt, colors[opt])
+                _band(ax, steps, rows, opt, styles[opt])
             ax.set(yscale="log", title=f"{noise}, level {level:g}", xlabel="step", ylabel="train loss")
             ax.grid(alpha=0.3, which="both")
         axes[0].legend(fontsize=8)

@@ -137,11 +137,12 @@ def evaluate(
                 lr: loss_curve(task, lambda p, lr=lr: deepopt.Momentum(p, lr=lr, momentum=0.9), steps)
                 for lr in momentum_lrs
             }
-            decayed = {
-                (lr, c): loss_curve(task, lambda p, lr=lr, c=c: adam_with_decay(p, lr, c), steps)[steps]
+            decayed_curves = {
+                (lr, c): loss_curve(task, lambda p, lr=lr, c=c: adam_with_decay(p, lr, c), steps)
                 for lr in adam_lrs
                 for c in adam_decays
             }
+            decayed = {k: curve[steps] for k, curve in decayed_curves.items()}
             best_adam = min(adam_lrs, key=lambda lr: adam[lr][steps])
             best_mom = min(momentum_lrs, key=lambda lr: mom[lr][steps])
             value, censored = speedup(learned, adam.values(), steps, budget)
@@ -162,11 +163,14 @@ def evaluate(
                     adam_decay_best=list(best),
                     learned_beats_adam_decay=learned[steps] < decayed[best],
                 )
-            for label, lr, curve in (
+            curves = [
                 ("learned", "", learned),
                 ("adam", best_adam, adam[best_adam][: steps + 1]),
                 ("momentum", best_mom, mom[best_mom]),
-            ):
+            ]
+            if decayed:  # the reference of the main job's target, at its tuned (lr, decay)
+                curves.append(("adam_decay", best[0], decayed_curves[best]))
+            for label, lr, curve in curves:
                 rows += [
                     {
                         "kind": "eval",

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import deepopt
 from deepopt.checkpoint import atomic_torch_save, save_pretrained, torch_load
-from deepopt.runs import check_device
+from deepopt.runs import check_device, progress_bar
 
 from .es import AntitheticES
 from .params import LEARNABLE, MetaParams
@@ -202,11 +201,12 @@ class MetaTrainer:
     # ------------------------------------------------------------------ loop, checkpoints
     def run(self, progress: bool = True, callback: Callable[[MetaTrainer], None] | None = None) -> None:
         """Meta-train up to ``config.meta_steps``, checkpointing every ``save_every`` steps and at the end."""
-        bar = tqdm(total=self.config.meta_steps, initial=self.step, desc="meta-train", disable=not progress)
+        bar = progress_bar(total=self.config.meta_steps, initial=self.step, desc="meta-train", enabled=progress,
+                           unit="meta-step")
         while self.step < self.config.meta_steps:
             record = self.meta_step()
-            bar.update(1)
             bar.set_postfix(loss=record["outer_loss"])
+            bar.update(1)
             if self.out_dir is not None and (
                 self.step % self.config.save_every == 0 or self.step == self.config.meta_steps
             ):

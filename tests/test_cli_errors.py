@@ -73,6 +73,13 @@ def refused(capsys, args: list[str], *named: str) -> str:
     return err
 
 
+def log_lines(err: str, desc: str) -> list[str]:
+    """The progress lines of ``desc`` on a non-terminal stderr, cut to ``desc: n/total``: whole lines, no bar."""
+    assert "\r" not in err and "\x1b" not in err, err
+    return [re.match(rf"({re.escape(desc)}: \d+/\d+) ", line).group(1) for line in err.splitlines()
+            if line.startswith(f"{desc}: ")]
+
+
 def outputs(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()} - {RUN_MARKER} if folder.is_dir() else set()
 
@@ -157,7 +164,7 @@ def test_bench_sizes(tmp_path, capsys):
     assert (report["repeats"], report["warmup"]) == (2, 1)
     captured = capsys.readouterr()
     assert captured.out.rstrip().endswith(f"wrote {out}")
-    assert captured.err == ""  # item 21: no progress bar when stderr is not a terminal
+    assert log_lines(captured.err, "bench") == ["bench: 0/1", "bench: 1/1"]  # item 21: no bar in a log, lines
 
 
 # ------------------------------------------------------------------------------------------- robustness
@@ -291,12 +298,13 @@ def test_hope_train_flags_and_completion_line(tmp_path, capsys):
     """Items 14, 15, 18, 21."""
     out = tmp_path / "run"
     refused(capsys, ["hope", "train", "--smoke", "--val-every", "0", "--out", str(out)], "--val-every", ">= 1")
-    refused(capsys, ["hope", "train", "--smoke", "--resume", "--out", str(out)], "--resume", str(out), "no run")
+    refused(capsys, ["hope", "train", "--smoke", "--resume", "--out", str(out)], "--resume", str(out), "holds no")
     assert not out.exists()
     assert main(["hope", "train", "--smoke", "--steps", "2", "--threads", "1", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.out.rstrip().splitlines()[-1] == f"wrote {out}"
-    assert captured.err == ""  # no progress bar into a log
+    assert log_lines(captured.err, "hope train hope") == ["hope train hope: 0/2", "hope train hope: 1/2",
+                                                          "hope train hope: 2/2"]  # lines, not a bar, in a log
 
 
 # ------------------------------------------------------------------------------------------- the rest

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from deepopt.checkpoint import atomic_save_json, atomic_torch_save, torch_load
-from deepopt.runs import UsageError, add_out_option, check_device, default_out, prepare_out, show_progress, wrote
+from deepopt.runs import UsageError, add_out_option, check_device, default_out, finish, prepare_out, progress_bar
 
 from . import continual, data, mqar, niah
 from .ablation import in_context_ablations
@@ -197,7 +197,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="passkey (default) or an S-NIAH-style task (deepopt.hope.niah); these also report accuracy "
                         "with the needle removed, which must fall to chance")
     _add_run_args(p, bpe_on="prose (the filler)")
-    p.set_defaults(func=cmd_niah, context_default=(256, 112), run_outputs=("report.json", "results.csv", "loss.png"))
+    p.set_defaults(func=cmd_niah, context_default=(256, 112),
+                   run_outputs=("report.json", "results.csv", "accuracy.png", "loss.png"))
 
     mqar.register(sub, _add_device_args, _resolve)
     continual.register(sub, _add_device_args, _resolve)
@@ -239,17 +240,22 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     check_device(args.device)
-    args.progress = show_progress(args.progress)
     if getattr(args, "checkpoint", None) is not None:
         args.checkpoint = _run_folder(args.checkpoint)
     if getattr(args, "resume", False) and not (args.out is not None and (args.out / CHECKPOINT).is_file()):
         raise UsageError(f"--resume: --out {args.out} holds no run to continue (no {CHECKPOINT}); check the "
                          "folder, or run without --resume")
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 checks and creates --out
-        prepare_out(args)
-    elif args.out is None:
-        args.out = default_out(args.run_command)
     return args
+
+
+def start(args: argparse.Namespace) -> Path:
+    """Start the run in ``--out`` (``deepopt.runs.prepare_out``: create it, replace a previous run with
+    ``--overwrite``) once every argument and input is valid; under torchrun only rank 0 touches it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return prepare_out(args)
+    if args.out is None:
+        args.out = default_out(args.run_command)
+    return args.out
 
 
 def _run_folder(path: Path) -> Path:
@@ -326,12 +332,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics, identity = Metrics(), _run_identity(args)
     if args.resume:
         state = torch_load(ckpt, map_location=device)
+        if not isinstance(state, dict) or not {"args", "metrics"} <= set(state):
+            raise ValueError(f"--resume: {ckpt} is not a `deepopt hope train` checkpoint")
         if state["args"] != identity:
             diff = sorted(k for k in set(identity) | set(state["args"]) if identity.get(k) != state["args"].get(k))
             raise ValueError(f"--resume: options differ from the checkpointed run: {diff}")
         trainer.load_state_dict(state)
         metrics = Metrics(state["metrics"])
 
+    start(args)
     if d.main:
         data.save_tokenizer(corpus.tokenizer, out)  # before any checkpoint: `hope eval` reads it
 
@@ -361,7 +370,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "val_loss": last_val.get("val_loss"), "val_ppl": last_val.get("val_ppl"), **per_byte,
             "wall_s_this_process": time.perf_counter() - t0, "args": identity,
         }, out / "report.json")
-        wrote(out)
+        finish(out, files=[("report.json", "final train/validation loss and perplexity"),
+                            ("loss.png", "train and validation loss"), ("metrics.csv", "every step"),
+                            (MODEL_FILE, f"the model: `deepopt hope eval --checkpoint {out}`")])
     _leave(d)
     return 0
 
@@ -383,9 +394,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), lr=0.0, steps=0)
     set_in_context_learning(model, cms=not args.no_cms_updates, titans=not args.no_titans_updates)
     domains = ["files"] if args.data else args.domains
+    corpora = {dom: data.load_corpus(dom if dom != "files" else "code", args.data, args.max_bytes, tokenizer=tokenizer)
+               for dom in domains}
+    start(args)
     results = {}
-    for dom in domains:
-        corpus = data.load_corpus(dom if dom != "files" else "code", args.data, args.max_bytes, tokenizer=tokenizer)
+    for dom, corpus in corpora.items():
         nll = trainer.evaluate(data.val_batches(corpus.val, args.batch_size, args.context, args.val_batches))
         results[dom] = {"val_loss": nll, "val_ppl": _ppl(nll),
                         **_per_byte(nll, corpus, args.batch_size, args.context, args.val_batches)}
@@ -399,7 +412,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       "tokens_per_domain": args.val_batches * args.batch_size * args.context,
                       "results": results}, args.out / EVAL_REPORT)
     print(json.dumps(results, indent=2))
-    wrote(args.out)
+    finish(args.out, files=[(EVAL_REPORT, "validation loss, perplexity and bits per byte per domain")])
     return 0
 
 
@@ -420,6 +433,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
     first = _corpus(args, args.domain_a)  # a BPE is trained on domain A and kept for B
     corpora = {args.domain_a: first, args.domain_b: _corpus(args, args.domain_b, tokenizer=first.tokenizer)}
     rows, curves, steps = [], {}, args.steps
+    start(args)
 
     def nll_on(trainer: Trainer, dom: str) -> float:
         return trainer.evaluate(data.val_batches(corpora[dom].val, args.batch_size, args.context, args.val_batches))
@@ -459,7 +473,8 @@ def cmd_continual(args: argparse.Namespace) -> int:
                           "tokenizer": first.tokenizer.kind, "vocab_size": first.vocab_size,
                           "steps_per_domain": steps, "world_size": d.world, "summary": summary,
                           "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
-        wrote(args.out)
+        finish(args.out, files=[("report.json", "forgetting on domain A per model (summary) and every run"),
+                                 ("loss.png", "train loss, domain A then B")])
     _leave(d)
     return 0
 
@@ -471,6 +486,10 @@ def cmd_niah(args: argparse.Namespace) -> int:
     d = init_distributed(args.device)
     device = resolve_device(args.device, d)
     filler = _corpus(args, "prose")
+    _check_niah_context(args, filler, "--context", args.context, filler.train)
+    for ctx in contexts:  # before any training: a context the task cannot fill fails here, not after it
+        _check_niah_context(args, filler, "--eval-contexts", ctx, filler.val)
+    start(args)
     rows, curves = [], {}
     for variant in args.models:
         for seed in args.seeds:
@@ -500,19 +519,52 @@ def cmd_niah(args: argparse.Namespace) -> int:
                              **extra})
     if d.main:
         write_csv(args.out / "results.csv", rows)
-        plot_curves(args.out / "loss.png", "passkey training (answer-digit loss)", curves)
         keys = ("digit_accuracy", "exact_accuracy")
         keys += () if args.task == "passkey" else ("digit_accuracy_needle_removed", "needle_gradient_share")
         summary = {f"{m} @ {c}": _summary([r for r in rows if r["model"] == m and r["context"] == c], keys)
                    for m in args.models for c in contexts}
         bpe = filler.tokenizer.kind == "bpe"  # scores the tokens of " <key>": no per-token chance level
         chance = None if bpe else 0.1 if args.task == "passkey" else niah.chance(args.task)
+        _plot_niah(args.out / "accuracy.png", args, rows, contexts, chance)
+        plot_curves(args.out / "loss.png", f"{args.task} training (answer-token loss)", curves)
         atomic_save_json({"command": "niah", "task": args.task, "contexts": contexts, "chance_digit_accuracy": chance,
                           "tokenizer": filler.tokenizer.kind, "vocab_size": filler.vocab_size, "world_size": d.world,
                           "summary": summary, "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
-        wrote(args.out)
+        finish(args.out, files=[("accuracy.png", "answer accuracy against context length, per model"),
+                                 ("report.json", "accuracy per model and context (summary) and every run"),
+                                 ("loss.png", "training loss on the answer tokens")])
     _leave(d)
     return 0
+
+
+def _check_niah_context(args: argparse.Namespace, corpus: data.Corpus, flag: str, length: int, stream: torch.Tensor
+                        ) -> None:
+    """``UsageError`` naming ``flag`` unless ``--task`` can build a sequence of ``length`` tokens from ``stream``."""
+    try:
+        if length < 1:
+            raise ValueError(f"must be >= 1, got {length}")
+        if args.task == "passkey":
+            data.passkey_batch(stream, 1, length, 0, 0, corpus.tokenizer)
+        else:
+            niah.niah_batch(args.task, stream, 1, length, 0, 0, corpus.tokenizer)
+    except (ValueError, RuntimeError) as err:
+        reason = str(err) if isinstance(err, ValueError) else f"the {corpus.name} text is too short for it"
+        raise UsageError(f"{flag} {length}: {reason}") from None
+
+
+def _plot_niah(path: Path, args: argparse.Namespace, rows: list[dict[str, Any]], contexts: list[int],
+               chance: float | None) -> None:
+    """Answer-token and exact-match accuracy (mean over seeds) against the evaluated context length, one line per
+    model, with the training context and the chance level marked."""
+    curves = {}
+    for model in args.models:
+        for key, label in (("digit_accuracy", "answer tokens"), ("exact_accuracy", "exact")):
+            curves[f"{model}, {label}"] = [
+                (c, sum(r[key] for r in rows if r["model"] == model and r["context"] == c) / len(args.seeds))
+                for c in sorted(contexts)]
+    plot_curves(path, f"{args.task}: accuracy against context length", curves, xlabel="context length (tokens)",
+                ylabel="accuracy", hlines=[] if chance is None else [("chance (per token)", chance)],
+                vlines=[("training context", args.context)])
 
 
 def _passkey_batches(filler: torch.Tensor, batch_size: int, context: int, seed: int, tokenizer: data.Tokenizer):
@@ -521,11 +573,13 @@ def _passkey_batches(filler: torch.Tensor, batch_size: int, context: int, seed: 
 
 def fit_batches(trainer: Trainer, batch, steps: int, progress: bool, desc: str) -> Metrics:
     """Train on ``batch(step)`` (the passkey task) with a progress bar."""
-    from tqdm.auto import tqdm
-
     metrics = Metrics()
-    for s in tqdm(range(trainer.step_count, steps), desc=desc, disable=not progress, dynamic_ncols=True):
+    bar = progress_bar(total=steps, initial=trainer.step_count, desc=desc, enabled=progress, unit="step")
+    for s in range(trainer.step_count, steps):
         metrics.add(step=s + 1, train_loss=trainer.step(*batch(s)))
+        bar.set_postfix(loss=metrics.rows[-1]["train_loss"])
+        bar.update(1)
+    bar.close()
     return metrics
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from deepopt.checkpoint import atomic_save_json
-from deepopt.runs import wrote
+from deepopt.runs import finish, prepare_out, progress_bar
 
 from . import data
 from .model import LanguageModel, set_in_context_learning
@@ -122,6 +122,7 @@ def cmd_class_incremental(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(12345)
     tests = [snippet_batch([streams[p][1] for p in args.packages], [c] * args.test_samples, args.test_samples,
                            args.context, gen) for c in range(n_classes)]
+    out = prepare_out(args)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for variant in args.models:
@@ -135,17 +136,20 @@ def cmd_class_incremental(args: argparse.Namespace) -> int:
             trainer = Trainer(model, make_optimizer("adamw", model, args.lr, 0.0), lr=args.lr, steps=total,
                               schedule="constant")
             train_gen = torch.Generator().manual_seed(seed)
+            bar = progress_bar(total=total, desc=f"class-incremental {variant} seed {seed}", enabled=args.progress,
+                               unit="step")
             for i, task in enumerate(tasks):
                 for _ in range(args.steps):
-                    trainer.step(*snippet_batch([streams[p][0] for p in args.packages], task, args.batch_size,
-                                                args.context, train_gen))
+                    loss = trainer.step(*snippet_batch([streams[p][0] for p in args.packages], task, args.batch_size,
+                                                       args.context, train_gen))
+                    bar.set_postfix(task=i, loss=loss)
+                    bar.update(1)
                 for j, other in enumerate(tasks):
                     hits = torch.cat([class_accuracy(model, tests[c], n_classes) for c in other])
                     rows.append({"model": variant, "seed": seed, "after_task": i, "task": j,
                                  "classes": " ".join(args.packages[c] for c in other),
                                  "accuracy": float(hits.float().mean())})
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+            bar.close()
     write_csv(out / "results.csv", rows)
     last = len(tasks) - 1
     summary: dict[str, dict[str, Any]] = {}
@@ -167,5 +171,6 @@ def cmd_class_incremental(args: argparse.Namespace) -> int:
                       "wall_s": time.perf_counter() - t0}, out / "report.json")
     print({v: {"retention": [None if r is None else round(r, 3) for r in s["retention"]],
                "final_mean_accuracy": round(s["final_mean_accuracy"], 3)} for v, s in summary.items()})
-    wrote(out)
+    finish(out, files=[("accuracy.png", "accuracy on the first task as tasks arrive, per model"),
+                       ("report.json", "accuracy matrix and retention per model")])
     return 0

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from deepopt.checkpoint import atomic_save_json
-from deepopt.runs import wrote
+from deepopt.runs import finish, prepare_out, progress_bar
 
 from .model import VARIANTS, LanguageModel, compile_model, n_params
 from .train import (
@@ -132,7 +132,7 @@ def register(sub: argparse._SubParsersAction, add_common: Callable[[argparse.Arg
     add_titans_init_args(p)
     add_common(p)
     p.set_defaults(func=lambda args: cmd_mqar(resolve(_mqar_defaults(args))),
-                   run_outputs=("report.json", "results.csv"))
+                   run_outputs=("report.json", "results.csv", "accuracy_*.png"))
 
 
 def _mqar_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -163,9 +163,8 @@ def mqar_config(variant: str, width: int, layers: int, vocab_size: int, **overri
 
 
 def cmd_mqar(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     device = resolve_device(args.device, Dist())
+    out = prepare_out(args)
     rows: list[dict[str, Any]] = []
     configs: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
@@ -183,13 +182,17 @@ def cmd_mqar(args: argparse.Namespace) -> int:
                 trainer = Trainer(model, opt, lr=args.lr, steps=args.steps, warmup=max(1, args.steps // 10))
                 gen = torch.Generator().manual_seed(seed)
                 losses = []
-                for s in tqdm(range(args.steps), desc=f"mqar {variant} d{width} s{seed}", disable=not args.progress,
-                              dynamic_ncols=True):
+                bar = progress_bar(total=args.steps, desc=f"mqar {variant} d{width} s{seed}", enabled=args.progress,
+                                   unit="step")
+                for s in range(args.steps):
                     length, pairs = args.train_settings[s % len(args.train_settings)]
                     loss = trainer.step(*mqar_batch(args.batch_size, length, pairs, args.mqar_vocab, gen))
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"mqar {variant} d{width}: loss became {loss} at step {s}; lower --lr")
                     losses.append(loss)
+                    bar.set_postfix(loss=loss)
+                    bar.update(1)
+                bar.close()
                 tail = losses[-max(1, len(losses) // 10):]
                 for length, pairs in args.eval_settings:
                     acc = mqar_accuracy(model, length, pairs, args.eval_samples, args.batch_size, seed,
@@ -197,8 +200,6 @@ def cmd_mqar(args: argparse.Namespace) -> int:
                     rows.append({"model": variant, "width": width, "seed": seed, "seq_len": length,
                                  "n_pairs": pairs, "accuracy": acc, "n_params": n_params(model.cfg),
                                  "steps": args.steps, "final_train_loss": sum(tail) / len(tail)})
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", rows)
     summary: dict[str, dict[str, float]] = {}
     for r in rows:
@@ -224,5 +225,6 @@ def cmd_mqar(args: argparse.Namespace) -> int:
                       "model_configs": configs,
                       "accuracy": summary, "wall_s": time.perf_counter() - t0}, out / "report.json")
     print({k: {c: round(a, 3) for c, a in v.items()} for k, v in summary.items()})
-    wrote(out)
+    finish(out, files=[*((f"accuracy_{v}.png", f"{v}: accuracy against key-value pairs") for v in args.models),
+                        ("report.json", "accuracy per model, width and setting")])
     return 0

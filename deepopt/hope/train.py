@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ import deepopt
 from deepopt.checkpoint import (
     atomic_save_json,
     atomic_save_tensors,
+    atomic_write,
     load_json,
     load_tensors,
     torch_load,
 )
 from deepopt.cuda_graph import GraphedStep, training_step
+from deepopt.runs import progress_bar
 
 from . import data
 from .model import VARIANTS, HopeConfig, LanguageModel, apply_variant
@@ -271,12 +274,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rows (dicts with the same keys) as CSV, written atomically."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else [])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue()))
 
 
 class Metrics:
@@ -298,23 +300,34 @@ class Metrics:
 
 
 def plot_curves(path: Path, title: str, curves: dict[str, list[tuple[float, float]]],
-                xlabel: str = "step", ylabel: str = "loss (nats/token)") -> None:
+                xlabel: str = "step", ylabel: str = "loss (nats/token)", *,
+                hlines: Sequence[tuple[str, float]] = (), vlines: Sequence[tuple[str, float]] = ()) -> None:
+    """One line per curve, each with its own colour, line style and (for a few points) marker, so that a curve
+    lying exactly on another stays visible; ``hlines``/``vlines``: labelled reference levels (chance, the
+    training context)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in curves.items():
+    for i, (name, pts) in enumerate(curves.items()):
         if pts:
-            ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 30 else None)
+            ax.plot(*zip(*pts), label=name, ls=_LINESTYLES[i % len(_LINESTYLES)],
+                    marker=_MARKERS[i % len(_MARKERS)] if len(pts) < 30 else None, mfc="none")
+    for label, y in hlines:
+        ax.axhline(y, color="gray", lw=0.8, ls=":", label=label)
+    for label, x in vlines:
+        ax.axvline(x, color="gray", lw=0.8, ls="-.", label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
+
+
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "x", "D", "v", "+", "*")
 
 
 def fit(trainer: Trainer, stream: Tensor, *, batch_size: int, context: int, seed: int, steps: int,
@@ -322,12 +335,9 @@ def fit(trainer: Trainer, stream: Tensor, *, batch_size: int, context: int, seed
         metrics: Metrics | None = None, on_checkpoint: Callable[[], None] | None = None, ckpt_every: int = 0,
         progress: bool = True, desc: str = "train") -> Metrics:
     """Train from ``trainer.step_count`` up to ``steps`` on random windows of ``stream``."""
-    from tqdm.auto import tqdm
-
     metrics = metrics if metrics is not None else Metrics()
     start = trainer.step_count
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and trainer.dist.main),
-               dynamic_ncols=True)
+    bar = progress_bar(total=steps, initial=start, desc=desc, enabled=progress and trainer.dist.main, unit="step")
     t0, tokens = time.perf_counter(), 0
     while trainer.step_count < steps:
         s = trainer.step_count
@@ -344,8 +354,8 @@ def fit(trainer: Trainer, stream: Tensor, *, batch_size: int, context: int, seed
             vl = trainer.evaluate(data.val_batches(val_stream, batch_size, context, val_batches))
             row.update(val_loss=vl, val_ppl=math.exp(vl))
         metrics.add(**row)
-        bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+        bar.update(1)
         if on_checkpoint is not None and ckpt_every and (trainer.step_count % ckpt_every == 0 or done):
             on_checkpoint()
     bar.close()
