@@ -267,6 +267,9 @@ def run(args: argparse.Namespace) -> int:
         if learn is None:
             learn = [*DEFAULT_LEARN["deep_momentum"], "lr_decay", *(("lr_power",) if lr_horizon else ()),
                      *(("beta2",) if preconditioner == "adam" else ())]
+        if args.hidden == 0 and {"W1", "W2"} & set(learn):
+            raise UsageError("--hidden 0 switches DeepMomentum's MLP memory off, so it has no W1/W2 to learn: drop "
+                             "them from --learn, or use --hidden >= 1")
         lr_decay = args.lr_decay if args.lr_decay is not None else (0.01 if "lr_decay" in learn else 0.0)
         hparams.update(hidden=args.hidden, key_dim=args.key_dim, lr_decay=lr_decay,
                        key_source=args.key_source or "preconditioned", lr_horizon=lr_horizon,
@@ -313,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
     MetaTrainer(config)  # every option checked (the rule's hyperparameters too) before the run starts
     out = prepare_out(args)
     trainer = MetaTrainer(config, out)
+    done = JsonLines(out / EVAL_FILE, resume=args.resume)  # read (a corrupt one refused) before anything is written
     if trainer.step:
         print(f"resuming {out} from meta-step {trainer.step}")
     started = time.perf_counter()
@@ -325,7 +329,6 @@ def run(args: argparse.Namespace) -> int:
                        unit="task-seed")
     settings = {"meta_step": trainer.step, "seeds": seeds, "dtype": args.dtype,
                 **{k: size[k] for k in ("eval_steps", "adam_lrs", "adam_decays", "momentum_lrs", "budget")}}
-    done = JsonLines(out / EVAL_FILE, resume=args.resume)  # tasks evaluated at this meta-step and settings
     for task in size["eval_tasks"]:
         key = json.dumps({"task": task, **settings}, sort_keys=True)
         if key in done.done:
