@@ -399,34 +399,43 @@ def log_interval(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    """Per task, each optimizer's final validation loss on a log axis: every seed (dots), their geometric mean
-    and its 95% interval from the log losses (never below 0)."""
+    """Per task, each optimizer's final validation loss: every seed (small dots just above), their geometric mean
+    and its 95% interval from the log losses, asymmetric and never below 0; a log axis where the task's values
+    span more than a decade."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     results = summary["results"]
     tasks = list(results)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         names = list(results[t])
+        shown: list[float] = []
         for y, o in enumerate(names):
-            losses = [v for v in results[t][o]["val_losses"] if math.isfinite(v) and v > 0]
+            losses = results[t][o]["val_losses"]
             color = "tab:gray" if o.startswith("torch_") else "tab:blue"
-            if len(losses) < len(results[t][o]["val_losses"]):
+            if not all(math.isfinite(v) and v > 0 for v in losses):
                 ax.annotate("diverged", (0.02, y), xycoords=("axes fraction", "data"), va="center", color="tab:red")
                 continue
             centre, low, high = log_interval(losses)
             if math.isfinite(low):
                 ax.errorbar(centre, y, xerr=[[centre - low], [high - centre]], fmt="o", capsize=3, color=color)
+                shown += [low, high]
             else:
                 ax.plot(centre, y, "o", color=color)
-            ax.plot(losses, [y] * len(losses), "|", color=color, ms=9, alpha=0.6)
+            ax.plot(losses, [y + 0.2] * len(losses), ".", color=color, ms=4, alpha=0.7)
+            shown += losses
+        if shown and max(shown) / min(shown) > 10:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yticks(range(len(names)), names)
-        ax.set_xscale("log")
+        ax.set_ylim(-0.5, len(names) - 0.4)
         ax.set_title(t)
-        ax.set_xlabel("final validation loss (seeds |, geometric mean, 95% CI)", fontsize=8)
+        ax.set_xlabel("final val. loss: seeds ·, geometric mean, 95% CI", fontsize=8)
         ax.grid(axis="x", alpha=0.3, which="both")
     fig.tight_layout()
 

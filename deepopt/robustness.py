@@ -645,8 +645,7 @@ def _styles(optimizers: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def _band(ax: Any, x: Sequence[float], rows: np.ndarray, label: str, style: Mapping[str, Any]) -> None:
-    """Mean over rows (NaN-aware) with a 95% t band; log-scale safe.  Markers on at most ~8 points per line, each
-    optimizer's on points of its own (``style["index"]``) when the line is long."""
+    """Mean over rows (NaN-aware) with a 95% t band (:func:`_line`)."""
     from scipy.stats import t as student_t
 
     n = np.sum(np.isfinite(rows), axis=0)
@@ -655,10 +654,19 @@ def _band(ax: Any, x: Sequence[float], rows: np.ndarray, label: str, style: Mapp
         mean = np.nanmean(rows, axis=0)
         sd = np.nanstd(rows, axis=0, ddof=1)
     half = np.where(n > 1, student_t.ppf(0.975, np.maximum(n - 1, 1)) * sd / np.sqrt(np.maximum(n, 1)), 0.0)
+    _line(ax, x, mean, mean - half, mean + half, label, style)
+
+
+def _line(ax: Any, x: Sequence[float], mean: np.ndarray, low: np.ndarray, high: np.ndarray, label: str,
+          style: Mapping[str, Any]) -> None:
+    """A mean line in the optimizer's style with its band, log-scale safe (the band's foot at ≥ 5% of the mean).
+    Markers on at most ~8 points per line, each optimizer's on points of its own when the line is long."""
     every = max(1, len(x) // 8)
     ax.plot(x, mean, label=label, color=style["color"], lw=1.4, ls=style["ls"], marker=style["marker"], mfc="none",
             ms=5, markevery=(style["index"] % every, every))
-    ax.fill_between(x, np.maximum(mean - half, mean * 0.05), mean + half, color=style["color"], alpha=0.15, lw=0)
+    low = np.where(np.isfinite(low), low, mean)
+    high = np.where(np.isfinite(high), high, mean)
+    ax.fill_between(x, np.maximum(low, mean * 0.05), high, color=style["color"], alpha=0.15, lw=0)
 
 
 def _grid_figure(n: int, width: float = 4.2, height: float = 3.2) -> tuple[Any, list[Any]]:
@@ -676,29 +684,11 @@ def _grid_figure(n: int, width: float = 4.2, height: float = 3.2) -> tuple[Any, 
 def plot_all(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], out: Path, every: int) -> None:
     """``loss_vs_level``: final loss vs level per optimizer with 95% bands; ``curves_<noise>``: loss curves
     at each level; ``degradation``: heat map of loss(σ)/loss(0).  PNG and SVG each."""
-
-    metric = summary["metric"]
     optimizers = list(dict.fromkeys(r["optimizer"] for r in records))
     noises = list(dict.fromkeys(r["noise"] for r in records))
     styles = _styles(optimizers)
     grid = {n: sorted({r["level"] for r in records if r["noise"] == n}) for n in noises}
-    pretty = metric.replace("_", " ")
-
-    fig, axes = _grid_figure(len(noises))
-    for ax, noise in zip(axes, noises):
-        for opt in optimizers:
-            by_seed: dict[int, dict[float, float]] = defaultdict(dict)
-            for r in records:
-                if r["optimizer"] == opt and r["noise"] == noise:
-                    by_seed[r["seed"]][r["level"]] = _final(r, metric)
-            rows = np.array([[v.get(lv, np.nan) for lv in grid[noise]] for v in by_seed.values()])
-            _band(ax, grid[noise], rows, opt, styles[opt])
-        _level_axis(ax, grid[noise])
-        ax.set(yscale="log", title=noise, xlabel=LEVEL_LABELS[noise], ylabel=f"final {pretty}")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"final {pretty} vs noise level (mean, 95% CI over seeds; diverged runs at initial loss)")
-    _save(fig, out, "loss_vs_level")
+    plot_summary(summary, out)
 
     for noise in noises:
         fig, axes = _grid_figure(len(grid[noise]))
@@ -716,10 +706,37 @@ def plot_all(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], o
         fig.suptitle(f"train loss curves under {noise} noise (mean, 95% CI over non-diverged seeds)")
         _save(fig, out, f"curves_{noise}")
 
-    _plot_degradation(summary, optimizers, noises, out)
+
+def plot_summary(summary: Mapping[str, Any], out: Path, prefix: str = "") -> None:
+    """The plots a ``summary.json`` holds all of: ``loss_vs_level`` (each cell's mean final loss and 95% CI against
+    the level, per optimizer and noise model) and ``degradation``; written as ``out/<prefix><name>.png|svg``."""
+    metric = summary["metric"]
+    cells = summary["cells"]
+    study = summary.get("config", {}).get("optimizers", [])  # the study's order (the cells are sorted by name)
+    optimizers = list(dict.fromkeys([*study, *(c["optimizer"] for c in cells)]))
+    noises = sorted({c["noise"] for c in cells}, key=NOISE_MODELS.index)
+    styles = _styles(optimizers)
+    pretty = metric.replace("_", " ")
+    fig, axes = _grid_figure(len(noises))
+    for ax, noise in zip(axes, noises):
+        levels = sorted({c["level"] for c in cells if c["noise"] == noise})
+        for opt in optimizers:
+            by_level = {c["level"]: c[metric] for c in cells if c["optimizer"] == opt and c["noise"] == noise}
+            stats = [by_level.get(lv, {}) for lv in levels]
+            mean, low, high = (np.array([np.nan if v.get(k) is None else v[k] for v in stats], dtype=float)
+                               for k in ("mean", "ci_low", "ci_high"))
+            _line(ax, levels, mean, low, high, opt, styles[opt])
+        _level_axis(ax, levels)
+        ax.set(yscale="log", title=noise, xlabel=LEVEL_LABELS[noise], ylabel=f"final {pretty}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"final {pretty} vs noise level (mean, 95% CI over seeds; diverged runs at initial loss)")
+    _save(fig, out, f"{prefix}loss_vs_level")
+    _plot_degradation(summary, optimizers, noises, out, prefix)
 
 
-def _plot_degradation(summary: Mapping[str, Any], optimizers: list[str], noises: list[str], out: Path) -> None:
+def _plot_degradation(summary: Mapping[str, Any], optimizers: list[str], noises: list[str], out: Path,
+                      prefix: str = "") -> None:
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
 
@@ -742,4 +759,4 @@ def _plot_degradation(summary: Mapping[str, Any], optimizers: list[str], noises:
     ax.set_yticks(range(len(optimizers)), optimizers)
     fig.colorbar(image, ax=ax, label=f"log10 {summary['metric']}(σ) / {summary['metric']}(0)")
     ax.set_title("relative degradation (geometric mean over seeds; † = some runs diverged)")
-    _save(fig, out, "degradation")
+    _save(fig, out, f"{prefix}degradation")

@@ -8,13 +8,13 @@ moments:
   the flags against what is there.  It touches nothing, so a refused command leaves no folder behind.
 * **start** (:func:`prepare_out`, which the command calls once every argument and input is valid, right before
   it computes): creates the folder, and with ``--overwrite`` moves the previous run's outputs out of it (then
-  deletes them), so that no file of the old run stays beside the new one; marks a fresh folder.
+  deletes them), so that no file of the old run stays beside the new one; marks the folder as this command's.
 
 Both refuse, with a :class:`UsageError` that the CLI prints as one line (exit status 2):
 
 * a path that is a file, or whose folder cannot be created or written to;
-* a folder holding another command's run (``.deepopt-run.json``, written into a fresh folder, names
-  the command that made it);
+* a folder holding another command's run (``.deepopt-run.json``, written when a run starts in a folder without
+  one, names the command that made it);
 * a folder holding this command's outputs, unless ``--overwrite`` (outputs replaced when the new run starts) or
   ``--resume`` (the command continues the run);
 * ``--resume`` where there is no run to continue.
@@ -65,8 +65,15 @@ def add_out_option(parser: argparse.ArgumentParser, command: str, outputs: Seque
     parser.set_defaults(run_command=command, run_outputs=tuple(outputs), run_shares=tuple(shares))
 
 
-def default_out(command: str) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{command.replace(' ', '-')}"
+def default_out(command: str, taken: int = 1) -> Path:
+    """``runs/<timestamp>-<command>``, with ``-2``, ``-3``, ... after it while that name is taken (runs started in
+    the same second each get a folder of their own)."""
+    stem = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{command.replace(' ', '-')}"
+    while True:
+        out = stem if taken == 1 else stem.with_name(f"{stem.name}-{taken}")
+        if not out.exists():
+            return out
+        taken += 1
 
 
 def run_command_of(folder: Path) -> str | None:
@@ -91,7 +98,11 @@ def check_out(args: argparse.Namespace) -> Path:
     ``args.overwrite`` and, where the command has it, ``args.resume``, without creating or changing anything;
     returns it.  ``deepopt.cli.main`` calls it before any command runs."""
     command, outputs = args.run_command, args.run_outputs
-    out = args.out = Path(args.out) if args.out is not None else default_out(command)
+    if args.out is None:
+        args.out, args.run_default_out = default_out(command), True
+    out = args.out = Path(args.out)
+    if getattr(args, "run_checked", None) != out:  # what the first check saw
+        args.run_checked, args.run_marked = out, (out / RUN_MARKER).is_file()
     resume, overwrite = bool(getattr(args, "resume", False)), bool(args.overwrite)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run in --out or replace it")
@@ -120,29 +131,60 @@ def check_out(args: argparse.Namespace) -> Path:
 def prepare_out(args: argparse.Namespace) -> Path:
     """Start the run in ``args.out``: check it again (:func:`check_out`), create it, and with ``--overwrite`` remove
     the previous run's outputs; returns it.  Call it once every argument and input file is valid, right before
-    the command computes: nothing is created or removed before."""
-    out = check_out(args)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {out}: cannot create the folder ({err.strerror or err}); choose a writable "
-                         "location") from None
-    from .checkpoint import atomic_save_json
+    the command computes: nothing is created or removed before.
 
-    fresh = not any(n != RUN_MARKER and not _leftover(n) for n in os.listdir(out))
-    _remove(out, [n for n in os.listdir(out) if _leftover(n)])  # what a killed run left half-written
+    A folder without a run marker when first checked is claimed with one, created exclusively: of two runs
+    started into the same new folder, the second is refused, even when the first started while the second was
+    still reading its inputs; the default ``--out`` takes the next free name instead (``...-2``)."""
+    for attempt in range(100):
+        out = check_out(args)
+        marked = args.run_marked  # a run's folder when first checked (not one a run started in since)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--out {out}: cannot create the folder ({err.strerror or err}); choose a writable "
+                             "location") from None
+        if marked or _claim(out, args.run_command):
+            break
+        if not getattr(args, "run_default_out", False):
+            raise UsageError(f"--out {out}: another deepopt run started in this folder at the same time; choose "
+                             "another folder")
+        args.out = default_out(args.run_command, taken=attempt + 2)
+    _remove(out, [n for n in os.listdir(out) if n.startswith(_REPLACED) or _temporary(n, args.run_outputs)])
     if args.overwrite:
         _remove(out, run_outputs(out, args.run_outputs))
-    if fresh or (args.overwrite and run_command_of(out) == args.run_command):
-        # a folder that held something else before stays unmarked (and so does a shared run's)
-        atomic_save_json({"command": args.run_command, "deepopt": deepopt.__version__,
-                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, out / RUN_MARKER)
+        if run_command_of(out) == args.run_command:
+            from .checkpoint import atomic_save_json
+
+            atomic_save_json(_marker(args.run_command), out / RUN_MARKER)  # the new run's start
     return out
 
 
-def _leftover(name: str) -> bool:
-    """A temporary file of an atomic write (``.<name>.<random>.tmp``) or a replaced run's folder."""
-    return name.startswith(_REPLACED) or (name.startswith(".") and name.endswith(".tmp"))
+def _marker(command: str) -> dict[str, str]:
+    return {"command": command, "deepopt": deepopt.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _claim(out: Path, command: str) -> bool:
+    """Create ``out``'s run marker for ``command`` unless a marker exists (``False`` then)."""
+    try:
+        fd = os.open(out / RUN_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    from .checkpoint import naming
+
+    with naming(out / RUN_MARKER), os.fdopen(fd, "w") as f:
+        json.dump(_marker(command), f, indent=2, sort_keys=True)
+        f.write("\n")
+    return True
+
+
+def _temporary(name: str, patterns: Sequence[str]) -> bool:
+    """``name`` is a temporary file of an atomic write of one of ``patterns`` (``.<output>.<random>.tmp``), which a
+    killed run can leave behind."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    target = name[1:-4].rpartition(".")[0]
+    return any(fnmatch.fnmatchcase(target, p) for p in (*patterns, RUN_MARKER))
 
 
 def _remove(folder: Path, names: Sequence[str]) -> None:

@@ -290,3 +290,52 @@ def test_a_long_command_closes_with_its_targets_and_files(tmp_path, capsys):
     opened = lines[lines.index("open:") + 1:-1]
     assert [line.split()[0] for line in opened] == [str(out / "curves.png"), str(out / "report.json"),
                                                     str(out / "optimizer")]
+
+
+# ------------------------------------------------------------------------------------------- two runs, one folder
+def parsed(*argv: str):
+    from deepopt.cli import build_parser
+
+    return build_parser().parse_args(list(argv))
+
+
+def test_runs_started_together_never_share_a_folder(tmp_path, monkeypatch, capsys):
+    """Two runs with the default --out in the same second get a folder each; a run into a new folder that another
+    run claimed while this one was still reading its inputs is refused, not mixed into it."""
+    from deepopt import runs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt, *a: "20250101-000000")
+    first, second = parsed("bench", "--smoke"), parsed("bench", "--smoke")
+    runs.check_out(first)
+    runs.check_out(second)  # both checked before either started: both chose runs/20250101-000000-bench
+    assert runs.prepare_out(first) == Path("runs/20250101-000000-bench")
+    assert runs.prepare_out(second) == Path("runs/20250101-000000-bench-2")
+    assert runs.run_command_of(Path("runs/20250101-000000-bench-2")) == "bench"
+
+    out = tmp_path / "shared"
+    late = parsed("bench", "--smoke", "--out", str(out))
+    runs.check_out(late)  # ... reads its inputs while another run starts in the same new folder:
+    assert main(["bench", *TINY["bench"], "--out", str(out)]) == 0
+    with pytest.raises(runs.UsageError, match="already holds"):
+        runs.prepare_out(late)
+    empty = tmp_path / "claimed"
+    late = parsed("bench", "--smoke", "--out", str(empty))
+    runs.check_out(late)
+    runs.prepare_out(parsed("bench", "--smoke", "--out", str(empty)))  # claimed, no output written yet
+    with pytest.raises(runs.UsageError, match="another deepopt run started in this folder"):
+        runs.prepare_out(late)
+
+
+def test_a_killed_start_leaves_nothing_behind(tmp_path):
+    """What a run killed mid-write leaves (a replaced run's folder, a temporary file of an output) is cleared when
+    the next run starts; temporary files of another command sharing the folder are left to it."""
+    from deepopt import runs
+
+    out = tmp_path / "run"
+    runs.prepare_out(parsed("hope", "train", "--smoke", "--out", str(out)))
+    (out / ".deepopt-replaced-abc").mkdir()
+    (out / ".report.json.x1y2.tmp").write_text("torn")
+    (out / ".eval_report.json.x1y2.tmp").write_text("hope eval is writing this")
+    runs.prepare_out(parsed("hope", "train", "--smoke", "--out", str(out), "--overwrite"))
+    assert sorted(p.name for p in out.iterdir()) == [".deepopt-run.json", ".eval_report.json.x1y2.tmp"]

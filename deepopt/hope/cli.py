@@ -62,7 +62,7 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
 EVAL_REPORT, EVAL_RESULTS = "eval_report.json", "eval_results.csv"  # beside a training run's own report.json
 # Arguments that must match for ``--resume`` to continue a run.
 _NOT_RUN_IDENTITY = ("resume", "out", "progress", "func", "command", "hope_command", "device", "threads",
-                     "compile", "cuda_graph")
+                     "compile", "cuda_graph", "run_checked", "run_marked", "run_default_out")
 
 
 def _option(text: str) -> tuple[str, Any]:
