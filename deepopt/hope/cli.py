@@ -398,7 +398,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                for dom in domains}
     start(args)
     results = {}
-    for dom, corpus in corpora.items():
+    for dom, corpus in progress_bar(corpora.items(), total=len(corpora), desc="hope eval", enabled=args.progress,
+                                    unit="domain"):
         nll = trainer.evaluate(data.val_batches(corpus.val, args.batch_size, args.context, args.val_batches))
         results[dom] = {"val_loss": nll, "val_ppl": _ppl(nll),
                         **_per_byte(nll, corpus, args.batch_size, args.context, args.val_batches)}
@@ -501,7 +502,8 @@ def cmd_niah(args: argparse.Namespace) -> int:
                                                              seed, step, filler.tokenizer))
             metrics = fit_batches(trainer, batch, args.steps, args.progress, f"niah {variant} seed {seed}")
             curves[f"{variant} s{seed}"] = [(r["step"], r["train_loss"]) for r in metrics.rows]
-            for ctx in contexts:
+            for ctx in progress_bar(contexts, desc=f"niah {variant} seed {seed}: evaluate", enabled=args.progress,
+                                    unit="context"):
                 extra = {}
                 if args.task == "passkey":
                     digit, exact = passkey_accuracy(model, filler.val, ctx, samples, args.batch_size, seed,
