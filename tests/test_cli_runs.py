@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli_errors import COMMANDS, outputs, refused
 
 from deepopt.cli import main
 from deepopt.runs import RUN_MARKER, LineProgress, progress_bar
-from test_cli_errors import COMMANDS, outputs, refused
 
 # The smallest run of each command (seconds), and a second valid run whose outputs are named differently.
 TINY: dict[str, list[str]] = {
@@ -339,3 +339,57 @@ def test_a_killed_start_leaves_nothing_behind(tmp_path):
     (out / ".eval_report.json.x1y2.tmp").write_text("hope eval is writing this")
     runs.prepare_out(parsed("hope", "train", "--smoke", "--out", str(out), "--overwrite"))
     assert sorted(p.name for p in out.iterdir()) == [".deepopt-run.json", ".eval_report.json.x1y2.tmp"]
+
+
+# ------------------------------------------------------------------------------------------- plots
+def test_loss_intervals_never_reach_zero():
+    """compare.png's interval comes from the log losses: positive where mean ± t·sd/√n of two seeds is not."""
+    from deepopt.compare import log_interval
+    from deepopt.robustness import mean_ci
+
+    assert mean_ci([0.1, 0.2])[1] < 0
+    centre, low, high = log_interval([0.1, 0.2])
+    assert 0 < low < 0.1 and 0.2 < high and abs(centre - 0.2 ** 0.5 * 0.1 ** 0.5) < 1e-12
+
+
+def test_no_optimizer_hides_another():
+    """Every robustness optimizer gets its own line style and marker, so two identical curves both show."""
+    from deepopt.robustness import OPTIMIZERS, _styles
+
+    styles = _styles(OPTIMIZERS)
+    assert len({(s["ls"], s["marker"]) for s in styles.values()}) == len(OPTIMIZERS)
+    assert len({s["marker"] for s in styles.values()}) == len(OPTIMIZERS)
+
+
+def test_niah_plots_accuracy_against_context(trained, tmp_path, monkeypatch):
+    """`hope niah` draws accuracy (y) against the evaluated context lengths (x), with the chance level marked."""
+    from deepopt.hope import cli
+
+    drawn, plot = {}, cli.plot_curves
+
+    def recorded(path: Path, *args, **kwargs) -> None:  # what is drawn, then drawn
+        drawn[path.name] = (args, kwargs)
+        plot(path, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "plot_curves", recorded)
+    out = tmp_path / "niah"
+    assert main([*tiny("hope niah", trained, tmp_path), "--eval-contexts", "160", "112", "--out", str(out)]) == 0
+    (title, curves), options = drawn["accuracy.png"]
+    assert options["ylabel"] == "accuracy" and options["hlines"] == [("chance (per token)", 0.1)]
+    assert set(curves) == {"transformer, answer tokens", "transformer, exact"}
+    assert [x for x, _ in curves["transformer, answer tokens"]] == [112, 160]
+    assert all(0 <= y <= 1 for pts in curves.values() for _, y in pts) and (out / "accuracy.png").is_file()
+
+
+def test_meta_train_plots_the_tuned_decay_baseline(tmp_path, capsys):
+    """curves.png (and curves.csv) hold the Adam with a tuned 1/t decay that the target is judged against."""
+    import csv
+
+    out = tmp_path / "meta"
+    assert main(["meta-train", *TINY["meta-train"], "--out", str(out)]) == 0
+    with open(out / "curves.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "eval"]
+    assert {r["optimizer"] for r in rows} == {"learned", "adam", "adam_decay", "momentum"}
+    report = json.loads((out / "report.json").read_text())["tasks"]["wine_mlp"]["seeds"]["0"]
+    decayed = [float(r["loss"]) for r in rows if r["optimizer"] == "adam_decay"]
+    assert len(decayed) == 5 and decayed[-1] == pytest.approx(report["adam_decay_tuned"])
