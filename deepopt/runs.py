@@ -124,7 +124,7 @@ def check_out(args: argparse.Namespace) -> Path:
             "--overwrite to replace it"
         raise UsageError(f"--out {out} already holds a `deepopt {command}` run ({existing[0]}); pass {how}, "
                          "or choose another folder")
-    _check_writable(out)
+    _check_writable(out, f"--out {out} is not writable")
     return out
 
 
@@ -207,26 +207,18 @@ def _check_creatable(out: Path) -> None:
     if not parent.is_dir():
         raise UsageError(f"--out {out}: cannot create the folder ({parent} is not a folder); choose a writable "
                          "location")
+    _check_writable(parent, f"--out {out}: cannot create the folder")
+
+
+def _check_writable(folder: Path, problem: str) -> None:
+    """Create and remove an empty file in ``folder``; a :class:`UsageError` saying ``problem`` if this process
+    cannot."""
     try:
-        _probe(parent)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".deepopt-write-probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
-        raise UsageError(f"--out {out}: cannot create the folder ({err.strerror or err}); choose a writable "
-                         "location") from None
-
-
-def _check_writable(folder: Path) -> None:
-    try:
-        _probe(folder)
-    except OSError as err:
-        raise UsageError(f"--out {folder} is not writable ({err.strerror or err}); choose a writable "
-                         "folder") from None
-
-
-def _probe(folder: Path) -> None:
-    """Create and remove an empty file in ``folder`` (``OSError`` if this process cannot)."""
-    fd, probe = tempfile.mkstemp(dir=folder, prefix=".deepopt-write-probe-", suffix=".tmp")
-    os.close(fd)
-    os.unlink(probe)
+        raise UsageError(f"{problem} ({err.strerror or err}); choose a writable location") from None
 
 
 class JsonLines:
