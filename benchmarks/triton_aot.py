@@ -62,6 +62,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unles
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from deepopt.bench import cuda_tensor, fake_cuda  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SCOPE_FILE = Path(__file__).with_name("triton_aot_scope.json")
 # per target: SMs of the reference part, shared memory a block may opt into (bytes)
@@ -83,28 +85,6 @@ class Scenario:
     run: Callable[[], None]
     routed: bool = True
     ci: bool = True  # part of the --ci scope
-
-
-@contextlib.contextmanager
-def fake_cuda() -> Iterator[Any]:
-    """A ``FakeTensorMode`` whose tensors live on ``cuda:0`` (made with ``cuda_tensor``); host-only CUDA calls
-    that a CPU build of torch cannot make (pinning, stream queries) are answered as a GPU would answer them."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(Tensor, "pin_memory", lambda self, *a, **k: self))
-        stack.enter_context(mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: False))
-        stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("ignore")  # FakeTensor.data_ptr() deprecation: the pointer tables read it
-        stack.enter_context(mode)
-        yield mode
-
-
-def cuda_tensor(mode: Any, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return FakeTensor(mode, torch.empty(shape, dtype=dtype, device="meta"), torch.device("cuda", 0))
 
 
 def _optimizer_scenario(label: str, make: Callable[[list[Tensor]], torch.optim.Optimizer], dtype: torch.dtype,

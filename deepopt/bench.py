@@ -9,10 +9,14 @@ kernel launches: a ``_foreach`` or fused op counts once, whatever the number of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -55,6 +59,31 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+@contextlib.contextmanager
+def fake_cuda() -> Iterator[Any]:
+    """A ``FakeTensorMode`` for tensors on ``cuda:0`` made with ``cuda_tensor`` (shapes, dtypes and the device, no
+    memory: CUDA routing runs on a machine without a GPU); host-side CUDA calls that a CPU build of torch cannot
+    make (pinning, stream-capture queries) are answered as on a GPU outside a capture."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(torch.Tensor, "pin_memory", lambda self, *a, **k: self))
+        stack.enter_context(mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: False))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")  # FakeTensor.data_ptr()'s deprecation: pointer tables read it
+        stack.enter_context(mode)
+        cuda_tensor(mode, (1,), torch.float32)  # the first fake CUDA tensor sets CUDA up for the mode (else a CPU
+        yield mode                               # tensor's .to("cuda") asks for a real device)
+
+
+def cuda_tensor(mode: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A fake tensor on ``cuda:0`` in ``mode`` (``fake_cuda``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return FakeTensor(mode, torch.empty(shape, dtype=dtype, device="meta"), torch.device("cuda", 0))
 
 
 def count_step_ops(opt: torch.optim.Optimizer) -> OpCounter:

@@ -89,6 +89,7 @@ def _work(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor
 
 _pointer_tables: dict[tuple, tuple[Tensor, Tensor]] = {}  # key -> (device table, its host source)
 _captured_tables: dict[tuple, tuple[Tensor, Tensor]] = {}  # tables copied inside a CUDA-graph capture: never evicted
+_spare_pinned: dict[int, list[Tensor]] = {}  # length -> pinned host buffers made outside a capture, for one
 _MAX_POINTER_TABLES = 16
 
 
@@ -96,20 +97,28 @@ def _pointers(tensors: list[Tensor]) -> Tensor:
     """The tensors' data pointers as an int64 device tensor, cached by address: in a steady training loop
     (and under CUDA-graph capture after warm-up) no copy is made; a new table is copied from pinned memory
     without blocking.  The pinned source is kept with the table: a copy recorded inside a graph capture reads it
-    again at every replay, so a table made during a capture is also never evicted."""
+    again at every replay, so a table made during a capture is also never evicted.  Inside a capture no memory is
+    pinned (torch versions differ on whether that may happen there): the table's host source is a spare pinned
+    buffer that each table built outside a capture leaves for a list of its length (the warm-up steps before a
+    capture build them; gradients allocated by the capture then have new addresses)."""
     device = tensors[0].device
     key = (device, *(t.data_ptr() for t in tensors))
     entry = _pointer_tables.get(key) or _captured_tables.get(key)
     if entry is None:
-        host = torch.tensor(key[1:], dtype=torch.int64)
-        if device.type == "cuda":
-            host = host.pin_memory()
-            entry = (host.to(device, non_blocking=True), host)
-            if torch.cuda.is_current_stream_capturing():
-                _captured_tables[key] = entry
-                return entry[0]
+        values = torch.tensor(key[1:], dtype=torch.int64)
+        if device.type != "cuda":
+            entry = (values, values)
+        elif torch.cuda.is_current_stream_capturing():
+            spares = _spare_pinned.get(len(tensors))
+            host = spares.pop().copy_(values) if spares else values.pin_memory()
+            entry = _captured_tables[key] = (host.to(device, non_blocking=True), host)
+            return entry[0]
         else:
-            entry = (host, host)
+            host = values.pin_memory()
+            entry = (host.to(device, non_blocking=True), host)
+            spares = _spare_pinned.setdefault(len(tensors), [])
+            if len(spares) < 4:
+                spares.append(torch.empty_like(values).pin_memory())
         if len(_pointer_tables) >= _MAX_POINTER_TABLES:
             _pointer_tables.pop(next(iter(_pointer_tables)))
         _pointer_tables[key] = entry

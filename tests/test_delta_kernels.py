@@ -55,3 +55,28 @@ def test_kernel_path_on_cuda_equals_the_cpu_rule():
     train(b, deepopt.DeltaMomentum(b.parameters(), lr=0.05), 20)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_pointer_table_made_inside_a_graph_capture_pins_no_memory():
+    """Gradients allocated by a CUDA-graph capture have new addresses, so their pointer table is built inside the
+    capture: from a spare pinned buffer the warm-up's tables left, not by pinning there (on fake CUDA tensors)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from deepopt.bench import fake_cuda
+    from deepopt.optimizers import delta_kernels
+
+    def tensors(base):
+        return [SimpleNamespace(device=torch.device("cuda", 0), data_ptr=lambda a=a: a) for a in (base, base + 512)]
+
+    pinned = []
+    with fake_cuda(), mock.patch.object(delta_kernels, "_spare_pinned", {}), \
+            mock.patch.object(delta_kernels, "_captured_tables", {}), \
+            mock.patch.object(delta_kernels, "_pointer_tables", {}), \
+            mock.patch.object(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t):
+        delta_kernels._pointers(tensors(1 << 20))  # warm-up: the table and a spare
+        assert len(pinned) == 2 and len(delta_kernels._spare_pinned[2]) == 1
+        with mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: True):
+            table = delta_kernels._pointers(tensors(1 << 30))
+        assert len(pinned) == 2 and not delta_kernels._spare_pinned[2]  # the spare served, nothing pinned
+        assert table.device.type == "cuda" and len(delta_kernels._captured_tables) == 1
