@@ -49,7 +49,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -111,8 +110,9 @@ def _deep_probe(label: str, dtype: torch.dtype, key_dim: int, hidden: int, activ
                 ci: bool = False) -> Scenario:
     """``deep_kernels.deep_momentum_step_`` called directly (a configuration the routing may refuse)."""
     def run() -> None:
-        from deepopt.bench import gpt2_shapes
         from deepopt.optimizers import deep_kernels
+
+        from deepopt.bench import gpt2_shapes
 
         with fake_cuda() as mode:
             ps = [cuda_tensor(mode, s, dtype) for s in gpt2_shapes()]

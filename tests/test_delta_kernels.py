@@ -63,8 +63,9 @@ def test_a_pointer_table_made_inside_a_graph_capture_pins_no_memory():
     from types import SimpleNamespace
     from unittest import mock
 
-    from deepopt.bench import fake_cuda
     from deepopt.optimizers import delta_kernels
+
+    from deepopt.bench import fake_cuda
 
     def tensors(base):
         return [SimpleNamespace(device=torch.device("cuda", 0), data_ptr=lambda a=a: a) for a in (base, base + 512)]
