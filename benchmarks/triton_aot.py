@@ -86,13 +86,24 @@ class Scenario:
     ci: bool = True  # part of the --ci scope
 
 
+@contextlib.contextmanager
+def _tf32(allowed: bool) -> Iterator[None]:
+    """``torch.backends.cuda.matmul.allow_tf32`` set as a training script sets it."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def _optimizer_scenario(label: str, make: Callable[[list[Tensor]], torch.optim.Optimizer], dtype: torch.dtype,
                         shapes: list[tuple[int, ...]] | None = None, routed: bool = True,
-                        ci: bool = True) -> Scenario:
+                        ci: bool = True, tf32: bool = False) -> Scenario:
     def run() -> None:
         from deepopt.bench import gpt2_shapes
 
-        with fake_cuda() as mode:
+        with fake_cuda() as mode, _tf32(tf32):
             params = []
             for s in shapes or gpt2_shapes():
                 p = torch.nn.Parameter(cuda_tensor(mode, s, dtype))
@@ -102,7 +113,8 @@ def _optimizer_scenario(label: str, make: Callable[[list[Tensor]], torch.optim.O
             opt.step()  # creates the state
             opt.step()
 
-    name = f"{label} {str(dtype).removeprefix('torch.')} {GPT2 if shapes is None else 'shapes ' + str(shapes)}"
+    name = (f"{label} {str(dtype).removeprefix('torch.')}{' tf32' if tf32 else ''} "
+            f"{GPT2 if shapes is None else 'shapes ' + str(shapes)}")
     return Scenario(name, "optimizers", run, routed, ci)
 
 
@@ -206,20 +218,19 @@ def scenarios() -> list[Scenario]:
           for dt in (f32, bf16, f16)),
         *(_optimizer_scenario("DeltaMomentum tensor-lr", lambda ps: deepopt.DeltaMomentum(
             ps, lr=torch.tensor(1e-3), capturable=True), dt) for dt in (f32, bf16)),
-        *(_optimizer_scenario("DeepMomentum h16 tanh", lambda ps: deepopt.DeepMomentum(ps, lr=1e-3), dt)
-          for dt in (f32, bf16)),
+        *(_optimizer_scenario("DeepMomentum h16 tanh", lambda ps: deepopt.DeepMomentum(ps, lr=1e-3), dt, tf32=tf32)
+          for dt in (f32, bf16) for tf32 in (False, True)),
         *(_optimizer_scenario("DeepMomentum h16 tanh tensor-lr", lambda ps: deepopt.DeepMomentum(
             ps, lr=torch.tensor(1e-3), capturable=True), dt) for dt in (f32, bf16)),
         _optimizer_scenario("DeepMomentum h16 relu", lambda ps: deepopt.DeepMomentum(ps, activation="relu"), f32),
         _optimizer_scenario("DeepMomentum h16 identity", lambda ps: deepopt.DeepMomentum(
             ps, activation="identity"), bf16),
         *(_optimizer_scenario(f"DeepMomentum h{h} kd{kd}", lambda ps, h=h, kd=kd: deepopt.DeepMomentum(
-            ps, hidden=h, key_dim=kd), f32) for h, kd in ((32, 16), (64, 16), (128, 16), (256, 16), (16, 32),
-                                                           (64, 64))),
+            ps, hidden=h, key_dim=kd), f32, tf32=tf32, ci=(h, kd) in ((64, 16), (256, 16)))
+          for h, kd in ((32, 16), (64, 16), (128, 16), (256, 16), (16, 32), (64, 64)) for tf32 in (False, True)),
         *(_optimizer_scenario("DeepMomentum shipped (adam, schedule, decoupled wd)", lambda ps: deepopt.DeepMomentum(
             ps, lr=1e-3, preconditioner="adam", lr_horizon=1000, lr_power=1.0, weight_decay=0.1,
             decoupled_weight_decay=True), dt) for dt in (f32, bf16)),
-        _deep_probe("deep_kernels h256 kd16", torch.float32, 16, 256),
         *(_hope_scenario(size, amp, ci=size in ("tiny", "small", "base")) for size in HOPE_SIZES
           for amp in (False, True)),
     ]

@@ -73,13 +73,14 @@ if triton is not None:
 _work_tables: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _work(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(numels, block → tensor, block → start offset), built once per list of sizes and device."""
-    key = (numels, device)
+def _work(numels: tuple[int, ...], device: torch.device, span: int = BLOCK) -> tuple[Tensor, Tensor, Tensor]:
+    """(numels, work item → tensor, work item → start offset) for work items of ``span`` coordinates, built once
+    per list of sizes, device and span."""
+    key = (numels, device, span)
     if key not in _work_tables:
         tensor_of, start_of = [], []
         for i, n in enumerate(numels):
-            for start in range(0, n, BLOCK):
+            for start in range(0, n, span):
                 tensor_of.append(i)
                 start_of.append(start)
         _work_tables[key] = tuple(torch.tensor(v, dtype=torch.int64).to(device)
