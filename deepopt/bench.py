@@ -185,12 +185,16 @@ def main(args: argparse.Namespace) -> int:
     out = prepare_out(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     rows = run(args.param_sets, args.optimizers, args.repeats, args.warmup, args.device,
                progress=show_progress(True))
     table = format_table(rows)
-    print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+          f"{', TF32 matmuls allowed' if args.tf32 else ''}")
     print(table)
     atomic_save_json({"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "tf32": args.tf32,
                       "repeats": args.repeats, "warmup": args.warmup, "rows": rows}, out / "bench.json")
     atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     wrote(out)
@@ -210,5 +214,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true",
                    help="100k parameters, 3 repeats, 1 warm-up: a quick check (explicit options win)")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 matmuls (torch.backends.cuda.matmul.allow_tf32), as training scripts on GPUs do: "
+                        "the fp32 products of torch and of deepopt's kernels then run on tensor cores")
     add_out_option(p, "bench", ("bench.json", "bench.md"))
     p.set_defaults(func=main)
