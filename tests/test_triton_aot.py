@@ -30,11 +30,13 @@ TTGIR = """
 #blocked = #ttg.blocked<{sizePerThread = [1, 4], threadsPerWarp = [8, 4], warpsPerCTA = [4, 1], order = [1, 0]}>
 #mma = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 8]}>
 #mma1 = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 32, 8]}>
-    %5 = tt.dot %1, %2, %3, inputPrecision = ieee : tensor<64x16xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked}>> * tensor<16x16xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>> -> tensor<64x16xf32, #blocked>
-    %6 = tt.dot %1, %2, %3 : tensor<16x64xf32, #ttg.dot_op<{opIdx = 0, parent = #mma, kWidth = 1}>> * tensor<64x16xf32, #ttg.dot_op<{opIdx = 1, parent = #mma, kWidth = 1}>> -> tensor<16x16xf32, #mma>
-    %7 = ttng.warp_group_dot %1, %2, %3 {inputPrecision = 0 : i32, isAsync = true} : !ttg.memdesc<64x16xf32, #shared, #smem> * !ttg.memdesc<16x32xf32, #shared1, #smem> -> tensor<64x32xf32, #mma1>
+    %5 = tt.dot %1, %2, %3, inputPrecision = ieee : tensor<64x16xf32, #a> * tensor<16x16xf32, #b> -> \
+tensor<64x16xf32, #blocked>
+    %6 = tt.dot %1, %2, %3 : tensor<16x64xf32, #a> * tensor<64x16xf32, #b> -> tensor<16x16xf32, #mma>
+    %7 = ttng.warp_group_dot %1, %2, %3 {isAsync = true} : !ttg.memdesc<64x16xf32> * !ttg.memdesc<16x32xf32> -> \
+tensor<64x32xf32, #mma1>
     %8 = ttng.warp_group_dot_wait %7 {pendings = 0 : i32} : tensor<64x32xf32, #mma1>
-"""
+"""  # (a backslash-newline joins a line)
 
 
 def test_dot_lowering_is_read_from_the_ttgir():
