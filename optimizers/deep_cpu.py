@@ -93,6 +93,32 @@ typedef struct { ctx_t *c; int tid; } arg_t;
     x = q_ * (V)e_; \
 } while (0)
 
+#if defined(__AVX512F__)
+/* e^x with AVX-512's min/max, rounding and scaling by 2^k (max/min return their second operand when one is
+   NaN: a NaN stays NaN, as in the rule) */
+static inline __m512 exp512(__m512 v) {
+    __m512 k, r, x, q;
+    v = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), v));
+    k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), v);
+    x = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    q = _mm512_fmadd_ps(x, _mm512_set1_ps(0.0013888889225199819f), _mm512_set1_ps(0.0083333337679505348f));
+    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(0.041666667908430099f));
+    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(0.16666667163372040f));
+    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(0.5f));
+    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(1.0f));
+    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(q, k);
+}
+#define EXP_FAST(V, I, x) do { \
+    if (sizeof(V) == 64) { __m512 v_; memcpy(&v_, &x, 64); v_ = exp512(v_); memcpy(&x, &v_, 64); } \
+    else EXP_PORTABLE(V, I, x); \
+} while (0)
+#else
+#define EXP_FAST(V, I, x) EXP_PORTABLE(V, I, x)
+#endif
+
 #ifdef KD  /* the blocks layout: KD coordinates a key */
 /* Vectors of KD and H floats (both powers of two); GCC/Clang vector extensions, any instruction set. */
 typedef float vk __attribute__((vector_size(4 * KD)));
@@ -106,27 +132,7 @@ static inline void store_h(float *x, vh v) { memcpy(x, &v, sizeof v); }
 static inline vh select_h(vhi mask, vh a, vh b) { return (vh)(((vhi)a & mask) | ((vhi)b & ~mask)); }
 
 static inline vh exp_h(vh x) {
-#if defined(__AVX512F__)
-    if (sizeof(vh) == 64) {   /* the same steps with AVX-512's min/max, rounding and scaling by 2^k */
-        __m512 v, k, r, s;
-        vh q;
-        memcpy(&v, &x, 64);
-        /* max/min return their second operand when one is NaN: a NaN z stays NaN, as in the rule */
-        v = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), v));
-        k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), v);
-        r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187045e-06f), r);
-        memcpy(&x, &r, 64);
-        q = 1.0f + x * (1.0f + x * (0.5f + x * (0.16666667163372040f + x * (0.041666667908430099f
-            + x * (0.0083333337679505348f + x * 0.0013888889225199819f)))));
-        memcpy(&s, &q, 64);
-        s = _mm512_scalef_ps(s, k);
-        memcpy(&q, &s, 64);
-        return q;
-    }
-#endif
-    EXP_PORTABLE(vh, vhi, x);
+    EXP_FAST(vh, vhi, x);
     return x;
 }
 
@@ -277,6 +283,31 @@ typedef float vc __attribute__((vector_size(4 * VL)));
 typedef int32_t vci __attribute__((vector_size(4 * VL)));
 static inline vc load_c(const float *x) { vc v; memcpy(&v, x, sizeof v); return v; }
 static inline void store_c(float *x, vc v) { memcpy(x, &v, sizeof v); }
+/* sqrt and 1/x over a vector: AVX-512's instructions (1/x: rcp14 and a Newton step, relative error ~1e-7), else
+   per lane */
+static inline vc sqrt_c(vc x) {
+#if defined(__AVX512F__)
+    for (int half = 0; half < VL / 16; half++) {
+        __m512 v; memcpy(&v, (float *)&x + 16 * half, 64); v = _mm512_sqrt_ps(v); memcpy((float *)&x + 16 * half, &v, 64);
+    }
+#else
+    for (int i = 0; i < VL; i++) x[i] = sqrtf(x[i]);
+#endif
+    return x;
+}
+static inline vc recip_c(vc x) {
+#if defined(__AVX512F__)
+    for (int half = 0; half < VL / 16; half++) {
+        __m512 v, r; memcpy(&v, (float *)&x + 16 * half, 64);
+        r = _mm512_rcp14_ps(v);
+        r = _mm512_mul_ps(r, _mm512_fnmadd_ps(v, r, _mm512_set1_ps(2.0f)));
+        memcpy((float *)&x + 16 * half, &r, 64);
+    }
+    return x;
+#else
+    return 1.0f / x;
+#endif
+}
 
 typedef struct {
     int T, nt;
@@ -291,28 +322,30 @@ typedef struct {
 typedef struct { mctx_t *c; int tid; } marg_t;
 
 /* VL coordinates i0.. of tensor t: the rule's per-coordinate step; C[h] += p_i tanh(z_ih) in `acc` */
-static inline void momenta_block(const mctx_t *c, int t, float *p, const float *g, float *m, float *v, float *e,
+static inline __attribute__((always_inline)) void momenta_block(const mctx_t *c, int t, float *p, const float *g, float *m, float *v, float *e,
                                  int64_t n, int64_t i0, const float *w1, const float *w2, vc acc[H]) {
     const float lr = c->lr[t], inv_bc2 = 1.0f / c->bc2[t], alpha = c->alpha;
-    vc gv = load_c(g + i0), vv = c->beta2 * load_c(v + i0) + (1.0f - c->beta2) * gv * gv, den;
+    vc gv = load_c(g + i0), vv = c->beta2 * load_c(v + i0) + (1.0f - c->beta2) * gv * gv;
     store_c(v + i0, vv);
-    for (int i = 0; i < VL; i++) den[i] = sqrtf(vv[i] * inv_bc2) + c->eps;
-    vc pv = gv / den, mv = alpha * load_c(m + i0) + pv, key[2 + MJ];
+    vc pv = gv / (sqrt_c(vv * inv_bc2) + c->eps), mv = alpha * load_c(m + i0) + pv, key[2 + MJ];
     store_c(m + i0, mv);
     key[0] = pv;
     key[1] = (1.0f - alpha) * mv;
+#pragma GCC unroll 8
     for (int j = 0; j < MJ; j++) {
         vc ej = c->gamma[j] * load_c(e + j * n + i0) + (1.0f - c->gamma[j]) * pv;
         store_c(e + j * n + i0, ej);
         key[2 + j] = ej;
     }
     vc read = {0};
-    for (int h = 0; h < H; h++) {
+#pragma GCC unroll 64
+    for (int h = 0; h < H; h++) {   /* unrolled: acc and key stay in registers */
         vc z = (vc){0};
+#pragma GCC unroll 8
         for (int f = 0; f < 2 + MJ; f++) z += w2[h * (2 + MJ) + f] * key[f];
         z = -2.0f * z;
-        EXP_PORTABLE(vc, vci, z);
-        vc phi = 2.0f / (1.0f + z) - 1.0f;                 /* tanh = 2 sigma(2z) - 1 */
+        EXP_FAST(vc, vci, z);
+        vc phi = 2.0f * recip_c(1.0f + z) - 1.0f;          /* tanh = 2 sigma(2z) - 1 */
         read += w1[h] * phi;
         acc[h] += pv * phi;
     }
@@ -424,17 +457,16 @@ def _cpu_signature() -> str:
     return text
 
 
-@cache
-def _build(defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | None:
-    """``SOURCE`` compiled with ``-D`` these, built on first use (once per source, defines and CPU); None without
-    a compiler or when the build fails."""
+def _build(name: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | None:
+    """``SOURCE`` compiled with ``-D`` these into ``deep_momentum_{name}_{digest}.so``, built once per source,
+    defines and CPU (the file is the cache); None without a compiler or when the build fails."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         log.info("deepopt: no C compiler found; DeepMomentum uses its torch CPU loop")
         return None
     flags = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11", *(f"-D{k}={v}" for k, v in defines)]
     digest = hashlib.sha256("\n".join([SOURCE, compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"deep_momentum_{'_'.join(f'{k}{v}' for k, v in defines)}_{digest}.so"
+    path = _cache_dir() / f"deep_momentum_{name}_{digest}.so"
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -456,7 +488,7 @@ _PTRS = ctypes.POINTER(ctypes.c_void_p)
 @cache
 def _library(key_dim: int, hidden: int) -> ctypes.CDLL | None:
     """The blocks layout's kernel for ``KD = key_dim``, ``H = hidden``."""
-    lib = _build((("KD", key_dim), ("H", hidden)))
+    lib = _build(f"{key_dim}x{hidden}", (("KD", key_dim), ("H", hidden)))
     if lib is not None:
         fn = lib.deep_momentum_step
         fn.argtypes = [ctypes.c_int, _PTRS, _PTRS, _PTRS, _PTRS, _PTRS, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p,
@@ -469,7 +501,7 @@ def _library(key_dim: int, hidden: int) -> ctypes.CDLL | None:
 @cache
 def _momenta_library(hidden: int, timescales: int) -> ctypes.CDLL | None:
     """The momenta layout's kernel for ``H = hidden`` and ``MJ = timescales``."""
-    lib = _build((("H", hidden), ("MJ", timescales)))
+    lib = _build(f"momenta_h{hidden}_j{timescales}", (("H", hidden), ("MJ", timescales)))
     if lib is not None:
         fn = lib.momenta_step
         fn.argtypes = [ctypes.c_int, *([_PTRS] * 7), ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
