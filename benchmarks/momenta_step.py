@@ -17,9 +17,9 @@ import statistics
 import time
 
 import torch
+from deepopt.optimizers import deep_cpu, deep_kernels
 
 from deepopt.bench import PARAM_SETS
-from deepopt.optimizers import deep_cpu, deep_kernels
 
 H, TIMESCALES = 8, (0.5, 0.99)
 

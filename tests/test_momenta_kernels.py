@@ -3,12 +3,9 @@ objective, W₂ fixed, decoupled weight decay; ``/work`` note ``shipped_config.m
 the C kernel (``deep_cpu.momenta_step_``) and the Triton kernels (``deep_kernels.momenta_step_``, under the
 interpreter) against the equations in float64."""
 
-import textwrap
 
 import pytest
 import torch
-from conftest import run_under_triton_interpreter
-
 from deepopt.optimizers import deep_cpu
 
 SHAPES = [(7, 5), (1500,), (40, 33), (3,), (70000,)]  # tails of 3, 12, 8, 3 and a tensor the threads split
