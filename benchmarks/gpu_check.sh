@@ -149,6 +149,8 @@ SHIPPED=$("$PY" -c "import deepopt.bench as b; print('DeepMomentum shipped' if '
 limit_for 25
 run bench $(( LIMIT * 3 / 4 )) "$PY" "${BENCH[@]}" --optimizers "${BENCH_ALL[@]}" --out "$OUT/bench"
 TF32=("DeepMomentum h=16"); [ -n "$SHIPPED" ] && TF32+=("$SHIPPED")
+run bench-shipped $(( LIMIT / 8 > 5 ? LIMIT / 8 : 5 )) "$PY" benchmarks/momenta_step.py --device "$DEVICE" \
+  --param-sets "$([ "$SMOKE" = 1 ] && echo 100k-10 || echo gpt2-124M)" --repeats 10
 limit_for 0
 run bench-tf32 "$LIMIT" "$PY" "${BENCH[@]}" --tf32 --optimizers "${TF32[@]}" --out "$OUT/bench-tf32"
 

@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,25 @@ def bench(out: Path, name: str) -> list[dict[str, Any]]:
     return rows
 
 
+def shipped(out: Path) -> list[dict[str, Any]]:
+    """``benchmarks/momenta_step.py``'s lines: the shipped learned optimizer's fused step × torch fused AdamW."""
+    rows = []
+    try:
+        text = (out / "bench-shipped.log").read_text()
+    except OSError:
+        return rows
+    params = None
+    for line in text.splitlines():
+        if line.rstrip().endswith(":") and " on " in line:
+            params = line.split(" on ")[0]
+        elif (found := re.match(r"\s+(.+?)\s+([\d.]+) ms\s+([\d.]+)x torch AdamW fused", line)) \
+                and not found[1].startswith("torch"):
+            ratio = float(found[3])
+            rows.append({"params": params, "optimizer": found[1], "median_ms": float(found[2]), "ratio": ratio,
+                         "target": 2.0, "met": ratio <= 2.0})
+    return rows
+
+
 def hope(out: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted((out / "hope").glob("*/report.json")):
@@ -149,6 +169,11 @@ def markdown(rep: dict[str, Any]) -> str:
                       "|---|---:|---:|---|---:|---:|"]
             lines += [f"| {r['optimizer']} | {r['median_ms']:.2f} | {_ratio(r['ratio'])}{_met(r['met'])} | "
                       f"{r['reference']} | {r['target'] or '–'} | {r['aten_ops']} |" for r in rep[key]]
+    if rep["shipped"]:
+        lines += ["", "## The shipped learned optimizer's fused step (benchmarks/momenta_step.py)", "",
+                  "| params | step | median ms | × torch fused AdamW |", "|---|---|---:|---:|"]
+        lines += [f"| {r['params']} | {r['optimizer']} | {r['median_ms']:.2f} | {_ratio(r['ratio'])}{_met(r['met'])} |"
+                  for r in rep["shipped"]]
     if rep["hope"]:
         lines += ["", "## HOPE vs Transformer++ (base preset)", "",
                   "| mode | context | HOPE tok/s | Transformer++ tok/s | ratio | peak mem | target |",
@@ -177,6 +202,8 @@ def compact(rep: dict[str, Any]) -> str:
                  if r["target"] is not None or r["optimizer"] == "torch Muon"]
         if items:
             out.append(f"{label:<10} " + ", ".join(items))
+    for r in rep["shipped"]:
+        out.append(f"shipped    {r['params']}: {_ratio(r['ratio'])}{_met(r['met'])} torch fused AdamW")
     for r in rep["hope"]:
         out.append(f"hope       {r['mode']} ctx {r['context']}: {_ratio(r['ratio'])}{_met(r['met'])} tok/s, "
                    f"peak mem {_ratio(r['peak_mem_ratio'])}")
@@ -197,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rep = {"env": _json(args.out / "env.json"), "budget": args.budget, "seconds": args.seconds,
            "sections": sections(args.out), "tests": tests(args.out), "bench": bench(args.out, "bench"),
-           "bench_tf32": bench(args.out, "bench-tf32"), "hope": hope(args.out), "compare": compare(args.out)}
+           "bench_tf32": bench(args.out, "bench-tf32"), "shipped": shipped(args.out), "hope": hope(args.out),
+           "compare": compare(args.out)}
     (args.out / "report.json").write_text(json.dumps(rep, indent=1, default=str))
     (args.out / "report.md").write_text(markdown(rep))
     print(f"\nwrote {args.out / 'report.md'} and report.json\n")

@@ -137,6 +137,28 @@ def _deep_probe(label: str, dtype: torch.dtype, key_dim: int, hidden: int, activ
     return Scenario(f"probe: {label} {str(dtype).removeprefix('torch.')} {GPT2}", "optimizers", run, False, ci)
 
 
+def _momenta_scenario(dtype: torch.dtype) -> Scenario:
+    """The shipped learned optimizer's kernels (``deep_kernels.momenta_step_``, hidden 8, two time scales) on
+    GPT-2 124M's shapes, as ``benchmarks/momenta_step.py`` and DeepMomentum's ``keys="momenta"`` route them."""
+    def run() -> None:
+        from deepopt.optimizers import deep_kernels
+
+        from deepopt.bench import gpt2_shapes
+
+        with fake_cuda() as mode:
+            ps = [cuda_tensor(mode, s, dtype) for s in gpt2_shapes()]
+            gs, ms, vs = ([torch.empty_like(p) for p in ps] for _ in range(3))
+            es = [cuda_tensor(mode, (2, *p.shape), dtype) for p in ps]
+            w1 = [cuda_tensor(mode, (1, 8), torch.float32) for _ in ps]
+            w2 = [cuda_tensor(mode, (8, 4), torch.float32) for _ in ps]
+            vec = cuda_tensor(mode, (len(ps),), torch.float32)
+            deep_kernels.momenta_step_(ps, gs, ms, vs, es, w1, w2, cuda_tensor(mode, (1, 8), torch.float32), vec,
+                                       vec, cuda_tensor(mode, (2,), torch.float32), 0.9, 0.95, 1e-8, 0.1, 0.1)
+
+    return Scenario(f"DeepMomentum shipped (momenta h8 J2) {str(dtype).removeprefix('torch.')} {GPT2}", "optimizers",
+                    run, True, True)
+
+
 def _hope_scenario(size: str, dtype: torch.dtype, ci: bool = True) -> Scenario:
     """HOPE's forward + backward at a size preset (batch ``HOPE_BATCH`` × ``HOPE_CONTEXT`` tokens) on the meta
     device: the custom ops' real implementations are called on the inputs they receive, seen as CUDA tensors
@@ -203,9 +225,7 @@ def scenarios() -> list[Scenario]:
         *(_optimizer_scenario(f"DeepMomentum h{h} kd{kd}", lambda ps, h=h, kd=kd: deepopt.DeepMomentum(
             ps, hidden=h, key_dim=kd), f32, tf32=tf32, ci=(h, kd) in ((64, 16), (256, 16)))
           for h, kd in ((32, 16), (64, 16), (128, 16), (256, 16), (16, 32), (64, 64)) for tf32 in (False, True)),
-        *(_optimizer_scenario("DeepMomentum shipped (adam, schedule, decoupled wd)", lambda ps: deepopt.DeepMomentum(
-            ps, lr=1e-3, preconditioner="adam", lr_horizon=1000, lr_power=1.0, weight_decay=0.1,
-            decoupled_weight_decay=True), dt) for dt in (f32, bf16)),
+        *(_momenta_scenario(dt) for dt in (f32, bf16)),
         *(_hope_scenario(size, dt, ci=size in ("tiny", "small", "base")) for size in HOPE_SIZES
           for dt in (f32, bf16)),
     ]

@@ -288,7 +288,10 @@ static inline void store_c(float *x, vc v) { memcpy(x, &v, sizeof v); }
 static inline vc sqrt_c(vc x) {
 #if defined(__AVX512F__)
     for (int half = 0; half < VL / 16; half++) {
-        __m512 v; memcpy(&v, (float *)&x + 16 * half, 64); v = _mm512_sqrt_ps(v); memcpy((float *)&x + 16 * half, &v, 64);
+        __m512 v;
+        memcpy(&v, (float *)&x + 16 * half, 64);
+        v = _mm512_sqrt_ps(v);
+        memcpy((float *)&x + 16 * half, &v, 64);
     }
 #else
     for (int i = 0; i < VL; i++) x[i] = sqrtf(x[i]);
@@ -322,7 +325,8 @@ typedef struct {
 typedef struct { mctx_t *c; int tid; } marg_t;
 
 /* VL coordinates i0.. of tensor t: the rule's per-coordinate step; C[h] += p_i tanh(z_ih) in `acc` */
-static inline __attribute__((always_inline)) void momenta_block(const mctx_t *c, int t, float *p, const float *g, float *m, float *v, float *e,
+static inline __attribute__((always_inline)) void momenta_block(const mctx_t *c, int t, float *p, const float *g,
+                                                                float *m, float *v, float *e,
                                  int64_t n, int64_t i0, const float *w1, const float *w2, vc acc[H]) {
     const float lr = c->lr[t], inv_bc2 = 1.0f / c->bc2[t], alpha = c->alpha;
     vc gv = load_c(g + i0), vv = c->beta2 * load_c(v + i0) + (1.0f - c->beta2) * gv * gv;

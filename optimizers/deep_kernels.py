@@ -163,6 +163,56 @@ if triton is not None:
             p = tl.load(p_ptr + offs, mask=mask).to(tl.float32) - lr_value * (m + read)
             tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
 
+    @triton.jit
+    def _momenta_kernel(p_table, g_table, m_table, v_table, e_table, w1_table, w2_table, numels, block_tensor,
+                        block_start, lr, bias_correction2, gammas, corr, alpha, beta2, eps, weight_decay,
+                        DTYPE: tl.constexpr, H: tl.constexpr, J: tl.constexpr, BLOCK: tl.constexpr,
+                        TILES: tl.constexpr):
+        """The momenta layout's per-coordinate step over ``TILES`` tiles of ``BLOCK`` coordinates (equations:
+        ``momenta_step_``); ``C[t, h] += Σ_i p_i Φ_ih`` by one atomic add per hidden unit and work item."""
+        work = tl.program_id(0)
+        t = tl.load(block_tensor + work)
+        numel = tl.load(numels + t)
+        start = tl.load(block_start + work)
+        p_ptr, g_ptr, m_ptr = _pointer(p_table, t, DTYPE), _pointer(g_table, t, DTYPE), _pointer(m_table, t, DTYPE)
+        v_ptr, e_ptr = _pointer(v_table, t, DTYPE), _pointer(e_table, t, DTYPE)
+        w1, w2 = _pointer(w1_table, t, tl.float32), _pointer(w2_table, t, tl.float32)
+        lr_t, inv_bc2 = tl.load(lr + t).to(tl.float32), 1.0 / tl.load(bias_correction2 + t).to(tl.float32)
+        acc = tl.zeros((H,), tl.float32)
+        hs = tl.arange(0, H)
+        for i in range(tl.minimum((numel - start + BLOCK - 1) // BLOCK, TILES)):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < numel
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) + (1 - beta2) * g * g
+            tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+            pv = g / (tl.sqrt(v * inv_bc2) + eps)
+            m = alpha * tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32) + pv
+            tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+            # z[i, h] = W₂[h, 0]·p + W₂[h, 1]·(1 − α)m + Σ_j W₂[h, 2 + j]·e_j
+            z = pv[:, None] * tl.load(w2 + hs * (2 + J))[None, :] \
+                + ((1 - alpha) * m)[:, None] * tl.load(w2 + hs * (2 + J) + 1)[None, :]
+            for j in tl.static_range(J):
+                gamma = tl.load(gammas + j)
+                e = gamma * tl.load(e_ptr + j * numel + offs, mask=mask, other=0.0).to(tl.float32) + (1 - gamma) * pv
+                tl.store(e_ptr + j * numel + offs, e.to(DTYPE), mask=mask)
+                z += e[:, None] * tl.load(w2 + hs * (2 + J) + 2 + j)[None, :]
+            phi = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh, (BLOCK, H)
+            read = tl.sum(phi * tl.load(w1 + hs)[None, :], axis=1)
+            acc += tl.sum(pv[:, None] * phi, axis=0)
+            w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(p_ptr + offs, (w - lr_t * (m + read + weight_decay * w)).to(DTYPE), mask=mask)
+        tl.atomic_add(corr + t * H + hs, acc)
+
+    @triton.jit
+    def _momenta_memory_kernel(w1_table, w1_0, numels, corr, alpha, eta, H: tl.constexpr):
+        """``W₁ ← αW₁ + (1 − α)W₁⁰ + η·C/n``, one program per tensor."""
+        t = tl.program_id(0)
+        hs = tl.arange(0, H)
+        w1 = _pointer(w1_table, t, tl.float32) + hs
+        c = tl.load(corr + t * H + hs) / tl.maximum(tl.load(numels + t), 1).to(tl.float32)
+        tl.store(w1, alpha * tl.load(w1) + (1 - alpha) * tl.load(w1_0 + hs).to(tl.float32) + eta * c)
+
     _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
 
@@ -210,3 +260,33 @@ def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Te
     _update_kernel[grid](p_table, m_table, g_table, w1, w2, numels, block_tensor, block_start, g_squares,
                          phi_squares, lr, alpha, LR_T=lr_t, ALPHA_T=alpha_t, DTYPE=dtype, KD=kd, H=hidden, HB=hb,
                          ROWS=rows, TILES=TILES, ACT=act, PREC=prec)
+
+
+MOMENTA_TILES = 4
+
+
+def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], exp_avg_sqs: list[Tensor],
+                  timescale_bufs: list[Tensor], w1: list[Tensor], w2: list[Tensor], w1_0: Tensor, lr: Tensor,
+                  bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float, eta: float,
+                  weight_decay: float) -> None:
+    """The momenta layout's step (the shipped learned optimizer; equations: ``deep_cpu.momenta_step_``) over
+    dense fp32/bf16 tensors on one device in two launches: the per-coordinate pass (W₁ read, ``C`` reduced by
+    atomics) and W₁'s write.  ``w1``/``w2`` are fp32 ``(1, H)``/``(H, 2 + J)`` tensors, ``lr`` and
+    ``bias_correction2`` ``(T,)`` tensors on the device; nothing is read on the host.  Memory traffic: g, W, m, v
+    and the J time-scale buffers read, all but g written: ``5 + 2J`` passes (9 with J = 2; fused AdamW's 7)."""
+    hidden, count, n_scales = w1[0].shape[-1], len(params), timescales.numel()
+    if hidden & (hidden - 1) or not 1 <= hidden <= 64:
+        raise ValueError(f"momenta_step_ takes hidden a power of two up to 64, got {hidden}")
+    device = params[0].device
+    grads = [g.contiguous() for g in grads]
+    numels, block_tensor, block_start = _work(tuple(p.numel() for p in params), device, BLOCK * MOMENTA_TILES)
+    corr = torch.zeros(count, hidden, dtype=torch.float32, device=device)
+    tables = [_pointers(x) for x in (params, grads, bufs, exp_avg_sqs, timescale_bufs, w1, w2)]
+    lr, bias_correction2, gammas = (x.to(device=device, dtype=torch.float32) for x in (lr, bias_correction2,
+                                                                                      timescales))
+    _momenta_kernel[(block_tensor.numel(),)](*tables, numels, block_tensor, block_start, lr, bias_correction2,
+                                             gammas, corr, float(alpha), float(beta2), float(eps),
+                                             float(weight_decay), DTYPE=_TRITON_DTYPES[params[0].dtype], H=hidden,
+                                             J=n_scales, BLOCK=BLOCK, TILES=MOMENTA_TILES)
+    _momenta_memory_kernel[(count,)](tables[5], w1_0.to(device=device, dtype=torch.float32).reshape(-1), numels,
+                                     corr, float(alpha), float(eta), H=hidden)

@@ -4,8 +4,11 @@ the C kernel (``deep_cpu.momenta_step_``) and the Triton kernels (``deep_kernels
 interpreter) against the equations in float64."""
 
 
+import textwrap
+
 import pytest
 import torch
+from conftest import run_under_triton_interpreter
 from deepopt.optimizers import deep_cpu
 
 SHAPES = [(7, 5), (1500,), (40, 33), (3,), (70000,)]  # tails of 3, 12, 8, 3 and a tensor the threads split
@@ -56,3 +59,26 @@ def test_c_kernel_equals_the_equations(threads):
                            hp["beta2"], hp["eps"], hp["eta"], hp["wd"], threads=threads)
     for i, w in enumerate(want):
         check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
+
+
+TRITON_CHECK = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, "tests")
+    from deepopt.optimizers import deep_kernels
+    from test_momenta_kernels import case, check, reference
+
+    ps, gs, ms, vs, es, w1s, w2s, hp = case(seed=1)
+    want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"], hp["eps"],
+                      hp["eta"], hp["wd"]) for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
+    deep_kernels.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"],
+                               hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"])
+    for i, w in enumerate(want):
+        check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
+    print("kernels equal the equations")
+""")
+
+
+def test_triton_kernels_equal_the_equations_under_the_interpreter():
+    pytest.importorskip("triton")
+    run_under_triton_interpreter(TRITON_CHECK, "kernels equal the equations")
