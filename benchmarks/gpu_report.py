@@ -164,7 +164,8 @@ def markdown(rep: dict[str, Any]) -> str:
     lines += [f"- `{k}`: {v}" for k, v in t["failures"].items()]
     for key, title in (("bench", "Optimizer step"), ("bench_tf32", "Optimizer step, TF32 matmuls allowed")):
         if rep[key]:
-            lines += ["", f"## {title} ({rep[key][0]['params']} shapes)", "", "| optimizer | median ms | × reference | reference | target | aten ops |",
+            lines += ["", f"## {title} ({rep[key][0]['params']} shapes)", "",
+                      "| optimizer | median ms | × reference | reference | target | aten ops |",
                       "|---|---:|---:|---|---:|---:|"]
             lines += [f"| {r['optimizer']} | {r['median_ms']:.2f} | {_ratio(r['ratio'])}{_met(r['met'])} | "
                       f"{r['reference']} | {r['target'] or '–'} | {r['aten_ops']} |" for r in rep[key]]
