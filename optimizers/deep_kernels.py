@@ -29,13 +29,13 @@ import torch
 from torch import Tensor
 
 from . import delta_kernels
-from .delta_kernels import BLOCK, _pointers, _work
+from .delta_kernels import BLOCK, _device_scalar, _pointers, _work
 
 triton = delta_kernels.triton
 if triton is not None:
     import triton.language as tl
 
-    from .delta_kernels import _pointer
+    from .delta_kernels import _pointer, _scalar
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -60,15 +60,6 @@ def dot_precision() -> str:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _scalar(x, IS_TENSOR: tl.constexpr):
-        """A float argument, or the fp32 value a 0-dim tensor argument points to (one branch is compiled)."""
-        if IS_TENSOR:
-            value = tl.load(x).to(tl.float32)
-        else:
-            value = x
-        return value
 
     @triton.jit
     def _safe_rms(sq, n):
@@ -214,15 +205,6 @@ if triton is not None:
         tl.store(w1, alpha * tl.load(w1) + (1 - alpha) * tl.load(w1_0 + hs).to(tl.float32) + eta * c)
 
     _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
-
-
-def _device_scalar(x: float | Tensor, name: str, device: torch.device) -> tuple[float | Tensor, bool]:
-    """A Python float, or a 0-dim tensor moved (without a host read) to ``device`` in fp32; flag: a tensor."""
-    if isinstance(x, Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
-        return x.to(device=device, dtype=torch.float32).reshape(()), True
-    return float(x), False
 
 
 def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], w1: Tensor, w2: Tensor,

@@ -41,6 +41,15 @@ if triton is not None:
         return tl.load(table + index).to(tl.pointer_type(dtype))
 
     @triton.jit
+    def _scalar(x, IS_TENSOR: tl.constexpr):
+        """A float argument, or the fp32 value a 0-dim tensor argument points to (one branch is compiled)."""
+        if IS_TENSOR:
+            value = tl.load(x).to(tl.float32)
+        else:
+            value = x
+        return value
+
+    @triton.jit
     def _reduce_kernel(m_table, g_table, numels, block_tensor, block_start, dots, squares,
                        DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         work = tl.program_id(0)
@@ -54,7 +63,7 @@ if triton is not None:
 
     @triton.jit
     def _update_kernel(p_table, m_table, g_table, numels, block_tensor, block_start, dots, squares,
-                       lr, alpha, beta, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                       lr, alpha, beta, LR_T: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         work = tl.program_id(0)
         t = tl.load(block_tensor + work)
         offs = tl.load(block_start + work) + tl.arange(0, BLOCK)
@@ -65,7 +74,7 @@ if triton is not None:
         m = alpha * tl.load(m_ptr, mask=mask).to(tl.float32) \
             + coef * tl.load(_pointer(g_table, t, DTYPE) + offs, mask=mask).to(tl.float32)
         tl.store(m_ptr, m.to(DTYPE), mask=mask)
-        tl.store(p_ptr, (tl.load(p_ptr, mask=mask).to(tl.float32) - lr * m).to(DTYPE), mask=mask)
+        tl.store(p_ptr, (tl.load(p_ptr, mask=mask).to(tl.float32) - _scalar(lr, LR_T) * m).to(DTYPE), mask=mask)
 
 
     _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -126,16 +135,27 @@ def _pointers(tensors: list[Tensor]) -> Tensor:
     return entry[0]
 
 
-def delta_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lr: float, alpha: float,
-                         beta: float) -> None:
-    """The delta rule's default step over the lists, in place (see the module docstring)."""
+def _device_scalar(x: float | Tensor, name: str, device: torch.device) -> tuple[float | Tensor, bool]:
+    """A Python float, or a 0-dim tensor moved (without a host read) to ``device`` in fp32; flag: a tensor."""
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
+        return x.to(device=device, dtype=torch.float32).reshape(()), True
+    return float(x), False
+
+
+def delta_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lr: float | Tensor,
+                         alpha: float, beta: float) -> None:
+    """The delta rule's default step over the lists, in place (see the module docstring); a tensor ``lr`` (a
+    capturable group's, a scheduler's) is read by the kernel."""
     grads = [g.contiguous() for g in grads]
     numels, block_tensor, block_start = _work(tuple(p.numel() for p in params), params[0].device)
     dots = torch.zeros(len(params), dtype=torch.float32, device=params[0].device)
     squares = torch.zeros_like(dots)
     p_table, m_table, g_table = _pointers(params), _pointers(bufs), _pointers(grads)
     dtype = _TRITON_DTYPES[params[0].dtype]
+    lr, lr_t = _device_scalar(lr, "lr", params[0].device)
     grid = (block_tensor.numel(),)
     _reduce_kernel[grid](m_table, g_table, numels, block_tensor, block_start, dots, squares, DTYPE=dtype, BLOCK=BLOCK)
     _update_kernel[grid](p_table, m_table, g_table, numels, block_tensor, block_start, dots, squares,
-                         float(lr), float(alpha), float(beta), DTYPE=dtype, BLOCK=BLOCK)
+                         lr, float(alpha), float(beta), LR_T=lr_t, DTYPE=dtype, BLOCK=BLOCK)

@@ -27,7 +27,8 @@ CHECK = INTERPRETER_TRAINING + textwrap.dedent("""
         before = [p.float().clone() for p in ps]
         want = [rule.update(g.float(), {"momentum_buffer": m.float().clone()}, p, hp)
                 for p, m, g in zip(before, ms, gs)]
-        delta_kernels.delta_momentum_step_(ps, gs, ms, 0.1, 0.9, 0.5)
+        lr = 0.1 if dtype == torch.float32 else torch.tensor(0.1)  # a tensor lr is loaded by the kernel
+        delta_kernels.delta_momentum_step_(ps, gs, ms, lr, 0.9, 0.5)
         for p0, (delta, st), p, m in zip(before, want, ps, ms):
             torch.testing.assert_close(m.float(), st["momentum_buffer"], rtol=tol, atol=tol)
             torch.testing.assert_close(p.float(), p0 + delta, rtol=tol, atol=tol)
