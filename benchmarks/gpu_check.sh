@@ -40,7 +40,11 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
+PY=
+for candidate in ${PYTHON:-} python3 python; do  # the first interpreter with torch ($PYTHON if set)
+  if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" 2> /dev/null; then PY=$candidate; break; fi
+done
+[ -n "$PY" ] || { echo "$0: no python with torch found (set PYTHON=...)" >&2; exit 2; }
 START=$(date +%s)
 RESERVE=15  # seconds kept for the report
 now() { date +%s; }

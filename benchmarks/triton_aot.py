@@ -544,7 +544,9 @@ def _analyse(entry: Compiled, kernel: Any, cc: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- report
-def _worker(names: list[str], targets: list[int], ci: bool = False) -> dict[str, Any]:
+def _worker(names: list[str], targets: list[int], ci: bool = False, part: int = 0, parts: int = 1) -> dict[str, Any]:
+    """Capture the scenarios (all of them: it is quick and deterministic) and compile launches ``part``,
+    ``part + parts``, … of them: ``parts`` workers share the compiles, even of one scenario."""
     torch.set_num_threads(1)
     chosen = [s for s in scenarios() if s.name in names]
     launches, errors, counts = [], {}, {}
@@ -554,18 +556,17 @@ def _worker(names: list[str], targets: list[int], ci: bool = False) -> dict[str,
         if err is not None:
             errors[s.name] = err
         launches.extend(found)
-    compiled = compile_launches(launches, targets)
+    compiled = compile_launches(launches[part::parts], targets)
     return {"compiled": [asdict(c) for c in compiled], "errors": errors, "launches": counts}
 
 
 def run(selected: list[Scenario], targets: list[int], jobs: int, ci: bool = False) -> dict[str, Any]:
     names = [s.name for s in selected]
-    parts = [names[i::jobs] for i in range(jobs)] if jobs > 1 else [names]
     if jobs > 1:
         import multiprocessing
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            outs = list(pool.map(_worker, parts, [targets] * len(parts), [ci] * len(parts)))
+            outs = list(pool.map(_worker, [names] * jobs, [targets] * jobs, [ci] * jobs, range(jobs), [jobs] * jobs))
     else:
         outs = [_worker(names, targets, ci)]
     merged: dict[tuple, dict] = {}
