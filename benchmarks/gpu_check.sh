@@ -132,7 +132,7 @@ if [ "$SMOKE" = 0 ] && echo "$ENV_JSON" | grep -q '"triton": "'; then
 fi
 
 # ------------------------------------------------------------------------------------------- 1. CUDA tests
-TEST_FILES="tests/test_gpu_ready.py tests/test_cuda_graph.py tests/test_deep_kernels.py tests/test_delta_kernels.py
+TEST_FILES="tests/test_gpu_ready.py tests/test_cuda_graph.py tests/test_deep_kernels.py tests/test_delta_kernels.py tests/test_momenta_kernels.py
 tests/test_titans_kernels.py tests/test_cms_kernels.py"
 TEST_K="(cuda or meta or loaded or budget or foreach_mm or fp32_step or capturable or pointer_table) and not interpreter"
 PYTEST=(-m pytest -o addopts= -p no:cacheprovider -q -rfE --tb=short -p tests_jsonl)

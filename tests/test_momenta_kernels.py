@@ -82,3 +82,19 @@ TRITON_CHECK = textwrap.dedent("""
 def test_triton_kernels_equal_the_equations_under_the_interpreter():
     pytest.importorskip("triton")
     run_under_triton_interpreter(TRITON_CHECK, "kernels equal the equations")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_triton_kernels_on_cuda_equal_the_equations(dtype, tol):
+    ps, gs, ms, vs, es, w1s, w2s, hp = case(seed=2)
+    ps, gs, ms, vs, es = ([x.to(dtype) for x in xs] for xs in (ps, gs, ms, vs, es))
+    want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
+                      hp["eps"], hp["eta"], hp["wd"]) for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
+    cuda = [[x.cuda() for x in xs] for xs in (ps, gs, ms, vs, es, w1s, w2s)]
+    from deepopt.optimizers import deep_kernels
+
+    deep_kernels.momenta_step_(*cuda, hp["w1_0"].cuda(), hp["lr"].cuda(), hp["bc2"].cuda(), hp["gammas"].cuda(),
+                               hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"])
+    for i, w in enumerate(want):
+        check([cuda[k][i].cpu() for k in (0, 2, 3, 4, 5)], w, tol)
