@@ -182,11 +182,10 @@ def main(args: argparse.Namespace) -> int:
     check_at_least(args, 1, "repeats", "threads")
     check_at_least(args, 0, "warmup")
     check_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32 or torch.backends.cuda.matmul.allow_tf32
     out = prepare_out(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
     rows = run(args.param_sets, args.optimizers, args.repeats, args.warmup, args.device,
                progress=show_progress(True))
     table = format_table(rows)
