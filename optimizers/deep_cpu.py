@@ -67,6 +67,35 @@ static void barrier_wait(barrier_t *b) {
     pthread_mutex_unlock(&b->mu);
 }
 
+typedef struct { void *c; int tid; } team_arg_t;
+
+/* Runs fn(&{c, tid}) on a team of up to nt threads (this one is tid 0; a thread that cannot start leaves the work
+   to fewer): the team's size is published to *team_nt and the barrier before *go opens; returns that size. */
+static int run_team(void *(*fn)(void *), void *c, barrier_t *bar, int *go, int *team_nt, int nt) {
+    pthread_mutex_init(&bar->mu, 0);
+    pthread_cond_init(&bar->cv, 0);
+    bar->count = 0; bar->generation = 0; *go = 0;
+    pthread_t threads[64];
+    team_arg_t args[64];
+    int started = 0;
+    for (int i = 1; i < nt; i++) {
+        args[i].c = c; args[i].tid = i;
+        if (pthread_create(&threads[i], 0, fn, &args[i])) break;
+        started++;
+    }
+    pthread_mutex_lock(&bar->mu);
+    *team_nt = bar->total = started + 1;
+    *go = 1;
+    pthread_cond_broadcast(&bar->cv);
+    pthread_mutex_unlock(&bar->mu);
+    args[0].c = c; args[0].tid = 0;
+    fn(&args[0]);
+    for (int i = 1; i <= started; i++) pthread_join(threads[i], 0);
+    pthread_mutex_destroy(&bar->mu);
+    pthread_cond_destroy(&bar->cv);
+    return started + 1;
+}
+
 typedef struct {
     int T, nt, act;
     float **p; const float **g; float **m; float **w1; const float **w2; const int64_t *n;
@@ -76,8 +105,6 @@ typedef struct {
     barrier_t bar;
     int go;                          /* the start gate: nt is final once it is set */
 } ctx_t;
-
-typedef struct { ctx_t *c; int tid; } arg_t;
 
 /* e^x, x clamped to [-87, 88]: x = k ln2 + r, e^r by a degree-6 polynomial (relative error ~2e-7), for any
    vector type V of floats with I its int32 twin */
@@ -153,8 +180,8 @@ static inline vk key_block(const float *g, int64_t b, int64_t n) {
 }
 
 static void *worker(void *argp) {
-    arg_t *a = (arg_t *)argp;
-    ctx_t *c = a->c;
+    team_arg_t *a = (team_arg_t *)argp;
+    ctx_t *c = (ctx_t *)a->c;
     const int tid = a->tid;
     pthread_mutex_lock(&c->bar.mu);
     while (!c->go) pthread_cond_wait(&c->bar.cv, &c->bar.mu);
@@ -250,28 +277,7 @@ int deep_momentum_step(int T, float **p, const float **g, float **m, float **w1,
                        const float *lr_ptr, float pre, int act, int nt) {
     /* slots: 2*nt + nt*KD*H doubles */
     ctx_t c = {T, nt, act, p, g, m, w1, w2, n, phi, alpha, eta, lr, pre, lr_ptr, slots, slots + nt, slots + 2 * nt};
-    pthread_mutex_init(&c.bar.mu, 0);
-    pthread_cond_init(&c.bar.cv, 0);
-    c.bar.count = 0; c.bar.generation = 0; c.go = 0;
-    pthread_t threads[64];
-    arg_t args[64];
-    int started = 0;
-    for (int i = 1; i < nt; i++) {   /* a thread that cannot start leaves the work to fewer */
-        args[i].c = &c; args[i].tid = i;
-        if (pthread_create(&threads[i], 0, worker, &args[i])) break;
-        started++;
-    }
-    pthread_mutex_lock(&c.bar.mu);
-    c.nt = c.bar.total = started + 1;
-    c.go = 1;
-    pthread_cond_broadcast(&c.bar.cv);
-    pthread_mutex_unlock(&c.bar.mu);
-    args[0].c = &c; args[0].tid = 0;
-    worker(&args[0]);
-    for (int i = 1; i <= started; i++) pthread_join(threads[i], 0);
-    pthread_mutex_destroy(&c.bar.mu);
-    pthread_cond_destroy(&c.bar.cv);
-    return started + 1;
+    return run_team(worker, &c, &c.bar, &c.go, &c.nt, nt);
 }
 #endif
 
@@ -322,8 +328,6 @@ typedef struct {
     int go;
 } mctx_t;
 
-typedef struct { mctx_t *c; int tid; } marg_t;
-
 /* VL coordinates i0.. of tensor t: the rule's per-coordinate step; C[h] += p_i tanh(z_ih) in `acc` */
 static inline __attribute__((always_inline)) void momenta_block(const mctx_t *c, int t, float *p, const float *g,
                                                                 float *m, float *v, float *e,
@@ -358,8 +362,8 @@ static inline __attribute__((always_inline)) void momenta_block(const mctx_t *c,
 }
 
 static void *momenta_worker(void *argp) {
-    marg_t *a = (marg_t *)argp;
-    mctx_t *c = a->c;
+    team_arg_t *a = (team_arg_t *)argp;
+    mctx_t *c = (mctx_t *)a->c;
     const int tid = a->tid;
     pthread_mutex_lock(&c->bar.mu);
     while (!c->go) pthread_cond_wait(&c->bar.cv, &c->bar.mu);
@@ -419,28 +423,7 @@ int momenta_step(int T, float **p, const float **g, float **m, float **v, float 
     /* corr: 2 * nt * H doubles */
     mctx_t c = {T, nt, p, g, m, v, e, w1, w2, w1_0, n, lr, bc2, alpha, beta2, eps, eta, wd, {0}, corr};
     for (int j = 0; j < MJ; j++) c.gamma[j] = gamma[j];
-    pthread_mutex_init(&c.bar.mu, 0);
-    pthread_cond_init(&c.bar.cv, 0);
-    c.bar.count = 0; c.bar.generation = 0; c.go = 0;
-    pthread_t threads[64];
-    marg_t args[64];
-    int started = 0;
-    for (int i = 1; i < nt; i++) {
-        args[i].c = &c; args[i].tid = i;
-        if (pthread_create(&threads[i], 0, momenta_worker, &args[i])) break;
-        started++;
-    }
-    pthread_mutex_lock(&c.bar.mu);
-    c.nt = c.bar.total = started + 1;
-    c.go = 1;
-    pthread_cond_broadcast(&c.bar.cv);
-    pthread_mutex_unlock(&c.bar.mu);
-    args[0].c = &c; args[0].tid = 0;
-    momenta_worker(&args[0]);
-    for (int i = 1; i <= started; i++) pthread_join(threads[i], 0);
-    pthread_mutex_destroy(&c.bar.mu);
-    pthread_cond_destroy(&c.bar.cv);
-    return started + 1;
+    return run_team(momenta_worker, &c, &c.bar, &c.go, &c.nt, nt);
 }
 #endif
 """
