@@ -9,10 +9,14 @@ kernel launches: a ``_foreach`` or fused op counts once, whatever the number of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -55,6 +59,31 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+@contextlib.contextmanager
+def fake_cuda() -> Iterator[Any]:
+    """A ``FakeTensorMode`` for tensors on ``cuda:0`` made with ``cuda_tensor`` (shapes, dtypes and the device, no
+    memory: CUDA routing runs on a machine without a GPU); host-side CUDA calls that a CPU build of torch cannot
+    make (pinning, stream-capture queries) are answered as on a GPU outside a capture."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(torch.Tensor, "pin_memory", lambda self, *a, **k: self))
+        stack.enter_context(mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: False))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")  # FakeTensor.data_ptr()'s deprecation: pointer tables read it
+        stack.enter_context(mode)
+        cuda_tensor(mode, (1,), torch.float32)  # the first fake CUDA tensor sets CUDA up for the mode (else a CPU
+        yield mode                               # tensor's .to("cuda") asks for a real device)
+
+
+def cuda_tensor(mode: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A fake tensor on ``cuda:0`` in ``mode`` (``fake_cuda``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return FakeTensor(mode, torch.empty(shape, dtype=dtype, device="meta"), torch.device("cuda", 0))
 
 
 def count_step_ops(opt: torch.optim.Optimizer) -> OpCounter:
@@ -151,14 +180,17 @@ def main(args: argparse.Namespace) -> int:
     check_at_least(args, 1, "repeats", "threads")
     check_at_least(args, 0, "warmup")
     check_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32 or torch.backends.cuda.matmul.allow_tf32
     out = prepare_out(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = run(args.param_sets, args.optimizers, args.repeats, args.warmup, args.device, progress=True)
     table = format_table(rows)
-    print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+          f"{', TF32 matmuls allowed' if args.tf32 else ''}")
     print(table)
     atomic_save_json({"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "tf32": args.tf32,
                       "repeats": args.repeats, "warmup": args.warmup, "rows": rows}, out / "bench.json")
     atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     finish(out, files=[("bench.md", "the table above"), ("bench.json", "the same with the settings")])
@@ -178,5 +210,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true",
                    help="100k parameters, 3 repeats, 1 warm-up: a quick check (explicit options win)")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 matmuls (torch.backends.cuda.matmul.allow_tf32), as training scripts on GPUs do: "
+                        "the fp32 products of torch and of deepopt's kernels then run on tensor cores")
     add_out_option(p, "bench", ("bench.json", "bench.md"))
     p.set_defaults(func=main)

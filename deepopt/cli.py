@@ -12,16 +12,18 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-# "module:function" of each subcommand's registrar, imported when the CLI starts.
-_REGISTRARS: tuple[str, ...] = (
-    "deepopt.bench:register",
-    "deepopt.robustness:register",
-    "deepopt.metatrain_cli:register",
-    "deepopt.hope.cli:register",
-    "deepopt.compare:register",
+# (subcommand, "module:function" of its registrar): a command line naming a subcommand imports its registrar
+# only, so ``deepopt bench`` starts where another subcommand's optional dependency (``higher``) is missing.
+_REGISTRARS: tuple[tuple[str, str], ...] = (
+    ("bench", "deepopt.bench:register"),
+    ("robustness", "deepopt.robustness:register"),
+    ("meta-train", "deepopt.metatrain_cli:register"),
+    ("hope", "deepopt.hope.cli:register"),
+    ("compare", "deepopt.compare:register"),
 )
 
 
@@ -32,7 +34,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand, or with ``command``'s alone.  A subcommand whose module needs a package
+    that is not installed is listed, and running it is a one-line error naming the package."""
     import deepopt
 
     parser = _Parser(
@@ -42,9 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"deepopt {deepopt.__version__} (torch {_torch_version()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for spec in _REGISTRARS:
+    parser.unavailable = {}  # subcommand -> the missing package it needs
+    for name, spec in _REGISTRARS:
+        if command is not None and name != command:
+            continue
         module, func = spec.split(":")
-        getattr(importlib.import_module(module), func)(sub)
+        try:
+            getattr(importlib.import_module(module), func)(sub)
+        except ModuleNotFoundError as err:
+            if err.name is None or err.name.split(".")[0] == "deepopt":
+                raise
+            parser.unavailable[name] = err.name.split(".")[0]
+            sub.add_parser(name, help=f"(needs the {parser.unavailable[name]!r} package, not installed)")
     return parser
 
 
@@ -68,7 +81,13 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    named = next((a for a in argv if not a.startswith("-")), None)  # the CLI's own options take no values
+    parser = build_parser(named if named in dict(_REGISTRARS) else None)
+    package = parser.unavailable.get(named)
+    if package is not None:
+        parser.exit(2, f"deepopt {named}: error: needs the {package!r} package, which is not installed "
+                       f"(pip install {package})\n")
     args = parser.parse_args(argv)
     prog = " ".join(["deepopt", args.command, *filter(None, [getattr(args, "hope_command", None)])])
     try:

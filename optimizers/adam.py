@@ -45,7 +45,7 @@ class Adam(MemoryOptimizer):
         if _tensor_options(group):
             return False
         states = [self.state[p] for p in params]
-        if self._fusable(params):
+        if self._fusable(params, states):
             _fused_adam(group, params, grads, states)
         else:
             _foreach_adam(group, params, grads, states)
@@ -54,13 +54,18 @@ class Adam(MemoryOptimizer):
     def _fast_masked_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                           found_inf: Tensor) -> bool:
         """The fused kernel skips the whole step itself when ``found_inf`` is set (as under GradScaler)."""
-        if _tensor_options(group) or not self._fusable(params):
+        states = [self.state[p] for p in params]
+        if _tensor_options(group) or not self._fusable(params, states):
             return False
-        _fused_adam(group, params, grads, [self.state[p] for p in params], found_inf)
+        _fused_adam(group, params, grads, states, found_inf)
         return True
 
-    def _fusable(self, params: list[Tensor]) -> bool:
-        return self._fused is not False and all(p.device.type in _FUSED_DEVICES for p in params)
+    def _fusable(self, params: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
+        """torch's CUDA kernel reads every step counter as fp32 (whatever its dtype), so fp64 counters (those of
+        fp64 parameters) take the ``_foreach`` path there."""
+        return self._fused is not False and all(
+            p.device.type in _FUSED_DEVICES and (p.device.type != "cuda" or st["step"].dtype == torch.float32)
+            for p, st in zip(params, states))
 
 
 def _tensor_options(group: dict[str, Any]) -> bool:

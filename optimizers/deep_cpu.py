@@ -52,7 +52,8 @@ SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-/* KD (coordinates per key block) and H (memory width) are compile-time constants: -DKD=.. -DH=.. */
+/* Compile-time constants: H (memory width) and KD (coordinates per key block: the blocks layout) or MJ (time
+   scales: the momenta layout), -DH=.. -DKD=.. / -DMJ=.. */
 #define SMALL (1 << 16)     /* tensors with fewer coordinates are left to one thread */
 #define FLUSH 256           /* blocks summed in float before a flush into the double accumulators */
 
@@ -66,6 +67,35 @@ static void barrier_wait(barrier_t *b) {
     pthread_mutex_unlock(&b->mu);
 }
 
+typedef struct { void *c; int tid; } team_arg_t;
+
+/* Runs fn(&{c, tid}) on a team of up to nt threads (this one is tid 0; a thread that cannot start leaves the work
+   to fewer): the team's size is published to *team_nt and the barrier before *go opens; returns that size. */
+static int run_team(void *(*fn)(void *), void *c, barrier_t *bar, int *go, int *team_nt, int nt) {
+    pthread_mutex_init(&bar->mu, 0);
+    pthread_cond_init(&bar->cv, 0);
+    bar->count = 0; bar->generation = 0; *go = 0;
+    pthread_t threads[64];
+    team_arg_t args[64];
+    int started = 0;
+    for (int i = 1; i < nt; i++) {
+        args[i].c = c; args[i].tid = i;
+        if (pthread_create(&threads[i], 0, fn, &args[i])) break;
+        started++;
+    }
+    pthread_mutex_lock(&bar->mu);
+    *team_nt = bar->total = started + 1;
+    *go = 1;
+    pthread_cond_broadcast(&bar->cv);
+    pthread_mutex_unlock(&bar->mu);
+    args[0].c = c; args[0].tid = 0;
+    fn(&args[0]);
+    for (int i = 1; i <= started; i++) pthread_join(threads[i], 0);
+    pthread_mutex_destroy(&bar->mu);
+    pthread_cond_destroy(&bar->cv);
+    return started + 1;
+}
+
 typedef struct {
     int T, nt, act;
     float **p; const float **g; float **m; float **w1; const float **w2; const int64_t *n;
@@ -76,8 +106,47 @@ typedef struct {
     int go;                          /* the start gate: nt is final once it is set */
 } ctx_t;
 
-typedef struct { ctx_t *c; int tid; } arg_t;
+/* e^x, x clamped to [-87, 88]: x = k ln2 + r, e^r by a degree-6 polynomial (relative error ~2e-7), for any
+   vector type V of floats with I its int32 twin */
+#define EXP_PORTABLE(V, I, x) do { \
+    const V lo_ = (V){0} - 87.0f, hi_ = (V){0} + 88.0f; \
+    x = (V)((((I)(x < lo_)) & (I)lo_) | (~((I)(x < lo_)) & (I)x)); \
+    x = (V)((((I)(x > hi_)) & (I)hi_) | (~((I)(x > hi_)) & (I)x)); \
+    V k_ = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round to nearest */ \
+    V r_ = x - k_ * 0.693145751953125f - k_ * 1.428606765330187045e-06f; \
+    V q_ = 1.0f + r_ * (1.0f + r_ * (0.5f + r_ * (0.16666667163372040f + r_ * (0.041666667908430099f \
+           + r_ * (0.0083333337679505348f + r_ * 0.0013888889225199819f))))); \
+    I e_ = (__builtin_convertvector(k_, I) + 127) << 23; \
+    x = q_ * (V)e_; \
+} while (0)
 
+#if defined(__AVX512F__)
+/* e^x with AVX-512's min/max, rounding and scaling by 2^k (max/min return their second operand when one is
+   NaN: a NaN stays NaN, as in the rule) */
+static inline __m512 exp512(__m512 v) {
+    __m512 k, r, x, q;
+    v = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), v));
+    k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), v);
+    x = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    q = _mm512_fmadd_ps(x, _mm512_set1_ps(0.0013888889225199819f), _mm512_set1_ps(0.0083333337679505348f));
+    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(0.041666667908430099f));
+    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(0.16666667163372040f));
+    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(0.5f));
+    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(1.0f));
+    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(q, k);
+}
+#define EXP_FAST(V, I, x) do { \
+    if (sizeof(V) == 64) { __m512 v_; memcpy(&v_, &x, 64); v_ = exp512(v_); memcpy(&x, &v_, 64); } \
+    else EXP_PORTABLE(V, I, x); \
+} while (0)
+#else
+#define EXP_FAST(V, I, x) EXP_PORTABLE(V, I, x)
+#endif
+
+#ifdef KD  /* the blocks layout: KD coordinates a key */
 /* Vectors of KD and H floats (both powers of two); GCC/Clang vector extensions, any instruction set. */
 typedef float vk __attribute__((vector_size(4 * KD)));
 typedef float vh __attribute__((vector_size(4 * H)));
@@ -89,37 +158,9 @@ static inline void store_k(float *x, vk v) { memcpy(x, &v, sizeof v); }
 static inline void store_h(float *x, vh v) { memcpy(x, &v, sizeof v); }
 static inline vh select_h(vhi mask, vh a, vh b) { return (vh)(((vhi)a & mask) | ((vhi)b & ~mask)); }
 
-/* e^x, x clamped to [-87, 88]: x = k ln2 + r, e^r by a degree-6 polynomial (relative error ~2e-7) */
 static inline vh exp_h(vh x) {
-#if defined(__AVX512F__)
-    if (sizeof(vh) == 64) {   /* the same steps with AVX-512's min/max, rounding and scaling by 2^k */
-        __m512 v, k, r, s;
-        vh q;
-        memcpy(&v, &x, 64);
-        /* max/min return their second operand when one is NaN: a NaN z stays NaN, as in the rule */
-        v = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), v));
-        k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), v);
-        r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187045e-06f), r);
-        memcpy(&x, &r, 64);
-        q = 1.0f + x * (1.0f + x * (0.5f + x * (0.16666667163372040f + x * (0.041666667908430099f
-            + x * (0.0083333337679505348f + x * 0.0013888889225199819f)))));
-        memcpy(&s, &q, 64);
-        s = _mm512_scalef_ps(s, k);
-        memcpy(&q, &s, 64);
-        return q;
-    }
-#endif
-    const vh lo = (vh){0} - 87.0f, hi = (vh){0} + 88.0f;
-    x = select_h(x < lo, lo, x);
-    x = select_h(x > hi, hi, x);
-    vh k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round to nearest */
-    vh r = x - k * 0.693145751953125f - k * 1.428606765330187045e-06f;
-    vh q = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667163372040f + r * (0.041666667908430099f
-           + r * (0.0083333337679505348f + r * 0.0013888889225199819f)))));
-    vhi e = (__builtin_convertvector(k, vhi) + 127) << 23;
-    return q * (vh)e;
+    EXP_FAST(vh, vhi, x);
+    return x;
 }
 
 static inline vh activate(vh z, int act) {
@@ -139,8 +180,8 @@ static inline vk key_block(const float *g, int64_t b, int64_t n) {
 }
 
 static void *worker(void *argp) {
-    arg_t *a = (arg_t *)argp;
-    ctx_t *c = a->c;
+    team_arg_t *a = (team_arg_t *)argp;
+    ctx_t *c = (ctx_t *)a->c;
     const int tid = a->tid;
     pthread_mutex_lock(&c->bar.mu);
     while (!c->go) pthread_cond_wait(&c->bar.cv, &c->bar.mu);
@@ -236,29 +277,155 @@ int deep_momentum_step(int T, float **p, const float **g, float **m, float **w1,
                        const float *lr_ptr, float pre, int act, int nt) {
     /* slots: 2*nt + nt*KD*H doubles */
     ctx_t c = {T, nt, act, p, g, m, w1, w2, n, phi, alpha, eta, lr, pre, lr_ptr, slots, slots + nt, slots + 2 * nt};
-    pthread_mutex_init(&c.bar.mu, 0);
-    pthread_cond_init(&c.bar.cv, 0);
-    c.bar.count = 0; c.bar.generation = 0; c.go = 0;
-    pthread_t threads[64];
-    arg_t args[64];
-    int started = 0;
-    for (int i = 1; i < nt; i++) {   /* a thread that cannot start leaves the work to fewer */
-        args[i].c = &c; args[i].tid = i;
-        if (pthread_create(&threads[i], 0, worker, &args[i])) break;
-        started++;
-    }
-    pthread_mutex_lock(&c.bar.mu);
-    c.nt = c.bar.total = started + 1;
-    c.go = 1;
-    pthread_cond_broadcast(&c.bar.cv);
-    pthread_mutex_unlock(&c.bar.mu);
-    args[0].c = &c; args[0].tid = 0;
-    worker(&args[0]);
-    for (int i = 1; i <= started; i++) pthread_join(threads[i], 0);
-    pthread_mutex_destroy(&c.bar.mu);
-    pthread_cond_destroy(&c.bar.cv);
-    return started + 1;
+    return run_team(worker, &c, &c.bar, &c.go, &c.nt, nt);
 }
+#endif
+
+/* ---- keys="momenta" (the shipped learned optimizer): every coordinate one key, one pass per tensor ----
+   H hidden units, MJ time scales (compile-time: -DH=.. -DMJ=..), F = 2 + MJ features; VL coordinates a vector. */
+#ifdef MJ
+#define VL 16
+typedef float vc __attribute__((vector_size(4 * VL)));
+typedef int32_t vci __attribute__((vector_size(4 * VL)));
+static inline vc load_c(const float *x) { vc v; memcpy(&v, x, sizeof v); return v; }
+static inline void store_c(float *x, vc v) { memcpy(x, &v, sizeof v); }
+/* sqrt and 1/x over a vector: AVX-512's instructions (1/x: rcp14 and a Newton step, relative error ~1e-7), else
+   per lane */
+static inline vc sqrt_c(vc x) {
+#if defined(__AVX512F__)
+    for (int half = 0; half < VL / 16; half++) {
+        __m512 v;
+        memcpy(&v, (float *)&x + 16 * half, 64);
+        v = _mm512_sqrt_ps(v);
+        memcpy((float *)&x + 16 * half, &v, 64);
+    }
+#else
+    for (int i = 0; i < VL; i++) x[i] = sqrtf(x[i]);
+#endif
+    return x;
+}
+static inline vc recip_c(vc x) {
+#if defined(__AVX512F__)
+    for (int half = 0; half < VL / 16; half++) {
+        __m512 v, r; memcpy(&v, (float *)&x + 16 * half, 64);
+        r = _mm512_rcp14_ps(v);
+        r = _mm512_mul_ps(r, _mm512_fnmadd_ps(v, r, _mm512_set1_ps(2.0f)));
+        memcpy((float *)&x + 16 * half, &r, 64);
+    }
+    return x;
+#else
+    return 1.0f / x;
+#endif
+}
+
+typedef struct {
+    int T, nt;
+    float **p; const float **g; float **m; float **v; float **e; float **w1; const float **w2;
+    const float *w1_0; const int64_t *n; const float *lr, *bc2;    /* per tensor: lr_t and 1 - beta2^t */
+    float alpha, beta2, eps, eta, wd, gamma[MJ];
+    double *corr;                                                   /* 2 parities x nt threads x H */
+    barrier_t bar;
+    int go;
+} mctx_t;
+
+/* VL coordinates i0.. of tensor t: the rule's per-coordinate step; C[h] += p_i tanh(z_ih) in `acc` */
+static inline __attribute__((always_inline)) void momenta_block(const mctx_t *c, int t, float *p, const float *g,
+                                                                float *m, float *v, float *e,
+                                 int64_t n, int64_t i0, const float *w1, const float *w2, vc acc[H]) {
+    const float lr = c->lr[t], inv_bc2 = 1.0f / c->bc2[t], alpha = c->alpha;
+    vc gv = load_c(g + i0), vv = c->beta2 * load_c(v + i0) + (1.0f - c->beta2) * gv * gv;
+    store_c(v + i0, vv);
+    vc pv = gv / (sqrt_c(vv * inv_bc2) + c->eps), mv = alpha * load_c(m + i0) + pv, key[2 + MJ];
+    store_c(m + i0, mv);
+    key[0] = pv;
+    key[1] = (1.0f - alpha) * mv;
+#pragma GCC unroll 8
+    for (int j = 0; j < MJ; j++) {
+        vc ej = c->gamma[j] * load_c(e + j * n + i0) + (1.0f - c->gamma[j]) * pv;
+        store_c(e + j * n + i0, ej);
+        key[2 + j] = ej;
+    }
+    vc read = {0};
+#pragma GCC unroll 64
+    for (int h = 0; h < H; h++) {   /* unrolled: acc and key stay in registers */
+        vc z = (vc){0};
+#pragma GCC unroll 8
+        for (int f = 0; f < 2 + MJ; f++) z += w2[h * (2 + MJ) + f] * key[f];
+        z = -2.0f * z;
+        EXP_FAST(vc, vci, z);
+        vc phi = 2.0f * recip_c(1.0f + z) - 1.0f;          /* tanh = 2 sigma(2z) - 1 */
+        read += w1[h] * phi;
+        acc[h] += pv * phi;
+    }
+    vc w = load_c(p + i0);
+    store_c(p + i0, w - lr * (mv + read + c->wd * w));     /* W - lr_t (u + wd W): decoupled decay */
+}
+
+static void *momenta_worker(void *argp) {
+    team_arg_t *a = (team_arg_t *)argp;
+    mctx_t *c = (mctx_t *)a->c;
+    const int tid = a->tid;
+    pthread_mutex_lock(&c->bar.mu);
+    while (!c->go) pthread_cond_wait(&c->bar.cv, &c->bar.mu);
+    pthread_mutex_unlock(&c->bar.mu);
+    for (int t = 0; t < c->T; t++) {
+        const int64_t n = c->n[t], nv = n / VL;
+        const int team = n < SMALL ? 1 : c->nt;
+        double *slot = c->corr + ((int64_t)(t & 1) * c->nt + tid) * H;
+        if (tid < team) {
+            const int64_t b0 = nv * tid / team, b1 = nv * (tid + 1) / team;
+            float *w1 = c->w1[t];
+            const float *w2 = c->w2[t];
+            for (int h = 0; h < H; h++) slot[h] = 0.0;
+            vc acc[H];
+            for (int64_t bs = b0; bs < b1; bs += FLUSH) {
+                for (int h = 0; h < H; h++) acc[h] = (vc){0};
+                const int64_t be = bs + FLUSH < b1 ? bs + FLUSH : b1;
+                for (int64_t b = bs; b < be; b++)
+                    momenta_block(c, t, c->p[t], c->g[t], c->m[t], c->v[t], c->e[t], n, b * VL, w1, w2, acc);
+                for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
+            }
+            if (tid == team - 1 && nv * VL < n) {   /* the tail, zero-padded: p = 0 there adds nothing to C */
+                const int64_t r = n - nv * VL;
+                float tp[VL] = {0}, tg[VL] = {0}, tm[VL] = {0}, tv[VL] = {0}, te[MJ * VL];
+                memset(te, 0, sizeof te);
+                for (int64_t i = 0; i < r; i++) {
+                    tp[i] = c->p[t][nv * VL + i]; tg[i] = c->g[t][nv * VL + i];
+                    tm[i] = c->m[t][nv * VL + i]; tv[i] = c->v[t][nv * VL + i];
+                    for (int j = 0; j < MJ; j++) te[j * VL + i] = c->e[t][j * n + nv * VL + i];
+                }
+                for (int h = 0; h < H; h++) acc[h] = (vc){0};
+                momenta_block(c, t, tp, tg, tm, tv, te, VL, 0, w1, w2, acc);
+                for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
+                for (int64_t i = 0; i < r; i++) {
+                    c->p[t][nv * VL + i] = tp[i]; c->m[t][nv * VL + i] = tm[i]; c->v[t][nv * VL + i] = tv[i];
+                    for (int j = 0; j < MJ; j++) c->e[t][j * n + nv * VL + i] = te[j * VL + i];
+                }
+            }
+        }
+        if (team > 1) barrier_wait(&c->bar);   /* every thread's C is in; the W1 reads of this tensor are done */
+        if (tid == 0) {   /* W1 <- alpha W1 + (1 - alpha) W1_0 + eta C/n */
+            double *slots = c->corr + (int64_t)(t & 1) * c->nt * H;
+            for (int h = 0; h < H; h++) {
+                double sum = 0.0;
+                for (int j = 0; j < team; j++) sum += slots[j * H + h];
+                c->w1[t][h] = c->alpha * c->w1[t][h] + (1.0f - c->alpha) * c->w1_0[h]
+                              + (float)(c->eta * sum / (double)(n > 0 ? n : 1));
+            }
+        }
+    }
+    return 0;
+}
+
+int momenta_step(int T, float **p, const float **g, float **m, float **v, float **e, float **w1, const float **w2,
+                 const float *w1_0, const int64_t *n, const float *lr, const float *bc2, const float *gamma,
+                 float alpha, float beta2, float eps, float eta, float wd, double *corr, int nt) {
+    /* corr: 2 * nt * H doubles */
+    mctx_t c = {T, nt, p, g, m, v, e, w1, w2, w1_0, n, lr, bc2, alpha, beta2, eps, eta, wd, {0}, corr};
+    for (int j = 0; j < MJ; j++) c.gamma[j] = gamma[j];
+    return run_team(momenta_worker, &c, &c.bar, &c.go, &c.nt, nt);
+}
+#endif
 """
 
 
@@ -277,16 +444,16 @@ def _cpu_signature() -> str:
     return text
 
 
-@cache
-def _library(key_dim: int, hidden: int) -> ctypes.CDLL | None:
-    """The compiled kernel for ``KD = key_dim``, ``H = hidden``, built on first use; None without a compiler."""
+def _build(name: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | None:
+    """``SOURCE`` compiled with ``-D`` these into ``deep_momentum_{name}_{digest}.so``, built once per source,
+    defines and CPU (the file is the cache); None without a compiler or when the build fails."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         log.info("deepopt: no C compiler found; DeepMomentum uses its torch CPU loop")
         return None
-    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11", f"-DKD={key_dim}", f"-DH={hidden}"]
+    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11", *(f"-D{k}={v}" for k, v in defines)]
     digest = hashlib.sha256("\n".join([SOURCE, compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"deep_momentum_{key_dim}x{hidden}_{digest}.so"
+    path = _cache_dir() / f"deep_momentum_{name}_{digest}.so"
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,16 +463,38 @@ def _library(key_dim: int, hidden: int) -> ctypes.CDLL | None:
                 subprocess.run([compiler, *flags, str(src), "-o", str(out), "-lm"], check=True,
                                capture_output=True, timeout=120)
                 os.replace(out, path)  # atomic: concurrent builds (test workers) leave one whole file
-        lib = ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         log.info("deepopt: could not build the DeepMomentum CPU kernel (%s); using the torch CPU loop", e)
         return None
-    fn = lib.deep_momentum_step
-    ptrs = ctypes.POINTER(ctypes.c_void_p)
-    fn.argtypes = [ctypes.c_int, ptrs, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_float,
-                   ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
+
+
+_PTRS = ctypes.POINTER(ctypes.c_void_p)
+
+
+@cache
+def _library(key_dim: int, hidden: int) -> ctypes.CDLL | None:
+    """The blocks layout's kernel for ``KD = key_dim``, ``H = hidden``."""
+    lib = _build(f"{key_dim}x{hidden}", (("KD", key_dim), ("H", hidden)))
+    if lib is not None:
+        fn = lib.deep_momentum_step
+        fn.argtypes = [ctypes.c_int, _PTRS, _PTRS, _PTRS, _PTRS, _PTRS, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
+                       ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return lib
+
+
+@cache
+def _momenta_library(hidden: int, timescales: int) -> ctypes.CDLL | None:
+    """The momenta layout's kernel for ``H = hidden`` and ``MJ = timescales``."""
+    lib = _build(f"momenta_h{hidden}_j{timescales}", (("H", hidden), ("MJ", timescales)))
+    if lib is not None:
+        fn = lib.momenta_step
+        fn.argtypes = [ctypes.c_int, *([_PTRS] * 7), ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *([ctypes.c_float] * 5), ctypes.c_void_p,
+                       ctypes.c_int]
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -340,3 +529,48 @@ def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Te
                            numels, phi.data_ptr(), slots.data_ptr(), alpha, eta,
                            0.0 if lr_tensor is not None else lr, None if lr_tensor is None else lr_tensor.data_ptr(),
                            PRE[activation], ACTIVATIONS[activation], threads)
+
+
+MOMENTA_HIDDEN = (2, 4, 8, 16, 32)  # the H the momenta kernel takes
+MAX_TIMESCALES = 4
+
+
+def momenta_available(hidden: int, timescales: int) -> bool:
+    """Whether the momenta layout's kernel can run: enabled, tanh features, ``hidden`` in ``MOMENTA_HIDDEN``,
+    1 to ``MAX_TIMESCALES`` time scales, and a C compiler to build it."""
+    return (os.environ.get("DEEPOPT_CPU_KERNELS", "1") != "0" and hidden in MOMENTA_HIDDEN
+            and 1 <= timescales <= MAX_TIMESCALES and _momenta_library(hidden, timescales) is not None)
+
+
+def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], exp_avg_sqs: list[Tensor],
+                  timescale_bufs: list[Tensor], w1: list[Tensor], w2: list[Tensor], w1_0: Tensor, lr: Tensor,
+                  bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float, eta: float,
+                  weight_decay: float, threads: int | None = None) -> None:
+    """One step of the momenta layout (the shipped learned optimizer: Adam preconditioner, tanh features, dot
+    objective, W₂ fixed, decoupled weight decay) over contiguous fp32 CPU tensors, in place on ``params``, ``bufs``
+    (m), ``exp_avg_sqs`` (v), ``timescale_bufs`` (e, ``(J, *shape)``) and ``w1`` (``(1, H)`` each; ``w2`` is
+    ``(H, 2 + J)``).  Per coordinate i, with ``lr`` and ``bias_correction2`` ``(T,)`` fp32 tensors of the
+    tensors' ``lr_t`` and ``1 − β₂ᵗ``::
+
+        v ← β₂v + (1 − β₂)g²;   p = g/(√(v/(1 − β₂ᵗ)) + ε);   m ← αm + p;   e_j ← γ_j e_j + (1 − γ_j)p
+        k = (p, (1 − α)m, e_1 … e_J);   Φ = tanh(W₂k);   W ← W − lr_t·(m + W₁Φ) − lr_t·wd·W
+        W₁ ← αW₁ + (1 − α)W₁⁰ + η·mean_i(p_i Φ_i)                        (after the pass: W₁ is read before)
+
+    One pass over each tensor (threads split the large ones), C summed in double.  ``momenta_available`` must
+    hold."""
+    hidden, count, n_scales = w1[0].shape[-1], len(params), timescales.numel()
+    lib = _momenta_library(hidden, n_scales)
+    threads = max(1, min(64, threads or torch.get_num_threads()))
+    table = ctypes.c_void_p * count
+
+    def pointers(ts: list[Tensor]):
+        return table(*(t.data_ptr() for t in ts))
+
+    numels = (ctypes.c_int64 * count)(*(p.numel() for p in params))
+    corr = torch.empty(2 * threads * hidden, dtype=torch.float64)
+    lr, bc2, gammas, anchor = (x.detach().to(torch.float32).contiguous() for x in (lr, bias_correction2, timescales,
+                                                                                  w1_0))
+    lib.momenta_step(count, pointers(params), pointers(grads), pointers(bufs), pointers(exp_avg_sqs),
+                     pointers(timescale_bufs), pointers(w1), pointers(w2), anchor.data_ptr(), numels, lr.data_ptr(),
+                     bc2.data_ptr(), gammas.data_ptr(), alpha, beta2, eps, eta, weight_decay, corr.data_ptr(),
+                     threads)

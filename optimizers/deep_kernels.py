@@ -4,18 +4,23 @@ The reference is the pure rule (``deepopt.rules.deep``) with the dot objective, 
 output nonlinearity and ``lr_decay = 0``.  Per tensor, with ``G`` the gradient's ``n`` key blocks (the last
 zero-padded) and ``N_g``, ``N_Φ`` Frobenius norms::
 
-    m ← α·m + g                                   s_k = N_g/√n        (launch 1, with N_g² by atomics)
-    Φ = σ(G W₂ᵀ/s_k),  C = GᵀΦ                    r = N_Φ/√n          (launch 2, C and N_Φ² by atomics)
-    W₁ ← α·W₁ + η·C/(s_k r n)                                         (launch 3, one program per tensor)
-    W ← W − lr·(m + (s_k/r)·Φ W₁ᵀ)                (Φ recomputed from G) (launch 4)
+    N_g² = ‖g‖²                                       s_k = N_g/√n        (launch 1, by atomics)
+    Φ = σ(G W₂ᵀ/s_k),  C = GᵀΦ,  N_Φ² = ‖Φ‖²          r = N_Φ/√n          (launch 2, C and N_Φ² by atomics)
+    W₁ ← α·W₁ + η·C/(s_k r n)                                             (launch 3, one program per tensor)
+    m ← α·m + g;  W ← W − lr·(m + (s_k/r)·Φ W₁ᵀ)      (Φ recomputed from G) (launch 4)
 
-(``s = 1`` / ``r = 1`` for a zero gradient, ``deep.safe_rms``.)  As in ``delta_kernels``, a table of device
-pointers and a table of (tensor, block) work items let one launch cover every tensor; a block is
-``delta_kernels.BLOCK`` coordinates, ``BLOCK/key_dim`` key rows.  Φ is recomputed in launch 4 rather than
-stored: reading ``g`` again costs less traffic than writing and reading ``n·hidden`` features.  W₁ and W₂ are
-the ``(T, key_dim, hidden)`` and ``(T, hidden, key_dim)`` stacks that ``DeepMomentum`` keeps (``_Memory``);
-all arithmetic is fp32.  ``lr``, ``momentum`` and ``eta`` may be Python floats or 0-dim device tensors, which
-the kernels load: nothing is read on the host.
+(``s = 1`` / ``r = 1`` for a zero gradient, ``deep.safe_rms``.)  Memory traffic: g is read three times, m and W
+read and written once: 7 passes over a tensor's size, a fused AdamW step's 7 (p, g, m, v read; p, m, v written).
+Φ is recomputed in launch 4 rather than stored (reading g again costs less than writing and reading ``n·hidden``
+features).  As in ``delta_kernels``, a table of device pointers and a table of (tensor, start) work items let
+one launch cover every tensor; a work item is ``TILES`` tiles of ``BLOCK`` coordinates (``BLOCK/key_dim`` key
+rows each), so C and the norms take one atomic add per work item; the hidden units are taken ``HB`` at a time
+(the features of one tile and chunk, ``(BLOCK/key_dim) × HB``, stay in registers whatever ``hidden`` is).
+W₁ and W₂ are the ``(T, key_dim, hidden)`` and ``(T, hidden, key_dim)`` stacks that ``DeepMomentum`` keeps
+(``_Memory``); arithmetic is fp32, with the ``tl.dot`` products on TF32 tensor cores when torch allows TF32
+matmuls (``torch.backends.cuda.matmul.allow_tf32``, as torch's own fp32 matmuls: TF32's 10-bit mantissa puts
+relative errors of about 1e-3 on Φ and the read-out) and exact fp32 FMAs otherwise.  ``lr``, ``momentum`` and
+``eta`` may be Python floats or 0-dim device tensors, which the kernels load: nothing is read on the host.
 """
 
 from __future__ import annotations
@@ -24,35 +29,37 @@ import torch
 from torch import Tensor
 
 from . import delta_kernels
-from .delta_kernels import BLOCK, _pointers, _work
+from .delta_kernels import BLOCK, _device_scalar, _pointers, _work
 
 triton = delta_kernels.triton
 if triton is not None:
     import triton.language as tl
 
-    from .delta_kernels import _pointer
+    from .delta_kernels import _pointer, _scalar
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 _DTYPES = (torch.float32, torch.bfloat16)
+TILES = 4  # tiles of BLOCK coordinates per work item
+HIDDEN_CHUNK = 32  # hidden units per chunk (HB)
+MAX_HIDDEN = 256
 
 
 def available(params: list[Tensor], key_dim: int = 16, hidden: int = 16) -> bool:
     """Whether the kernels can take this list: Triton importable, one fp32/bf16 dtype and device, dense
     non-empty tensors, and ``key_dim``, ``hidden`` powers of two with ``16 ≤ key_dim ≤ BLOCK/16``,
-    ``hidden ≥ 16`` (the sizes ``tl.dot`` takes)."""
+    ``16 ≤ hidden ≤ MAX_HIDDEN`` (the sizes ``tl.dot`` takes)."""
     def fits(k: int, high: int) -> bool:
         return 16 <= k <= high and k & (k - 1) == 0
     return (delta_kernels.available(params) and params[0].dtype in _DTYPES and all(p.numel() > 0 for p in params)
-            and fits(key_dim, BLOCK // 16) and fits(hidden, 256))
+            and fits(key_dim, BLOCK // 16) and fits(hidden, MAX_HIDDEN))
+
+
+def dot_precision() -> str:
+    """``tl.dot``'s input precision: "tf32" where torch allows TF32 matmuls, else exact "ieee" fp32."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 if triton is not None:
-
-    @triton.jit
-    def _scalar(x, IS_TENSOR: tl.constexpr):
-        if IS_TENSOR:
-            return tl.load(x).to(tl.float32)
-        return x
 
     @triton.jit
     def _safe_rms(sq, n):
@@ -60,18 +67,26 @@ if triton is not None:
         return tl.sqrt(tl.where(sq > 0, sq, 1.0) / n)
 
     @triton.jit
-    def _item(work, block_tensor, block_start, numels, KD: tl.constexpr, ROWS: tl.constexpr):
-        """(tensor, element offsets ``(ROWS, KD)`` of this block, mask, key rows n) of a work item."""
+    def _item(work, block_tensor, block_start, numels, KD: tl.constexpr, BLOCK: tl.constexpr):
+        """(tensor, first coordinate, coordinates, key rows n, tiles of this work item that hold coordinates)."""
         t = tl.load(block_tensor + work)
         numel = tl.load(numels + t)
-        offs = tl.load(block_start + work) + tl.arange(0, ROWS)[:, None] * KD + tl.arange(0, KD)[None, :]
-        return t, offs, offs < numel, (numel + KD - 1) // KD
+        start = tl.load(block_start + work)
+        return t, start, numel, (numel + KD - 1) // KD, (numel - start + BLOCK - 1) // BLOCK
 
     @triton.jit
-    def _features(g, w2, t, scale, KD: tl.constexpr, H: tl.constexpr, ACT: tl.constexpr):
-        """``Φ = σ(G W₂ᵀ/s_k)`` for a ``(ROWS, KD)`` block G, ``(ROWS, H)``; tanh as ``2σ(2z) − 1``."""
-        w2t = tl.load(w2 + t * H * KD + tl.arange(0, H)[None, :] * KD + tl.arange(0, KD)[:, None]).to(tl.float32)
-        z = tl.dot(g, w2t * scale, input_precision="ieee")
+    def _tile(start, i, numel, KD: tl.constexpr, ROWS: tl.constexpr):
+        """Element offsets ``(ROWS, KD)`` of tile i of a work item, and their mask."""
+        offs = start + i * ROWS * KD + tl.arange(0, ROWS)[:, None] * KD + tl.arange(0, KD)[None, :]
+        return offs, offs < numel
+
+    @triton.jit
+    def _features(g, w2, t, c, scale, KD: tl.constexpr, H: tl.constexpr, HB: tl.constexpr, ACT: tl.constexpr,
+                  PREC: tl.constexpr):
+        """Hidden units ``c·HB … (c+1)·HB`` of ``Φ = σ(G W₂ᵀ·scale)`` for a ``(ROWS, KD)`` tile G: ``(ROWS, HB)``;
+        tanh as ``2σ(2z) − 1``."""
+        w2t = tl.load(w2 + t * H * KD + (c * HB + tl.arange(0, HB))[None, :] * KD + tl.arange(0, KD)[:, None])
+        z = tl.dot(g, w2t.to(tl.float32) * scale, input_precision=PREC)
         if ACT == 0:
             z = 2.0 * tl.sigmoid(2.0 * z) - 1.0
         elif ACT == 1:
@@ -79,25 +94,31 @@ if triton is not None:
         return z
 
     @triton.jit
-    def _momentum_kernel(m_table, g_table, numels, block_tensor, block_start, g_squares, alpha,
-                         ALPHA_T: tl.constexpr, DTYPE: tl.constexpr, KD: tl.constexpr, ROWS: tl.constexpr):
-        t, offs, mask, _ = _item(tl.program_id(0), block_tensor, block_start, numels, KD, ROWS)
-        m_ptr = _pointer(m_table, t, DTYPE) + offs
-        g = tl.load(_pointer(g_table, t, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
-        m = _scalar(alpha, ALPHA_T) * tl.load(m_ptr, mask=mask).to(tl.float32) + g
-        tl.store(m_ptr, m.to(DTYPE), mask=mask)
+    def _norm_kernel(g_table, numels, block_tensor, block_start, g_squares, DTYPE: tl.constexpr,
+                     SPAN: tl.constexpr):
+        t = tl.load(block_tensor + tl.program_id(0))
+        offs = tl.load(block_start + tl.program_id(0)) + tl.arange(0, SPAN)
+        g = tl.load(_pointer(g_table, t, DTYPE) + offs, mask=offs < tl.load(numels + t), other=0.0).to(tl.float32)
         tl.atomic_add(g_squares + t, tl.sum(g * g))
 
     @triton.jit
     def _correlation_kernel(g_table, w2, numels, block_tensor, block_start, g_squares, phi_squares, corr,
-                            DTYPE: tl.constexpr, KD: tl.constexpr, H: tl.constexpr, ROWS: tl.constexpr,
-                            ACT: tl.constexpr):
-        t, offs, mask, n = _item(tl.program_id(0), block_tensor, block_start, numels, KD, ROWS)
-        g = tl.load(_pointer(g_table, t, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
-        phi = _features(g, w2, t, 1.0 / _safe_rms(tl.load(g_squares + t), n), KD, H, ACT)
-        tl.atomic_add(phi_squares + t, tl.sum(phi * phi))
-        c = tl.dot(tl.trans(g), phi, input_precision="ieee")  # (KD, H)
-        tl.atomic_add(corr + t * KD * H + tl.arange(0, KD)[:, None] * H + tl.arange(0, H)[None, :], c)
+                            DTYPE: tl.constexpr, KD: tl.constexpr, H: tl.constexpr, HB: tl.constexpr,
+                            ROWS: tl.constexpr, TILES: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
+        t, start, numel, n, tiles = _item(tl.program_id(0), block_tensor, block_start, numels, KD, ROWS * KD)
+        g_ptr = _pointer(g_table, t, DTYPE)
+        inv_s = 1.0 / _safe_rms(tl.load(g_squares + t), n)
+        sq = tl.zeros((), tl.float32)
+        for c in range(H // HB):  # a loop, not unrolled: registers do not grow with hidden
+            acc = tl.zeros((KD, HB), tl.float32)
+            for i in range(tl.minimum(tiles, TILES)):
+                offs, mask = _tile(start, i, numel, KD, ROWS)
+                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                phi = _features(g, w2, t, c, inv_s, KD, H, HB, ACT, PREC)
+                sq += tl.sum(phi * phi)
+                acc = tl.dot(tl.trans(g), phi, acc, input_precision=PREC)
+            tl.atomic_add(corr + t * KD * H + tl.arange(0, KD)[:, None] * H + c * HB + tl.arange(0, HB)[None, :], acc)
+        tl.atomic_add(phi_squares + t, sq)
 
     @triton.jit
     def _memory_kernel(w1, numels, g_squares, phi_squares, corr, alpha, eta, ALPHA_T: tl.constexpr,
@@ -112,29 +133,78 @@ if triton is not None:
 
     @triton.jit
     def _update_kernel(p_table, m_table, g_table, w1, w2, numels, block_tensor, block_start, g_squares,
-                       phi_squares, lr, LR_T: tl.constexpr, DTYPE: tl.constexpr, KD: tl.constexpr,
-                       H: tl.constexpr, ROWS: tl.constexpr, ACT: tl.constexpr):
-        t, offs, mask, n = _item(tl.program_id(0), block_tensor, block_start, numels, KD, ROWS)
-        g = tl.load(_pointer(g_table, t, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+                       phi_squares, lr, alpha, LR_T: tl.constexpr, ALPHA_T: tl.constexpr, DTYPE: tl.constexpr,
+                       KD: tl.constexpr, H: tl.constexpr, HB: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
+                       ACT: tl.constexpr, PREC: tl.constexpr):
+        t, start, numel, n, tiles = _item(tl.program_id(0), block_tensor, block_start, numels, KD, ROWS * KD)
+        g_ptr, m_ptr, p_ptr = _pointer(g_table, t, DTYPE), _pointer(m_table, t, DTYPE), _pointer(p_table, t, DTYPE)
         s_k = _safe_rms(tl.load(g_squares + t), n)
-        phi = _features(g, w2, t, 1.0 / s_k, KD, H, ACT)
-        w1t = tl.load(w1 + t * KD * H + tl.arange(0, KD)[None, :] * H + tl.arange(0, H)[:, None]).to(tl.float32)
-        read = tl.dot(phi, w1t * (s_k / _safe_rms(tl.load(phi_squares + t), n)), input_precision="ieee")
-        m = tl.load(_pointer(m_table, t, DTYPE) + offs, mask=mask).to(tl.float32)
-        p_ptr = _pointer(p_table, t, DTYPE) + offs
-        p = tl.load(p_ptr, mask=mask).to(tl.float32) - _scalar(lr, LR_T) * (m + read)
-        tl.store(p_ptr, p.to(DTYPE), mask=mask)
+        read_scale = s_k / _safe_rms(tl.load(phi_squares + t), n)
+        lr_value, alpha_value = _scalar(lr, LR_T), _scalar(alpha, ALPHA_T)
+        for i in range(tl.minimum(tiles, TILES)):
+            offs, mask = _tile(start, i, numel, KD, ROWS)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            read = tl.zeros((ROWS, KD), tl.float32)
+            for c in range(H // HB):
+                phi = _features(g, w2, t, c, 1.0 / s_k, KD, H, HB, ACT, PREC)
+                w1t = tl.load(w1 + t * KD * H + tl.arange(0, KD)[None, :] * H + c * HB + tl.arange(0, HB)[:, None])
+                read = tl.dot(phi, w1t.to(tl.float32) * read_scale, read, input_precision=PREC)
+            m = alpha_value * tl.load(m_ptr + offs, mask=mask).to(tl.float32) + g
+            tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+            p = tl.load(p_ptr + offs, mask=mask).to(tl.float32) - lr_value * (m + read)
+            tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+
+    @triton.jit
+    def _momenta_kernel(p_table, g_table, m_table, v_table, e_table, w1_table, w2_table, numels, block_tensor,
+                        block_start, lr, bias_correction2, gammas, corr, alpha, beta2, eps, weight_decay,
+                        DTYPE: tl.constexpr, H: tl.constexpr, J: tl.constexpr, BLOCK: tl.constexpr,
+                        TILES: tl.constexpr):
+        """The momenta layout's per-coordinate step over ``TILES`` tiles of ``BLOCK`` coordinates (equations:
+        ``momenta_step_``); ``C[t, h] += Σ_i p_i Φ_ih`` by one atomic add per hidden unit and work item."""
+        work = tl.program_id(0)
+        t = tl.load(block_tensor + work)
+        numel = tl.load(numels + t)
+        start = tl.load(block_start + work)
+        p_ptr, g_ptr, m_ptr = _pointer(p_table, t, DTYPE), _pointer(g_table, t, DTYPE), _pointer(m_table, t, DTYPE)
+        v_ptr, e_ptr = _pointer(v_table, t, DTYPE), _pointer(e_table, t, DTYPE)
+        w1, w2 = _pointer(w1_table, t, tl.float32), _pointer(w2_table, t, tl.float32)
+        lr_t, inv_bc2 = tl.load(lr + t).to(tl.float32), 1.0 / tl.load(bias_correction2 + t).to(tl.float32)
+        acc = tl.zeros((H,), tl.float32)
+        hs = tl.arange(0, H)
+        for i in range(tl.minimum((numel - start + BLOCK - 1) // BLOCK, TILES)):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < numel
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) + (1 - beta2) * g * g
+            tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+            pv = g / (tl.sqrt(v * inv_bc2) + eps)
+            m = alpha * tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32) + pv
+            tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+            # z[i, h] = W₂[h, 0]·p + W₂[h, 1]·(1 − α)m + Σ_j W₂[h, 2 + j]·e_j
+            z = pv[:, None] * tl.load(w2 + hs * (2 + J))[None, :] \
+                + ((1 - alpha) * m)[:, None] * tl.load(w2 + hs * (2 + J) + 1)[None, :]
+            for j in tl.static_range(J):
+                gamma = tl.load(gammas + j)
+                e = gamma * tl.load(e_ptr + j * numel + offs, mask=mask, other=0.0).to(tl.float32) + (1 - gamma) * pv
+                tl.store(e_ptr + j * numel + offs, e.to(DTYPE), mask=mask)
+                z += e[:, None] * tl.load(w2 + hs * (2 + J) + 2 + j)[None, :]
+            phi = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh, (BLOCK, H)
+            read = tl.sum(phi * tl.load(w1 + hs)[None, :], axis=1)
+            acc += tl.sum(pv[:, None] * phi, axis=0)
+            w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(p_ptr + offs, (w - lr_t * (m + read + weight_decay * w)).to(DTYPE), mask=mask)
+        tl.atomic_add(corr + t * H + hs, acc)
+
+    @triton.jit
+    def _momenta_memory_kernel(w1_table, w1_0, numels, corr, alpha, eta, H: tl.constexpr):
+        """``W₁ ← αW₁ + (1 − α)W₁⁰ + η·C/n``, one program per tensor."""
+        t = tl.program_id(0)
+        hs = tl.arange(0, H)
+        w1 = _pointer(w1_table, t, tl.float32) + hs
+        c = tl.load(corr + t * H + hs) / tl.maximum(tl.load(numels + t), 1).to(tl.float32)
+        tl.store(w1, alpha * tl.load(w1) + (1 - alpha) * tl.load(w1_0 + hs).to(tl.float32) + eta * c)
 
     _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
-
-
-def _device_scalar(x: float | Tensor, name: str, device: torch.device) -> tuple[float | Tensor, bool]:
-    """A Python float, or a 0-dim tensor moved (without a host read) to ``device`` in fp32; flag: a tensor."""
-    if isinstance(x, Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
-        return x.to(device=device, dtype=torch.float32).reshape(()), True
-    return float(x), False
 
 
 def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], w1: Tensor, w2: Tensor,
@@ -153,20 +223,53 @@ def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Te
                          "powers of two ≥ 16 (see deep_kernels.available)")
     device = params[0].device
     grads = [g.contiguous() for g in grads]
-    numels, block_tensor, block_start = _work(tuple(p.numel() for p in params), device)
+    numels, block_tensor, block_start = _work(tuple(p.numel() for p in params), device, BLOCK * TILES)
     g_squares = torch.zeros(count, dtype=torch.float32, device=device)
     phi_squares = torch.zeros_like(g_squares)
     corr = torch.zeros(count, kd, hidden, dtype=torch.float32, device=device)
     p_table, m_table, g_table = _pointers(params), _pointers(bufs), _pointers(grads)
     (lr, lr_t), (alpha, alpha_t), (eta, eta_t) = (_device_scalar(x, k, device) for k, x in
                                                    (("lr", lr), ("momentum", momentum), ("eta", eta)))
-    dtype, act, rows = _TRITON_DTYPES[params[0].dtype], ACTIVATIONS[activation], BLOCK // kd
+    dtype, act, rows, hb = _TRITON_DTYPES[params[0].dtype], ACTIVATIONS[activation], BLOCK // kd, \
+        min(hidden, HIDDEN_CHUNK)
+    prec = dot_precision()
     grid = (block_tensor.numel(),)
-    _momentum_kernel[grid](m_table, g_table, numels, block_tensor, block_start, g_squares, alpha,
-                           ALPHA_T=alpha_t, DTYPE=dtype, KD=kd, ROWS=rows)
+    _norm_kernel[grid](g_table, numels, block_tensor, block_start, g_squares, DTYPE=dtype, SPAN=BLOCK * TILES)
     _correlation_kernel[grid](g_table, w2, numels, block_tensor, block_start, g_squares, phi_squares, corr,
-                              DTYPE=dtype, KD=kd, H=hidden, ROWS=rows, ACT=act)
+                              DTYPE=dtype, KD=kd, H=hidden, HB=hb, ROWS=rows, TILES=TILES, ACT=act, PREC=prec)
     _memory_kernel[(count,)](w1, numels, g_squares, phi_squares, corr, alpha, eta, ALPHA_T=alpha_t,
                              ETA_T=eta_t, KD=kd, H=hidden)
     _update_kernel[grid](p_table, m_table, g_table, w1, w2, numels, block_tensor, block_start, g_squares,
-                         phi_squares, lr, LR_T=lr_t, DTYPE=dtype, KD=kd, H=hidden, ROWS=rows, ACT=act)
+                         phi_squares, lr, alpha, LR_T=lr_t, ALPHA_T=alpha_t, DTYPE=dtype, KD=kd, H=hidden, HB=hb,
+                         ROWS=rows, TILES=TILES, ACT=act, PREC=prec)
+
+
+# coordinates per tile (its (BLOCK, H) features stay in registers: 154 on sm_90, no spill) and tiles per work item
+MOMENTA_BLOCK, MOMENTA_TILES = 512, 8
+
+
+def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], exp_avg_sqs: list[Tensor],
+                  timescale_bufs: list[Tensor], w1: list[Tensor], w2: list[Tensor], w1_0: Tensor, lr: Tensor,
+                  bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float, eta: float,
+                  weight_decay: float) -> None:
+    """The momenta layout's step (the shipped learned optimizer; equations: ``deep_cpu.momenta_step_``) over
+    dense fp32/bf16 tensors on one device in two launches: the per-coordinate pass (W₁ read, ``C`` reduced by
+    atomics) and W₁'s write.  ``w1``/``w2`` are fp32 ``(1, H)``/``(H, 2 + J)`` tensors, ``lr`` and
+    ``bias_correction2`` ``(T,)`` tensors on the device; nothing is read on the host.  Memory traffic: g, W, m, v
+    and the J time-scale buffers read, all but g written: ``5 + 2J`` passes (9 with J = 2; fused AdamW's 7)."""
+    hidden, count, n_scales = w1[0].shape[-1], len(params), timescales.numel()
+    if hidden & (hidden - 1) or not 1 <= hidden <= 64:
+        raise ValueError(f"momenta_step_ takes hidden a power of two up to 64, got {hidden}")
+    device = params[0].device
+    grads = [g.contiguous() for g in grads]
+    numels, block_tensor, block_start = _work(tuple(p.numel() for p in params), device, MOMENTA_BLOCK * MOMENTA_TILES)
+    corr = torch.zeros(count, hidden, dtype=torch.float32, device=device)
+    tables = [_pointers(x) for x in (params, grads, bufs, exp_avg_sqs, timescale_bufs, w1, w2)]
+    lr, bias_correction2, gammas = (x.to(device=device, dtype=torch.float32) for x in (lr, bias_correction2,
+                                                                                      timescales))
+    _momenta_kernel[(block_tensor.numel(),)](*tables, numels, block_tensor, block_start, lr, bias_correction2,
+                                             gammas, corr, float(alpha), float(beta2), float(eps),
+                                             float(weight_decay), DTYPE=_TRITON_DTYPES[params[0].dtype], H=hidden,
+                                             J=n_scales, BLOCK=MOMENTA_BLOCK, TILES=MOMENTA_TILES)
+    _momenta_memory_kernel[(count,)](tables[5], w1_0.to(device=device, dtype=torch.float32).reshape(-1), numels,
+                                     corr, float(alpha), float(eta), H=hidden)

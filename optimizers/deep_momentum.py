@@ -36,6 +36,21 @@ _CPU_ACTIVATIONS = {
 _CPU_CHUNK = 1 << 18  # coordinates per chunk of the CPU loop (≈ 1 MiB in fp32: its blocks stay in cache)
 
 
+@torch.library.custom_op("deepopt::foreach_mm", mutates_args=())
+def _foreach_mm_op(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+    """``[aᵢ @ bᵢ]``: what ``torch._foreach_mm`` computes, as one op where torch has none (2.11 has none; 2.13 has it)
+    (one dispatched op either way, a loop of ``mm`` inside)."""
+    return [torch.mm(x, y) for x, y in zip(a, b)]
+
+
+@_foreach_mm_op.register_fake
+def _(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+    return [x.new_empty(x.shape[0], y.shape[1]) for x, y in zip(a, b)]
+
+
+_foreach_mm = getattr(torch, "_foreach_mm", None) or _foreach_mm_op
+
+
 @dataclass
 class _Blocks:
     """Flat work buffers for one list of parameters, each tensor zero-padded to whole key blocks, with views
@@ -233,21 +248,21 @@ class DeepMomentum(MemoryOptimizer):
         values_role = "keys" if value_blocks is key_blocks else "values"
         inv_v = inv_k if value_blocks is key_blocks else inverse_norms(value_blocks.rows, "values")
         w2 = mem.w2 * (inv_k * key_blocks.sqrt_counts)
-        phi_t = torch._foreach_mm(list(w2.unbind()), key_blocks.cols)  # Φᵀ = σ(W₂Kᵀ/s_k), (h, n) each
+        phi_t = _foreach_mm(list(w2.unbind()), key_blocks.cols)  # Φᵀ = σ(W₂Kᵀ/s_k), (h, n) each
         _FOREACH_ACTIVATIONS[group["activation"]](phi_t)
         inv_phi = inverse_norms(phi_t, "features")
-        corr_t = torch.stack(torch._foreach_mm(phi_t, value_blocks.rows))  # (VᵀΦ)ᵀ, (T, h, kd)
+        corr_t = torch.stack(_foreach_mm(phi_t, value_blocks.rows))  # (VᵀΦ)ᵀ, (T, h, kd)
         if group["objective"] == "l2":  # Φᵀ(ΦW₁ᵀ), via ΦW₁ᵀ in a work buffer, read before W₁ moves
-            read_t = torch._foreach_mm(list(mem.w1.unbind()), phi_t)  # (kd, n) each
+            read_t = _foreach_mm(list(mem.w1.unbind()), phi_t)  # (kd, n) each
             read = self._work(params, kd, "read")
             torch._foreach_copy_(read.cols, read_t)
-            gram_t = torch.stack(torch._foreach_mm(phi_t, read.rows))  # (T, h, kd)
+            gram_t = torch.stack(_foreach_mm(phi_t, read.rows))  # (T, h, kd)
         # W₁ᵀ ← α W₁ᵀ + η (V̂ᵀΦ̂/n)ᵀ  [− η (Φ̂ᵀΦ̂ W₁ᵀ/n)ᵀ for l2]
         mem.w1_t.mul_(alpha).addcmul_(corr_t, inv_v * inv_phi, value=eta)
         if group["objective"] == "l2":
             mem.w1_t.addcmul_(gram_t, inv_phi * inv_phi, value=-eta)
         w1 = mem.w1 * (mem.norms[values_role] * inv_phi)  # W₁ N_v/N_Φ
-        out_t = torch._foreach_mm(list(w1.unbind()), phi_t)  # (kd, n) each
+        out_t = _foreach_mm(list(w1.unbind()), phi_t)  # (kd, n) each
         out = self._work(params, kd, "direction")
         torch._foreach_copy_(out.cols, out_t)
         torch._foreach_add_(out.as_param, [st["momentum_buffer"] for st in states])

@@ -74,7 +74,7 @@ def _cpu_loop_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
 
 def _triton_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
     return (_default_layout(group) and all(p.device.type == "cuda" for p in params)
-            and not isinstance(group["lr"], Tensor) and delta_kernels.available(params))
+            and delta_kernels.available(params))
 
 
 def _default_layout(group: dict[str, Any]) -> bool:

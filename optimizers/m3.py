@@ -66,8 +66,10 @@ class M3(MemoryOptimizer):
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """The rule with ``torch._foreach_*`` ops and Newton–Schulz batched over same-shape matrices; the
         slow memory is orthogonalised only at the end of a chunk, known from the host step count (unknown
-        after a ``nonfinite="skip"`` step, which therefore leaves that parameter on the rule path)."""
-        if (any(isinstance(group[k], Tensor) for k in _SCALARS)
+        after a ``nonfinite="skip"`` step, which therefore leaves that parameter on the rule path).  A
+        ``capturable`` group takes the rule path, whose chunk ends are decided on the device: a CUDA graph
+        replays the host's decision of the step it captured."""
+        if (group["capturable"] or any(isinstance(group[k], Tensor) for k in _SCALARS)
                 or any(self._steps_taken.get(p, 0) is None for p in params)):
             return False
         states = [self.state[p] for p in params]

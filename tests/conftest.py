@@ -96,12 +96,42 @@ INTERPRETER_TRAINING = textwrap.dedent("""
 """)
 
 
+# Triton < 3.7's interpreter converts a scalar kernel argument used as an index (``range(n)``) with
+# ``int(array_of_shape_1)``, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+# scalars"); Triton 3.7 squeezes the array first. Prepended to every interpreter script: the same fix for 3.6.
+INTERPRETER_COMPAT = textwrap.dedent("""
+    import triton.runtime.interpreter as _interp
+
+    if not hasattr(_interp, "_deepopt_index_fix"):
+        _patch_lang_tensor = _interp._patch_lang_tensor
+
+        def _patch_with_index_fix(tensor, scope):
+            _patch_lang_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+        _interp._patch_lang_tensor = _patch_with_index_fix
+        _interp._deepopt_index_fix = True
+""")
+
+
 def run_under_triton_interpreter(code: str, marker: str) -> None:
     """Runs ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton picks its interpreter when the kernels
     are defined, so it cannot be switched on inside this process) and checks that it succeeded and printed
-    ``marker``."""
+    ``marker``.  Triton < 3.7 gets ``INTERPRETER_COMPAT`` first."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    if _triton_below((3, 7)):
+        code = INTERPRETER_COMPAT + code
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     assert marker in out.stdout, out.stdout[-3000:]
+
+
+def _triton_below(version: tuple[int, int]) -> bool:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return tuple(int(x) for x in installed("triton").split(".")[:2]) < version
+    except (PackageNotFoundError, ValueError):
+        return False

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import deepopt
 from deepopt.optimizers import deep_cpu
 from deepopt.optimizers import deep_momentum as module
+
+import deepopt
 
 needs_kernel = pytest.mark.skipif(not deep_cpu.available(16, 16, "tanh"), reason="no C compiler to build the kernel")
 # a ragged tensor, a tiny one, and one above the kernel's one-thread threshold (2¹⁶ coordinates), ragged too

@@ -27,7 +27,8 @@ CHECK = INTERPRETER_TRAINING + textwrap.dedent("""
         before = [p.float().clone() for p in ps]
         want = [rule.update(g.float(), {"momentum_buffer": m.float().clone()}, p, hp)
                 for p, m, g in zip(before, ms, gs)]
-        delta_kernels.delta_momentum_step_(ps, gs, ms, 0.1, 0.9, 0.5)
+        lr = 0.1 if dtype == torch.float32 else torch.tensor(0.1)  # a tensor lr is loaded by the kernel
+        delta_kernels.delta_momentum_step_(ps, gs, ms, lr, 0.9, 0.5)
         for p0, (delta, st), p, m in zip(before, want, ps, ms):
             torch.testing.assert_close(m.float(), st["momentum_buffer"], rtol=tol, atol=tol)
             torch.testing.assert_close(p.float(), p0 + delta, rtol=tol, atol=tol)
@@ -55,3 +56,29 @@ def test_kernel_path_on_cuda_equals_the_cpu_rule():
     train(b, deepopt.DeltaMomentum(b.parameters(), lr=0.05), 20)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_pointer_table_made_inside_a_graph_capture_pins_no_memory():
+    """Gradients allocated by a CUDA-graph capture have new addresses, so their pointer table is built inside the
+    capture: from a spare pinned buffer the warm-up's tables left, not by pinning there (on fake CUDA tensors)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from deepopt.optimizers import delta_kernels
+
+    from deepopt.bench import fake_cuda
+
+    def tensors(base):
+        return [SimpleNamespace(device=torch.device("cuda", 0), data_ptr=lambda a=a: a) for a in (base, base + 512)]
+
+    pinned = []
+    with fake_cuda(), mock.patch.object(delta_kernels, "_spare_pinned", {}), \
+            mock.patch.object(delta_kernels, "_captured_tables", {}), \
+            mock.patch.object(delta_kernels, "_pointer_tables", {}), \
+            mock.patch.object(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t):
+        delta_kernels._pointers(tensors(1 << 20))  # warm-up: the table and a spare
+        assert len(pinned) == 2 and len(delta_kernels._spare_pinned[2]) == 1
+        with mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: True):
+            table = delta_kernels._pointers(tensors(1 << 30))
+        assert len(pinned) == 2 and not delta_kernels._spare_pinned[2]  # the spare served, nothing pinned
+        assert table.device.type == "cuda" and len(delta_kernels._captured_tables) == 1

@@ -17,7 +17,7 @@ from conftest import CONFIGS, batch, loss_fn, make, small_mlp, train
 from test_parity import OPTION_SETS, TORCH_TWINS
 
 import deepopt
-from deepopt.bench import OpCounter, count_step_ops, gpt2_shapes
+from deepopt.bench import OpCounter, count_step_ops, cuda_tensor, fake_cuda, gpt2_shapes
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -133,6 +133,21 @@ def test_cuda_trajectory_equals_cpu_in_float64(name, options):
     assert max((p - q.cpu()).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) <= 1e-12
 
 
+@pytest.mark.parametrize("dtype,fused", [(torch.float64, False), (torch.float32, True), (torch.bfloat16, True)])
+def test_adam_takes_torch_fused_cuda_kernel_only_with_fp32_step_counters(dtype, fused):
+    """torch's CUDA fused Adam reads each step counter as fp32 whatever its dtype: fp64 parameters, whose counters are
+    fp64, would step with garbage bias corrections (the H200's fp64 CUDA = CPU failures). On fake CUDA tensors."""
+    calls = []
+    with fake_cuda() as mode, mock.patch.object(torch, "_fused_adam_", lambda *a, **k: calls.append(a)):
+        params = [torch.nn.Parameter(cuda_tensor(mode, (4, 3), dtype)) for _ in range(2)]
+        for p in params:
+            p.grad = cuda_tensor(mode, (4, 3), dtype)
+        opt = deepopt.Adam(params, lr=0.01)
+        opt.step()
+        assert opt.state[params[0]]["step"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert bool(calls) == fused
+
+
 @needs_cuda
 @pytest.mark.parametrize("name,ours,torch_cls,theirs", TORCH_TWINS)
 def test_cuda_matches_torch_twin_in_float32(name, ours, torch_cls, theirs):
@@ -159,10 +174,10 @@ def test_whole_training_step_captured_in_a_cuda_graph(opt_name):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):  # recorded, not run: 3 eager steps + 4 replays = 7 steps
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-    for _ in range(3):
+    for _ in range(4):
         graph.replay()
     for _ in range(7):
         ref_opt.zero_grad()
@@ -170,6 +185,20 @@ def test_whole_training_step_captured_in_a_cuda_graph(opt_name):
         ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_capturable_m3_decides_its_chunk_ends_on_the_device():
+    """A CUDA graph replays the host's decisions of the captured step, so M3's fast path (chunk ends known from
+    host step counts) must not run under ``capturable=True``: the device-masked rule path does."""
+    from deepopt.optimizers import m3
+
+    a, b = small_mlp(), small_mlp()
+    with mock.patch.object(m3.M3, "_rule_step", autospec=True, side_effect=m3.M3._rule_step) as rule:
+        train(a, make("m3", a.parameters(), capturable=True, chunk=2), 5)
+    assert rule.call_count == 5
+    train(b, make("m3", b.parameters(), foreach=False, chunk=2), 5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------- state dicts
@@ -399,3 +428,27 @@ def test_wheel_installs_only_under_the_deepopt_namespace(tmp_path):
     assert top == {"deepopt"}, top
     assert "deepopt/optimizers/adam.py" in names and "deepopt/meta_train/trainer.py" in names
     assert deepopt.optimizers.Adam is deepopt.Adam
+
+
+# ------------------------------------------------------------------------------------------ older torch
+@pytest.mark.parametrize("options", [{}, {"objective": "l2", "preconditioner": "adam"}])
+def test_deep_momentum_multi_tensor_path_runs_without_torch_foreach_mm(monkeypatch, options):
+    """torch 2.11 (the H200 image's) has no ``torch._foreach_mm``: DeepMomentum's multi-tensor path then takes
+    its own ``deepopt::foreach_mm`` op, with the same trajectory, one op per call and meta tensors working."""
+    from deepopt.optimizers import deep_momentum
+
+    a, b = small_mlp(), small_mlp()
+    monkeypatch.setattr(deep_momentum, "_cpu_loop_applies", lambda *_: False)  # the path CUDA fp64 and meta take
+    train(a, make("deep_momentum", a.parameters(), **options), 10)
+    monkeypatch.setattr(deep_momentum, "_foreach_mm", deep_momentum._foreach_mm_op)
+    train(b, make("deep_momentum", b.parameters(), **options), 10)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+    counts = []
+    for shapes in (gpt2_shapes(), gpt2_shapes(layers=2)):
+        opt = make("deep_momentum", _params(shapes, "meta"), **options)
+        opt.step()
+        counter = count_step_ops(opt)
+        counts.append(counter.total)
+        assert counter.ops.get("deepopt.foreach_mm.default", 0) >= 3, counter.ops
+    assert counts[0] == counts[1] and (options or counts[0] <= OP_BUDGET), counts
