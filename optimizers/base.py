@@ -131,6 +131,8 @@ class MemoryOptimizer(Optimizer):
                     state = self.state[p]
                     if not state:
                         state.update(self.rule.init(_real(p), hp))
+                    elif isinstance(state.get("step"), Tensor) and state["step"].device != p.device:
+                        state["step"] = state["step"].to(p.device)  # assigned from elsewhere (ZeRO puts it on the CPU)
                 for round_params, round_grads in _rounds(params, grads):
                     self._update_group(hp, round_params, round_grads, found_inf)
         return loss

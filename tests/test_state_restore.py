@@ -1,0 +1,98 @@
+"""Optimizer phase lives in the state's device tensors: a state restored by any route (``load_state_dict``, a
+``torch.save``/``weights_only`` round trip, ``deepcopy``, pickling, direct assignment ``opt.state[p] = …``)
+continues exactly as the uninterrupted run, and ``torch.compile`` of a step does not recompile as steps go by.
+(``ZeroRedundancyOptimizer`` resume is in ``test_zero_resume.py``.)"""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from conftest import CONFIGS, batch, make, small_mlp, train
+from torch._dynamo.utils import counters
+
+# every class, plus the options whose phase is not the step count alone (M3's chunk, DeepMomentum's schedule)
+CASES = [(n, {}) for n in sorted(CONFIGS)] + [
+    ("m3", dict(foreach=False)), ("m3", dict(nonfinite="skip")), ("m3", dict(second_moment=True, lr=1e-3)),
+    ("m3", dict(paper=True, lr=1e-3, chunk=4)),
+    ("deep_momentum", dict(lr_horizon=20, preconditioner="adam")), ("deep_momentum", dict(lr_decay=0.1)),
+    ("momentum", dict(preconditioner="adam")), ("adam", dict(fused=False)),
+]
+IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o in CASES]
+ROUTES = ["load_state_dict", "weights_only", "deepcopy", "pickle", "assign"]
+BEFORE, AFTER = 4, 5  # M3's chunk is 3 (CONFIGS): the interruption falls mid-chunk
+
+
+def restore(route: str, name: str, options: dict, model: torch.nn.Module, opt: torch.optim.Optimizer):
+    """``(model, optimizer)`` carrying on from ``(model, opt)`` by ``route``."""
+    if route in ("deepcopy", "pickle"):
+        return copy.deepcopy((model, opt)) if route == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    twin = copy.deepcopy(model)
+    fresh = make(name, twin.parameters(), **options)
+    if route == "assign":  # as ZeroRedundancyOptimizer and hand-written loaders do: no load_state_dict
+        for p, q in zip(model.parameters(), twin.parameters()):
+            fresh.state[q] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+        return twin, fresh
+    sd = opt.state_dict()
+    if route == "weights_only":
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        sd = torch.load(buf, weights_only=True)
+    else:
+        sd = copy.deepcopy(sd)
+    fresh.load_state_dict(sd)
+    return twin, fresh
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_a_restored_optimizer_continues_the_uninterrupted_run(name, options, route):
+    straight = small_mlp()
+    train(straight, make(name, straight.parameters(), **options), BEFORE + AFTER)
+    model = small_mlp()
+    opt = make(name, model.parameters(), **options)
+    train(model, opt, BEFORE)
+    model, opt = restore(route, name, options, model, opt)
+    train(model, opt, AFTER, start=BEFORE)
+    for p, q in zip(straight.parameters(), model.parameters()):
+        assert torch.equal(p, q), (name, route)
+
+
+def test_a_state_assigned_with_its_step_on_another_device_is_moved_to_the_parameters():
+    """``ZeroRedundancyOptimizer.load_state_dict`` assigns ``optim.state[p]`` and forces 0-dim tensors (the step
+    counters) to the CPU; the next step puts them back on the parameter's device, so the device paths run."""
+    (p,) = params = [torch.empty(6, 4, device="meta", requires_grad=True)]
+    p.grad = torch.empty_like(p)
+    opt = make("m3", params)
+    opt.step()
+    opt.state[p] = {**opt.state[p], "step": torch.ones((), dtype=torch.float32)}  # a meta value cannot move
+    opt.step()
+    assert opt.state[p]["step"].device.type == "meta"
+
+
+@pytest.mark.parametrize("name,options", CASES[:len(CONFIGS)] + [("m3", dict(second_moment=True, lr=1e-3))],
+                         ids=IDS[:len(CONFIGS)] + ["m3-second_moment"])
+def test_compiled_step_does_not_recompile_as_steps_go_by(name, options):
+    """Dynamo guards on Python values it reads: a Python-side step count makes every step a new graph (then,
+    past the recompile limit, a silent fall back to eager).  Frames compiled after the first steps stay fixed."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = small_mlp()
+    opt = make(name, model.parameters(), **options)
+
+    @torch.compile(backend="eager")
+    def train_step(x, y):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    frames = []
+    for t in range(3 * 3 + 2):
+        train_step(*batch(t))
+        frames.append(counters["frames"]["total"])
+    assert frames[2] == frames[-1], frames  # nothing compiled after the first, state-initialising steps
+    assert not any("recompile" in reason for reason in counters["unimplemented"]), dict(counters["unimplemented"])
