@@ -67,7 +67,7 @@ class M3(MemoryOptimizer):
             options.update({k: v for k, v in PAPER.items() if k != "second_moment"})
             second_moment = True
         super().__init__(params, lr=lr, momentum=momentum, slow_momentum=slow_momentum, alpha=alpha, chunk=chunk,
-                         second_moment=bool(second_moment) if second_moment is None else second_moment,
+                         second_moment=False if second_moment is None else second_moment,
                          weight_decay=weight_decay, **options)
 
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
