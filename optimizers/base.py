@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from deepopt.rules import RULES, Rule
 from deepopt.rules import transforms as T
 from deepopt.rules.base import check_bool, check_choice
+from deepopt.rules.sharding import is_dtensor
 from deepopt.rules.transforms import is_zero
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
@@ -317,16 +318,6 @@ class MemoryOptimizer(Optimizer):
                 if got != shape:
                     raise ValueError(f"state[{pid}][{key!r}] has shape {None if got is None else tuple(got)},"
                                      f" expected {tuple(shape)}")
-
-
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor
-
-    def is_dtensor(t: Tensor) -> bool:
-        return isinstance(t, DTensor)
-else:
-    def is_dtensor(t: Tensor) -> bool:
-        return False
 
 
 def _is_index(key: Any) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deepopt.rules import m3
+from deepopt.rules import m3, sharding
 from deepopt.rules import transforms as T
 from deepopt.rules.m3 import orthogonalize_many
 
@@ -70,13 +70,18 @@ class M3(MemoryOptimizer):
                          second_moment=False if second_moment is None else second_moment,
                          weight_decay=weight_decay, **options)
 
+    _fast_path_takes_dtensors = True
+
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """The rule with ``torch._foreach_*`` ops, Newton–Schulz batched over same-shape matrices (the fast
         memories' and the slow memories' candidates in one batch) and the chunk-end writes selected per
-        shape on the device (``_keep_at_chunk_ends``)."""
+        shape on the device (``_keep_at_chunk_ends``).  Sharded DTensors (FSDP2) step on their local shards,
+        all but Newton–Schulz, which gets them back as DTensors and orthogonalises whole matrices."""
         if any(isinstance(group[k], Tensor) for k in _SCALARS):
             return False
-        states = [self.state[p] for p in params]
+        dtensors = params
+        params, grads = [sharding.local(p) for p in params], [sharding.local(g) for g in grads]
+        states = [{k: sharding.local(v) for k, v in self.state[p].items()} for p in dtensors]
         lr, mu, wd, ema = group["lr"], group["momentum"], group["weight_decay"], group["accumulate"] == "ema"
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
@@ -98,8 +103,10 @@ class M3(MemoryOptimizer):
             torch._foreach_add_(candidate, sums, alpha=1 - group["slow_momentum"])
         else:
             candidate = torch._foreach_add(slow, sums, alpha=group["slow_momentum"])
-        ortho = orthogonalize_many([*lookahead, *candidate], group)
-        direction, candidate_ortho = ortho[:len(params)], ortho[len(params):]
+        ortho = orthogonalize_many([sharding.like(x, p) for x, p in zip([*lookahead, *candidate], dtensors * 2)],
+                                   group)
+        direction, candidate_ortho = [sharding.local(o) for o in ortho[:len(params)]], ortho[len(params):]
+        candidate_ortho = [sharding.local(o) for o in candidate_ortho]
         if group["alpha"] != 0:
             direction = torch._foreach_add(direction, [s["slow_ortho"] for s in states], alpha=group["alpha"])
         if group["second_moment"]:
