@@ -96,3 +96,29 @@ def test_compiled_step_does_not_recompile_as_steps_go_by(name, options):
         frames.append(counters["frames"]["total"])
     assert frames[2] == frames[-1], frames  # nothing compiled after the first, state-initialising steps
     assert not any("recompile" in reason for reason in counters["unimplemented"]), dict(counters["unimplemented"])
+
+
+def test_load_state_dict_checks_the_dict_its_pre_hooks_return():
+    """A pre-hook that adapts an older dict (here: a renamed state key) runs before deepopt's checks, as torch's
+    pre-hooks run before its load; entries of ``state`` that are not a parameter's are kept, as torch keeps them."""
+    model = small_mlp()
+    opt = make("adam", model.parameters())
+    train(model, opt, 2)
+    old = copy.deepcopy(opt.state_dict())
+    for st in old["state"].values():
+        st["second_moment"] = st.pop("exp_avg_sq")
+    old["state"]["note"] = "saved by a hook"
+    fresh = make("adam", small_mlp().parameters())
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        fresh.load_state_dict(old)
+
+    def rename(optimizer, sd):
+        for key, st in sd["state"].items():
+            if isinstance(key, int):
+                st["exp_avg_sq"] = st.pop("second_moment")
+
+    fresh.register_load_state_dict_pre_hook(rename)
+    fresh.load_state_dict(copy.deepcopy(old))
+    assert fresh.state["note"] == "saved by a hook"
+    assert all(torch.equal(fresh.state_dict()["state"][i]["exp_avg_sq"], opt.state_dict()["state"][i]["exp_avg_sq"])
+               for i in range(4))
