@@ -12,8 +12,8 @@ Cells, per class (its ``tests/conftest.py`` configuration, a small MLP regressio
 * ``Lightning ckpt_path``: ``configure_optimizers`` returns the class and a StepLR; ``ModelCheckpoint`` at the end
   of each (one-batch) epoch; ``trainer.fit(…, ckpt_path=…)`` resumes: final weights equal the uninterrupted run's.
 * ``Lightning bf16-mixed``: ``precision="bf16-mixed"`` trains.
-* ``compile (inductor)``: ``torch.compile`` (default backend) of a whole training step equals eager to 1e-5 and
-  compiles no new frame after the first steps.
+* ``compile (inductor)``: ``torch.compile`` (default backend) of a whole training step (``tests/test_trainers.py``'s,
+  float64) equals eager to 1e-10 and compiles no new frame after the first steps.
 
     pip install transformers accelerate lightning      # not deepopt dependencies
     python benchmarks/trainer_matrix.py                # ~5-10 min on 2 CPU cores; exit 1 if a cell fails
@@ -145,36 +145,15 @@ def lightning_cells(name: str, tmp: Path) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ inductor
 def compile_cell(name: str) -> dict[str, str]:
-    from torch._dynamo.utils import counters
+    from test_trainers import compiled_run, params_of, small_mlp, train
 
-    x, y = data()
-
-    def run(compiled: bool):
-        model = mlp()
-        opt = make(name, model.parameters())
-
-        def step(xb, yb):
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(xb), yb)
-            loss.backward()
-            opt.step()
-            return loss
-
-        fn = torch.compile(step) if compiled else step
-        frames = []
-        for t in range(STEPS):
-            fn(x[8 * (t % 8):8 * (t % 8) + 8], y[8 * (t % 8):8 * (t % 8) + 8])
-            frames.append(counters["frames"]["total"])
-        return weights(model), frames
-
-    torch._dynamo.reset()
-    counters.clear()
-    eager, _ = run(False)
-    compiled, frames = run(True)
-    diff = max_diff(eager, compiled)
+    eager = small_mlp()
+    train(eager, make(name, eager.parameters()), STEPS)
+    compiled, frames = compiled_run(name, "inductor", STEPS)
+    diff = max_diff(params_of(eager), compiled)
     if frames[2] != frames[-1]:
         return {"compile (inductor)": f"FAIL (frames {frames})"}
-    return {"compile (inductor)": "pass" if diff <= 1e-5 else f"FAIL (max |ΔW| {diff:.1e})"}
+    return {"compile (inductor)": "pass" if diff <= 1e-10 else f"FAIL (max |ΔW| {diff:.1e})"}
 
 
 def main() -> int:

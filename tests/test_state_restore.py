@@ -1,7 +1,7 @@
 """Optimizer phase lives in the state's device tensors: a state restored by any route (``load_state_dict``, a
 ``torch.save``/``weights_only`` round trip, ``deepcopy``, pickling, direct assignment ``opt.state[p] = …``)
-continues exactly as the uninterrupted run, and ``torch.compile`` of a step does not recompile as steps go by.
-(``ZeroRedundancyOptimizer`` resume is in ``test_zero_resume.py``.)"""
+continues exactly as the uninterrupted run.  (``ZeroRedundancyOptimizer``, DCP and ``torch.compile``:
+``test_trainers.py``.)"""
 
 import copy
 import io
@@ -9,8 +9,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import CONFIGS, batch, make, small_mlp, train
-from torch._dynamo.utils import counters
+from conftest import CONFIGS, make, small_mlp, train
 
 # every class, plus the options whose phase is not the step count alone (M3's chunk, DeepMomentum's schedule)
 CASES = [(n, {}) for n in sorted(CONFIGS)] + [
@@ -70,32 +69,6 @@ def test_a_state_assigned_with_its_step_on_another_device_is_moved_to_the_parame
     opt.state[p] = {**opt.state[p], "step": torch.ones((), dtype=torch.float32)}  # a meta value cannot move
     opt.step()
     assert opt.state[p]["step"].device.type == "meta"
-
-
-@pytest.mark.parametrize("name,options", CASES[:len(CONFIGS)] + [("m3", dict(second_moment=True, lr=1e-3))],
-                         ids=IDS[:len(CONFIGS)] + ["m3-second_moment"])
-def test_compiled_step_does_not_recompile_as_steps_go_by(name, options):
-    """Dynamo guards on Python values it reads: a Python-side step count makes every step a new graph (then,
-    past the recompile limit, a silent fall back to eager).  Frames compiled after the first steps stay fixed."""
-    torch._dynamo.reset()
-    counters.clear()
-    model = small_mlp()
-    opt = make(name, model.parameters(), **options)
-
-    @torch.compile(backend="eager")
-    def train_step(x, y):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    frames = []
-    for t in range(3 * 3 + 2):
-        train_step(*batch(t))
-        frames.append(counters["frames"]["total"])
-    assert frames[2] == frames[-1], frames  # nothing compiled after the first, state-initialising steps
-    assert not any("recompile" in reason for reason in counters["unimplemented"]), dict(counters["unimplemented"])
 
 
 def test_load_state_dict_checks_the_dict_its_pre_hooks_return():

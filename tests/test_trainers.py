@@ -58,20 +58,17 @@ def test_dcp_resume_equals_the_uninterrupted_run(name, tmp_path):
     assert_same(params_of(straight), params_of(fresh), label=name)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_compiled_training_step_equals_eager(name):
-    """A whole training step (forward, backward, ``opt.step()``) under ``torch.compile`` (AOT autograd, the
-    tracing inductor uses) equals eager, and compiles nothing new once the state exists."""
+def compiled_run(name: str, backend: str, steps: int = 8, **options) -> tuple[list[torch.Tensor], list[int]]:
+    """``steps`` training steps (forward, backward, ``opt.step()``) compiled whole by ``torch.compile(backend=…)``:
+    the final weights, and the number of frames dynamo has compiled after each step."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    eager = small_mlp()
-    train(eager, make(name, eager.parameters()), 8)
     model = small_mlp()
-    opt = make(name, model.parameters())
+    opt = make(name, model.parameters(), **options)
 
-    @torch.compile(backend="aot_eager")
+    @torch.compile(backend=backend)
     def step(x, y):
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -80,11 +77,27 @@ def test_compiled_training_step_equals_eager(name):
         return loss
 
     frames = []
-    for t in range(8):
+    for t in range(steps):
         step(*batch(t))
         frames.append(counters["frames"]["total"])
+    return params_of(model), frames
+
+
+COMPILE_CASES = [(n, {}) for n in NAMES] + [("m3", dict(second_moment=True, lr=1e-3)), ("m3", dict(paper=True)),
+                                            ("deep_momentum", dict(lr_horizon=20, preconditioner="adam"))]
+
+
+@pytest.mark.parametrize("name,options", COMPILE_CASES, ids=[f"{n}-{sorted(o)}" for n, o in COMPILE_CASES])
+def test_compiled_training_step_equals_eager(name, options):
+    """A whole training step under ``torch.compile`` (AOT autograd, the tracing inductor uses; inductor itself:
+    ``benchmarks/trainer_matrix.py``) equals eager, and compiles no new frame once the state exists: dynamo guards
+    on the Python values it reads, so a Python-side step count would make every step a new graph (then, past the
+    recompile limit, a silent fall back to eager)."""
+    eager = small_mlp()
+    train(eager, make(name, eager.parameters(), **options), 8)
+    compiled, frames = compiled_run(name, "aot_eager", **options)
     assert frames[2] == frames[-1], frames
-    assert_same(params_of(eager), params_of(model), 1e-12, name)
+    assert_same(params_of(eager), compiled, 1e-12, name)
 
 
 @pytest.mark.parametrize("name", NAMES)
