@@ -52,10 +52,18 @@ RECOMMENDED_LR: dict[str, float] = {
     "m3": 0.02,
     "adam": 3e-3,
     "delta_momentum": 0.05,
+    # M3's second-moment ablation (issue 20): dividing by √V turns lr·O into ≈ lr·O/|g|, a different lr scale
+    "m3_v": 1e-3,  # the default (EMA, Nesterov) with the second moment
+    "m3_sum": 0.02,  # Algorithm 1's sums, no Nesterov, without the second moment
+    "m3_paper": 1e-3,  # Algorithm 1 as printed: M3(paper=True)
 }
+# M3's variants: name -> options
+M3_VARIANTS = {"m3": {}, "m3_v": {"second_moment": True}, "m3_sum": {"accumulate": "sum", "nesterov": False},
+               "m3_paper": {"paper": True}}
 OPTIMIZERS = tuple(RECOMMENDED_LR)
-DEFAULT_OPTIMIZERS = tuple(o for o in OPTIMIZERS if o not in ("adam", "delta_momentum"))  # the others: opt-in
-SPLIT = ("torch_muon", "m3")  # matrices with their own rule, AdamW for the rest
+DEFAULT_OPTIMIZERS = tuple(o for o in OPTIMIZERS if o not in ("adam", "delta_momentum", "m3_v", "m3_sum",
+                                                               "m3_paper"))  # the others: opt-in
+SPLIT = ("torch_muon", *M3_VARIANTS)  # matrices with their own rule, AdamW for the rest
 # Targets of issue 11: (optimizer, must be <= reference, on tasks)
 TARGETS = (("deep_momentum", "momentum", TASKS), ("deep_momentum_adam", "torch_adamw", ("char_lm", "hope_lm")),
            ("m3", "torch_muon", ("char_lm", "hope_lm")))
@@ -188,8 +196,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float) -> list[torch.optim.O
         rest_opt = torch.optim.AdamW(rest, lr=scale * RECOMMENDED_LR["torch_adamw"], weight_decay=0.0)
         if not matrices:
             return [rest_opt]
-        main = (torch.optim.Muon(matrices, lr=lr, weight_decay=0.0) if name == "torch_muon"
-                else deepopt.M3(matrices, lr=lr, ns_dtype="bfloat16"))  # torch's Muon iterates in bf16 too
+        main = (torch.optim.Muon(matrices, lr=lr, weight_decay=0.0) if name == "torch_muon"  # bf16 NS, as M3's
+                else deepopt.M3(matrices, lr=lr, ns_dtype="bfloat16", **M3_VARIANTS[name]))
         return [main, rest_opt]
     if name == "momentum":
         return [deepopt.Momentum(params, lr=lr, momentum=0.9)]
@@ -495,7 +503,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks (default: all)")
     p.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS), choices=OPTIMIZERS,
-                   help=f"optimizers (default: all but adam and delta_momentum; choices {', '.join(OPTIMIZERS)})")
+                   help="optimizers (default: all but adam, delta_momentum and the M3 variants m3_v, m3_sum, "
+                        f"m3_paper; choices {', '.join(OPTIMIZERS)})")
     p.add_argument("--lrs", type=int, default=None, help="learning rates per sweep, >= 1 (default 5; --smoke 2)")
     p.add_argument("--span", type=float, default=1.0,
                    help="decades each side of the recommended lr the sweep covers (default 1)")

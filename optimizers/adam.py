@@ -21,8 +21,9 @@ class Adam(MemoryOptimizer):
 
     ``weight_decay`` is coupled (``g + wd·W``) unless ``decoupled_weight_decay=True`` (AdamW).
     Paths: torch's fused Adam kernel (default, ``fused=None``/``True``, on CPU and CUDA), a multi-tensor
-    ``torch._foreach_*`` path (``fused=False``), the per-tensor pure rule (``foreach=False``).  Step counters
-    live on the parameters' device, so all three run without host synchronisation.
+    ``torch._foreach_*`` path (``fused=False``), the per-tensor pure rule (``foreach=False``).  ``fused`` is kept
+    in each param group, as torch.optim.Adam keeps it, so it survives ``load_state_dict``, copies and pickling.
+    Step counters live on the parameters' device, so all three run without host synchronisation.
     """
 
     _fast_path_takes_dtensors = True
@@ -33,19 +34,28 @@ class Adam(MemoryOptimizer):
                  *, fused: bool | None = None, **options: Any) -> None:
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
-        self._fused = fused
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay, **options)
+        self.defaults["fused"] = fused  # groups added later take it from the defaults, as in torch.optim
+        for group in self.param_groups:
+            group["fused"] = fused
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        if group.get("fused") is not None and not isinstance(group["fused"], bool):
+            raise TypeError(f"fused must be None, True or False, got {group['fused']!r}")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_fused", None)
         super().__setstate__(state)
+        self.defaults.setdefault("fused", None)  # saved before ``fused`` lived in the groups
+        for group in self.param_groups:
+            group.setdefault("fused", self.defaults["fused"])
 
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         if _tensor_options(group):
             return False
         states = [self.state[p] for p in params]
-        if self._fusable(params, states):
+        if _fusable(group, params, states):
             _fused_adam(group, params, grads, states)
         else:
             _foreach_adam(group, params, grads, states)
@@ -55,17 +65,20 @@ class Adam(MemoryOptimizer):
                           found_inf: Tensor) -> bool:
         """The fused kernel skips the whole step itself when ``found_inf`` is set (as under GradScaler)."""
         states = [self.state[p] for p in params]
-        if _tensor_options(group) or not self._fusable(params, states):
+        if _tensor_options(group) or not _fusable(group, params, states):
             return False
         _fused_adam(group, params, grads, states, found_inf)
         return True
 
-    def _fusable(self, params: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
-        """torch's CUDA kernel reads every step counter as fp32 (whatever its dtype), so fp64 counters (those of
-        fp64 parameters) take the ``_foreach`` path there."""
-        return self._fused is not False and all(
-            p.device.type in _FUSED_DEVICES and (p.device.type != "cuda" or st["step"].dtype == torch.float32)
-            for p, st in zip(params, states))
+
+
+def _fusable(group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
+    """Whether torch's fused kernel takes the group: not switched off, on a device it supports, and on CUDA only with
+    fp32 step counters (torch's CUDA kernel reads every counter as fp32 whatever its dtype, so the fp64 counters of
+    fp64 parameters take the ``_foreach`` path there)."""
+    return group.get("fused") is not False and all(
+        p.device.type in _FUSED_DEVICES and (p.device.type != "cuda" or st["step"].dtype == torch.float32)
+        for p, st in zip(params, states))
 
 
 def _tensor_options(group: dict[str, Any]) -> bool:

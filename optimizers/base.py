@@ -10,6 +10,7 @@ step hooks, ``deepcopy``, AMP and bf16 parameters, complex parameters, CUDA grap
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -19,7 +20,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from deepopt.rules import RULES, Rule
+from deepopt.rules import transforms as T
 from deepopt.rules.base import check_bool, check_choice
+from deepopt.rules.sharding import is_dtensor
 from deepopt.rules.transforms import is_zero
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
@@ -127,10 +130,14 @@ class MemoryOptimizer(Optimizer):
                 work.append((group, params, grads, found_inf))
             for group, params, grads, found_inf in work:
                 hp = _scalar_hparams(group)
-                for p in params:
-                    state = self.state[p]
+                for p in params:  # a rule that keeps no state (plain SGD) leaves ``self.state`` empty, as torch's
+                    state = self.state.get(p)
                     if not state:
-                        state.update(self.rule.init(_real(p), hp))
+                        init = self.rule.init(_real(p), hp)
+                        if init:
+                            self.state[p].update(init)
+                    elif isinstance(state.get("step"), Tensor) and state["step"].device != p.device:
+                        state["step"] = state["step"].to(p.device)  # assigned from elsewhere (ZeRO puts it on the CPU)
                 for round_params, round_grads in _rounds(params, grads):
                     self._update_group(hp, round_params, round_grads, found_inf)
         return loss
@@ -169,15 +176,17 @@ class MemoryOptimizer(Optimizer):
         """The reference path: the pure rule, one tensor at a time, on real views of complex tensors (their
         state is kept real); with ``found_inf`` (``nonfinite="skip"``) the step is masked by it on the device."""
         keep = None if found_inf is None else found_inf == 0
-        for p, g in zip(params, grads):
-            state, p = self.state[p], _real(p)
+        for param, g in zip(params, grads):
+            state, p = self.state.get(param, {}), _real(param)
             delta, new_state = self.rule.update(_real(g), state, p, group)
             if keep is None:
                 p.add_(delta)
-                state.update(new_state)
             else:
                 p.add_(torch.where(keep, delta, torch.zeros_like(delta)))
-                state.update({k: torch.where(keep, v, state[k]) for k, v in new_state.items()})
+                new_state = {k: torch.where(keep, v, state[k] if k in state else torch.zeros_like(v))
+                             for k, v in new_state.items()}
+            if new_state:
+                self.state[param].update(new_state)
 
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """Multi-tensor/fused path over real parameters; return ``False`` where the group's options have none.
@@ -223,18 +232,42 @@ class MemoryOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load after checking class, hyperparameters and state shapes; on error nothing changes.
 
+        As torch.optim: the load-state-dict pre-hooks run first (so a hook may adapt an older dict before it
+        is checked), state entries not keyed by a parameter index (a hook's ``state["note"] = True``) are
+        kept as they are, a step counter saved as a Python number is accepted, and the post-hooks run last.
         Step counters go to their parameter's device (torch.optim would leave them where they were saved,
         on the CPU, for its non-fused optimizers); state that a complex parameter keeps for its real view
         stays real (torch.optim casts it to the parameter's complex dtype)."""
-        self._check_state_dict(state_dict)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "optimizer"})
+        sd = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            hooked = pre_hook(self, sd)
+            sd = sd if hooked is None else hooked
+        self._check_state_dict(sd)
+        with self._load_hooks_held() as post_hooks:  # torch's load, without the hooks that run here around it
+            super().load_state_dict({k: v for k, v in sd.items() if k != "optimizer"})
         for p, state in self.state.items():
+            if not isinstance(p, Tensor) or not isinstance(state, dict):
+                continue
             for key, value in state.items():
-                if isinstance(value, Tensor):
+                if key == "step" and not isinstance(value, Tensor):  # saved as a number (older torch.optim)
+                    state[key] = torch.full((), float(value), dtype=T.new_step(_real(p)).dtype, device=p.device)
+                elif isinstance(value, Tensor):
                     if key == "step":
                         state[key] = value.to(p.device)
                     elif value.is_complex() and p.is_complex():  # torch cast our real-view state to complex
                         state[key] = value.real.contiguous()
+        for post_hook in list(post_hooks.values()):
+            post_hook(self)
+
+    @contextlib.contextmanager
+    def _load_hooks_held(self):
+        """No load-state-dict hooks registered while inside; yields the post-hooks held."""
+        held = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        try:
+            yield held[1]
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = held
 
     def _check_state_dict(self, sd: dict[str, Any]) -> None:
         name = type(self).__name__
@@ -242,7 +275,7 @@ class MemoryOptimizer(Optimizer):
                 or not isinstance(sd["state"], dict) or not isinstance(sd["param_groups"], (list, tuple))
                 or not all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
                            for g in sd["param_groups"])
-                or not all(isinstance(st, dict) for st in sd["state"].values())):
+                or not all(isinstance(st, dict) for pid, st in sd["state"].items() if _is_index(pid))):
             raise TypeError(f"{name}.load_state_dict expects a dict with 'state' (a dict of per-parameter dicts) "
                             "and 'param_groups' (a list of dicts, each with a 'params' list), as state_dict() "
                             "returns")
@@ -270,6 +303,8 @@ class MemoryOptimizer(Optimizer):
             for pid, p in zip(saved["params"], ours["params"]):
                 index[pid] = (p, saved)
         for pid, st in sd["state"].items():
+            if not _is_index(pid):  # not a parameter's state (torch.optim keeps such entries as they are)
+                continue
             if pid not in index:
                 raise ValueError(f"state dict has state for unknown parameter index {pid}")
             p, group = index[pid]
@@ -277,20 +312,21 @@ class MemoryOptimizer(Optimizer):
             if set(st) != set(want):
                 raise ValueError(f"state of parameter {pid} has keys {sorted(st)}, {name} expects {sorted(want)}")
             for key, shape in want.items():
-                got = st[key].shape if isinstance(st[key], Tensor) else None
+                value = st[key]
+                got = (value.shape if isinstance(value, Tensor)
+                       else torch.Size() if key == "step" and _is_number(value) else None)
                 if got != shape:
                     raise ValueError(f"state[{pid}][{key!r}] has shape {None if got is None else tuple(got)},"
                                      f" expected {tuple(shape)}")
 
 
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor
+def _is_index(key: Any) -> bool:
+    """Whether a ``state`` key of a state dict names a parameter (torch.optim numbers them 0, 1, …)."""
+    return isinstance(key, int) and not isinstance(key, bool)
 
-    def is_dtensor(t: Tensor) -> bool:
-        return isinstance(t, DTensor)
-else:
-    def is_dtensor(t: Tensor) -> bool:
-        return False
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _validate_options(group: dict[str, Any]) -> None:

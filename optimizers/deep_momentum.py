@@ -16,7 +16,7 @@ from deepopt.rules import transforms as T
 from deepopt.rules.deep import decayed_lr, horizon_factor, safe_rms, to_blocks
 
 from . import deep_cpu, deep_kernels
-from .base import MemoryOptimizer, is_dtensor
+from .base import MemoryOptimizer
 from .delta_momentum import _inner_products, _squared_norms
 from .momentum import foreach_output_nonlinearity, foreach_precondition
 
@@ -143,6 +143,13 @@ class DeepMomentum(MemoryOptimizer):
     h_t) and ``lr_power`` set the lr schedule.  Further options: ``weight_decay``,
     ``decoupled_weight_decay``, ``preconditioner`` ("identity" | "adam"), ``nonlinearity``, ``foreach``,
     ``nonfinite``.  The full equations are in ``deepopt.rules.deep``.
+
+    Under FSDP2 (sharded DTensor parameters) the momentum and preconditioner run on the shards; the deep
+    read-out needs whole key blocks, which cross shard boundaries whenever a shard's length is not a multiple of
+    ``key_dim``, so the key (and value) tensor is gathered (one all-gather per tensor and step, the volume of
+    FSDP2's own parameter all-gather), its RMS norms, features and the W₁ step computed whole on every rank
+    (W₁, W₂ stay identical, unsharded), and each rank keeps its shard of the read-out: equal to the unsharded
+    run (``deepopt.rules.sharding``).
     """
 
     rule = deep_momentum
@@ -350,13 +357,6 @@ class DeepMomentum(MemoryOptimizer):
             work = tuple(like.new_empty(max(need, t.numel())) for need, t in zip((phi_numel, chunk_numel), old))
             self._blocks[key] = work
         return work
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        if any(is_dtensor(p) for p in group.get("params", ()) if isinstance(p, Tensor)):
-            raise TypeError("DeepMomentum does not take sharded DTensor parameters (FSDP2) yet: its memory "
-                            "reads whole gradient tensors; use DistributedDataParallel, or another deepopt "
-                            "optimizer under FSDP2")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, params: Any, **overrides: Any) -> DeepMomentum:

@@ -47,7 +47,9 @@ class SGD(MemoryOptimizer):
         yet (momentum switched on mid-run) leaves the step to the rule."""
         if any(isinstance(group[k], Tensor) for k in ("momentum", "weight_decay")):
             return None
+        if not has_momentum(group):
+            return [{} for _ in params]  # plain SGD keeps no state (and, as torch's, makes no entry in it)
         states = [self.state[p] for p in params]
-        if has_momentum(group) and any("momentum_buffer" not in st for st in states):
+        if any("momentum_buffer" not in st for st in states):
             return None
         return states

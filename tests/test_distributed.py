@@ -1,4 +1,4 @@
-"""DDP and FSDP2 with 2 CPU processes (gloo) equal one process on the same global batch."""
+"""DDP and FSDP2 with 2 CPU processes (gloo) equal one process on the same global batch, for every class."""
 
 import os
 import socket
@@ -8,7 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import CONFIGS, make, small_mlp
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard
 
 STEPS = 10
 
@@ -18,12 +20,40 @@ def global_batch(step: int):
     return torch.randn(32, 5, generator=g, dtype=torch.float64), torch.randn(32, 3, generator=g, dtype=torch.float64)
 
 
-REFUSE_DTENSORS = ("deep_momentum", "m3")  # whole-tensor memories / Newton–Schulz need unsharded tensors
-FSDP2_NAMES = [n for n in sorted(CONFIGS) if n not in REFUSE_DTENSORS]
+# every class under FSDP2, and the options that read whole tensors (Newton–Schulz, row keys, the deep read-out)
+FSDP2_CASES = {name: {} for name in sorted(CONFIGS)} | {
+    "momentum+ns": ("momentum", dict(nesterov=True, nonlinearity="newton_schulz")),
+    "delta_momentum+rows": ("delta_momentum", dict(keys="rows")),
+    "deep_momentum+l2+adam": ("deep_momentum", dict(objective="l2", preconditioner="adam")),
+    "deep_momentum+preconditioned-keys+ns": ("deep_momentum", dict(preconditioner="adam", key_source="preconditioned",
+                                                                    nonlinearity="newton_schulz")),
+    "deep_momentum+rule": ("deep_momentum", dict(foreach=False)),
+    "m3+second-moment": ("m3", dict(second_moment=True, lr=1e-3)),
+    "m3+paper": ("m3", dict(paper=True, lr=1e-3)),
+    "m3+rule": ("m3", dict(foreach=False)),
+}
 
 
-def run(model: torch.nn.Module, name: str, shard=slice(None)) -> list[torch.Tensor]:
-    opt = make(name, model.parameters())
+# other FSDP2 layouts: matrices sharded along dim 1 where FSDP2 allows it (even sizes), and HSDP's 2-D mesh
+# (Replicate, Shard(0)), whose Newton–Schulz inputs are gathered whole
+LAYOUTS = {
+    f"{name}+{label}": layout for name in ("m3", "deep_momentum") for label, layout in (
+        ("dim-1", lambda: dict(shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % 2 == 0
+                                  else Shard(0))),
+        ("hsdp", lambda: dict(mesh=init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard")))),
+    )
+}
+
+
+def case(key: str) -> tuple[str, dict]:
+    if key in LAYOUTS:
+        return key.split("+")[0], {}
+    spec = FSDP2_CASES[key]
+    return (key, spec) if isinstance(spec, dict) else spec
+
+
+def run(model: torch.nn.Module, name: str, shard=slice(None), **options) -> list[torch.Tensor]:
+    opt = make(name, model.parameters(), **options)
     for t in range(STEPS):
         x, y = global_batch(t)
         opt.zero_grad()
@@ -41,13 +71,12 @@ def worker(rank: int, port: int, out: str) -> None:
         for name in sorted(CONFIGS):
             ddp = torch.nn.parallel.DistributedDataParallel(small_mlp())
             results[f"ddp/{name}"] = run(ddp, name, shard)
-        for name in FSDP2_NAMES:
-            results[f"fsdp2/{name}"] = run(fully_shard(small_mlp()), name, shard)
-        for name in REFUSE_DTENSORS:
-            try:
-                make(name, fully_shard(small_mlp()).parameters())
-            except TypeError as err:
-                results[f"{name}_refuses_dtensor"] = "DTensor" in str(err)
+        for key in FSDP2_CASES:
+            name, options = case(key)
+            results[f"fsdp2/{key}"] = run(fully_shard(small_mlp(width=10)), name, shard, **options)
+        for key, layout in LAYOUTS.items():
+            name = key.split("+")[0]
+            results[f"fsdp2/{key}"] = run(fully_shard(small_mlp(width=10), **layout()), name, shard)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -67,13 +96,15 @@ def distributed_results(tmp_path_factory):
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("key", [f"ddp/{n}" for n in sorted(CONFIGS)] + [f"fsdp2/{n}" for n in FSDP2_NAMES])
+KEYS = [f"ddp/{n}" for n in sorted(CONFIGS)] + [f"fsdp2/{k}" for k in [*FSDP2_CASES, *LAYOUTS]]
+
+
+@pytest.mark.parametrize("key", KEYS)
 def test_two_processes_match_single_process(distributed_results, key):
-    single = run(small_mlp(), key.split("/")[1])
+    """DDP and FSDP2 (width 10: 25-element shards, so key blocks of 16 cross the shard boundary; a 3-row matrix split
+    unevenly; two matrices, so each rank orthogonalises one) equal one process on the global batch."""
+    kind, label = key.split("/")
+    name, options = (label, {}) if kind == "ddp" else case(label)
+    single = run(small_mlp(width=8 if kind == "ddp" else 10), name, **options)
     for a, b in zip(single, distributed_results[key]):
         assert (a - b).abs().max().item() <= 1e-10, key
-
-
-@pytest.mark.parametrize("name", REFUSE_DTENSORS)
-def test_refuses_sharded_parameters_clearly(distributed_results, name):
-    assert distributed_results.get(f"{name}_refuses_dtensor") is True

@@ -188,14 +188,12 @@ def test_whole_training_step_captured_in_a_cuda_graph(opt_name):
 
 
 def test_capturable_m3_decides_its_chunk_ends_on_the_device():
-    """A CUDA graph replays the host's decisions of the captured step, so M3's fast path (chunk ends known from
-    host step counts) must not run under ``capturable=True``: the device-masked rule path does."""
-    from deepopt.optimizers import m3
-
+    """A CUDA graph replays the host's decisions of the captured step, so M3's chunk ends must be decided on the
+    device: its fast path keeps the slow memory's write where ``step % chunk == 0`` by ``torch.where`` (no host
+    count), and with ``capturable=True`` it equals the per-tensor rule across chunk ends; the meta-device test above
+    proves it reads nothing on the host."""
     a, b = small_mlp(), small_mlp()
-    with mock.patch.object(m3.M3, "_rule_step", autospec=True, side_effect=m3.M3._rule_step) as rule:
-        train(a, make("m3", a.parameters(), capturable=True, chunk=2), 5)
-    assert rule.call_count == 5
+    train(a, make("m3", a.parameters(), capturable=True, chunk=2), 5)
     train(b, make("m3", b.parameters(), foreach=False, chunk=2), 5)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)

@@ -228,3 +228,19 @@ def test_bad_hyperparameters_are_named(kwargs, exc, word):
 def test_complex_parameters_are_refused():
     with pytest.raises(TypeError, match="complex"):
         deepopt.M3([torch.nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))])
+
+
+def test_paper_preset_is_algorithm_1_as_printed():
+    """``M3(paper=True)`` is ``accumulate="sum", second_moment=True, nesterov=False``; naming one of those as
+    well is refused (the preset would silently win or lose)."""
+    a, b = matrices(), matrices()
+    feed(a, deepopt.M3(a, lr=1e-3, chunk=2, paper=True), 7)
+    feed(b, deepopt.M3(b, lr=1e-3, chunk=2, accumulate="sum", second_moment=True, nesterov=False), 7)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    group = deepopt.M3(matrices(), paper=True).param_groups[0]
+    assert (group["accumulate"], group["second_moment"], group["nesterov"]) == ("sum", True, False)
+    for clash in (dict(nesterov=True), dict(second_moment=False), dict(accumulate="ema")):
+        with pytest.raises(TypeError, match="paper=True"):
+            deepopt.M3(matrices(), paper=True, **clash)
+    with pytest.raises(TypeError, match="paper must be a bool"):
+        deepopt.M3(matrices(), paper="yes")

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import sharding
 from . import transforms as T
 from .base import Hparams, Rule, State, check_choice, check_int, check_range
 
@@ -149,12 +150,13 @@ def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tens
     key = value if hp["key_source"] == "preconditioned" else g
     m = _linear_step(state["momentum_buffer"], key, value, hp)
     w1, direction = state["W1"], m
-    if hp["hidden"] > 0:
-        keys, _ = normalized_blocks(key, hp["key_dim"])
-        values, scale = normalized_blocks(value, hp["key_dim"])
+    if hp["hidden"] > 0:  # on whole tensors: a sharded (FSDP2) key is gathered, its read-out scattered back
+        whole_key = sharding.gathered(key)
+        keys, _ = normalized_blocks(whole_key, hp["key_dim"])
+        values, scale = normalized_blocks(whole_key if value is key else sharding.gathered(value), hp["key_dim"])
         phi = features(keys, state["W2"], hp["activation"])
         w1 = hp["momentum"] * w1 - hp["eta"] * readout_grad(w1, phi, values, hp["objective"])
-        direction = m + from_blocks(scale * (phi @ w1.mT), g)
+        direction = m + sharding.scattered(from_blocks(scale * (phi @ w1.mT), whole_key), m)
     if not T.is_zero(hp["lr_decay"]) or hp["lr_horizon"]:
         t = T.step_float(step, g)
         lr = decayed_lr(hp["lr"], hp["lr_decay"], t) if not T.is_zero(hp["lr_decay"]) else hp["lr"]

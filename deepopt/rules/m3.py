@@ -24,10 +24,16 @@ with fewer dims are not orthogonalised, so there M3 is EMA momentum (Adam-like w
 weight_decay=wd)`` with its default (``"original"``) lr adjustment.  The paper indexes the slow sum from
 ``(k−1)f`` to ``kf`` (f + 1 gradients); each gradient is counted once here.
 
-Defaults (the paper gives none): Muon's β₁ = 0.95 and lr 0.02, f = 10, β₃ = 0.9, α = 0.1, and the
-second moment off: dividing an orthogonalised step element-wise by √V̂ makes it ``lr·O/|g|``, unbounded
-where gradients are small, and in a pilot (char-level LM, 200 steps, lr 0.02) it trained far worse (val
-loss 3.08 vs 2.19); larger α also did worse there (2.10, 2.13, 2.14, 2.19, 2.23 at α = 0, 0.1, 0.25, 0.5, 1).
+Departures from Algorithm 1 as printed, each an option (``M3(paper=True)`` turns all three back):
+``accumulate="ema"`` (sums → moving averages), ``second_moment=False`` (no division by √V) and
+``nesterov=True`` (Muon's look-ahead, which the paper does not have).  Defaults (the paper gives none):
+Muon's β₁ = 0.95 and lr 0.02, f = 10, β₃ = 0.9, α = 0.1.  The second moment is off because dividing an
+orthogonalised step element-wise by √V̂ makes it ``lr·O/|g|``, unbounded where gradients are small; with
+its own lr sweep it still trains worse than without it (``docs/m3.md``: ``deepopt compare`` with
+``m3``, ``m3_v``, ``m3_sum``, ``m3_paper``, each variant with its own 9-lr sweep).
+
+The chunk phase is ``step mod f``, read from the ``step`` counter in the state on the device (here a
+``torch.where``), never from a count kept elsewhere: a restored state steps as the uninterrupted run.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import sharding
 from .base import Hparams, State, check_bool, check_choice, check_range
 
 PRECONDITIONERS = ("identity", "adam")
@@ -136,10 +137,13 @@ def newton_schulz_many(updates: list[Tensor], steps: int = 5, eps: float = 1e-7,
 
 def orthogonalize_many(xs: list[Tensor], ns_dtype: str | None = None, steps: int = 5) -> list[Tensor]:
     """``[newton_schulz(x) if x.dim() >= 2 else x for x in xs]``, same-shape matrices batched
-    (``newton_schulz_many``), iterated in ``ns_dtype`` (a key of ``NS_DTYPES``; default the tensors' own)."""
+    (``newton_schulz_many``), iterated in ``ns_dtype`` (a key of ``NS_DTYPES``; default the tensors' own).
+    Sharded DTensor matrices (FSDP2) are orthogonalised whole, distributed over the ranks (``sharding.map_whole``)."""
     matrices = [i for i, x in enumerate(xs) if x.dim() >= 2]
     out = list(xs)
-    for i, y in zip(matrices, newton_schulz_many([xs[i] for i in matrices], steps=steps, dtype=NS_DTYPES[ns_dtype])):
+    whole = sharding.map_whole([xs[i] for i in matrices],
+                               lambda ms: newton_schulz_many(ms, steps=steps, dtype=NS_DTYPES[ns_dtype]))
+    for i, y in zip(matrices, whole):
         out[i] = y
     return out
 
