@@ -223,21 +223,40 @@ def test_cms_step_is_eq71_gradient_descent_on_the_error_signal():
     torch.testing.assert_close(w2[0], level.W2 - eta / 6 * g2, rtol=0, atol=1e-12)
 
 
-def test_cms_error_signals_are_next_token_loss_gradients_and_the_model_stays_causal():
-    cfg = HopeConfig(**{**TINY, "cms_periods": (4, None)})
+@pytest.mark.parametrize("cms_error", ["per_level", "shared"])
+def test_cms_error_signals_are_next_token_loss_gradients_and_the_model_stays_causal(cms_error):
+    """δ_t = ∂ℓ_t/∂(the level's output) at position t with the Titans branches held constant (per_level), or at the
+    final residual stream (shared), of the model whose CMS levels do not learn; the model stays causal."""
+    cfg = HopeConfig(**{**TINY, "cms_periods": (4, 6, None)}, cms_error=cms_error)
     m = perturbed(cfg)
     idx = torch.randint(0, 256, (1, 13))
-    err = m.cms_errors(idx)
-    assert err.shape == (1, 13, cfg.d_model)
-    assert err[0, -1].abs().max() == 0 and err[0, :-1].abs().amax(-1).min() > 0  # no target after T−1
-    # δ_t = ∂ℓ_t/∂x_t at the final residual stream of the model whose CMS levels do not learn
+    errors = m.cms_errors(idx)
+    assert [len(row) for row in errors] == [3] * cfg.n_layers
+    assert all((row[2] is None) == (cms_error == "per_level") for row in errors)  # period ∞: no δ of its own
     set_in_context_learning(m, cms=False)
     x = m.embed(idx)
+    outputs, branches = [], []
     for blk in m.blocks:
-        x = blk(x)
+        branch = blk.titans.f(blk.titans.norm(x)).detach()  # held constant: only position-wise paths remain
+        branches.append(branch)
+        x = x + branch
+        for level in blk.cms:
+            x = level(x)
+            outputs.append(x)
     losses = F.cross_entropy(m.norm(x)[0] @ m.embed.weight.mT, torch.cat([idx[0, 1:], idx[0, :1]]), reduction="none")
-    for t in (0, 5, 11):
-        torch.testing.assert_close(torch.autograd.grad(losses[t], x, retain_graph=True)[0][0, t], err[0, t])
+    flat = [e for row in errors for e in row]
+    for out, err in zip(outputs, flat, strict=True):
+        target = x if cms_error == "shared" else out
+        if err is None:
+            continue
+        assert err.shape == (1, 13, cfg.d_model)
+        assert err[0, -1].abs().max() == 0 and err[0, :-1].abs().amax(-1).min() > 0  # no target after T−1
+        for t in (0, 5, 11):
+            grad = torch.autograd.grad(losses[t], target, retain_graph=True)[0]
+            torch.testing.assert_close(grad[0, t], err[0, t])
+            assert grad[0, t + 1:].abs().max() == 0  # ℓ_t reaches no later position: the pass is causal
+    if cms_error == "per_level":  # the levels' signals differ (the Jacobians of the levels above them)
+        assert (flat[0] - flat[1]).abs().max() > 1e-6 and (flat[0] - flat[3]).abs().max() > 1e-6
     set_in_context_learning(m, cms=True)
     logits, _ = m(idx)
     for s in (3, 4, 9):
