@@ -363,3 +363,35 @@ def test_recomputing_chunk_states_in_backward_gives_the_same_loss_and_gradients(
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.equal(loss_a, loss_b)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grads_a, grads_b))
+
+
+def test_cms_carry_over_keeps_each_level_s_change_across_sequences_in_training_only():
+    """``memory_carry="cms"``: a training pass leaves carry = mean over the batch of (final state − θ₀); the next
+    sequences start from θ₀ + carry (scan op and chunk loop alike); evaluation reads it and leaves it alone; the
+    default keeps no such state."""
+    cfg = HopeConfig(**{**TINY, "cms_periods": (4, None)}, memory_carry="cms")
+    assert not any("carry" in n for n, _ in LanguageModel(HopeConfig(**TINY)).named_buffers())
+    m = perturbed(cfg)
+    level = m.blocks[0].cms[0]
+    assert level.carries and not m.blocks[0].cms[1].carries
+    x, err = torch.randn(3, 13, cfg.d_model, dtype=torch.float64), 0.05 * torch.randn(3, 13, cfg.d_model,
+                                                                                      dtype=torch.float64)
+    m.train()
+    _, (w1, w2, _) = level(x, err, return_state=True)
+    torch.testing.assert_close(level.carry_w1, (w1.mean(0) - level.W1).detach())
+    torch.testing.assert_close(level.carry_w2, (w2.mean(0) - level.W2).detach())
+    assert level.carry_w1.abs().max() > 1e-4
+    loop = copy.deepcopy(level)
+    loop.scans = False
+    for lv in (level, loop):  # both paths start the next sequence from θ₀ + carry
+        lv.eval()
+        y = lv(x)  # no error signal: reads the start state throughout
+        torch.testing.assert_close(y, x + F.silu(lv.norm(x) @ (lv.W2 + lv.carry_w2).mT) @ (lv.W1 + lv.carry_w1).mT)
+    before = level.carry_w1.clone()
+    level(x, err)  # evaluation: carry unchanged
+    assert torch.equal(level.carry_w1, before)
+    state = m.state_dict()
+    assert "blocks.0.cms.0.carry_w1" in state
+    fresh = LanguageModel(cfg).double()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.blocks[0].cms[0].carry_w1, before)

@@ -9,45 +9,52 @@ Every memory has the form ``M(x) = x + W₁σ(W₂x)`` (W₁: d×h, W₂: h×d) 
 **Self-modifying Titans** (Nested Learning Eq. 76–93), per head, input ``u_t`` = short causal conv (width 4)
 of a projection of ``x_t``, query ``q_t`` = ℓ2-normalised conv projection.  Five memories
 ``M_k, M_v, M_η, M_α, M_mem`` produce ``k_t = M_k(u_t)/‖·‖``, ``v_t = M_v(u_t)`` (Eq. 76–81),
-``η_t = (η_max/C)·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)`` (Eq. 82–83), and each
+``η_t = η_cap·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)`` (Eq. 82–83), and each
 memory □ is trained on its self-generated value ``v̂_□ = M_□(v_t)/‖·‖`` (Eq. 84; ℓ2-normalised like q and k:
 unnormalised, the self-referential target grows with the memory and the inner regression runs away).  Since all
 five read the same ``u_t``, the initial states decide whether k ≠ v: with W₁ small every memory is ≈ the identity,
 ``k ≈ v ≈ u/‖u‖``, ``e ≈ 0`` and nothing is written; the default θ₀ (``HopeConfig.titans_w1_std``,
-``titans_w2_gain``) starts M_k and M_v far from the identity and σ(W₂k) of order 1::
+``titans_w2_gain``) starts M_k and M_v far from the identity and σ(W₂k) of order 1.  Each memory's step
+(Eq. 85–93, ``M ← M(α_t I − η_t k kᵀ) − η_t ∇ℓ``, Delta GD's ``kkᵀ`` term on W₂), in normalised-LMS form (k is
+unit-norm but h and W₁ are not; without it the in-context regression diverges once the outer loop grows them)::
 
-    W_t = α_t W_{t−1} − η_t U_t,   U_t = ∇ℓ(M_□; k_t, v̂_□)  (+ Delta-GD term z kᵀ on W₂)   (Eq. 85–93)
+    W₁ ← α_t W₁ − b₁ (α_t W₁ h + k − v̂) hᵀ,                 b₁ = lr·η_t/(1 + ‖h‖²)
+    W₂ ← α_t W₂ − b₂ (α_t W₂ k + g₂/(1 + ‖W₁‖²)) kᵀ,         b₂ = lr·η_t    (without Delta GD: no W₂k term)
 
-C = chunk size: a chunk's steps are all taken at its start state, so their sum is capped at η_max ≤ 2,
-which keeps ``I − Σ_t η_t k_t k_tᵀ`` a contraction for unit keys however the keys of a chunk align (the
-DeltaNet bound β ≤ 2; the former cap, η_max = 0.5, bound on 32% of a trained model's steps and the new one
-on 2%: the README's HOPE section).  The gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and
-``g₂/(1 + ‖W₁‖²)`` for W₂: k is unit-norm but h and W₁ are not, and without it the in-context regression
-diverges once the outer loop grows them.
-
-Chunk-parallel training (paper Sec. 8.2): in a chunk starting at state ``W_c`` every gradient, read of
-``k, v, η, α`` and value is taken at ``W_c``; with ``G_t = α_t G_{t−1} + η_t U_t`` and ``A_t = Π α``
-the state after token t is ``W_t = A_t W_c + rule.update(G_t, state_c, W_c)``: the inner optimizer is a
-deepopt rule (``sgd``: GD, ``momentum``: momentum across chunks), which must be affine in its gradient
-so that the output ``y_t = M_{mem,t}(q_t)`` has the linear-attention form computed below.  At the end
-of the chunk the rule's update is committed.  ``reference=True`` runs the same recurrence token by
-token with explicit states (the test oracle).  With ``self_modifying=False`` only ``M_mem`` learns in
-context: the other four are static maps (their initial states) and ``v̂ = v/‖v‖``.
+Both are gated delta rules ``S ← α S(I − b κκᵀ) + b ν κᵀ`` (key κ = h resp. k, b‖κ‖² ≤ lr·η_t), each token's map
+a contraction for lr·η_t ≤ 2.  Chunk-parallel training (paper Sec. 8.2): in a chunk starting at state ``W_c``
+the reads of ``k, v, η, α``, the values v̂ and everything nonlinear in the state (h = σ(W₂k), σ', g₂) are taken at
+``W_c``.  ``eta_form="per_token"`` (default): η_cap = η_max and the state-linear terms ``α_t W h``, ``α_t W k``
+are read at the token's own state inside the chunk — the gated delta rule's UT transform
+(``titans_kernels.gated_delta_solve``): ``U = (I + diag(b)M)⁻¹ diag(b)(ν − diag(A) K W_cᵀ)``,
+``M_ts = (A_t/A_s) κ_t·κ_s`` (s < t) — so a write's strength does not depend on C and no sum of a chunk's steps
+needs a bound.  ``eta_form="chunk_capped"`` (the former form): every term at ``W_c`` and η_cap = η_max/C, which
+keeps ``I − Σ_t η_t k_t k_tᵀ`` a contraction however a chunk's keys align and ties a write's strength to 1/C.
+With ``A_t = Π α`` the state after token t is ``W_t = A_t W_c + rule.update(G_t, state_c, W_c)``, ``κG_t`` the
+chunk's summed steps so far: the inner optimizer is a deepopt rule (``sgd``: GD, ``momentum``: momentum across
+chunks), which must be affine in its gradient so that the output ``y_t = M_{mem,t}(q_t)`` has the linear-attention
+form computed in ``titans_kernels.chunk_mix``.  At the end of the chunk the rule's update is committed.
+``reference=True`` runs the same recurrence token by token with explicit states (the test oracle).  With
+``self_modifying=False`` only ``M_mem`` learns in context: the other four are static maps (their initial states)
+and ``v̂ = v/‖v‖``.
 
 **CMS** (Eq. 70–71): a chain of levels ``y = h + W₁σ(W₂ norm(h))``.  Level ℓ reads one state for a whole
 chunk of ``C^{(ℓ)}`` tokens and, at the chunk's end, takes the step of Eq. 71,
 ``θ ← θ − η^{(ℓ)}·(1/C)·Σ_t f(θ; x_t)`` with ``f`` the error component of gradient descent on the model's
 own objective: ``f = ∇_θ ⟨y_t(θ), δ_t⟩``, ``δ_t`` the gradient of token t's next-token loss (its target,
-token t+1, is in the context) with respect to the level's output along the residual stream, i.e.
+token t+1, is in the context) with respect to the level's output, i.e.
 ``∇_{W₁} = δ hᵀ``, ``∇_{W₂} = (σ'(z) ⊙ W₁ᵀδ) kᵀ``, each divided by a bound on its curvature as in Titans
 (``δ/(1 + ‖h‖²)``, ``(σ'(z) ⊙ W₁ᵀδ)/((1 + ‖W₁‖²)·d)``; the dot-product objective has no curvature of its
 own, and raw steps blew training up), applied through a deepopt rule.  ``η^{(ℓ)} = softplus(ρ_ℓ)``
-is an outer parameter.  Departures (argued and measured in the README's HOPE section): the δ_t of a sequence
-come from one first pass in which no CMS level learns, and are constants of the second pass (no
-second-order outer gradient), the way chunk-parallel Titans takes a chunk's gradients at its start state;
-and they are taken at the final residual stream (``LanguageModel.cms_errors``).  A period of ``None`` (∞)
-never updates: the level is a plain residual MLP (a Transformer FFN).  Initial memory states are outer
-parameters in both parts.
+is an outer parameter.  Departures (argued in docs/notes/hope-memory.md): the δ_t of a sequence come from one
+first pass in which no CMS level learns, and are constants of the second pass (no second-order outer gradient),
+the way chunk-parallel Titans takes a chunk's gradients at its start state; ``cms_error="per_level"`` (default)
+gives every level of every block its own ``δ_t = ∂ℓ_t/∂y_t`` through the position-wise layers above it, with the
+Titans branches above held constant (through their memories the gradient would carry later tokens' losses);
+``"shared"`` (the former form) takes one δ at the final residual stream for all (``LanguageModel.cms_errors``).
+A period of ``None`` (∞) never updates: the level is a plain residual MLP (a Transformer FFN).  Initial memory
+states are outer parameters in both parts.  Every memory starts each sequence at its initial state, unless
+``memory_carry="cms"``: then the CMS levels keep their in-context change across sequences (``CMSLevel._carry``).
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ MODELS = ("hope", "transformer")
 TITANS_MEMORIES = ("k", "v", "eta", "alpha", "mem")
 ETA_FORMS = ("per_token", "chunk_capped")  # HopeConfig.eta_form
 CMS_ERRORS = ("per_level", "shared")  # HopeConfig.cms_error
+MEMORY_CARRY = ("none", "cms")  # HopeConfig.memory_carry
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,12 @@ class HopeConfig:
     # (per block and level; through the position-wise layers above it); "shared": one δ at the final residual
     # stream for every level of every block (the former form, kept for the ablation)
     cms_error: str = "per_level"
+    # what outlives a sequence besides the outer parameters: "none" (every sequence starts every memory at θ₀) or
+    # "cms" (each learning CMS level keeps its in-context change: a training pass ends by storing the batch mean of
+    # its final state minus θ₀ in a buffer the next sequences start from, θ₀ + carry, so the levels go on learning
+    # over the stream at their periods: Eq. 71 read over the data stream.  Titans' state, a memory of the
+    # current context, still resets; the carry is per process under DDP)
+    memory_carry: str = "none"
     # Transformer++ (0 = chosen to match the HOPE model's parameter count)
     ffn_hidden: int = 0
     rope_base: float = 10000.0
@@ -144,6 +158,8 @@ class HopeConfig:
             raise ValueError(f"eta_max must be in [0, 2] (keeps the memories' steps contractions), got {self.eta_max}")
         if self.cms_error not in CMS_ERRORS:
             raise ValueError(f"cms_error must be one of {CMS_ERRORS}, got {self.cms_error!r}")
+        if self.memory_carry not in MEMORY_CARRY:
+            raise ValueError(f"memory_carry must be one of {MEMORY_CARRY}, got {self.memory_carry!r}")
         if isinstance(self.conv_tap_std, bool) or not isinstance(self.conv_tap_std, (int, float)) or not (
                 math.isfinite(self.conv_tap_std) and self.conv_tap_std >= 0):
             raise ValueError(f"conv_tap_std must be a finite number >= 0, got {self.conv_tap_std!r}")
@@ -400,8 +416,8 @@ def planted_write_readback(layer: SelfModifyingTitans, keys: Tensor, targets: Te
     Each head h writes ``keys[h, i] → targets[h, i]`` (unit keys, shape (H, N, d_head)) with one step of the
     memory's rule at step size ``eta`` (default: the cap ``layer.eta_cap``, η_max per token or η_max/C):
     ``W₁ ← W₁ − η e hᵀ/(1 + ‖h‖²)``, ``W₂ ← W₂ − η (g₂/(1 + ‖W₁‖²) (+ z)) kᵀ`` with ``e = M(k) − v̂`` (module
-    doc; one token's step is the same in both step forms); then ``gap`` tokens pass with no write and the state decays by
-    ``α^gap``, ``α = sigmoid(b_α)`` (each token's α at init, where ``w_α = 0``).  Returns (H, N): the share of
+    doc; one token's step is the same in both step forms); then ``gap`` tokens pass with no write and the state
+    decays by ``α^gap``, ``α = sigmoid(b_α)`` (each token's α at init, where ``w_α = 0``).  Returns (H, N): the share of
     the error the write removed at its key, ``ρ = ⟨M_gap(k) − M'_gap(k), e⟩/‖e‖²`` (M': with the write), 1 = the
     target read back exactly.  A diagnostic of the initial state, not used in training.
     """
@@ -456,10 +472,27 @@ class CMSLevel(nn.Module):
         self.learns_in_context = True  # False: the level stays at θ₀ (the ablation)
         self.recompute = cfg.recompute_chunks
         self.scans = cfg.scan_ops and cfg.cms_rule == "sgd"  # the whole recurrence as one op (cms_kernels)
+        self.carries = cfg.memory_carry == "cms" and period is not None
+        if self.carries:  # the in-context change carried from sequence to sequence (HopeConfig.memory_carry)
+            self.register_buffer("carry_w1", torch.zeros(d, cfg.cms_hidden))
+            self.register_buffer("carry_w2", torch.zeros(cfg.cms_hidden, d))
 
     @property
     def learns(self) -> bool:
         return self.period is not None and self.learns_in_context
+
+    def initial_state(self) -> tuple[Tensor, Tensor]:
+        """The state every sequence starts from: θ₀, plus the carried change with ``memory_carry="cms"``."""
+        if self.carries:
+            return self.W1 + self.carry_w1, self.W2 + self.carry_w2
+        return self.W1, self.W2
+
+    def _carry(self, w1: Tensor, w2: Tensor) -> None:
+        """After a training pass of a carrying level: carry ← batch mean of the final state − θ₀."""
+        if self.carries and self.training:
+            with torch.no_grad():
+                self.carry_w1.copy_(w1.detach().mean(0) - self.W1)
+                self.carry_w2.copy_(w2.detach().mean(0) - self.W2)
 
     def _chunk(self, w1: Tensor, w2: Tensor, st: tuple, k: Tensor, err: Tensor | None):
         """The chunk's read ``W₁σ(W₂k)`` at the current state and, given the chunk's error signals ``err``
@@ -479,7 +512,7 @@ class CMSLevel(nn.Module):
 
         k = self.norm(x)
         lr = F.softplus(self.eta_rho) / self.period
-        read, s1, s2 = cms_scan(k, error.to(k.dtype), self.W1, self.W2, lr, self.period, self.activation)
+        read, s1, s2 = cms_scan(k, error.to(k.dtype), *self.initial_state(), lr, self.period, self.activation)
         return x + read, s1, s2
 
     def forward(self, x: Tensor, error: Tensor | None = None, reference: bool = False, return_state: bool = False):
@@ -489,11 +522,12 @@ class CMSLevel(nn.Module):
         learns = self.learns and error is not None
         if learns and self.scans and not reference:
             y, s1, s2 = self._scan(x, error)
+            self._carry(s1[:, -1], s2[:, -1])
             return (y, (s1[:, -1], s2[:, -1], T // self.period)) if return_state else y
         k = self.norm(x)
         # per-sequence copies of θ₀ (plain tensors, batched like the states the updates make): every chunk sees
         # one tensor type and rank, so a compiled ``_chunk`` is not recompiled after the first chunk
-        w1, w2 = (w.expand(x.shape[0], -1, -1).contiguous() for w in (self.W1, self.W2))
+        w1, w2 = (w.expand(x.shape[0], -1, -1).contiguous() for w in self.initial_state())
         st = (self.rule.init(w1, self.hp), self.rule.init(w2, self.hp))
         period = self.period if learns else T
         ys, n_updates = [], 0
@@ -512,6 +546,8 @@ class CMSLevel(nn.Module):
                 y, w1, w2, st = recomputed(self._chunk, self.recompute, w1, w2, st, kc, ec if update else None)
                 ys.append(y)
                 n_updates += update
+        if learns:
+            self._carry(w1, w2)
         y = x + torch.cat(ys, dim=1)
         return (y, (w1, w2, n_updates)) if return_state else y
 
