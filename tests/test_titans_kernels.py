@@ -129,14 +129,15 @@ TRITON_CHECK = textwrap.dedent("""
     from deepopt.hope import titans_kernels as tk
     from test_titans_kernels import scan_inputs
 
-    # T = 48: whole chunks; 40 and 33: a partial last chunk (masked tokens neither step nor decay); both step forms
-    for T, delta_gd, learns, with_ds, seq in ((48, True, True, False, True), (40, False, True, True, True),
-                                              (33, True, False, False, True), (40, True, True, True, False),
-                                              (48, False, True, False, False)):
+    # T = 48: whole chunks; 40 and 33: a partial last chunk (masked tokens neither step nor decay); both step forms;
+    # C = 32: the triangular solve's blocked substitution over two 16-row blocks
+    for T, C, delta_gd, learns, with_ds, seq in ((48, 16, True, True, False, True), (40, 16, False, True, True, True),
+                                                 (33, 16, True, False, False, True), (40, 16, True, True, True, False),
+                                                 (48, 16, False, True, False, False), (70, 32, True, True, True, True)):
         inputs = [x.detach().float() for x in scan_inputs(B=1, H=2, T=T, d=16, hid=16, seed=T)]
-        params, consts = tuple(inputs[4:]), tk._consts(16, 2.0, "silu", delta_gd, learns, -1.0, seq)
-        want = tk._scan_reference(*inputs[:4], params, 16, consts)
-        got = tk._triton_forward(*inputs[:4], params, 16, consts)
+        params, consts = tuple(inputs[4:]), tk._consts(C, 2.0, "silu", delta_gd, learns, -1.0, seq)
+        want = tk._scan_reference(*inputs[:4], params, C, consts)
+        got = tk._triton_forward(*inputs[:4], params, C, consts)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert (want[1][:, :, -1] - want[1][:, :, 0]).abs().max() > 1e-3 or not learns  # the memories moved
@@ -144,7 +145,7 @@ TRITON_CHECK = textwrap.dedent("""
         g = torch.Generator().manual_seed(T)
         dy, ds1, ds2 = (torch.randn(x.shape, generator=g) for x in want)
         ds1, ds2 = (ds1, ds2) if with_ds else (None, None)
-        grads = [f(dy, ds1, ds2, *inputs[:2], *want[1:], params, 16, consts)
+        grads = [f(dy, ds1, ds2, *inputs[:2], *want[1:], params, C, consts)
                  for f in (tk._triton_backward, tk._scan_backward_reference)]
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -113,24 +113,24 @@ def chunk_factors(w1: Tensor, w2: Tensor, u: Tensor, w_eta: Tensor, b_eta: Tenso
 
 def gated_delta_solve(keys: Tensor, E: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The UT transform of the gated delta rule ``S_t = α_t S_{t−1} + u_t κ_tᵀ``, ``u_t = b_t(ν_t − α_t S_{t−1} κ_t)``
-    over a chunk: ``U = T(ν − diag(γ) K S₀ᵀ)`` with ``T = (I + diag(b) M)⁻¹ diag(b)``, ``M_ts = E_ts κ_t·κ_s`` for
-    s < t (``E_ts = γ_t/γ_s``).  ``keys (…, C, n)``, ``E (…, C, C)``, ``b (…, C)``; returns ``(T, N, M)``,
-    ``N = (I + diag(b) M)⁻¹`` (lower unitriangular)."""
+    over a chunk: ``U = N (b ⊙ (ν − diag(γ) K S₀ᵀ))`` with ``N = (I + diag(b) M)⁻¹``, ``M_ts = E_ts κ_t·κ_s`` for
+    s < t (``E_ts = γ_t/γ_s``).  ``keys (…, C, n)``, ``E (…, C, C)``, ``b (…, C)``; returns ``(N, M, G)``
+    (N lower unitriangular, ``G = K Kᵀ``)."""
     C = E.shape[-1]
     strict = torch.ones(C, C, dtype=torch.bool, device=E.device).tril(-1)
-    M = (E * (keys @ keys.mT)).masked_fill(~strict, 0)
+    G = keys @ keys.mT
+    M = (E * G).masked_fill(~strict, 0)
     eye = torch.eye(C, dtype=M.dtype, device=M.device)
     lower = eye + b[..., :, None] * M
     N = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True)
-    return N * b[..., None, :], N, M
+    return N, M, G
 
 
-def _solve_vjp(dT: Tensor, N: Tensor, M: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Reverse mode of ``gated_delta_solve``'s ``T = (I + diag(b)M)⁻¹ diag(b)`` (M strictly lower): ``(∂b, ∂M)``."""
-    dN = dT * b[..., None, :]
-    db = (dT * N).sum(-2)
-    dX = -(N.mT @ dN @ N.mT).tril(-1)  # X = diag(b) M
-    return db + (dX * M).sum(-1), b[..., :, None] * dX
+def _solve_vjp(dw: Tensor, U: Tensor, M: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The part of ``U = N (b ⊙ ν)``'s reverse mode that goes through ``N = (I + diag(b)M)⁻¹`` (M strictly lower),
+    given ``dw = Nᵀ ∂U``: ``∂(diag(b)M) = −dw Uᵀ`` (strictly lower), so ``(∂b, ∂M)`` — no C×C×C product."""
+    dX = -(dw @ U.mT).tril(-1)
+    return (dX * M).sum(-1), b[..., :, None] * dX
 
 
 def chunk_mix(w1: Tensor, w2: Tensor, f: dict[str, Tensor], q: Tensor, kappa: float, activation: str, *,
@@ -159,13 +159,13 @@ def chunk_mix(w1: Tensor, w2: Tensor, f: dict[str, Tensor], q: Tensor, kappa: fl
     b1 = b2[:, :, None] / f["nh"][..., 0]  # (B, H, n, C)
     o = {"A": A, "E": E, "b1": b1, "b2": b2, "nu1": nu1, "nu2": nu2}
     if sequential:
-        o["T1"], o["N1"], o["M1"] = gated_delta_solve(h, E[:, :, None], b1)
-        U1 = o["T1"] @ nu1
+        o["N1"], o["M1"], o["G1"] = gated_delta_solve(h, E[:, :, None], b1)
+        U1 = o["N1"] @ (b1[..., None] * nu1)
     else:
         U1 = b1[..., None] * nu1
     if sequential and delta_gd:
-        o["T2"], o["N2"], o["M2"] = gated_delta_solve(k, E, b2)
-        U2 = o["T2"][:, :, None] @ nu2
+        o["N2"], o["M2"], o["G2"] = gated_delta_solve(k, E, b2)
+        U2 = o["N2"][:, :, None] @ (b2[:, :, None, :, None] * nu2)
     else:
         U2 = b2[:, :, None, :, None] * nu2
     zq = A[..., None] * (q @ w2[:, :, -1].mT) + (E * (q @ k.mT)) @ U2[:, :, -1]
@@ -234,23 +234,24 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     dq = dq + (Y1 * E) @ k
     dk = dk + (Y1 * E).mT @ q
     dU2[:, :, -1] += (E * Sq).mT @ dzq
-    # steps: U = T ν with T = (I + diag(b) M)⁻¹ diag(b) (sequential) or diag(b), M_ts = E_ts κ_t·κ_s (s < t)
+    # steps: U = N (b ⊙ ν), N = (I + diag(b) M)⁻¹ (sequential) or I, M_ts = E_ts κ_t·κ_s (s < t)
     b1, b2, nu1, nu2 = o["b1"], o["b2"], o["nu1"], o["nu2"]
+    dr1 = o["N1"].mT @ dU1 if sequential else dU1
+    dnu1, db1 = b1[..., None] * dr1, (dr1 * nu1).sum(-1)
     if sequential:
-        dnu1 = o["T1"].mT @ dU1
-        db1, dM = _solve_vjp(dU1 @ nu1.mT, o["N1"], o["M1"], b1)
-        dE = dE + (dM * (h @ h.mT)).sum(2)
+        db, dM = _solve_vjp(dr1, U1, o["M1"], b1)
+        db1 = db1 + db
+        dE = dE + (dM * o["G1"]).sum(2)
         dME = dM * E[:, :, None]
-        dh = dh + dME @ h + dME.mT @ h
-    else:
-        dnu1, db1 = b1[..., None] * dU1, (dU1 * nu1).sum(-1)
+        dh = dh + (dME + dME.mT) @ h
+    dr2 = o["N2"][:, :, None].mT @ dU2 if sequential and delta_gd else dU2
+    dnu2, db2 = b2[:, :, None, :, None] * dr2, (dr2 * nu2).sum((2, 4))
     if sequential and delta_gd:
-        dnu2 = o["T2"][:, :, None].mT @ dU2
-        db2, dM = _solve_vjp((dU2 @ nu2.mT).sum(2), o["N2"], o["M2"], b2)
-        dE = dE + dM * (k @ k.mT)
-        dk = dk + (dM * E) @ k + (dM * E).mT @ k
-    else:
-        dnu2, db2 = b2[:, :, None, :, None] * dU2, (dU2 * nu2).sum((2, 4))
+        db, dM = _solve_vjp(dr2.transpose(2, 3).flatten(3), U2.transpose(2, 3).flatten(3), o["M2"], b2)
+        db2 = db2 + db
+        dE = dE + dM * o["G2"]
+        dME = dM * E
+        dk = dk + (dME + dME.mT) @ k
     # b₁ = lr·η/n_h, b₂ = lr·η (lr = −κ), n_h = 1 + ‖h‖²
     nh = f["nh"][..., 0]
     deta = -kappa * (db2 + (db1 / nh).sum(2))
@@ -463,9 +464,14 @@ def dot_precision(*tensors: Tensor) -> str:
 
 def _launch_consts(chunk_size: int, d: int, hid: int, consts: dict, *tensors: Tensor) -> dict:
     """The keyword arguments both kernels take: sizes, switches and ``num_warps``."""
-    return {"C": chunk_size, "D": d, "HID": hid, "LOG2C": chunk_size.bit_length() - 1,
+    return {"C": chunk_size, "D": d, "HID": hid,
             "DELTA_GD": consts["delta_gd"], "LEARNS": consts["learns"], "SEQ": consts["sequential"],
             "PREC": dot_precision(*tensors), "num_warps": _num_warps(chunk_size, d, hid)}
+
+
+def _scratch(u: Tensor, programs: int, chunk_size: int, consts: dict) -> Tensor:
+    """The triangular solves' scratch: 2·C·C fp32 per program (a 1-element stand-in without sequential steps)."""
+    return u.new_empty(programs * 2 * chunk_size ** 2 if consts["sequential"] else 1, dtype=torch.float32)
 
 
 def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[Tensor, ...], chunk_size: int,
@@ -478,8 +484,9 @@ def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[
     s1[:, :, 0] = w1
     s2[:, :, 0] = w2
     y = u.new_empty(u.shape)
-    _forward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, y, *(p.contiguous() for p in params), T, n,
-                              consts["eta_scale"], -consts["kappa"], H=H,
+    scr = _scratch(u, B * H, chunk_size, consts)
+    _forward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, y, *(p.contiguous() for p in params), scr, T,
+                              n, consts["eta_scale"], -consts["kappa"], H=H,
                               **_launch_consts(chunk_size, d, hid, consts, u, w1))
     return y, s1, s2
 
@@ -502,8 +509,9 @@ def _triton_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tens
         has_ds = True
     _backward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, dy.contiguous(),
                                ds1.contiguous() if has_ds else s1, ds2.contiguous() if has_ds else s2, a1, a2, du, dq,
-                               dp, *(p.contiguous() for p in params), T, n, consts["eta_scale"], -consts["kappa"],
-                               H=H, HAS_DS=has_ds, **_launch_consts(chunk_size, d, hid, consts, u, s1))
+                               dp, *(p.contiguous() for p in params), _scratch(u, B * H, chunk_size, consts), T,
+                               n, consts["eta_scale"], -consts["kappa"], H=H, HAS_DS=has_ds,
+                               **_launch_consts(chunk_size, d, hid, consts, u, s1))
     dp = dp.sum(0).split([d, 1, d, 1], dim=-1)  # dw_η, db_η, dw_α, db_α per head (copies: outputs may not alias)
     return (du, dq, a1.sum(0).to(s1.dtype), a2.sum(0).to(s2.dtype),
             *(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(dp, params)))
@@ -585,30 +593,50 @@ if triton is not None:
         return A, E, last, tl.sum(tl.where(rc == C - 1, A, 0.0), 0)
 
     @triton.jit
-    def _kernel_solve(kk, E, b, C: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.constexpr):
-        """``gated_delta_solve``: ``(T, N, M)``, ``N = (I + diag(b)M)⁻¹`` by blockwise doubling: with ``N`` the
-        inverse's block diagonal at blocks of 2^l, ``N ← N − N X_l N`` (X_l: the entries of ``diag(b)M`` between
-        the two halves of each 2^{l+1} block) is that at blocks of 2^{l+1}; every product is of true inverses
-        (no growing powers, unlike a Neumann series)."""
-        rc = tl.arange(0, C)
-        strict = rc[:, None] > rc[None, :]
-        M = tl.where(strict, E * _dot(kk, tl.trans(kk), PREC), 0.0)
-        X = b[:, None] * M
-        N = (rc[:, None] == rc[None, :]).to(tl.float32)
-        for lvl in tl.static_range(LOG2C):
-            cross = ((rc[:, None] >> (lvl + 1)) == (rc[None, :] >> (lvl + 1))) & \
-                ((rc[:, None] >> lvl) != (rc[None, :] >> lvl))
+    def _unit_lower_inverse(X, BLK: tl.constexpr, PREC: tl.constexpr):
+        """``(I + X)⁻¹`` of a strictly lower (BLK, BLK) tile by blockwise doubling: with ``N`` the inverse's block
+        diagonal at blocks of 2^l, ``N ← N − N X_l N`` (X_l: X's entries between the two halves of each 2^{l+1}
+        block) is that at blocks of 2^{l+1}; every product is of true inverses (no growing powers, unlike a
+        Neumann series)."""
+        rb = tl.arange(0, BLK)
+        N = (rb[:, None] == rb[None, :]).to(tl.float32)
+        for lvl in tl.static_range(BLK.bit_length() - 1):
+            cross = ((rb[:, None] >> (lvl + 1)) == (rb[None, :] >> (lvl + 1))) & \
+                ((rb[:, None] >> lvl) != (rb[None, :] >> lvl))
             N = N - _dot(_dot(N, tl.where(cross, X, 0.0), PREC), N, PREC)
-        return N * b[None, :], N, M
+        return N
 
     @triton.jit
-    def _kernel_solve_vjp(dT, N, M, b, C: tl.constexpr, PREC: tl.constexpr):
-        """Reverse mode of ``_kernel_solve``'s T (as ``_solve_vjp``): ``(∂b, ∂M)``."""
+    def _kernel_solve(kk, E, b, scr, C: tl.constexpr, PREC: tl.constexpr):
+        """``gated_delta_solve``: ``(N, M)``, ``N = (I + X)⁻¹``, ``X = diag(b)M``, by blocked forward substitution
+        over 16-row blocks (``N_b = N_bb(I_b − X_{b,<b} N_{<b})``, ``N_bb`` by ``_unit_lower_inverse``), the blocks
+        exchanged through the program's scratch ``scr`` (2·C·C fp32): about C³/2 + 2·16·C² multiply-adds instead of
+        the 2·log₂C·C³ of doubling on the whole tile."""
+        BLK: tl.constexpr = 16
+        rc, rb = tl.arange(0, C), tl.arange(0, BLK)
+        M = tl.where(rc[:, None] > rc[None, :], E * _dot(kk, tl.trans(kk), PREC), 0.0)
+        xs, ns = scr, scr + C * C
+        tl.store(xs + rc[:, None] * C + rc[None, :], b[:, None] * M)
+        tl.debug_barrier()
+        for blk in tl.static_range(C // BLK):
+            rows = blk * BLK + rb
+            Xbb = tl.load(xs + rows[:, None] * C + rows[None, :])
+            R = (rows[:, None] == rc[None, :]).to(tl.float32)
+            if blk > 0:  # minus X_{b,<b} N_{<b}: the rows of N stored so far
+                Xrow = tl.load(xs + rows[:, None] * C + rc[None, :], mask=rc[None, :] < blk * BLK, other=0.0)
+                Nprev = tl.load(ns + rc[:, None] * C + rc[None, :], mask=rc[:, None] < blk * BLK, other=0.0)
+                R = R - _dot(Xrow, Nprev, PREC)
+            tl.store(ns + rows[:, None] * C + rc[None, :], _dot(_unit_lower_inverse(Xbb, BLK, PREC), R, PREC))
+            tl.debug_barrier()
+        N = tl.load(ns + rc[:, None] * C + rc[None, :])
+        tl.debug_barrier()  # every thread has read the scratch before the next solve overwrites it
+        return N, M
+
+    @triton.jit
+    def _kernel_solve_dx(dr, U, C: tl.constexpr, PREC: tl.constexpr):
+        """``∂(diag(b)M) = −dr Uᵀ`` (strictly lower) given ``dr = Nᵀ ∂U`` (``_solve_vjp``)."""
         rc = tl.arange(0, C)
-        db = tl.sum(dT * N, 0)
-        dX = -_dot(_dot(tl.trans(N), dT * b[None, :], PREC), tl.trans(N), PREC)
-        dX = tl.where(rc[:, None] > rc[None, :], dX, 0.0)
-        return db + tl.sum(dX * M, 1), b[:, None] * dX
+        return tl.where(rc[:, None] > rc[None, :], -_dot(dr, tl.trans(U), PREC), 0.0)
 
     @triton.jit
     def _memory_factors(k, v, w1, w2t, PREC: tl.constexpr):
@@ -625,9 +653,9 @@ if triton is not None:
         return V, z, h, e, g, read, Zv, Pv, Vraw
 
     @triton.jit
-    def _steps(k, V, z, h, g, read, w1, E, b2, T2, om, C: tl.constexpr, LOG2C: tl.constexpr, SEQ: tl.constexpr,
+    def _steps(k, V, z, h, g, read, w1, E, b2, N2, om, scr, C: tl.constexpr, SEQ: tl.constexpr,
                DELTA_GD: tl.constexpr, PREC: tl.constexpr):
-        """``chunk_mix``'s steps for one memory: ``b₁, ν₁, ν₂, n_h, n₁`` and ``U1, U2`` (and T1, N1, M1 with SEQ)."""
+        """``chunk_mix``'s steps for one memory: ``b₁, ν₁, ν₂, n_h, n₁`` and ``U1, U2`` (and N1, M1 with SEQ)."""
         nh = 1 + tl.sum(h * h, 1)
         n1 = 1 + tl.sum(tl.sum(w1 * w1, 1), 0)
         b1 = b2 / nh
@@ -636,18 +664,17 @@ if triton is not None:
         if DELTA_GD:
             nu2 = nu2 - om[:, None] * z
         if SEQ:
-            T1, N1, M1 = _kernel_solve(h, E, b1, C, LOG2C, PREC)
-            U1 = _dot(T1, nu1, PREC)
+            N1, M1 = _kernel_solve(h, E, b1, scr, C, PREC)
+            U1 = _dot(N1, b1[:, None] * nu1, PREC)
         else:
-            T1 = E
             N1 = E
             M1 = E
             U1 = b1[:, None] * nu1
         if SEQ and DELTA_GD:
-            U2 = _dot(T2, nu2, PREC)
+            U2 = _dot(N2, b2[:, None] * nu2, PREC)
         else:
             U2 = b2[:, None] * nu2
-        return nh, n1, b1, nu1, nu2, T1, N1, M1, U1, U2
+        return nh, n1, b1, nu1, nu2, N1, M1, U1, U2
 
     @triton.jit
     def _output(q, k, A, E, w1, w2t, h, U1, U2, PREC: tl.constexpr):
@@ -658,10 +685,10 @@ if triton is not None:
         return zq, hq, y
 
     @triton.jit
-    def _chunk_start(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, D: tl.constexpr,
-                     HID: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, LEARNS: tl.constexpr,
-                     SEQ: tl.constexpr, DELTA_GD: tl.constexpr, PREC: tl.constexpr):
-        """Everything of a chunk shared by its memories: reads, decays, ``b₂ = lr·η``, ω and W₂'s T (SEQ, Delta GD)."""
+    def _chunk_start(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D: tl.constexpr,
+                     HID: tl.constexpr, C: tl.constexpr, LEARNS: tl.constexpr, SEQ: tl.constexpr,
+                     DELTA_GD: tl.constexpr, PREC: tl.constexpr):
+        """Everything of a chunk shared by its memories: reads, decays, ``b₂ = lr·η``, ω and W₂'s N (SEQ, Delta GD)."""
         k, v, eta, log_alpha, xe, xa = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D,
                                                     HID, LEARNS, PREC)
         A, E, last, a_c = _decays(log_alpha, C)
@@ -671,21 +698,21 @@ if triton is not None:
         else:
             om = A * 0.0 + 1.0
         if SEQ and DELTA_GD:
-            T2, N2, M2 = _kernel_solve(k, E, b2, C, LOG2C, PREC)
+            N2, M2 = _kernel_solve(k, E, b2, scr, C, PREC)
         else:
-            T2 = E
             N2 = E
             M2 = E
-        return k, v, eta, log_alpha, xe, xa, A, E, last, a_c, b2, om, T2, N2, M2
+        return k, v, eta, log_alpha, xe, xa, A, E, last, a_c, b2, om, N2, M2
 
     @triton.jit
-    def _forward_kernel(u_ptr, q_ptr, s1_ptr, s2_ptr, y_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, T, n_chunks, eta_scale,
-                        lr, H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
-                        LOG2C: tl.constexpr, DELTA_GD: tl.constexpr, LEARNS: tl.constexpr, SEQ: tl.constexpr,
-                        PREC: tl.constexpr):
+    def _forward_kernel(u_ptr, q_ptr, s1_ptr, s2_ptr, y_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, scr_ptr, T, n_chunks,
+                        eta_scale, lr, H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
+                        DELTA_GD: tl.constexpr, LEARNS: tl.constexpr, SEQ: tl.constexpr, PREC: tl.constexpr):
         """One program per (batch, head): the chunks in order, states read from and written to the boundary
-        buffers (chunk c reads entry c and writes entry c + 1); the memories in a loop (not unrolled)."""
+        buffers (chunk c reads entry c and writes entry c + 1); the memories in a loop (not unrolled).  ``scr``:
+        2·C·C fp32 per program for the triangular solves (SEQ)."""
         bh = tl.program_id(0)
+        scr = scr_ptr + bh.to(tl.int64) * (2 * C * C)
         h = bh % H
         rc, rd, rh = tl.arange(0, C), tl.arange(0, D), tl.arange(0, HID)
         w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)
@@ -697,14 +724,14 @@ if triton is not None:
             u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
             start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
             s1, s2 = s1_ptr + start, s2_ptr + start
-            k, v, _, _, _, _, A, E, last, a_c, b2, om, T2, _, _ = _chunk_start(
-                u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, D, HID, C, LOG2C, LEARNS, SEQ,
+            k, v, _, _, _, _, A, E, last, a_c, b2, om, N2, _ = _chunk_start(
+                u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D, HID, C, LEARNS, SEQ,
                 DELTA_GD, PREC)
             for m in range(N_MEM):
                 w1, w2t = _state(s1, s2, m, D, HID)
                 V, z, hm, _, g, read, _, _, _ = _memory_factors(k, v, w1, w2t, PREC)
-                _, _, _, _, _, _, _, _, U1, U2 = _steps(k, V, z, hm, g, read, w1, E, b2, T2, om, C, LOG2C, SEQ,
-                                                        DELTA_GD, PREC)
+                _, _, _, _, _, _, _, U1, U2 = _steps(k, V, z, hm, g, read, w1, E, b2, N2, om, scr, C, SEQ,
+                                                     DELTA_GD, PREC)
                 if m == N_MEM - 1:
                     q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
                     _, _, y = _output(q, k, A, E, w1, w2t, hm, U1, U2, PREC)
@@ -719,20 +746,21 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(u_ptr, q_ptr, s1_ptr, s2_ptr, dy_ptr, ds1_ptr, ds2_ptr, a1_ptr, a2_ptr, du_ptr, dq_ptr,
-                         dp_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, T, n_chunks, eta_scale, lr, H: tl.constexpr,
-                         C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, LOG2C: tl.constexpr,
+                         dp_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, scr_ptr, T, n_chunks, eta_scale, lr,
+                         H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
                          DELTA_GD: tl.constexpr, LEARNS: tl.constexpr, SEQ: tl.constexpr, HAS_DS: tl.constexpr,
                          PREC: tl.constexpr):
         """One program per (batch, head): the chunks in reverse, each recomputed from its saved start state and
         differentiated as ``chunk_vjp`` does.  ``a1, a2`` (fp32, (5, D, HID) and (5, HID, D) per program) hold the
         cotangent of the state at the current chunk boundary: read as the next state's, overwritten with the start
-        state's.  Pass 1 recomputes the reads, decays and W₂'s T, pass 2 runs each memory's commit, output (M_mem),
-        steps, factor and value terms, pass 3 W₂'s T, the decays, η, α, k and the reads."""
+        state's.  Pass 1 recomputes the reads, decays and W₂'s N, pass 2 runs each memory's commit, output (M_mem),
+        steps, factor and value terms, pass 3 W₂'s N, the decays, η, α, k and the reads."""
         bh = tl.program_id(0)
         h = bh % H
         rc, rd, rh = tl.arange(0, C), tl.arange(0, D), tl.arange(0, HID)
         w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)
         size = N_MEM * D * HID
+        scr = scr_ptr + bh.to(tl.int64) * (2 * C * C)
         a1, a2 = a1_ptr + bh.to(tl.int64) * size, a2_ptr + bh.to(tl.int64) * size
         off1 = rd[:, None] * HID + rh[None, :]  # (D, HID) in a (D, HID) matrix
         off2 = rh[None, :] * D + rd[:, None]  # (D, HID) view of the transpose of a (HID, D) matrix
@@ -746,20 +774,20 @@ if triton is not None:
             u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
             start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
             s1, s2 = s1_ptr + start, s2_ptr + start
-            k, v, eta, log_alpha, xe, xa, A, E, last, a_c, b2, om, T2, N2, M2 = _chunk_start(
-                u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, D, HID, C, LOG2C, LEARNS, SEQ,
+            k, v, eta, log_alpha, xe, xa, A, E, last, a_c, b2, om, N2, M2 = _chunk_start(
+                u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D, HID, C, LEARNS, SEQ,
                 DELTA_GD, PREC)
             dk, dv = tl.zeros([C, D], dtype=tl.float32), tl.zeros([C, D], dtype=tl.float32)
             dq = tl.load(dy_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
-            dE, dT2 = tl.zeros([C, C], dtype=tl.float32), tl.zeros([C, C], dtype=tl.float32)
+            dE, dX2 = tl.zeros([C, C], dtype=tl.float32), tl.zeros([C, C], dtype=tl.float32)
             dA, dlast, db2 = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32), \
                 tl.zeros([C], dtype=tl.float32)
             da_c = tl.sum(dA, 0)
             for m in range(N_MEM):
                 w1, w2t = _state(s1, s2, m, D, HID)
                 V, z, hm, e, g, read, Zv, Pv, Vraw = _memory_factors(k, v, w1, w2t, PREC)
-                nh, n1, b1, nu1, nu2, T1, N1, M1, U1, U2 = _steps(k, V, z, hm, g, read, w1, E, b2, T2, om, C,
-                                                                  LOG2C, SEQ, DELTA_GD, PREC)
+                nh, n1, b1, nu1, nu2, N1, M1, U1, U2 = _steps(k, V, z, hm, g, read, w1, E, b2, N2, om, scr, C, SEQ,
+                                                              DELTA_GD, PREC)
                 # commit: W' = A_C W + Δ,  Δ₁ = Σ_s E_Cs U1_s h_sᵀ,  Δ₂ = Σ_s E_Cs U2_s k_sᵀ
                 dn1, dn2t = tl.load(a1 + m * D * HID + off1), tl.load(a2 + m * HID * D + off2)
                 da_c += tl.sum(tl.sum(dn1 * w1, 1), 0) + tl.sum(tl.sum(dn2t * w2t, 1), 0)
@@ -792,22 +820,26 @@ if triton is not None:
                     dq += _dot(Y1 * E, k, PREC)
                     dk += _dot(tl.trans(Y1 * E), q, PREC)
                     dU2 += _dot(tl.trans(E * Sq), dzq, PREC)
-                # steps: U = T ν, T = (I + diag(b)M)⁻¹ diag(b) (SEQ) or diag(b)
+                # steps: U = N (b ⊙ ν), N = (I + diag(b)M)⁻¹ (SEQ) or I
                 if SEQ:
-                    dnu1 = _dot(tl.trans(T1), dU1, PREC)
-                    db1, dM1 = _kernel_solve_vjp(_dot(dU1, tl.trans(nu1), PREC), N1, M1, b1, C, PREC)
+                    dr1 = _dot(tl.trans(N1), dU1, PREC)
+                    dX1 = _kernel_solve_dx(dr1, U1, C, PREC)
+                    db1 = tl.sum(dr1 * nu1, 1) + tl.sum(dX1 * M1, 1)
+                    dM1 = b1[:, None] * dX1
                     dE += dM1 * _dot(hm, tl.trans(hm), PREC)
                     dME = dM1 * E
-                    dh += _dot(dME, hm, PREC) + _dot(tl.trans(dME), hm, PREC)
+                    dh += _dot(dME + tl.trans(dME), hm, PREC)
                 else:
-                    dnu1 = b1[:, None] * dU1
-                    db1 = tl.sum(dU1 * nu1, 1)
+                    dr1 = dU1
+                    db1 = tl.sum(dr1 * nu1, 1)
+                dnu1 = b1[:, None] * dr1
                 if SEQ and DELTA_GD:
-                    dnu2 = _dot(tl.trans(T2), dU2, PREC)
-                    dT2 += _dot(dU2, tl.trans(nu2), PREC)
+                    dr2 = _dot(tl.trans(N2), dU2, PREC)
+                    dX2 += _kernel_solve_dx(dr2, U2, C, PREC)
                 else:
-                    dnu2 = b2[:, None] * dU2
-                    db2 += tl.sum(dU2 * nu2, 1)
+                    dr2 = dU2
+                dnu2 = b2[:, None] * dr2
+                db2 += tl.sum(dr2 * nu2, 1)
                 # b₁ = b₂/n_h,  n_h = 1 + ‖h‖²
                 db2 += db1 / nh
                 dh -= 2 * hm * (db1 * b1 / nh)[:, None]
@@ -853,13 +885,13 @@ if triton is not None:
                 tl.debug_barrier()  # every thread has read this memory's slot (dn1, dn2t) before it is overwritten
                 tl.store(a1 + m * D * HID + off1, dw1)
                 tl.store(a2 + m * HID * D + off2, dw2t)
-            # W₂'s T (shared by the memories: key k)
+            # W₂'s N (shared by the memories: key k)
             if SEQ and DELTA_GD:
-                db2s, dM2 = _kernel_solve_vjp(dT2, N2, M2, b2, C, PREC)
-                db2 += db2s
+                db2 += tl.sum(dX2 * M2, 1)
+                dM2 = b2[:, None] * dX2
                 dE += dM2 * _dot(k, tl.trans(k), PREC)
                 dME = dM2 * E
-                dk += _dot(dME, k, PREC) + _dot(tl.trans(dME), k, PREC)
+                dk += _dot(dME + tl.trans(dME), k, PREC)
             # decays: E_ts = e^{L_t − L_s}, A_t = e^{L_t}, L = cumsum log α;  b₂ = lr·η
             dE += tl.where(rc[:, None] == C - 1, dlast[None, :], 0.0)
             dA += tl.where(rc == C - 1, da_c, 0.0)
