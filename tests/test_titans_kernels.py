@@ -62,13 +62,15 @@ def test_scan_op_passes_opcheck():
 
 
 @pytest.mark.parametrize("T", [12, 13])  # whole chunks, and a partial last one
-def test_scan_op_equals_the_chunk_loop_with_gradients(T):
+@pytest.mark.parametrize("sequential", [True, False], ids=["per_token", "chunk_capped"])
+def test_scan_op_equals_the_chunk_loop_with_gradients(T, sequential):
     """The op (reverse walk of ``chunk_vjp``) against autograd through the torch chunk loop, outputs and final
     states with random cotangents, float64."""
+    scalars = (*SCALARS[:-1], sequential)
     inputs = scan_inputs(T=T)
-    n = -(-T // SCALARS[0])
-    y, s1, s2 = tk.titans_scan(*inputs, *SCALARS)
-    ry, r1, r2 = tk._scan_reference(*inputs[:4], tuple(inputs[4:]), SCALARS[0], tk._consts(*SCALARS))
+    n = -(-T // scalars[0])
+    y, s1, s2 = tk.titans_scan(*inputs, *scalars)
+    ry, r1, r2 = tk._scan_reference(*inputs[:4], tuple(inputs[4:]), scalars[0], tk._consts(*scalars))
     assert s1.shape[2] == n + 1
     for a, b in ((y, ry), (s1, r1), (s2, r2)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -196,10 +198,11 @@ def test_non_power_of_two_shapes_and_cpu_tensors_take_the_torch_reference():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("T", [256, 200])
-def test_cuda_scan_equals_the_cpu_reference_with_gradients(T):
+@pytest.mark.parametrize("sequential", [True, False], ids=["per_token", "chunk_capped"])
+def test_cuda_scan_equals_the_cpu_reference_with_gradients(T, sequential):
     inputs = scan_inputs(B=2, H=4, T=T, d=32, hid=32, dtype=torch.float32, device="cuda")
     cpu = [x.detach().cpu().requires_grad_() for x in inputs]
-    args = (64, 2.0, "silu", True, True, -1.0, True)
+    args = (64, 2.0, "silu", True, True, -1.0, sequential)
     assert tk._triton_applies(*inputs[:4], 64, "silu")
     outs = [tk.titans_scan(*xs, *args) for xs in (inputs, cpu)]
     cots = [torch.randn_like(o) for o in outs[1]]

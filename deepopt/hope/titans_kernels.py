@@ -724,17 +724,18 @@ if triton is not None:
             u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
             start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
             s1, s2 = s1_ptr + start, s2_ptr + start
-            k, v, _, _, _, _, A, E, last, a_c, b2, om, N2, _ = _chunk_start(
+            # (distinct names for unused outputs: Triton types a name once per scope, and shapes differ)
+            k, v, eta_f, la_f, xe_f, xa_f, A, E, last, a_c, b2, om, N2, M2_f = _chunk_start(
                 u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D, HID, C, LEARNS, SEQ,
                 DELTA_GD, PREC)
             for m in range(N_MEM):
                 w1, w2t = _state(s1, s2, m, D, HID)
-                V, z, hm, _, g, read, _, _, _ = _memory_factors(k, v, w1, w2t, PREC)
-                _, _, _, _, _, _, _, U1, U2 = _steps(k, V, z, hm, g, read, w1, E, b2, N2, om, scr, C, SEQ,
-                                                     DELTA_GD, PREC)
+                V, z, hm, e_f, g, read, zv_f, pv_f, vraw_f = _memory_factors(k, v, w1, w2t, PREC)
+                nh_f, n1_f, b1_f, nu1_f, nu2_f, N1_f, M1_f, U1, U2 = _steps(k, V, z, hm, g, read, w1, E, b2, N2, om,
+                                                                            scr, C, SEQ, DELTA_GD, PREC)
                 if m == N_MEM - 1:
                     q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
-                    _, _, y = _output(q, k, A, E, w1, w2t, hm, U1, U2, PREC)
+                    zq_f, hq_f, y = _output(q, k, A, E, w1, w2t, hm, U1, U2, PREC)
                     tl.store(y_ptr + io, y.to(y_ptr.dtype.element_ty), mask=valid[:, None])
                 d1 = _dot(tl.trans(U1 * last[:, None]), hm, PREC)  # (D, HID)
                 d2t = _dot(tl.trans(k), U2 * last[:, None], PREC)  # Δ₂ᵀ (D, HID)
@@ -802,7 +803,7 @@ if triton is not None:
                 if m == N_MEM - 1:  # the output y (chunk_vjp's "output" block)
                     q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
                     dy = tl.load(dy_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
-                    zq, hq, _ = _output(q, k, A, E, w1, w2t, hm, U1, U2, PREC)
+                    zq, hq, y_b = _output(q, k, A, E, w1, w2t, hm, U1, U2, PREC)
                     dA += tl.sum(dy * _dot(hq, tl.trans(w1), PREC), 1)
                     dhq = A[:, None] * _dot(dy, w1, PREC)
                     dw1 += _dot(tl.trans(A[:, None] * dy), hq, PREC)
