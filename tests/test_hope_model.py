@@ -153,11 +153,30 @@ def test_bad_config_is_rejected_with_the_argument_named(bad, err):
         HopeConfig(**bad)
 
 
+@pytest.mark.parametrize("bad", [{"eta_form": "per_chunk"}, {"cms_error": "global"}, {"memory_carry": "all"},
+                                 {"eta_bias": float("nan")}, {"eta_max": -0.1}])
+def test_bad_memory_options_are_rejected_with_the_option_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        HopeConfig(**bad)
+
+
 def test_config_round_trips_through_dict():
     cfg = HopeConfig(**TINY)
     assert HopeConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
         HopeConfig.from_dict({"width": 3})
+
+
+def test_a_config_saved_before_the_memory_options_loads_with_their_former_forms():
+    """A saved config without ``eta_form``/``cms_error``/``memory_carry`` (written before they existed) means the
+    forms of its time: chunk-capped steps, the shared δ, no carry; a partial dict takes today's defaults."""
+    saved = HopeConfig(eta_form="chunk_capped").to_dict()
+    for name in ("eta_form", "cms_error", "memory_carry"):
+        del saved[name]
+    old = HopeConfig.from_dict(saved)
+    assert (old.eta_form, old.cms_error, old.memory_carry, old.eta_bias) == ("chunk_capped", "shared", "none", -1.0)
+    new = HopeConfig.from_dict({"d_model": 32})
+    assert (new.eta_form, new.cms_error, new.eta_bias) == ("per_token", "per_level", -4.0)
 
 
 def test_titans_layer_is_causal():

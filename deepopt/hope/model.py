@@ -75,8 +75,11 @@ from deepopt.rules.deep import ACTIVATIONS, apply_memory
 MODELS = ("hope", "transformer")
 TITANS_MEMORIES = ("k", "v", "eta", "alpha", "mem")
 ETA_FORMS = ("per_token", "chunk_capped")  # HopeConfig.eta_form
+ETA_BIAS = {"per_token": -4.0, "chunk_capped": -1.0}  # HopeConfig.eta_bias when None, per form
 CMS_ERRORS = ("per_level", "shared")  # HopeConfig.cms_error
 MEMORY_CARRY = ("none", "cms")  # HopeConfig.memory_carry
+# what a saved config without these fields meant (written before they existed): ``HopeConfig.from_dict``
+LEGACY = {"eta_form": "chunk_capped", "cms_error": "shared", "memory_carry": "none"}
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,10 @@ class HopeConfig:
     # of a chunk at its start state (the former form, kept for the ablation): a write's strength scales with 1/C
     eta_form: str = "per_token"
     eta_max: float = 2.0  # per_token: bound on each η_t; chunk_capped: bound on a chunk's summed step
-    eta_bias: float = -1.0  # initial b_η: η_t starts near η_cap·sigmoid(b_η) (η_cap = η_max, or η_max/C)
+    # initial b_η: η_t starts near η_cap·sigmoid(b_η) (η_cap = η_max, or η_max/C).  None: the form's own, −4 for
+    # per_token (η ≈ 0.036 at init, about the chunk-capped form's at C = 16: starting at 0.27–0.54 cost 7% of
+    # validation perplexity, docs/notes/hope-memory.md) and −1 for chunk_capped
+    eta_bias: float | None = None
     alpha_bias: float = 6.0
     self_modifying: bool = True
     delta_gd: bool = True
@@ -154,6 +160,11 @@ class HopeConfig:
             raise ValueError("transformer head size d_model/n_heads must be even for RoPE")
         if self.eta_form not in ETA_FORMS:
             raise ValueError(f"eta_form must be one of {ETA_FORMS}, got {self.eta_form!r}")
+        if self.eta_bias is None:
+            object.__setattr__(self, "eta_bias", ETA_BIAS[self.eta_form])
+        if isinstance(self.eta_bias, bool) or not isinstance(self.eta_bias, (int, float)) or \
+                not math.isfinite(self.eta_bias):
+            raise ValueError(f"eta_bias must be a finite number, got {self.eta_bias!r}")
         if not 0 <= self.eta_max <= 2:
             raise ValueError(f"eta_max must be in [0, 2] (keeps the memories' steps contractions), got {self.eta_max}")
         if self.cms_error not in CMS_ERRORS:
@@ -190,7 +201,8 @@ class HopeConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown HopeConfig field(s) {unknown}; accepted: {sorted(known)}")
-        d = dict(d)
+        if known - set(LEGACY) <= set(d):  # a whole saved config: one without a field predates it, so its form
+            d = {**LEGACY, **d}
         if "cms_periods" in d:
             d["cms_periods"] = tuple(d["cms_periods"])
         return cls(**d)
