@@ -199,19 +199,29 @@ def test_non_power_of_two_shapes_and_cpu_tensors_take_the_torch_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("T", [256, 200])
 @pytest.mark.parametrize("sequential", [True, False], ids=["per_token", "chunk_capped"])
-def test_cuda_scan_equals_the_cpu_reference_with_gradients(T, sequential):
+@pytest.mark.parametrize("matmul_precision, tol", [("highest", 1e-4), ("high", 3e-2)], ids=["ieee", "tf32"])
+def test_cuda_scan_equals_the_cpu_reference_with_gradients(T, sequential, matmul_precision, tol):
+    """The kernels on CUDA against the CPU reference; with torch's float32 matmul precision "high" their products
+    run on TF32 tensor cores (``dot_precision``), within TF32 rounding of the fp32 reference."""
     inputs = scan_inputs(B=2, H=4, T=T, d=32, hid=32, dtype=torch.float32, device="cuda")
     cpu = [x.detach().cpu().requires_grad_() for x in inputs]
     args = (64, 2.0, "silu", True, True, -1.0, sequential)
     assert tk._triton_applies(*inputs[:4], 64, "silu")
-    outs = [tk.titans_scan(*xs, *args) for xs in (inputs, cpu)]
-    cots = [torch.randn_like(o) for o in outs[1]]
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a.cpu(), b.detach(), rtol=1e-4, atol=1e-4)
-    grads = [torch.autograd.grad(sum((o * c.to(o.device)).sum() for o, c in zip(os_, cots)), xs)
-             for os_, xs in zip(outs, (inputs, cpu))]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
+    want = tk.titans_scan(*cpu, *args)  # the CPU reference at the default precision
+    cots = [torch.randn_like(o) for o in want]
+    want_grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(want, cots)), cpu)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        assert tk.dot_precision(inputs[0]) == ("ieee" if matmul_precision == "highest" else "tf32")
+        got = tk.titans_scan(*inputs, *args)
+        grads = torch.autograd.grad(sum((o * c.cuda()).sum() for o, c in zip(got, cots)), inputs)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b.detach(), rtol=tol, atol=tol)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a.cpu(), b, rtol=10 * tol, atol=10 * tol)
 
 
 def test_scan_ops_false_runs_the_python_chunk_loop_with_the_same_numbers():

@@ -448,9 +448,10 @@ def _triton_applies(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, chunk_size: in
 
 
 def _num_warps(*sizes: int) -> int:
-    """Warps per program: 8 once a tile is 64 wide (the (C, C), (C, hid), (d, hid) fp32 tiles of a chunk live at
-    once; more threads, fewer registers each).  A guess to tune on a GPU."""
-    return 8 if max(sizes) >= 64 else 4
+    """Warps per program: 8 (a chunk keeps some twenty (C|d|hid)-sized fp32 tiles live; more threads, fewer
+    registers each).  Compiled for sm_90 at the tiny preset (16-wide tiles) the backward spilled 0.6–1.6 KB per
+    thread with 4 warps and 8–92 bytes with 8 (docs/notes/titans-kernels.md)."""
+    return 8
 
 
 def dot_precision(*tensors: Tensor) -> str:

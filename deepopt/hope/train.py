@@ -160,10 +160,15 @@ def init_distributed(device: str) -> Dist:
 
 
 def resolve_device(device: str, d: Dist) -> torch.device:
+    """The torch device of ``--device`` for this process.  On CUDA float32 matmuls may use TF32 tensor cores
+    (``torch.set_float32_matmul_precision("high")``, as training scripts such as nanoGPT's set): cuBLAS's and
+    HOPE's Triton kernels' (``titans_kernels.dot_precision``; exact-fp32 products spill registers at C = 64)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for but torch.cuda.is_available() is False")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")
     return torch.device(f"cuda:{d.local_rank}" if device == "cuda" and d.world > 1 else device)
 
 
