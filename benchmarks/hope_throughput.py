@@ -55,6 +55,8 @@ def measure(model_name: str, size: str, context: int, tokens: int, steps: int, w
     replay of a captured graph, ``deepopt.cuda_graph.GraphedStep``; ``scan_ops=False``: HOPE's memories run the
     Python chunk loop instead of the whole-sequence ops, ``HopeConfig.scan_ops``)."""
     torch.manual_seed(0)
+    if device.startswith("cuda"):  # TF32 products for both models (cuBLAS and HOPE's kernels), as `hope train` runs
+        torch.set_float32_matmul_precision("high")
     cfg = model_config(model_name, size, recompute_chunks=recompute or None, scan_ops=scan_ops)
     model = LanguageModel(cfg).to(device)
     if compile:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# SECOND_DERIVATIVES: σ''(z), for the backward of the W₂ step's σ'(z) factor
-from deepopt.hope.titans_kernels import SECOND_DERIVATIVES, normalized_steps
+# SECOND_DERIVATIVES: σ''(z), for the backward of the W₂ step's σ'(z) factor; dot_precision: tl.dot's inputs
+from deepopt.hope.titans_kernels import SECOND_DERIVATIVES, dot_precision, normalized_steps
 from deepopt.rules.deep import ACTIVATIONS
 
 
@@ -222,11 +222,6 @@ def triton_applies(k: Tensor, w: Tensor, period: int) -> bool:
     and states (``w``: the initial or saved states, hid last), and a chunk small enough (``MAX_CHUNK_WORK``)."""
     return (triton is not None and use_triton and k.is_cuda and k.dtype in KERNEL_DTYPES
             and w.dtype in KERNEL_DTYPES and period * k.shape[-1] * w.shape[-1] <= MAX_CHUNK_WORK)
-
-
-def _precision(*tensors: Tensor) -> str:
-    """``tl.dot`` precision: exact fp32 products for float32 inputs, TF32 tensor cores once anything is bf16."""
-    return "ieee" if all(t.dtype == torch.float32 for t in tensors) else "tf32"
 
 
 if triton is not None:
@@ -526,7 +521,7 @@ def scan_triton(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, peri
     h, g = (k.new_empty(B, rows, hid, dtype=torch.float32) for _ in range(2))
     a = k.new_empty(B, rows, dtype=torch.float32)
     _scan_fwd_kernel[(B,)](k, err, w1, w2, lr, y, s1, s2, h, g, a, T, d, hid, period, N, ACT=ACT_CODES[activation],
-                           PREC=_precision(k, w1), BT=BT, BD=BD, BH=BH, BLOCK=BLOCK)
+                           PREC=dot_precision(k, w1), BT=BT, BD=BD, BH=BH, BLOCK=BLOCK)
     return y, s1, s2
 
 
@@ -545,5 +540,5 @@ def scan_backward_triton(gy: Tensor, gs1: Tensor | None, gs2: Tensor | None, k: 
     gs2c = s2 if gs2 is None else gs2.to(s2.dtype).contiguous()
     _scan_bwd_kernel[(B,)](gy, gs1c, gs2c, k, err, s1.contiguous(), s2.contiguous(), lr, gk, g1, g2, glr, z, q, r,
                            q2, gw, a, ds, T, d, hid, period, N, HAS_GS1=gs1 is not None, HAS_GS2=gs2 is not None,
-                           ACT=ACT_CODES[activation], PREC=_precision(k, s1), BT=BT, BD=BD, BH=BH, BLOCK=BLOCK)
+                           ACT=ACT_CODES[activation], PREC=dot_precision(k, s1), BT=BT, BD=BD, BH=BH, BLOCK=BLOCK)
     return gk, g1.sum(0).to(s1.dtype), g2.sum(0).to(s2.dtype), glr.sum().to(lr.dtype)
