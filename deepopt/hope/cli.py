@@ -513,8 +513,9 @@ def cmd_niah(args: argparse.Namespace) -> int:
             r["digit_accuracy_needle_removed"] = niah.niah_eval(
                 model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer, needle=False,
                 split=split)["digit_accuracy"]
-            r["needle_gradient_share"], r["needle_token_fraction"] = niah.needle_gradient_share(
+            by_layer, r["needle_token_fraction"] = niah.needle_gradient_shares(
                 model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer)
+            r["needle_gradient_share"], r["needle_gradient_share_by_layer"] = by_layer[0], by_layer
         return r
 
     def train(variant: str, lr: float, seed: int) -> dict[str, Any]:
@@ -545,8 +546,8 @@ def cmd_niah(args: argparse.Namespace) -> int:
         plot_curves(args.out / "loss.png", f"{args.task} training (answer-token loss), best lr",
                     {f"{r['model']} s{r['seed']}": r["loss_curve"] for r in runs if r["best_lr"]})
         keys = ("exact_accuracy", "value_share", "bound_share")
-        keys += ("digit_accuracy_needle_removed", "needle_gradient_share", "needle_token_fraction") if needle_task \
-            else ()
+        keys += ("digit_accuracy_needle_removed", "needle_gradient_share", "needle_gradient_share_by_layer",
+                 "needle_token_fraction") if needle_task else ()
         cells = [str(c) for c in contexts]
         table = best_lr_table(runs, lambda r: r["model"], lambda e: str(e["context"]), cells, keys)
         bpe = filler.tokenizer.kind == "bpe"  # scores the tokens of " <key>": no per-token chance level

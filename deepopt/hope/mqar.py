@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from .recall import (
     open_log,
     plateau,
     resolve_lrs,
+    stored_gradient_shares,
     sweep_table,
     train_steps,
     tuned_runs,
@@ -97,26 +98,42 @@ def mqar_batch(batch_size: int, seq_len: int, n_pairs: int, vocab_size: int = VO
 VAL_SPLIT, TEST_SPLIT = 1, 0  # held-out draws: learning rates are chosen on VAL_SPLIT, tables report TEST_SPLIT
 
 
+def held_out_batches(seq_len: int, n_pairs: int, samples: int, batch_size: int, seed: int,
+                     vocab_size: int = VOCAB_SIZE, split: int = TEST_SPLIT) -> Iterator[tuple[Tensor, Tensor]]:
+    """The held-out sequences the evaluations read, ``samples`` of them in batches of at most ``batch_size``;
+    ``split`` picks an independent draw (``VAL_SPLIT``: the one learning rates are chosen on)."""
+    gen = torch.Generator().manual_seed(10_007 * seed + 31 * seq_len + n_pairs + 1 + 7_777_777 * split)
+    for done in range(0, samples, batch_size):
+        yield mqar_batch(min(batch_size, samples - done), seq_len, n_pairs, vocab_size, gen)
+
+
 @torch.no_grad()
 def mqar_eval(model: LanguageModel, seq_len: int, n_pairs: int, samples: int, batch_size: int, seed: int,
               vocab_size: int = VOCAB_SIZE, split: int = TEST_SPLIT) -> dict[str, Any]:
     """Greedy answers to the queries of ``samples`` held-out sequences: ``accuracy`` (the asked key's value) and
     the plateau diagnostic (``recall.plateau``: the share of answers that are one of the sequence's
-    ``n_pairs`` values).  ``split`` picks an independent draw (``VAL_SPLIT`` for choosing learning rates)."""
+    ``n_pairs`` values)."""
     model.eval()
     device = model.embed.weight.device
-    gen = torch.Generator().manual_seed(10_007 * seed + 31 * seq_len + n_pairs + 1 + 7_777_777 * split)
-    right, in_context, total, done = 0, 0, 0, 0
-    while done < samples:
-        x, y = mqar_batch(min(batch_size, samples - done), seq_len, n_pairs, vocab_size, gen)
+    right, in_context, total = 0, 0, 0
+    for x, y in held_out_batches(seq_len, n_pairs, samples, batch_size, seed, vocab_size, split):
         logits, _ = model(x.to(device))
         mask = y != -100
         answer = logits.argmax(-1).cpu()
         values = x[:, 1:2 * n_pairs:2]  # (B, n_pairs): the sequence's values
         right += int((answer[mask] == y[mask]).sum())
         in_context += int(((answer[:, :, None] == values[:, None, :]).any(-1) & mask).sum())
-        total, done = total + int(mask.sum()), done + x.shape[0]
+        total += int(mask.sum())
     return {"accuracy": right / total, **plateau(right / total, in_context / total, n_pairs)}
+
+
+def pair_gradient_shares(model: LanguageModel, seq_len: int, n_pairs: int, samples: int, batch_size: int, seed: int,
+                         vocab_size: int = VOCAB_SIZE) -> tuple[list[float], float]:
+    """``recall.stored_gradient_shares`` with the key-value pairs as the stored tokens, on the test sequences:
+    how much of the answers' gradient entering each block falls on the pairs (and the pairs' token share)."""
+    return stored_gradient_shares(model, (
+        (x, y, torch.arange(seq_len)[None].expand_as(x) < 2 * n_pairs)
+        for x, y in held_out_batches(seq_len, n_pairs, samples, batch_size, seed, vocab_size)))
 
 
 def mqar_accuracy(model: LanguageModel, seq_len: int, n_pairs: int, samples: int, batch_size: int, seed: int,
@@ -230,12 +247,19 @@ def cmd_mqar(args: argparse.Namespace) -> int:
                 return mqar_eval(model, length, pairs, args.eval_samples, args.batch_size, seed, args.mqar_vocab,
                                  split)
 
+            def shares(length: int, pairs: int) -> dict[str, Any]:
+                by_layer, fraction = pair_gradient_shares(model, length, pairs, args.eval_samples, args.batch_size,
+                                                          seed, args.mqar_vocab)
+                return {"pair_gradient_share": by_layer[0], "pair_gradient_share_by_layer": by_layer,
+                        "pair_token_fraction": fraction}
+
             val = [evaluate(length, pairs, VAL_SPLIT)["accuracy"] for length, pairs in settings]
             if args.save_models:
                 save_model(model, out / "models" / f"{variant}-d{width}-lr{lr:g}-s{seed}")
             return {**run, "val_accuracy": sum(val) / len(val),
                     "eval": [{"seq_len": length, "n_pairs": pairs, "length_ratio": length / train_length,
-                              **evaluate(length, pairs, TEST_SPLIT)} for length, pairs in args.eval_settings]}
+                              **evaluate(length, pairs, TEST_SPLIT), **shares(length, pairs)}
+                             for length, pairs in args.eval_settings]}
 
         width_runs, width_best = tuned_runs(args.models, args.lrs, args.seeds, train, log, prefix=f"d{width}|")
         runs += width_runs
@@ -246,7 +270,9 @@ def cmd_mqar(args: argparse.Namespace) -> int:
     write_csv(out / "results.csv", rows)
     cells = [f"{length}x{pairs}" for length, pairs in args.eval_settings]
     table = best_lr_table(runs, lambda r: f"{r['model']} d{r['width']}",
-                          lambda e: f"{e['seq_len']}x{e['n_pairs']}", cells)
+                          lambda e: f"{e['seq_len']}x{e['n_pairs']}", cells,
+                          ("value_share", "bound_share", "pair_gradient_share", "pair_gradient_share_by_layer",
+                           "pair_token_fraction"))
     for variant in args.models:
         curves = {}
         for width in args.widths:

@@ -22,11 +22,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .data import BYTES, Tokenizer
-from .recall import plateau
+from .recall import plateau, stored_gradient_shares
 
 TASKS = ("s-niah-1", "s-niah-2", "s-niah-3", "mk-niah")
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -156,23 +155,14 @@ def needle_gradient_share(model, task: str, haystack: Tensor, length: int, sampl
     and ``N`` the asked needle's positions (where the ``needle=False`` sequence differs), ``fraction = |N| / T``
     (the share of a model that spreads its gradient evenly).  A model that reads the needle puts far more than
     ``fraction`` on it; one whose memory carries nothing from the needle to the answer puts about 0."""
-    model.eval()
-    device = model.embed.weight.device
-    grabbed: list[Tensor] = []
-    handle = model.embed.register_forward_hook(lambda m, i, out: grabbed.append(out) if out.requires_grad else None)
-    on_needle, total, needle_tokens, tokens = 0.0, 0.0, 0, 0
+    shares, fraction = needle_gradient_shares(model, task, haystack, length, samples, batch_size, seed, tokenizer)
+    return shares[0], fraction
+
+
+def needle_gradient_shares(model, task: str, haystack: Tensor, length: int, samples: int, batch_size: int,
+                           seed: int, tokenizer: Tokenizer = BYTES) -> tuple[list[float], float]:
+    """``needle_gradient_share`` at every depth (``recall.stored_gradient_shares``): the share of the answer's
+    gradient with respect to the residual stream entering each block that falls on the needle's positions."""
     batches = (held_out_batches(task, haystack, length, samples, batch_size, seed, tokenizer, needle)
                for needle in (True, False))
-    try:
-        for (x, y, _), (gone, _, _) in zip(*batches):
-            grabbed.clear()
-            with torch.enable_grad():
-                logits, _ = model(x.to(device))
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
-                (g,) = torch.autograd.grad(loss, grabbed[-1])
-            norm, mask = g.norm(dim=-1).cpu().double(), x != gone
-            on_needle, total = on_needle + float(norm[mask].sum()), total + float(norm.sum())
-            needle_tokens, tokens = needle_tokens + int(mask.sum()), tokens + mask.numel()
-    finally:
-        handle.remove()
-    return on_needle / total, needle_tokens / tokens
+    return stored_gradient_shares(model, ((x, y, x != gone) for (x, y, _), (gone, _, _) in zip(*batches)))

@@ -18,8 +18,12 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from deepopt.runs import JsonLines, UsageError
 
@@ -162,8 +166,8 @@ def best_lr_table(runs: Sequence[dict[str, Any]], model_of: Callable[[dict], str
                   cells: Sequence[str], keys: Sequence[str] = ("value_share", "bound_share")
                   ) -> dict[str, dict[str, dict[str, Any]]]:
     """``{model: {cell: stats}}`` over the seeds at each model's best lr: mean and std of ``accuracy``, means of
-    ``keys``, the share of seeds flagged ``copy_plateau``, the lr, the seeds that ran and those that diverged;
-    ``cell_of`` names an evaluation's cell (a column of the table)."""
+    ``keys`` (element-wise for lists), the share of seeds flagged ``copy_plateau``, the lr, the seeds that ran and
+    those that diverged; ``cell_of`` names an evaluation's cell (a column of the table)."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for model in dict.fromkeys(model_of(r) for r in runs):
         chosen = [r for r in runs if model_of(r) == model and r["best_lr"]]
@@ -176,9 +180,16 @@ def best_lr_table(runs: Sequence[dict[str, Any]], model_of: Callable[[dict], str
             table[model][cell] = {
                 "accuracy": acc, "accuracy_std": std, "lr": chosen[0]["lr"], "seeds": len(chosen),
                 "diverged_seeds": sum(r["diverged"] for r in chosen),
-                **{k: seed_mean([e[k] for e in evals])[0] for k in keys},
+                **{k: _mean([e[k] for e in evals]) for k in keys},
                 "copy_plateau": seed_mean([float(e["copy_plateau"]) for e in evals])[0]}
     return table
+
+
+def _mean(values: Sequence[Any]) -> Any:
+    """The mean of numbers, or the element-wise mean of equally long lists of numbers."""
+    if isinstance(values[0], list):
+        return [seed_mean(column)[0] for column in zip(*values)]
+    return seed_mean(values)[0]
 
 
 def sweep_table(runs: Sequence[dict[str, Any]], model_of: Callable[[dict], str]) -> dict[str, dict[str, Any]]:
@@ -208,3 +219,38 @@ def seed_mean(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def stored_gradient_shares(model, batches: Iterable[tuple[Tensor, Tensor, Tensor]]) -> tuple[list[float], float]:
+    """Where the answers' gradient goes, per depth: ``(shares, fraction)`` over ``batches`` of ``(x, y, stored)``
+    (``stored``: bool (B, T), the positions holding what the answers need: MQAR's key-value pairs, the needle).
+    ``shares[ℓ] = Σ_{t∈stored} ‖g_t^ℓ‖ / Σ_t ‖g_t^ℓ‖`` with ``g^ℓ = ∂ℓ/∂h^ℓ`` the gradient of the answers' summed
+    NLL ``ℓ`` with respect to the residual stream entering block ℓ (ℓ = 0: the token embeddings); ``fraction =
+    |stored| / T`` (an even spread).  A model whose blocks from ℓ on read the stored tokens puts far more than
+    ``fraction`` at depth ℓ; one whose memory carries nothing from them to the answers puts about 0."""
+    model.eval()
+    device = model.embed.weight.device
+    grabbed: list[Tensor] = []
+
+    def grab(module, inputs, out):
+        if out.requires_grad:  # not HOPE's gradient-free pass for the CMS error signals
+            grabbed.append(out)
+
+    depths = [model.embed, *list(getattr(model, "blocks", []))[:-1]]  # the inputs of the blocks
+    handles = [m.register_forward_hook(grab) for m in depths]
+    on, total, stored_tokens, tokens = [0.0] * len(depths), [0.0] * len(depths), 0, 0
+    try:
+        for x, y, stored in batches:
+            grabbed.clear()
+            with torch.enable_grad():
+                logits, _ = model(x.to(device))
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
+                grads = torch.autograd.grad(loss, grabbed[-len(depths):])
+            for i, g in enumerate(grads):
+                norm = g.norm(dim=-1).cpu().double()
+                on[i], total[i] = on[i] + float(norm[stored].sum()), total[i] + float(norm.sum())
+            stored_tokens, tokens = stored_tokens + int(stored.sum()), tokens + stored.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return [a / b if b > 0 else 0.0 for a, b in zip(on, total)], stored_tokens / tokens
