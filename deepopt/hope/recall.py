@@ -35,9 +35,10 @@ TUNING_RULE = ("every model: the same steps; each lr of the sweep at the first s
                "accuracy (held-out sequences apart from the test ones; ties: lower final train loss; diverged runs "
                "last) at every other seed; tables: test accuracy at that lr, mean and sample std over the seeds")
 RUNS_FILE = "runs.jsonl"  # every finished training run of a sweep, one line each (``--resume`` reads it back)
-# options that do not change what a recall run computes (may differ when ``--resume`` continues a run)
-NOT_IDENTITY = ("lr", "resume", "overwrite", "out", "progress", "threads", "func", "command", "hope_command", "compile",
-                "run_command", "run_outputs", "run_shares", "context_default")
+# options that do not change what a recall run computes (may differ when ``--resume`` continues a run; runs are
+# keyed by model, lr and seed, so ``--models`` may name other models: those already trained are read back)
+NOT_IDENTITY = ("models", "lr", "resume", "overwrite", "out", "progress", "threads", "func", "command", "hope_command",
+                "compile", "run_command", "run_outputs", "run_shares", "context_default")
 
 
 def plateau(accuracy: float, value_share: float, n_values: int) -> dict[str, Any]:
@@ -87,12 +88,13 @@ def run_identity(args) -> dict[str, Any]:
 
 def open_log(out, args) -> JsonLines:
     """The run's ``runs.jsonl`` (read back with ``--resume``), its first entry the run's identity; a
-    ``UsageError`` when ``--resume`` finds other options than the killed run's."""
+    ``UsageError`` when ``--resume`` finds other options than the killed run's (an option the killed run did not
+    have counts as unset)."""
     log = JsonLines(out / RUNS_FILE, resume=args.resume)
     identity = run_identity(args)
-    if "identity" in log.done and log.done["identity"] != identity:
-        was = log.done["identity"]
-        diff = sorted(k for k in set(was) | set(identity) if was.get(k) != identity.get(k))
+    was = {k: v for k, v in log.done.get("identity", identity).items() if k not in NOT_IDENTITY}
+    diff = sorted(k for k in set(was) | set(identity) if was.get(k) != identity.get(k))  # absent = None (unset)
+    if diff:
         raise UsageError(f"--resume: options differ from the run in --out {out}: {diff}")
     if "identity" not in log.done:
         log.add("identity", identity)
