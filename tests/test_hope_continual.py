@@ -26,11 +26,11 @@ def test_snippets_come_from_their_class_and_score_only_the_label():
 
 def test_class_incremental_smoke_reports_retention_per_task(tmp_path, capsys):
     out = tmp_path / "cil"
-    assert main(["hope", "class-incremental", "--smoke", "--models", "hope", "transformer", "--out", str(out),
-                 "--threads", "1", "--no-progress"]) == 0
+    assert main(["hope", "class-incremental", "--smoke", "--models", "hope", "hope-carry", "transformer", "--out",
+                 str(out), "--threads", "1", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["chance"] == 0.25 and report["tasks"] == [[0, 1], [2, 3]]
-    for model in ("hope", "transformer"):
+    for model in ("hope", "hope-carry", "transformer"):
         s = report["summary"][model]
         assert len(s["accuracy_matrix"]) == 2 and len(s["retention"]) == 2
         assert all(0 <= a <= 1 for row in s["accuracy_matrix"] for a in row)

@@ -223,21 +223,40 @@ def test_cms_step_is_eq71_gradient_descent_on_the_error_signal():
     torch.testing.assert_close(w2[0], level.W2 - eta / 6 * g2, rtol=0, atol=1e-12)
 
 
-def test_cms_error_signals_are_next_token_loss_gradients_and_the_model_stays_causal():
-    cfg = HopeConfig(**{**TINY, "cms_periods": (4, None)})
+@pytest.mark.parametrize("cms_error", ["per_level", "shared"])
+def test_cms_error_signals_are_next_token_loss_gradients_and_the_model_stays_causal(cms_error):
+    """δ_t = ∂ℓ_t/∂(the level's output) at position t with the Titans branches held constant (per_level), or at the
+    final residual stream (shared), of the model whose CMS levels do not learn; the model stays causal."""
+    cfg = HopeConfig(**{**TINY, "cms_periods": (4, 6, None)}, cms_error=cms_error)
     m = perturbed(cfg)
     idx = torch.randint(0, 256, (1, 13))
-    err = m.cms_errors(idx)
-    assert err.shape == (1, 13, cfg.d_model)
-    assert err[0, -1].abs().max() == 0 and err[0, :-1].abs().amax(-1).min() > 0  # no target after T−1
-    # δ_t = ∂ℓ_t/∂x_t at the final residual stream of the model whose CMS levels do not learn
+    errors = m.cms_errors(idx)
+    assert [len(row) for row in errors] == [3] * cfg.n_layers
+    assert all((row[2] is None) == (cms_error == "per_level") for row in errors)  # period ∞: no δ of its own
     set_in_context_learning(m, cms=False)
     x = m.embed(idx)
+    outputs, branches = [], []
     for blk in m.blocks:
-        x = blk(x)
+        branch = blk.titans.f(blk.titans.norm(x)).detach()  # held constant: only position-wise paths remain
+        branches.append(branch)
+        x = x + branch
+        for level in blk.cms:
+            x = level(x)
+            outputs.append(x)
     losses = F.cross_entropy(m.norm(x)[0] @ m.embed.weight.mT, torch.cat([idx[0, 1:], idx[0, :1]]), reduction="none")
-    for t in (0, 5, 11):
-        torch.testing.assert_close(torch.autograd.grad(losses[t], x, retain_graph=True)[0][0, t], err[0, t])
+    flat = [e for row in errors for e in row]
+    for out, err in zip(outputs, flat, strict=True):
+        target = x if cms_error == "shared" else out
+        if err is None:
+            continue
+        assert err.shape == (1, 13, cfg.d_model)
+        assert err[0, -1].abs().max() == 0 and err[0, :-1].abs().amax(-1).min() > 0  # no target after T−1
+        for t in (0, 5, 11):
+            grad = torch.autograd.grad(losses[t], target, retain_graph=True)[0]
+            torch.testing.assert_close(grad[0, t], err[0, t])
+            assert grad[0, t + 1:].abs().max() == 0  # ℓ_t reaches no later position: the pass is causal
+    if cms_error == "per_level":  # the levels' signals differ (the Jacobians of the levels above them)
+        assert (flat[0] - flat[1]).abs().max() > 1e-6 and (flat[0] - flat[3]).abs().max() > 1e-6
     set_in_context_learning(m, cms=True)
     logits, _ = m(idx)
     for s in (3, 4, 9):
@@ -344,3 +363,35 @@ def test_recomputing_chunk_states_in_backward_gives_the_same_loss_and_gradients(
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.equal(loss_a, loss_b)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grads_a, grads_b))
+
+
+def test_cms_carry_over_keeps_each_level_s_change_across_sequences_in_training_only():
+    """``memory_carry="cms"``: a training pass leaves carry = mean over the batch of (final state − θ₀); the next
+    sequences start from θ₀ + carry (scan op and chunk loop alike); evaluation reads it and leaves it alone; the
+    default keeps no such state."""
+    cfg = HopeConfig(**{**TINY, "cms_periods": (4, None)}, memory_carry="cms")
+    assert not any("carry" in n for n, _ in LanguageModel(HopeConfig(**TINY)).named_buffers())
+    m = perturbed(cfg)
+    level = m.blocks[0].cms[0]
+    assert level.carries and not m.blocks[0].cms[1].carries
+    x, err = torch.randn(3, 13, cfg.d_model, dtype=torch.float64), 0.05 * torch.randn(3, 13, cfg.d_model,
+                                                                                      dtype=torch.float64)
+    m.train()
+    _, (w1, w2, _) = level(x, err, return_state=True)
+    torch.testing.assert_close(level.carry_w1, (w1.mean(0) - level.W1).detach())
+    torch.testing.assert_close(level.carry_w2, (w2.mean(0) - level.W2).detach())
+    assert level.carry_w1.abs().max() > 1e-4
+    loop = copy.deepcopy(level)
+    loop.scans = False
+    for lv in (level, loop):  # both paths start the next sequence from θ₀ + carry
+        lv.eval()
+        y = lv(x)  # no error signal: reads the start state throughout
+        torch.testing.assert_close(y, x + F.silu(lv.norm(x) @ (lv.W2 + lv.carry_w2).mT) @ (lv.W1 + lv.carry_w1).mT)
+    before = level.carry_w1.clone()
+    level(x, err)  # evaluation: carry unchanged
+    assert torch.equal(level.carry_w1, before)
+    state = m.state_dict()
+    assert "blocks.0.cms.0.carry_w1" in state
+    fresh = LanguageModel(cfg).double()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.blocks[0].cms[0].carry_w1, before)

@@ -46,10 +46,10 @@ def test_bad_init_options_are_rejected_with_the_argument_named(bad):
 
 
 def test_planted_write_is_read_back_far_more_with_the_recall_init_than_the_old_one():
-    """The old θ₀ (W₁ std 0.02, W₂ gain 1) reads back ~2% of one write at the cap η_max/C = 1/8; the current
-    default (docs/notes/hope-recall.md §6) ~9%, limited by the cap: C = 4 doubles it again."""
-    old = HopeConfig(**SMALL, titans_w1_std=0.02, titans_w2_gain=1.0, chunk_size=16)
-    new = HopeConfig(**SMALL)
+    """The old θ₀ (W₁ std 0.02, W₂ gain 1) reads back ~2% of one write at the chunk-capped form's cap η_max/C = 1/8;
+    the current default (docs/notes/hope-recall.md §6) ~9%, limited by the cap: C = 4 doubles it again."""
+    old = HopeConfig(**SMALL, titans_w1_std=0.02, titans_w2_gain=1.0, chunk_size=16, eta_form="chunk_capped")
+    new = HopeConfig(**SMALL, eta_form="chunk_capped")
     rho = {}
     for name, cfg in (("old", old), ("new", new)):
         torch.manual_seed(0)
@@ -63,15 +63,34 @@ def test_planted_write_is_read_back_far_more_with_the_recall_init_than_the_old_o
     assert rho["old"] < 0.03
     assert rho["new"] > 3 * rho["old"]
     torch.manual_seed(0)
-    short = SelfModifyingTitans(HopeConfig(**SMALL, chunk_size=4))
+    short = SelfModifyingTitans(HopeConfig(**SMALL, chunk_size=4, eta_form="chunk_capped"))
     assert planted_write_readback(short, *_unit_pairs(short.cfg)).mean().item() > 1.8 * rho["new"]
+
+
+def test_per_token_write_strength_does_not_depend_on_the_chunk_size():
+    """With per-token steps a write at a given η (the cap, or the initial η_cap·sigmoid(b_η)) reads back the same at
+    C = 4 and C = 16; the chunk-capped form's cap falls as 1/C."""
+    rho = {}
+    for form in ("per_token", "chunk_capped"):
+        for C in (4, 16):
+            torch.manual_seed(0)
+            layer = SelfModifyingTitans(HopeConfig(**SMALL, chunk_size=C, eta_form=form))
+            pairs = _unit_pairs(layer.cfg)
+            init_eta = layer.eta_cap * torch.sigmoid(layer.b_eta[0]).item()
+            rho[form, C] = (planted_write_readback(layer, *pairs, eta=init_eta).mean().item(),
+                            planted_write_readback(layer, *pairs).mean().item())
+    assert rho["per_token", 4] == rho["per_token", 16]
+    assert rho["chunk_capped", 4][0] > 1.8 * rho["chunk_capped", 16][0]
+    assert rho["per_token", 16][0] > 3 * rho["chunk_capped", 16][0]  # η at init: 0.54 against 0.034
+    with pytest.raises(ValueError, match="eta"):
+        planted_write_readback(layer, *pairs, eta=2.5)
 
 
 def test_planted_write_with_full_step_recovers_the_target_for_a_linear_memory():
     """With σ = identity, W₂ = 0 and Delta GD off, M(k) = k + W₁·0 = k, so h = 0 and nothing is written (ρ = 0);
     with W₁ = 0 and σ = identity, h = W₂k and the W₁ step removes η‖h‖²/(1 + ‖h‖²) of the error (exact)."""
     cfg = HopeConfig(**SMALL, activation="identity", delta_gd=False, chunk_size=2, eta_max=2.0,
-                     titans_w1_std=0.0, titans_w2_gain=1.0)
+                     eta_form="chunk_capped", titans_w1_std=0.0, titans_w2_gain=1.0)
     torch.manual_seed(0)
     layer = SelfModifyingTitans(cfg)
     keys, targets = _unit_pairs(cfg)

@@ -32,14 +32,16 @@ def scan_inputs(B=2, H=2, T=13, d=4, hid=3, dtype=F64, device="cpu", seed=0):
 
 @pytest.mark.parametrize("activation", ["silu", "tanh", "gelu", "relu", "identity"])
 @pytest.mark.parametrize("delta_gd", [True, False])
-def test_chunk_vjp_equals_autograd_float64(activation, delta_gd):
+@pytest.mark.parametrize("sequential", [True, False], ids=["per_token", "chunk_capped"])
+def test_chunk_vjp_equals_autograd_float64(activation, delta_gd, sequential):
     torch.manual_seed(0)
     B, H, C, d, hid = 2, 2, 5, 4, 3
     w1, w2 = (0.5 * torch.randn(B, H, 5, d, hid, dtype=F64)).requires_grad_(), \
         (0.5 * torch.randn(B, H, 5, hid, d, dtype=F64)).requires_grad_()
     u, q, *params = scan_inputs(B, H, C, d, hid)[:2] + scan_inputs(B, H, C, d, hid)[4:]
     for learns in (True, False):
-        consts = {"eta_scale": 0.4, "activation": activation, "delta_gd": delta_gd, "learns": learns, "kappa": -0.8}
+        consts = {"eta_scale": 1.5 if sequential else 0.4, "activation": activation, "delta_gd": delta_gd,
+                  "learns": learns, "kappa": -0.8, "sequential": sequential}
         outs = tk.chunk_step(w1, w2, u, q, tuple(params), **consts)
         cots = [torch.randn_like(o) for o in outs]
         want = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cots)), (w1, w2, u, q, *params),
@@ -52,7 +54,7 @@ def test_chunk_vjp_equals_autograd_float64(activation, delta_gd):
         assert want[0].abs().max() > 1e-2 and (not learns or want[4].abs().max() > 1e-3)
 
 
-SCALARS = (4, 1.5, "silu", True, True, -1.0)  # chunk_size, eta_max, activation, delta_gd, learns, kappa
+SCALARS = (4, 1.5, "silu", True, True, -1.0, True)  # chunk_size, eta_max, activation, delta_gd, learns, kappa, seq
 
 
 def test_scan_op_passes_opcheck():
@@ -114,9 +116,9 @@ def test_layer_uses_the_scan_only_where_it_applies():
 
 def test_bad_scan_arguments_are_rejected():
     with pytest.raises(ValueError, match="activation"):
-        tk.titans_scan(*scan_inputs(), 4, 1.0, "swish", True, True, -1.0)
+        tk.titans_scan(*scan_inputs(), 4, 1.0, "swish", True, True, -1.0, True)
     with pytest.raises(ValueError, match="chunk_size"):
-        tk.titans_scan(*scan_inputs(), 0, 1.0, "silu", True, True, -1.0)
+        tk.titans_scan(*scan_inputs(), 0, 1.0, "silu", True, True, -1.0, True)
 
 
 TRITON_CHECK = textwrap.dedent("""
@@ -127,10 +129,12 @@ TRITON_CHECK = textwrap.dedent("""
     from deepopt.hope import titans_kernels as tk
     from test_titans_kernels import scan_inputs
 
-    # T = 48: whole chunks; 40 and 33: a partial last chunk (masked tokens neither step nor decay)
-    for T, delta_gd, learns, with_ds in ((48, True, True, False), (40, False, True, True), (33, True, False, False)):
+    # T = 48: whole chunks; 40 and 33: a partial last chunk (masked tokens neither step nor decay); both step forms
+    for T, delta_gd, learns, with_ds, seq in ((48, True, True, False, True), (40, False, True, True, True),
+                                              (33, True, False, False, True), (40, True, True, True, False),
+                                              (48, False, True, False, False)):
         inputs = [x.detach().float() for x in scan_inputs(B=1, H=2, T=T, d=16, hid=16, seed=T)]
-        params, consts = tuple(inputs[4:]), tk._consts(16, 2.0, "silu", delta_gd, learns, -1.0)
+        params, consts = tuple(inputs[4:]), tk._consts(16, 2.0, "silu", delta_gd, learns, -1.0, seq)
         want = tk._scan_reference(*inputs[:4], params, 16, consts)
         got = tk._triton_forward(*inputs[:4], params, 16, consts)
         for a, b in zip(got, want):
@@ -147,7 +151,7 @@ TRITON_CHECK = textwrap.dedent("""
         assert grads[1][2].abs().max() > 1e-2 and (not learns or grads[1][6].abs().max() > 1e-3)
     # bfloat16 loads and stores (fp32 inside): within bf16 rounding of the fp32 reference on the same inputs
     inputs = [x.detach().bfloat16() for x in scan_inputs(B=1, H=2, T=40, d=16, hid=16, seed=3)]
-    params, consts = tuple(inputs[4:]), tk._consts(16, 2.0, "silu", True, True, -1.0)
+    params, consts = tuple(inputs[4:]), tk._consts(16, 2.0, "silu", True, True, -1.0, True)
     want = tk._scan_reference(*(x.float() for x in inputs[:4]), tuple(p.float() for p in params), 16, consts)
     got = tk._triton_forward(*inputs[:4], params, 16, consts)
     dy = torch.randn(want[0].shape, generator=torch.Generator().manual_seed(0))
@@ -163,7 +167,7 @@ TRITON_CHECK = textwrap.dedent("""
     runs = []
     for force in (True, False):
         with mock.patch.object(tk, "_triton_applies", lambda *_: force):
-            y, s1, s2 = tk.titans_scan(*inputs, 16, 2.0, "silu", True, True, -1.0)
+            y, s1, s2 = tk.titans_scan(*inputs, 16, 2.0, "silu", True, True, -1.0, True)
             loss = (y * torch.linspace(-1, 1, y.shape[-1])).sum() + s1[:, :, -1].square().sum()
             runs.append((y, s1, s2, *torch.autograd.grad(loss, inputs)))
     for a, b in zip(*runs):
@@ -194,7 +198,7 @@ def test_non_power_of_two_shapes_and_cpu_tensors_take_the_torch_reference():
 def test_cuda_scan_equals_the_cpu_reference_with_gradients(T):
     inputs = scan_inputs(B=2, H=4, T=T, d=32, hid=32, dtype=torch.float32, device="cuda")
     cpu = [x.detach().cpu().requires_grad_() for x in inputs]
-    args = (64, 2.0, "silu", True, True, -1.0)
+    args = (64, 2.0, "silu", True, True, -1.0, True)
     assert tk._triton_applies(*inputs[:4], 64, "silu")
     outs = [tk.titans_scan(*xs, *args) for xs in (inputs, cpu)]
     cots = [torch.randn_like(o) for o in outs[1]]

@@ -3,7 +3,8 @@
 Validation perplexity with every memory learning in context, with the CMS levels' in-context updates
 off (Eq. 71 never applied: every level reads θ₀), and with the Titans memories' off (η = 0, α = 1:
 every memory reads θ₀), as ratios to the full model's; and how often Titans' step size ``η_t`` sits at
-its cap ``η_max/C`` (a saturated parameterisation cannot say "learn more from this token").
+its cap (``SelfModifyingTitans.eta_cap``: η_max per token, or η_max/C in the chunk-capped form; a saturated
+parameterisation cannot say "learn more from this token").
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ def mean_nll(model: LanguageModel, batches: Iterable[tuple[Tensor, Tensor]]) -> 
 def eta_saturation(model: LanguageModel, batches: Iterable[tuple[Tensor, Tensor]], threshold: float = 0.95
                    ) -> float | None:
     """The fraction of Titans step sizes ``η_t`` (every layer, head and token) at ≥ ``threshold`` times
-    their cap ``η_max/C``;
-    ``None`` for a model without Titans layers."""
+    their cap (``eta_cap``); ``None`` for a model without Titans layers."""
     layers = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]
     if not layers:
         return None
@@ -47,7 +47,7 @@ def eta_saturation(model: LanguageModel, batches: Iterable[tuple[Tensor, Tensor]
         m.eta_log = []
     try:
         mean_nll(model, batches)
-        at_cap = sum(int((e >= threshold * m.cfg.eta_max / m.cfg.chunk_size).sum()) for m in layers for e in m.eta_log)
+        at_cap = sum(int((e >= threshold * m.eta_cap).sum()) for m in layers for e in m.eta_log)
         total = sum(e.numel() for m in layers for e in m.eta_log)
     finally:
         for m in layers:

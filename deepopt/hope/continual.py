@@ -8,7 +8,10 @@ argmax over every class token.  Each package's source is cut in two: windows fro
 its last 20% test.  After every task all tasks are tested: ``acc[i][j]`` is the accuracy on task j's classes
 after training on task i; task j's retention is ``acc[last][j] / acc[j][j]``.
 
-Models: ``hope``, ``hope-frozen-cms`` (HOPE with the CMS in-context updates off, in training and test) and
+Models: ``hope``, ``hope-frozen-cms`` (HOPE with the CMS in-context updates off, in training and test),
+``hope-carry`` (HOPE whose CMS levels keep their in-context change from sequence to sequence,
+``HopeConfig.memory_carry="cms"``: the levels go on learning over the stream at their periods, which is what the
+paper's claim about CMS and forgetting is about; the other HOPE models reset every memory per sequence) and
 ``transformer`` (parameter-matched Transformer++).
 """
 
@@ -30,7 +33,7 @@ from .model import LanguageModel, set_in_context_learning
 from .train import DTYPES, Dist, Trainer, make_optimizer, model_config, plot_curves, resolve_device, write_csv
 
 PACKAGES = ("asyncio", "email", "tkinter", "xml", "multiprocessing", "unittest", "importlib", "http")
-MODELS = ("hope", "hope-frozen-cms", "transformer")
+MODELS = ("hope", "hope-frozen-cms", "hope-carry", "transformer")
 
 
 def package_streams(packages: tuple[str, ...]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -79,7 +82,7 @@ def register(sub: argparse._SubParsersAction, add_common: Callable[[argparse.Arg
     """Add ``deepopt hope class-incremental`` (``add_common``/``resolve``: the hope CLI's device/output options)."""
     p = sub.add_parser("class-incremental", help="class-incremental continual learning: which stdlib package?",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="models (default all three)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="models (default all four)")
     p.add_argument("--packages", nargs="+", help="classes, in task order (default " + " ".join(PACKAGES)
                    + "; smoke the first 4)")
     p.add_argument("--classes-per-task", type=int, default=2, help="classes per task (default 2)")
@@ -127,7 +130,8 @@ def cmd_class_incremental(args: argparse.Namespace) -> int:
     for variant in args.models:
         for seed in args.seeds:
             cfg = model_config("transformer" if variant == "transformer" else "hope", args.size,
-                               vocab_size=data.VOCAB_SIZE + n_classes)
+                               vocab_size=data.VOCAB_SIZE + n_classes,
+                               memory_carry="cms" if variant == "hope-carry" else None)
             torch.manual_seed(seed)
             model = LanguageModel(cfg).to(device=device, dtype=DTYPES[args.dtype])
             set_in_context_learning(model, cms=variant != "hope-frozen-cms")

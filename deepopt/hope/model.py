@@ -9,45 +9,52 @@ Every memory has the form ``M(x) = x + W₁σ(W₂x)`` (W₁: d×h, W₂: h×d) 
 **Self-modifying Titans** (Nested Learning Eq. 76–93), per head, input ``u_t`` = short causal conv (width 4)
 of a projection of ``x_t``, query ``q_t`` = ℓ2-normalised conv projection.  Five memories
 ``M_k, M_v, M_η, M_α, M_mem`` produce ``k_t = M_k(u_t)/‖·‖``, ``v_t = M_v(u_t)`` (Eq. 76–81),
-``η_t = (η_max/C)·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)`` (Eq. 82–83), and each
+``η_t = η_cap·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)`` (Eq. 82–83), and each
 memory □ is trained on its self-generated value ``v̂_□ = M_□(v_t)/‖·‖`` (Eq. 84; ℓ2-normalised like q and k:
 unnormalised, the self-referential target grows with the memory and the inner regression runs away).  Since all
 five read the same ``u_t``, the initial states decide whether k ≠ v: with W₁ small every memory is ≈ the identity,
 ``k ≈ v ≈ u/‖u‖``, ``e ≈ 0`` and nothing is written; the default θ₀ (``HopeConfig.titans_w1_std``,
-``titans_w2_gain``) starts M_k and M_v far from the identity and σ(W₂k) of order 1::
+``titans_w2_gain``) starts M_k and M_v far from the identity and σ(W₂k) of order 1.  Each memory's step
+(Eq. 85–93, ``M ← M(α_t I − η_t k kᵀ) − η_t ∇ℓ``, Delta GD's ``kkᵀ`` term on W₂), in normalised-LMS form (k is
+unit-norm but h and W₁ are not; without it the in-context regression diverges once the outer loop grows them)::
 
-    W_t = α_t W_{t−1} − η_t U_t,   U_t = ∇ℓ(M_□; k_t, v̂_□)  (+ Delta-GD term z kᵀ on W₂)   (Eq. 85–93)
+    W₁ ← α_t W₁ − b₁ (α_t W₁ h + k − v̂) hᵀ,                 b₁ = lr·η_t/(1 + ‖h‖²)
+    W₂ ← α_t W₂ − b₂ (α_t W₂ k + g₂/(1 + ‖W₁‖²)) kᵀ,         b₂ = lr·η_t    (without Delta GD: no W₂k term)
 
-C = chunk size: a chunk's steps are all taken at its start state, so their sum is capped at η_max ≤ 2,
-which keeps ``I − Σ_t η_t k_t k_tᵀ`` a contraction for unit keys however the keys of a chunk align (the
-DeltaNet bound β ≤ 2; the former cap, η_max = 0.5, bound on 32% of a trained model's steps and the new one
-on 2%: the README's HOPE section).  The gradient factors are normalised-LMS ones, ``e/(1 + ‖h‖²)`` for W₁ and
-``g₂/(1 + ‖W₁‖²)`` for W₂: k is unit-norm but h and W₁ are not, and without it the in-context regression
-diverges once the outer loop grows them.
-
-Chunk-parallel training (paper Sec. 8.2): in a chunk starting at state ``W_c`` every gradient, read of
-``k, v, η, α`` and value is taken at ``W_c``; with ``G_t = α_t G_{t−1} + η_t U_t`` and ``A_t = Π α``
-the state after token t is ``W_t = A_t W_c + rule.update(G_t, state_c, W_c)``: the inner optimizer is a
-deepopt rule (``sgd``: GD, ``momentum``: momentum across chunks), which must be affine in its gradient
-so that the output ``y_t = M_{mem,t}(q_t)`` has the linear-attention form computed below.  At the end
-of the chunk the rule's update is committed.  ``reference=True`` runs the same recurrence token by
-token with explicit states (the test oracle).  With ``self_modifying=False`` only ``M_mem`` learns in
-context: the other four are static maps (their initial states) and ``v̂ = v/‖v‖``.
+Both are gated delta rules ``S ← α S(I − b κκᵀ) + b ν κᵀ`` (key κ = h resp. k, b‖κ‖² ≤ lr·η_t), each token's map
+a contraction for lr·η_t ≤ 2.  Chunk-parallel training (paper Sec. 8.2): in a chunk starting at state ``W_c``
+the reads of ``k, v, η, α``, the values v̂ and everything nonlinear in the state (h = σ(W₂k), σ', g₂) are taken at
+``W_c``.  ``eta_form="per_token"`` (default): η_cap = η_max and the state-linear terms ``α_t W h``, ``α_t W k``
+are read at the token's own state inside the chunk — the gated delta rule's UT transform
+(``titans_kernels.gated_delta_solve``): ``U = (I + diag(b)M)⁻¹ diag(b)(ν − diag(A) K W_cᵀ)``,
+``M_ts = (A_t/A_s) κ_t·κ_s`` (s < t) — so a write's strength does not depend on C and no sum of a chunk's steps
+needs a bound.  ``eta_form="chunk_capped"`` (the former form): every term at ``W_c`` and η_cap = η_max/C, which
+keeps ``I − Σ_t η_t k_t k_tᵀ`` a contraction however a chunk's keys align and ties a write's strength to 1/C.
+With ``A_t = Π α`` the state after token t is ``W_t = A_t W_c + rule.update(G_t, state_c, W_c)``, ``κG_t`` the
+chunk's summed steps so far: the inner optimizer is a deepopt rule (``sgd``: GD, ``momentum``: momentum across
+chunks), which must be affine in its gradient so that the output ``y_t = M_{mem,t}(q_t)`` has the linear-attention
+form computed in ``titans_kernels.chunk_mix``.  At the end of the chunk the rule's update is committed.
+``reference=True`` runs the same recurrence token by token with explicit states (the test oracle).  With
+``self_modifying=False`` only ``M_mem`` learns in context: the other four are static maps (their initial states)
+and ``v̂ = v/‖v‖``.
 
 **CMS** (Eq. 70–71): a chain of levels ``y = h + W₁σ(W₂ norm(h))``.  Level ℓ reads one state for a whole
 chunk of ``C^{(ℓ)}`` tokens and, at the chunk's end, takes the step of Eq. 71,
 ``θ ← θ − η^{(ℓ)}·(1/C)·Σ_t f(θ; x_t)`` with ``f`` the error component of gradient descent on the model's
 own objective: ``f = ∇_θ ⟨y_t(θ), δ_t⟩``, ``δ_t`` the gradient of token t's next-token loss (its target,
-token t+1, is in the context) with respect to the level's output along the residual stream, i.e.
+token t+1, is in the context) with respect to the level's output, i.e.
 ``∇_{W₁} = δ hᵀ``, ``∇_{W₂} = (σ'(z) ⊙ W₁ᵀδ) kᵀ``, each divided by a bound on its curvature as in Titans
 (``δ/(1 + ‖h‖²)``, ``(σ'(z) ⊙ W₁ᵀδ)/((1 + ‖W₁‖²)·d)``; the dot-product objective has no curvature of its
 own, and raw steps blew training up), applied through a deepopt rule.  ``η^{(ℓ)} = softplus(ρ_ℓ)``
-is an outer parameter.  Departures (argued and measured in the README's HOPE section): the δ_t of a sequence
-come from one first pass in which no CMS level learns, and are constants of the second pass (no
-second-order outer gradient), the way chunk-parallel Titans takes a chunk's gradients at its start state;
-and they are taken at the final residual stream (``LanguageModel.cms_errors``).  A period of ``None`` (∞)
-never updates: the level is a plain residual MLP (a Transformer FFN).  Initial memory states are outer
-parameters in both parts.
+is an outer parameter.  Departures (argued in docs/notes/hope-memory.md): the δ_t of a sequence come from one
+first pass in which no CMS level learns, and are constants of the second pass (no second-order outer gradient),
+the way chunk-parallel Titans takes a chunk's gradients at its start state; ``cms_error="per_level"`` (default)
+gives every level of every block its own ``δ_t = ∂ℓ_t/∂y_t`` through the position-wise layers above it, with the
+Titans branches above held constant (through their memories the gradient would carry later tokens' losses);
+``"shared"`` (the former form) takes one δ at the final residual stream for all (``LanguageModel.cms_errors``).
+A period of ``None`` (∞) never updates: the level is a plain residual MLP (a Transformer FFN).  Initial memory
+states are outer parameters in both parts.  Every memory starts each sequence at its initial state, unless
+``memory_carry="cms"``: then the CMS levels keep their in-context change across sequences (``CMSLevel._carry``).
 """
 
 from __future__ import annotations
@@ -67,6 +74,9 @@ from deepopt.rules.deep import ACTIVATIONS, apply_memory
 
 MODELS = ("hope", "transformer")
 TITANS_MEMORIES = ("k", "v", "eta", "alpha", "mem")
+ETA_FORMS = ("per_token", "chunk_capped")  # HopeConfig.eta_form
+CMS_ERRORS = ("per_level", "shared")  # HopeConfig.cms_error
+MEMORY_CARRY = ("none", "cms")  # HopeConfig.memory_carry
 
 
 @dataclass(frozen=True)
@@ -83,8 +93,13 @@ class HopeConfig:
     chunk_size: int = 16
     conv_width: int = 4
     conv_tap_std: float = 0.1  # initial taps of the causal conv on earlier tokens ~ N(0, std²) (current token: 1)
-    eta_max: float = 2.0  # cap on a chunk's summed step: η_t ≤ η_max/C
-    eta_bias: float = -1.0  # initial b_η: η_t starts near (η_max/C)·sigmoid(b_η)
+    # Titans step sizes η_t = M_η(u_t) (Eq. 82): "per_token": η_t = η_max·sigmoid(·) ≤ η_max for every token, the
+    # state-linear part of each step (W₁h, W₂k: the delta rule's) read at the token's own state inside the chunk,
+    # so each token's map is a contraction whatever the chunk size; "chunk_capped": η_t ≤ η_max/C with every step
+    # of a chunk at its start state (the former form, kept for the ablation): a write's strength scales with 1/C
+    eta_form: str = "per_token"
+    eta_max: float = 2.0  # per_token: bound on each η_t; chunk_capped: bound on a chunk's summed step
+    eta_bias: float = -1.0  # initial b_η: η_t starts near η_cap·sigmoid(b_η) (η_cap = η_max, or η_max/C)
     alpha_bias: float = 6.0
     self_modifying: bool = True
     delta_gd: bool = True
@@ -103,6 +118,16 @@ class HopeConfig:
     cms_hidden: int = 64
     cms_lr: float = 1.0  # initial η^{(ℓ)} of every level's in-context step (Eq. 71)
     cms_rule: str = "sgd"
+    # the error signals δ_t a CMS level learns from (Eq. 71): "per_level": its own, ∂ℓ_t/∂y_t at the level's output
+    # (per block and level; through the position-wise layers above it); "shared": one δ at the final residual
+    # stream for every level of every block (the former form, kept for the ablation)
+    cms_error: str = "per_level"
+    # what outlives a sequence besides the outer parameters: "none" (every sequence starts every memory at θ₀) or
+    # "cms" (each learning CMS level keeps its in-context change: a training pass ends by storing the batch mean of
+    # its final state minus θ₀ in a buffer the next sequences start from, θ₀ + carry, so the levels go on learning
+    # over the stream at their periods: Eq. 71 read over the data stream.  Titans' state, a memory of the
+    # current context, still resets; the carry is per process under DDP)
+    memory_carry: str = "none"
     # Transformer++ (ffn_hidden 0 = chosen to match the HOPE model's parameter count)
     ffn_hidden: int = 0
     rope_base: float = 10000.0
@@ -130,8 +155,14 @@ class HopeConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.model == "transformer" and (self.d_model // self.n_heads) % 2:
             raise ValueError("transformer head size d_model/n_heads must be even for RoPE")
+        if self.eta_form not in ETA_FORMS:
+            raise ValueError(f"eta_form must be one of {ETA_FORMS}, got {self.eta_form!r}")
         if not 0 <= self.eta_max <= 2:
-            raise ValueError(f"eta_max must be in [0, 2] (keeps αI − Σηkkᵀ a contraction), got {self.eta_max}")
+            raise ValueError(f"eta_max must be in [0, 2] (keeps the memories' steps contractions), got {self.eta_max}")
+        if self.cms_error not in CMS_ERRORS:
+            raise ValueError(f"cms_error must be one of {CMS_ERRORS}, got {self.cms_error!r}")
+        if self.memory_carry not in MEMORY_CARRY:
+            raise ValueError(f"memory_carry must be one of {MEMORY_CARRY}, got {self.memory_carry!r}")
         if isinstance(self.conv_tap_std, bool) or not isinstance(self.conv_tap_std, (int, float)) or not (
                 math.isfinite(self.conv_tap_std) and self.conv_tap_std >= 0):
             raise ValueError(f"conv_tap_std must be a finite number >= 0, got {self.conv_tap_std!r}")
@@ -271,7 +302,13 @@ class SelfModifyingTitans(nn.Module):
         self.drifts = bool(self.rule.init(probe, self.hp)) or bool(
             self.rule.update(torch.zeros_like(probe), {}, probe, self.hp)[0].any())
         self.learns_in_context = True  # False: η = 0, α = 1, every memory stays at θ₀ (the ablation)
+        self.sequential = cfg.eta_form == "per_token"  # steps read at each token's own state (chunk_mix)
         self.eta_log: list[Tensor] | None = None  # a list collects every chunk's η (B, H, C) when set
+
+    @property
+    def eta_cap(self) -> float:
+        """The bound on each token's η_t: η_max per token, or η_max/C with the chunk-capped form."""
+        return self.cfg.eta_max if self.sequential else self.cfg.eta_max / self.cfg.chunk_size
 
     # -- pieces shared by both paths ------------------------------------------------------------------
     def _initial_state(self, batch: int) -> tuple[Tensor, Tensor]:
@@ -285,9 +322,8 @@ class SelfModifyingTitans(nn.Module):
         """Everything a chunk needs from its start state ``(w1, w2)`` and inputs ``u`` (B, H, C, dh):
         ``titans_kernels.chunk_factors`` (static reads of ``k, v, η, α`` without self-modification)."""
         reads = None if self.cfg.self_modifying else (self.W1[None, :, :4], self.W2[None, :, :4])
-        f = chunk_factors(w1, w2, u, self.w_eta, self.b_eta, self.w_alpha, self.b_alpha,
-                          eta_scale=self.cfg.eta_max / self.cfg.chunk_size, activation=self.cfg.activation,
-                          delta_gd=self.cfg.delta_gd, learns=self.learns_in_context, reads=reads)
+        f = chunk_factors(w1, w2, u, self.w_eta, self.b_eta, self.w_alpha, self.b_alpha, eta_scale=self.eta_cap,
+                          activation=self.cfg.activation, learns=self.learns_in_context, reads=reads)
         if self.eta_log is not None:
             self.eta_log.append(f["eta_raw"].detach())
         return f
@@ -316,7 +352,8 @@ class SelfModifyingTitans(nn.Module):
         """The whole chunk recurrence in one op: outputs (B, H, T, dh) and the final states."""
         y, s1, s2 = titans_scan(u.contiguous(), q.contiguous(), self.W1, self.W2, self.w_eta, self.b_eta,
                                 self.w_alpha, self.b_alpha, self.cfg.chunk_size, self.cfg.eta_max,
-                                self.cfg.activation, self.cfg.delta_gd, self.learns_in_context, self.kappa)
+                                self.cfg.activation, self.cfg.delta_gd, self.learns_in_context, self.kappa,
+                                self.sequential)
         return y, (s1[:, :, -1], s2[:, :, -1])
 
     def forward(self, x: Tensor, reference: bool = False, return_state: bool = False):
@@ -344,37 +381,52 @@ class SelfModifyingTitans(nn.Module):
             zero_st = tuple({n: s[:, :, -1] for n, s in si.items()} for si in st)
             drift = tuple(self.rule.update(torch.zeros_like(wi), si, wi, self.hp)[0]
                           for wi, si in zip((w1m, w2m), zero_st))
-        o = chunk_mix(w1m, w2m, f, q, self.kappa, self.cfg.activation, drift)
+        o = chunk_mix(*w, f, q, self.kappa, self.cfg.activation, sequential=self.sequential,
+                      delta_gd=self.cfg.delta_gd, drift=drift)
         w, st = self._commit(w, st, (o["g1"], o["g2"]), o["A"][..., -1])
         return o["y"], w, st
 
     def _sequential_chunk(self, w, st, u, q):
-        act = self.cfg.activation
-        f = self._factors(*w, u)  # every read/gradient of the chunk is at its start state
+        """Token by token with explicit states: each step's state-linear term (``W₁h``, ``W₂k``) is read at the
+        token's own (decayed) state with ``sequential``, at the chunk's start state otherwise; everything else
+        (reads, h, σ', g) at the chunk's start state."""
+        act, lr = self.cfg.activation, -self.kappa
+        f = self._factors(*w, u)  # every read/gradient factor of the chunk is at its start state
         B, H, C, _ = u.shape
-        g1 = torch.zeros_like(w[0].expand(B, H, -1, -1, -1))
-        g2 = torch.zeros_like(w[1].expand(B, H, -1, -1, -1))
+        k, h, V = f["k"], f["h"], f["V"]
+        d1 = torch.zeros_like(w[0].expand(B, H, -1, -1, -1))  # Δ: the state change beyond A_t·W_c
+        d2 = torch.zeros_like(w[1].expand(B, H, -1, -1, -1))
         A = torch.ones(B, H, dtype=u.dtype, device=u.device)
         ys = []
         for t in range(C):
-            alpha, eta = f["log_alpha"][..., t].exp(), f["eta"][..., t, None, None, None]
+            alpha = f["log_alpha"][..., t].exp()
             a = alpha[:, :, None, None, None]
-            g1 = a * g1 + eta * f["err"][:, :, :, t, :, None] * f["h"][:, :, :, t, None, :]
-            g2 = a * g2 + eta * f["u2"][:, :, :, t, :, None] * f["k"][:, :, None, t, None, :]
             A = alpha * A
-            (w1t, w2t), _ = self._commit(w, st, (g1, g2), A)  # the state after token t
+            s1, s2 = (A[:, :, None, None, None] * wi + a * di for wi, di in zip(w, (d1, d2))) if self.sequential \
+                else w
+            kt, ht = k[:, :, None, t], h[:, :, :, t]  # (B, H, 1, d), (B, H, n, hid)
+            eta = lr * f["eta"][..., t, None, None]
+            u1 = eta / f["nh"][:, :, :, t] * (V[:, :, :, t] - kt - (s1 @ ht[..., None])[..., 0])
+            u2 = -eta * f["g"][:, :, :, t] / f["n1"][..., 0]
+            if self.cfg.delta_gd:
+                u2 = u2 - eta * (s2 @ kt[..., None])[..., 0]
+            d1 = a * d1 + u1[..., None] * ht[..., None, :]
+            d2 = a * d2 + u2[..., None] * kt[..., None, :]
+            (w1t, w2t), _ = self._commit(w, st, (d1 / self.kappa, d2 / self.kappa), A)  # the state after token t
             ys.append(apply_memory(w1t[:, :, -1], w2t[:, :, -1], q[:, :, t:t + 1], act))
-        w, st = self._commit(w, st, (g1, g2), A)
+        w, st = self._commit(w, st, (d1 / self.kappa, d2 / self.kappa), A)
         return torch.cat(ys, dim=2), w, st
 
 
-def planted_write_readback(layer: SelfModifyingTitans, keys: Tensor, targets: Tensor, gap: int = 0) -> Tensor:
+def planted_write_readback(layer: SelfModifyingTitans, keys: Tensor, targets: Tensor, gap: int = 0,
+                           eta: float | None = None) -> Tensor:
     """How much of one in-context write of the output memory ``M_mem`` (at its initial state θ₀) is read back.
 
     Each head h writes ``keys[h, i] → targets[h, i]`` (unit keys, shape (H, N, d_head)) with one step of the
-    memory's rule at the cap ``η = η_max/C``: ``W₁ ← W₁ − η e hᵀ/(1 + ‖h‖²)``, ``W₂ ← W₂ − η (g₂/(1 + ‖W₁‖²)
-    (+ z)) kᵀ`` with ``e = M(k) − v̂`` (module doc); then ``gap`` tokens pass with no write and the state decays by
-    ``α^gap``, ``α = sigmoid(b_α)`` (each token's α at init, where ``w_α = 0``).  Returns (H, N): the share of
+    memory's rule at step size ``eta`` (default: the cap ``layer.eta_cap``, η_max per token or η_max/C):
+    ``W₁ ← W₁ − η e hᵀ/(1 + ‖h‖²)``, ``W₂ ← W₂ − η (g₂/(1 + ‖W₁‖²) (+ z)) kᵀ`` with ``e = M(k) − v̂`` (module
+    doc; one token's step is the same in both step forms); then ``gap`` tokens pass with no write and the state
+    decays by ``α^gap``, ``α = sigmoid(b_α)`` (each token's α at init, where ``w_α = 0``).  Returns (H, N): the share of
     the error the write removed at its key, ``ρ = ⟨M_gap(k) − M'_gap(k), e⟩/‖e‖²`` (M': with the write), 1 = the
     target read back exactly.  A diagnostic of the initial state, not used in training.
     """
@@ -384,6 +436,9 @@ def planted_write_readback(layer: SelfModifyingTitans, keys: Tensor, targets: Te
                          f"d_head={layer.dh}), got {tuple(keys.shape)} and {tuple(targets.shape)}")
     if gap < 0:
         raise ValueError(f"gap must be >= 0 tokens, got {gap}")
+    eta = layer.eta_cap if eta is None else eta
+    if not 0 <= eta <= 2:
+        raise ValueError(f"eta must be in [0, 2], got {eta}")
     act = layer.cfg.activation
     with torch.no_grad():
         w1, w2 = layer.W1[:, -1, None], layer.W2[:, -1, None]  # (H, 1, d, hid), (H, 1, hid, d)
@@ -391,7 +446,6 @@ def planted_write_readback(layer: SelfModifyingTitans, keys: Tensor, targets: Te
         e1, u2 = normalized_steps(err, h, g2, w1)
         if layer.cfg.delta_gd:
             u2 = u2 + z
-        eta = layer.cfg.eta_max / layer.cfg.chunk_size
         decay = torch.sigmoid(layer.b_alpha)[:, None, None, None] ** gap
         w1n, w2n = w1 - eta * e1.mT @ h, w2 - eta * u2.mT @ keys[:, :, None]  # (H, N, d, hid), (H, N, hid, d)
         before = apply_memory(decay * w1, decay * w2, keys[:, :, None], act)
@@ -427,10 +481,27 @@ class CMSLevel(nn.Module):
         self.learns_in_context = True  # False: the level stays at θ₀ (the ablation)
         self.recompute = cfg.recompute_chunks
         self.scans = cfg.scan_ops and cfg.cms_rule == "sgd"  # the whole recurrence as one op (cms_kernels)
+        self.carries = cfg.memory_carry == "cms" and period is not None
+        if self.carries:  # the in-context change carried from sequence to sequence (HopeConfig.memory_carry)
+            self.register_buffer("carry_w1", torch.zeros(d, cfg.cms_hidden))
+            self.register_buffer("carry_w2", torch.zeros(cfg.cms_hidden, d))
 
     @property
     def learns(self) -> bool:
         return self.period is not None and self.learns_in_context
+
+    def initial_state(self) -> tuple[Tensor, Tensor]:
+        """The state every sequence starts from: θ₀, plus the carried change with ``memory_carry="cms"``."""
+        if self.carries:
+            return self.W1 + self.carry_w1, self.W2 + self.carry_w2
+        return self.W1, self.W2
+
+    def _carry(self, w1: Tensor, w2: Tensor) -> None:
+        """After a training pass of a carrying level: carry ← batch mean of the final state − θ₀."""
+        if self.carries and self.training:
+            with torch.no_grad():
+                self.carry_w1.copy_(w1.detach().mean(0) - self.W1)
+                self.carry_w2.copy_(w2.detach().mean(0) - self.W2)
 
     def _chunk(self, w1: Tensor, w2: Tensor, st: tuple, k: Tensor, err: Tensor | None):
         """The chunk's read ``W₁σ(W₂k)`` at the current state and, given the chunk's error signals ``err``
@@ -450,7 +521,7 @@ class CMSLevel(nn.Module):
 
         k = self.norm(x)
         lr = F.softplus(self.eta_rho) / self.period
-        read, s1, s2 = cms_scan(k, error.to(k.dtype), self.W1, self.W2, lr, self.period, self.activation)
+        read, s1, s2 = cms_scan(k, error.to(k.dtype), *self.initial_state(), lr, self.period, self.activation)
         return x + read, s1, s2
 
     def forward(self, x: Tensor, error: Tensor | None = None, reference: bool = False, return_state: bool = False):
@@ -460,11 +531,12 @@ class CMSLevel(nn.Module):
         learns = self.learns and error is not None
         if learns and self.scans and not reference:
             y, s1, s2 = self._scan(x, error)
+            self._carry(s1[:, -1], s2[:, -1])
             return (y, (s1[:, -1], s2[:, -1], T // self.period)) if return_state else y
         k = self.norm(x)
         # per-sequence copies of θ₀ (plain tensors, batched like the states the updates make): every chunk sees
         # one tensor type and rank, so a compiled ``_chunk`` is not recompiled after the first chunk
-        w1, w2 = (w.expand(x.shape[0], -1, -1).contiguous() for w in (self.W1, self.W2))
+        w1, w2 = (w.expand(x.shape[0], -1, -1).contiguous() for w in self.initial_state())
         st = (self.rule.init(w1, self.hp), self.rule.init(w2, self.hp))
         period = self.period if learns else T
         ys, n_updates = [], 0
@@ -483,6 +555,8 @@ class CMSLevel(nn.Module):
                 y, w1, w2, st = recomputed(self._chunk, self.recompute, w1, w2, st, kc, ec if update else None)
                 ys.append(y)
                 n_updates += update
+        if learns:
+            self._carry(w1, w2)
         y = x + torch.cat(ys, dim=1)
         return (y, (w1, w2, n_updates)) if return_state else y
 
@@ -506,11 +580,13 @@ class HopeBlock(nn.Module):
         self.titans = RMSNormLinear(cfg.d_model, SelfModifyingTitans(cfg))
         self.cms = nn.ModuleList(CMSLevel(cfg, p) for p in cfg.cms_periods)
 
-    def forward(self, x: Tensor, error: Tensor | None = None, reference: bool = False) -> Tensor:
-        """``error``: the error signals δ (B, T, d) the CMS levels learn from (``None``: they do not)."""
+    def forward(self, x: Tensor, error: Tensor | list[Tensor | None] | None = None, reference: bool = False) -> Tensor:
+        """``error``: the error signals δ (B, T, d) the CMS levels learn from: one tensor for every level, one per
+        level (``LanguageModel.cms_errors``), or ``None`` (they do not learn)."""
         x = self.titans(x, reference=reference)
-        for level in self.cms:
-            x = level(x, error, reference=reference)
+        errors = error if isinstance(error, (list, tuple)) else [error] * len(self.cms)
+        for level, err in zip(self.cms, errors, strict=True):
+            x = level(x, err, reference=reference)
         return x
 
 
@@ -582,10 +658,10 @@ class LanguageModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, reference: bool = False):
-        error = self.cms_errors(idx, reference) if self.cms_learns and idx.shape[1] > 1 else None
+        errors = self.cms_errors(idx, reference) if self.cms_learns and idx.shape[1] > 1 else None
         x = self.embed(idx)
-        for blk in self.blocks:
-            x = blk(x, error, reference)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, None if errors is None else errors[i], reference)
         logits = self.norm(x) @ self.embed.weight.mT
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
@@ -595,25 +671,49 @@ class LanguageModel(nn.Module):
         """Whether any CMS level learns in context (a finite period, and not switched off)."""
         return any(isinstance(m, CMSLevel) and m.learns for m in self.modules())
 
-    def cms_errors(self, idx: Tensor, reference: bool = False) -> Tensor:
-        """Eq. 71's error signals ``δ_t = ∂ℓ_t/∂x_t`` (B, T, d): the gradient of token t's next-token loss
-        ``ℓ_t`` (target ``idx[:, t+1]``, in the context; δ of the last token is 0) with respect to the final
-        residual stream ``x_t``, from a pass in which no CMS level learns.  Every level learns from them:
-        for the last level they are exactly ``∂ℓ_t/∂y_t``; for the others they are its residual path, since
-        the full gradient through later blocks' Titans layers would carry later tokens' losses (not causal).
-        Constants of the pass that uses them (no graph)."""
+    def cms_errors(self, idx: Tensor, reference: bool = False) -> list[list[Tensor | None]]:
+        """Eq. 71's error signals, one (B, T, d) tensor per block and CMS level (``None`` for a level that does
+        not learn): the gradient of token t's next-token loss ``ℓ_t`` (target ``idx[:, t+1]``, in the context; δ
+        of the last token is 0), from a pass in which no CMS level learns.  Constants of the pass that uses them
+        (no graph).
+
+        ``cfg.cms_error == "per_level"``: ``δ_t = ∂ℓ_t/∂y_t`` at the level's own output y, through the layers above
+        it that act on position t alone: the residual stream, the later CMS levels (at θ₀ in this pass), the final
+        norm and the head; the Titans branches above it are held constant (their Jacobian at t also carries later
+        tokens' losses through their memories: not causal).  With those branches constant the gradient of the
+        summed loss at position t is exactly ``∂ℓ_t/∂y_t``.  ``"shared"``: ``δ_t = ∂ℓ_t/∂x_t`` at the final
+        residual stream, the same tensor for every level (the per-level δ of a last level; for the others, its
+        residual path)."""
+        shared = self.cfg.cms_error == "shared"
         with torch.no_grad():
             x = self.embed(idx)
+        learners: list[Tensor] = []
+        layout: list[list[int | None]] = []  # per block and level: the index in ``learners``, None = no δ
+        with torch.enable_grad():  # functional pieces: no module hooks (FlopCounterMode's) on this graph
+            if not shared:
+                x = x.detach().requires_grad_()
             for blk in self.blocks:
-                x = blk(x, None, reference)
-        with torch.enable_grad():  # functional norm: no module hooks (FlopCounterMode's) on this small graph
-            x = x[:, :-1].detach().requires_grad_()
+                with torch.no_grad():
+                    branch = blk.titans.f(blk.titans.norm(x), reference=reference)
+                x = x + branch
+                layout.append([])
+                for level in blk.cms:
+                    with torch.set_grad_enabled(not shared):
+                        x = level(x, None, reference=reference)
+                    layout[-1].append(len(learners) if level.learns and not shared else None)
+                    if level.learns and not shared:
+                        learners.append(x)
+            if shared:
+                x = x.detach().requires_grad_()
+                learners.append(x)
             norm = self.norm
-            h = F.rms_norm(x, norm.normalized_shape, norm.weight.detach(), norm.eps)
+            h = F.rms_norm(x[:, :-1], norm.normalized_shape, norm.weight.detach(), norm.eps)
             logits = h @ self.embed.weight.detach().mT
             loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten(), reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x)
-        return F.pad(grad, (0, 0, 0, 1))
+            grads = torch.autograd.grad(loss, learners)
+        if shared:
+            return [[grads[0]] * len(blk.cms) for blk in self.blocks]
+        return [[None if i is None else grads[i] for i in row] for row in layout]
 
 
 def set_in_context_learning(model: nn.Module, *, cms: bool | None = None, titans: bool | None = None) -> None:

@@ -72,9 +72,11 @@ def normalized_steps(err: Tensor, h: Tensor, g2: Tensor, w1: Tensor) -> tuple[Te
 
 
 def chunk_factors(w1: Tensor, w2: Tensor, u: Tensor, w_eta: Tensor, b_eta: Tensor, w_alpha: Tensor, b_alpha: Tensor,
-                  *, eta_scale: float, activation: str, delta_gd: bool, learns: bool = True,
+                  *, eta_scale: float, activation: str, learns: bool = True,
                   reads: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
-    """Everything a chunk needs from its start state ``w1 (B, H, n, d, hid)``, ``w2`` and inputs ``u (B, H, C, d)``.
+    """Everything a chunk needs from its start state ``w1 (B, H, n, d, hid)``, ``w2`` and inputs ``u (B, H, C, d)``:
+    the reads ``k, v, η, log α`` and, per memory, ``V, z, h, e, g = σ'(z) ⊙ eW₁``, ``read = hW₁ᵀ``, ``n_h = 1 + ‖h‖²``
+    and ``n₁ = 1 + ‖W₁‖²`` (module doc).
 
     ``reads`` = the (static) states that read ``k, v, η, α`` when the memories are not self-modifying (then the
     value is ``v/‖v‖`` and ``w1, w2`` hold ``M_mem`` only); ``None``: the first four memories of ``w1, w2``.
@@ -103,127 +105,196 @@ def chunk_factors(w1: Tensor, w2: Tensor, u: Tensor, w_eta: Tensor, b_eta: Tenso
     else:
         f["Vraw"] = v[:, :, None]
     f["V"] = F.normalize(f["Vraw"], dim=-1)
-    f["e"], f["z"], f["h"], f["g"], _ = memory_factors(w1, w2, k[:, :, None], f["V"], activation)
-    f["err"], g2 = normalized_steps(f["e"], f["h"], f["g"], w1)
-    f["u2"] = g2 + f["z"] if delta_gd else g2
+    f["e"], f["z"], f["h"], f["g"], f["read"] = memory_factors(w1, w2, k[:, :, None], f["V"], activation)
+    f["nh"] = 1 + (f["h"] * f["h"]).sum(-1, keepdim=True)  # (B, H, n, C, 1)
+    f["n1"] = 1 + (w1 * w1).sum((-2, -1), keepdim=True)  # (B, H, n, 1, 1)
     return f
 
 
-def chunk_mix(w1m: Tensor, w2m: Tensor, f: dict[str, Tensor], q: Tensor, kappa: float, activation: str,
-              drift: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
-    """The chunk's output and step sums from ``chunk_factors``' ``f``: ``y`` (linear-attention form of the
-    output memory ``w1m, w2m`` read at every token's state, plus ``q @ drift`` terms of a drifting rule) and
-    ``g1, g2 = Σ_s D_Cs (e₁_s h_sᵀ, u₂_s k_sᵀ)``, ``A`` = the decays ``e^L`` (B, H, C)."""
+def gated_delta_solve(keys: Tensor, E: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The UT transform of the gated delta rule ``S_t = α_t S_{t−1} + u_t κ_tᵀ``, ``u_t = b_t(ν_t − α_t S_{t−1} κ_t)``
+    over a chunk: ``U = T(ν − diag(γ) K S₀ᵀ)`` with ``T = (I + diag(b) M)⁻¹ diag(b)``, ``M_ts = E_ts κ_t·κ_s`` for
+    s < t (``E_ts = γ_t/γ_s``).  ``keys (…, C, n)``, ``E (…, C, C)``, ``b (…, C)``; returns ``(T, N, M)``,
+    ``N = (I + diag(b) M)⁻¹`` (lower unitriangular)."""
+    C = E.shape[-1]
+    strict = torch.ones(C, C, dtype=torch.bool, device=E.device).tril(-1)
+    M = (E * (keys @ keys.mT)).masked_fill(~strict, 0)
+    eye = torch.eye(C, dtype=M.dtype, device=M.device)
+    lower = eye + b[..., :, None] * M
+    N = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True)
+    return N * b[..., None, :], N, M
+
+
+def _solve_vjp(dT: Tensor, N: Tensor, M: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Reverse mode of ``gated_delta_solve``'s ``T = (I + diag(b)M)⁻¹ diag(b)`` (M strictly lower): ``(∂b, ∂M)``."""
+    dN = dT * b[..., None, :]
+    db = (dT * N).sum(-2)
+    dX = -(N.mT @ dN @ N.mT).tril(-1)  # X = diag(b) M
+    return db + (dX * M).sum(-1), b[..., :, None] * dX
+
+
+def chunk_mix(w1: Tensor, w2: Tensor, f: dict[str, Tensor], q: Tensor, kappa: float, activation: str, *,
+              sequential: bool, delta_gd: bool, drift: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """The chunk's steps, output and state change from ``chunk_factors``' ``f`` at the start state ``w1, w2``.
+
+    Per memory, W₁ follows the gated delta rule with key ``h``, value ``V − k`` and step ``b₁ = lr·η/n_h`` and W₂
+    the one with key ``k``, value ``−g/n₁`` and step ``b₂ = lr·η`` (Delta GD's ``W₂kkᵀ``; without it W₂'s steps
+    just add up).  ``sequential``: the state-linear part of each step (``W₁h``, ``W₂k``) is read at the token's own
+    state, through ``gated_delta_solve`` (per-token η); otherwise every step is taken at the chunk's start state
+    (the η ≤ η_max/C form).  Returns ``y`` (the output memory read at every token's state, linear-attention
+    form, plus ``q @ drift`` terms of a drifting rule), ``g1, g2`` (the state change over the chunk divided by κ,
+    what the inner rule is fed), the step vectors ``U1, U2`` and the decays ``A = e^L`` (B, H, C),
+    ``E_ts = e^{L_t − L_s}`` (s ≤ t, else 0)."""
     act = ACTIVATIONS[activation][0]
     L = f["log_alpha"].cumsum(-1)  # (B, H, C)
     C = L.shape[-1]
     causal = torch.ones(C, C, dtype=torch.bool, device=L.device).tril()
     E = (L[..., :, None] - L[..., None, :]).masked_fill(~causal, -math.inf).exp()
-    D = E * f["eta"][..., None, :]  # D_ts = (Π_{s<r≤t} α_r) η_s, s ≤ t
     A = L.exp()
-    k, err, h, u2 = f["k"], f["err"][:, :, -1], f["h"][:, :, -1], f["u2"][:, :, -1]
-    zq = A[..., None] * (q @ w2m.mT) + kappa * ((D * (q @ k.mT)) @ u2)
+    k, h = f["k"], f["h"]
+    omega = A[:, :, None, :, None] if sequential else 1.0  # the start state's weight in a token's own state
+    nu1 = f["V"] - k[:, :, None] - omega * f["read"]
+    nu2 = -f["g"] / f["n1"] - (omega * f["z"] if delta_gd else 0)
+    b2 = -kappa * f["eta"]  # (B, H, C)
+    b1 = b2[:, :, None] / f["nh"][..., 0]  # (B, H, n, C)
+    o = {"A": A, "E": E, "b1": b1, "b2": b2, "nu1": nu1, "nu2": nu2}
+    if sequential:
+        o["T1"], o["N1"], o["M1"] = gated_delta_solve(h, E[:, :, None], b1)
+        U1 = o["T1"] @ nu1
+    else:
+        U1 = b1[..., None] * nu1
+    if sequential and delta_gd:
+        o["T2"], o["N2"], o["M2"] = gated_delta_solve(k, E, b2)
+        U2 = o["T2"][:, :, None] @ nu2
+    else:
+        U2 = b2[:, :, None, :, None] * nu2
+    zq = A[..., None] * (q @ w2[:, :, -1].mT) + (E * (q @ k.mT)) @ U2[:, :, -1]
     if drift is not None:
         zq = zq + q @ drift[1].mT
     hq = act(zq)
-    y = q + A[..., None] * (hq @ w1m.mT) + kappa * ((D * (hq @ h.mT)) @ err)
+    y = q + A[..., None] * (hq @ w1[:, :, -1].mT) + (E * (hq @ h[:, :, -1].mT)) @ U1[:, :, -1]
     if drift is not None:
         y = y + hq @ drift[0].mT
-    last = D[..., -1, :, None].unsqueeze(2)  # (B, H, 1, C, 1)
-    g1 = (last * f["err"]).mT @ f["h"]
-    g2 = (last * f["u2"]).mT @ k[:, :, None]
-    return {"y": y, "g1": g1, "g2": g2, "A": A, "E": E, "D": D, "zq": zq, "hq": hq}
+    last = E[..., -1, :, None].unsqueeze(2)  # (B, H, 1, C, 1): E_Cs
+    o.update(y=y, zq=zq, hq=hq, U1=U1, U2=U2, g1=((last * U1).mT @ h) / kappa,
+             g2=((last * U2).mT @ k[:, :, None]) / kappa)
+    return o
 
 
 def chunk_step(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor, ...], *, eta_scale: float,
-               activation: str, delta_gd: bool, learns: bool, kappa: float) -> tuple[Tensor, Tensor, Tensor]:
+               activation: str, delta_gd: bool, learns: bool, kappa: float,
+               sequential: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk of the SGD inner rule: ``(y, A_C W₁ + κ G₁, A_C W₂ + κ G₂)``; ``params = (w_η, b_η, w_α, b_α)``."""
-    f = chunk_factors(w1, w2, u, *params, eta_scale=eta_scale, activation=activation, delta_gd=delta_gd,
-                      learns=learns)
-    o = chunk_mix(w1[:, :, -1], w2[:, :, -1], f, q, kappa, activation)
+    f = chunk_factors(w1, w2, u, *params, eta_scale=eta_scale, activation=activation, learns=learns)
+    o = chunk_mix(w1, w2, f, q, kappa, activation, sequential=sequential, delta_gd=delta_gd)
     a = o["A"][..., -1, None, None, None]
     return o["y"], a * w1 + kappa * o["g1"], a * w2 + kappa * o["g2"]
 
 
 def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor, ...], dy: Tensor, dw1n: Tensor,
-              dw2n: Tensor, *, eta_scale: float, activation: str, delta_gd: bool, learns: bool, kappa: float):
+              dw2n: Tensor, *, eta_scale: float, activation: str, delta_gd: bool, learns: bool, kappa: float,
+              sequential: bool):
     """Reverse mode of ``chunk_step`` by hand: cotangents ``dy, dw1n, dw2n`` of its outputs →
     ``(dw1, dw2, du, dq, (dw_η, db_η, dw_α, db_α))`` (the last per batch: (B, H, d), (B, H)).  The steps undo
     ``chunk_factors``/``chunk_mix`` line by line, last first."""
     act_grad, act2 = ACTIVATIONS[activation][1], SECOND_DERIVATIVES[activation]
     w_eta, _, w_alpha, _ = params
-    f = chunk_factors(w1, w2, u, *params, eta_scale=eta_scale, activation=activation, delta_gd=delta_gd,
-                      learns=learns)
-    o = chunk_mix(w1[:, :, -1], w2[:, :, -1], f, q, kappa, activation)
-    k, K, h, err, u2 = f["k"], f["k"][:, :, None], f["h"], f["err"], f["u2"]
-    A, D = o["A"], o["D"]
-    # commit: W' = A_C W + κ G,  G₁ = Σ_s last_s e₁_s h_sᵀ,  G₂ = Σ_s last_s u₂_s k_sᵀ
+    f = chunk_factors(w1, w2, u, *params, eta_scale=eta_scale, activation=activation, learns=learns)
+    o = chunk_mix(w1, w2, f, q, kappa, activation, sequential=sequential, delta_gd=delta_gd)
+    k, K, h = f["k"], f["k"][:, :, None], f["h"]
+    A, E, U1, U2 = o["A"], o["E"], o["U1"], o["U2"]
+    # commit: W' = A_C W + Δ,  Δ₁ = Σ_s E_Cs U1_s h_sᵀ,  Δ₂ = Σ_s E_Cs U2_s k_sᵀ
     a = A[..., -1, None, None, None]
     dw1, dw2 = a * dw1n, a * dw2n
     dA = torch.zeros_like(A)
     dA[..., -1] = (dw1n * w1).sum((2, 3, 4)) + (dw2n * w2).sum((2, 3, 4))
-    dG1, dG2 = kappa * dw1n, kappa * dw2n
-    last = D[..., -1, :, None].unsqueeze(2)  # (B, H, 1, C, 1)
-    t1, t2 = err @ dG1, u2 @ dG2  # (B, H, 5, C, hid), (B, H, 5, C, d)
-    d_err, dh, du2 = last * (h @ dG1.mT), last * t1, last * (K @ dG2.mT)
+    last = E[..., -1, :, None].unsqueeze(2)  # (B, H, 1, C, 1)
+    t1, t2 = U1 @ dw1n, U2 @ dw2n  # (B, H, 5, C, hid), (B, H, 5, C, d)
+    dU1, dh, dU2 = last * (h @ dw1n.mT), last * t1, last * (K @ dw2n.mT)
     dk = (last * t2).sum(2)
-    dlast = (t1 * h).sum((2, 4)) + (t2 * K).sum((2, 4))
-    # output: y = q + A ⊙ σ(z_q) W₁ᵀ + κ (D ⊙ σ(z_q) hᵀ) e₁,  z_q = A ⊙ q W₂ᵀ + κ (D ⊙ q kᵀ) u₂   (memory M_mem)
+    dE = torch.zeros_like(E)
+    dE[..., -1, :] = (t1 * h).sum((2, 4)) + (t2 * K).sum((2, 4))
+    # output: y = q + A ⊙ σ(z_q) W₁ᵀ + (E ⊙ σ(z_q) hᵀ) U1,  z_q = A ⊙ q W₂ᵀ + (E ⊙ q kᵀ) U2   (memory M_mem)
     w1m, w2m, zq, hq, Ac = w1[:, :, -1], w2[:, :, -1], o["zq"], o["hq"], A[..., None]
     dq = dy.clone()
     dA = dA + (dy * (hq @ w1m.mT)).sum(-1)
     dhq = Ac * (dy @ w1m)
     dw1[:, :, -1] += (Ac * dy).mT @ hq
-    P2, dM2 = hq @ h[:, :, -1].mT, kappa * (dy @ err[:, :, -1].mT)  # (B, H, C, C)
-    d_err[:, :, -1] += kappa * (D * P2).mT @ dy
-    dD = dM2 * P2
-    dhq = dhq + (dM2 * D) @ h[:, :, -1]
-    dh[:, :, -1] += (dM2 * D).mT @ hq
+    P2, Y2 = hq @ h[:, :, -1].mT, dy @ U1[:, :, -1].mT  # (B, H, C, C)
+    dE = dE + Y2 * P2
+    dhq = dhq + (Y2 * E) @ h[:, :, -1]
+    dh[:, :, -1] += (Y2 * E).mT @ hq
+    dU1[:, :, -1] += (E * P2).mT @ dy
     dzq = dhq * act_grad(zq, hq)
     dA = dA + (dzq * (q @ w2m.mT)).sum(-1)
     dq = dq + Ac * (dzq @ w2m)
     dw2[:, :, -1] += (Ac * dzq).mT @ q
-    Sq, dM1 = q @ k.mT, kappa * (dzq @ u2[:, :, -1].mT)
-    du2[:, :, -1] += kappa * (D * Sq).mT @ dzq
-    dD = dD + dM1 * Sq
-    dq = dq + (dM1 * D) @ k
-    dk = dk + (dM1 * D).mT @ q
-    # decays: D_ts = e^{L_t − L_s} η_s, A_t = e^{L_t}, L = cumsum log α
-    dD[..., -1, :] += dlast
-    deta = (dD * o["E"]).sum(-2)
-    DD = dD * D
-    dL = DD.sum(-1) - DD.sum(-2) + dA * A
-    dlog_alpha = dL.flip(-1).cumsum(-1).flip(-1)
-    # normalised steps: e₁ = e/(1 + ‖h‖²), u₂ = g/(1 + ‖W₁‖²) (+ z)
-    nh = 1 + (h * h).sum(-1, keepdim=True)
-    de = d_err / nh
-    dh = dh - 2 * h * (d_err * err).sum(-1, keepdim=True) / nh
-    n1 = 1 + (w1 * w1).sum((-2, -1), keepdim=True)
-    dg = du2 / n1
-    dw1 = dw1 - 2 * w1 * (du2 * f["g"]).sum((-2, -1), keepdim=True) / n1 ** 2
-    dz = du2 if delta_gd else torch.zeros_like(du2)
+    Sq, Y1 = q @ k.mT, dzq @ U2[:, :, -1].mT
+    dE = dE + Y1 * Sq
+    dq = dq + (Y1 * E) @ k
+    dk = dk + (Y1 * E).mT @ q
+    dU2[:, :, -1] += (E * Sq).mT @ dzq
+    # steps: U = T ν with T = (I + diag(b) M)⁻¹ diag(b) (sequential) or diag(b), M_ts = E_ts κ_t·κ_s (s < t)
+    b1, b2, nu1, nu2 = o["b1"], o["b2"], o["nu1"], o["nu2"]
+    if sequential:
+        dnu1 = o["T1"].mT @ dU1
+        db1, dM = _solve_vjp(dU1 @ nu1.mT, o["N1"], o["M1"], b1)
+        dE = dE + (dM * (h @ h.mT)).sum(2)
+        dME = dM * E[:, :, None]
+        dh = dh + dME @ h + dME.mT @ h
+    else:
+        dnu1, db1 = b1[..., None] * dU1, (dU1 * nu1).sum(-1)
+    if sequential and delta_gd:
+        dnu2 = o["T2"][:, :, None].mT @ dU2
+        db2, dM = _solve_vjp((dU2 @ nu2.mT).sum(2), o["N2"], o["M2"], b2)
+        dE = dE + dM * (k @ k.mT)
+        dk = dk + (dM * E) @ k + (dM * E).mT @ k
+    else:
+        dnu2, db2 = b2[:, :, None, :, None] * dU2, (dU2 * nu2).sum((2, 4))
+    # b₁ = lr·η/n_h, b₂ = lr·η (lr = −κ), n_h = 1 + ‖h‖²
+    nh = f["nh"][..., 0]
+    deta = -kappa * (db2 + (db1 / nh).sum(2))
+    dh = dh - 2 * h * (db1 * b1 / nh)[..., None]
+    # ν₁ = V − k − ω·hW₁ᵀ,  ν₂ = −g/n₁ − ω·z (Delta GD),  ω = A (sequential) or 1
+    omega = A[:, :, None, :, None] if sequential else 1.0
+    dV = dnu1
+    dk = dk - dnu1.sum(2)
+    dread = -omega * dnu1
+    dh = dh + dread @ w1
+    dw1 = dw1 + dread.mT @ h
+    n1 = f["n1"]
+    dg = -dnu2 / n1
+    dw1 = dw1 + 2 * w1 * (dnu2 * f["g"]).sum((-2, -1), keepdim=True) / n1 ** 2
+    dz = -omega * dnu2 if delta_gd else torch.zeros_like(dnu2)
+    if sequential:
+        dA = dA - (dnu1 * f["read"]).sum((2, 4)) - ((dnu2 * f["z"]).sum((2, 4)) if delta_gd else 0)
     # memory factors: z = k W₂ᵀ, h = σ(z), e = k + h W₁ᵀ − V, g = σ'(z) ⊙ e W₁
     z, e = f["z"], f["e"]
     s1 = act_grad(z, h)
     ew = e @ w1
     dew = dg * s1
-    de = de + dew @ w1.mT
+    de = dew @ w1.mT
     dw1 = dw1 + e.mT @ dew
     dz = dz + dg * ew * act2(z, h)
     dk = dk + de.sum(2)
     dh = dh + de @ w1
     dw1 = dw1 + de.mT @ h
+    dV = dV - de
     dz = dz + dh * s1
     dk = dk + (dz @ w2).sum(2)
     dw2 = dw2 + dz.mT @ K
     # values: V = Vraw/‖Vraw‖, Vraw = v + σ(v W₂ᵀ) W₁ᵀ
-    V, dV = f["V"], -de
+    V = f["V"]
     dVraw = (dV - V * (dV * V).sum(-1, keepdim=True)) / f["Vraw"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
     dv = dVraw.sum(2)
     dw1 = dw1 + dVraw.mT @ f["Pv"]
     dZv = (dVraw @ w1) * act_grad(f["Zv"], f["Pv"])
     dw2 = dw2 + dZv.mT @ f["v"][:, :, None]
     dv = dv + (dZv @ w2).sum(2)
+    # decays: E_ts = e^{L_t − L_s} (s ≤ t), A_t = e^{L_t}, L = cumsum log α
+    EE = dE * E
+    dL = EE.sum(-1) - EE.sum(-2) + dA * A
+    dlog_alpha = dL.flip(-1).cumsum(-1).flip(-1)
     # η = s·sigmoid(logit_η), log α = logsigmoid(logit_α), logits = (u + R_□)·w_□ + b_□
     R = f["R"]
     if learns:
@@ -289,30 +360,34 @@ def _scan_backward_reference(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None,
 @torch.library.custom_op("deepopt::titans_scan", mutates_args=())
 def titans_scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_eta: Tensor, w_alpha: Tensor,
                 b_alpha: Tensor, chunk_size: int, eta_max: float, activation: str, delta_gd: bool, learns: bool,
-                kappa: float) -> tuple[Tensor, Tensor, Tensor]:
+                kappa: float, sequential: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Self-modifying Titans (SGD inner rule) over a whole sequence: ``u, q (B, H, T, d)``, initial states
     ``w1 (H, 5, d, hid)``, ``w2 (H, 5, hid, d)``; returns ``y (B, H, T, d)`` and the states at the chunk
     boundaries ``(B, H, n + 1, 5, d, hid)``, ``(B, H, n + 1, 5, hid, d)`` (index c: the start of chunk c; the
-    last: the final state), n = ⌈T/C⌉ chunks, the last one possibly partial.  Triton where ``_triton_applies``,
-    the torch chunk loop elsewhere."""
-    params, consts = (w_eta, b_eta, w_alpha, b_alpha), _consts(chunk_size, eta_max, activation, delta_gd, learns,
-                                                               kappa)
+    last: the final state), n = ⌈T/C⌉ chunks, the last one possibly partial.  ``sequential``: per-token steps
+    η_t ≤ η_max with the state-linear terms read at each token's own state (``chunk_mix``); otherwise
+    η_t ≤ η_max/C, every step at the chunk's start state.  Triton where ``_triton_applies``, the torch chunk loop
+    elsewhere."""
+    params = (w_eta, b_eta, w_alpha, b_alpha)
+    consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential)
     if _triton_applies(u, q, w1, w2, chunk_size, activation):
         return _triton_forward(u, q, w1, w2, params, chunk_size, consts)
     return _scan_reference(u, q, w1, w2, params, chunk_size, consts)
 
 
-def _consts(chunk_size: int, eta_max: float, activation: str, delta_gd: bool, learns: bool, kappa: float) -> dict:
+def _consts(chunk_size: int, eta_max: float, activation: str, delta_gd: bool, learns: bool, kappa: float,
+            sequential: bool) -> dict:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return {"eta_scale": eta_max / chunk_size, "activation": activation, "delta_gd": delta_gd, "learns": learns,
-            "kappa": kappa}
+    return {"eta_scale": eta_max if sequential else eta_max / chunk_size, "activation": activation,
+            "delta_gd": delta_gd, "learns": learns, "kappa": kappa, "sequential": sequential}
 
 
 @titans_scan.register_fake
-def _(u, q, w1, w2, w_eta, b_eta, w_alpha, b_alpha, chunk_size, eta_max, activation, delta_gd, learns, kappa):
+def _(u, q, w1, w2, w_eta, b_eta, w_alpha, b_alpha, chunk_size, eta_max, activation, delta_gd, learns, kappa,
+      sequential):
     B, n = u.shape[0], -(-u.shape[2] // chunk_size)
     return (u.new_empty(u.shape), w1.new_empty(B, w1.shape[0], n + 1, *w1.shape[1:]),
             w2.new_empty(B, w2.shape[0], n + 1, *w2.shape[1:]))
@@ -321,12 +396,12 @@ def _(u, q, w1, w2, w_eta, b_eta, w_alpha, b_alpha, chunk_size, eta_max, activat
 @torch.library.custom_op("deepopt::titans_scan_backward", mutates_args=())
 def titans_scan_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tensor, q: Tensor, s1: Tensor,
                          s2: Tensor, w_eta: Tensor, b_eta: Tensor, w_alpha: Tensor, b_alpha: Tensor, chunk_size: int,
-                         eta_max: float, activation: str, delta_gd: bool, learns: bool,
-                         kappa: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         eta_max: float, activation: str, delta_gd: bool, learns: bool, kappa: float,
+                         sequential: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``titans_scan`` with respect to ``u, q, w1, w2, w_η, b_η, w_α, b_α`` from those of its outputs
     (``ds1, ds2``: of the boundary states, ``None`` = zero), one reverse pass over the chunks."""
     params = (w_eta, b_eta, w_alpha, b_alpha)
-    consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa)
+    consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential)
     if _triton_applies(u, q, s1, s2, chunk_size, activation):
         return _triton_backward(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts)
     return _scan_backward_reference(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts)
@@ -339,7 +414,7 @@ def _(dy, ds1, ds2, u, q, s1, s2, w_eta, b_eta, w_alpha, b_alpha, *_):
             *(p.new_empty(p.shape) for p in (w_eta, b_eta, w_alpha, b_alpha)))
 
 
-_SCALARS = ("chunk_size", "eta_max", "activation", "delta_gd", "learns", "kappa")
+_SCALARS = ("chunk_size", "eta_max", "activation", "delta_gd", "learns", "kappa", "sequential")
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -377,6 +452,22 @@ def _num_warps(*sizes: int) -> int:
     return 8 if max(sizes) >= 64 else 4
 
 
+def dot_precision(*tensors: Tensor) -> str:
+    """``tl.dot``'s input precision: TF32 tensor cores when any input is bfloat16 or when torch allows TF32 for
+    float32 matmuls (``torch.set_float32_matmul_precision("high")``), exact fp32 products otherwise (torch's
+    default, ``"highest"``).  Shared by the Titans and CMS kernels."""
+    if any(t.dtype != torch.float32 for t in tensors) or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _launch_consts(chunk_size: int, d: int, hid: int, consts: dict, *tensors: Tensor) -> dict:
+    """The keyword arguments both kernels take: sizes, switches and ``num_warps``."""
+    return {"C": chunk_size, "D": d, "HID": hid, "LOG2C": chunk_size.bit_length() - 1,
+            "DELTA_GD": consts["delta_gd"], "LEARNS": consts["learns"], "SEQ": consts["sequential"],
+            "PREC": dot_precision(*tensors), "num_warps": _num_warps(chunk_size, d, hid)}
+
+
 def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[Tensor, ...], chunk_size: int,
                     consts: dict) -> tuple[Tensor, Tensor, Tensor]:
     """``titans_scan`` in one Triton launch (plus the copies of θ₀ into the boundary-state buffers)."""
@@ -388,9 +479,8 @@ def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[
     s2[:, :, 0] = w2
     y = u.new_empty(u.shape)
     _forward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, y, *(p.contiguous() for p in params), T, n,
-                              consts["eta_scale"], consts["kappa"], H=H, C=chunk_size, D=d, HID=hid,
-                              DELTA_GD=consts["delta_gd"], LEARNS=consts["learns"],
-                              num_warps=_num_warps(chunk_size, d, hid))
+                              consts["eta_scale"], -consts["kappa"], H=H,
+                              **_launch_consts(chunk_size, d, hid, consts, u, w1))
     return y, s1, s2
 
 
@@ -412,9 +502,8 @@ def _triton_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tens
         has_ds = True
     _backward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, dy.contiguous(),
                                ds1.contiguous() if has_ds else s1, ds2.contiguous() if has_ds else s2, a1, a2, du, dq,
-                               dp, *(p.contiguous() for p in params), T, n, consts["eta_scale"], consts["kappa"], H=H,
-                               C=chunk_size, D=d, HID=hid, DELTA_GD=consts["delta_gd"], LEARNS=consts["learns"],
-                               HAS_DS=has_ds, num_warps=_num_warps(chunk_size, d, hid))
+                               dp, *(p.contiguous() for p in params), T, n, consts["eta_scale"], -consts["kappa"],
+                               H=H, HAS_DS=has_ds, **_launch_consts(chunk_size, d, hid, consts, u, s1))
     dp = dp.sum(0).split([d, 1, d, 1], dim=-1)  # dw_η, db_η, dw_α, db_α per head (copies: outputs may not alias)
     return (du, dq, a1.sum(0).to(s1.dtype), a2.sum(0).to(s2.dtype),
             *(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(dp, params)))
@@ -437,8 +526,8 @@ if triton is not None:
         return s * (1 - s) * (2 + z * (1 - 2 * s))
 
     @triton.jit
-    def _dot(a, b):
-        return tl.dot(a, b, input_precision="ieee")
+    def _dot(a, b, PREC: tl.constexpr):
+        return tl.dot(a, b, input_precision=PREC)
 
     @triton.jit
     def _normalize(x):
@@ -453,9 +542,9 @@ if triton is not None:
         return w1, w2t
 
     @triton.jit
-    def _read(u, w1, w2t):
+    def _read(u, w1, w2t, PREC: tl.constexpr):
         """``M(u) − u = σ(u W₂ᵀ) W₁ᵀ`` (C, D)."""
-        return _dot(_silu(_dot(u, w2t)), tl.trans(w1))
+        return _dot(_silu(_dot(u, w2t, PREC)), tl.trans(w1), PREC)
 
     @triton.jit
     def _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D: tl.constexpr):
@@ -465,16 +554,16 @@ if triton is not None:
 
     @triton.jit
     def _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D: tl.constexpr,
-                     HID: tl.constexpr, LEARNS: tl.constexpr):
+                     HID: tl.constexpr, LEARNS: tl.constexpr, PREC: tl.constexpr):
         """``chunk_factors``' first part: k, v, η, log α (zero past the sequence's end) and ``u + R_η``, ``u + R_α``."""
         w1, w2t = _state(s1, s2, 0, D, HID)
-        k = _normalize(u + _read(u, w1, w2t))
+        k = _normalize(u + _read(u, w1, w2t, PREC))
         w1, w2t = _state(s1, s2, 1, D, HID)
-        v = u + _read(u, w1, w2t)
+        v = u + _read(u, w1, w2t, PREC)
         w1, w2t = _state(s1, s2, 2, D, HID)
-        xe = u + _read(u, w1, w2t)
+        xe = u + _read(u, w1, w2t, PREC)
         w1, w2t = _state(s1, s2, 3, D, HID)
-        xa = u + _read(u, w1, w2t)
+        xa = u + _read(u, w1, w2t, PREC)
         eta_logit = tl.sum(xe * w_eta[None, :], 1) + b_eta
         alpha_logit = tl.sum(xa * w_alpha[None, :], 1) + b_alpha
         eta = eta_scale * tl.sigmoid(eta_logit)
@@ -486,46 +575,116 @@ if triton is not None:
         return k, v, eta, log_alpha, xe, xa
 
     @triton.jit
-    def _decays(eta, log_alpha, C: tl.constexpr):
-        """``A = e^L``, ``D_ts = e^{L_t − L_s} η_s`` (s ≤ t), its last row and ``A_C``."""
+    def _decays(log_alpha, C: tl.constexpr):
+        """``A = e^L``, ``E_ts = e^{L_t − L_s}`` (s ≤ t, else 0), E's last row and ``A_C``."""
         rc = tl.arange(0, C)
         L = tl.cumsum(log_alpha, 0)
         E = tl.where(rc[:, None] >= rc[None, :], tl.exp(L[:, None] - L[None, :]), 0.0)
-        Dm = E * eta[None, :]
         A = tl.exp(L)
-        last = tl.sum(tl.where(rc[:, None] == C - 1, Dm, 0.0), 0)
-        return A, E, Dm, last, tl.sum(tl.where(rc == C - 1, A, 0.0), 0)
+        last = tl.sum(tl.where(rc[:, None] == C - 1, E, 0.0), 0)
+        return A, E, last, tl.sum(tl.where(rc == C - 1, A, 0.0), 0)
 
     @triton.jit
-    def _memory_factors(k, v, w1, w2t, DELTA_GD: tl.constexpr):
-        """``chunk_factors``' second part for one memory: value, z, h, e, g, e₁, u₂ (and the value's Zv, Pv, Vraw)."""
-        Zv = _dot(v, w2t)
+    def _kernel_solve(kk, E, b, C: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.constexpr):
+        """``gated_delta_solve``: ``(T, N, M)``, ``N = (I + diag(b)M)⁻¹`` by blockwise doubling: with ``N`` the
+        inverse's block diagonal at blocks of 2^l, ``N ← N − N X_l N`` (X_l: the entries of ``diag(b)M`` between
+        the two halves of each 2^{l+1} block) is that at blocks of 2^{l+1}; every product is of true inverses
+        (no growing powers, unlike a Neumann series)."""
+        rc = tl.arange(0, C)
+        strict = rc[:, None] > rc[None, :]
+        M = tl.where(strict, E * _dot(kk, tl.trans(kk), PREC), 0.0)
+        X = b[:, None] * M
+        N = (rc[:, None] == rc[None, :]).to(tl.float32)
+        for lvl in tl.static_range(LOG2C):
+            cross = ((rc[:, None] >> (lvl + 1)) == (rc[None, :] >> (lvl + 1))) & \
+                ((rc[:, None] >> lvl) != (rc[None, :] >> lvl))
+            N = N - _dot(_dot(N, tl.where(cross, X, 0.0), PREC), N, PREC)
+        return N * b[None, :], N, M
+
+    @triton.jit
+    def _kernel_solve_vjp(dT, N, M, b, C: tl.constexpr, PREC: tl.constexpr):
+        """Reverse mode of ``_kernel_solve``'s T (as ``_solve_vjp``): ``(∂b, ∂M)``."""
+        rc = tl.arange(0, C)
+        db = tl.sum(dT * N, 0)
+        dX = -_dot(_dot(tl.trans(N), dT * b[None, :], PREC), tl.trans(N), PREC)
+        dX = tl.where(rc[:, None] > rc[None, :], dX, 0.0)
+        return db + tl.sum(dX * M, 1), b[:, None] * dX
+
+    @triton.jit
+    def _memory_factors(k, v, w1, w2t, PREC: tl.constexpr):
+        """``chunk_factors``' second part for one memory: V, z, h, e, g, read = hW₁ᵀ (and the value's Zv, Pv, Vraw)."""
+        Zv = _dot(v, w2t, PREC)
         Pv = _silu(Zv)
-        Vraw = v + _dot(Pv, tl.trans(w1))
+        Vraw = v + _dot(Pv, tl.trans(w1), PREC)
         V = _normalize(Vraw)
-        z = _dot(k, w2t)
+        z = _dot(k, w2t, PREC)
         h = _silu(z)
-        e = k + _dot(h, tl.trans(w1)) - V
-        g = _silu_grad(z) * _dot(e, w1)
-        e1 = e / (1 + tl.sum(h * h, 1))[:, None]
-        u2 = g / (1 + tl.sum(tl.sum(w1 * w1, 1), 0))
-        if DELTA_GD:
-            u2 = u2 + z
-        return V, z, h, e, g, e1, u2, Zv, Pv, Vraw
+        read = _dot(h, tl.trans(w1), PREC)
+        e = k + read - V
+        g = _silu_grad(z) * _dot(e, w1, PREC)
+        return V, z, h, e, g, read, Zv, Pv, Vraw
 
     @triton.jit
-    def _output(q, k, A, Dm, w1, w2t, h, e1, u2, kappa):
+    def _steps(k, V, z, h, g, read, w1, E, b2, T2, om, C: tl.constexpr, LOG2C: tl.constexpr, SEQ: tl.constexpr,
+               DELTA_GD: tl.constexpr, PREC: tl.constexpr):
+        """``chunk_mix``'s steps for one memory: ``b₁, ν₁, ν₂, n_h, n₁`` and ``U1, U2`` (and T1, N1, M1 with SEQ)."""
+        nh = 1 + tl.sum(h * h, 1)
+        n1 = 1 + tl.sum(tl.sum(w1 * w1, 1), 0)
+        b1 = b2 / nh
+        nu1 = V - k - om[:, None] * read
+        nu2 = -g / n1
+        if DELTA_GD:
+            nu2 = nu2 - om[:, None] * z
+        if SEQ:
+            T1, N1, M1 = _kernel_solve(h, E, b1, C, LOG2C, PREC)
+            U1 = _dot(T1, nu1, PREC)
+        else:
+            T1 = E
+            N1 = E
+            M1 = E
+            U1 = b1[:, None] * nu1
+        if SEQ and DELTA_GD:
+            U2 = _dot(T2, nu2, PREC)
+        else:
+            U2 = b2[:, None] * nu2
+        return nh, n1, b1, nu1, nu2, T1, N1, M1, U1, U2
+
+    @triton.jit
+    def _output(q, k, A, E, w1, w2t, h, U1, U2, PREC: tl.constexpr):
         """The output memory read at every token's state (linear-attention form): ``z_q, σ(z_q), y``."""
-        zq = A[:, None] * _dot(q, w2t) + kappa * _dot(Dm * _dot(q, tl.trans(k)), u2)
+        zq = A[:, None] * _dot(q, w2t, PREC) + _dot(E * _dot(q, tl.trans(k), PREC), U2, PREC)
         hq = _silu(zq)
-        return zq, hq, q + A[:, None] * _dot(hq, tl.trans(w1)) + kappa * _dot(Dm * _dot(hq, tl.trans(h)), e1)
+        y = q + A[:, None] * _dot(hq, tl.trans(w1), PREC) + _dot(E * _dot(hq, tl.trans(h), PREC), U1, PREC)
+        return zq, hq, y
+
+    @triton.jit
+    def _chunk_start(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, D: tl.constexpr,
+                     HID: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, LEARNS: tl.constexpr,
+                     SEQ: tl.constexpr, DELTA_GD: tl.constexpr, PREC: tl.constexpr):
+        """Everything of a chunk shared by its memories: reads, decays, ``b₂ = lr·η``, ω and W₂'s T (SEQ, Delta GD)."""
+        k, v, eta, log_alpha, xe, xa = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D,
+                                                    HID, LEARNS, PREC)
+        A, E, last, a_c = _decays(log_alpha, C)
+        b2 = lr * eta
+        if SEQ:
+            om = A
+        else:
+            om = A * 0.0 + 1.0
+        if SEQ and DELTA_GD:
+            T2, N2, M2 = _kernel_solve(k, E, b2, C, LOG2C, PREC)
+        else:
+            T2 = E
+            N2 = E
+            M2 = E
+        return k, v, eta, log_alpha, xe, xa, A, E, last, a_c, b2, om, T2, N2, M2
 
     @triton.jit
     def _forward_kernel(u_ptr, q_ptr, s1_ptr, s2_ptr, y_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, T, n_chunks, eta_scale,
-                        kappa, H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
-                        DELTA_GD: tl.constexpr, LEARNS: tl.constexpr):
+                        lr, H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
+                        LOG2C: tl.constexpr, DELTA_GD: tl.constexpr, LEARNS: tl.constexpr, SEQ: tl.constexpr,
+                        PREC: tl.constexpr):
         """One program per (batch, head): the chunks in order, states read from and written to the boundary
-        buffers (chunk c reads entry c and writes entry c + 1)."""
+        buffers (chunk c reads entry c and writes entry c + 1); the memories in a loop (not unrolled)."""
         bh = tl.program_id(0)
         h = bh % H
         rc, rd, rh = tl.arange(0, C), tl.arange(0, D), tl.arange(0, HID)
@@ -536,36 +695,39 @@ if triton is not None:
             valid = t < T
             io = (bh.to(tl.int64) * T + t)[:, None] * D + rd[None, :]
             u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
-            q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
             start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
             s1, s2 = s1_ptr + start, s2_ptr + start
-            k, v, eta, log_alpha, _, _ = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D,
-                                                      HID, LEARNS)
-            A, E, Dm, last, a_c = _decays(eta, log_alpha, C)
-            for m in tl.static_range(N_MEM):
+            k, v, _, _, _, _, A, E, last, a_c, b2, om, T2, _, _ = _chunk_start(
+                u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, D, HID, C, LOG2C, LEARNS, SEQ,
+                DELTA_GD, PREC)
+            for m in range(N_MEM):
                 w1, w2t = _state(s1, s2, m, D, HID)
-                _, _, hm, _, _, e1, u2, _, _, _ = _memory_factors(k, v, w1, w2t, DELTA_GD)
+                V, z, hm, _, g, read, _, _, _ = _memory_factors(k, v, w1, w2t, PREC)
+                _, _, _, _, _, _, _, _, U1, U2 = _steps(k, V, z, hm, g, read, w1, E, b2, T2, om, C, LOG2C, SEQ,
+                                                        DELTA_GD, PREC)
                 if m == N_MEM - 1:
-                    _, _, y = _output(q, k, A, Dm, w1, w2t, hm, e1, u2, kappa)
+                    q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+                    _, _, y = _output(q, k, A, E, w1, w2t, hm, U1, U2, PREC)
                     tl.store(y_ptr + io, y.to(y_ptr.dtype.element_ty), mask=valid[:, None])
-                g1 = _dot(tl.trans(e1 * last[:, None]), hm)  # (D, HID)
-                g2t = _dot(tl.trans(k), u2 * last[:, None])  # G₂ᵀ (D, HID)
+                d1 = _dot(tl.trans(U1 * last[:, None]), hm, PREC)  # (D, HID)
+                d2t = _dot(tl.trans(k), U2 * last[:, None], PREC)  # Δ₂ᵀ (D, HID)
                 o1 = s1 + size + m * D * HID + rd[:, None] * HID + rh[None, :]
                 o2 = s2 + size + m * HID * D + rh[None, :] * D + rd[:, None]
-                tl.store(o1, (a_c * w1 + kappa * g1).to(s1_ptr.dtype.element_ty))
-                tl.store(o2, (a_c * w2t + kappa * g2t).to(s2_ptr.dtype.element_ty))
+                tl.store(o1, (a_c * w1 + d1).to(s1_ptr.dtype.element_ty))
+                tl.store(o2, (a_c * w2t + d2t).to(s2_ptr.dtype.element_ty))
             tl.debug_barrier()  # the next chunk reads the states this one wrote
 
     @triton.jit
     def _backward_kernel(u_ptr, q_ptr, s1_ptr, s2_ptr, dy_ptr, ds1_ptr, ds2_ptr, a1_ptr, a2_ptr, du_ptr, dq_ptr,
-                         dp_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, T, n_chunks, eta_scale, kappa, H: tl.constexpr,
-                         C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, DELTA_GD: tl.constexpr,
-                         LEARNS: tl.constexpr, HAS_DS: tl.constexpr):
+                         dp_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, T, n_chunks, eta_scale, lr, H: tl.constexpr,
+                         C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, LOG2C: tl.constexpr,
+                         DELTA_GD: tl.constexpr, LEARNS: tl.constexpr, SEQ: tl.constexpr, HAS_DS: tl.constexpr,
+                         PREC: tl.constexpr):
         """One program per (batch, head): the chunks in reverse, each recomputed from its saved start state and
         differentiated as ``chunk_vjp`` does.  ``a1, a2`` (fp32, (5, D, HID) and (5, HID, D) per program) hold the
         cotangent of the state at the current chunk boundary: read as the next state's, overwritten with the start
-        state's.  Pass 1 recomputes the reads and decays, pass 2 runs each memory's commit, output (M_mem),
-        step-normalisation, factor and value terms, pass 3 the decays, η, α, k and the reads."""
+        state's.  Pass 1 recomputes the reads, decays and W₂'s T, pass 2 runs each memory's commit, output (M_mem),
+        steps, factor and value terms, pass 3 W₂'s T, the decays, η, α, k and the reads."""
         bh = tl.program_id(0)
         h = bh % H
         rc, rd, rh = tl.arange(0, C), tl.arange(0, D), tl.arange(0, HID)
@@ -582,94 +744,128 @@ if triton is not None:
             valid = t < T
             io = (bh.to(tl.int64) * T + t)[:, None] * D + rd[None, :]
             u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
-            q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
             start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
             s1, s2 = s1_ptr + start, s2_ptr + start
-            k, v, eta, log_alpha, xe, xa = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale,
-                                                        D, HID, LEARNS)
-            A, E, Dm, last, a_c = _decays(eta, log_alpha, C)
-            dk, dv, dq = tl.zeros([C, D], dtype=tl.float32), tl.zeros([C, D], dtype=tl.float32), dy
-            dD = tl.zeros([C, C], dtype=tl.float32)
-            dA, dlast = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32)
+            k, v, eta, log_alpha, xe, xa, A, E, last, a_c, b2, om, T2, N2, M2 = _chunk_start(
+                u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, D, HID, C, LOG2C, LEARNS, SEQ,
+                DELTA_GD, PREC)
+            dk, dv = tl.zeros([C, D], dtype=tl.float32), tl.zeros([C, D], dtype=tl.float32)
+            dq = tl.load(dy_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            dE, dT2 = tl.zeros([C, C], dtype=tl.float32), tl.zeros([C, C], dtype=tl.float32)
+            dA, dlast, db2 = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32), \
+                tl.zeros([C], dtype=tl.float32)
             da_c = tl.sum(dA, 0)
-            for m in tl.static_range(N_MEM):
+            for m in range(N_MEM):
                 w1, w2t = _state(s1, s2, m, D, HID)
-                V, z, hm, e, g, e1, u2, Zv, Pv, Vraw = _memory_factors(k, v, w1, w2t, DELTA_GD)
-                # commit: W' = A_C W + κ G
+                V, z, hm, e, g, read, Zv, Pv, Vraw = _memory_factors(k, v, w1, w2t, PREC)
+                nh, n1, b1, nu1, nu2, T1, N1, M1, U1, U2 = _steps(k, V, z, hm, g, read, w1, E, b2, T2, om, C,
+                                                                  LOG2C, SEQ, DELTA_GD, PREC)
+                # commit: W' = A_C W + Δ,  Δ₁ = Σ_s E_Cs U1_s h_sᵀ,  Δ₂ = Σ_s E_Cs U2_s k_sᵀ
                 dn1, dn2t = tl.load(a1 + m * D * HID + off1), tl.load(a2 + m * HID * D + off2)
                 da_c += tl.sum(tl.sum(dn1 * w1, 1), 0) + tl.sum(tl.sum(dn2t * w2t, 1), 0)
                 dw1, dw2t = a_c * dn1, a_c * dn2t
-                t1 = _dot(e1, kappa * dn1)  # (C, HID)
-                de1 = last[:, None] * _dot(hm, tl.trans(kappa * dn1))
+                t1 = _dot(U1, dn1, PREC)  # (C, HID)
+                dU1 = last[:, None] * _dot(hm, tl.trans(dn1), PREC)
                 dh = last[:, None] * t1
-                t2 = _dot(u2, tl.trans(kappa * dn2t))  # (C, D)
-                du2 = last[:, None] * _dot(k, kappa * dn2t)
+                t2 = _dot(U2, tl.trans(dn2t), PREC)  # (C, D)
+                dU2 = last[:, None] * _dot(k, dn2t, PREC)
                 dk += last[:, None] * t2
                 dlast += tl.sum(t1 * hm, 1) + tl.sum(t2 * k, 1)
                 if m == N_MEM - 1:  # the output y (chunk_vjp's "output" block)
-                    zq, hq, _ = _output(q, k, A, Dm, w1, w2t, hm, e1, u2, kappa)
-                    dA += tl.sum(dy * _dot(hq, tl.trans(w1)), 1)
-                    dhq = A[:, None] * _dot(dy, w1)
-                    dw1 += _dot(tl.trans(A[:, None] * dy), hq)
-                    P2, dM2 = _dot(hq, tl.trans(hm)), kappa * _dot(dy, tl.trans(e1))
-                    de1 += kappa * _dot(tl.trans(Dm * P2), dy)
-                    dD += dM2 * P2
-                    dhq += _dot(dM2 * Dm, hm)
-                    dh += _dot(tl.trans(dM2 * Dm), hq)
+                    q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+                    dy = tl.load(dy_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+                    zq, hq, _ = _output(q, k, A, E, w1, w2t, hm, U1, U2, PREC)
+                    dA += tl.sum(dy * _dot(hq, tl.trans(w1), PREC), 1)
+                    dhq = A[:, None] * _dot(dy, w1, PREC)
+                    dw1 += _dot(tl.trans(A[:, None] * dy), hq, PREC)
+                    P2, Y2 = _dot(hq, tl.trans(hm), PREC), _dot(dy, tl.trans(U1), PREC)
+                    dE += Y2 * P2
+                    dhq += _dot(Y2 * E, hm, PREC)
+                    dh += _dot(tl.trans(Y2 * E), hq, PREC)
+                    dU1 += _dot(tl.trans(E * P2), dy, PREC)
                     dzq = dhq * _silu_grad(zq)
-                    dA += tl.sum(dzq * _dot(q, w2t), 1)
-                    dq += A[:, None] * _dot(dzq, tl.trans(w2t))
-                    dw2t += _dot(tl.trans(q), A[:, None] * dzq)
-                    Sq, dM1 = _dot(q, tl.trans(k)), kappa * _dot(dzq, tl.trans(u2))
-                    du2 += kappa * _dot(tl.trans(Dm * Sq), dzq)
-                    dD += dM1 * Sq
-                    dq += _dot(dM1 * Dm, k)
-                    dk += _dot(tl.trans(dM1 * Dm), q)
-                # normalised steps: e₁ = e/(1 + ‖h‖²), u₂ = g/(1 + ‖W₁‖²) (+ z)
-                nh = 1 + tl.sum(hm * hm, 1)
-                de = de1 / nh[:, None]
-                dh -= 2 * hm * (tl.sum(de1 * e1, 1) / nh)[:, None]
-                n1 = 1 + tl.sum(tl.sum(w1 * w1, 1), 0)
-                dg = du2 / n1
-                dw1 -= 2 * w1 * (tl.sum(tl.sum(du2 * g, 1), 0) / (n1 * n1))
+                    dA += tl.sum(dzq * _dot(q, w2t, PREC), 1)
+                    dq += A[:, None] * _dot(dzq, tl.trans(w2t), PREC)
+                    dw2t += _dot(tl.trans(q), A[:, None] * dzq, PREC)
+                    Sq, Y1 = _dot(q, tl.trans(k), PREC), _dot(dzq, tl.trans(U2), PREC)
+                    dE += Y1 * Sq
+                    dq += _dot(Y1 * E, k, PREC)
+                    dk += _dot(tl.trans(Y1 * E), q, PREC)
+                    dU2 += _dot(tl.trans(E * Sq), dzq, PREC)
+                # steps: U = T ν, T = (I + diag(b)M)⁻¹ diag(b) (SEQ) or diag(b)
+                if SEQ:
+                    dnu1 = _dot(tl.trans(T1), dU1, PREC)
+                    db1, dM1 = _kernel_solve_vjp(_dot(dU1, tl.trans(nu1), PREC), N1, M1, b1, C, PREC)
+                    dE += dM1 * _dot(hm, tl.trans(hm), PREC)
+                    dME = dM1 * E
+                    dh += _dot(dME, hm, PREC) + _dot(tl.trans(dME), hm, PREC)
+                else:
+                    dnu1 = b1[:, None] * dU1
+                    db1 = tl.sum(dU1 * nu1, 1)
+                if SEQ and DELTA_GD:
+                    dnu2 = _dot(tl.trans(T2), dU2, PREC)
+                    dT2 += _dot(dU2, tl.trans(nu2), PREC)
+                else:
+                    dnu2 = b2[:, None] * dU2
+                    db2 += tl.sum(dU2 * nu2, 1)
+                # b₁ = b₂/n_h,  n_h = 1 + ‖h‖²
+                db2 += db1 / nh
+                dh -= 2 * hm * (db1 * b1 / nh)[:, None]
+                # ν₁ = V − k − ω·hW₁ᵀ,  ν₂ = −g/n₁ − ω·z (Delta GD)
+                dV = dnu1
+                dk -= dnu1
+                dread = -om[:, None] * dnu1
+                dh += _dot(dread, w1, PREC)
+                dw1 += _dot(tl.trans(dread), hm, PREC)
+                dg = -dnu2 / n1
+                dw1 += 2 * w1 * (tl.sum(tl.sum(dnu2 * g, 1), 0) / (n1 * n1))
                 dz = tl.zeros([C, HID], dtype=tl.float32)
                 if DELTA_GD:
-                    dz += du2
+                    dz -= om[:, None] * dnu2
+                if SEQ:
+                    dA -= tl.sum(dnu1 * read, 1)
+                    if DELTA_GD:
+                        dA -= tl.sum(dnu2 * z, 1)
                 # factors: z = k W₂ᵀ, h = σ(z), e = k + h W₁ᵀ − V, g = σ'(z) ⊙ e W₁
                 s1g = _silu_grad(z)
-                ew = _dot(e, w1)
                 dew = dg * s1g
-                de += _dot(dew, tl.trans(w1))
-                dw1 += _dot(tl.trans(e), dew)
-                dz += dg * ew * _silu_grad2(z)
+                de = _dot(dew, tl.trans(w1), PREC)
+                dw1 += _dot(tl.trans(e), dew, PREC)
+                dz += dg * _dot(e, w1, PREC) * _silu_grad2(z)
                 dk += de
-                dh += _dot(de, w1)
-                dw1 += _dot(tl.trans(de), hm)
+                dh += _dot(de, w1, PREC)
+                dw1 += _dot(tl.trans(de), hm, PREC)
+                dV -= de
                 dz += dh * s1g
-                dk += _dot(dz, tl.trans(w2t))
-                dw2t += _dot(tl.trans(k), dz)
+                dk += _dot(dz, tl.trans(w2t), PREC)
+                dw2t += _dot(tl.trans(k), dz, PREC)
                 # values: V = Vraw/‖Vraw‖, Vraw = v + σ(v W₂ᵀ) W₁ᵀ
-                dV = -de
                 dVraw = (dV - V * tl.sum(dV * V, 1)[:, None]) / tl.maximum(tl.sqrt(tl.sum(Vraw * Vraw, 1)),
                                                                              1e-12)[:, None]
                 dv += dVraw
-                dw1 += _dot(tl.trans(dVraw), Pv)
-                dZv = _dot(dVraw, w1) * _silu_grad(Zv)
-                dw2t += _dot(tl.trans(v), dZv)
-                dv += _dot(dZv, tl.trans(w2t))
+                dw1 += _dot(tl.trans(dVraw), Pv, PREC)
+                dZv = _dot(dVraw, w1, PREC) * _silu_grad(Zv)
+                dw2t += _dot(tl.trans(v), dZv, PREC)
+                dv += _dot(dZv, tl.trans(w2t), PREC)
                 if HAS_DS:  # the cotangent of this boundary state as an output of the op
                     dw1 += tl.load(ds1_ptr + start + m * D * HID + off1).to(tl.float32)
                     dw2t += tl.load(ds2_ptr + start + m * HID * D + off2).to(tl.float32)
                 tl.debug_barrier()  # every thread has read this memory's slot (dn1, dn2t) before it is overwritten
                 tl.store(a1 + m * D * HID + off1, dw1)
                 tl.store(a2 + m * HID * D + off2, dw2t)
-            # decays: D_ts = e^{L_t − L_s} η_s, A_t = e^{L_t}, L = cumsum log α
-            dD += tl.where(rc[:, None] == C - 1, dlast[None, :], 0.0)
+            # W₂'s T (shared by the memories: key k)
+            if SEQ and DELTA_GD:
+                db2s, dM2 = _kernel_solve_vjp(dT2, N2, M2, b2, C, PREC)
+                db2 += db2s
+                dE += dM2 * _dot(k, tl.trans(k), PREC)
+                dME = dM2 * E
+                dk += _dot(dME, k, PREC) + _dot(tl.trans(dME), k, PREC)
+            # decays: E_ts = e^{L_t − L_s}, A_t = e^{L_t}, L = cumsum log α;  b₂ = lr·η
+            dE += tl.where(rc[:, None] == C - 1, dlast[None, :], 0.0)
             dA += tl.where(rc == C - 1, da_c, 0.0)
-            deta = tl.sum(dD * E, 0)
-            DD = dD * Dm
-            dL = tl.sum(DD, 1) - tl.sum(DD, 0) + dA * A
+            deta = lr * db2
+            EE = dE * E
+            dL = tl.sum(EE, 1) - tl.sum(EE, 0) + dA * A
             dlog_alpha = tl.sum(dL, 0) - tl.cumsum(dL, 0) + dL  # Σ_{t ≥ r} dL_t
             if LEARNS:
                 d_eta_logit = tl.where(valid, deta * eta * (1 - eta / tl.maximum(eta_scale, 1e-30)), 0.0)
@@ -682,31 +878,25 @@ if triton is not None:
             dba += tl.sum(d_alpha_logit, 0)
             # k = kv₀/‖kv₀‖ (‖kv₀‖ recomputed from k's reads), v = u + R_v, logits = (u + R_□)·w_□ + b_□
             w1, w2t = _state(s1, s2, 0, D, HID)
-            kv0 = u + _read(u, w1, w2t)
+            kv0 = u + _read(u, w1, w2t, PREC)
             dkv0 = (dk - k * tl.sum(dk * k, 1)[:, None]) / tl.maximum(tl.sqrt(tl.sum(kv0 * kv0, 1)), 1e-12)[:, None]
             de_w = d_eta_logit[:, None] * w_eta[None, :]
             da_w = d_alpha_logit[:, None] * w_alpha[None, :]
             du = dkv0 + dv + de_w + da_w
             tl.debug_barrier()  # pass 2's stores to a1, a2 before pass 3 adds to them
             # reads: R = σ(u W₂ᵀ) W₁ᵀ for the first four memories
-            for m in tl.static_range(N_MEM - 1):
+            for m in range(N_MEM - 1):
                 w1, w2t = _state(s1, s2, m, D, HID)
-                if m == 0:
-                    dR = dkv0
-                elif m == 1:
-                    dR = dv
-                elif m == 2:
-                    dR = de_w
-                else:
-                    dR = da_w
-                Z = _dot(u, w2t)
-                dZ = _dot(dR, w1) * _silu_grad(Z)
+                dR = tl.where(m == 0, dkv0, tl.where(m == 1, dv, tl.where(m == 2, de_w, da_w)))
+                Z = _dot(u, w2t, PREC)
+                dZ = _dot(dR, w1, PREC) * _silu_grad(Z)
                 p1, p2 = a1 + m * D * HID + off1, a2 + m * HID * D + off2
-                acc1, acc2 = tl.load(p1) + _dot(tl.trans(dR), _silu(Z)), tl.load(p2) + _dot(tl.trans(u), dZ)
+                acc1 = tl.load(p1) + _dot(tl.trans(dR), _silu(Z), PREC)
+                acc2 = tl.load(p2) + _dot(tl.trans(u), dZ, PREC)
                 tl.debug_barrier()  # loads of the slot before its stores, whatever threads hold which elements
                 tl.store(p1, acc1)
                 tl.store(p2, acc2)
-                du += _dot(dZ, tl.trans(w2t))
+                du += _dot(dZ, tl.trans(w2t), PREC)
             tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=valid[:, None])
             tl.store(dq_ptr + io, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
             tl.debug_barrier()  # the previous chunk reads a1, a2

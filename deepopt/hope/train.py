@@ -34,7 +34,7 @@ from deepopt.checkpoint import (
 from deepopt.cuda_graph import GraphedStep, training_step
 
 from . import data
-from .model import VARIANTS, HopeConfig, LanguageModel, apply_variant
+from .model import CMS_ERRORS, ETA_FORMS, MEMORY_CARRY, VARIANTS, HopeConfig, LanguageModel, apply_variant
 
 # Model sizes: (d_model, n_layers, n_heads, mem_hidden, cms_hidden, chunk_size, cms_periods)
 SIZES: dict[str, dict[str, Any]] = {
@@ -81,8 +81,10 @@ def _floats(text: str) -> float | tuple[float, ...]:
 
 
 def add_titans_init_args(p: argparse.ArgumentParser) -> None:
-    """``--titans-w1-std``, ``--titans-w2-gain``, ``--conv-tap-std``, ``--eta-bias``: the Titans memories' initial
-    state (``HopeConfig`` fields of the same names; unset = the config's default)."""
+    """The HOPE memories' options (``HopeConfig`` fields of the same names; unset = the config's default): the
+    Titans memories' initial state (``--titans-w1-std``, ``--titans-w2-gain``, ``--conv-tap-std``, ``--eta-bias``),
+    their step form (``--eta-form``, ``--eta-max``), the CMS levels' error signals (``--cms-error``) and what
+    persists across sequences (``--memory-carry``)."""
     p.add_argument("--titans-w1-std", type=_floats, metavar="S[,S,S,S,S]",
                    help="std of the Titans memories' initial W₁, one for all or one per memory k,v,eta,alpha,mem "
                         "(default: HopeConfig's)")
@@ -90,12 +92,24 @@ def add_titans_init_args(p: argparse.ArgumentParser) -> None:
                    help="gain of their initial W₂ (std gain/√d_head), one or five (default: HopeConfig's)")
     p.add_argument("--conv-tap-std", type=float, help="std of the Titans input conv's taps on earlier tokens")
     p.add_argument("--eta-bias", type=float, help="initial b_η of the Titans step size")
+    p.add_argument("--eta-form", choices=ETA_FORMS,
+                   help="Titans step sizes: per_token (η_t ≤ η_max for every token, delta-rule terms read at each "
+                        "token's own state) or chunk_capped (η_t ≤ η_max/C, all steps at the chunk's start; the "
+                        "former form) (default: HopeConfig's)")
+    p.add_argument("--eta-max", type=float, help="bound on η_t (per_token) or on a chunk's summed step, in [0, 2]")
+    p.add_argument("--cms-error", choices=CMS_ERRORS,
+                   help="CMS error signals: per_level (each level's own δ at its output) or shared (one δ at the "
+                        "final residual stream for every level) (default: HopeConfig's)")
+    p.add_argument("--memory-carry", choices=MEMORY_CARRY,
+                   help="cms: each CMS level keeps its in-context change from sequence to sequence (training "
+                        "passes update it); none: every memory resets per sequence (default: HopeConfig's)")
 
 
 def titans_init_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``model_config`` overrides of ``add_titans_init_args``' options (``None`` = unset)."""
     return {name: getattr(args, name, None) for name in ("titans_w1_std", "titans_w2_gain", "conv_tap_std",
-                                                         "eta_bias")}
+                                                         "eta_bias", "eta_form", "eta_max", "cms_error",
+                                                         "memory_carry")}
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
