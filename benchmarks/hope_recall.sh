@@ -10,9 +10,10 @@
 #                  for its measured wall and CPU time on 2 cores
 #   --smoke        CI size: every command and table once, seconds
 #   --device cuda  GPU size: widths 64 and 128, Zoology's MQAR mixture, the four NIAH tasks, longer runs
-# HOPE_FLAGS="..." adds flags for HOPE's memories (default: --chunk-size 4, the chunk that lets today's capped
-# write recall; they change nothing in Transformer++).  A killed study rerun with the same OUT continues where it
-# stopped (each command's finished training runs are kept in its runs.jsonl); a finished command is skipped.
+# HOPE_FLAGS="..." adds flags for HOPE's memories (default none: HopeConfig's defaults, per-token η_t; e.g.
+# HOPE_FLAGS="--eta-form chunk_capped --chunk-size 4" for the former capped write; they change nothing in
+# Transformer++).  A killed study rerun with the same OUT continues where it stopped (each command's finished
+# training runs are kept in its runs.jsonl); a finished command is skipped.
 set -euo pipefail
 size=cpu device=cpu
 case "${1:-}" in
@@ -22,7 +23,7 @@ case "${1:-}" in
   -*) echo "hope_recall.sh: unknown option $1 (accepted: --smoke, --device cuda)" >&2; exit 2 ;;
 esac
 S="${1:-runs/hope-recall}"
-HOPE_FLAGS="${HOPE_FLAGS:---chunk-size 4}"
+HOPE_FLAGS="${HOPE_FLAGS:-}"
 mkdir -p "$S"
 start=$SECONDS
 

@@ -1,6 +1,9 @@
 """The recall evaluations' fairness machinery: Transformer++'s short conv, equal lr tuning, the plateau diagnostic."""
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +147,37 @@ def test_mqar_sweep_reports_every_lr_and_resumes_from_its_runs(tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_info:
         main(["hope", "mqar", "--smoke", "--lrs", "0", "--out", str(tmp_path / "zero")])
     assert exit_info.value.code == 2 and "--lrs" in capsys.readouterr().err
+
+
+def test_resume_may_add_models_and_reads_back_those_already_trained(tmp_path):
+    out = tmp_path / "mqar"
+    common = ["hope", "mqar", "--smoke", "--vocab-size", "512", "--threads", "1", "--no-progress", "--out", str(out)]
+    assert main([*common, "--models", "transformer"]) == 0
+    first = json.loads((out / RUNS_FILE).read_text().splitlines()[1])
+    assert main([*common, "--models", "transformer-conv", "transformer", "--resume"]) == 0
+    entries = [json.loads(line) for line in (out / RUNS_FILE).read_text().splitlines()]
+    assert [e["key"] for e in entries] == ["identity", first["key"], "d32|transformer-conv|lr=0.003|seed=0"]
+    assert entries[1] == first  # read back, not trained again
+    assert set(json.loads((out / "report.json").read_text())["table"]) == {"transformer d32", "transformer-conv d32"}
+
+
+def test_recall_study_smoke_writes_both_reports_its_tables_and_its_time(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run(["bash", str(root / "benchmarks" / "hope_recall.sh"), "--smoke", str(tmp_path)], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("mqar", "s-niah-1"):
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert set(report["table"]) >= {"hope", "transformer-conv", "transformer"} or \
+            set(report["table"]) >= {"hope d32", "transformer-conv d32", "transformer d32"}
+        assert all(len(v) == 2 for v in report["sweep"].values())  # the smoke sweep: two lrs
+    assert "| hope | " in res.stdout and "lr sweep" in res.stdout and "study (smoke)" in res.stdout
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert timing["wall_s"] >= 0 and timing["cpu_s"] > 0
+    again = subprocess.run(["bash", str(root / "benchmarks" / "hope_recall.sh"), "--smoke", str(tmp_path)], cwd=root,
+                           env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 2  # a finished study is not rerun
+    bad = subprocess.run(["bash", str(root / "benchmarks" / "hope_recall.sh"), "--device", "tpu"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "--device takes cuda" in bad.stderr
