@@ -19,23 +19,9 @@ import torch
 from deepopt.checkpoint import atomic_save_json, atomic_torch_save, torch_load
 from deepopt.runs import UsageError, add_out_option, check_device, default_out, prepare_out, show_progress, wrote
 
-from . import continual, data, mqar, niah
+from . import continual, data, mqar, niah, recall
 from .ablation import in_context_ablations
 from .model import VARIANTS, LanguageModel, compile_model, n_params, set_in_context_learning
-from .recall import (
-    RECALL_MODELS,
-    RUNS_FILE,
-    TUNING_RULE,
-    add_tuning_args,
-    best_lr_table,
-    format_table,
-    open_log,
-    plateau,
-    resolve_lrs,
-    sweep_table,
-    train_steps,
-    tuned_runs,
-)
 from .train import (
     AMP,
     CHECKPOINT,
@@ -201,9 +187,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_continual, run_outputs=("report.json", "results.csv", "metrics.csv", "loss.png"))
 
     p = sub.add_parser("niah", help="needle / passkey retrieval at and beyond the training context, lr-swept")
-    p.add_argument("--models", nargs="+", default=list(RECALL_MODELS), choices=sorted(VARIANTS),
-                   help="models to compare (default " + " ".join(RECALL_MODELS) + ": Transformer++ with its short "
-                        "conv, the recall baseline, and without)")
+    p.add_argument("--models", nargs="+", default=list(recall.RECALL_MODELS), choices=sorted(VARIANTS),
+                   help="models to compare (default " + " ".join(recall.RECALL_MODELS) + ": Transformer++ with its "
+                        "short conv, the recall baseline, and without)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds; the first one runs the lr sweep (default 0 1 2; "
                                                         "smoke 0)")
     p.add_argument("--eval-contexts", type=int, nargs="+",
@@ -211,14 +197,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-models", action="store_true",
                    help="keep every trained model under --out/models/<model>-lr<lr>-s<seed>/ (for diagnostics: "
                         "`deepopt.hope.train.load_model`)")
-    add_tuning_args(p, lr_default_help="--lr X = --lrs X")
+    recall.add_tuning_args(p, lr_default_help="--lr X = --lrs X")
     p.add_argument("--eval-samples", type=int, help="passkeys per context length (default 64; smoke 4)")
     p.add_argument("--task", default="passkey", choices=("passkey", *niah.TASKS),
                    help="passkey (default) or an S-NIAH-style task (deepopt.hope.niah); these also report accuracy "
                         "with the needle removed, which must fall to chance")
     _add_run_args(p, bpe_on="prose (the filler)")
     p.set_defaults(func=cmd_niah, context_default=(256, 112),
-                   run_outputs=("report.json", "results.csv", "loss.png", RUNS_FILE))
+                   run_outputs=("report.json", "results.csv", "loss.png", recall.RUNS_FILE))
 
     mqar.register(sub, _add_device_args, _resolve)
     continual.register(sub, _add_device_args, _resolve)
@@ -488,7 +474,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
 def cmd_niah(args: argparse.Namespace) -> int:
     args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
-    args.lrs = lrs = resolve_lrs(args, args.lr)
+    args.lrs = lrs = recall.resolve_lrs(args, args.lr)
     args = _resolve(args)
     contexts = args.eval_contexts or [args.context * m for m in ((1, 2) if args.smoke else (1, 2, 4))]
     samples = args.eval_samples or (4 if args.smoke else 64)
@@ -497,16 +483,16 @@ def cmd_niah(args: argparse.Namespace) -> int:
     filler = _corpus(args, "prose")
     if args.resume and d.world > 1:
         raise ValueError("--resume continues a run of one process; run it without torchrun")
-    log = open_log(args.out, args) if d.main else None
+    log = recall.open_log(args.out, args) if d.main else None
     t0, c0 = time.perf_counter(), time.process_time()
     needle_task = args.task != "passkey"
 
     def evaluate(model: LanguageModel, ctx: int, seed: int, split: int, full: bool = True) -> dict[str, Any]:
-        """Accuracy at context ``ctx`` (and, with ``full``, the needle diagnostics and the plateau share)."""
+        """Accuracy at context ``ctx`` (and, with ``full``, the needle diagnostics and the recall.plateau share)."""
         if not needle_task:
             digit, exact = passkey_accuracy(model, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer,
                                             split)
-            return {"digit_accuracy": digit, "exact_accuracy": exact, **plateau(digit, digit, 1)}
+            return {"digit_accuracy": digit, "exact_accuracy": exact, **recall.plateau(digit, digit, 1)}
         r = niah.niah_eval(model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer,
                            split=split)
         if full:
@@ -525,7 +511,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
                  if not needle_task else
                  lambda step: niah.niah_batch(args.task, filler.train, args.batch_size, args.context, seed, step,
                                               filler.tokenizer))
-        run = {"n_params": n_params(model.cfg), **train_steps(trainer, batch, args.progress,
+        run = {"n_params": n_params(model.cfg), **recall.train_steps(trainer, batch, args.progress,
                                                                f"niah {variant} lr{lr:g} s{seed}")}
         if run["diverged"]:
             return {**run, "val_accuracy": 0.0, "eval": []}
@@ -536,7 +522,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
             {"context": ctx, "context_ratio": ctx / args.context, "accuracy": r["digit_accuracy"], **r}
             for ctx in contexts for r in (evaluate(model, ctx, seed, niah.TEST_SPLIT),)]}
 
-    runs, best = tuned_runs(args.models, lrs, args.seeds, train, log)
+    runs, best = recall.tuned_runs(args.models, lrs, args.seeds, train, log)
     if d.main:
         rows = [{"model": r["model"], "lr": r["lr"], "seed": r["seed"], "best_lr": r["best_lr"], "task": args.task,
                  "train_context": args.context, "samples": samples, "steps": args.steps,
@@ -549,18 +535,18 @@ def cmd_niah(args: argparse.Namespace) -> int:
         keys += ("digit_accuracy_needle_removed", "needle_gradient_share", "needle_gradient_share_by_layer",
                  "needle_token_fraction") if needle_task else ()
         cells = [str(c) for c in contexts]
-        table = best_lr_table(runs, lambda r: r["model"], lambda e: str(e["context"]), cells, keys)
+        table = recall.best_lr_table(runs, lambda r: r["model"], lambda e: str(e["context"]), cells, keys)
         bpe = filler.tokenizer.kind == "bpe"  # scores the tokens of " <key>": no per-token chance level
         chance = None if bpe else 0.1 if args.task == "passkey" else niah.chance(args.task)
         atomic_save_json({"command": "niah", "task": args.task, "train_context": args.context, "contexts": contexts,
                           "chance_digit_accuracy": chance, "tokenizer": filler.tokenizer.kind,
                           "vocab_size": filler.vocab_size, "world_size": d.world, "steps": args.steps, "lrs": lrs,
-                          "seeds": args.seeds, "tuning": TUNING_RULE, "best_lr": best, "table": table,
-                          "sweep": sweep_table(runs, lambda r: r["model"]), "runs": rows,
+                          "seeds": args.seeds, "tuning": recall.TUNING_RULE, "best_lr": best, "table": table,
+                          "sweep": recall.sweep_table(runs, lambda r: r["model"]), "runs": rows,
                           "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
                           "args": _run_identity(args)}, args.out / "report.json")
-        print(format_table(table, cells, f"{args.task}: value-token accuracy by context (best lr, mean ± std over "
-                                         "seeds)"))
+        print(recall.format_table(table, cells, f"{args.task}: value-token accuracy by context (best lr, mean ± std "
+                                                "over seeds)"))
         wrote(args.out)
     _leave(d)
     return 0
