@@ -17,7 +17,11 @@ def _cell(c: dict, niah: bool) -> str:
     if c["copy_plateau"] >= 0.5:
         text += " **copy**"
     if niah and "digit_accuracy_needle_removed" in c:
-        text += f"; removed {c['digit_accuracy_needle_removed']:.3f}; grad {c['needle_gradient_share']:.2f}"
+        text += f"; removed {c['digit_accuracy_needle_removed']:.3f}"
+    for stored in ("needle", "pair"):  # gradient share on the stored tokens by depth (their token share)
+        if f"{stored}_gradient_share_by_layer" in c:
+            by_depth = "/".join(f"{v:.2f}" for v in c[f"{stored}_gradient_share_by_layer"])
+            text += f"; grad {by_depth} ({c[f'{stored}_token_fraction']:.2f})"
     if c["diverged_seeds"]:
         text += f" ({c['diverged_seeds']} diverged)"
     return text
@@ -38,13 +42,15 @@ def tables(report: dict) -> str:
     if niah:
         title = (f"{report['task']}, trained at {report['train_context']}, {report['steps']} steps: value-token "
                  f"accuracy (chance {report['chance_digit_accuracy']}) ± std over seeds [share of answers that are a "
-                 "needle's value]; needle removed; needle gradient share")
+                 "needle's value]; needle removed; gradient share on the needle entering block 1/2/… (its token "
+                 "share)")
         heads = [f"{c} ({int(c) / report['train_context']:g}×)" for c in cells]
     else:
         settings = " ".join(f"{a}x{b}" for a, b in report["train_settings"])
         title = (f"MQAR, trained on {settings}, vocabulary {report['vocab_size']}, {report['steps']} steps, batch "
                  f"{report['batch_size']}: query accuracy ± std over seeds [share of answers that are one of the "
-                 "context's values; **copy** = copy-without-binding plateau]")
+                 "context's values; **copy** = copy-without-binding plateau]; gradient share on the pairs entering "
+                 "block 1/2/… (their token share)")
         heads = cells
     lines = [f"**{title}**", "", "| model | best lr | seeds | " + " | ".join(heads) + " |",
              "|---|---|---|" + "---|" * len(cells)]
