@@ -19,7 +19,7 @@ for seed in 0 1 2; do
     --out "$S/opt-deep_momentum-adamkeys-s$seed"
 done
 python -m deepopt.cli hope continual --seeds 0 1 2 --steps 100 $C --out "$S/continual"
-python -m deepopt.cli hope niah --seeds 0 1 2 --steps 150 --context 192 --eval-contexts 192 384 768 \
+python -m deepopt.cli hope niah --seeds 0 1 2 --lr 3e-3 --steps 150 --context 192 --eval-contexts 192 384 768 \
   --eval-samples 32 --warmup 25 --size tiny --batch-size 16 --threads 1 --no-progress --out "$S/niah"
 # In-context learning ablations (docs/notes/hope.md): perplexity with CMS / Titans updates off, η at its cap
 for seed in 0 1 2; do
@@ -28,5 +28,6 @@ for seed in 0 1 2; do
 done
 # MQAR (Zoology protocol, CPU-sized): width 64, equal parameters, accuracy vs key-value pairs
 python -m deepopt.cli hope mqar --widths 64 --train-settings 64x4 64x8 128x16 --eval-settings 64x4 64x8 64x16 128x16 \
-  256x16 --steps 600 --batch-size 32 --eval-samples 128 --threads 1 --no-progress --out "$S/mqar"
+  256x16 --steps 600 --batch-size 32 --eval-samples 128 --lr 3e-3 --seeds 0 --threads 1 --no-progress --out "$S/mqar"
+# (one lr here; the recall study with the lr sweep, seeds and the short-conv baseline: benchmarks/hope_recall.sh)
 echo "reports: $S/*/report.json"

@@ -235,6 +235,8 @@ RESUMED: dict[str, list[tuple[str, object]]] = {  # command -> the files --resum
     "compare": [("results.csv", corrupt_text)],
     "meta-train": [("trainer_state.pt", truncate), ("eval.jsonl", corrupt_text)],
     "hope train": [("checkpoint.pt", truncate)],
+    "hope mqar": [("runs.jsonl", corrupt_text)],
+    "hope niah": [("runs.jsonl", corrupt_text)],
 }
 
 

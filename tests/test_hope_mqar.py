@@ -43,12 +43,13 @@ def test_mqar_smoke_writes_report_results_and_a_plot_per_model(tmp_path, capsys)
     out = tmp_path / "mqar"
     assert main(["hope", "mqar", "--smoke", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["vocab_size"] == 8192 and set(report["accuracy"]) == {"hope d32", "transformer d32"}
+    assert report["vocab_size"] == 8192
+    assert set(report["accuracy"]) == {"hope d32", "transformer-conv d32", "transformer d32"}  # the recall default
     n = report["n_params"]
     assert abs(n["hope d32"] - n["transformer d32"]) / n["hope d32"] < 0.01  # equal parameters
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["model"] for r in rows} == {"hope", "transformer"}
+    assert {r["model"] for r in rows} == {"hope", "transformer-conv", "transformer"}
     assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
     assert (out / "accuracy_hope.png").stat().st_size > 0 and (out / "accuracy_transformer.png").stat().st_size > 0
     with pytest.raises(SystemExit) as exit_info:

@@ -19,7 +19,7 @@ import torch
 from deepopt.checkpoint import atomic_save_json, atomic_torch_save, torch_load
 from deepopt.runs import UsageError, add_out_option, check_device, default_out, finish, prepare_out, progress_bar
 
-from . import continual, data, mqar, niah
+from . import continual, data, mqar, niah, recall
 from .ablation import in_context_ablations
 from .model import VARIANTS, LanguageModel, compile_model, n_params, set_in_context_learning
 from .train import (
@@ -186,19 +186,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_run_args(p, lr_schedule="constant", bpe_on="--domain-a")
     p.set_defaults(func=cmd_continual, run_outputs=("report.json", "results.csv", "metrics.csv", "loss.png"))
 
-    p = sub.add_parser("niah", help="passkey retrieval accuracy at several context lengths")
-    p.add_argument("--models", nargs="+", default=["hope", "transformer"], choices=sorted(VARIANTS),
-                   help="models to compare (default hope transformer)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+    p = sub.add_parser("niah", help="needle / passkey retrieval at and beyond the training context, lr-swept")
+    p.add_argument("--models", nargs="+", default=list(recall.RECALL_MODELS), choices=sorted(VARIANTS),
+                   help="models to compare (default " + " ".join(recall.RECALL_MODELS) + ": Transformer++ with its "
+                        "short conv, the recall baseline, and without)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds; the first one runs the lr sweep (default 0 1 2; "
+                                                        "smoke 0)")
     p.add_argument("--eval-contexts", type=int, nargs="+",
-                   help="context lengths to test (default 128 256 512 1024; smoke 112 160)")
+                   help="context lengths to test (default 1x, 2x and 4x --context; smoke 1x, 2x)")
+    p.add_argument("--save-models", action="store_true",
+                   help="keep every trained model under --out/models/<model>-lr<lr>-s<seed>/ (for diagnostics: "
+                        "`deepopt.hope.train.load_model`)")
+    recall.add_tuning_args(p, lr_default_help="--lr X = --lrs X")
     p.add_argument("--eval-samples", type=int, help="passkeys per context length (default 64; smoke 4)")
     p.add_argument("--task", default="passkey", choices=("passkey", *niah.TASKS),
                    help="passkey (default) or an S-NIAH-style task (deepopt.hope.niah); these also report accuracy "
                         "with the needle removed, which must fall to chance")
     _add_run_args(p, bpe_on="prose (the filler)")
     p.set_defaults(func=cmd_niah, context_default=(256, 112),
-                   run_outputs=("report.json", "results.csv", "accuracy.png", "loss.png"))
+                   run_outputs=("report.json", "results.csv", "accuracy.png", "loss.png", recall.RUNS_FILE))
 
     mqar.register(sub, _add_device_args, _resolve)
     continual.register(sub, _add_device_args, _resolve)
@@ -242,7 +248,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     check_device(args.device)
     if getattr(args, "checkpoint", None) is not None:
         args.checkpoint = _run_folder(args.checkpoint)
-    if getattr(args, "resume", False) and not (args.out is not None and (args.out / CHECKPOINT).is_file()):
+    if getattr(args, "resume", False) and CHECKPOINT in args.run_outputs and not (
+            args.out is not None and (args.out / CHECKPOINT).is_file()):  # a training run (the recall runs: runs.jsonl)
         raise UsageError(f"--resume: --out {args.out} holds no run to continue (no {CHECKPOINT}); check the "
                          "folder, or run without --resume")
     return args
@@ -481,60 +488,90 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
 
 def cmd_niah(args: argparse.Namespace) -> int:
+    args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
+    args.lrs = lrs = recall.resolve_lrs(args, args.lr)
     args = _resolve(args)
-    contexts = args.eval_contexts or ([112, 160] if args.smoke else [128, 256, 512, 1024])
+    contexts = args.eval_contexts or [args.context * m for m in ((1, 2) if args.smoke else (1, 2, 4))]
     samples = args.eval_samples or (4 if args.smoke else 64)
     d = init_distributed(args.device)
     device = resolve_device(args.device, d)
     filler = _corpus(args, "prose")
+    if args.resume and d.world > 1:
+        raise ValueError("--resume continues a run of one process; run it without torchrun")
     _check_niah_context(args, filler, "--context", args.context, filler.train)
     for ctx in contexts:  # before any training: a context the task cannot fill fails here, not after it
         _check_niah_context(args, filler, "--eval-contexts", ctx, filler.val)
     start(args)
-    rows, curves = [], {}
-    for variant in args.models:
-        for seed in args.seeds:
-            model = _build(args, variant, seed, device, filler.vocab_size)
-            trainer = _trainer(args, model, args.steps, d)
-            batch = (_passkey_batches(filler.train, args.batch_size, args.context, seed, filler.tokenizer)
-                     if args.task == "passkey" else
-                     lambda step, seed=seed: niah.niah_batch(args.task, filler.train, args.batch_size, args.context,
-                                                             seed, step, filler.tokenizer))
-            metrics = fit_batches(trainer, batch, args.steps, args.progress, f"niah {variant} seed {seed}")
-            curves[f"{variant} s{seed}"] = [(r["step"], r["train_loss"]) for r in metrics.rows]
-            for ctx in progress_bar(contexts, desc=f"niah {variant} seed {seed}: evaluate", enabled=args.progress,
-                                    unit="context"):
-                extra = {}
-                if args.task == "passkey":
-                    digit, exact = passkey_accuracy(model, filler.val, ctx, samples, args.batch_size, seed,
-                                                    filler.tokenizer)
-                else:
-                    digit, exact = niah.niah_accuracy(model, args.task, filler.val, ctx, samples, args.batch_size,
-                                                      seed, filler.tokenizer)
-                    extra["digit_accuracy_needle_removed"] = niah.niah_accuracy(
-                        model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer,
-                        needle=False)[0]
-                    extra["needle_gradient_share"], extra["needle_token_fraction"] = niah.needle_gradient_share(
-                        model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer)
-                rows.append({"model": variant, "seed": seed, "task": args.task, "train_context": args.context,
-                             "context": ctx, "digit_accuracy": digit, "exact_accuracy": exact, "samples": samples,
-                             **extra})
+    log = recall.open_log(args.out, args) if d.main else None
+    t0, c0 = time.perf_counter(), time.process_time()
+    needle_task = args.task != "passkey"
+
+    def evaluate(model: LanguageModel, ctx: int, seed: int, split: int, full: bool = True) -> dict[str, Any]:
+        """Accuracy at context ``ctx`` (and, with ``full``, the needle diagnostics and the recall.plateau share)."""
+        if not needle_task:
+            digit, exact = passkey_accuracy(model, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer,
+                                            split)
+            return {"digit_accuracy": digit, "exact_accuracy": exact, **recall.plateau(digit, digit, 1)}
+        r = niah.niah_eval(model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer,
+                           split=split)
+        if full:
+            r["digit_accuracy_needle_removed"] = niah.niah_eval(
+                model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer, needle=False,
+                split=split)["digit_accuracy"]
+            by_layer, r["needle_token_fraction"] = niah.needle_gradient_shares(
+                model, args.task, filler.val, ctx, samples, args.batch_size, seed, filler.tokenizer)
+            r["needle_gradient_share"], r["needle_gradient_share_by_layer"] = by_layer[0], by_layer
+        return r
+
+    def train(variant: str, lr: float, seed: int) -> dict[str, Any]:
+        model = _build(args, variant, seed, device, filler.vocab_size)
+        trainer = _trainer(argparse.Namespace(**{**vars(args), "lr": lr}), model, args.steps, d)
+        batch = (_passkey_batches(filler.train, args.batch_size, args.context, seed, filler.tokenizer)
+                 if not needle_task else
+                 lambda step: niah.niah_batch(args.task, filler.train, args.batch_size, args.context, seed, step,
+                                              filler.tokenizer))
+        run = {"n_params": n_params(model.cfg), **recall.train_steps(trainer, batch, args.progress,
+                                                               f"niah {variant} lr{lr:g} s{seed}")}
+        if run["diverged"]:
+            return {**run, "val_accuracy": 0.0, "eval": []}
+        val = evaluate(model, args.context, seed, niah.VAL_SPLIT, full=False)["digit_accuracy"]
+        if args.save_models and d.main:
+            save_model(model, args.out / "models" / f"{variant}-lr{lr:g}-s{seed}")
+        return {**run, "val_accuracy": val, "eval": [
+            {"context": ctx, "context_ratio": ctx / args.context, "accuracy": r["digit_accuracy"], **r}
+            for ctx in contexts for r in (evaluate(model, ctx, seed, niah.TEST_SPLIT),)]}
+
+    runs, best = recall.tuned_runs(args.models, lrs, args.seeds, train, log)
     if d.main:
+        rows = [{"model": r["model"], "lr": r["lr"], "seed": r["seed"], "best_lr": r["best_lr"], "task": args.task,
+                 "train_context": args.context, "samples": samples, "steps": args.steps,
+                 **{k: v for k, v in e.items() if k != "accuracy"}, "val_accuracy": r["val_accuracy"],
+                 "final_train_loss": r["final_train_loss"]} for r in runs for e in r["eval"]]
         write_csv(args.out / "results.csv", rows)
-        keys = ("digit_accuracy", "exact_accuracy")
-        keys += () if args.task == "passkey" else ("digit_accuracy_needle_removed", "needle_gradient_share")
-        summary = {f"{m} @ {c}": _summary([r for r in rows if r["model"] == m and r["context"] == c], keys)
-                   for m in args.models for c in contexts}
+        plot_curves(args.out / "loss.png", f"{args.task} training (answer-token loss), best lr",
+                    {f"{r['model']} s{r['seed']}": r["loss_curve"] for r in runs if r["best_lr"]})
+        keys = ("exact_accuracy", "value_share", "bound_share")
+        keys += ("digit_accuracy_needle_removed", "needle_gradient_share", "needle_gradient_share_by_layer",
+                 "needle_token_fraction") if needle_task else ()
+        cells = [str(c) for c in contexts]
+        table = recall.best_lr_table(runs, lambda r: r["model"], lambda e: str(e["context"]), cells, keys)
         bpe = filler.tokenizer.kind == "bpe"  # scores the tokens of " <key>": no per-token chance level
         chance = None if bpe else 0.1 if args.task == "passkey" else niah.chance(args.task)
-        _plot_niah(args.out / "accuracy.png", args, rows, contexts, chance)
-        plot_curves(args.out / "loss.png", f"{args.task} training (answer-token loss)", curves)
-        atomic_save_json({"command": "niah", "task": args.task, "contexts": contexts, "chance_digit_accuracy": chance,
-                          "tokenizer": filler.tokenizer.kind, "vocab_size": filler.vocab_size, "world_size": d.world,
-                          "summary": summary, "runs": rows, "args": _run_identity(args)}, args.out / "report.json")
-        finish(args.out, files=[("accuracy.png", "answer accuracy against context length, per model"),
-                                 ("report.json", "accuracy per model and context (summary) and every run"),
-                                 ("loss.png", "training loss on the answer tokens")])
+        atomic_save_json({"command": "niah", "task": args.task, "train_context": args.context, "contexts": contexts,
+                          "chance_digit_accuracy": chance, "tokenizer": filler.tokenizer.kind,
+                          "vocab_size": filler.vocab_size, "world_size": d.world, "steps": args.steps, "lrs": lrs,
+                          "seeds": args.seeds, "tuning": recall.TUNING_RULE, "best_lr": best, "table": table,
+                          "sweep": recall.sweep_table(runs, lambda r: r["model"]), "runs": rows,
+                          "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                          "args": _run_identity(args)}, args.out / "report.json")
+        _plot_niah(args.out / "accuracy.png", args, [r for r in rows if r["best_lr"]], contexts, chance)
+        print(recall.format_table(table, cells, f"{args.task}: value-token accuracy by context (best lr, mean ± std "
+                                                "over seeds)"))
+        finish(args.out, files=[("accuracy.png", "answer accuracy against context length, per model (best lr)"),
+                                 ("report.json", "accuracy per model and context at each model's best lr, the sweep"),
+                                 ("loss.png", "training loss on the answer tokens (best lr)"),
+                                 ("results.csv", "every run's evaluations"),
+                                 (recall.RUNS_FILE, "every training run (--resume)")])
     _leave(d)
     return 0
 
@@ -561,9 +598,9 @@ def _plot_niah(path: Path, args: argparse.Namespace, rows: list[dict[str, Any]],
     curves = {}
     for model in args.models:
         for key, label in (("digit_accuracy", "answer tokens"), ("exact_accuracy", "exact")):
-            curves[f"{model}, {label}"] = [
-                (c, sum(r[key] for r in rows if r["model"] == model and r["context"] == c) / len(args.seeds))
-                for c in sorted(contexts)]
+            points = [(c, [r[key] for r in rows if r["model"] == model and r["context"] == c])
+                      for c in sorted(contexts)]
+            curves[f"{model}, {label}"] = [(c, sum(v) / len(v)) for c, v in points if v]
     plot_curves(path, f"{args.task}: accuracy against context length", curves, xlabel="context length (tokens)",
                 ylabel="accuracy", hlines=[] if chance is None else [("chance (per token)", chance)],
                 vlines=[("training context", args.context)])
@@ -573,30 +610,21 @@ def _passkey_batches(filler: torch.Tensor, batch_size: int, context: int, seed: 
     return lambda step: data.passkey_batch(filler, batch_size, context, seed, step, tokenizer)
 
 
-def fit_batches(trainer: Trainer, batch, steps: int, progress: bool, desc: str) -> Metrics:
-    """Train on ``batch(step)`` (the passkey task) with a progress bar."""
-    metrics = Metrics()
-    bar = progress_bar(total=steps, initial=trainer.step_count, desc=desc, enabled=progress, unit="step")
-    for s in range(trainer.step_count, steps):
-        metrics.add(step=s + 1, train_loss=trainer.step(*batch(s)))
-        bar.set_postfix(loss=metrics.rows[-1]["train_loss"])
-        bar.update(1)
-    bar.close()
-    return metrics
-
-
 @torch.no_grad()
 def passkey_accuracy(model: LanguageModel, filler: torch.Tensor, context: int, samples: int, batch_size: int,
-                     seed: int, tokenizer: data.Tokenizer = data.BYTES) -> tuple[float, float]:
+                     seed: int, tokenizer: data.Tokenizer = data.BYTES, split: int = niah.TEST_SPLIT
+                     ) -> tuple[float, float]:
     """(answer-token accuracy, exact-match accuracy) of greedy answers on held-out passkeys (teacher forced).
 
-    The answer tokens are the key's digits with bytes, the tokens of ``" <key>"`` with BPE.
+    The answer tokens are the key's digits with bytes, the tokens of ``" <key>"`` with BPE.  ``split`` picks an
+    independent held-out draw (``niah.VAL_SPLIT``: the one learning rates are chosen on).
     """
     model.eval()
     device = model.embed.weight.device
     right, scored, exact, n = 0, 0, 0, 0
     for i in range((samples + batch_size - 1) // batch_size):
-        x, y = data.passkey_batch(filler, min(batch_size, samples - n), context, seed + 7919, i, tokenizer)
+        x, y = data.passkey_batch(filler, min(batch_size, samples - n), context, seed + 7919 * (1 + split), i,
+                                  tokenizer)
         logits, _ = model(x.to(device))
         answer = y != -100
         hit = (logits.argmax(-1).cpu() == y) & answer

@@ -134,9 +134,12 @@ class HopeConfig:
     # over the stream at their periods: Eq. 71 read over the data stream.  Titans' state, a memory of the
     # current context, still resets; the carry is per process under DDP)
     memory_carry: str = "none"
-    # Transformer++ (0 = chosen to match the HOPE model's parameter count)
+    # Transformer++ (ffn_hidden 0 = chosen to match the HOPE model's parameter count)
     ffn_hidden: int = 0
     rope_base: float = 10000.0
+    # Transformer++ only: width of a depthwise causal conv on q, k and v after their projection (0 = none).  The
+    # recall baseline (Zoology's attention has one; HOPE has its own, conv_width) is variant "transformer-conv"
+    short_conv: int = 0
     # training memory of the Python chunk loop (memories the scan ops do not take: a drifting inner rule,
     # self_modifying=False, a non-sgd CMS rule): recompute each chunk's states in the backward pass instead of
     # keeping them (same numbers).  The scan ops (titans_scan, cms_scan) always recompute.
@@ -185,6 +188,10 @@ class HopeConfig:
             raise ValueError(f"cms_lr must be > 0 (softplus parameterisation), got {self.cms_lr}")
         if self.ffn_hidden < 0:
             raise ValueError(f"ffn_hidden must be >= 0, got {self.ffn_hidden}")
+        if isinstance(self.short_conv, bool) or not isinstance(self.short_conv, int) or self.short_conv < 0:
+            raise ValueError(f"short_conv must be an int >= 0 (0 = no conv), got {self.short_conv!r}")
+        if self.short_conv and self.model != "transformer":
+            raise ValueError(f"short_conv is Transformer++'s (HOPE's own conv is conv_width), got model={self.model!r}")
         affine_rule(self.inner_rule, self.inner_hparams)
         affine_rule(self.cms_rule, {})
 
@@ -235,6 +242,8 @@ VARIANTS: dict[str, Any] = {
     "hope-no-selfmod": lambda cfg: {"self_modifying": False},
     "hope-single-cms": _single_cms,
     "transformer": lambda cfg: {"model": "transformer"},
+    # the recall baseline: a short causal conv on q/k/v as wide as HOPE's (parameter-matched through the FFN)
+    "transformer-conv": lambda cfg: {"model": "transformer", "short_conv": cfg.conv_width},
 }
 
 
@@ -604,15 +613,22 @@ def rope(x: Tensor, base: float) -> Tensor:
 
 
 class Attention(nn.Module):
+    """Causal multi-head softmax attention with RoPE on q and k.  With ``cfg.short_conv = w > 0`` the projections
+    pass through a depthwise causal conv first, ``[q;k;v]_t = Σ_{j<w} c_j ⊙ (W_qkv x)_{t−j}`` (``CausalConv``:
+    identity at init plus small taps), as in Zoology's attention baseline: a key then carries its neighbours (a
+    value next to its key), which single-layer attention needs to bind MQAR's pairs."""
+
     def __init__(self, cfg: HopeConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.conv = CausalConv(3 * cfg.d_model, cfg.short_conv) if cfg.short_conv else None
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.cfg.n_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x) if self.conv is None else self.conv(self.qkv(x))
+        q, k, v = qkv.view(B, T, 3, self.cfg.n_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = rope(q, self.cfg.rope_base), rope(k, self.cfg.rope_base)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
@@ -745,8 +761,9 @@ def n_params(cfg: HopeConfig) -> int:
 
 
 def matched_transformer(cfg: HopeConfig) -> HopeConfig:
-    """The Transformer++ with the same width/depth/heads whose SwiGLU width matches HOPE's parameter count."""
-    target = n_params(replace(cfg, model="hope"))
+    """The Transformer++ with the same width/depth/heads whose SwiGLU width matches HOPE's parameter count (a
+    ``short_conv``'s taps come out of the SwiGLU)."""
+    target = n_params(replace(cfg, model="hope", short_conv=0))
     base = n_params(replace(cfg, model="transformer", ffn_hidden=1))
     per_unit = 3 * cfg.d_model * cfg.n_layers
     return replace(cfg, model="transformer", ffn_hidden=max(1, 1 + round((target - base) / per_unit)))

@@ -19,12 +19,13 @@ which also reads a model at chance: how much of the answer's input gradient fall
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .data import BYTES, Tokenizer
+from .recall import plateau, stored_gradient_shares
 
 TASKS = ("s-niah-1", "s-niah-2", "s-niah-3", "mk-niah")
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -56,11 +57,19 @@ def niah_batch(task: str, haystack: Tensor, batch_size: int, length: int, seed: 
     """``(x, y)`` of ``length`` tokens; ``y`` is −100 except on the asked value's tokens.  ``haystack``: the
     prose stream (ignored by ``s-niah-1``).  A pure function of ``(seed, step)``; ``needle=False`` gives the
     same sequences with the asked needle replaced by haystack text."""
+    return _niah_batch(task, haystack, batch_size, length, seed, step, tokenizer, needle)[:2]
+
+
+def _niah_batch(task: str, haystack: Tensor, batch_size: int, length: int, seed: int, step: int,
+                tokenizer: Tokenizer = BYTES, needle: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """``niah_batch``'s ``(x, y)`` and ``values`` (batch_size, needles, length): every needle's value in the
+    sequence, its tokens where ``y`` holds the answer's (−1 elsewhere, and for a value whose token count differs
+    from the answer's)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 11)
     noise = tokenizer.encode(NOISE * (length // len(NOISE) + 2))
-    xs, ys = [], []
+    xs, ys, vs = [], [], []
     for _ in range(batch_size):
         n = MK_NEEDLES if task == "mk-niah" else 1
         keys, values = [_key(gen) for _ in range(n)], [_value(task, gen) for _ in range(n)]
@@ -87,31 +96,56 @@ def niah_batch(task: str, haystack: Tensor, batch_size: int, length: int, seed: 
         y[-answer.numel():] = seq[-answer.numel():]
         xs.append(seq[:-1])
         ys.append(y)
-    return torch.stack(xs), torch.stack(ys)
+        aligned = torch.full((n, length), -1, dtype=torch.int64)
+        for j, v in enumerate(values):
+            tokens = tokenizer.encode(v)
+            if tokens.numel() == answer.numel():
+                aligned[j, -answer.numel():] = tokens
+        vs.append(aligned)
+    return torch.stack(xs), torch.stack(ys), torch.stack(vs)
+
+
+VAL_SPLIT, TEST_SPLIT = 1, 0  # held-out draws: learning rates are chosen on VAL_SPLIT, tables report TEST_SPLIT
 
 
 def held_out_batches(task: str, haystack: Tensor, length: int, samples: int, batch_size: int, seed: int,
-                     tokenizer: Tokenizer = BYTES, needle: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
-    """The held-out sequences that the evaluations read: ``samples`` of them, ``(x, y)`` in batches of at most
-    ``batch_size``, drawn from ``seed + 7919`` (never a training batch)."""
+                     tokenizer: Tokenizer = BYTES, needle: bool = True, split: int = TEST_SPLIT
+                     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """The held-out sequences that the evaluations read: ``samples`` of them, ``(x, y, values)`` (``_niah_batch``)
+    in batches of at most ``batch_size``, drawn from ``seed + 7919·(1 + split)`` (never a training batch;
+    ``split`` picks an independent draw)."""
     for i, n in enumerate(range(0, samples, batch_size)):
-        yield niah_batch(task, haystack, min(batch_size, samples - n), length, seed + 7919, i, tokenizer, needle)
+        yield _niah_batch(task, haystack, min(batch_size, samples - n), length, seed + 7919 * (1 + split), i,
+                          tokenizer, needle)
 
 
 @torch.no_grad()
+def niah_eval(model, task: str, haystack: Tensor, length: int, samples: int, batch_size: int, seed: int,
+              tokenizer: Tokenizer = BYTES, needle: bool = True, split: int = TEST_SPLIT) -> dict[str, Any]:
+    """Teacher-forced greedy answers on ``samples`` held-out sequences: ``digit_accuracy`` (per value token),
+    ``exact_accuracy`` (whole value) and the plateau diagnostic (``recall.plateau``: the share of answer tokens
+    that equal the same token of some needle's value in the context; with one needle it is the accuracy)."""
+    model.eval()
+    device = model.embed.weight.device
+    right, in_context, scored, exact, n = 0, 0, 0, 0, 0
+    for x, y, values in held_out_batches(task, haystack, length, samples, batch_size, seed, tokenizer, needle, split):
+        logits, _ = model(x.to(device))
+        answer = y != -100
+        pred = logits.argmax(-1).cpu()
+        hit = (pred == y) & answer
+        right, scored = right + int(hit.sum()), scored + int(answer.sum())
+        exact, n = exact + int((hit | ~answer).all(-1).sum()), n + x.shape[0]
+        in_context += int((((pred[:, None] == values) & (values >= 0)).any(1) & answer).sum())
+    n_values = MK_NEEDLES if task == "mk-niah" else 1
+    return {"digit_accuracy": right / scored, "exact_accuracy": exact / n,
+            **plateau(right / scored, in_context / scored, n_values)}
+
+
 def niah_accuracy(model, task: str, haystack: Tensor, length: int, samples: int, batch_size: int, seed: int,
                   tokenizer: Tokenizer = BYTES, needle: bool = True) -> tuple[float, float]:
     """(value-token accuracy, exact-match accuracy) on ``samples`` held-out sequences (teacher forced, greedy)."""
-    model.eval()
-    device = model.embed.weight.device
-    right, scored, exact, n = 0, 0, 0, 0
-    for x, y in held_out_batches(task, haystack, length, samples, batch_size, seed, tokenizer, needle):
-        logits, _ = model(x.to(device))
-        answer = y != -100
-        hit = (logits.argmax(-1).cpu() == y) & answer
-        right, scored = right + int(hit.sum()), scored + int(answer.sum())
-        exact, n = exact + int((hit | ~answer).all(-1).sum()), n + x.shape[0]
-    return right / scored, exact / n
+    r = niah_eval(model, task, haystack, length, samples, batch_size, seed, tokenizer, needle)
+    return r["digit_accuracy"], r["exact_accuracy"]
 
 
 def needle_gradient_share(model, task: str, haystack: Tensor, length: int, samples: int, batch_size: int, seed: int,
@@ -121,23 +155,14 @@ def needle_gradient_share(model, task: str, haystack: Tensor, length: int, sampl
     and ``N`` the asked needle's positions (where the ``needle=False`` sequence differs), ``fraction = |N| / T``
     (the share of a model that spreads its gradient evenly).  A model that reads the needle puts far more than
     ``fraction`` on it; one whose memory carries nothing from the needle to the answer puts about 0."""
-    model.eval()
-    device = model.embed.weight.device
-    grabbed: list[Tensor] = []
-    handle = model.embed.register_forward_hook(lambda m, i, out: grabbed.append(out) if out.requires_grad else None)
-    on_needle, total, needle_tokens, tokens = 0.0, 0.0, 0, 0
+    shares, fraction = needle_gradient_shares(model, task, haystack, length, samples, batch_size, seed, tokenizer)
+    return shares[0], fraction
+
+
+def needle_gradient_shares(model, task: str, haystack: Tensor, length: int, samples: int, batch_size: int,
+                           seed: int, tokenizer: Tokenizer = BYTES) -> tuple[list[float], float]:
+    """``needle_gradient_share`` at every depth (``recall.stored_gradient_shares``): the share of the answer's
+    gradient with respect to the residual stream entering each block that falls on the needle's positions."""
     batches = (held_out_batches(task, haystack, length, samples, batch_size, seed, tokenizer, needle)
                for needle in (True, False))
-    try:
-        for (x, y), (gone, _) in zip(*batches):
-            grabbed.clear()
-            with torch.enable_grad():
-                logits, _ = model(x.to(device))
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
-                (g,) = torch.autograd.grad(loss, grabbed[-1])
-            norm, mask = g.norm(dim=-1).cpu().double(), x != gone
-            on_needle, total = on_needle + float(norm[mask].sum()), total + float(norm.sum())
-            needle_tokens, tokens = needle_tokens + int(mask.sum()), tokens + mask.numel()
-    finally:
-        handle.remove()
-    return on_needle / total, needle_tokens / tokens
+    return stored_gradient_shares(model, ((x, y, x != gone) for (x, y, _), (gone, _, _) in zip(*batches)))
