@@ -166,7 +166,7 @@ class DeepMomentum(MemoryOptimizer):
         """
         hidden = group["hidden"]
         scheduled = group["lr_decay"] != 0 or group["lr_horizon"] != 0
-        if (any(isinstance(group[k], Tensor) for k in ("momentum", "eta", "beta", "weight_decay", "lr_decay",
+        if (group["keys"] == "momenta" or any(isinstance(group[k], Tensor) for k in ("momentum", "eta", "beta", "weight_decay", "lr_decay",
                                                           "lr_power", "beta2", "eps"))
                 or (hidden and group["activation"] not in _FOREACH_ACTIVATIONS)
                 or (scheduled and group["decoupled_weight_decay"] and group["weight_decay"] != 0)
