@@ -25,6 +25,10 @@ class Momentum(MemoryOptimizer):
     scale-invariant; torch runs it in bf16, deepopt in the parameter's dtype).  Further options (keywords):
     ``decoupled_weight_decay``, ``preconditioner`` ("identity" | "adam" with ``beta2``, ``eps``),
     ``nonlinearity`` (None | "newton_schulz"), ``foreach``, ``nonfinite``, ``capturable``.
+
+    Weight decay: **coupled** (L2, ``g + wd·W``, as ``torch.optim.SGD``) with the identity preconditioner and
+    **decoupled** (AdamW's ``W ← W − lr·wd·W``) with ``preconditioner="adam"``, the default of
+    ``decoupled_weight_decay=None``; ``True``/``False`` force either.
     """
 
     _fast_path_takes_dtensors = True

@@ -341,9 +341,10 @@ def test_late_weight_scales_each_truncation_by_its_position_in_the_horizon(tmp_p
 
 def test_lr_horizon_schedule_scales_each_step_and_round_trips(tmp_path):
     """DeepMomentum's opt-in training-progress schedule: with ``lr_horizon = N`` step t moves the weights by
-    exactly (1 − (t − 1)/N)^p times the unscheduled step (fp64, same memory trajectory), not at all after N, the
-    multi-tensor path equals the per-tensor rule path, ``lr_horizon = 0`` is today's optimizer, bad values are
-    refused, and a learned optimizer saves N and p for ``from_pretrained``."""
+    exactly max(1 − (t − 1)/N, 1/N)^p times the unscheduled step (fp64, same memory trajectory): after N it keeps
+    the last step size, never stopping; the multi-tensor path equals the per-tensor rule path, ``lr_horizon = 0``
+    is today's optimizer, bad values are refused, and a learned optimizer saves N and p; ``load_learned`` (the
+    ``meta-train`` evaluation) runs it over the evaluation's N, ``from_pretrained`` over ``total_steps``."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
     x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(3, (32,))
@@ -370,10 +371,10 @@ def test_lr_horizon_schedule_scales_each_step_and_round_trips(tmp_path):
     for foreach in (None, False):
         scheduled = deltas(lr_horizon=5, lr_power=1.5, foreach=foreach)
         for t, (d_s, d_p) in enumerate(zip(scheduled, plain), start=1):
-            h = max(1 - (t - 1) / 5, 0.0) ** 1.5
+            h = max(1 - (t - 1) / 5, 1 / 5) ** 1.5
             for a, b in zip(d_s, d_p):
                 torch.testing.assert_close(a, h * b, rtol=1e-12, atol=1e-15)
-        assert all(torch.equal(a, torch.zeros_like(a)) for d in scheduled[5:] for a in d)
+        assert all(a.abs().max() > 0 for d in scheduled[5:] for a in d)
     for bad, err in (({"lr_horizon": -1}, ValueError), ({"lr_horizon": 2.5}, TypeError),
                      ({"lr_power": -0.5}, ValueError)):
         with pytest.raises(err, match=next(iter(bad))):
@@ -382,6 +383,11 @@ def test_lr_horizon_schedule_scales_each_step_and_round_trips(tmp_path):
     save_pretrained(tmp_path, *meta.export())
     opt = load_learned(tmp_path, held_out_task("wine_mlp", 0).model.parameters())
     assert opt.defaults["lr_horizon"] == 200 and opt.defaults["lr_power"] == pytest.approx(0.7)
+    opt = deepopt.DeepMomentum.from_pretrained(tmp_path, held_out_task("wine_mlp", 0).model.parameters())
+    assert opt.defaults["lr_horizon"] == 0  # no run length given: no horizon, it trains for any number of steps
+    opt = deepopt.DeepMomentum.from_pretrained(tmp_path, held_out_task("wine_mlp", 0).model.parameters(),
+                                               total_steps=750)
+    assert opt.defaults["lr_horizon"] == 750
 
 
 @pytest.mark.parametrize("argv,message", [

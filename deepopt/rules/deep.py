@@ -234,7 +234,7 @@ def momenta_writes(keys: Tensor, phi: Tensor, pre: Tensor, value: Tensor, w1: Te
     """The memory writes of the momenta layout from one tensor's keys ``(n, F)``, features ``Φ = σ(pre)``
     ``(n, H)`` and values ``(n,)``: ``W₁ ← αW₁ + (1 − α)W₁⁰ + ηC`` and, with η₂ > 0,
     ``W₂ ← αW₂ + (1 − α)W₂⁰ + η₂G/(1 + ‖W₁‖²)`` (module docstring)."""
-    alpha, n = hp["momentum"], value.shape[0]
+    alpha, n = hp["momentum"], max(value.shape[0], 1)
     w1_0, w2_0 = anchor(hp, w1, w2)
     corr = (value @ phi / n).unsqueeze(0)  # C, (1, H)
     new_w1 = alpha * w1 + (1 - alpha) * w1_0 + hp["eta"] * corr
