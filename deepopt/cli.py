@@ -18,6 +18,7 @@ _REGISTRARS: tuple[str, ...] = (
     "deepopt.bench:register",
     "deepopt.robustness:register",
     "deepopt.metatrain_cli:register",
+    "deepopt.evaluate:register",
     "deepopt.hope.cli:register",
     "deepopt.compare:register",
 )

@@ -84,24 +84,24 @@ class _ConfigAction(argparse.Action):
         try:
             values = load_json(path)
         except (OSError, ValueError) as err:
-            raise UsageError(f"--config {path}: {err}") from None
+            parser.error(f"--config {path}: {err}")
         if not isinstance(values, dict):
-            raise UsageError(f"--config {path}: expected a JSON object of option names and values")
+            parser.error(f"--config {path}: expected a JSON object of option names and values")
         actions = {a.dest: a for a in parser._actions if a.option_strings}
         for key, value in values.items():
             dest = key.lstrip("-").replace("-", "_")
             action = actions.get(dest)
             if action is None or dest in ("config", "out", "overwrite", "resume", "help"):
-                raise UsageError(f"--config {path}: {key!r} is not a meta-train option that a config may set")
+                parser.error(f"--config {path}: {key!r} is not a meta-train option that a config may set")
             if getattr(namespace, dest, None) != action.default:
                 continue  # given on the command line
             if action.type is not None and value is not None:
                 try:
                     value = action.type(value)
                 except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
-                    raise UsageError(f"--config {path}: {key}: {err}") from None
+                    parser.error(f"--config {path}: {key}: {err}")
             if action.choices is not None and value not in action.choices:
-                raise UsageError(f"--config {path}: {key} must be one of {sorted(action.choices)}, got {value!r}")
+                parser.error(f"--config {path}: {key} must be one of {sorted(action.choices)}, got {value!r}")
             setattr(namespace, dest, value)
         namespace.config = Path(path)
 
