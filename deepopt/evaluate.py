@@ -523,14 +523,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
     if not lrs or not all(v > 0 and math.isfinite(v) for v in lrs):
         raise UsageError(f"--lrs must be numbers > 0, got {args.lrs!r}")
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or set(methods) - {"adamw", "muon", "learned"} or "adamw" not in methods:
+        raise UsageError(f"--methods must list adamw and any of muon, learned; got {args.methods!r}")
     spec = parse_optimizer(args.optimizer or DEFAULT)
     if args.ablations and spec.pretrained is None:
         raise UsageError("--ablations switches off the learned parts of a learned optimizer; --optimizer names a "
                          "class")
     seeds = list(range(args.seeds or (1 if args.smoke else 3)))
-    methods = [m for m in args.methods.split(",") if m]
-    if not methods or set(methods) - {"adamw", "muon", "learned"} or "adamw" not in methods:
-        raise UsageError(f"--methods must list adamw and any of muon, learned; got {args.methods!r}")
     out = prepare_out(args)
     store = JsonLines(out / "runs.jsonl", resume=args.resume)
     log = lambda line: print(line, flush=True)  # noqa: E731
