@@ -8,7 +8,7 @@ The suite (no task, nor its data set + architecture combination, is in any meta-
     char_lm      a byte-level Transformer++ LM, 4 layers, d 128, context 128, batch 8, 1,000 steps, on English
                  prose shipped with Python (``deepopt.hope.data`` domain ``prose``)
                                                     (meta-training: ≤ 2-layer, ≤ 64-wide GPTs on stdlib source code)
-    hope_lm      the HOPE LM at its smoke size, context 64, batch 8, 500 steps, on the same prose   (never)
+    hope_lm      the HOPE LM at its smoke size, context 64, batch 8, 200 steps, on the same prose   (never)
     tabular_mlp  a 64-unit ELU MLP on the breast-cancer data set, batch 64, 300 steps
                                                     (meta-training: digits cuts, iris, synthetic teacher problems)
 
@@ -148,7 +148,7 @@ def build_problem(task: str, seed: int, smoke: bool, device: str = "cpu") -> Pro
 
 
 def task_steps(task: str, smoke: bool) -> int:
-    return {"digits_cnn": 500, "char_lm": 1000, "hope_lm": 500, "tabular_mlp": 300}[task] if not smoke else 12
+    return {"digits_cnn": 500, "char_lm": 1000, "hope_lm": 200, "tabular_mlp": 300}[task] if not smoke else 12
 
 
 # ----------------------------------------------------------------------------------------------- optimizers
@@ -362,7 +362,11 @@ def execute(units: list[dict[str, Any]], store: JsonLines, jobs: int, log: Calla
         for unit in todo:
             record(unit, run_unit(unit))
         return
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    import multiprocessing
+
+    spawn = any(str(u["device"]).startswith("cuda") for u in todo)  # CUDA does not survive a fork
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn") if spawn else None) \
+            as pool:
         for unit, result in zip(todo, pool.map(run_unit, todo)):
             record(unit, result)
 
