@@ -26,11 +26,12 @@ Methods, each with weight decay 0.1 on matrices (``p.dim() >= 2``) and none else
              multiples of that lr (``--lrs`` divided by their median)
 
 Metrics: the final validation loss of each run (3 seeds: mean and a 95% t-interval), the tuned lr of each method
-(lowest mean final loss), and the speed-up of the untuned learned optimizer: steps that tuned AdamW (the tuned lr,
-cosine over T and over 2T steps) needs to reach the learned optimizer's final loss at step T, over T — censored at
-2 (a lower bound) when neither AdamW run reaches it; IQM over tasks × seeds.  ``--ablations`` adds untuned runs of
-the shipped optimizer with each learned part switched off (deep branch ``hidden=0``, online W₁ ``eta=0``, W₂ online,
-learned schedule off).
+(lowest mean final loss; a sweep of 3+ lrs whose best is at its edge is extended by a grid step, up to twice, so no
+method is judged at the edge of its sweep), and the speed-up of the untuned learned optimizer: steps that tuned
+AdamW (the tuned lr, cosine over T and over 2T steps) needs to reach the learned optimizer's final loss at step T,
+over T — censored at 2 (a lower bound) when neither AdamW run reaches it; IQM over tasks × seeds.
+``--ablations`` adds untuned runs of the shipped optimizer with each learned part switched off (deep branch
+``hidden=0``, online W₁ ``eta=0``, W₂ online, learned schedule off).
 
 Outputs in ``--out``: ``runs.jsonl`` (each run as it finishes; ``--resume`` skips them), ``results.csv``,
 ``summary.json``, ``evaluate.png`` and ``table.md`` (the README table).
@@ -57,6 +58,8 @@ WARMUP_FRACTION = 0.05
 LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 SMOKE_LRS = (3e-3, 3e-2)
 LONG = 2  # tuned AdamW also runs LONG·T steps, for speed-ups above 1
+MAX_EXTENSIONS = 2  # grid steps a sweep is extended by when its best lr is at an edge
+SWEPT = ("adamw", "muon", "learned")
 CURVE_POINTS = 20  # validation losses per run (plus step 0)
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 TASKS = ("digits_cnn", "char_lm", "hope_lm", "tabular_mlp")
@@ -336,6 +339,35 @@ def plan(tasks: Sequence[str], seeds: Sequence[int], lrs: Sequence[float], spec:
     return units
 
 
+def _tuned(rows: list[dict[str, Any]]) -> float:
+    """The lr whose runs reach the lowest mean final loss (a diverged run counts as +∞)."""
+    by_lr: dict[float, list[float]] = {}
+    for r in rows:
+        by_lr.setdefault(r["lr"], []).append(r["final"] if math.isfinite(r["final"]) else math.inf)
+    return min(by_lr, key=lambda lr: statistics.fmean(by_lr[lr]))
+
+
+def extend_sweeps(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each (task, method) swept over lrs whose tuned lr is the sweep's smallest or largest: the runs one grid
+    step beyond it (the grid's ratio), for every seed — so no baseline is judged at the edge of its sweep."""
+    extra = []
+    for task, method in sorted({(r["task"], r["method"]) for r in results if r["method"] in SWEPT}):
+        rows = [r for r in results if r["task"] == task and r["method"] == method]
+        rows = [r for r in rows if r["steps"] == min(x["steps"] for x in rows)]
+        lrs = sorted({r["lr"] for r in rows})
+        if len(lrs) < 3:  # a two-point (smoke) sweep is all edges
+            continue
+        best = _tuned(rows)
+        if best not in (lrs[0], lrs[-1]):
+            continue
+        ratio = lrs[1] / lrs[0] if best == lrs[0] else lrs[-1] / lrs[-2]
+        lr = best / ratio if best == lrs[0] else best * ratio
+        for r in rows:
+            if r["lr"] == best:
+                extra.append(dict(r, lr=lr, scale=r["scale"] * lr / best))
+    return extra
+
+
 def _key(unit: dict[str, Any]) -> str:
     """A run's identity; the baselines' does not include ``--optimizer`` (they are shared by every study)."""
     keys = ("task", "seed", "steps", "smoke", "method", "lr", "device")
@@ -406,8 +438,7 @@ def summarise(results: list[dict[str, Any]], tasks: Sequence[str], seeds: Sequen
             for r in normal:
                 if r["method"] == method:
                     by_lr.setdefault(r["lr"], []).append(r["final"])
-            best = min(by_lr, key=lambda lr: statistics.fmean(by_lr[lr]) if all(map(math.isfinite, by_lr[lr]))
-                       else math.inf)
+            best = _tuned([r for r in normal if r["method"] == method])
             entry["methods"][method] = {"tuned_lr": best, **_stats(by_lr[best]),
                                         "by_lr": {str(lr): statistics.fmean(v) for lr, v in by_lr.items()}}
         untuned = [r for r in normal if r["method"] == "learned" and r["scale"] == 1.0]
@@ -544,10 +575,17 @@ def run(args: argparse.Namespace) -> int:
         u["threads"] = args.threads
     execute(units, store, args.jobs, log)
     results = [store.done[_key(u)] for u in units]
+    for _ in range(MAX_EXTENSIONS):  # a sweep whose best lr is at its edge goes one grid step further
+        extra = [{k: v for k, v in u.items() if k not in ("final", "curve", "seconds")}
+                 for u in extend_sweeps(results)]
+        if not extra:
+            break
+        execute(extra, store, args.jobs, log)
+        results += [store.done[_key(u)] for u in extra]
     long_units = []
     for task in tasks:  # tuned AdamW over LONG·T steps, for speed-ups above 1
         rows = [r for r in results if r["task"] == task and r["method"] == "adamw"]
-        best = min({r["lr"] for r in rows}, key=lambda lr: statistics.fmean(r["final"] for r in rows if r["lr"] == lr))
+        best = _tuned(rows)
         long_units += [dict(r, steps=LONG * r["steps"]) for r in rows if r["lr"] == best]
     long_units = [{k: v for k, v in u.items() if k not in ("final", "curve", "seconds")} for u in long_units]
     execute(long_units, store, args.jobs, log)
