@@ -150,9 +150,11 @@ def save_pretrained(path: str | os.PathLike, optimizer: str, hparams: Mapping[st
                     tensors: Mapping[str, Tensor]) -> Path:
     """Write a trained optimizer: ``config.json`` ({"optimizer", "hparams"}) + ``memory.safetensors``."""
     path = Path(path)
+    plain = (bool, int, float, str, type(None))
     for key, value in hparams.items():
-        if not isinstance(value, (bool, int, float, str, type(None))):
-            raise TypeError(f"hparams[{key!r}] must be a plain number, string, bool or None, got "
+        if not (isinstance(value, plain) or (isinstance(value, (list, tuple))
+                                             and all(isinstance(v, plain) for v in value))):
+            raise TypeError(f"hparams[{key!r}] must be a plain number, string, bool, None or a list of them, got "
                             f"{type(value).__name__}; pass tensors in `tensors`")
     atomic_save_tensors(tensors, path / PRETRAINED_TENSORS)
     atomic_save_json({"optimizer": optimizer, "hparams": dict(hparams)}, path / PRETRAINED_CONFIG)

@@ -22,6 +22,7 @@ _REGISTRARS: tuple[tuple[str, str], ...] = (
     ("bench", "deepopt.bench:register"),
     ("robustness", "deepopt.robustness:register"),
     ("meta-train", "deepopt.metatrain_cli:register"),
+    ("evaluate", "deepopt.evaluate:register"),
     ("hope", "deepopt.hope.cli:register"),
     ("compare", "deepopt.compare:register"),
 )

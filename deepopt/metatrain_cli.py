@@ -4,7 +4,9 @@ Writes into ``--out DIR``: ``optimizer/`` (the learned optimizer, a ``save_pretr
 ``DeepMomentum.from_pretrained`` loads), ``trainer_state.pt`` (resume point), ``eval.jsonl`` (each held-out
 task's evaluation, appended as it finishes), ``report.json``, ``curves.csv`` and ``curves.png``.
 ``--resume`` continues the run in ``--out`` from its last checkpoint and skips the tasks already
-evaluated at that meta-step; ``--overwrite`` starts it over.
+evaluated at that meta-step; ``--overwrite`` starts it over.  ``--config FILE`` reads options from a JSON object
+(``{"family": "general", "meta_steps": 600, ...}``, keys as the options' long names with ``_`` or ``-``); options
+given on the command line win.  A shipped optimizer's ``recipe.json`` is such a file.
 """
 
 from __future__ import annotations
@@ -59,11 +61,51 @@ SMOKE: dict[str, Any] = dict(
 )
 
 
-def _floats(text: str) -> list[float]:
+def _floats(text: str | list) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v]
-    except ValueError as err:
+        return [float(v) for v in (text.split(",") if isinstance(text, str) else text) if v != ""]
+    except (TypeError, ValueError) as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _ints(text: str | list) -> list[int]:
+    try:
+        return [int(v) for v in (text.split(",") if isinstance(text, str) else text) if v != ""]
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+class _ConfigAction(argparse.Action):
+    """``--config FILE``: set every option the JSON object names, except those already given a value that differs
+    from their default (options given on the command line win, before or after ``--config``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, path: Any,
+                 option_string: str | None = None) -> None:
+        from deepopt.checkpoint import load_json
+
+        try:
+            values = load_json(path)
+        except (OSError, ValueError) as err:
+            parser.error(f"--config {path}: {err}")
+        if not isinstance(values, dict):
+            parser.error(f"--config {path}: expected a JSON object of option names and values")
+        actions = {a.dest: a for a in parser._actions if a.option_strings}
+        for key, value in values.items():
+            dest = key.lstrip("-").replace("-", "_")
+            action = actions.get(dest)
+            if action is None or dest in ("config", "out", "overwrite", "resume", "help"):
+                parser.error(f"--config {path}: {key!r} is not a meta-train option that a config may set")
+            if getattr(namespace, dest, None) != action.default:
+                continue  # given on the command line
+            if action.type is not None and value is not None:
+                try:
+                    value = action.type(value)
+                except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+                    parser.error(f"--config {path}: {key}: {err}")
+            if action.choices is not None and value not in action.choices:
+                parser.error(f"--config {path}: {key} must be one of {sorted(action.choices)}, got {value!r}")
+            setattr(namespace, dest, value)
+        namespace.config = Path(path)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -89,6 +131,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a = p.add_argument
     add_out_option(p, "meta-train", (STATE_FILE, OPTIMIZER_DIR, EVAL_FILE, "report.json", "curves.csv", "curves.png"))
     a("--resume", action="store_true", help=f"continue the run in --out from its {STATE_FILE}")
+    a("--config", action=_ConfigAction, type=Path, metavar="FILE",
+      help="read options from a JSON object (a shipped optimizer's recipe.json); command-line options win")
     a(
         "--smoke",
         action="store_true",
@@ -105,6 +149,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"inner steps per task before a new one is drawn, a multiple of --unroll "
         f"(default {DEFAULTS['horizon']})",
     )
+    a("--horizons", type=_ints, help="comma-separated horizons, one drawn per task (long runs in truncations of "
+      "--unroll steps; with a schedule, each task's lr_horizon is its own horizon); overrides --horizon")
     a("--tasks-per-step", type=int, help=f"tasks per meta-step (default {DEFAULTS['tasks_per_step']})")
     a("--meta-lr", type=float, default=0.03, help="Adam learning rate on the raw meta-parameters")
     a("--clip", type=float, default=1.0, help="meta-gradient norm clip")
@@ -168,7 +214,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(the initial value when 'beta2' is in --learn: default 0.95 then, else the rule's 0.999)",
     )
     a("--hidden", type=int, default=16, help="DeepMomentum: hidden units of the MLP memory")
-    a("--key-dim", type=int, default=16, help="DeepMomentum: coordinates per key block")
+    a("--key-dim", type=int, default=16, help="DeepMomentum: coordinates per key block (keys=blocks)")
+    a("--keys", choices=("blocks", "momenta"), default="blocks",
+      help="DeepMomentum: key layout, blocks of coordinates or per-coordinate momenta at several time scales")
+    a("--timescales", type=_floats, help="DeepMomentum keys=momenta: the EMA decays γ_j of the extra momenta "
+      "(default 0.5,0.99)")
+    a("--lr-warmup", type=float, help="deep_momentum: warm-up fraction of the schedule's horizon (default 0: off)")
+    a("--eta2", type=float, help="DeepMomentum keys=momenta: W2's online step η₂ (default 0: W2 fixed online)")
+    a("--activation", default="tanh", choices=("tanh", "relu", "gelu", "silu", "identity"),
+      help="DeepMomentum: the memory's activation σ")
     a(
         "--key-source",
         choices=("gradient", "preconditioned"),
@@ -276,9 +330,17 @@ def run(args: argparse.Namespace) -> int:
                        lr_power=args.lr_power if args.lr_power is not None else 1.0)
         if "beta2" in learn and args.beta2 is None:
             hparams["beta2"] = 0.95
-    elif any(v is not None for v in (args.lr_decay, args.key_source, args.lr_horizon, args.lr_power)):
-        raise ValueError("--lr-decay, --key-source, --lr-horizon and --lr-power are deep_momentum options, not "
-                         f"ones of {args.rule}")
+        if args.keys == "momenta":
+            hparams.update(keys="momenta", timescales=tuple(args.timescales or (0.5, 0.99)))
+        if args.activation != "tanh":
+            hparams["activation"] = args.activation
+        for name in ("lr_warmup", "eta2"):
+            if getattr(args, name) is not None:
+                hparams[name] = getattr(args, name)
+    elif any(v is not None for v in (args.lr_decay, args.key_source, args.lr_horizon, args.lr_power,
+                                      args.timescales, args.lr_warmup, args.eta2)) or args.keys != "blocks":
+        raise ValueError("--lr-decay, --key-source, --lr-horizon, --lr-power, --keys, --timescales, --lr-warmup and "
+                         f"--eta2 are deep_momentum options, not ones of {args.rule}")
     if preconditioner is not None:
         hparams["preconditioner"] = preconditioner
     if args.beta2 is not None or "beta2" in (learn or ()):
@@ -293,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
         meta_steps=size["meta_steps"],
         unroll=size["unroll"],
         horizon=size["horizon"],
+        horizons=args.horizons,
         tasks_per_step=size["tasks_per_step"],
         meta_lr=args.meta_lr,
         clip=args.clip,
@@ -358,6 +421,7 @@ def run(args: argparse.Namespace) -> int:
         "learned_hparams": learned,
         "config": trainer.state_dict()["config"],
         "meta_train_seconds": train_s,
+        "meta_train_cpu_seconds": trainer.cpu_seconds,
         "final_outer_loss": trainer.history[-1]["outer_loss"],
         **report,
     }

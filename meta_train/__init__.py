@@ -8,7 +8,7 @@
 Importing the package registers every deepopt optimizer with ``higher`` (see ``higher_backend``).
 """
 
-from .es import AntitheticES
+from .es import PES, AntitheticES
 from .evaluate import evaluate, load_learned, loss_curve, speedup
 from .higher_backend import DifferentiableMemoryOptimizer, higher_unroll_loss
 from .params import LEARNABLE, MetaParams
@@ -20,6 +20,7 @@ __all__ = [
     "FAMILIES",
     "HELD_OUT_SPECS",
     "LEARNABLE",
+    "PES",
     "AntitheticES",
     "Backprop",
     "DifferentiableMemoryOptimizer",

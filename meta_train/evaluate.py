@@ -37,13 +37,16 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
 def load_learned(
     path: str | os.PathLike, params: Iterable[torch.nn.Parameter], **overrides: Any
 ) -> Optimizer:
-    """The optimizer saved at ``path`` by meta-training (``DeepMomentum.from_pretrained`` for DMGD)."""
+    """The optimizer saved at ``path`` by meta-training (``DeepMomentum.from_pretrained`` for DMGD), as it was
+    meta-trained: a DMGD schedule keeps the saved ``lr_horizon`` unless ``total_steps``/``lr_horizon`` is given."""
     name, hparams, _ = load_pretrained(path)
     classes = {cls.__name__: cls for cls in deepopt.OPTIMIZERS.values()}
     if name not in classes:
         raise ValueError(f"{path} holds an unknown optimizer {name!r}; accepted: {sorted(classes)}")
     cls = classes[name]
     if hasattr(cls, "from_pretrained"):
+        if "total_steps" not in overrides and "lr_horizon" not in overrides:
+            overrides["lr_horizon"] = hparams.get("lr_horizon", 0)
         return cls.from_pretrained(path, params, **overrides)
     if "beta1" in hparams:
         hparams["betas"] = (hparams.pop("beta1"), hparams.pop("beta2"))

@@ -2,8 +2,9 @@
 
 Each learnable hyperparameter lives in an unconstrained raw tensor and is mapped into its range::
 
-    positive (lr, eta, lr_decay, lr_power): x = exp(r)
-    unit interval (μ, β, β₁, β₂; DMGD's momentum α and its Adam preconditioner's β₂): x = sigmoid(r)
+    positive (lr, eta, eta2, lr_decay, lr_power, lr_warmup): x = exp(r)
+    unit interval (μ, β, β₁, β₂; DMGD's momentum α, its Adam preconditioner's β₂ and its ``timescales``, a
+    vector): x = sigmoid(r)
     memory θ₀ = (W₁, W₂):        x = r
 
 ``MetaParams.hparams(raw)`` is a pure function of the raw tensors (``torch.func``/``vmap`` friendly)
@@ -30,7 +31,8 @@ LEARNABLE: dict[str, dict[str, str]] = {
     "adam": {"lr": "log", "beta1": "logit", "beta2": "logit"},
     "delta_momentum": {"lr": "log", "momentum": "logit", "beta": "logit"},
     "deep_momentum": {"lr": "log", "momentum": "logit", "eta": "log", "lr_decay": "log", "lr_power": "log",
-                      "beta2": "logit", "W1": "none", "W2": "none"},
+                      "beta2": "logit", "W1": "none", "W2": "none", "timescales": "logit", "lr_warmup": "log",
+                      "eta2": "log"},
 }
 _TO_RAW = {"log": torch.log, "logit": torch.logit, "none": lambda t: t}
 _FROM_RAW = {"log": torch.exp, "logit": torch.sigmoid, "none": lambda t: t}
@@ -78,9 +80,10 @@ class MetaParams(nn.Module):
 
     def _initial_values(self, dtype: torch.dtype) -> dict[str, Tensor]:
         hp = self.static
-        values = {k: hp[k] for k in ("lr", "momentum", "eta", "beta", "lr_decay", "lr_power") if k in hp}
+        values = {k: hp[k] for k in ("lr", "momentum", "eta", "beta", "lr_decay", "lr_power", "lr_warmup", "eta2",
+                                     "timescales") if k in hp}
         for k in self.learn:
-            if LEARNABLE[self.rule.name][k] == "log" and not float(values[k]) > 0:
+            if LEARNABLE[self.rule.name][k] == "log" and not float(values[k]) > 0:  # a scalar
                 raise ValueError(f"{k} starts at {values[k]} but must start > 0 to be learned (x = exp(r))")
         if self.rule.name == "adam":
             values["beta1"], values["beta2"] = hp["betas"]
@@ -129,6 +132,8 @@ class MetaParams(nn.Module):
                 continue
             if k == "betas":  # save_pretrained takes plain scalars only
                 plain["beta1"], plain["beta2"] = (float(b) for b in v)
+            elif k == "timescales":
+                plain[k] = [float(g) for g in v]
             else:
                 plain[k] = float(v) if isinstance(v, Tensor) else v
         return deepopt.OPTIMIZERS[self.rule.name].__name__, plain, tensors

@@ -15,10 +15,19 @@ Families (sampled by seed, used for meta-training):
     ``small``: 64–400 training rows of a teacher-labelled Gaussian problem or a ``tabular`` cut, small enough
         for the MLP to memorise within the horizon (the loss falls towards 0, as on wine and breast cancer).
     ``broad``: a third each of ``digits``, ``tabular`` and ``small``.
+    ``lm``: byte-level causal Transformer LMs on the standard library's *source code* (``deepopt.hope.data``'s
+        ``code`` domain, training split), width ∈ {32, 48, 64}, depth ∈ {1, 2}, 2/4 heads, context ∈ {32, 64},
+        batch ∈ {8, 16}; the outer loss reads training windows only.
+    ``cnn``: small CNNs (two 3×3 convolutions of 4–16 channels, relu/tanh, a linear head) on *synthetic* 8×8
+        images: 3–10 classes of smoothed random prototypes, shifted by up to one pixel and noised.
+    ``general``: the shipped optimizer's family — 35% ``lm``, 20% ``cnn``, 25% ``digits``, 20% ``broad``'s
+        tabular/small problems.
     ``quadratic``: ``½‖S(w − c − ξ)‖²`` with ``SᵀS`` of eigenvalues log-uniform in [0.01, 1] and
         minibatch noise ξ ~ 0.1·N(0, I).
 Held-out tasks (never sampled by a family; evaluation only): digits MLPs of depth 3 / width 128 with
-activations outside the family (gelu, elu), and MLPs on the wine and breast-cancer data sets.
+activations outside the family (gelu, elu), and MLPs on the wine and breast-cancer data sets.  ``deepopt evaluate``'s
+suite (``deepopt.evaluate``) is held out from every family too: no family has a CNN on digits, a language model on
+English prose, a HOPE model, a 4-layer/128-wide Transformer, or a breast-cancer MLP.
 """
 
 from __future__ import annotations
@@ -327,9 +336,155 @@ def broad_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
     return random.Random(seed).choice((digits_task, tabular_task, small_task))(seed, dtype=dtype)
 
 
+def _lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of ``(B, T, V)`` logits."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention written out (softmax of masked scores), so that ``torch.func`` can take
+    second derivatives through it on any device."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = q @ k.mT / (d // self.heads) ** 0.5
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        att = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: attention, then a GELU MLP of width 4d."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyLM(nn.Module):
+    """A byte-level GPT: token and learned position embeddings, ``depth`` blocks, a final norm and a linear head."""
+
+    def __init__(self, vocab: int, d: int, depth: int, heads: int, context: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(context, d))
+        self.blocks = nn.Sequential(*(Block(d, heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(self.embed(idx) + self.pos[: idx.shape[-1]])))
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Batch ``step``: ``batch_size`` random windows of ``context + 1`` tokens of ``stream`` as ``(x, y)``,
+    seeded by ``(seed, step)`` (``deepopt.hope.data.train_batch``)."""
+
+    stream: Tensor
+    batch_size: int
+    context: int
+    seed: int
+
+    def __call__(self, step: int) -> Batch:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # as deepopt.hope.data.train_batch
+        starts = torch.randint(0, self.stream.numel() - self.context - 1, (self.batch_size,), generator=gen)
+        windows = self.stream[(starts[:, None] + torch.arange(self.context + 1)).to(self.stream.device)]
+        return windows[:, :-1], windows[:, 1:]
+
+
+LM_CORPUS_BYTES = 1_000_000  # the code domain's training split, first megabyte
+
+
+@functools.lru_cache(maxsize=2)
+def _code_stream() -> tuple[Tensor, Tensor]:
+    """The ``code`` domain's byte streams (train, validation), from the cache once built."""
+    from deepopt.hope.data import load_corpus
+
+    corpus = load_corpus("code", max_bytes=LM_CORPUS_BYTES)
+    return corpus.train, corpus.val
+
+
+def lm_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
+    """A member of the lm family (module docstring), drawn from ``seed``."""
+    rng = random.Random(seed)
+    d, depth, heads = rng.choice((32, 48, 64)), rng.choice((1, 2)), rng.choice((2, 4))
+    context, batch_size = rng.choice((32, 64)), rng.choice((8, 16))
+    train, val = _code_stream()
+    model = _seeded(seed, lambda: TinyLM(256, d, depth, heads, context).to(dtype))
+    stream = Windows(train, batch_size, context, seed)
+    full = Windows(val, 32, context, seed + 7)(0)  # a fixed set of validation windows for curves
+    return Task(f"lm_code_d{d}_l{depth}_h{heads}_c{context}_b{batch_size}", model, _lm_loss, stream,
+                Windows(val, batch_size, context, seed + 1), full)
+
+
+def _synthetic_images(rng: random.Random, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """3–10 classes of 8×8 images: each class a random prototype (Gaussian noise smoothed by a 3×3 box filter and
+    standardised), each image its class's prototype rolled by up to one pixel per axis plus N(0, σ²) noise,
+    σ ∈ [0.5, 1.5]; 1024 training and 256 test images, flattened to 64 features like digits'."""
+    classes, noise = rng.randint(3, 10), rng.uniform(0.5, 1.5)
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    protos = nn.functional.avg_pool2d(torch.randn(classes, 1, 10, 10, generator=gen, dtype=torch.float64), 3, 1)
+    protos = (protos - protos.mean((2, 3), keepdim=True)) / protos.std((2, 3), keepdim=True)
+    y = torch.randint(classes, (1280,), generator=gen)
+    shifts = torch.randint(-1, 2, (1280, 2), generator=gen)
+    images = torch.stack([protos[c, 0].roll(tuple(s.tolist()), (0, 1)) for c, s in zip(y, shifts)])
+    x = (images + noise * torch.randn(images.shape, generator=gen, dtype=torch.float64)).reshape(1280, 64).to(dtype)
+    return x[:1024], y[:1024], x[1024:], y[1024:]
+
+
+def cnn_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
+    """A member of the cnn family (module docstring), drawn from ``seed``."""
+    rng = random.Random(seed)
+    c1, c2 = rng.choice((4, 8)), rng.choice((8, 16))
+    activation, batch_size = rng.choice(("relu", "tanh")), rng.choice((32, 64, 128))
+    x, y, x_test, y_test = _synthetic_images(rng, dtype)
+    classes = int(y.max()) + 1
+    act = ACTIVATIONS[activation]
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, c1, 3), act(), nn.Conv2d(c1, c2, 3), act(),
+                             nn.Flatten(), nn.Linear(16 * c2, classes)).to(dtype)
+
+    return Task(f"cnn_synth{classes}c_{c1}x{c2}_{activation}_b{batch_size}", _seeded(seed, build),
+                nn.functional.cross_entropy, Sampler(x, y, batch_size, seed), Sampler(x_test, y_test, batch_size,
+                                                                                      seed + 1), (x, y))
+
+
+def general_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
+    """The shipped optimizer's family: 35% lm, 20% cnn, 25% digits MLPs, 20% tabular/small problems."""
+    u = random.Random(seed).random()
+    if u < 0.35:
+        return lm_task(seed, dtype)
+    if u < 0.55:
+        return cnn_task(seed, dtype)
+    if u < 0.80:
+        return digits_task(seed, dtype)
+    return (tabular_task if u < 0.90 else small_task)(seed, dtype)
+
+
 FAMILIES: dict[str, Callable[..., Task]] = {
     "digits": digits_task, "quadratic": quadratic_task, "tabular": tabular_task, "mixed": mixed_task,
-    "small": small_task, "broad": broad_task,
+    "small": small_task, "broad": broad_task, "lm": lm_task, "cnn": cnn_task, "general": general_task,
 }
 
 # name -> (data set, widths, activation, batch size); none of these is a member of a family.

@@ -2,7 +2,11 @@
 
 Each meta-step, every one of ``tasks_per_step`` slots runs one truncation of ``unroll`` inner steps on its
 task, carrying (θ, s) from its previous truncation (TBPTT); a slot draws a new task from the family once it
-has done ``horizon`` inner steps.  The estimates are averaged, clipped to norm ``clip`` and applied by
+has done its horizon of inner steps (``horizon``, or one of ``horizons`` drawn with the task: long runs in
+truncations).  A rule with a training-progress schedule (DeepMomentum's ``lr_horizon`` > 0) is unrolled with
+``lr_horizon`` = the task's own horizon, as a user passes the run's length.  Estimators: exact backprop through
+each truncation (``backprop``), antithetic ES (``es``) or persistent ES (``pes``: unbiased for the whole horizon,
+its particles carried with the slot).  The estimates are averaged, clipped to norm ``clip`` and applied by
 ``deepopt.Adam`` (``nonfinite="skip"``); with ``late_weight = p > 0`` a truncation that ends at inner step t
 weighs ``(t/horizon)^p`` in that average (the outer loss leans towards the end of the horizon, where the
 held-out evaluation compares final losses; p = 0: all alike); a slot whose loss or meta-gradient is not finite
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +34,12 @@ import deepopt
 from deepopt.checkpoint import atomic_torch_save, save_pretrained, torch_load
 from deepopt.runs import check_device, progress_bar
 
-from .es import AntitheticES
+from .es import PES, AntitheticES
 from .params import LEARNABLE, MetaParams
 from .tasks import FAMILIES, Task, TaskStack, sample_task
 from .unroll import OUTER_LOSSES, Backprop, InnerState, Unroll
 
-ESTIMATORS = ("backprop", "es")
+ESTIMATORS = ("backprop", "es", "pes")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 STATE_FILE = "trainer_state.pt"
 OPTIMIZER_DIR = "optimizer"
@@ -50,6 +56,7 @@ class MetaTrainConfig:
     meta_steps: int = 400
     unroll: int = 20
     horizon: int = 200
+    horizons: list[int] | None = None
     tasks_per_step: int = 2
     meta_lr: float = 0.03
     clip: float = 1.0
@@ -82,8 +89,9 @@ class MetaTrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.horizon % self.unroll:
-            raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        for h in self.horizons or [self.horizon]:
+            if isinstance(h, bool) or not isinstance(h, int) or h < 1 or h % self.unroll:
+                raise ValueError(f"horizon(s) must be ints that are multiples of unroll ({self.unroll}), got {h!r}")
         check_device(self.device, "device")
         if not isinstance(self.vectorize, bool):
             raise TypeError(f"vectorize must be a bool, got {type(self.vectorize).__name__}")
@@ -99,6 +107,7 @@ class _Slot:
     seed: int
     task: Task
     inner: InnerState
+    horizon: int
 
 
 class MetaTrainer:
@@ -111,12 +120,13 @@ class MetaTrainer:
         self.dtype = DTYPES[config.dtype]
         self.meta = MetaParams(config.rule, config.learn, self.dtype, **config.hparams).to(config.device)
         self.opt = deepopt.Adam(self.meta.parameters(), lr=config.meta_lr, nonfinite="skip")
-        self.estimator: Callable[..., Any] = (
-            Backprop(config.checkpoint_every)
-            if config.estimator == "backprop"
-            else AntitheticES(config.es_sigma, config.es_pairs)
-        )
+        self.estimator: Callable[..., Any] = {
+            "backprop": lambda: Backprop(config.checkpoint_every),
+            "es": lambda: AntitheticES(config.es_sigma, config.es_pairs),
+            "pes": lambda: PES(config.es_sigma, config.es_pairs),
+        }[config.estimator]()
         self.step = 0
+        self.cpu_seconds = 0.0  # process CPU time spent in meta-steps, summed over resumed runs
         self.slots: list[_Slot | None] = [None] * config.tasks_per_step
         self.history: list[dict[str, float | None]] = []
         if self.out_dir is not None and (self.out_dir / STATE_FILE).is_file():
@@ -128,11 +138,20 @@ class MetaTrainer:
 
     def _slot(self, i: int) -> _Slot:
         slot = self.slots[i]
-        if slot is None or slot.inner.step >= self.config.horizon:
+        if slot is None or slot.inner.step >= slot.horizon:
             seed = self._task_seed(i)
             task = sample_task(self.config.family, seed, self.dtype, self.config.device)
-            slot = self.slots[i] = _Slot(seed, task, InnerState.fresh(task))
+            slot = self.slots[i] = _Slot(seed, task, InnerState.fresh(task), self._horizon_of(seed))
         return slot
+
+    def _horizon_of(self, seed: int) -> int:
+        """The task's horizon: ``horizon``, or one of ``horizons`` drawn from the task's seed."""
+        return random.Random(seed ^ 0x5EED).choice(self.config.horizons) if self.config.horizons else \
+            self.config.horizon
+
+    def _unroll(self, task: Task | TaskStack, horizon: int) -> Unroll:
+        overrides = {"lr_horizon": horizon} if self.meta.static.get("lr_horizon") else {}
+        return Unroll(self.meta, task, self.config.unroll, self.config.outer, overrides)
 
     def _groups(self) -> list[list[int]]:
         """Slot indices grouped so that each group runs as one ``TaskStack`` under ``vmap`` (same task
@@ -140,7 +159,8 @@ class MetaTrainer:
         groups: dict[Any, list[int]] = {}
         for i in range(self.config.tasks_per_step):
             slot = self._slot(i)
-            key = (slot.task.signature(), slot.inner.step) if self.config.vectorize else i
+            stacks = self.config.vectorize and self.config.estimator != "pes"  # PES vmaps over its particles
+            key = (slot.task.signature(), slot.inner.step, slot.horizon) if stacks else i
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
@@ -151,7 +171,7 @@ class MetaTrainer:
             task, inner = slots[0].task, slots[0].inner
         else:
             task, inner = TaskStack(tuple(s.task for s in slots)), InnerState.stack([s.inner for s in slots])
-        unroll = Unroll(self.meta, task, self.config.unroll, self.config.outer)
+        unroll = self._unroll(task, slots[0].horizon)
         est = self.estimator(unroll, inner, key=self._task_seed(idx[0]) + 1)
         if not (est.loss.isfinite() and all(g.isfinite().all() for g in est.grads.values())):
             return None
@@ -177,7 +197,8 @@ class MetaTrainer:
             for i, inner in zip(idx, inners):
                 self.slots[i].inner = inner
             losses += [float(est.loss)] * len(idx)
-            weight = (inners[0].step / cfg.horizon) ** cfg.late_weight  # a group's slots are at one inner step
+            # a group's slots are at one inner step of one horizon
+            weight = (inners[0].step / self.slots[idx[0]].horizon) ** cfg.late_weight
             for k, g in est.grads.items():
                 total[k] += g * (weight * len(idx) / cfg.tasks_per_step)
         for k, p in params.items():
@@ -204,7 +225,9 @@ class MetaTrainer:
         bar = progress_bar(total=self.config.meta_steps, initial=self.step, desc="meta-train", enabled=progress,
                            unit="meta-step")
         while self.step < self.config.meta_steps:
+            started = time.process_time()
             record = self.meta_step()
+            self.cpu_seconds += time.process_time() - started
             bar.set_postfix(loss=record["outer_loss"])
             bar.update(1)
             if self.out_dir is not None and (
@@ -219,7 +242,8 @@ class MetaTrainer:
         slots = [
             None
             if s is None
-            else {"seed": s.seed, "params": s.inner.params, "state": s.inner.state, "step": s.inner.step}
+            else {"seed": s.seed, "params": s.inner.params, "state": s.inner.state, "step": s.inner.step,
+                  "horizon": s.horizon, "particles": s.inner.particles}
             for s in self.slots
         ]
         return {
@@ -229,6 +253,7 @@ class MetaTrainer:
             "opt": self.opt.state_dict(),
             "slots": slots,
             "history": self.history,
+            "cpu_seconds": self.cpu_seconds,
         }
 
     def save(self) -> None:
@@ -249,13 +274,15 @@ class MetaTrainer:
         self.meta.load_state_dict(sd["meta"])
         self.opt.load_state_dict(sd["opt"])
         self.step, self.history = sd["step"], list(sd["history"])
+        self.cpu_seconds = float(sd.get("cpu_seconds", 0.0))
         self.slots = [
             None
             if s is None
             else _Slot(
                 s["seed"],
                 sample_task(self.config.family, s["seed"], self.dtype, self.config.device),
-                InnerState(s["params"], s["state"], s["step"]),
+                InnerState(s["params"], s["state"], s["step"], s.get("particles")),
+                s.get("horizon", self.config.horizon),
             )
             for s in sd["slots"]
         ]

@@ -36,18 +36,24 @@ RuleState = dict[str, dict[str, Tensor]]
 
 @dataclass
 class InnerState:
-    """Where a task's inner optimisation stands: weights, rule state (``None`` = fresh) and step index."""
+    """Where a task's inner optimisation stands: weights, rule state (``None`` = fresh) and step index.
+
+    ``particles``: what a persistent estimator (``es.PES``) carries between truncations besides the central
+    trajectory — its perturbed trajectories' weights and states, stacked, and their accumulated perturbations."""
 
     params: Params
     state: RuleState | None = None
     step: int = 0
+    particles: dict[str, Any] | None = None
 
     @classmethod
     def fresh(cls, task: Task | TaskStack) -> InnerState:
         return cls(task.init_params())
 
     def detached(self) -> InnerState:
-        return InnerState(*tree_map(lambda t: t.detach(), (self.params, self.state)), self.step)
+        params, state, particles = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t,
+                                            (self.params, self.state, self.particles))
+        return InnerState(params, state, self.step, particles)
 
     @classmethod
     def stack(cls, inners: list[InnerState]) -> InnerState:
@@ -97,18 +103,24 @@ class FlatParams:
 
 @dataclass
 class Unroll:
-    """``steps`` inner steps of ``meta``'s rule on ``task``; ``outer`` picks the outer loss."""
+    """``steps`` inner steps of ``meta``'s rule on ``task``; ``outer`` picks the outer loss; ``overrides`` replace
+    hyperparameters of the rule for this task (e.g. the schedule's ``lr_horizon``: the task's own run length)."""
 
     meta: MetaParams
     task: Task | TaskStack
     steps: int
     outer: str = "train"
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.outer not in OUTER_LOSSES:
             raise ValueError(f"outer must be one of {OUTER_LOSSES}, got {self.outer!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+
+    def hparams(self, raw: dict[str, Tensor]) -> dict[str, Any]:
+        """The rule's hyperparameters from the raw meta-parameters, with this unroll's ``overrides``."""
+        return {**self.meta.hparams(raw), **self.overrides}
 
     def segment(
         self, hp: dict[str, Any], params: Params, state: RuleState | None, start: int, n: int
@@ -176,9 +188,7 @@ class Unroll:
 
     def loss(self, raw: dict[str, Tensor], inner: InnerState) -> tuple[Tensor, InnerState]:
         """``F(r)`` and the inner state after the unroll (graph kept)."""
-        total, params, state = self.segment(
-            self.meta.hparams(raw), inner.params, inner.state, inner.step, self.steps
-        )
+        total, params, state = self.segment(self.hparams(raw), inner.params, inner.state, inner.step, self.steps)
         return total / self.steps, InnerState(params, state, inner.step + self.steps)
 
 
@@ -216,7 +226,7 @@ class Backprop:
         boundaries, total = [], 0.0
         carry: tuple[Params, RuleState | None] = (inner.params, inner.state)
         with torch.no_grad():
-            hp = unroll.meta.hparams(raw)
+            hp = unroll.hparams(raw)
             for s, n in zip(starts, lengths):
                 boundaries.append(carry)
                 part, *carry = unroll.segment(hp, *carry, s, n)
@@ -232,7 +242,7 @@ class Backprop:
             ]
             raw_leaf = {name: r.detach().requires_grad_() for name, r in raw.items()}
             part, p_out, s_out = unroll.segment(
-                unroll.meta.hparams(raw_leaf), *tree_unflatten(leaves, spec), s, n
+                unroll.hparams(raw_leaf), *tree_unflatten(leaves, spec), s, n
             )
             outs, outs_adj = [part], [torch.full_like(part, 1.0 / k)]
             if adjoint is not None:

@@ -23,7 +23,7 @@ from deepopt.rules import RULES, Rule
 from deepopt.rules import transforms as T
 from deepopt.rules.base import check_bool, check_choice
 from deepopt.rules.sharding import is_dtensor
-from deepopt.rules.transforms import is_zero
+from deepopt.rules.transforms import decoupled, is_zero
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 _GROUP_OPTIONS = ("foreach", "nonfinite", "capturable")
@@ -208,7 +208,7 @@ class MemoryOptimizer(Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         if is_zero(wd):
             return grads
-        if group["decoupled_weight_decay"]:
+        if decoupled(group):
             torch._foreach_mul_(params, 1 - lr * wd)
             return grads
         if isinstance(wd, Tensor):

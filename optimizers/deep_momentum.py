@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +13,9 @@ from torch import Tensor
 
 from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
-from deepopt.rules import transforms as T
-from deepopt.rules.deep import decayed_lr, horizon_factor, safe_rms, to_blocks
+from deepopt.rules.base import check_int
+from deepopt.rules.deep import ACTIVATIONS, initial_memory, lr_factor, n_features, safe_rms, to_blocks
+from deepopt.rules.transforms import decoupled
 
 from . import deep_cpu, deep_kernels
 from .base import MemoryOptimizer
@@ -34,6 +36,8 @@ _CPU_ACTIVATIONS = {
     "identity": (1.0, lambda z: None),
 }
 _CPU_CHUNK = 1 << 18  # coordinates per chunk of the CPU loop (≈ 1 MiB in fp32: its blocks stay in cache)
+_CHUNK = 256  # coordinates per chunk of the momenta layout's batched MLP (a tensor's last chunk is zero-padded)
+_MAX_CHUNKS = 1024  # chunks per slice of it (bounds its (chunks, _CHUNK, hidden) temporaries)
 
 
 @torch.library.custom_op("deepopt::foreach_mm", mutates_args=())
@@ -102,7 +106,8 @@ class _Memory:
 def _fused_options(group: dict[str, Any]) -> bool:
     """The options the CPU loop and the Triton kernels cover: the deep branch with the dot objective, identity
     preconditioner and no output nonlinearity or 1/t schedule."""
-    return (group["hidden"] > 0 and group["objective"] == "dot" and group["preconditioner"] == "identity"
+    return (group["hidden"] > 0 and group["keys"] == "blocks" and group["objective"] == "dot"
+            and group["preconditioner"] == "identity"
             and group["nonlinearity"] is None and group["lr_decay"] == 0 and group["lr_horizon"] == 0)
 
 
@@ -121,6 +126,16 @@ def _triton_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
             and deep_kernels.available(params, group["key_dim"], group["hidden"]))
 
 
+def _foreach_weight_decay(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                          lr: float | Tensor) -> list[Tensor]:
+    """``MemoryOptimizer._foreach_weight_decay`` with the step's lr, which a schedule makes one per tensor: a
+    decoupled decay shrinks ``W ← (1 − lr_t·wd)·W`` in place, a coupled one returns ``g + wd·W``."""
+    if isinstance(lr, Tensor) and lr.dim() and decoupled(group) and group["weight_decay"] != 0:
+        torch._foreach_mul_(params, list((1 - lr * group["weight_decay"]).unbind()))
+        return grads
+    return MemoryOptimizer._foreach_weight_decay({**group, "lr": lr}, params, grads)
+
+
 def _block_rows(flat: Tensor, whole: Tensor, a: int, b: int) -> Tensor:
     """Rows ``a:b`` of ``to_blocks(flat, key_dim)``: a view of ``whole`` (the whole blocks, ``(rows, key_dim)``)
     where they are whole, else a zero-padded copy of the tail."""
@@ -131,34 +146,87 @@ class DeepMomentum(MemoryOptimizer):
     """Deep Momentum Gradient Descent (Nested Learning Eq. 23 / 50)::
 
         m ← α·m + P g                          (objective="dot";  "l2": m ← α·m − β⟨m, k̂⟩k̂ + P g)
-        W₁ ← α·W₁ − η·∇_{W₁} ℓ(W₁; Φ̂(K), V),   Φ̂(K) = σ(K W₂ᵀ)/r      (K, V: normalised key/value blocks)
-        W ← W − lr_t·σ_out(m + s_v·Φ̂(K) W₁ᵀ),   lr_t = lr/(1 + lr_decay·(t − 1))·h_t
-        h_t = 1, or with lr_horizon = N > 0: h_t = (1 − (t − 1)/N)₊^lr_power    (0 after step N)
+        keys="blocks":  W₁ ← α·W₁ − η·∇_{W₁} ℓ(W₁; Φ̂(K), V),  Φ̂(K) = σ(K W₂ᵀ)/r  (K, V: normalised key/value blocks)
+                        u = m + s_v·Φ̂(K) W₁ᵀ
+        keys="momenta": k_i = (v_i, (1 − α)m_i, e_1i…e_Ji), e_j ← γ_j e_j + (1 − γ_j)v  (momenta at time scales γ)
+                        u_i = m_i + W₁·σ(W₂ k_i);  then W₁ ← αW₁ + (1 − α)W₁⁰ + η·mean_i(v_i σ(W₂k_i))
+                        (and W₂, with eta2 > 0, by a normalised step of the same objective)
+        W ← W − lr_t·σ_out(u) − lr_t·wd·W (decoupled),   lr_t = lr·s_t
+        s_t = w_t/(1 + lr_decay·(t − 1))·h_t,  h_t = max(1 − (t − 1)/N, 1/N)^lr_power (N = lr_horizon > 0, else 1)
 
-    ``momentum`` is α; ``eta`` the read-out's inner learning rate; ``hidden`` its width (0: no deep
-    branch, then this is ``Momentum``, or ``DeltaMomentum`` with ``objective="l2"``); ``key_dim`` the
-    coordinates per key block; ``key_source`` keys on the raw ("gradient") or preconditioned gradient.
-    ``memory_init=(W1, W2)`` sets θ₀ (what meta-training learns; see ``from_pretrained``), else W₁ = 0 and
-    W₂ ~ init_scale·N(0, 1) drawn from ``seed``.  ``lr_decay``, ``lr_horizon`` (N, the run's length; 0: no
-    h_t) and ``lr_power`` set the lr schedule.  Further options: ``weight_decay``,
-    ``decoupled_weight_decay``, ``preconditioner`` ("identity" | "adam"), ``nonlinearity``, ``foreach``,
-    ``nonfinite``.  The full equations are in ``deepopt.rules.deep``.
+    ``lr`` is the param group's, so a script's own scheduler (warm-up + cosine, ``OneCycleLR``) composes with the
+    learned schedule ``s_t`` as a product.  ``momentum`` is α; ``eta`` the read-out's inner learning rate;
+    ``hidden`` its width (0: no deep branch, then this is ``Momentum``, or ``DeltaMomentum`` with
+    ``objective="l2"``); ``keys`` the key layout; ``key_dim`` the coordinates per key block and ``key_source`` the
+    blocks' source (raw or preconditioned gradient); ``timescales`` the momenta's decays and ``eta2`` W₂'s online
+    step (momenta layout).  ``memory_init=(W1, W2)`` sets θ₀ (what meta-training learns; see ``from_pretrained``),
+    else W₁ = 0 and W₂ ~ init_scale·N(0, 1) drawn from ``seed``.  ``lr_decay``, ``lr_horizon`` (N, the run's
+    length; 0: no h_t; ``total_steps`` is the same), ``lr_power`` and ``lr_warmup`` (w_t = min(1, t/(lr_warmup·N)))
+    set the learned schedule; past N it keeps its last value and the optimizer warns once.
+
+    Weight decay: ``weight_decay`` is **decoupled** (AdamW's) with ``preconditioner="adam"`` and **coupled** (L2,
+    ``g + wd·W``) with the identity preconditioner, unless ``decoupled_weight_decay`` says otherwise.  Further
+    options: ``nonlinearity``, ``foreach``, ``nonfinite``.  The full equations are in ``deepopt.rules.deep``;
+    ``DeepMomentum.pretrained`` loads the shipped learned optimizer.
 
     Under FSDP2 (sharded DTensor parameters) the momentum and preconditioner run on the shards; the deep
-    read-out needs whole key blocks, which cross shard boundaries whenever a shard's length is not a multiple of
-    ``key_dim``, so the key (and value) tensor is gathered (one all-gather per tensor and step, the volume of
-    FSDP2's own parameter all-gather), its RMS norms, features and the W₁ step computed whole on every rank
-    (W₁, W₂ stay identical, unsharded), and each rank keeps its shard of the read-out: equal to the unsharded
-    run (``deepopt.rules.sharding``).
+    read-out of the blocks layout needs whole key blocks, which cross shard boundaries whenever a shard's length
+    is not a multiple of ``key_dim``, so the key (and value) tensor is gathered (one all-gather per tensor and
+    step, the volume of FSDP2's own parameter all-gather), its RMS norms, features and the W₁ step computed whole
+    on every rank (W₁, W₂ stay identical, unsharded), and each rank keeps its shard of the read-out: equal to the
+    unsharded run (``deepopt.rules.sharding``).
+    The momenta layout's memory writes average over all of a tensor's coordinates: it gathers the value and
+    momenta the same way.
     """
 
     rule = deep_momentum
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.9, eta: float = 0.1,
-                 hidden: int = 16, key_dim: int = 16, objective: str = "dot", **options: Any) -> None:
+                 hidden: int = 16, key_dim: int = 16, objective: str = "dot", total_steps: int | None = None,
+                 **options: Any) -> None:
+        if total_steps is not None:
+            check_int("total_steps", total_steps)
+            if options.get("lr_horizon", total_steps) != total_steps:
+                raise ValueError(f"total_steps ({total_steps}) and lr_horizon ({options['lr_horizon']}) both set "
+                                 "the schedule's run length; pass one")
+            options["lr_horizon"] = total_steps
         super().__init__(params, lr=lr, momentum=momentum, eta=eta, hidden=hidden, key_dim=key_dim,
                          objective=objective, **options)
         self._blocks: dict[tuple, Any] = {}  # work buffers (not state: rebuilt on demand)
+        self._steps_called = 0  # step() calls, for the past-the-horizon warning only (never read by the math)
+        self._warned_horizon = False
+
+    @torch.compiler.disable
+    def _note_step(self) -> None:
+        """Warn once when the optimizer is stepped past a group's ``lr_horizon``.
+
+        The schedule's math reads the step count from the state's device tensors; this warning reads a host-side
+        count of ``step()`` calls instead (reading the device count would synchronise every step).  The count
+        decides nothing but the warning: restored by ``load_state_dict`` (from the loaded state, on the host once)
+        and by ``deepcopy``/pickle; after other restores (a direct assignment to ``state``) the warning may come
+        late or early, the steps never differ.  ``torch.compiler.disable`` keeps it out of compiled graphs, so
+        ``torch.compile`` does not guard on it."""
+        self._steps_called += 1
+        if self._warned_horizon:
+            return
+        horizons = [g["lr_horizon"] for g in self.param_groups if g["lr_horizon"]]
+        if horizons and self._steps_called > min(horizons):
+            self._warned_horizon = True
+            warnings.warn(f"DeepMomentum: step {self._steps_called} passes lr_horizon = {min(horizons)} (the run "
+                          "length its learned schedule anneals over); it keeps training at the schedule's last "
+                          "step size. Pass total_steps=<run length> to anneal over the whole run.", stacklevel=3)
+
+    def step(self, closure: Any = None) -> Any:
+        loss = super().step(closure)
+        self._note_step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        steps = [st["step"] for st in self.state.values()
+                 if isinstance(st, dict) and isinstance(st.get("step"), Tensor)]
+        self._steps_called = int(max(float(s) for s in steps)) if steps else 0  # on the host once, at load time
+        self._warned_horizon = False
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the work buffers behind
         return {**super().__getstate__(), "_blocks": {}}
@@ -187,49 +255,134 @@ class DeepMomentum(MemoryOptimizer):
         On CUDA they run four Triton launches for the whole list (``deep_kernels``, ``_triton_applies``).
         """
         hidden = group["hidden"]
-        scheduled = group["lr_decay"] != 0 or group["lr_horizon"] != 0
         if (any(isinstance(group[k], Tensor) for k in ("momentum", "eta", "beta", "weight_decay", "lr_decay",
-                                                          "lr_power", "beta2", "eps"))
+                                                        "lr_power", "lr_warmup", "beta2", "eps", "eta2",
+                                                        "timescales"))
                 or (hidden and group["activation"] not in _FOREACH_ACTIVATIONS)
-                or (scheduled and group["decoupled_weight_decay"] and group["weight_decay"] != 0)
                 or len({(p.dtype, p.device) for p in params}) > 1):
             return False
         states = [self.state[p] for p in params]
         bufs = [st["momentum_buffer"] for st in states]
-        grads = self._foreach_weight_decay(group, params, grads)
-        if _triton_applies(group, params):  # four launches for the whole list
+        lr = self._step_lr(group, states, params[0])
+        grads = _foreach_weight_decay(group, params, grads, lr)
+        if lr is not group["lr"] or group["keys"] == "momenta":
+            pass  # the compiled and Triton kernels take the blocks layout without a schedule only
+        elif _triton_applies(group, params):  # four launches for the whole list
             torch._foreach_add_([st["step"] for st in states], 1)
             mem = self._memory(params, states)
             deep_kernels.deep_momentum_step_(params, grads, bufs, mem.w1, mem.w2, group["lr"], group["momentum"],
                                              group["eta"], group["activation"])
             return True
-        if _cpu_loop_applies(group, params):
+        elif _cpu_loop_applies(group, params):
             torch._foreach_add_([st["step"] for st in states], 1)
             self._cpu_loop_step(group, states, params, grads)
             return True
         values = foreach_precondition(group, states, grads)
         if group["preconditioner"] != "adam":
             torch._foreach_add_([st["step"] for st in states], 1)
-        keys = values if group["key_source"] == "preconditioned" else grads
-        if group["objective"] == "l2":  # −β⟨m, k⟩/‖k‖² per tensor, read before the α scaling
-            coef = _inner_products(bufs, keys) / _squared_norms(keys) * -group["beta"]
-        torch._foreach_mul_(bufs, group["momentum"])
-        if group["objective"] == "l2":
-            torch._foreach_addcmul_(bufs, keys, list(coef.unbind()))
-        torch._foreach_add_(bufs, values)
-        direction = bufs
-        if hidden:
-            direction = self._deep_read(group, params, states, keys, values)
-        lr = group["lr"]
-        if scheduled:
-            steps = T.step_float(torch.stack([st["step"] for st in states]), params[0])  # fp32 for bf16 params
-            lr = decayed_lr(lr, group["lr_decay"], steps) if group["lr_decay"] != 0 else lr * torch.ones_like(steps)
-            if group["lr_horizon"] != 0:
-                lr = lr * horizon_factor(steps, group["lr_horizon"], group["lr_power"])
-            direction = torch._foreach_mul(direction, list(lr.unbind()))
-            lr = 1.0
-        self._foreach_descend(params, foreach_output_nonlinearity(group, direction), lr)
+        if group["keys"] == "momenta":
+            direction = self._momenta_direction(group, params, states, values)
+        else:
+            keys = values if group["key_source"] == "preconditioned" else grads
+            if group["objective"] == "l2":  # −β⟨m, k⟩/‖k‖² per tensor, read before the α scaling
+                coef = _inner_products(bufs, keys) / _squared_norms(keys) * -group["beta"]
+            torch._foreach_mul_(bufs, group["momentum"])
+            if group["objective"] == "l2":
+                torch._foreach_addcmul_(bufs, keys, list(coef.unbind()))
+            torch._foreach_add_(bufs, values)
+            direction = self._deep_read(group, params, states, keys, values) if hidden else bufs
+        direction = foreach_output_nonlinearity(group, direction)
+        if isinstance(lr, Tensor) and lr.dim():  # one scheduled lr per tensor
+            torch._foreach_sub_(params, torch._foreach_mul(direction, list(lr.unbind())))
+        else:
+            self._foreach_descend(params, direction, lr)
         return True
+
+    @staticmethod
+    def _step_lr(group: dict[str, Any], states: list[dict[str, Tensor]], like: Tensor) -> float | Tensor:
+        """The group's lr, or with a schedule ``lr·s_t`` per tensor (``deep.lr_factor`` at the step about to be
+        taken) as a ``(T,)`` tensor, fp32 for low-precision parameters."""
+        steps = torch.stack([st["step"] for st in states]) + 1
+        factor = lr_factor(steps, group, like)
+        return group["lr"] if factor is None else (group["lr"] * factor).to(like.dtype)
+
+    def _momenta_direction(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]],
+                           values: list[Tensor]) -> list[Tensor]:
+        """The momenta layout (``deep`` module docstring) over all tensors: the momenta with ``_foreach`` ops, the
+        per-coordinate MLP on ``_CHUNK``-coordinate chunks of zero-padded work buffers, batched over chunks with
+        each chunk's tensor's W₁, W₂ (``bmm``), and the per-tensor sums of the writes by ``index_add_`` (kernel
+        counts grow with the total size, in slices of ``_MAX_CHUNKS`` chunks, not with the number of tensors)::
+
+            K = (v, (1 − α)m, e_1…e_J) per coordinate,  Φ = σ(K W₂ᵀ),  u = m + Φ W₁ᵀ
+            C = Σ vΦ/n,  W₁ ← αW₁ + (1 − α)W₁⁰ + ηC  [W₂ ← αW₂ + (1 − α)W₂⁰ + η₂ G/(1 + ‖W₁‖²)]
+
+        Returns ``u`` as views (shaped like the parameters) of a work buffer."""
+        alpha, hidden = group["momentum"], group["hidden"]
+        bufs = [st["momentum_buffer"] for st in states]
+        torch._foreach_mul_(bufs, alpha)
+        torch._foreach_add_(bufs, values)
+        emas = [st["timescale_buffers"] for st in states]
+        for j, gamma in enumerate(group["timescales"]):
+            ej = [e[j] for e in emas]
+            torch._foreach_mul_(ej, gamma)
+            torch._foreach_add_(ej, values, alpha=1 - gamma)
+        if hidden == 0:
+            return bufs
+        n_keys = n_features(group)
+        work = [self._work(params, _CHUNK, f"key{f}") for f in range(n_keys)]
+        torch._foreach_copy_(work[0].as_param, values)
+        torch._foreach_copy_(work[1].as_param, bufs)
+        torch._foreach_mul_(work[1].as_param, 1 - alpha)
+        for j in range(n_keys - 2):
+            torch._foreach_copy_(work[2 + j].as_param, [e[j] for e in emas])
+        out = self._work(params, _CHUNK, "direction")
+        owner = self._chunk_owner(params)
+        mem = self._memory(params, states)
+        w1_0, w2_0 = self._anchor(group, params[0])
+        counts = torch.tensor([max(p.numel(), 1) for p in params], dtype=mem.w1.dtype,
+                              device=mem.w1.device).view(-1, 1, 1)
+        corr = torch.zeros_like(mem.w1)  # Σ vΦ per tensor, (T, 1, H)
+        grad_w2 = torch.zeros_like(mem.w2) if group["eta2"] != 0 else None
+        act, act_grad = ACTIVATIONS[group["activation"]]
+        keys_all = [w.buffer.view(-1, _CHUNK) for w in work]
+        out_rows = out.buffer.view(-1, _CHUNK)
+        for a in range(0, owner.numel(), _MAX_CHUNKS):
+            b = min(a + _MAX_CHUNKS, owner.numel())
+            tid = owner[a:b]
+            keys = torch.stack([k[a:b] for k in keys_all], dim=-1)  # (c, CH, F)
+            w1c = mem.w1[tid]  # (c, 1, H)
+            pre = torch.bmm(keys, mem.w2[tid].mT)  # (c, CH, H)
+            phi = act(pre)
+            torch.bmm(phi, w1c.mT, out=out_rows[a:b].unsqueeze(-1))  # D = Φ W₁ᵀ
+            value = keys[..., :1].mT  # (c, 1, CH)
+            corr.index_add_(0, tid, torch.bmm(value, phi))
+            if grad_w2 is not None:
+                g2 = act_grad(pre, phi) * w1c * value.mT  # (c, CH, H)
+                grad_w2.index_add_(0, tid, torch.bmm(g2.mT, keys))
+        if grad_w2 is not None:
+            scale = group["eta2"] / (counts * (1 + (mem.w1 * mem.w1).sum((1, 2), keepdim=True)))
+            mem.w2.mul_(alpha).add_(w2_0, alpha=1 - alpha).addcmul_(grad_w2, scale)
+        mem.w1.mul_(alpha).add_(w1_0, alpha=1 - alpha).addcmul_(corr, group["eta"] / counts)
+        torch._foreach_add_(out.as_param, bufs)
+        return out.as_param
+
+    def _chunk_owner(self, params: list[Tensor]) -> Tensor:
+        """For each ``_CHUNK``-coordinate chunk of the padded work buffers, the index of its tensor."""
+        key = ("owner", *map(id, params))
+        if key not in self._blocks:
+            chunks = [math.ceil(p.numel() / _CHUNK) for p in params]
+            self._blocks[key] = torch.repeat_interleave(torch.arange(len(params), device=params[0].device),
+                                                        torch.tensor(chunks, device=params[0].device))
+        return self._blocks[key]
+
+    def _anchor(self, group: dict[str, Any], like: Tensor) -> tuple[Tensor, Tensor]:
+        """θ₀ = (W₁⁰, W₂⁰) that the momenta layout retains towards, in ``like``'s dtype and device (cached)."""
+        init = group["memory_init"]
+        key = ("anchor", like.dtype, like.device, group["seed"], group["init_scale"], group["hidden"],
+               n_features(group), *(() if init is None else map(id, init)))
+        if key not in self._blocks:
+            self._blocks[key] = initial_memory(group, like.dtype, like.device)
+        return self._blocks[key]
 
     def _deep_read(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]],
                    keys: list[Tensor], values: list[Tensor]) -> list[Tensor]:
@@ -359,17 +512,35 @@ class DeepMomentum(MemoryOptimizer):
         return work
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, params: Any, **overrides: Any) -> DeepMomentum:
-        """A ``DeepMomentum`` from a folder written by ``deepopt.checkpoint.save_pretrained``.
+    def pretrained(cls, params: Any, total_steps: int | None = None, **overrides: Any) -> DeepMomentum:
+        """The package's default learned optimizer (``deepopt.pretrained.DEFAULT``); see ``from_pretrained``."""
+        from deepopt.pretrained import DEFAULT
 
-        The saved hyperparameters and memory state θ₀ (``W1``, ``W2``) are used; ``overrides`` replace
-        any hyperparameter (e.g. ``lr``).
+        return cls.from_pretrained(DEFAULT, params, total_steps=total_steps, **overrides)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, params: Any, total_steps: int | None = None,
+                        **overrides: Any) -> DeepMomentum:
+        """A ``DeepMomentum`` from a shipped learned optimizer's name (``deepopt.pretrained.names()``) or a folder
+        written by ``deepopt.checkpoint.save_pretrained`` (``deepopt meta-train``'s ``optimizer/``).
+
+        The saved hyperparameters and memory state θ₀ (``W1``, ``W2``) are used; ``overrides`` replace any
+        hyperparameter (e.g. ``lr``, ``weight_decay``).  ``total_steps``: the run's length, over which the learned
+        schedule anneals (its ``lr_horizon``).  Without it (and without an ``lr_horizon`` override) the schedule's
+        horizon part is off (h_t = w_t = 1): the optimizer trains for any number of steps at its learned lr (with its
+        1/t decay, if it learned one) — pass ``total_steps`` for the schedule it was meta-trained with.
         """
+        from deepopt.pretrained import resolve
+
+        path = resolve(name_or_path)
         name, hparams, tensors = load_pretrained(path)
         if name != cls.__name__:
             raise ValueError(f"{path} holds a {name}, not a {cls.__name__}")
         if set(tensors) != {"W1", "W2"}:
             raise ValueError(f"{path}: memory tensors must be W1 and W2, found {sorted(tensors)}")
         hparams.pop("memory_init", None)
+        hparams.pop("lr_horizon", None)  # the meta-training run's horizon, not this run's
+        if total_steps is None and "lr_horizon" not in overrides:
+            hparams["lr_horizon"] = 0
         kwargs = {**hparams, "memory_init": (tensors["W1"], tensors["W2"]), **overrides}
-        return cls(params, **kwargs)
+        return cls(params, total_steps=total_steps, **kwargs)

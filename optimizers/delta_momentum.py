@@ -24,6 +24,10 @@ class DeltaMomentum(MemoryOptimizer):
     ``keys="rows"`` uses the rows of 2-D gradients as keys, ``m(αI − βK̂ᵀK̂)``.  Further options:
     ``weight_decay``, ``decoupled_weight_decay``, ``preconditioner`` ("identity" | "adam"),
     ``nonlinearity`` (None | "newton_schulz"), ``foreach``, ``nonfinite``, ``capturable``.
+
+    Weight decay: **coupled** (L2, ``g + wd·W``) with the identity preconditioner and **decoupled** (AdamW's
+    ``W ← W − lr·wd·W``) with ``preconditioner="adam"``, the default of ``decoupled_weight_decay=None``;
+    ``True``/``False`` force either.
     """
 
     rule = delta_momentum

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from deepopt.rules import momentum
-from deepopt.rules.transforms import is_zero, orthogonalize_many
+from deepopt.rules.transforms import decoupled, is_zero, orthogonalize_many
 
 from .base import MemoryOptimizer, by_device_and_dtype, is_dtensor
 
@@ -25,6 +25,10 @@ class Momentum(MemoryOptimizer):
     scale-invariant; torch runs it in bf16, deepopt in the parameter's dtype).  Further options (keywords):
     ``decoupled_weight_decay``, ``preconditioner`` ("identity" | "adam" with ``beta2``, ``eps``),
     ``nonlinearity`` (None | "newton_schulz"), ``foreach``, ``nonfinite``, ``capturable``.
+
+    Weight decay: **coupled** (L2, ``g + wd·W``, as ``torch.optim.SGD``) with the identity preconditioner and
+    **decoupled** (AdamW's ``W ← W − lr·wd·W``) with ``preconditioner="adam"``, the default of
+    ``decoupled_weight_decay=None``; ``True``/``False`` force either.
     """
 
     _fast_path_takes_dtensors = True
@@ -79,7 +83,7 @@ def fused_momentum_applies(group: dict[str, Any], params: list[Tensor], masked: 
     weight decay: the rule for identity ``P`` and σ (a decoupled decay is applied before it, except in a
     masked step, which must leave W untouched when skipped)."""
     return (group["preconditioner"] == "identity" and group["nonlinearity"] is None
-            and not (masked and group.get("decoupled_weight_decay") and not is_zero(group["weight_decay"]))
+            and not (masked and decoupled(group) and not is_zero(group["weight_decay"]))
             and not any(isinstance(group[k], Tensor) for k in ("momentum", "weight_decay"))
             and all(p.device.type in _FUSED_DEVICES and not is_dtensor(p) for p in params))  # fused SGD has no
     # DTensor sharding rule (FSDP2 parameters take the _foreach path)
@@ -89,7 +93,7 @@ def fused_momentum_step(group: dict[str, Any], states: list[dict[str, Tensor]], 
                         grads: list[Tensor], found_inf: Tensor | None = None) -> None:
     """One fused pass per (device, dtype): reads W, g, m, writes W, m (``momentum = 0``: no m)."""
     lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-    if group.get("decoupled_weight_decay") and not is_zero(wd):
+    if decoupled(group) and not is_zero(wd):
         MemoryOptimizer._foreach_weight_decay(group, params, grads)  # W ← (1 − lr·wd)·W in place
         wd = 0.0
     bufs = [st["momentum_buffer"] for st in states] if not is_zero(mu) else None

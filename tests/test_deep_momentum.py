@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import json
 import math
 
 import pytest
@@ -276,3 +277,195 @@ def test_an_empty_parameter_does_not_stop_the_fast_path():
         return params[1].detach()
 
     assert (run(None) - run(False)).abs().max() <= 1e-12
+
+
+# ------------------------------------------------------------------ (f) the momenta layout (the shipped one)
+MOMENTA = dict(lr=0.01, keys="momenta", hidden=5, preconditioner="adam", eta=0.3, timescales=(0.5, 0.99))
+
+
+def _theta0(hidden: int = 5, features: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(1, hidden, generator=gen, dtype=F64), torch.randn(hidden, features, generator=gen, dtype=F64)
+
+
+def _run_lists(make, steps: int = 8, shapes=((7, 5), (300,), (3,), (2, 3, 40), (0, 4))):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen, dtype=F64).requires_grad_() for s in shapes]
+    opt = make(params)
+    for _ in range(steps):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=F64) * (1 + i)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("options", [dict(), dict(eta2=0.2), dict(memory_init=_theta0(), eta2=0.2),
+                                     dict(lr_horizon=5, lr_power=0.7, lr_warmup=0.3, weight_decay=0.1),
+                                     dict(weight_decay=0.1, decoupled_weight_decay=False, activation="relu"),
+                                     dict(hidden=0, lr_decay=0.1)])
+def test_momenta_multi_tensor_path_equals_the_rule(options):
+    """The momenta layout's multi-tensor path (chunked, batched over chunks with each tensor's W₁, W₂, per-tensor
+    sums by index_add) follows the rule per tensor in fp64, with W₂ online, a θ₀, a schedule and weight decay,
+    ragged tensors and an empty one; the memories match too."""
+    kw = {**MOMENTA, **options}
+    ours, opt = _run_lists(lambda ps: deepopt.DeepMomentum(ps, **kw))
+    ref, ref_opt = _run_lists(lambda ps: deepopt.DeepMomentum(ps, foreach=False, **kw))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+        for key in ("W1", "W2", "momentum_buffer", "timescale_buffers"):
+            torch.testing.assert_close(opt.state[a][key], ref_opt.state[b][key], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_momenta_without_the_deep_branch_is_adam_preconditioned_momentum(foreach):
+    """``hidden=0``: ``Momentum(preconditioner="adam")`` exactly, decoupled weight decay included."""
+    kw = dict(lr=0.02, momentum=0.85, preconditioner="adam", weight_decay=0.05)
+    ours = trajectory(lambda p: deepopt.DeepMomentum(p, keys="momenta", hidden=0, foreach=foreach, **kw), 50)
+    ref = trajectory(lambda p: deepopt.Momentum(p, **kw), 50)
+    assert (ours - ref).abs().max() <= 1e-12 * max(1.0, float(ref.abs().max()))
+
+
+def test_momenta_memory_retains_towards_theta0_and_stays_bounded():
+    """With η = η₂ = 0 the memory stays θ₀ exactly (αθ₀ + (1 − α)θ₀); with writes on, 300 steps of random
+    gradients keep ‖W₁ − W₁⁰‖ ≤ η·max|v|·√H/(1 − α) (|v| ≤ 1/√(1 − β₂) under Adam's P) and W₂ finite and bounded."""
+    w1_0, w2_0 = _theta0()
+    _, still = _run_lists(lambda ps: deepopt.DeepMomentum(ps, **{**MOMENTA, "eta": 0.0, "memory_init": (w1_0, w2_0)}))
+    for st in still.state.values():
+        assert torch.equal(st["W1"], w1_0) and torch.equal(st["W2"], w2_0)
+    kw = {**MOMENTA, "eta": 0.5, "eta2": 0.5, "beta2": 0.9, "momentum": 0.9, "memory_init": (w1_0, w2_0)}
+    params, opt = _run_lists(lambda ps: deepopt.DeepMomentum(ps, **kw), steps=300)
+    bound = 0.5 * (1 / (1 - 0.9)) ** 0.5 * 5 ** 0.5 / (1 - 0.9)
+    for p in params:
+        st = opt.state[p]
+        assert float((st["W1"] - w1_0).norm()) <= bound
+        assert st["W2"].isfinite().all() and float(st["W2"].abs().max()) < 1e3
+
+
+def test_momenta_deep_branch_uses_several_time_scales():
+    """The read depends on the slow momenta: two gradient histories that end alike but differ earlier give
+    different deep reads (the time scales are keys), and ``timescales`` are validated."""
+    def last_step(history):
+        w = torch.zeros(64, dtype=F64, requires_grad=True)
+        opt = deepopt.DeepMomentum([w], **{**MOMENTA, "memory_init": _theta0(), "eta": 0.0})
+        for g in history:
+            w.grad = g.clone()
+            before = w.detach().clone()
+            opt.step()
+        return (w.detach() - before) / 0.01 - opt.state[w]["momentum_buffer"]  # −D
+    gen = torch.Generator().manual_seed(0)
+    tail = [torch.randn(64, generator=gen, dtype=F64) for _ in range(3)]
+    a = last_step([torch.ones(64, dtype=F64)] * 30 + tail)
+    b = last_step([-torch.ones(64, dtype=F64)] * 30 + tail)
+    assert (a - b).abs().max() > 1e-3
+    for bad in ((1.0,), (0.5, -0.1), (0.1,) * 5):
+        with pytest.raises(ValueError, match="timescales"):
+            deepopt.DeepMomentum([torch.zeros(2, requires_grad=True)], keys="momenta", timescales=bad)
+    with pytest.raises(ValueError, match="memory_init shapes"):
+        deepopt.DeepMomentum([torch.zeros(2, requires_grad=True)], keys="momenta", hidden=5,
+                             memory_init=_theta0(features=3))
+    with pytest.raises(ValueError, match="eta2"):
+        deepopt.DeepMomentum([torch.zeros(2, requires_grad=True)], eta2=0.1)
+
+
+# ------------------------------------------------------------------ (g) scripts written for AdamW
+@pytest.mark.parametrize("cls,kw", [(deepopt.Momentum, dict(momentum=0.9)), (deepopt.DeltaMomentum, dict()),
+                                    (deepopt.DeepMomentum, dict()), (deepopt.DeepMomentum, MOMENTA)])
+def test_weight_decay_is_decoupled_with_the_adam_preconditioner(cls, kw):
+    """``weight_decay`` in a param group is AdamW's (decoupled) wherever the Adam preconditioner is used, as
+    scripts written for AdamW expect, and coupled (L2) with the identity preconditioner (``torch.optim.SGD``'s
+    meaning); ``decoupled_weight_decay=True/False`` forces either."""
+    kw = {"lr": 0.02, **kw, "preconditioner": "adam"}
+    default = trajectory(lambda p: cls(p, weight_decay=0.1, **kw), 30)
+    decoupled = trajectory(lambda p: cls(p, weight_decay=0.1, decoupled_weight_decay=True, **kw), 30)
+    coupled = trajectory(lambda p: cls(p, weight_decay=0.1, decoupled_weight_decay=False, **kw), 30)
+    assert torch.equal(default, decoupled) and not torch.allclose(default, coupled)
+    identity = {**kw, "preconditioner": "identity"}
+    default = trajectory(lambda p: cls(p, weight_decay=0.1, **identity), 30)
+    coupled = trajectory(lambda p: cls(p, weight_decay=0.1, decoupled_weight_decay=False, **identity), 30)
+    assert torch.equal(default, coupled)
+
+
+@pytest.mark.parametrize("scheduler", ["warmup_cosine", "one_cycle"])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_learned_schedule_multiplies_the_scripts_lr(scheduler, foreach):
+    """A script's scheduler sets ``group["lr"]`` every step (LambdaLR warm-up + cosine; OneCycleLR, which cycles
+    the momentum too); with ``total_steps = N`` the step taken is exactly that lr times the learned schedule s_t:
+    the same run as an unscheduled optimizer whose lr is set to ``group_lr·s_t`` (and its momentum to the
+    scheduler's) before each step."""
+    from deepopt.rules.deep import lr_factor
+
+    total, kw = 12, {**MOMENTA, "memory_init": _theta0(), "lr_power": 0.8, "lr_warmup": 0.25, "weight_decay": 0.1}
+    model, twin = small_mlp(), small_mlp()
+    opt = deepopt.DeepMomentum(model.parameters(), total_steps=total, foreach=foreach, **kw)
+    ref = deepopt.DeepMomentum(twin.parameters(), foreach=foreach, **kw)
+    if scheduler == "warmup_cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: min(1.0, (t + 1) / 3) * 0.5 * (1 + math.cos(math.pi * t / total)))
+    else:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=total)
+    for t in range(1, total + 1):
+        group = opt.param_groups[0]
+        s_t = float(lr_factor(torch.tensor(float(t)), {**group, "lr_decay": 0.0}, torch.zeros((), dtype=F64)))
+        ref.param_groups[0].update(lr=group["lr"] * s_t, momentum=group["momentum"])
+        for m, o in ((model, opt), (twin, ref)):
+            train(m, o, 1, start=t)
+        sched.step()
+    torch.testing.assert_close(flat(model), flat(twin), rtol=1e-10, atol=1e-12)
+
+
+def test_stepping_past_the_horizon_warns_once_and_keeps_training(recwarn):
+    """A learned schedule never stops silently: past ``total_steps`` the step keeps the schedule's last size
+    (|ΔW| > 0) and the optimizer warns once; a resumed optimizer knows how far it got (warns on its first step
+    past the horizon)."""
+    import warnings
+
+    w = torch.ones(8, dtype=F64, requires_grad=True)
+    opt = deepopt.DeepMomentum([w], total_steps=3, **MOMENTA)
+    moved = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            before = w.detach().clone()
+            w.grad = torch.ones_like(w)
+            opt.step()
+            moved.append(float((w.detach() - before).abs().max()))
+    assert [str(c.message).startswith("DeepMomentum: step 4 passes lr_horizon = 3") for c in caught] == [True]
+    assert all(m > 0 for m in moved)
+    resumed = deepopt.DeepMomentum([w], total_steps=3, **MOMENTA)
+    resumed.load_state_dict(opt.state_dict())
+    with pytest.warns(UserWarning, match="step 7 passes lr_horizon = 3"):
+        w.grad = torch.ones_like(w)
+        resumed.step()
+    with pytest.raises(ValueError, match="total_steps"):
+        deepopt.DeepMomentum([w], total_steps=3, lr_horizon=4)
+
+
+def test_the_shipped_learned_optimizer_loads_by_name_and_trains():
+    """``DeepMomentum.pretrained`` loads the package's default (package data: config, θ₀ and its recipe),
+    ``from_pretrained`` takes its name or a folder; without ``total_steps`` it has no horizon, with it the learned
+    schedule runs over it; it lowers a digits MLP's loss untuned; an unknown name lists the shipped ones."""
+    from deepopt import pretrained
+
+    assert pretrained.DEFAULT in pretrained.names()
+    folder = pretrained.resolve(pretrained.DEFAULT)
+    recipe = json.loads((folder / "recipe.json").read_text())
+    assert recipe["keys"] == "momenta" and recipe["family"] == "general"
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    free = deepopt.DeepMomentum.pretrained(model.parameters())
+    assert free.defaults["lr_horizon"] == 0 and free.defaults["keys"] == "momenta"
+    assert not deepopt.rules.transforms.is_zero(free.defaults["lr"])
+    opt = deepopt.DeepMomentum.from_pretrained(pretrained.DEFAULT, model.parameters(), total_steps=100,
+                                               weight_decay=0.1)
+    assert opt.defaults["lr_horizon"] == 100 and opt.defaults["weight_decay"] == 0.1
+    x, y, _, _ = load_classification("digits")
+    losses = []
+    for t in range(100):
+        idx = torch.randint(len(x), (64,), generator=torch.Generator().manual_seed(t))
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        deepopt.DeepMomentum.from_pretrained("no-such-optimizer", model.parameters())

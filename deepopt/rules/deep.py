@@ -1,11 +1,13 @@
 """Deep Momentum Gradient Descent (DMGD, Nested Learning Eq. 23 / 50): momentum whose memory is a
 per-coordinate vector plus a deep (MLP) read-out, both trained online by one gradient step per gradient.
 
-Paper: ``W ← W + m(u)``, ``m ← α·m − η·∇ℓ(m; u, ·)``.  Here the memory ``M = (m, W₁)`` of a tensor has a
-per-coordinate part ``m`` (shaped like the parameter) and a shared deep part: a 2-layer MLP read-out
-``D(K) = Φ̂(K) W₁ᵀ`` over key blocks, ``Φ̂ = σ(K W₂ᵀ)/r``.  With ``g`` the gradient (+ coupled weight
-decay), ``v = P g`` the value (P: identity or Adam's diagonal) and the key ``k = g`` (``key_source=
-"gradient"``) or ``k = v`` ("preconditioned"), each step::
+Paper: ``W ← W + m(u)``, ``m ← α·m − η·∇ℓ(m; u, ·)``.  Here the memory ``M = (m, W₁, W₂)`` of a tensor has a
+per-coordinate part ``m`` (shaped like the parameter) and a deep part, a 2-layer MLP read-out ``D(K) = σ(K W₂ᵀ)W₁ᵀ``
+whose weights are shared by the whole tensor.  With ``g`` the gradient (+ coupled weight decay), ``v = P g`` the
+value (P: identity or Adam's diagonal), two key layouts (``keys``):
+
+**``keys="blocks"``** (the default): keys are blocks of ``key_dim`` consecutive coordinates of ``k = g``
+(``key_source="gradient"``) or ``k = v`` ("preconditioned")::
 
     K = blocks(k)/s_k,  V = blocks(v)/s_v          (n blocks of key_dim coordinates; s = RMS block norm)
     Φ̂ = σ(K W₂ᵀ)/r,  r = ‖σ(K W₂ᵀ)‖_F/√n           (normalised features: ‖Φ̂ᵀΦ̂/n‖ ≤ tr = 1)
@@ -15,26 +17,53 @@ decay), ``v = P g`` the value (P: identity or Adam's diagonal) and the key ``k =
     l2 objective   ℓ = ½⟨m, k̂⟩²·β − ⟨m, v⟩ + (1/2n)‖Φ̂W₁ᵀ − V‖²,  k̂ = k/‖k‖:
         m ← α·m − β⟨m, k̂⟩k̂ + v                                  (the delta rule: DeltaMomentum)
         W₁ ← W₁(α·I − η·Φ̂ᵀΦ̂/n) + η·VᵀΦ̂/n
-    u = m + s_v·from_blocks(Φ̂ W₁ᵀ);    W ← W − lr_t·σ_out(u),   lr_t = lr/(1 + lr_decay·(t − 1))·h_t
-    h_t = 1 (lr_horizon = 0, the default), else h_t = (1 − (t − 1)/N)₊^p,  N = lr_horizon, p = lr_power
+    u = m + s_v·from_blocks(Φ̂ W₁ᵀ)
 
-``h_t`` is an opt-in training-progress schedule (``lr_horizon = N`` > 0: the length of the run, as VeLO's
-learned optimizers take it): the lr falls from ``lr`` at step 1 to ``lr·(1/N)^p`` at step N and is 0 after;
-``p`` shapes the fall (1: linear to zero) and is meta-learnable, as are lr and lr_decay.
+**``keys="momenta"``** (the shipped learned optimizer's; the Continuum Memory System idea applied to the
+optimizer): every coordinate i is one key, built from its momenta at several time scales, and the read-out is a
+per-coordinate MLP (H = ``hidden`` units, scalar output) whose weights the tensor's coordinates share::
 
-``α`` is ``momentum``.  The inner map contracts: its Jacobian in W₁ is ``αI`` (dot) or ``αI − ηΦ̂ᵀΦ̂/n``
-with eigenvalues in ``[α − η, α]`` (l2, 0 ≤ η ≤ 1 + α), so ``‖W₁‖ ≤ α^t‖W₁⁰‖ + η/(1 − α)`` and the deep
-read ``RMS(Φ̂W₁ᵀ) ≤ ‖W₁‖`` stays a bounded multiple of one normalised value.  ``W₂`` (the feature layer)
-is not moved online: its gradient through ``σ'`` would feed back on ``W₁`` (the instability of the
-previous design); it is what meta-training shapes, with θ₀ = (W₁⁰, W₂), α, η, lr and lr_decay.
-Deep branch off (``hidden=0``, or η = 0 with W₁⁰ = 0): ``Momentum`` (dot) or ``DeltaMomentum`` (l2)
-exactly.  θ₀ = (W₁ ∈ R^{key_dim×hidden}, W₂ ∈ R^{hidden×key_dim}) does not depend on the parameter's
-shape, so a meta-learned θ₀ (``memory_init``) serves any model.
+    m ← α·m + v;   e_j ← γ_j·e_j + (1 − γ_j)·v   (j = 1..J, γ = ``timescales``)
+    k_i = (v_i, (1 − α)·m_i, e_1i, …, e_Ji) ∈ R^F,  F = 2 + J          (O(1) entries when P is Adam's)
+    Φ_i = σ(W₂ k_i) ∈ R^H,   D_i = W₁·Φ_i                              (W₁: 1×H, W₂: H×F)
+    u = m + D                                                          (read with the current W₁, then write:)
+    W₁ ← α·W₁ + (1 − α)·W₁⁰ + η·C,           C = (1/n) Σ_i v_i Φ_i               (dot objective)
+    W₂ ← α·W₂ + (1 − α)·W₂⁰ + η₂·G/(1 + ‖W₁‖²),  G = (1/n) Σ_i (σ'(W₂k_i) ⊙ W₁ v_i) k_iᵀ   (η₂ = ``eta2`` > 0)
+
+The memory retains towards its meta-learned initial state θ₀ = (W₁⁰, W₂⁰) (``memory_init``), not towards 0, so
+what meta-training put in θ₀ is not forgotten after 1/(1 − α) steps; the writes are the dot objective's gradient
+steps ``−η∇ℓ``, ``ℓ = −(1/n)Σ_i v_i D(k_i)``, W₂'s divided by a bound on its curvature ``1 + ‖W₁‖²`` (HOPE's
+normalised-LMS factor).  Both maps contract (Jacobian αI in W₁, and in W₂ for fixed inputs) and the inputs are
+bounded (|Φ| ≤ 1 for tanh, |v_i| ≤ 1/√(1 − β₂) with Adam's P), so ``‖W₁ − W₁⁰‖ ≤ η·max|v|·√H/(1 − α)``.  Reading
+before writing keeps the step one pass over the coordinates (the writes need only per-tensor sums).
+``objective="dot"`` only.
+
+Both layouts then step::
+
+    W ← W − lr_t·σ_out(u) [− lr_t·wd·W, decoupled weight decay],      lr_t = lr·s_t
+    s_t = w_t · 1/(1 + lr_decay·(t − 1)) · h_t
+    h_t = 1 (lr_horizon = 0, the default), else h_t = max(1 − (t − 1)/N, 1/N)^p,  N = lr_horizon, p = lr_power
+    w_t = min(1, t/(lr_warmup·N)) with lr_warmup > 0 and N > 0, else 1
+
+``lr`` is the param group's: a script's own scheduler (warm-up + cosine, ``OneCycleLR``) sets it and the learned
+schedule ``s_t`` multiplies it.  ``h_t`` is an opt-in training-progress schedule (``lr_horizon = N`` > 0: the length
+of the run, as VeLO's learned optimizers take it): the lr falls from ``lr`` at step 1 to ``lr·(1/N)^p`` at step N
+and stays there (it never reaches 0: a run longer than N keeps training, and ``DeepMomentum`` warns once when it
+passes N); ``p`` shapes the fall (1: linear) and is meta-learnable, as are lr, lr_decay and lr_warmup.
+
+``α`` is ``momentum``.  Blocks layout: the inner map contracts, its Jacobian in W₁ is ``αI`` (dot) or
+``αI − ηΦ̂ᵀΦ̂/n`` with eigenvalues in ``[α − η, α]`` (l2, 0 ≤ η ≤ 1 + α), so ``‖W₁‖ ≤ α^t‖W₁⁰‖ + η/(1 − α)`` and the
+deep read ``RMS(Φ̂W₁ᵀ) ≤ ‖W₁‖`` stays a bounded multiple of one normalised value; ``W₂`` is fixed online there.
+Deep branch off (``hidden=0``, or η = 0 with W₁⁰ = 0): ``Momentum`` (dot) or ``DeltaMomentum`` (l2) exactly.
+θ₀ = (W₁, W₂) does not depend on the parameter's shape, so a meta-learned θ₀ (``memory_init``) serves any model.
+Sharing: W₁ and W₂ are per parameter tensor (each tensor's coordinates or blocks share them, and each tensor's
+memory learns online from its own gradients); θ₀ is shared by every tensor of every model.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +93,8 @@ ACTIVATIONS = {
 }
 OBJECTIVES = ("dot", "l2")
 KEY_SOURCES = ("gradient", "preconditioned")
+KEY_LAYOUTS = ("blocks", "momenta")
+MAX_TIMESCALES = 4
 
 DEFAULTS = {
     "lr": 1e-3,
@@ -81,8 +112,23 @@ DEFAULTS = {
     "key_source": "gradient",
     "lr_horizon": 0,
     "lr_power": 1.0,
+    "lr_warmup": 0.0,
+    "keys": "blocks",
+    "timescales": (0.5, 0.99),
+    "eta2": 0.0,
     **T.SHARED_DEFAULTS,
 }
+
+
+def n_features(hp: Hparams) -> int:
+    """The key size: ``key_dim`` (blocks) or F = 2 + J, J = ``len(timescales)`` (momenta)."""
+    return 2 + len(hp["timescales"]) if hp["keys"] == "momenta" else hp["key_dim"]
+
+
+def memory_shapes(hp: Hparams) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of θ₀ = (W₁, W₂): ``(key_dim, H), (H, key_dim)`` (blocks) or ``(1, H), (H, F)`` (momenta)."""
+    out = 1 if hp["keys"] == "momenta" else hp["key_dim"]
+    return (out, hp["hidden"]), (hp["hidden"], n_features(hp))
 
 
 def initial_memory(hp: Hparams, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -90,15 +136,19 @@ def initial_memory(hp: Hparams, dtype: torch.dtype, device: torch.device) -> tup
     if hp["memory_init"] is not None:
         w1, w2 = hp["memory_init"]
         return w1.to(device, dtype).clone(), w2.to(device, dtype).clone()  # keeps θ₀'s graph (meta-training)
+    w1_shape, w2_shape = memory_shapes(hp)
     gen = torch.Generator().manual_seed(int(hp["seed"]))
-    w2 = torch.randn(hp["hidden"], hp["key_dim"], generator=gen, dtype=torch.float64) * float(hp["init_scale"])
-    return torch.zeros(hp["key_dim"], hp["hidden"], dtype=dtype, device=device), w2.to(device, dtype)
+    w2 = torch.randn(*w2_shape, generator=gen, dtype=torch.float64) * float(hp["init_scale"])
+    return torch.zeros(*w1_shape, dtype=dtype, device=device), w2.to(device, dtype)
 
 
 def init(param: Tensor, hp: Hparams) -> State:
     w1, w2 = initial_memory(hp, param.dtype, param.device)
-    return {"momentum_buffer": torch.zeros_like(param), "W1": w1, "W2": w2, "step": T.new_step(param),
-            **T.init_preconditioner(param, hp)}
+    state = {"momentum_buffer": torch.zeros_like(param), "W1": w1, "W2": w2, "step": T.new_step(param),
+             **T.init_preconditioner(param, hp)}
+    if hp["keys"] == "momenta":
+        state["timescale_buffers"] = param.new_zeros((len(hp["timescales"]), *param.shape))
+    return state
 
 
 def to_blocks(x: Tensor, key_dim: int) -> Tensor:
@@ -147,24 +197,95 @@ def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tens
     g = T.coupled_weight_decay(grad, param, hp)
     value, pstate = T.precondition(g, state, hp)
     step = pstate.get("step", state["step"] + 1)  # the preconditioner's count when it keeps one
-    key = value if hp["key_source"] == "preconditioned" else g
-    m = _linear_step(state["momentum_buffer"], key, value, hp)
-    w1, direction = state["W1"], m
-    if hp["hidden"] > 0:  # on whole tensors: a sharded (FSDP2) key is gathered, its read-out scattered back
-        whole_key = sharding.gathered(key)
-        keys, _ = normalized_blocks(whole_key, hp["key_dim"])
-        values, scale = normalized_blocks(whole_key if value is key else sharding.gathered(value), hp["key_dim"])
-        phi = features(keys, state["W2"], hp["activation"])
-        w1 = hp["momentum"] * w1 - hp["eta"] * readout_grad(w1, phi, values, hp["objective"])
-        direction = m + sharding.scattered(from_blocks(scale * (phi @ w1.mT), whole_key), m)
-    if not T.is_zero(hp["lr_decay"]) or hp["lr_horizon"]:
-        t = T.step_float(step, g)
-        lr = decayed_lr(hp["lr"], hp["lr_decay"], t) if not T.is_zero(hp["lr_decay"]) else hp["lr"]
-        if hp["lr_horizon"]:
-            lr = lr * horizon_factor(t, hp["lr_horizon"], hp["lr_power"])
-        hp = {**hp, "lr": lr.to(g.dtype)}
+    new_state = {**pstate, "step": step}
+    if hp["keys"] == "momenta":
+        direction = _momenta_step(value, state, hp, new_state)
+    else:
+        key = value if hp["key_source"] == "preconditioned" else g
+        m = _linear_step(state["momentum_buffer"], key, value, hp)
+        w1, direction = state["W1"], m
+        if hp["hidden"] > 0:  # on whole tensors: a sharded (FSDP2) key is gathered, its read-out scattered back
+            whole_key = sharding.gathered(key)
+            keys, _ = normalized_blocks(whole_key, hp["key_dim"])
+            values, scale = normalized_blocks(whole_key if value is key else sharding.gathered(value), hp["key_dim"])
+            phi = features(keys, state["W2"], hp["activation"])
+            w1 = hp["momentum"] * w1 - hp["eta"] * readout_grad(w1, phi, values, hp["objective"])
+            direction = m + sharding.scattered(from_blocks(scale * (phi @ w1.mT), whole_key), m)
+        new_state.update(momentum_buffer=m, W1=w1, W2=state["W2"])
+    factor = lr_factor(step, hp, g)
+    if factor is not None:
+        hp = {**hp, "lr": (hp["lr"] * factor).to(g.dtype)}
     delta = T.descend(T.output_nonlinearity(direction, hp), param, hp)
-    return delta, {"momentum_buffer": m, "W1": w1, "W2": state["W2"], **pstate, "step": step}
+    return delta, new_state
+
+
+def timescale_column(hp: Hparams, like: Tensor) -> Tensor:
+    """γ = ``timescales`` as a ``(J, 1, …, 1)`` tensor that broadcasts against ``(J, *like.shape)``."""
+    gammas = hp["timescales"]
+    gammas = gammas if isinstance(gammas, Tensor) else torch.tensor(gammas, dtype=torch.float64)
+    return gammas.to(like.device, like.dtype).reshape(-1, *(1,) * like.dim())
+
+
+def momenta_keys(value: Tensor, m: Tensor, e: Tensor, alpha: float | Tensor) -> Tensor:
+    """``k = (v, (1 − α)·m, e_1, …, e_J)`` per coordinate, shaped ``(*v.shape, F)``."""
+    return torch.stack([value, (1 - alpha) * m, *e.unbind(0)], dim=-1)
+
+
+def momenta_writes(keys: Tensor, phi: Tensor, pre: Tensor, value: Tensor, w1: Tensor, w2: Tensor,
+                   hp: Hparams) -> tuple[Tensor, Tensor]:
+    """The memory writes of the momenta layout from one tensor's keys ``(n, F)``, features ``Φ = σ(pre)``
+    ``(n, H)`` and values ``(n,)``: ``W₁ ← αW₁ + (1 − α)W₁⁰ + ηC`` and, with η₂ > 0,
+    ``W₂ ← αW₂ + (1 − α)W₂⁰ + η₂G/(1 + ‖W₁‖²)`` (module docstring)."""
+    alpha, n = hp["momentum"], max(value.shape[0], 1)
+    w1_0, w2_0 = anchor(hp, w1, w2)
+    corr = (value @ phi / n).unsqueeze(0)  # C, (1, H)
+    new_w1 = alpha * w1 + (1 - alpha) * w1_0 + hp["eta"] * corr
+    new_w2 = w2
+    if not T.is_zero(hp["eta2"]):
+        g2 = ACTIVATIONS[hp["activation"]][1](pre, phi) * (w1 * value.unsqueeze(-1))  # (n, H)
+        grad_w2 = g2.mT @ keys / n  # G, (H, F)
+        new_w2 = alpha * w2 + (1 - alpha) * w2_0 + hp["eta2"] * grad_w2 / (1 + (w1 * w1).sum())
+    return new_w1, new_w2
+
+
+def anchor(hp: Hparams, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+    """θ₀ = (W₁⁰, W₂⁰) that the momenta layout's memory retains towards (``initial_memory``, in W's dtype)."""
+    return initial_memory(hp, w1.dtype, w1.device)
+
+
+def _momenta_step(value: Tensor, state: State, hp: Hparams, new_state: State) -> Tensor:
+    """The momenta layout (module docstring) for one tensor: fills ``new_state``, returns ``u = m + D``."""
+    alpha = hp["momentum"]
+    m = alpha * state["momentum_buffer"] + value
+    gamma = timescale_column(hp, value)
+    e = gamma * state["timescale_buffers"] + (1 - gamma) * value
+    w1, w2 = state["W1"], state["W2"]
+    new_state.update(momentum_buffer=m, timescale_buffers=e, W1=w1, W2=w2)
+    if hp["hidden"] == 0:
+        return m
+    # the writes average over all of a tensor's coordinates: a sharded (FSDP2) tensor is gathered, its read-out
+    # scattered back, so W1, W2 stay identical on every rank
+    whole_value = sharding.gathered(value)
+    keys = momenta_keys(whole_value, sharding.gathered(m), sharding.gathered(e), alpha).reshape(-1, n_features(hp))
+    pre = keys @ w2.mT
+    phi = ACTIVATIONS[hp["activation"]][0](pre)  # (n, H)
+    read = (phi @ w1.mT).reshape(whole_value.shape)
+    new_state["W1"], new_state["W2"] = momenta_writes(keys, phi, pre, whole_value.reshape(-1), w1, w2, hp)
+    return m + sharding.scattered(read, m)
+
+
+def lr_factor(step: Tensor, hp: Hparams, like: Tensor) -> Tensor | None:
+    """``s_t`` (module docstring) at step ``step`` as a 0-dim fp32 (fp64 for fp64 ``like``) tensor, or ``None``
+    when the group has no schedule (``lr_decay = 0`` and ``lr_horizon = 0``)."""
+    if T.is_zero(hp["lr_decay"]) and not hp["lr_horizon"]:
+        return None
+    t = T.step_float(step, like)
+    factor = decayed_lr(torch.ones_like(t), hp["lr_decay"], t) if not T.is_zero(hp["lr_decay"]) else torch.ones_like(t)
+    if hp["lr_horizon"]:
+        factor = factor * horizon_factor(t, hp["lr_horizon"], hp["lr_power"])
+        if not T.is_zero(hp["lr_warmup"]):
+            factor = factor * warmup_factor(t, hp["lr_horizon"], hp["lr_warmup"])
+    return factor
 
 
 def _linear_step(m: Tensor, key: Tensor, value: Tensor, hp: Hparams) -> Tensor:
@@ -182,11 +303,14 @@ def decayed_lr(lr: float | Tensor, lr_decay: float | Tensor, step: float | Tenso
 
 
 def horizon_factor(step: Tensor, horizon: int, power: float | Tensor) -> Tensor:
-    """``(1 − (step − 1)/horizon)₊^power``: 1 at step 1, ``(1/horizon)^power`` at step ``horizon``, 0 after
-    (where its derivative in ``power`` is 0 too, not NaN)."""
-    x = 1 - (step - 1) / horizon
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)) ** power, torch.zeros_like(x))
+    """``max(1 − (step − 1)/horizon, 1/horizon)^power``: 1 at step 1, ``(1/horizon)^power`` from step ``horizon``
+    on (a run longer than the horizon keeps its last step size instead of stopping)."""
+    return (1 - (step - 1) / horizon).clamp(min=1 / horizon) ** power
+
+
+def warmup_factor(step: Tensor, horizon: int, warmup: float | Tensor) -> Tensor:
+    """``min(1, step/(warmup·horizon))``: a linear warm-up over the first ``warmup`` fraction of the run."""
+    return (step / (warmup * horizon)).clamp(max=1)
 
 
 def validate(hp: Hparams) -> None:
@@ -205,18 +329,43 @@ def validate(hp: Hparams) -> None:
     check_range("lr_decay", hp["lr_decay"], 0.0)
     check_int("lr_horizon", hp["lr_horizon"], low=0)
     check_range("lr_power", hp["lr_power"], 0.0)
+    check_range("lr_warmup", hp["lr_warmup"], 0.0, 1.0)
     check_int("seed", hp["seed"], low=0)
+    check_choice("keys", hp["keys"], KEY_LAYOUTS)
+    check_range("eta2", hp["eta2"], 0.0)
+    _check_timescales(hp["timescales"])
+    if hp["keys"] == "momenta" and hp["objective"] != "dot":
+        raise ValueError(f"keys='momenta' takes objective='dot' only, got objective={hp['objective']!r}")
+    if hp["keys"] == "blocks" and not T.is_zero(hp["eta2"]):
+        raise ValueError("eta2 (W2 learning online) needs keys='momenta'; the blocks layout keeps W2 fixed")
     mem = hp["memory_init"]
     if mem is not None:
         if not (isinstance(mem, (tuple, list)) and len(mem) == 2 and all(isinstance(t, Tensor) for t in mem)):
             raise TypeError("memory_init must be None or a pair of tensors (W1, W2)")
-        want = ((hp["key_dim"], hp["hidden"]), (hp["hidden"], hp["key_dim"]))
+        want = memory_shapes(hp)
         got = tuple(tuple(t.shape) for t in mem)
         if got != want:
-            raise ValueError(f"memory_init shapes must be {want} for key_dim/hidden, got {got}")
+            what = "hidden and timescales (keys='momenta')" if hp["keys"] == "momenta" else "key_dim/hidden"
+            raise ValueError(f"memory_init shapes must be {want} for {what}, got {got}")
+
+
+def _check_timescales(gammas: Any) -> None:
+    if isinstance(gammas, Tensor):
+        if gammas.dim() != 1 or not gammas.is_floating_point():
+            raise ValueError(f"timescales must be a 1-D float tensor or a sequence of numbers, got {gammas!r}")
+        values = gammas.detach().tolist()
+    elif isinstance(gammas, (tuple, list)):
+        values = list(gammas)
+    else:
+        raise TypeError(f"timescales must be a sequence of numbers in [0, 1), got {type(gammas).__name__}")
+    if len(values) > MAX_TIMESCALES:
+        raise ValueError(f"timescales takes at most {MAX_TIMESCALES} time scales, got {len(values)}")
+    for i, gamma in enumerate(values):
+        check_range(f"timescales[{i}]", gamma, 0.0, 1.0, high_open=True)
 
 
 deep_momentum = Rule(
     "deep_momentum", DEFAULTS, init, update, validate, doc=__doc__,
-    elementwise=lambda hp: hp["hidden"] == 0 and hp["objective"] == "dot" and hp["nonlinearity"] is None,
+    elementwise=lambda hp: (hp["hidden"] == 0 and hp["objective"] == "dot" and hp["nonlinearity"] is None
+                            and hp["keys"] == "blocks"),
 )

@@ -3,6 +3,8 @@
 Each is a small pure function so every rule composes them the same way::
 
     g      = coupled_weight_decay(grad, param, hp)          # g + wd·W    (coupled)
+                                                            # (decoupled_weight_decay: None = AdamW's
+                                                            #  decoupled decay where P is Adam's)
     v, s   = precondition(g, state, hp)                     # P g         (identity or Adam's diagonal)
     u      = memory update producing the direction
     u      = output_nonlinearity(u, hp)                     # σ(u)        (identity or Newton–Schulz)
@@ -26,7 +28,7 @@ NS_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bfloat16": torch
 
 SHARED_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
-    "decoupled_weight_decay": False,
+    "decoupled_weight_decay": None,  # None: decoupled iff preconditioner == "adam" (``decoupled``)
     "preconditioner": "identity",
     "beta2": 0.999,
     "eps": 1e-8,
@@ -38,7 +40,8 @@ SHARED_DEFAULTS: dict[str, Any] = {
 def validate_shared(hp: Hparams) -> None:
     check_range("lr", hp["lr"], 0.0)
     check_range("weight_decay", hp["weight_decay"], 0.0)
-    check_bool("decoupled_weight_decay", hp["decoupled_weight_decay"])
+    if hp["decoupled_weight_decay"] is not None:
+        check_bool("decoupled_weight_decay", hp["decoupled_weight_decay"])
     check_choice("preconditioner", hp["preconditioner"], PRECONDITIONERS)
     check_range("beta2", hp["beta2"], 0.0, 1.0, high_open=True)
     check_range("eps", hp["eps"], 0.0)
@@ -46,9 +49,19 @@ def validate_shared(hp: Hparams) -> None:
     check_choice("ns_dtype", hp["ns_dtype"], NS_DTYPES)
 
 
+def decoupled(hp: Hparams) -> bool:
+    """Whether ``weight_decay`` is decoupled (AdamW's ``W ← W − lr·wd·W``) or coupled (L2, ``g + wd·W``).
+
+    ``decoupled_weight_decay=None`` (the default) means decoupled exactly where the Adam preconditioner is used,
+    as a script written for AdamW expects of its param groups' ``weight_decay``; coupled otherwise (so
+    ``Momentum``/``SGD`` keep ``torch.optim.SGD``'s meaning).  ``True``/``False`` force either."""
+    flag = hp.get("decoupled_weight_decay")
+    return hp.get("preconditioner") == "adam" if flag is None else bool(flag)
+
+
 def coupled_weight_decay(grad: Tensor, param: Tensor, hp: Hparams) -> Tensor:
     """``g + wd·W`` for coupled (L2) weight decay, else ``g``."""
-    if hp["decoupled_weight_decay"] or is_zero(hp["weight_decay"]):
+    if decoupled(hp) or is_zero(hp["weight_decay"]):
         return grad
     return grad + hp["weight_decay"] * param
 
@@ -56,7 +69,7 @@ def coupled_weight_decay(grad: Tensor, param: Tensor, hp: Hparams) -> Tensor:
 def descend(direction: Tensor, param: Tensor, hp: Hparams) -> Tensor:
     """``delta = −lr·u`` (``− lr·wd·W`` more with decoupled weight decay)."""
     delta = -hp["lr"] * direction
-    if hp["decoupled_weight_decay"] and not is_zero(hp["weight_decay"]):
+    if decoupled(hp) and not is_zero(hp["weight_decay"]):
         delta = delta - hp["lr"] * hp["weight_decay"] * param
     return delta
 

@@ -1,0 +1,132 @@
+"""``deepopt evaluate``: the held-out suite, its baselines, metrics, outputs and resume."""
+
+import csv
+import json
+
+import pytest
+import torch
+from deepopt.meta_train import MetaParams
+
+from deepopt import cli
+from deepopt.checkpoint import save_pretrained
+from deepopt.evaluate import (
+    ABLATIONS,
+    TASKS,
+    build_problem,
+    iqm,
+    make_method,
+    parse_optimizer,
+    summarise,
+)
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """A (meta-untrained) learned optimizer folder of the shipped layout."""
+    meta = MetaParams("deep_momentum", learn=("W1", "W2", "lr"), lr=0.002, keys="momenta", hidden=4,
+                      preconditioner="adam", lr_horizon=100, lr_warmup=0.05)
+    folder = tmp_path_factory.mktemp("learned")
+    save_pretrained(folder, *meta.export())
+    return folder
+
+
+def test_smoke_study_writes_every_output_and_resumes_without_rerunning(tmp_path, learned, capsys):
+    """The CLI's ``--smoke`` study over all four tasks with the ablations: one CSV row per run, the summary's
+    tuned lrs, CIs, speed-ups, IQM and targets, the README table and plot; ``--resume`` reruns nothing."""
+    out = tmp_path / "study"
+    argv = ["evaluate", "--smoke", "--optimizer", str(learned), "--ablations", "--out", str(out)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| task |" in text and text.rstrip().endswith(f"wrote {out}")
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    per_seed = 2 * 2 + 3 + len(ABLATIONS) + 1  # adamw, muon sweeps; learned sweep + untuned; ablations; AdamW 2T
+    assert len(rows) == len(TASKS) * per_seed
+    summary = json.loads((out / "summary.json").read_text())
+    for task in TASKS:
+        entry = summary["tasks"][task]
+        assert {"adamw", "muon", "learned", "learned_untuned", *(f"ablation:{a}" for a in ABLATIONS)} == \
+            set(entry["methods"])
+        assert entry["methods"]["adamw"]["tuned_lr"] in (3e-3, 3e-2) and len(entry["speedup"]) == 1
+        assert entry["methods"]["learned_untuned"]["lr"] == pytest.approx(0.002)
+    assert set(summary["targets"]) == {"untuned_final_loss_at_most_tuned_adamw", "speedup_iqm_at_least_1.2"}
+    assert (out / "evaluate.png").stat().st_size > 0 and "speed-up" in (out / "table.md").read_text()
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    assert cli.main([*argv[:-2], "--out", str(out), "--resume"]) == 0
+    assert "[1/" not in capsys.readouterr().out  # nothing rerun
+    assert (out / "runs.jsonl").read_text().splitlines() == lines
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", "mnist"], "--tasks: unknown task"), (["--lrs", "0.1,x"], "--lrs must be"),
+    (["--optimizer", "nope"], "is not a shipped learned optimizer"), (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--optimizer", "adamw", "--ablations"], "--ablations switches off"),
+    (["--methods", "muon"], "--methods must list adamw"),
+])
+def test_bad_arguments_are_one_line_and_leave_no_folder(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", "--smoke", *argv, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_optimizer_specs_and_methods(learned):
+    """A folder (or shipped name) is a learned optimizer run over the task's steps with its own schedule; a class
+    takes options and the script's warm-up + cosine; Muon takes the hidden matrices (not embeddings or the head)
+    with AdamW-matched lrs; every method puts weight decay on matrices only."""
+    spec = parse_optimizer(f"{learned}:eta=0.0")
+    assert spec.pretrained == str(learned) and spec.options == {"eta": 0.0} and spec.base_lr == pytest.approx(0.002)
+    cls_spec = parse_optimizer("momentum:preconditioner=adam,momentum=0.8")
+    assert cls_spec.cls_name == "momentum" and cls_spec.options == {"preconditioner": "adam", "momentum": 0.8}
+    problem = build_problem("char_lm", 0, smoke=True)
+    opt, schedulers = make_method("learned", spec, problem.model, 0.002, 50, problem.adam_betas)
+    assert opt.defaults["lr_horizon"] == 50 and opt.defaults["eta"] == 0.0 and not schedulers
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert all(p.dim() >= 2 for p in opt.param_groups[0]["params"])
+    opt, schedulers = make_method("ablation:no_deep", spec, problem.model, 0.002, 50, problem.adam_betas)
+    assert opt.defaults["hidden"] == 0 and opt.defaults["memory_init"] is None
+    opt, schedulers = make_method("muon", None, problem.model, 1e-3, 50, problem.adam_betas)
+    muon, adam = opt.optimizers
+    embed = problem.model.embed.weight
+    assert all(embed is not p for g in muon.param_groups for p in g["params"])
+    matrix = muon.param_groups[0]["params"][0]
+    rows, cols = matrix.shape[0], matrix[0].numel()
+    assert muon.param_groups[0]["initial_lr"] == pytest.approx(1e-3 * 0.2 * max(rows, cols) ** 0.5
+                                                               / max(1.0, rows / cols) ** 0.5)
+    assert len(schedulers) == 2
+    cnn = build_problem("digits_cnn", 0, smoke=True).model
+    opt, _ = make_method("muon", None, cnn, 1e-3, 50, (0.9, 0.999))
+    head = list(cnn.parameters())[-2]
+    assert all(head is not p for g in opt.optimizers[0].param_groups for p in g["params"])
+    assert sum(len(g["params"]) for g in opt.optimizers[0].param_groups) == 2  # the two convolutions
+
+
+def test_speedup_counts_tuned_adamw_steps_and_censors_at_2t():
+    """speed-up = (first step at which tuned AdamW, over T or 2T steps, reaches the untuned learned loss)/T;
+    censored at 2 when neither run does; IQM over tasks × seeds."""
+    def row(method, lr, seed, steps, final, curve=None, scale=1.0):
+        return dict(task="t", method=method, lr=lr, seed=seed, steps=steps, final=final, scale=scale,
+                    curve=curve or [(steps, final)])
+    results = [row("adamw", 0.1, s, 10, 1.0, [(0, 3.0), (5, 1.5), (10, 1.0)]) for s in (0, 1)]
+    results += [row("adamw", 0.3, s, 10, 2.0) for s in (0, 1)]
+    results += [row("adamw", 0.1, 0, 20, 0.5, [(0, 3.0), (10, 1.2), (16, 0.8), (20, 0.5)]),
+                row("adamw", 0.1, 1, 20, 0.95, [(0, 3.0), (20, 0.95)])]
+    results += [row("muon", 0.1, s, 10, 1.1) for s in (0, 1)]
+    results += [row("learned", 0.002, 0, 10, 1.5), row("learned", 0.002, 1, 10, 0.9)]
+    summary = summarise(results, ["t"], [0, 1])
+    entry = summary["tasks"]["t"]
+    assert entry["methods"]["adamw"]["tuned_lr"] == 0.1
+    assert [u["speedup"] for u in entry["speedup"]] == [0.5, 2.0] and [u["censored"] for u in entry["speedup"]] == [
+        False, True]
+    assert entry["untuned_at_most_tuned_adamw"] == (1.2 <= 1.0)
+    assert entry["methods"]["learned_untuned"]["ci95"] == pytest.approx(12.706 * 0.6 / 2 ** 0.5 / 2 ** 0.5)
+    assert iqm([1, 2, 3, 100]) == pytest.approx(2.5) and iqm([1.0] * 3) == 1.0
+
+
+def test_suite_tasks_are_held_out_and_deterministic():
+    """Each task is built the same from its seed, on data and architectures meta-training never samples."""
+    for task in TASKS:
+        a, b = build_problem(task, 1, smoke=True), build_problem(task, 1, smoke=True)
+        for p, q in zip(a.model.parameters(), b.model.parameters()):
+            assert torch.equal(p, q)
+        assert torch.equal(a.batch(3)[0], b.batch(3)[0])
+        assert a.val_loss(a.model) == pytest.approx(b.val_loss(b.model))
