@@ -147,7 +147,8 @@ def init(param: Tensor, hp: Hparams) -> State:
     state = {"momentum_buffer": torch.zeros_like(param), "W1": w1, "W2": w2, "step": T.new_step(param),
              **T.init_preconditioner(param, hp)}
     if hp["keys"] == "momenta":
-        state["timescale_buffers"] = param.new_zeros((len(hp["timescales"]), *param.shape))
+        # (J, *W.shape); stacked so that a sharded (FSDP2) parameter's buffers shard along W's own dimension
+        state["timescale_buffers"] = torch.stack([torch.zeros_like(param) for _ in hp["timescales"]])
     return state
 
 
@@ -256,9 +257,10 @@ def anchor(hp: Hparams, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
 def _momenta_step(value: Tensor, state: State, hp: Hparams, new_state: State) -> Tensor:
     """The momenta layout (module docstring) for one tensor: fills ``new_state``, returns ``u = m + D``."""
     alpha = hp["momentum"]
-    m = alpha * state["momentum_buffer"] + value
-    gamma = timescale_column(hp, value)
-    e = gamma * state["timescale_buffers"] + (1 - gamma) * value
+    v = sharding.local(value)  # the momenta are element-wise: on a sharded (FSDP2) tensor, each rank's shard
+    m = sharding.like(alpha * sharding.local(state["momentum_buffer"]) + v, value)
+    gamma = timescale_column(hp, v)
+    e = sharding.like(gamma * sharding.local(state["timescale_buffers"]) + (1 - gamma) * v, state["timescale_buffers"])
     w1, w2 = state["W1"], state["W2"]
     new_state.update(momentum_buffer=m, timescale_buffers=e, W1=w1, W2=w2)
     if hp["hidden"] == 0:
