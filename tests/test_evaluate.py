@@ -11,6 +11,7 @@ from deepopt import cli
 from deepopt.checkpoint import save_pretrained
 from deepopt.evaluate import (
     ABLATIONS,
+    MAX_EXTENSIONS,
     TASKS,
     build_problem,
     iqm,
@@ -40,7 +41,11 @@ def test_smoke_study_writes_every_output_and_resumes_without_rerunning(tmp_path,
     assert "| task |" in text and text.rstrip().endswith(f"wrote {out}")
     rows = list(csv.DictReader((out / "results.csv").open()))
     per_seed = 2 * 2 + 3 + len(ABLATIONS) + 1  # adamw, muon sweeps; learned sweep + untuned; ablations; AdamW 2T
-    assert len(rows) == len(TASKS) * per_seed
+    # and each 3-point sweep whose best lr is at its edge (the learned one here) extended by up to MAX_EXTENSIONS
+    learned_lrs = {task: sorted({float(r["lr"]) for r in rows if r["task"] == task and r["method"] == "learned"})
+                   for task in TASKS}
+    assert all(3 <= len(v) <= 3 + MAX_EXTENSIONS for v in learned_lrs.values()), learned_lrs
+    assert len(rows) == len(TASKS) * (per_seed - 3) + sum(map(len, learned_lrs.values()))
     summary = json.loads((out / "summary.json").read_text())
     for task in TASKS:
         entry = summary["tasks"][task]
