@@ -98,3 +98,178 @@ def test_triton_kernels_on_cuda_equal_the_equations(dtype, tol):
                                hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"])
     for i, w in enumerate(want):
         check([cuda[k][i].cpu() for k in (0, 2, 3, 4, 5)], w, tol)
+
+
+# ------------------------------------------------------------------ routed: DeepMomentum's step runs these kernels
+ROUTE_SHAPES = [(7, 5), (1500,), (3,), (40, 33), (300, 300), (64,)]  # (300, 300): past the C kernel's SMALL, split
+
+
+def routed_run(make, steps=10, shapes=ROUTE_SHAPES, dtype=torch.float32, schedule=True):
+    """``steps`` steps of the optimizer ``make(params)`` builds, with the group lr set every step by a warm-up +
+    cosine scheduler (as a script written for AdamW does); returns (params, optimizer)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    opt = make(params)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"], total_steps=steps,
+                                                pct_start=0.3) if schedule else None
+    for _ in range(steps):
+        for i, p in enumerate(params):
+            p.grad = (torch.randn(p.shape, generator=gen) * 0.1 * (1 + i)).to(dtype)
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return params, opt
+
+
+def assert_same_run(a, opt_a, b, opt_b, tol):
+    """Parameters and every state entry equal (the C kernel sums C in double, the rule in fp32 over up to 9e4
+    coordinates: W₁ differs by ~3e-5 there, W's by ~2e-6)."""
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=tol, atol=tol)
+        assert opt_a.state[p].keys() == opt_b.state[q].keys()
+        for key, value in opt_a.state[p].items():
+            torch.testing.assert_close(value, opt_b.state[q][key], rtol=tol, atol=tol, msg=key)
+
+
+@pytest.fixture
+def c_kernel_calls(monkeypatch):
+    """Counts the C kernel's calls: a spy that runs the real ``deep_cpu.momenta_step_`` (with two threads, so
+    the large tensor is split between them)."""
+    if not deep_cpu.momenta_available(8, 2):
+        pytest.skip("no C compiler")
+    calls, real = [], deep_cpu.momenta_step_
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, threads=2, **kwargs)
+
+    monkeypatch.setattr(deep_cpu, "momenta_step_", spy)
+    return calls
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(weight_decay=0.1)])
+def test_shipped_optimizer_routes_to_the_c_kernel_and_equals_the_rule_path(c_kernel_calls, overrides):
+    """``DeepMomentum.pretrained`` (the shipped configuration: momenta keys, Adam, learned schedule over
+    ``total_steps``) on fp32 CPU parameters takes the C kernel, one call per step for the whole list, and its 10
+    steps under a script's warm-up + cosine lr equal the rule path's (``foreach=False``), state included."""
+    import deepopt
+
+    ours, opt = routed_run(lambda ps: deepopt.DeepMomentum.pretrained(ps, total_steps=20, **overrides))
+    assert c_kernel_calls == [len(ROUTE_SHAPES)] * 10
+    ref, ref_opt = routed_run(lambda ps: deepopt.DeepMomentum.pretrained(ps, total_steps=20, foreach=False,
+                                                                         **overrides))
+    assert len(c_kernel_calls) == 10  # the rule path does not call it
+    assert_same_run(ours, opt, ref, ref_opt, 1e-4)
+    assert all(float(opt.state[p]["step"]) == 10 for p in ours)
+
+
+def test_routed_state_dict_continues_on_the_rule_path(c_kernel_calls):
+    """The routed step keeps the rule path's state layout: 5 routed steps, the state dict loaded into a
+    ``foreach=False`` optimizer, 5 more steps there equal 10 routed steps (schedule and Adam counters included)."""
+    import deepopt
+
+    def make(params, **kw):
+        return deepopt.DeepMomentum.pretrained(params, total_steps=10, weight_decay=0.1, **kw)
+
+    ours, opt = routed_run(make, schedule=False)
+    first, first_opt = routed_run(make, steps=5, schedule=False)
+    second = [p.detach().clone().requires_grad_() for p in first]
+    second_opt = make(second)
+    second_opt.load_state_dict(first_opt.state_dict())
+    second_opt.param_groups[0]["foreach"] = False  # the loaded groups carry the routed run's foreach=None
+    gen = torch.Generator().manual_seed(0)  # replay the gradients of steps 6..10
+    for s in ROUTE_SHAPES:
+        torch.randn(s, generator=gen)
+    for step in range(10):
+        grads = [torch.randn(p.shape, generator=gen) * 0.1 * (1 + i) for i, p in enumerate(second)]
+        if step >= 5:
+            for p, g in zip(second, grads):
+                p.grad = g
+            second_opt.step()
+    assert c_kernel_calls == [len(ROUTE_SHAPES)] * 15  # 10 + 5 routed steps, none after the load
+    assert_same_run(ours, opt, second, second_opt, 1e-4)
+
+
+@pytest.mark.parametrize("change", [dict(keys="blocks", key_dim=16), dict(hidden=0), dict(preconditioner="identity"),
+                                    dict(activation="relu"), dict(eta2=0.1), dict(nonlinearity="newton_schulz"),
+                                    dict(weight_decay=0.1, decoupled_weight_decay=False)])
+def test_momenta_kernels_take_the_shipped_options_only(change):
+    """``_momenta_options`` (the CPU and CUDA routes' shared predicate) holds for the shipped configuration, with
+    or without a schedule and decoupled decay, and fails for each option the kernels do not implement."""
+    from deepopt.optimizers.deep_momentum import _momenta_options
+
+    from deepopt import DeepMomentum
+
+    shipped = DeepMomentum.pretrained([torch.zeros(3, requires_grad=True)], total_steps=20, weight_decay=0.1)
+    group = shipped.param_groups[0]
+    assert _momenta_options(group) and _momenta_options({**group, "lr_horizon": 0, "weight_decay": 0.0})
+    assert not _momenta_options({**group, **change})
+
+
+def test_rule_path_options_fall_back_from_the_c_kernel(c_kernel_calls):
+    """Options the kernel does not take, fp64 and non-contiguous parameters run the torch paths: no call."""
+    import deepopt
+
+    kw = dict(keys="momenta", hidden=8, preconditioner="adam", lr=1e-3)
+    routed_run(lambda ps: deepopt.DeepMomentum(ps, activation="relu", **kw), steps=2, schedule=False)
+    routed_run(lambda ps: deepopt.DeepMomentum(ps, **kw), steps=2, dtype=torch.float64, schedule=False)
+    strided = torch.zeros(6, 4)[:, ::2].requires_grad_()
+    opt = deepopt.DeepMomentum([strided], **kw)
+    strided.grad = torch.ones_like(strided)
+    opt.step()
+    assert c_kernel_calls == []
+    routed_run(lambda ps: deepopt.DeepMomentum(ps, **kw), steps=2, schedule=False)
+    assert c_kernel_calls == [len(ROUTE_SHAPES)] * 2
+
+
+def test_triton_route_takes_dense_fp32_bf16_lists_and_hidden_up_to_64():
+    """The CUDA route's tensor predicate (``deep_kernels.momenta_available``; the device check is the caller's),
+    on the metadata of CPU tensors: dense non-empty fp32/bf16 lists of one dtype, ``hidden`` a power of two ≤ 64."""
+    pytest.importorskip("triton")
+    from deepopt.optimizers import deep_kernels
+
+    fp32 = [torch.zeros(5, 3), torch.zeros(7)]
+    assert deep_kernels.momenta_available(fp32, 8) and deep_kernels.momenta_available(fp32, 64)
+    assert deep_kernels.momenta_available([t.bfloat16() for t in fp32], 1)
+    assert not deep_kernels.momenta_available(fp32, 12) and not deep_kernels.momenta_available(fp32, 128)
+    assert not deep_kernels.momenta_available([t.double() for t in fp32], 8)
+    assert not deep_kernels.momenta_available([torch.zeros(6, 4)[:, ::2]], 8)
+    assert not deep_kernels.momenta_available([torch.zeros(0)], 8)
+    assert not deep_kernels.momenta_available([fp32[0], fp32[1].bfloat16()], 8)
+
+
+TRITON_ROUTE_CHECK = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, "tests")
+    import deepopt
+    from deepopt.optimizers import deep_kernels, deep_momentum
+    from test_momenta_kernels import assert_same_run, routed_run
+
+    # the CUDA branch of the route without its device check: the real Triton kernels, interpreted on CPU tensors
+    calls = []
+
+    def cuda_route(group, params, states):
+        if deep_momentum._momenta_options(group) and deep_kernels.momenta_available(params, group["hidden"]):
+            calls.append(len(params))
+            return deep_kernels.momenta_step_
+        return None
+
+    deep_momentum._momenta_kernel = cuda_route
+    shapes = [(7, 5), (1500,), (3,), (40, 33), (5000,)]
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        make = lambda ps, **kw: deepopt.DeepMomentum.pretrained(ps, total_steps=20, weight_decay=0.1, **kw)
+        ours, opt = routed_run(make, steps=4, shapes=shapes, dtype=dtype)
+        ref, ref_opt = routed_run(lambda ps: make(ps, foreach=False), steps=4, shapes=shapes, dtype=dtype)
+        assert_same_run(ours, opt, ref, ref_opt, tol)
+    assert calls == [len(shapes)] * 8, calls
+    print("routed Triton step equals the rule path")
+""")
+
+
+def test_routed_triton_step_equals_the_rule_path_under_the_interpreter():
+    """The CUDA route's glue (per-tensor lr_t and 1 − β₂ᵗ from the step counters, the counters advanced, fp32
+    copies of a bf16 memory written back) with the real Triton kernels under the interpreter, fp32 and bf16, equal
+    the rule path over 4 scheduled steps."""
+    pytest.importorskip("triton")
+    run_under_triton_interpreter(TRITON_ROUTE_CHECK, "routed Triton step equals the rule path")
