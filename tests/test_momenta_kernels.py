@@ -238,6 +238,30 @@ def test_triton_route_takes_dense_fp32_bf16_lists_and_hidden_up_to_64():
     assert not deep_kernels.momenta_available([fp32[0], fp32[1].bfloat16()], 8)
 
 
+@pytest.mark.parametrize("dtype,routed", [(torch.float32, True), (torch.bfloat16, True), (torch.float16, False),
+                                          (torch.float64, False)])
+def test_cuda_route_decision_on_fake_cuda_tensors(dtype, routed):
+    """On CUDA tensors (fakes: shapes, dtypes and the device, no GPU) the shipped optimizer's list goes to the
+    Triton kernels for fp32/bf16, to the torch path otherwise; the blocks layout never goes to them."""
+    pytest.importorskip("triton")
+    from deepopt.optimizers import deep_kernels
+    from deepopt.optimizers.deep_momentum import _momenta_kernel
+
+    import deepopt
+    from deepopt.bench import cuda_tensor, fake_cuda
+    from deepopt.rules.deep import init
+
+    one = [torch.zeros(1, requires_grad=True)]
+    groups = [deepopt.DeepMomentum.pretrained(one, total_steps=20, weight_decay=0.1).param_groups[0],
+              deepopt.DeepMomentum(one, hidden=16).param_groups[0]]
+    with fake_cuda() as mode:
+        params = [torch.nn.Parameter(cuda_tensor(mode, s, dtype)) for s in ROUTE_SHAPES]
+        for group in groups:
+            states = [init(p, group) for p in params]
+            want = routed and group["keys"] == "momenta"
+            assert (_momenta_kernel(group, params, states) is deep_kernels.momenta_step_) == want
+
+
 TRITON_ROUTE_CHECK = textwrap.dedent("""
     import sys
     import torch
