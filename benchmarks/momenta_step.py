@@ -9,8 +9,9 @@ The shipped optimizer is the class as a user builds it (``DeepMomentum.pretraine
 weight_decay=0.1)``), so its step includes everything ``step()`` does: the per-tensor ``lr_t`` of the learned
 schedule and Adam's ``1 − β₂ᵗ`` (device math over the stacked step counters), then the fused kernel it routes to
 (``deep_cpu.momenta_step_`` on the CPU, ``deep_kernels.momenta_step_`` on CUDA; the route is checked before
-timing).  Both optimizers take ``weight_decay=0.1`` and lr 1e-3 style settings; each step is timed alone and the
-medians over ``--repeats`` round-robin rounds are compared, so background load hits both alike.
+timing).  "the same, torch path" is that optimizer with the route off (its multi-tensor torch path).  All take
+``weight_decay=0.1``; each step is timed alone and the medians over ``--repeats`` round-robin rounds are compared,
+so background load hits all alike.
 """
 
 from __future__ import annotations
@@ -20,17 +21,40 @@ import statistics
 import time
 
 import torch
-from deepopt.optimizers import deep_cpu, deep_kernels
+from deepopt.optimizers import deep_cpu, deep_kernels, deep_momentum
 
 import deepopt
 from deepopt.bench import PARAM_SETS
 
-REFERENCE = "torch AdamW fused"
+REFERENCE, SHIPPED, TORCH_PATH = "torch AdamW fused", "DeepMomentum.pretrained", "  the same, torch path"
+
+
+def shipped(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    # total_steps past the run: the schedule is on (lr_t per tensor) and the horizon warning stays quiet
+    return deepopt.DeepMomentum.pretrained(params, total_steps=10**6, weight_decay=0.1)
+
+
+class UnroutedStep:
+    """The shipped optimizer stepped with its kernel route off: the multi-tensor torch path it takes without the
+    fused kernels (what the route replaced)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.opt = shipped(params)
+
+    def step(self) -> None:
+        route = deep_momentum._momenta_kernel
+        deep_momentum._momenta_kernel = lambda *args: None
+        try:
+            self.opt.step()
+        finally:
+            deep_momentum._momenta_kernel = route
+
+
 OPTIMIZERS = {
     REFERENCE: lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=True),
-    # total_steps past the run: the schedule is on (lr_t per tensor) and the horizon warning stays quiet
-    "DeepMomentum.pretrained": lambda ps: deepopt.DeepMomentum.pretrained(ps, total_steps=10**6, weight_decay=0.1),
+    SHIPPED: shipped,
+    TORCH_PATH: UnroutedStep,
 }
 
 
@@ -74,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             for q, g in zip(params, grads):
                 q.grad = g.to(args.device)
             runs[label] = make(params)
-        check_route(runs["DeepMomentum.pretrained"], args.device)
+        check_route(runs[SHIPPED], args.device)
         times = {k: [] for k in runs}
         for i in range(args.warmup + args.repeats):
             for label, opt in runs.items():
