@@ -260,8 +260,11 @@ class DeepMomentum(MemoryOptimizer):
         self._steps_called = int(max(float(s) for s in steps)) if steps else 0  # on the host once, at load time
         self._warned_horizon = False
 
-    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the work buffers behind
-        return {**super().__getstate__(), "_blocks": {}}
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the work buffers behind and keep the host-side step count (``_note_step``;
+        torch's ``Optimizer.__getstate__`` keeps only defaults, state and groups)."""
+        return {**super().__getstate__(), "_blocks": {}, "_steps_called": self._steps_called,
+                "_warned_horizon": self._warned_horizon}
 
     def _work(self, params: list[Tensor], key_dim: int, role: str) -> _Blocks:
         key = (role, key_dim, *map(id, params))
