@@ -14,7 +14,7 @@ from torch import Tensor
 from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
 from deepopt.rules.base import check_int
-from deepopt.rules.deep import ACTIVATIONS, initial_memory, lr_factor, n_features, safe_rms, to_blocks
+from deepopt.rules.deep import ACTIVATIONS, has_schedule, initial_memory, lr_factor, n_features, safe_rms, to_blocks
 from deepopt.rules.transforms import decoupled, is_zero, step_float
 
 from . import deep_cpu, deep_kernels
@@ -255,9 +255,10 @@ class DeepMomentum(MemoryOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        steps = [st["step"] for st in self.state.values()
-                 if isinstance(st, dict) and isinstance(st.get("step"), Tensor)]
-        self._steps_called = int(max(float(s) for s in steps)) if steps else 0  # on the host once, at load time
+        # read on the host once, at load time, from the saved counters (the loaded ones may sit on a meta device)
+        steps = [st["step"] for st in state_dict["state"].values()
+                 if isinstance(st, dict) and isinstance(st.get("step"), Tensor) and st["step"].device.type != "meta"]
+        self._steps_called = int(max(float(s) for s in steps)) if steps else 0
         self._warned_horizon = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -341,9 +342,10 @@ class DeepMomentum(MemoryOptimizer):
     def _step_lr(group: dict[str, Any], states: list[dict[str, Tensor]], like: Tensor) -> float | Tensor:
         """The group's lr, or with a schedule ``lr·s_t`` per tensor (``deep.lr_factor`` at the step about to be
         taken) as a ``(T,)`` tensor, fp32 for low-precision parameters."""
-        steps = torch.stack([st["step"] for st in states]) + 1
-        factor = lr_factor(steps, group, like)
-        return group["lr"] if factor is None else (group["lr"] * factor).to(like.dtype)
+        if not has_schedule(group):
+            return group["lr"]
+        factor = lr_factor(torch.stack([st["step"] for st in states]) + 1, group, like)
+        return (group["lr"] * factor).to(like.dtype)
 
     def _momenta_kernel_step(self, kernel: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                              states: list[dict[str, Tensor]], lr: float | Tensor) -> None:

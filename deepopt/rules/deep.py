@@ -276,10 +276,15 @@ def _momenta_step(value: Tensor, state: State, hp: Hparams, new_state: State) ->
     return m + sharding.scattered(read, m)
 
 
+def has_schedule(hp: Hparams) -> bool:
+    """Whether the group has a learned schedule ``s_t`` (``lr_decay`` > 0 or ``lr_horizon`` > 0)."""
+    return not T.is_zero(hp["lr_decay"]) or bool(hp["lr_horizon"])
+
+
 def lr_factor(step: Tensor, hp: Hparams, like: Tensor) -> Tensor | None:
     """``s_t`` (module docstring) at step ``step`` as a 0-dim fp32 (fp64 for fp64 ``like``) tensor, or ``None``
     when the group has no schedule (``lr_decay = 0`` and ``lr_horizon = 0``)."""
-    if T.is_zero(hp["lr_decay"]) and not hp["lr_horizon"]:
+    if not has_schedule(hp):
         return None
     t = T.step_float(step, like)
     factor = decayed_lr(torch.ones_like(t), hp["lr_decay"], t) if not T.is_zero(hp["lr_decay"]) else torch.ones_like(t)
