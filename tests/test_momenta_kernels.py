@@ -11,6 +11,8 @@ import torch
 from conftest import run_under_triton_interpreter
 from deepopt.optimizers import deep_cpu
 
+import deepopt
+
 SHAPES = [(7, 5), (1500,), (40, 33), (3,), (70000,)]  # tails of 3, 12, 8, 3 and a tensor the threads split
 H, J = 8, 2
 
@@ -31,14 +33,14 @@ def reference(p, g, m, v, e, w1, w2, w1_0, lr, bc2, gammas, alpha, beta2, eps, e
     return p, m, v, e, w1
 
 
-def case(seed=0):
+def case(seed=0, hidden=H):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0: scale * torch.randn(*s, generator=gen)
     ps, gs, ms = [r(*s) for s in SHAPES], [r(*s, scale=0.1) for s in SHAPES], [r(*s) for s in SHAPES]
     vs = [r(*s).square() * 0.01 for s in SHAPES]
     es = [r(J, *s) for s in SHAPES]
-    w1s, w2s = [r(1, H, scale=0.3) for _ in SHAPES], [r(H, 2 + J) for _ in SHAPES]
-    hp = dict(w1_0=r(1, H, scale=0.1), lr=torch.rand(len(SHAPES), generator=gen) * 0.01 + 1e-3,
+    w1s, w2s = [r(1, hidden, scale=0.3) for _ in SHAPES], [r(hidden, 2 + J) for _ in SHAPES]
+    hp = dict(w1_0=r(1, hidden, scale=0.1), lr=torch.rand(len(SHAPES), generator=gen) * 0.01 + 1e-3,
               bc2=torch.rand(len(SHAPES), generator=gen) * 0.5 + 0.1, gammas=torch.tensor([0.5, 0.99]),
               alpha=0.9, beta2=0.95, eps=1e-8, eta=0.2, wd=0.1)
     return ps, gs, ms, vs, es, w1s, w2s, hp
@@ -49,10 +51,11 @@ def check(got, want, tol):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(not deep_cpu.momenta_available(H, J), reason="no C compiler")
-@pytest.mark.parametrize("threads", [1, 2])
-def test_c_kernel_equals_the_equations(threads):
-    ps, gs, ms, vs, es, w1s, w2s, hp = case()
+@pytest.mark.parametrize("threads,hidden", [(1, H), (2, H), (2, 1), (2, 64)])
+def test_c_kernel_equals_the_equations(threads, hidden):
+    if not deep_cpu.momenta_available(hidden, J):
+        pytest.skip("no C compiler")
+    ps, gs, ms, vs, es, w1s, w2s, hp = case(hidden=hidden)
     want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
                       hp["eps"], hp["eta"], hp["wd"]) for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
     deep_cpu.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"], hp["alpha"],
@@ -152,7 +155,6 @@ def test_shipped_optimizer_routes_to_the_c_kernel_and_equals_the_rule_path(c_ker
     """``DeepMomentum.pretrained`` (the shipped configuration: momenta keys, Adam, learned schedule over
     ``total_steps``) on fp32 CPU parameters takes the C kernel, one call per step for the whole list, and its 10
     steps under a script's warm-up + cosine lr equal the rule path's (``foreach=False``), state included."""
-    import deepopt
 
     ours, opt = routed_run(lambda ps: deepopt.DeepMomentum.pretrained(ps, total_steps=20, **overrides))
     assert c_kernel_calls == [len(ROUTE_SHAPES)] * 10
@@ -163,10 +165,21 @@ def test_shipped_optimizer_routes_to_the_c_kernel_and_equals_the_rule_path(c_ker
     assert all(float(opt.state[p]["step"]) == 10 for p in ours)
 
 
+@pytest.mark.parametrize("options", [dict(hidden=64, timescales=(0.5, 0.9, 0.99)),
+                                     dict(hidden=1, timescales=(0.8,), lr_decay=0.1, weight_decay=0.05)])
+def test_momenta_configurations_route_and_equal_the_rule_path(c_kernel_calls, options):
+    """Other widths and time scales the kernel takes (hidden 1…64, 1–4 time scales, a 1/t schedule) route too and
+    equal the rule path."""
+    kw = dict(keys="momenta", preconditioner="adam", lr=3e-3, eta=0.2, memory_init=None, **options)
+    ours, opt = routed_run(lambda ps: deepopt.DeepMomentum(ps, **kw), steps=6)
+    ref, ref_opt = routed_run(lambda ps: deepopt.DeepMomentum(ps, foreach=False, **kw), steps=6)
+    assert c_kernel_calls == [len(ROUTE_SHAPES)] * 6
+    assert_same_run(ours, opt, ref, ref_opt, 1e-4)
+
+
 def test_routed_state_dict_continues_on_the_rule_path(c_kernel_calls):
     """The routed step keeps the rule path's state layout: 5 routed steps, the state dict loaded into a
     ``foreach=False`` optimizer, 5 more steps there equal 10 routed steps (schedule and Adam counters included)."""
-    import deepopt
 
     def make(params, **kw):
         return deepopt.DeepMomentum.pretrained(params, total_steps=10, weight_decay=0.1, **kw)
@@ -208,7 +221,6 @@ def test_momenta_kernels_take_the_shipped_options_only(change):
 
 def test_rule_path_options_fall_back_from_the_c_kernel(c_kernel_calls):
     """Options the kernel does not take, fp64 and non-contiguous parameters run the torch paths: no call."""
-    import deepopt
 
     kw = dict(keys="momenta", hidden=8, preconditioner="adam", lr=1e-3)
     routed_run(lambda ps: deepopt.DeepMomentum(ps, activation="relu", **kw), steps=2, schedule=False)
@@ -247,7 +259,6 @@ def test_cuda_route_decision_on_fake_cuda_tensors(dtype, routed):
     from deepopt.optimizers import deep_kernels
     from deepopt.optimizers.deep_momentum import _momenta_kernel
 
-    import deepopt
     from deepopt.bench import cuda_tensor, fake_cuda
     from deepopt.rules.deep import init
 
