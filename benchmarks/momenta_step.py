@@ -1,13 +1,17 @@
-"""Step time of the shipped learned optimizer's fused kernel (DeepMomentum ``keys="momenta"``: Adam preconditioner,
-momenta keys at 2 time scales, hidden 8, tanh, W₂ fixed, decoupled weight decay) against torch's fused AdamW, timed
-round-robin in the same run on the same parameter shapes (``deepopt bench``'s sets).
+"""Step time of the shipped learned optimizer (``DeepMomentum.pretrained``: ``keys="momenta"``, Adam preconditioner,
+momenta keys at 2 time scales, hidden 8, tanh, W₂ fixed, decoupled weight decay, learned lr schedule) against torch's
+fused AdamW, on the same parameter shapes (``deepopt bench``'s sets), timed round-robin in the same run.
 
     python benchmarks/momenta_step.py [--param-sets transformer-12M gpt2-124M] [--device cpu|cuda] [--repeats 15]
+                                      [--threads 1]
 
-On the CPU the C kernel (``deep_cpu.momenta_step_``) runs, on CUDA the Triton kernels (``deep_kernels``).  The
-step includes what the optimizer computes per step besides the kernel: the per-tensor ``lr_t`` and ``1 − β₂ᵗ``
-(0-dim device math over a stacked step count).  Until the rule's ``keys="momenta"`` is merged into DeepMomentum
-(helper ``learned``), this times the kernel path the class will route to.
+The shipped optimizer is the class as a user builds it (``DeepMomentum.pretrained(params, total_steps=...,
+weight_decay=0.1)``), so its step includes everything ``step()`` does: the per-tensor ``lr_t`` of the learned
+schedule and Adam's ``1 − β₂ᵗ`` (device math over the stacked step counters), then the fused kernel it routes to
+(``deep_cpu.momenta_step_`` on the CPU, ``deep_kernels.momenta_step_`` on CUDA; the route is checked before
+timing).  "the same, torch path" is that optimizer with the route off (its multi-tensor torch path).  All take
+``weight_decay=0.1``; each step is timed alone and the medians over ``--repeats`` round-robin rounds are compared,
+so background load hits all alike.
 """
 
 from __future__ import annotations
@@ -17,38 +21,59 @@ import statistics
 import time
 
 import torch
-from deepopt.optimizers import deep_cpu, deep_kernels
+from deepopt.optimizers import deep_cpu, deep_kernels, deep_momentum
 
+import deepopt
 from deepopt.bench import PARAM_SETS
 
-H, TIMESCALES = 8, (0.5, 0.99)
+REFERENCE, SHIPPED, TORCH_PATH = "torch AdamW fused", "DeepMomentum.pretrained", "  the same, torch path"
 
 
-class FusedMomenta:
-    """The state and one fused step of the momenta layout over a list of parameters (equations:
-    ``deep_cpu.momenta_step_``)."""
+def shipped(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    # total_steps past the run: the schedule is on (lr_t per tensor) and the horizon warning stays quiet
+    return deepopt.DeepMomentum.pretrained(params, total_steps=10**6, weight_decay=0.1)
 
-    def __init__(self, params: list[torch.Tensor], lr: float = 1e-3, weight_decay: float = 0.1) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.params, self.lr, self.wd = params, lr, weight_decay
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.e = [p.new_zeros(len(TIMESCALES), *p.shape) for p in params]
-        w2 = torch.randn(H, 2 + len(TIMESCALES), generator=gen).to(params[0].device)
-        self.w1 = [p.new_zeros(1, H) for p in params]
-        self.w2 = [w2.clone() for _ in params]
-        self.w1_0 = params[0].new_zeros(1, H)
-        self.steps = params[0].new_zeros(len(params))
-        self.gammas = torch.tensor(TIMESCALES, device=params[0].device)
+
+class UnroutedStep:
+    """The shipped optimizer stepped with its kernel route off: the multi-tensor torch path it takes without the
+    fused kernels (what the route replaced)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.opt = shipped(params)
 
     def step(self) -> None:
-        self.steps += 1
-        lr = self.lr * torch.clamp(1 - (self.steps - 1) / 1000, min=1e-3)  # a learned schedule's shape: lr_t
-        bc2 = 1 - 0.95 ** self.steps
-        grads = [p.grad for p in self.params]
-        step = deep_kernels.momenta_step_ if self.params[0].is_cuda else deep_cpu.momenta_step_
-        step(self.params, grads, self.m, self.v, self.e, self.w1, self.w2, self.w1_0, lr, bc2, self.gammas, 0.9,
-             0.95, 1e-8, 0.1, self.wd)
+        route = deep_momentum._momenta_kernel
+        deep_momentum._momenta_kernel = lambda *args: None
+        try:
+            self.opt.step()
+        finally:
+            deep_momentum._momenta_kernel = route
+
+
+OPTIMIZERS = {
+    REFERENCE: lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
+    "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=True),
+    SHIPPED: shipped,
+    TORCH_PATH: UnroutedStep,
+}
+
+
+def check_route(opt: torch.optim.Optimizer, device: str) -> None:
+    """Fails unless one step of the shipped optimizer calls its fused kernel (a spy around the real function)."""
+    module = deep_kernels if device.startswith("cuda") else deep_cpu
+    real, calls = module.momenta_step_, []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    module.momenta_step_ = spy
+    try:
+        opt.step()
+    finally:
+        module.momenta_step_ = real
+    if not calls:
+        raise SystemExit(f"the shipped optimizer did not take the fused kernel on {device} (no C compiler/Triton?)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,34 +82,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (both optimizers; default torch's)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for name in args.param_sets:
         gen = torch.Generator().manual_seed(0)
         shapes = PARAM_SETS[name]()
         base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+        grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
         runs = {}
-        for label in ("torch AdamW fused", "shipped (fused momenta)"):
+        for label, make in OPTIMIZERS.items():
             params = [b.clone().to(args.device).requires_grad_() for b in base]
-            for q in params:
-                q.grad = torch.randn(q.shape, generator=gen).to(args.device) * 1e-3
-            runs[label] = (torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True) if label.startswith("torch")
-                           else FusedMomenta(params))
+            for q, g in zip(params, grads):
+                q.grad = g.to(args.device)
+            runs[label] = make(params)
+        check_route(runs[SHIPPED], args.device)
         times = {k: [] for k in runs}
-        with torch.no_grad():
-            for i in range(args.warmup + args.repeats):
-                for label, opt in runs.items():
-                    sync()
-                    t0 = time.perf_counter()
-                    opt.step()
-                    sync()
-                    if i >= args.warmup:
-                        times[label].append(time.perf_counter() - t0)
+        for i in range(args.warmup + args.repeats):
+            for label, opt in runs.items():
+                sync()
+                t0 = time.perf_counter()
+                opt.step()
+                sync()
+                if i >= args.warmup:
+                    times[label].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
-        ref = med["torch AdamW fused"]
-        print(f"{name} on {args.device} ({torch.get_num_threads()} threads):")
+        ref = med[REFERENCE]
+        print(f"{name} ({sum(b.numel() for b in base) / 1e6:.1f}M parameters, {len(base)} tensors) on {args.device}, "
+              f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin steps:")
         for k, v in med.items():
-            print(f"  {k:<26} {1e3 * v:9.2f} ms   {v / ref:5.2f}x torch AdamW fused")
+            print(f"  {k:<26} {1e3 * v:9.2f} ms   {v / ref:5.2f}x {REFERENCE}")
     return 0
 
 

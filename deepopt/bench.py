@@ -96,6 +96,7 @@ def count_step_ops(opt: torch.optim.Optimizer) -> OpCounter:
 OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "torch Adam fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
     "torch Adam foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+    "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
     "SGD": lambda ps: deepopt.SGD(ps, lr=1e-3),
     "Momentum": lambda ps: deepopt.Momentum(ps, lr=1e-3),
     "Adam": lambda ps: deepopt.Adam(ps, lr=1e-3),
@@ -109,6 +110,8 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "DeepMomentum h=4 relu": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3, hidden=4, activation="relu"),
     "DeepMomentum Adam-preconditioned": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3, preconditioner="adam",
                                                                         key_source="preconditioned"),
+    # the shipped learned optimizer as a script written for AdamW builds it (fused kernel: deep_cpu / deep_kernels)
+    "DeepMomentum shipped": lambda ps: deepopt.DeepMomentum.pretrained(ps, total_steps=10**6, weight_decay=0.1),
     "Muon (Momentum+NS)": lambda ps: deepopt.Momentum(ps, lr=1e-3, nesterov=True, nonlinearity="newton_schulz"),
     "Muon (Momentum+NS bf16)": lambda ps: deepopt.Momentum([p for p in ps if p.dim() == 2], lr=1e-3, nesterov=True,
                                                            nonlinearity="newton_schulz", ns_dtype="bfloat16"),

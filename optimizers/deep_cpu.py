@@ -531,7 +531,7 @@ def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Te
                            PRE[activation], ACTIVATIONS[activation], threads)
 
 
-MOMENTA_HIDDEN = (2, 4, 8, 16, 32)  # the H the momenta kernel takes
+MOMENTA_HIDDEN = (1, 2, 4, 8, 16, 32, 64)  # the H the momenta kernel takes
 MAX_TIMESCALES = 4
 
 

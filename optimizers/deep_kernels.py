@@ -246,6 +246,15 @@ def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Te
 
 # coordinates per tile (its (BLOCK, H) features stay in registers: 154 on sm_90, no spill) and tiles per work item
 MOMENTA_BLOCK, MOMENTA_TILES = 512, 8
+MOMENTA_MAX_HIDDEN = 64
+
+
+def momenta_available(params: list[Tensor], hidden: int) -> bool:
+    """Whether ``momenta_step_`` can take this list: Triton importable, one fp32/bf16 dtype and device, dense
+    non-empty tensors, and ``hidden`` a power of two up to ``MOMENTA_MAX_HIDDEN`` (the device is the caller's
+    to check: the kernels run on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``)."""
+    return (delta_kernels.available(params) and params[0].dtype in _DTYPES and all(p.numel() > 0 for p in params)
+            and 1 <= hidden <= MOMENTA_MAX_HIDDEN and hidden & (hidden - 1) == 0)
 
 
 def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -258,8 +267,9 @@ def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
     ``bias_correction2`` ``(T,)`` tensors on the device; nothing is read on the host.  Memory traffic: g, W, m, v
     and the J time-scale buffers read, all but g written: ``5 + 2J`` passes (9 with J = 2; fused AdamW's 7)."""
     hidden, count, n_scales = w1[0].shape[-1], len(params), timescales.numel()
-    if hidden & (hidden - 1) or not 1 <= hidden <= 64:
-        raise ValueError(f"momenta_step_ takes hidden a power of two up to 64, got {hidden}")
+    if not momenta_available(params, hidden):
+        raise ValueError(f"momenta_step_ takes dense non-empty fp32/bf16 tensors on one device and hidden a power of "
+                         f"two up to {MOMENTA_MAX_HIDDEN} (got hidden {hidden}; see deep_kernels.momenta_available)")
     device = params[0].device
     grads = [g.contiguous() for g in grads]
     numels, block_tensor, block_start = _work(tuple(p.numel() for p in params), device, MOMENTA_BLOCK * MOMENTA_TILES)

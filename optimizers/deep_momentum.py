@@ -15,7 +15,7 @@ from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
 from deepopt.rules.base import check_int
 from deepopt.rules.deep import ACTIVATIONS, has_schedule, initial_memory, lr_factor, n_features, safe_rms, to_blocks
-from deepopt.rules.transforms import decoupled
+from deepopt.rules.transforms import decoupled, is_zero, step_float
 
 from . import deep_cpu, deep_kernels
 from .base import MemoryOptimizer
@@ -38,6 +38,8 @@ _CPU_ACTIVATIONS = {
 _CPU_CHUNK = 1 << 18  # coordinates per chunk of the CPU loop (≈ 1 MiB in fp32: its blocks stay in cache)
 _CHUNK = 256  # coordinates per chunk of the momenta layout's batched MLP (a tensor's last chunk is zero-padded)
 _MAX_CHUNKS = 1024  # chunks per slice of it (bounds its (chunks, _CHUNK, hidden) temporaries)
+# the per-parameter state the momenta kernels read and write in place (the step counter is advanced here)
+_MOMENTA_STATE = ("momentum_buffer", "exp_avg_sq", "timescale_buffers", "W1", "W2")
 
 
 @torch.library.custom_op("deepopt::foreach_mm", mutates_args=())
@@ -124,6 +126,36 @@ def _triton_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
     return (_fused_options(group) and params[0].device.type == "cuda"
             and group["activation"] in deep_kernels.ACTIVATIONS
             and deep_kernels.available(params, group["key_dim"], group["hidden"]))
+
+
+def _momenta_options(group: dict[str, Any]) -> bool:
+    """The options the momenta kernels (``deep_cpu.momenta_step_``, ``deep_kernels.momenta_step_``) cover, the
+    shipped learned optimizer's: ``keys="momenta"`` with a deep branch, Adam preconditioner, tanh features, the
+    dot objective, W₂ fixed (``eta2 = 0``), no output nonlinearity, and decoupled (or no) weight decay; any lr
+    schedule (``lr_t`` is passed per tensor).  Hyperparameters held as tensors take the torch path."""
+    return (group["keys"] == "momenta" and group["hidden"] > 0 and group["preconditioner"] == "adam"
+            and group["activation"] == "tanh" and group["objective"] == "dot" and group["nonlinearity"] is None
+            and is_zero(group["eta2"])
+            and (decoupled(group) or is_zero(group["weight_decay"])))
+
+
+def _momenta_kernel(group: dict[str, Any], params: list[Tensor],
+                    states: list[dict[str, Tensor]]) -> Any:
+    """The momenta kernel that takes this list, or None (the ``_foreach`` path): ``deep_cpu.momenta_step_`` for
+    contiguous fp32 CPU tensors (state included) when its C library is built for ``hidden`` and the number of time
+    scales, ``deep_kernels.momenta_step_`` for dense fp32/bf16 CUDA tensors when Triton is importable."""
+    if not _momenta_options(group):
+        return None
+    device, hidden, scales = params[0].device.type, group["hidden"], len(group["timescales"])
+    if device == "cpu":
+        tensors = [*params, *(st[k] for st in states for k in _MOMENTA_STATE)]
+        if (all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+                and deep_cpu.momenta_available(hidden, scales)):
+            return deep_cpu.momenta_step_
+    elif device == "cuda" and deep_kernels.momenta_available(params, hidden) and all(
+            st[k].is_contiguous() for st in states for k in _MOMENTA_STATE):
+        return deep_kernels.momenta_step_
+    return None
 
 
 def _foreach_weight_decay(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -223,12 +255,15 @@ class DeepMomentum(MemoryOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        steps = [st["step"] for st in self.state.values()  # (meta tensors hold no count)
+        # read on the host once, at load time, from the saved counters (the loaded ones may sit on a meta device)
+        steps = [st["step"] for st in state_dict["state"].values()
                  if isinstance(st, dict) and isinstance(st.get("step"), Tensor) and st["step"].device.type != "meta"]
-        self._steps_called = int(max(float(s) for s in steps)) if steps else 0  # on the host once, at load time
+        self._steps_called = int(max(float(s) for s in steps)) if steps else 0
         self._warned_horizon = False
 
-    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the work buffers behind
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the work buffers behind and keep the host-side step count (``_note_step``;
+        torch's ``Optimizer.__getstate__`` keeps only defaults, state and groups)."""
         return {**super().__getstate__(), "_blocks": {}, "_steps_called": self._steps_called,
                 "_warned_horizon": self._warned_horizon}
 
@@ -265,9 +300,13 @@ class DeepMomentum(MemoryOptimizer):
         states = [self.state[p] for p in params]
         bufs = [st["momentum_buffer"] for st in states]
         lr = self._step_lr(group, states, params[0])
+        kernel = _momenta_kernel(group, params, states)
+        if kernel is not None:  # one C call (CPU) or two Triton launches (CUDA) for the whole list
+            self._momenta_kernel_step(kernel, group, params, grads, states, lr)
+            return True
         grads = _foreach_weight_decay(group, params, grads, lr)
         if lr is not group["lr"] or group["keys"] == "momenta":
-            pass  # the compiled and Triton kernels take the blocks layout without a schedule only
+            pass  # the blocks layout's kernels take no schedule
         elif _triton_applies(group, params):  # four launches for the whole list
             torch._foreach_add_([st["step"] for st in states], 1)
             mem = self._memory(params, states)
@@ -307,6 +346,39 @@ class DeepMomentum(MemoryOptimizer):
             return group["lr"]
         factor = lr_factor(torch.stack([st["step"] for st in states]) + 1, group, like)
         return (group["lr"] * factor).to(like.dtype)
+
+    def _momenta_kernel_step(self, kernel: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                             states: list[dict[str, Tensor]], lr: float | Tensor) -> None:
+        """The momenta layout's whole step (``_momenta_options``; equations: ``deep_cpu.momenta_step_``) by
+        ``kernel``, in place on the parameters and their state, which keeps the rule path's layout: ``lr_t``
+        (``_step_lr``) and Adam's ``1 − β₂ᵗ`` per tensor as ``(T,)`` device tensors from the step counters, which
+        are then advanced as ``foreach_precondition`` advances them (nothing is read on the host).  W₁ and W₂ are
+        handed to the kernel in fp32 (copies for low-precision parameters, W₁'s written back)."""
+        count, device = len(params), params[0].device
+        steps = [st["step"] for st in states]
+        bias_correction2 = 1 - group["beta2"] ** step_float(torch.stack(steps) + 1, params[0])
+        torch._foreach_add_(steps, 1)
+        if isinstance(lr, Tensor):
+            lr = lr.to(device, torch.float32).expand(count) if lr.dim() == 0 else lr.to(device, torch.float32)
+        else:
+            lr = torch.full((count,), lr, dtype=torch.float32, device=device)
+        w1s, w2s = ([st[k] for st in states] for k in ("W1", "W2"))
+        w1_run, w2_run = w1s, w2s
+        if w1s[0].dtype != torch.float32:
+            w1_run, w2_run = (list(torch.stack(ws).to(torch.float32).unbind()) for ws in (w1s, w2s))
+        kernel(params, [g.contiguous() for g in grads], [st["momentum_buffer"] for st in states],
+               [st["exp_avg_sq"] for st in states], [st["timescale_buffers"] for st in states], w1_run, w2_run,
+               self._anchor(group, params[0])[0], lr, bias_correction2, self._timescales(group, device),
+               group["momentum"], group["beta2"], group["eps"], group["eta"], group["weight_decay"])
+        if w1_run is not w1s:
+            torch._foreach_copy_(w1s, w1_run)
+
+    def _timescales(self, group: dict[str, Any], device: torch.device) -> Tensor:
+        """γ = ``timescales`` as an fp32 ``(J,)`` tensor on ``device`` (cached: no copy per step)."""
+        key = ("timescales", tuple(group["timescales"]), device)
+        if key not in self._blocks:
+            self._blocks[key] = torch.tensor(group["timescales"], dtype=torch.float32, device=device)
+        return self._blocks[key]
 
     def _momenta_direction(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]],
                            values: list[Tensor]) -> list[Tensor]:

@@ -11,6 +11,8 @@ import torch
 from conftest import run_under_triton_interpreter
 from deepopt.optimizers import deep_cpu
 
+import deepopt
+
 SHAPES = [(7, 5), (1500,), (40, 33), (3,), (70000,)]  # tails of 3, 12, 8, 3 and a tensor the threads split
 H, J = 8, 2
 
@@ -31,14 +33,14 @@ def reference(p, g, m, v, e, w1, w2, w1_0, lr, bc2, gammas, alpha, beta2, eps, e
     return p, m, v, e, w1
 
 
-def case(seed=0):
+def case(seed=0, hidden=H):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0: scale * torch.randn(*s, generator=gen)
     ps, gs, ms = [r(*s) for s in SHAPES], [r(*s, scale=0.1) for s in SHAPES], [r(*s) for s in SHAPES]
     vs = [r(*s).square() * 0.01 for s in SHAPES]
     es = [r(J, *s) for s in SHAPES]
-    w1s, w2s = [r(1, H, scale=0.3) for _ in SHAPES], [r(H, 2 + J) for _ in SHAPES]
-    hp = dict(w1_0=r(1, H, scale=0.1), lr=torch.rand(len(SHAPES), generator=gen) * 0.01 + 1e-3,
+    w1s, w2s = [r(1, hidden, scale=0.3) for _ in SHAPES], [r(hidden, 2 + J) for _ in SHAPES]
+    hp = dict(w1_0=r(1, hidden, scale=0.1), lr=torch.rand(len(SHAPES), generator=gen) * 0.01 + 1e-3,
               bc2=torch.rand(len(SHAPES), generator=gen) * 0.5 + 0.1, gammas=torch.tensor([0.5, 0.99]),
               alpha=0.9, beta2=0.95, eps=1e-8, eta=0.2, wd=0.1)
     return ps, gs, ms, vs, es, w1s, w2s, hp
@@ -49,10 +51,11 @@ def check(got, want, tol):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(not deep_cpu.momenta_available(H, J), reason="no C compiler")
-@pytest.mark.parametrize("threads", [1, 2])
-def test_c_kernel_equals_the_equations(threads):
-    ps, gs, ms, vs, es, w1s, w2s, hp = case()
+@pytest.mark.parametrize("threads,hidden", [(1, H), (2, H), (2, 1), (2, 64)])
+def test_c_kernel_equals_the_equations(threads, hidden):
+    if not deep_cpu.momenta_available(hidden, J):
+        pytest.skip("no C compiler")
+    ps, gs, ms, vs, es, w1s, w2s, hp = case(hidden=hidden)
     want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
                       hp["eps"], hp["eta"], hp["wd"]) for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
     deep_cpu.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"], hp["alpha"],
@@ -98,3 +101,210 @@ def test_triton_kernels_on_cuda_equal_the_equations(dtype, tol):
                                hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"])
     for i, w in enumerate(want):
         check([cuda[k][i].cpu() for k in (0, 2, 3, 4, 5)], w, tol)
+
+
+# ------------------------------------------------------------------ routed: DeepMomentum's step runs these kernels
+ROUTE_SHAPES = [(7, 5), (1500,), (3,), (40, 33), (300, 300), (64,)]  # (300, 300): past the C kernel's SMALL, split
+
+
+def routed_run(make, steps=10, shapes=ROUTE_SHAPES, dtype=torch.float32, schedule=True):
+    """``steps`` steps of the optimizer ``make(params)`` builds, with the group lr set every step by a warm-up +
+    cosine scheduler (as a script written for AdamW does); returns (params, optimizer)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    opt = make(params)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"], total_steps=steps,
+                                                pct_start=0.3) if schedule else None
+    for _ in range(steps):
+        for i, p in enumerate(params):
+            p.grad = (torch.randn(p.shape, generator=gen) * 0.1 * (1 + i)).to(dtype)
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return params, opt
+
+
+def assert_same_run(a, opt_a, b, opt_b, tol):
+    """Parameters and every state entry equal (the C kernel sums C in double, the rule in fp32 over up to 9e4
+    coordinates: W₁ differs by ~3e-5 there, W's by ~2e-6)."""
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=tol, atol=tol)
+        assert opt_a.state[p].keys() == opt_b.state[q].keys()
+        for key, value in opt_a.state[p].items():
+            torch.testing.assert_close(value, opt_b.state[q][key], rtol=tol, atol=tol, msg=key)
+
+
+@pytest.fixture
+def c_kernel_calls(monkeypatch):
+    """Counts the C kernel's calls: a spy that runs the real ``deep_cpu.momenta_step_`` (with two threads, so
+    the large tensor is split between them)."""
+    if not deep_cpu.momenta_available(8, 2):
+        pytest.skip("no C compiler")
+    calls, real = [], deep_cpu.momenta_step_
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, threads=2, **kwargs)
+
+    monkeypatch.setattr(deep_cpu, "momenta_step_", spy)
+    return calls
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(weight_decay=0.1)])
+def test_shipped_optimizer_routes_to_the_c_kernel_and_equals_the_rule_path(c_kernel_calls, overrides):
+    """``DeepMomentum.pretrained`` (the shipped configuration: momenta keys, Adam, learned schedule over
+    ``total_steps``) on fp32 CPU parameters takes the C kernel, one call per step for the whole list, and its 10
+    steps under a script's warm-up + cosine lr equal the rule path's (``foreach=False``), state included."""
+
+    ours, opt = routed_run(lambda ps: deepopt.DeepMomentum.pretrained(ps, total_steps=20, **overrides))
+    assert c_kernel_calls == [len(ROUTE_SHAPES)] * 10
+    ref, ref_opt = routed_run(lambda ps: deepopt.DeepMomentum.pretrained(ps, total_steps=20, foreach=False,
+                                                                         **overrides))
+    assert len(c_kernel_calls) == 10  # the rule path does not call it
+    assert_same_run(ours, opt, ref, ref_opt, 1e-4)
+    assert all(float(opt.state[p]["step"]) == 10 for p in ours)
+
+
+@pytest.mark.parametrize("options", [dict(hidden=64, timescales=(0.5, 0.9, 0.99)),
+                                     dict(hidden=1, timescales=(0.8,), lr_decay=0.1, weight_decay=0.05)])
+def test_momenta_configurations_route_and_equal_the_rule_path(c_kernel_calls, options):
+    """Other widths and time scales the kernel takes (hidden 1…64, 1–4 time scales, a 1/t schedule) route too and
+    equal the rule path."""
+    kw = dict(keys="momenta", preconditioner="adam", lr=3e-3, eta=0.2, memory_init=None, **options)
+    ours, opt = routed_run(lambda ps: deepopt.DeepMomentum(ps, **kw), steps=6)
+    ref, ref_opt = routed_run(lambda ps: deepopt.DeepMomentum(ps, foreach=False, **kw), steps=6)
+    assert c_kernel_calls == [len(ROUTE_SHAPES)] * 6
+    assert_same_run(ours, opt, ref, ref_opt, 1e-4)
+
+
+def test_routed_state_dict_continues_on_the_rule_path(c_kernel_calls):
+    """The routed step keeps the rule path's state layout: 5 routed steps, the state dict loaded into a
+    ``foreach=False`` optimizer, 5 more steps there equal 10 routed steps (schedule and Adam counters included)."""
+
+    def make(params, **kw):
+        return deepopt.DeepMomentum.pretrained(params, total_steps=10, weight_decay=0.1, **kw)
+
+    ours, opt = routed_run(make, schedule=False)
+    first, first_opt = routed_run(make, steps=5, schedule=False)
+    second = [p.detach().clone().requires_grad_() for p in first]
+    second_opt = make(second)
+    second_opt.load_state_dict(first_opt.state_dict())
+    second_opt.param_groups[0]["foreach"] = False  # the loaded groups carry the routed run's foreach=None
+    gen = torch.Generator().manual_seed(0)  # replay the gradients of steps 6..10
+    for s in ROUTE_SHAPES:
+        torch.randn(s, generator=gen)
+    for step in range(10):
+        grads = [torch.randn(p.shape, generator=gen) * 0.1 * (1 + i) for i, p in enumerate(second)]
+        if step >= 5:
+            for p, g in zip(second, grads):
+                p.grad = g
+            second_opt.step()
+    assert c_kernel_calls == [len(ROUTE_SHAPES)] * 15  # 10 + 5 routed steps, none after the load
+    assert_same_run(ours, opt, second, second_opt, 1e-4)
+
+
+@pytest.mark.parametrize("change", [dict(keys="blocks", key_dim=16), dict(hidden=0), dict(preconditioner="identity"),
+                                    dict(activation="relu"), dict(eta2=0.1), dict(nonlinearity="newton_schulz"),
+                                    dict(weight_decay=0.1, decoupled_weight_decay=False)])
+def test_momenta_kernels_take_the_shipped_options_only(change):
+    """``_momenta_options`` (the CPU and CUDA routes' shared predicate) holds for the shipped configuration, with
+    or without a schedule and decoupled decay, and fails for each option the kernels do not implement."""
+    from deepopt.optimizers.deep_momentum import _momenta_options
+
+    from deepopt import DeepMomentum
+
+    shipped = DeepMomentum.pretrained([torch.zeros(3, requires_grad=True)], total_steps=20, weight_decay=0.1)
+    group = shipped.param_groups[0]
+    assert _momenta_options(group) and _momenta_options({**group, "lr_horizon": 0, "weight_decay": 0.0})
+    assert not _momenta_options({**group, **change})
+
+
+def test_rule_path_options_fall_back_from_the_c_kernel(c_kernel_calls):
+    """Options the kernel does not take, fp64 and non-contiguous parameters run the torch paths: no call."""
+
+    kw = dict(keys="momenta", hidden=8, preconditioner="adam", lr=1e-3)
+    routed_run(lambda ps: deepopt.DeepMomentum(ps, activation="relu", **kw), steps=2, schedule=False)
+    routed_run(lambda ps: deepopt.DeepMomentum(ps, **kw), steps=2, dtype=torch.float64, schedule=False)
+    strided = torch.zeros(6, 4)[:, ::2].requires_grad_()
+    opt = deepopt.DeepMomentum([strided], **kw)
+    strided.grad = torch.ones_like(strided)
+    opt.step()
+    assert c_kernel_calls == []
+    routed_run(lambda ps: deepopt.DeepMomentum(ps, **kw), steps=2, schedule=False)
+    assert c_kernel_calls == [len(ROUTE_SHAPES)] * 2
+
+
+def test_triton_route_takes_dense_fp32_bf16_lists_and_hidden_up_to_64():
+    """The CUDA route's tensor predicate (``deep_kernels.momenta_available``; the device check is the caller's),
+    on the metadata of CPU tensors: dense non-empty fp32/bf16 lists of one dtype, ``hidden`` a power of two ≤ 64."""
+    pytest.importorskip("triton")
+    from deepopt.optimizers import deep_kernels
+
+    fp32 = [torch.zeros(5, 3), torch.zeros(7)]
+    assert deep_kernels.momenta_available(fp32, 8) and deep_kernels.momenta_available(fp32, 64)
+    assert deep_kernels.momenta_available([t.bfloat16() for t in fp32], 1)
+    assert not deep_kernels.momenta_available(fp32, 12) and not deep_kernels.momenta_available(fp32, 128)
+    assert not deep_kernels.momenta_available([t.double() for t in fp32], 8)
+    assert not deep_kernels.momenta_available([torch.zeros(6, 4)[:, ::2]], 8)
+    assert not deep_kernels.momenta_available([torch.zeros(0)], 8)
+    assert not deep_kernels.momenta_available([fp32[0], fp32[1].bfloat16()], 8)
+
+
+@pytest.mark.parametrize("dtype,routed", [(torch.float32, True), (torch.bfloat16, True), (torch.float16, False),
+                                          (torch.float64, False)])
+def test_cuda_route_decision_on_fake_cuda_tensors(dtype, routed):
+    """On CUDA tensors (fakes: shapes, dtypes and the device, no GPU) the shipped optimizer's list goes to the
+    Triton kernels for fp32/bf16, to the torch path otherwise; the blocks layout never goes to them."""
+    pytest.importorskip("triton")
+    from deepopt.optimizers import deep_kernels
+    from deepopt.optimizers.deep_momentum import _momenta_kernel
+
+    from deepopt.bench import cuda_tensor, fake_cuda
+    from deepopt.rules.deep import init
+
+    one = [torch.zeros(1, requires_grad=True)]
+    groups = [deepopt.DeepMomentum.pretrained(one, total_steps=20, weight_decay=0.1).param_groups[0],
+              deepopt.DeepMomentum(one, hidden=16).param_groups[0]]
+    with fake_cuda() as mode:
+        params = [torch.nn.Parameter(cuda_tensor(mode, s, dtype)) for s in ROUTE_SHAPES]
+        for group in groups:
+            states = [init(p, group) for p in params]
+            want = routed and group["keys"] == "momenta"
+            assert (_momenta_kernel(group, params, states) is deep_kernels.momenta_step_) == want
+
+
+TRITON_ROUTE_CHECK = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, "tests")
+    import deepopt
+    from deepopt.optimizers import deep_kernels, deep_momentum
+    from test_momenta_kernels import assert_same_run, routed_run
+
+    # the CUDA branch of the route without its device check: the real Triton kernels, interpreted on CPU tensors
+    calls = []
+
+    def cuda_route(group, params, states):
+        if deep_momentum._momenta_options(group) and deep_kernels.momenta_available(params, group["hidden"]):
+            calls.append(len(params))
+            return deep_kernels.momenta_step_
+        return None
+
+    deep_momentum._momenta_kernel = cuda_route
+    shapes = [(7, 5), (1500,), (3,), (40, 33), (5000,)]
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        make = lambda ps, **kw: deepopt.DeepMomentum.pretrained(ps, total_steps=20, weight_decay=0.1, **kw)
+        ours, opt = routed_run(make, steps=4, shapes=shapes, dtype=dtype)
+        ref, ref_opt = routed_run(lambda ps: make(ps, foreach=False), steps=4, shapes=shapes, dtype=dtype)
+        assert_same_run(ours, opt, ref, ref_opt, tol)
+    assert calls == [len(shapes)] * 8, calls
+    print("routed Triton step equals the rule path")
+""")
+
+
+def test_routed_triton_step_equals_the_rule_path_under_the_interpreter():
+    """The CUDA route's glue (per-tensor lr_t and 1 − β₂ᵗ from the step counters, the counters advanced, fp32
+    copies of a bf16 memory written back) with the real Triton kernels under the interpreter, fp32 and bf16, equal
+    the rule path over 4 scheduled steps."""
+    pytest.importorskip("triton")
+    run_under_triton_interpreter(TRITON_ROUTE_CHECK, "routed Triton step equals the rule path")

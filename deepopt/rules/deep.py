@@ -277,13 +277,13 @@ def _momenta_step(value: Tensor, state: State, hp: Hparams, new_state: State) ->
 
 
 def has_schedule(hp: Hparams) -> bool:
-    """Whether the group's lr is scheduled (``lr_decay ≠ 0`` or ``lr_horizon > 0``): ``s_t ≠ 1``."""
+    """Whether the group has a learned schedule ``s_t`` (``lr_decay`` > 0 or ``lr_horizon`` > 0)."""
     return not T.is_zero(hp["lr_decay"]) or bool(hp["lr_horizon"])
 
 
 def lr_factor(step: Tensor, hp: Hparams, like: Tensor) -> Tensor | None:
     """``s_t`` (module docstring) at step ``step`` as a 0-dim fp32 (fp64 for fp64 ``like``) tensor, or ``None``
-    when the group has no schedule (``has_schedule``)."""
+    when the group has no schedule (``lr_decay = 0`` and ``lr_horizon = 0``)."""
     if not has_schedule(hp):
         return None
     t = T.step_float(step, like)
