@@ -47,6 +47,8 @@ TINY: dict[str, list[str]] = {
                   "--no-progress"],
     "hope class-incremental": ["--smoke", "--steps", "1", "--models", "transformer", "--test-samples", "1",
                                "--threads", "1", "--no-progress"],
+    "evaluate": ["--smoke", "--tasks", "tabular_mlp", "--methods", "adamw,learned", "--lrs", "0.003,0.03", "--seeds",
+                 "1", "--threads", "1"],
     "compare": ["--smoke", "--tasks", "digits_mlp", "--optimizers", "momentum", "--lrs", "1", "--seeds", "1",
                 "--threads", "1"],
 }
@@ -68,6 +70,7 @@ LATE: dict[str, tuple[list[str], str]] = {
     "hope niah": (["--eval-contexts", "0"], "--eval-contexts 0"),
     "hope mqar": (["--widths", "12"], "--widths"),
     "hope class-incremental": (["--classes-per-task", "3"], "--packages"),
+    "evaluate": (["--optimizer", "nosuch"], "--optimizer"),
     "compare": (["--span", "0"], "--span"),
 }
 
@@ -237,6 +240,7 @@ RESUMED: dict[str, list[tuple[str, object]]] = {  # command -> the files --resum
     "hope train": [("checkpoint.pt", truncate)],
     "hope mqar": [("runs.jsonl", corrupt_text)],
     "hope niah": [("runs.jsonl", corrupt_text)],
+    "evaluate": [("runs.jsonl", corrupt_text)],
 }
 
 
