@@ -135,3 +135,22 @@ def test_suite_tasks_are_held_out_and_deterministic():
             assert torch.equal(p, q)
         assert torch.equal(a.batch(3)[0], b.batch(3)[0])
         assert a.val_loss(a.model) == pytest.approx(b.val_loss(b.model))
+
+
+def test_pretrained_lr_benchmark_runs_the_family_and_refuses_a_bad_name(tmp_path):
+    """``benchmarks/pretrained_lr.py --smoke``: tasks of the shipped optimizer's own family, a loss per multiplier
+    with its ratio to the shipped lr's (1.00 for the shipped lr itself), the summary table; a bad name exits 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pretrained_lr.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    runs = [line for line in lines if line.startswith("[")]
+    assert len(runs) == 2 and all("×1 " in line and "(1.00; log-train" in line for line in runs)
+    assert any(line.startswith("| all | 2 |") for line in lines) and "pick the same multiplier on" in lines[-1]
+    bad = subprocess.run([sys.executable, str(script), "--name", str(tmp_path / "none")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--name" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
