@@ -466,7 +466,8 @@ def summarise(results: list[dict[str, Any]], tasks: Sequence[str], seeds: Sequen
 
 
 def table(summary: dict[str, Any], command: str) -> str:
-    """The README table: final validation loss (mean ± 95% CI) per task and method, speed-ups."""
+    """The README table: final validation loss (mean ± 95% CI; one seed: no interval, "n = 1") per task and
+    method, speed-ups."""
     methods = ["adamw", "muon", "learned", "learned_untuned"]
     extra = sorted({m for t in summary["tasks"].values() for m in t["methods"] if m.startswith("ablation:")})
     names = {"adamw": "AdamW + warm-up/cosine (tuned lr)", "muon": "Muon + AdamW (tuned lr)",
@@ -478,7 +479,8 @@ def table(summary: dict[str, Any], command: str) -> str:
         cells = []
         for m in methods + extra:
             s = t["methods"].get(m)
-            cells.append("n/a" if s is None else f"{s['mean']:.4f} ± {s['ci95']:.4f}")
+            cells.append("n/a" if s is None else f"{s['mean']:.4f} ± {s['ci95']:.4f}" if s["n"] > 1
+                         else f"{s['mean']:.4f} (n = 1)")
         ups = ", ".join(f"{u['speedup']:.2f}{'+' if u['censored'] else ''}" for u in t["speedup"])
         lines.append(f"| {task} ({t['steps']} steps) | " + " | ".join(cells) + f" | {ups} |")
     tg = summary["targets"]

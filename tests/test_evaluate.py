@@ -18,6 +18,7 @@ from deepopt.evaluate import (
     make_method,
     parse_optimizer,
     summarise,
+    table,
 )
 
 
@@ -125,6 +126,11 @@ def test_speedup_counts_tuned_adamw_steps_and_censors_at_2t():
     assert entry["untuned_at_most_tuned_adamw"] == (1.2 <= 1.0)
     assert entry["methods"]["learned_untuned"]["ci95"] == pytest.approx(12.706 * 0.6 / 2 ** 0.5 / 2 ** 0.5)
     assert iqm([1, 2, 3, 100]) == pytest.approx(2.5) and iqm([1.0] * 3) == 1.0
+    row_of = next(line for line in table(summary, "c").splitlines() if line.startswith("| t "))
+    assert "1.0000 ± " in row_of and "(n = 1)" not in row_of  # two seeds: a 95% interval
+    one_seed = summarise([r for r in results if r["seed"] == 0], ["t"], [0])
+    row_of = next(line for line in table(one_seed, "c").splitlines() if line.startswith("| t "))
+    assert "±" not in row_of and "1.0000 (n = 1)" in row_of  # one seed: no interval is printed as ± 0
 
 
 def test_suite_tasks_are_held_out_and_deterministic():
