@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -34,6 +33,7 @@ import torch
 from deepopt.meta_train.tasks import sample_task
 
 import deepopt
+from deepopt.checkpoint import load_json, load_pretrained
 from deepopt.pretrained import DEFAULT, resolve
 
 HELDOUT_BATCHES = 8
@@ -73,7 +73,7 @@ def summary(rows: list[dict], multipliers: list[float]) -> str:
         cells = [kind, str(len(group))]
         for m in multipliers:
             wins = sum(r["best"] == m for r in group)
-            ratios = [r["losses"][f"{m:g}"] / r["losses"]["1"] for r in group]
+            ratios = [r["losses"][m] / r["losses"][1.0] for r in group]
             gmean = math.exp(statistics.fmean(math.log(x) for x in ratios)) if all(0 < x < math.inf for x in ratios) \
                 else math.inf
             cells.append(f"{wins} / {gmean:.2f}")
@@ -95,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         folder = resolve(args.name)
-    except FileNotFoundError as err:
+        lr0 = load_pretrained(folder)[1]["lr"]
+        recipe = load_json(folder / "recipe.json") if (folder / "recipe.json").is_file() else {}
+    except (FileNotFoundError, ValueError) as err:
         print(f"pretrained_lr.py: --name: {err}", file=sys.stderr)
         return 2
     if args.tasks < 1 or any(not m > 0 for m in args.multipliers) or args.threads < 1:
         print("pretrained_lr.py: --tasks and --threads take integers >= 1, --multipliers numbers > 0", file=sys.stderr)
         return 2
-    recipe = json.loads((folder / "recipe.json").read_text()) if (folder / "recipe.json").is_file() else {}
     family = recipe.get("family", "general")
     horizons = recipe.get("horizons") or [recipe.get("horizon", 200)]
     multipliers = sorted(set(args.multipliers) | {1.0})
@@ -109,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         multipliers, horizons, n_tasks = [0.1, 1.0], [6], 2
     torch.set_num_threads(args.threads)
-    lr0 = json.loads((folder / "config.json").read_text())["hparams"]["lr"]
     print(f"{folder.name}: lr0 = {lr0:.3g}, family {family!r}, horizons {horizons}, multipliers {multipliers}",
           flush=True)
     rows = []
@@ -117,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.first_seed + i
         task, horizon = sample_task(family, seed), horizons[i % len(horizons)]
         started = time.perf_counter()
-        runs = {f"{m:g}": train(task, str(folder), horizon, m * lr0) for m in multipliers}
-        losses = {key: value[0] for key, value in runs.items()}
-        objective = {key: value[1] for key, value in runs.items()}
-        best = min(multipliers, key=lambda m: losses[f"{m:g}"])
-        picked = min(multipliers, key=lambda m: objective[f"{m:g}"])
+        runs = {m: train(task, str(folder), horizon, m * lr0) for m in multipliers}
+        losses = {m: value[0] for m, value in runs.items()}
+        objective = {m: value[1] for m, value in runs.items()}
+        best = min(multipliers, key=losses.get)
+        picked = min(multipliers, key=objective.get)
         rows.append({"task": task.name, "seed": seed, "horizon": horizon, "losses": losses, "best": best,
                      "objective": objective, "objective_best": picked})
-        cells = "  ".join(f"×{m:g} {losses[f'{m:g}']:.4g} ({losses[f'{m:g}'] / losses['1']:.2f}; "
-                          f"log-train {objective[f'{m:g}']:.2f})" for m in multipliers)
+        cells = "  ".join(f"×{m:g} {losses[m]:.4g} ({losses[m] / losses[1.0]:.2f}; log-train {objective[m]:.2f})"
+                          for m in multipliers)
         print(f"[{i + 1}/{n_tasks}] {task.name} T={horizon}: {cells}  best ×{best:g}, objective's ×{picked:g} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
     print(summary(rows, multipliers))
