@@ -16,9 +16,12 @@ Threads (pthreads, ``torch.get_num_threads()``) split every large tensor's block
 each reduction; small tensors are left to one thread.  Sums of squares and C are accumulated in double.
 
 The C source below is compiled on first use with the system's C compiler (``$CC``, else ``cc``; ``-O3
--march=native``) into ``$DEEPOPT_CACHE/kernels`` (default ``~/.cache/deepopt/kernels``), once per source, block
-shape and CPU, and loaded with ``ctypes``.  Without a compiler, or with ``DEEPOPT_CPU_KERNELS=0``, ``available``
-is False and ``DeepMomentum`` takes its torch loop, the same rule.
+-march=native``, then ``$DEEPOPT_CPU_KERNEL_FLAGS`` split on spaces, e.g. ``-mno-avx512f``) into
+``$DEEPOPT_CACHE/kernels`` (default ``~/.cache/deepopt/kernels``), once per source, flags, block shape and CPU,
+and loaded with ``ctypes``.  The exponentials, square roots and reciprocals use AVX-512 where the CPU has it
+(vectors of 16 coordinates in the momenta layout), else AVX2 + FMA (8), else plain vector code.  Without a
+compiler, or with ``DEEPOPT_CPU_KERNELS=0``, ``available`` is False and ``DeepMomentum`` takes its torch loop, the
+same rule.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ SOURCE = r"""
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -140,6 +143,30 @@ static inline __m512 exp512(__m512 v) {
 }
 #define EXP_FAST(V, I, x) do { \
     if (sizeof(V) == 64) { __m512 v_; memcpy(&v_, &x, 64); v_ = exp512(v_); memcpy(&x, &v_, 64); } \
+    else EXP_PORTABLE(V, I, x); \
+} while (0)
+#elif defined(__AVX2__) && defined(__FMA__)
+/* e^x with AVX2 + FMA: the same reduction and polynomial, 2^k built in the exponent bits */
+static inline __m256 exp256(__m256 v) {
+    __m256 k, r, x, q;
+    v = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), v));
+    k = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), v);
+    x = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    q = _mm256_fmadd_ps(x, _mm256_set1_ps(0.0013888889225199819f), _mm256_set1_ps(0.0083333337679505348f));
+    q = _mm256_fmadd_ps(x, q, _mm256_set1_ps(0.041666667908430099f));
+    q = _mm256_fmadd_ps(x, q, _mm256_set1_ps(0.16666667163372040f));
+    q = _mm256_fmadd_ps(x, q, _mm256_set1_ps(0.5f));
+    q = _mm256_fmadd_ps(x, q, _mm256_set1_ps(1.0f));
+    q = _mm256_fmadd_ps(x, q, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(q, _mm256_castsi256_ps(e));
+}
+#define EXP_FAST(V, I, x) do { \
+    if (sizeof(V) % 32 == 0) \
+        for (int o_ = 0; o_ < (int)sizeof(V); o_ += 32) { \
+            __m256 v_; memcpy(&v_, (char *)&x + o_, 32); v_ = exp256(v_); memcpy((char *)&x + o_, &v_, 32); } \
     else EXP_PORTABLE(V, I, x); \
 } while (0)
 #else
@@ -284,7 +311,11 @@ int deep_momentum_step(int T, float **p, const float **g, float **m, float **w1,
 /* ---- keys="momenta" (the shipped learned optimizer): every coordinate one key, one pass per tensor ----
    H hidden units, MJ time scales (compile-time: -DH=.. -DMJ=..), F = 2 + MJ features; VL coordinates a vector. */
 #ifdef MJ
-#define VL 16
+#if defined(__AVX512F__)
+#define VL 16   /* one zmm register a vector: acc[H] and the keys stay in the 32 registers */
+#else
+#define VL 8    /* one ymm register (AVX2): 16 wide would spill acc[H] out of the 16 registers */
+#endif
 typedef float vc __attribute__((vector_size(4 * VL)));
 typedef int32_t vci __attribute__((vector_size(4 * VL)));
 static inline vc load_c(const float *x) { vc v; memcpy(&v, x, sizeof v); return v; }
@@ -299,6 +330,13 @@ static inline vc sqrt_c(vc x) {
         v = _mm512_sqrt_ps(v);
         memcpy((float *)&x + 16 * half, &v, 64);
     }
+#elif defined(__AVX__)
+    for (int half = 0; half < VL / 8; half++) {
+        __m256 v;
+        memcpy(&v, (float *)&x + 8 * half, 32);
+        v = _mm256_sqrt_ps(v);
+        memcpy((float *)&x + 8 * half, &v, 32);
+    }
 #else
     for (int i = 0; i < VL; i++) x[i] = sqrtf(x[i]);
 #endif
@@ -311,6 +349,14 @@ static inline vc recip_c(vc x) {
         r = _mm512_rcp14_ps(v);
         r = _mm512_mul_ps(r, _mm512_fnmadd_ps(v, r, _mm512_set1_ps(2.0f)));
         memcpy((float *)&x + 16 * half, &r, 64);
+    }
+    return x;
+#elif defined(__AVX2__) && defined(__FMA__)
+    for (int half = 0; half < VL / 8; half++) {   /* rcp (12 bits) and a Newton step */
+        __m256 v, r; memcpy(&v, (float *)&x + 8 * half, 32);
+        r = _mm256_rcp_ps(v);
+        r = _mm256_mul_ps(r, _mm256_fnmadd_ps(v, r, _mm256_set1_ps(2.0f)));
+        memcpy((float *)&x + 8 * half, &r, 32);
     }
     return x;
 #else
@@ -451,7 +497,8 @@ def _build(name: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | Non
     if compiler is None:
         log.info("deepopt: no C compiler found; DeepMomentum uses its torch CPU loop")
         return None
-    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11", *(f"-D{k}={v}" for k, v in defines)]
+    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11", *(f"-D{k}={v}" for k, v in defines),
+             *os.environ.get("DEEPOPT_CPU_KERNEL_FLAGS", "").split()]
     digest = hashlib.sha256("\n".join([SOURCE, compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"deep_momentum_{name}_{digest}.so"
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from deepopt.optimizers import deep_cpu
@@ -50,6 +52,22 @@ def test_kernel_follows_the_rule_in_float32(options, kernel_calls):
         for k in ("W1", "momentum_buffer"):
             x, y = opt.state[a][k], ref_opt.state[b][k]
             assert (x - y).abs().max() <= 1e-4 * y.abs().max(), k
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa_flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"])
+def test_kernel_follows_the_rule_on_each_instruction_set(isa_flags, kernel_calls, monkeypatch):
+    """The AVX2 + FMA and plain-vector exponentials (an AVX-512 machine takes neither by default), built with
+    those instruction sets turned off (on a CPU without them, the default build again)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 instruction-set flags")
+    monkeypatch.setenv("DEEPOPT_CPU_KERNEL_FLAGS", isa_flags)
+    deep_cpu._library.cache_clear()
+    try:
+        assert deep_cpu.available(16, 16, "tanh")
+        test_kernel_follows_the_rule_in_float32({}, kernel_calls)
+    finally:
+        deep_cpu._library.cache_clear()
 
 
 @needs_kernel

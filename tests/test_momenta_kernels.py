@@ -1,9 +1,8 @@
 """The shipped learned optimizer's step (DeepMomentum, ``keys="momenta"``: Adam preconditioner, tanh features, dot
-objective, W₂ fixed, decoupled weight decay; ``/work`` note ``shipped_config.md``, helper ``learned``'s rule) run fused:
-the C kernel (``deep_cpu.momenta_step_``) and the Triton kernels (``deep_kernels.momenta_step_``, under the
-interpreter) against the equations in float64."""
+objective, W₂ fixed, decoupled weight decay) run fused: the C kernel (``deep_cpu.momenta_step_``) and the Triton
+kernels (``deep_kernels.momenta_step_``, under the interpreter) against the equations in float64."""
 
-
+import platform
 import textwrap
 
 import pytest
@@ -62,6 +61,21 @@ def test_c_kernel_equals_the_equations(threads, hidden):
                            hp["beta2"], hp["eps"], hp["eta"], hp["wd"], threads=threads)
     for i, w in enumerate(want):
         check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
+
+
+@pytest.mark.parametrize("isa_flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"])
+def test_c_kernel_equals_the_equations_on_each_instruction_set(isa_flags, monkeypatch):
+    """The AVX2 + FMA and the plain-vector code paths (an AVX-512 machine takes neither by default) built with
+    those instruction sets turned off; on a CPU without them the build is the default one again."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 instruction-set flags")
+    monkeypatch.setenv("DEEPOPT_CPU_KERNEL_FLAGS", isa_flags)
+    deep_cpu._momenta_library.cache_clear()
+    try:
+        assert deep_cpu.momenta_available(H, J)
+        test_c_kernel_equals_the_equations(2, H)
+    finally:
+        deep_cpu._momenta_library.cache_clear()
 
 
 TRITON_CHECK = textwrap.dedent("""
