@@ -374,20 +374,23 @@ typedef struct {
     int go;
 } mctx_t;
 
-/* VL coordinates i0.. of tensor t: the rule's per-coordinate step; C[h] += p_i tanh(z_ih) in `acc` */
-static inline __attribute__((always_inline)) void momenta_block(const mctx_t *c, int t, float *p, const float *g,
-                                                                float *m, float *v, float *e,
-                                 int64_t n, int64_t i0, const float *w1, const float *w2, vc acc[H]) {
-    const float lr = c->lr[t], inv_bc2 = 1.0f / c->bc2[t], alpha = c->alpha;
-    vc gv = load_c(g + i0), vv = c->beta2 * load_c(v + i0) + (1.0f - c->beta2) * gv * gv;
+/* One tensor's scalars, copied out of the context so that the stores of a block cannot alias them */
+typedef struct { float lr, inv_bc2, alpha, beta2, eps, wd, gamma[MJ]; } mscal_t;
+
+/* VL coordinates i0.. of a tensor: the rule's per-coordinate step; C[h] += p_i tanh(z_ih) in `acc`.  w2n = -2 W2
+   (tanh(z) = 2 sigma(2z) - 1 = 2/(1 + e^{-2z}) - 1) */
+static inline __attribute__((always_inline)) void momenta_block(const mscal_t k, float *p, const float *g,
+                                                                float *m, float *v, float *e, int64_t n, int64_t i0,
+                                                                const float *w1, const float *w2n, vc acc[H]) {
+    vc gv = load_c(g + i0), vv = k.beta2 * load_c(v + i0) + (1.0f - k.beta2) * gv * gv;
     store_c(v + i0, vv);
-    vc pv = gv / (sqrt_c(vv * inv_bc2) + c->eps), mv = alpha * load_c(m + i0) + pv, key[2 + MJ];
+    vc pv = gv / (sqrt_c(vv * k.inv_bc2) + k.eps), mv = k.alpha * load_c(m + i0) + pv, key[2 + MJ];
     store_c(m + i0, mv);
     key[0] = pv;
-    key[1] = (1.0f - alpha) * mv;
+    key[1] = (1.0f - k.alpha) * mv;
 #pragma GCC unroll 8
     for (int j = 0; j < MJ; j++) {
-        vc ej = c->gamma[j] * load_c(e + j * n + i0) + (1.0f - c->gamma[j]) * pv;
+        vc ej = k.gamma[j] * load_c(e + j * n + i0) + (1.0f - k.gamma[j]) * pv;
         store_c(e + j * n + i0, ej);
         key[2 + j] = ej;
     }
@@ -396,15 +399,14 @@ static inline __attribute__((always_inline)) void momenta_block(const mctx_t *c,
     for (int h = 0; h < H; h++) {   /* unrolled: acc and key stay in registers */
         vc z = (vc){0};
 #pragma GCC unroll 8
-        for (int f = 0; f < 2 + MJ; f++) z += w2[h * (2 + MJ) + f] * key[f];
-        z = -2.0f * z;
+        for (int f = 0; f < 2 + MJ; f++) z += w2n[h * (2 + MJ) + f] * key[f];
         EXP_FAST(vc, vci, z);
-        vc phi = 2.0f * recip_c(1.0f + z) - 1.0f;          /* tanh = 2 sigma(2z) - 1 */
+        vc phi = 2.0f * recip_c(1.0f + z) - 1.0f;
         read += w1[h] * phi;
         acc[h] += pv * phi;
     }
     vc w = load_c(p + i0);
-    store_c(p + i0, w - lr * (mv + read + c->wd * w));     /* W - lr_t (u + wd W): decoupled decay */
+    store_c(p + i0, w - k.lr * (mv + read + k.wd * w));     /* W - lr_t (u + wd W): decoupled decay */
 }
 
 static void *momenta_worker(void *argp) {
@@ -420,15 +422,19 @@ static void *momenta_worker(void *argp) {
         double *slot = c->corr + ((int64_t)(t & 1) * c->nt + tid) * H;
         if (tid < team) {
             const int64_t b0 = nv * tid / team, b1 = nv * (tid + 1) / team;
-            float *w1 = c->w1[t];
-            const float *w2 = c->w2[t];
+            float w1[H], w2n[H * (2 + MJ)];
+            for (int h = 0; h < H; h++) w1[h] = c->w1[t][h];
+            for (int f = 0; f < H * (2 + MJ); f++) w2n[f] = -2.0f * c->w2[t][f];
+            mscal_t k = {c->lr[t], 1.0f / c->bc2[t], c->alpha, c->beta2, c->eps, c->wd, {0}};
+            for (int j = 0; j < MJ; j++) k.gamma[j] = c->gamma[j];
+            float *p = c->p[t], *m = c->m[t], *v = c->v[t], *e = c->e[t];
+            const float *g = c->g[t];
             for (int h = 0; h < H; h++) slot[h] = 0.0;
             vc acc[H];
             for (int64_t bs = b0; bs < b1; bs += FLUSH) {
                 for (int h = 0; h < H; h++) acc[h] = (vc){0};
                 const int64_t be = bs + FLUSH < b1 ? bs + FLUSH : b1;
-                for (int64_t b = bs; b < be; b++)
-                    momenta_block(c, t, c->p[t], c->g[t], c->m[t], c->v[t], c->e[t], n, b * VL, w1, w2, acc);
+                for (int64_t b = bs; b < be; b++) momenta_block(k, p, g, m, v, e, n, b * VL, w1, w2n, acc);
                 for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
             }
             if (tid == team - 1 && nv * VL < n) {   /* the tail, zero-padded: p = 0 there adds nothing to C */
@@ -441,7 +447,7 @@ static void *momenta_worker(void *argp) {
                     for (int j = 0; j < MJ; j++) te[j * VL + i] = c->e[t][j * n + nv * VL + i];
                 }
                 for (int h = 0; h < H; h++) acc[h] = (vc){0};
-                momenta_block(c, t, tp, tg, tm, tv, te, VL, 0, w1, w2, acc);
+                momenta_block(k, tp, tg, tm, tv, te, VL, 0, w1, w2n, acc);
                 for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
                 for (int64_t i = 0; i < r; i++) {
                     c->p[t][nv * VL + i] = tp[i]; c->m[t][nv * VL + i] = tm[i]; c->v[t][nv * VL + i] = tv[i];
