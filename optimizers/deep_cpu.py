@@ -109,36 +109,49 @@ typedef struct {
     int go;                          /* the start gate: nt is final once it is set */
 } ctx_t;
 
-/* e^x, x clamped to [-87, 88]: x = k ln2 + r, e^r by a degree-6 polynomial (relative error ~2e-7), for any
-   vector type V of floats with I its int32 twin */
+/* e^x, x clamped to [-87, 88]: x = k ln2 + r (ln2 in two parts), e^r by a degree-6 polynomial (relative error
+   ~2e-7); the constants of every version below */
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693145751953125f
+#define EXP_LN2_LO 1.428606765330187045e-06f
+#define EXP_C3 0.16666667163372040f
+#define EXP_C4 0.041666667908430099f
+#define EXP_C5 0.0083333337679505348f
+#define EXP_C6 0.0013888889225199819f
+
+/* e^x for any vector type V of floats with I its int32 twin */
 #define EXP_PORTABLE(V, I, x) do { \
     const V lo_ = (V){0} - 87.0f, hi_ = (V){0} + 88.0f; \
     x = (V)((((I)(x < lo_)) & (I)lo_) | (~((I)(x < lo_)) & (I)x)); \
     x = (V)((((I)(x > hi_)) & (I)hi_) | (~((I)(x > hi_)) & (I)x)); \
-    V k_ = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round to nearest */ \
-    V r_ = x - k_ * 0.693145751953125f - k_ * 1.428606765330187045e-06f; \
-    V q_ = 1.0f + r_ * (1.0f + r_ * (0.5f + r_ * (0.16666667163372040f + r_ * (0.041666667908430099f \
-           + r_ * (0.0083333337679505348f + r_ * 0.0013888889225199819f))))); \
+    V k_ = (x * EXP_LOG2E + 12582912.0f) - 12582912.0f;   /* round to nearest */ \
+    V r_ = x - k_ * EXP_LN2_HI - k_ * EXP_LN2_LO; \
+    V q_ = 1.0f + r_ * (1.0f + r_ * (0.5f + r_ * (EXP_C3 + r_ * (EXP_C4 + r_ * (EXP_C5 + r_ * EXP_C6))))); \
     I e_ = (__builtin_convertvector(k_, I) + 127) << 23; \
     x = q_ * (V)e_; \
 } while (0)
 
+/* The clamp, reduction and polynomial in the intrinsics of one family P (_mm512, _mm256), ROUND(y) rounding to
+   nearest: sets k = round(v log2 e) and q = e^r, so that e^v = q 2^k.  min/max return their second operand when
+   one is NaN: a NaN stays NaN, as in the rule */
+#define EXP_SIMD(P, ROUND, v, k, r, q) do { \
+    v = P##_min_ps(P##_set1_ps(88.0f), P##_max_ps(P##_set1_ps(-87.0f), v)); \
+    k = ROUND(P##_mul_ps(v, P##_set1_ps(EXP_LOG2E))); \
+    r = P##_fnmadd_ps(k, P##_set1_ps(EXP_LN2_LO), P##_fnmadd_ps(k, P##_set1_ps(EXP_LN2_HI), v)); \
+    q = P##_fmadd_ps(r, P##_set1_ps(EXP_C6), P##_set1_ps(EXP_C5)); \
+    q = P##_fmadd_ps(r, q, P##_set1_ps(EXP_C4)); \
+    q = P##_fmadd_ps(r, q, P##_set1_ps(EXP_C3)); \
+    q = P##_fmadd_ps(r, q, P##_set1_ps(0.5f)); \
+    q = P##_fmadd_ps(r, q, P##_set1_ps(1.0f)); \
+    q = P##_fmadd_ps(r, q, P##_set1_ps(1.0f)); \
+} while (0)
+
 #if defined(__AVX512F__)
-/* e^x with AVX-512's min/max, rounding and scaling by 2^k (max/min return their second operand when one is
-   NaN: a NaN stays NaN, as in the rule) */
+#define ROUND512(y) _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* e^x with AVX-512: q 2^k by scalef */
 static inline __m512 exp512(__m512 v) {
-    __m512 k, r, x, q;
-    v = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), v));
-    k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), v);
-    x = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    q = _mm512_fmadd_ps(x, _mm512_set1_ps(0.0013888889225199819f), _mm512_set1_ps(0.0083333337679505348f));
-    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(0.041666667908430099f));
-    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(0.16666667163372040f));
-    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(0.5f));
-    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(1.0f));
-    q = _mm512_fmadd_ps(x, q, _mm512_set1_ps(1.0f));
+    __m512 k, r, q;
+    EXP_SIMD(_mm512, ROUND512, v, k, r, q);
     return _mm512_scalef_ps(q, k);
 }
 #define EXP_FAST(V, I, x) do { \
@@ -146,20 +159,11 @@ static inline __m512 exp512(__m512 v) {
     else EXP_PORTABLE(V, I, x); \
 } while (0)
 #elif defined(__AVX2__) && defined(__FMA__)
-/* e^x with AVX2 + FMA: the same reduction and polynomial, 2^k built in the exponent bits */
+#define ROUND256(y) _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* e^x with AVX2 + FMA: 2^k built in the exponent bits */
 static inline __m256 exp256(__m256 v) {
-    __m256 k, r, x, q;
-    v = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), v));
-    k = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
-                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), v);
-    x = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187045e-06f), r);
-    q = _mm256_fmadd_ps(x, _mm256_set1_ps(0.0013888889225199819f), _mm256_set1_ps(0.0083333337679505348f));
-    q = _mm256_fmadd_ps(x, q, _mm256_set1_ps(0.041666667908430099f));
-    q = _mm256_fmadd_ps(x, q, _mm256_set1_ps(0.16666667163372040f));
-    q = _mm256_fmadd_ps(x, q, _mm256_set1_ps(0.5f));
-    q = _mm256_fmadd_ps(x, q, _mm256_set1_ps(1.0f));
-    q = _mm256_fmadd_ps(x, q, _mm256_set1_ps(1.0f));
+    __m256 k, r, q;
+    EXP_SIMD(_mm256, ROUND256, v, k, r, q);
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(q, _mm256_castsi256_ps(e));
 }
@@ -442,16 +446,15 @@ static void *momenta_worker(void *argp) {
                 float tp[VL] = {0}, tg[VL] = {0}, tm[VL] = {0}, tv[VL] = {0}, te[MJ * VL];
                 memset(te, 0, sizeof te);
                 for (int64_t i = 0; i < r; i++) {
-                    tp[i] = c->p[t][nv * VL + i]; tg[i] = c->g[t][nv * VL + i];
-                    tm[i] = c->m[t][nv * VL + i]; tv[i] = c->v[t][nv * VL + i];
-                    for (int j = 0; j < MJ; j++) te[j * VL + i] = c->e[t][j * n + nv * VL + i];
+                    tp[i] = p[nv * VL + i]; tg[i] = g[nv * VL + i]; tm[i] = m[nv * VL + i]; tv[i] = v[nv * VL + i];
+                    for (int j = 0; j < MJ; j++) te[j * VL + i] = e[j * n + nv * VL + i];
                 }
                 for (int h = 0; h < H; h++) acc[h] = (vc){0};
                 momenta_block(k, tp, tg, tm, tv, te, VL, 0, w1, w2n, acc);
                 for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
                 for (int64_t i = 0; i < r; i++) {
-                    c->p[t][nv * VL + i] = tp[i]; c->m[t][nv * VL + i] = tm[i]; c->v[t][nv * VL + i] = tv[i];
-                    for (int j = 0; j < MJ; j++) c->e[t][j * n + nv * VL + i] = te[j * VL + i];
+                    p[nv * VL + i] = tp[i]; m[nv * VL + i] = tm[i]; v[nv * VL + i] = tv[i];
+                    for (int j = 0; j < MJ; j++) e[j * n + nv * VL + i] = te[j * VL + i];
                 }
             }
         }
