@@ -760,27 +760,31 @@ if triton is not None:
         bh = tl.program_id(0)
         h = bh % H
         rc, rd, rh = tl.arange(0, C), tl.arange(0, D), tl.arange(0, HID)
-        w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)
         size = N_MEM * D * HID
         scr = scr_ptr + bh.to(tl.int64) * (2 * C * C)
         a1, a2 = a1_ptr + bh.to(tl.int64) * size, a2_ptr + bh.to(tl.int64) * size
         off1 = rd[:, None] * HID + rh[None, :]  # (D, HID) in a (D, HID) matrix
         off2 = rh[None, :] * D + rd[:, None]  # (D, HID) view of the transpose of a (HID, D) matrix
-        dwe, dwa = tl.zeros([D], dtype=tl.float32), tl.zeros([D], dtype=tl.float32)
-        dbe, dba = tl.sum(dwe, 0), tl.sum(dwa, 0)
+        # dw_η, db_η, dw_α, db_α summed over the chunks in the program's slot of dp (not held in registers)
+        dp = dp_ptr + bh * (2 * D + 2)
+        zero = tl.zeros([D], dtype=tl.float32)
+        tl.store(dp + rd, zero)
+        tl.store(dp + D, tl.sum(zero, 0))
+        tl.store(dp + D + 1 + rd, zero)
+        tl.store(dp + 2 * D + 1, tl.sum(zero, 0))
         for i in range(n_chunks):
             c = n_chunks - 1 - i
             t = c * C + rc
             valid = t < T
             io = (bh.to(tl.int64) * T + t)[:, None] * D + rd[None, :]
             u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)  # per chunk, not held
             start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
             s1, s2 = s1_ptr + start, s2_ptr + start
-            k, v, eta, log_alpha, xe, xa, A, E, last, a_c, b2, om, N2, M2 = _chunk_start(
+            k, v, eta_f, la_f, xe_f, xa_f, A, E, last, a_c, b2, om, N2, M2 = _chunk_start(
                 u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D, HID, C, LEARNS, SEQ,
                 DELTA_GD, PREC)
             dk, dv = tl.zeros([C, D], dtype=tl.float32), tl.zeros([C, D], dtype=tl.float32)
-            dq = tl.load(dy_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
             dE, dX2 = tl.zeros([C, C], dtype=tl.float32), tl.zeros([C, C], dtype=tl.float32)
             dA, dlast, db2 = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32), \
                 tl.zeros([C], dtype=tl.float32)
@@ -804,26 +808,33 @@ if triton is not None:
                 if m == N_MEM - 1:  # the output y (chunk_vjp's "output" block)
                     q = tl.load(q_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
                     dy = tl.load(dy_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
-                    zq, hq, y_b = _output(q, k, A, E, w1, w2t, hm, U1, U2, PREC)
-                    dA += tl.sum(dy * _dot(hq, tl.trans(w1), PREC), 1)
-                    dhq = A[:, None] * _dot(dy, w1, PREC)
+                    dq = dy
+                    # W₁, W₂ᵀ reloaded and h recomputed per block (here and below): held from the factors to the
+                    # values, they and their dot-operand copies spilled (docs/notes/titans-kernels.md)
+                    w1o, w2to = _state(s1, s2, m, D, HID)
+                    hmo = _silu(_dot(k, w2to, PREC))
+                    zq, hq, y_b = _output(q, k, A, E, w1o, w2to, hmo, U1, U2, PREC)
+                    dA += tl.sum(dy * _dot(hq, tl.trans(w1o), PREC), 1)
+                    dhq = A[:, None] * _dot(dy, w1o, PREC)
                     dw1 += _dot(tl.trans(A[:, None] * dy), hq, PREC)
-                    P2, Y2 = _dot(hq, tl.trans(hm), PREC), _dot(dy, tl.trans(U1), PREC)
+                    P2, Y2 = _dot(hq, tl.trans(hmo), PREC), _dot(dy, tl.trans(U1), PREC)
                     dE += Y2 * P2
-                    dhq += _dot(Y2 * E, hm, PREC)
+                    dhq += _dot(Y2 * E, hmo, PREC)
                     dh += _dot(tl.trans(Y2 * E), hq, PREC)
                     dU1 += _dot(tl.trans(E * P2), dy, PREC)
                     dzq = dhq * _silu_grad(zq)
-                    dA += tl.sum(dzq * _dot(q, w2t, PREC), 1)
-                    dq += A[:, None] * _dot(dzq, tl.trans(w2t), PREC)
+                    dA += tl.sum(dzq * _dot(q, w2to, PREC), 1)
+                    dq += A[:, None] * _dot(dzq, tl.trans(w2to), PREC)
                     dw2t += _dot(tl.trans(q), A[:, None] * dzq, PREC)
                     Sq, Y1 = _dot(q, tl.trans(k), PREC), _dot(dzq, tl.trans(U2), PREC)
                     dE += Y1 * Sq
                     dq += _dot(Y1 * E, k, PREC)
+                    tl.store(dq_ptr + io, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
                     dk += _dot(tl.trans(Y1 * E), q, PREC)
                     dU2 += _dot(tl.trans(E * Sq), dzq, PREC)
                 # steps: U = N (b ⊙ ν), N = (I + diag(b)M)⁻¹ (SEQ) or I
                 if SEQ:
+                    N1 = tl.load(scr + C * C + rc[:, None] * C + rc[None, :])  # N1 as _kernel_solve left it
                     dr1 = _dot(tl.trans(N1), dU1, PREC)
                     dX1 = _kernel_solve_dx(dr1, U1, C, PREC)
                     db1 = tl.sum(dr1 * nu1, 1) + tl.sum(dX1 * M1, 1)
@@ -846,13 +857,15 @@ if triton is not None:
                 db2 += db1 / nh
                 dh -= 2 * hm * (db1 * b1 / nh)[:, None]
                 # ν₁ = V − k − ω·hW₁ᵀ,  ν₂ = −g/n₁ − ω·z (Delta GD)
+                w1r, w2tr = _state(s1, s2, m, D, HID)
+                hmr = _silu(_dot(k, w2tr, PREC))
                 dV = dnu1
                 dk -= dnu1
                 dread = -om[:, None] * dnu1
-                dh += _dot(dread, w1, PREC)
-                dw1 += _dot(tl.trans(dread), hm, PREC)
+                dh += _dot(dread, w1r, PREC)
+                dw1 += _dot(tl.trans(dread), hmr, PREC)
                 dg = -dnu2 / n1
-                dw1 += 2 * w1 * (tl.sum(tl.sum(dnu2 * g, 1), 0) / (n1 * n1))
+                dw1 += 2 * w1r * (tl.sum(tl.sum(dnu2 * g, 1), 0) / (n1 * n1))
                 dz = tl.zeros([C, HID], dtype=tl.float32)
                 if DELTA_GD:
                     dz -= om[:, None] * dnu2
@@ -861,26 +874,28 @@ if triton is not None:
                     if DELTA_GD:
                         dA -= tl.sum(dnu2 * z, 1)
                 # factors: z = k W₂ᵀ, h = σ(z), e = k + h W₁ᵀ − V, g = σ'(z) ⊙ e W₁
+                w1r, w2tr = _state(s1, s2, m, D, HID)
                 s1g = _silu_grad(z)
                 dew = dg * s1g
-                de = _dot(dew, tl.trans(w1), PREC)
+                de = _dot(dew, tl.trans(w1r), PREC)
                 dw1 += _dot(tl.trans(e), dew, PREC)
-                dz += dg * _dot(e, w1, PREC) * _silu_grad2(z)
+                dz += dg * _dot(e, w1, PREC) * _silu_grad2(z)  # (w1: the compiler reuses g's product eW₁)
                 dk += de
-                dh += _dot(de, w1, PREC)
-                dw1 += _dot(tl.trans(de), hm, PREC)
+                dh += _dot(de, w1r, PREC)
+                dw1 += _dot(tl.trans(de), hmr, PREC)
                 dV -= de
                 dz += dh * s1g
-                dk += _dot(dz, tl.trans(w2t), PREC)
+                dk += _dot(dz, tl.trans(w2tr), PREC)
                 dw2t += _dot(tl.trans(k), dz, PREC)
                 # values: V = Vraw/‖Vraw‖, Vraw = v + σ(v W₂ᵀ) W₁ᵀ
+                w1r, w2tr = _state(s1, s2, m, D, HID)
                 dVraw = (dV - V * tl.sum(dV * V, 1)[:, None]) / tl.maximum(tl.sqrt(tl.sum(Vraw * Vraw, 1)),
                                                                              1e-12)[:, None]
                 dv += dVraw
                 dw1 += _dot(tl.trans(dVraw), Pv, PREC)
-                dZv = _dot(dVraw, w1, PREC) * _silu_grad(Zv)
+                dZv = _dot(dVraw, w1r, PREC) * _silu_grad(Zv)
                 dw2t += _dot(tl.trans(v), dZv, PREC)
-                dv += _dot(dZv, tl.trans(w2t), PREC)
+                dv += _dot(dZv, tl.trans(w2tr), PREC)
                 if HAS_DS:  # the cotangent of this boundary state as an output of the op
                     dw1 += tl.load(ds1_ptr + start + m * D * HID + off1).to(tl.float32)
                     dw2t += tl.load(ds2_ptr + start + m * HID * D + off2).to(tl.float32)
@@ -901,19 +916,31 @@ if triton is not None:
             EE = dE * E
             dL = tl.sum(EE, 1) - tl.sum(EE, 0) + dA * A
             dlog_alpha = tl.sum(dL, 0) - tl.cumsum(dL, 0) + dL  # Σ_{t ≥ r} dL_t
+            # u, k, η, log α, u + R_η, u + R_α reloaded and recomputed here rather than held through pass 2
+            u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)
+            k_r, v_r, eta, log_alpha, xe, xa = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid,
+                                                             eta_scale, D, HID, LEARNS, PREC)
             if LEARNS:
                 d_eta_logit = tl.where(valid, deta * eta * (1 - eta / tl.maximum(eta_scale, 1e-30)), 0.0)
                 d_alpha_logit = tl.where(valid, dlog_alpha * (1 - tl.exp(log_alpha)), 0.0)
             else:
                 d_eta_logit, d_alpha_logit = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32)
-            dwe += tl.sum(d_eta_logit[:, None] * xe, 0)
-            dbe += tl.sum(d_eta_logit, 0)
-            dwa += tl.sum(d_alpha_logit[:, None] * xa, 0)
-            dba += tl.sum(d_alpha_logit, 0)
+            tl.debug_barrier()  # the previous chunk's (or the zeros') stores to dp before its loads
+            dwe = tl.load(dp + rd) + tl.sum(d_eta_logit[:, None] * xe, 0)
+            dbe = tl.load(dp + D) + tl.sum(d_eta_logit, 0)
+            dwa = tl.load(dp + D + 1 + rd) + tl.sum(d_alpha_logit[:, None] * xa, 0)
+            dba = tl.load(dp + 2 * D + 1) + tl.sum(d_alpha_logit, 0)
+            tl.debug_barrier()  # every thread's loads before the stores
+            tl.store(dp + rd, dwe)
+            tl.store(dp + D, dbe)
+            tl.store(dp + D + 1 + rd, dwa)
+            tl.store(dp + 2 * D + 1, dba)
             # k = kv₀/‖kv₀‖ (‖kv₀‖ recomputed from k's reads), v = u + R_v, logits = (u + R_□)·w_□ + b_□
             w1, w2t = _state(s1, s2, 0, D, HID)
             kv0 = u + _read(u, w1, w2t, PREC)
-            dkv0 = (dk - k * tl.sum(dk * k, 1)[:, None]) / tl.maximum(tl.sqrt(tl.sum(kv0 * kv0, 1)), 1e-12)[:, None]
+            dkv0 = (dk - k_r * tl.sum(dk * k_r, 1)[:, None]) / tl.maximum(tl.sqrt(tl.sum(kv0 * kv0, 1)),
+                                                                          1e-12)[:, None]
             de_w = d_eta_logit[:, None] * w_eta[None, :]
             da_w = d_alpha_logit[:, None] * w_alpha[None, :]
             du = dkv0 + dv + de_w + da_w
@@ -932,10 +959,4 @@ if triton is not None:
                 tl.store(p2, acc2)
                 du += _dot(dZ, tl.trans(w2t), PREC)
             tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=valid[:, None])
-            tl.store(dq_ptr + io, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
             tl.debug_barrier()  # the previous chunk reads a1, a2
-        dp = dp_ptr + bh * (2 * D + 2)
-        tl.store(dp + rd, dwe)
-        tl.store(dp + D, dbe)
-        tl.store(dp + D + 1 + rd, dwa)
-        tl.store(dp + 2 * D + 1, dba)
