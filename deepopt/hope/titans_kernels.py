@@ -781,7 +781,7 @@ if triton is not None:
             w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)  # per chunk, not held
             start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
             s1, s2 = s1_ptr + start, s2_ptr + start
-            k, v, eta_f, la_f, xe_f, xa_f, A, E, last, a_c, b2, om, N2, M2 = _chunk_start(
+            k, v, eta_f, la_f, xe_f, xa_f, A, E, last, a_c, b2, om, N2, M2_f = _chunk_start(
                 u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D, HID, C, LEARNS, SEQ,
                 DELTA_GD, PREC)
             dk, dv = tl.zeros([C, D], dtype=tl.float32), tl.zeros([C, D], dtype=tl.float32)
@@ -902,13 +902,19 @@ if triton is not None:
                 tl.debug_barrier()  # every thread has read this memory's slot (dn1, dn2t) before it is overwritten
                 tl.store(a1 + m * D * HID + off1, dw1)
                 tl.store(a2 + m * HID * D + off2, dw2t)
-            # W₂'s N (shared by the memories: key k)
+            # u, k, η, log α, u + R_η, u + R_α reloaded and recomputed here rather than held through pass 2
+            u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)
+            k_r, v_r, eta, log_alpha, xe, xa = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid,
+                                                             eta_scale, D, HID, LEARNS, PREC)
+            # W₂'s N (shared by the memories: key k; M₂ as _kernel_solve forms it)
             if SEQ and DELTA_GD:
-                db2 += tl.sum(dX2 * M2, 1)
+                G2 = _dot(k_r, tl.trans(k_r), PREC)
+                db2 += tl.sum(dX2 * tl.where(rc[:, None] > rc[None, :], E * G2, 0.0), 1)
                 dM2 = b2[:, None] * dX2
-                dE += dM2 * _dot(k, tl.trans(k), PREC)
+                dE += dM2 * G2
                 dME = dM2 * E
-                dk += _dot(dME + tl.trans(dME), k, PREC)
+                dk += _dot(dME + tl.trans(dME), k_r, PREC)
             # decays: E_ts = e^{L_t − L_s}, A_t = e^{L_t}, L = cumsum log α;  b₂ = lr·η
             dE += tl.where(rc[:, None] == C - 1, dlast[None, :], 0.0)
             dA += tl.where(rc == C - 1, da_c, 0.0)
@@ -916,11 +922,6 @@ if triton is not None:
             EE = dE * E
             dL = tl.sum(EE, 1) - tl.sum(EE, 0) + dA * A
             dlog_alpha = tl.sum(dL, 0) - tl.cumsum(dL, 0) + dL  # Σ_{t ≥ r} dL_t
-            # u, k, η, log α, u + R_η, u + R_α reloaded and recomputed here rather than held through pass 2
-            u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
-            w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)
-            k_r, v_r, eta, log_alpha, xe, xa = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid,
-                                                             eta_scale, D, HID, LEARNS, PREC)
             if LEARNS:
                 d_eta_logit = tl.where(valid, deta * eta * (1 - eta / tl.maximum(eta_scale, 1e-30)), 0.0)
                 d_alpha_logit = tl.where(valid, dlog_alpha * (1 - tl.exp(log_alpha)), 0.0)
