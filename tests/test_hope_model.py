@@ -243,6 +243,27 @@ def test_cms_step_is_eq71_gradient_descent_on_the_error_signal():
 
 
 @pytest.mark.parametrize("cms_error", ["per_level", "shared"])
+def test_forward_shares_block0_titans_branch_between_error_pass_and_model_pass(cms_error):
+    """``LanguageModel.forward`` computes block 0's Titans branch once for both passes: its loss and every
+    gradient equal those of the two passes run separately (δ from ``cms_errors`` alone, then every block)."""
+    m = perturbed(HopeConfig(**TINY, cms_error=cms_error))
+    idx = torch.randint(0, 256, (2, 13))
+    _, loss = m(idx, idx)
+    grads = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+    errors = m.cms_errors(idx)
+    x = m.embed(idx)
+    for blk, err in zip(m.blocks, errors, strict=True):
+        x = blk(x, err)
+    ref = F.cross_entropy((m.norm(x) @ m.embed.weight.mT).flatten(0, 1), idx.flatten())
+    ref_grads = torch.autograd.grad(ref, list(m.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cms_error", ["per_level", "shared"])
 def test_cms_error_signals_are_next_token_loss_gradients_and_the_model_stays_causal(cms_error):
     """δ_t = ∂ℓ_t/∂(the level's output) at position t with the Titans branches held constant (per_level), or at the
     final residual stream (shared), of the model whose CMS levels do not learn; the model stays causal."""

@@ -592,10 +592,13 @@ class HopeBlock(nn.Module):
         self.titans = RMSNormLinear(cfg.d_model, SelfModifyingTitans(cfg))
         self.cms = nn.ModuleList(CMSLevel(cfg, p) for p in cfg.cms_periods)
 
-    def forward(self, x: Tensor, error: Tensor | list[Tensor | None] | None = None, reference: bool = False) -> Tensor:
+    def forward(self, x: Tensor, error: Tensor | list[Tensor | None] | None = None, reference: bool = False,
+                titans_branch: Tensor | None = None) -> Tensor:
         """``error``: the error signals δ (B, T, d) the CMS levels learn from: one tensor for every level, one per
-        level (``LanguageModel.cms_errors``), or ``None`` (they do not learn)."""
-        x = self.titans(x, reference=reference)
+        level (``LanguageModel.cms_errors``), or ``None`` (they do not learn).  ``titans_branch``: the Titans
+        branch ``f(norm(x))`` already computed for this ``x`` (``LanguageModel.forward`` shares block 0's with
+        the error pass)."""
+        x = self.titans(x, reference=reference) if titans_branch is None else x + titans_branch
         errors = error if isinstance(error, (list, tuple)) else [error] * len(self.cms)
         for level, err in zip(self.cms, errors, strict=True):
             x = level(x, err, reference=reference)
@@ -670,10 +673,16 @@ class LanguageModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, reference: bool = False):
-        errors = self.cms_errors(idx, reference) if self.cms_learns and idx.shape[1] > 1 else None
         x = self.embed(idx)
+        errors = first = None
+        if self.cms_learns and idx.shape[1] > 1:
+            # block 0's Titans branch reads the embeddings in both passes: computed once, here, with its graph
+            titans = self.blocks[0].titans
+            first = titans.f(titans.norm(x), reference=reference)
+            errors = self.cms_errors(idx, reference, first_branch=first.detach())
         for i, blk in enumerate(self.blocks):
-            x = blk(x, None if errors is None else errors[i], reference)
+            kw = {"titans_branch": first} if i == 0 and first is not None else {}
+            x = blk(x, None if errors is None else errors[i], reference, **kw)
         logits = self.norm(x) @ self.embed.weight.mT
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
@@ -683,7 +692,8 @@ class LanguageModel(nn.Module):
         """Whether any CMS level learns in context (a finite period, and not switched off)."""
         return any(isinstance(m, CMSLevel) and m.learns for m in self.modules())
 
-    def cms_errors(self, idx: Tensor, reference: bool = False) -> list[list[Tensor | None]]:
+    def cms_errors(self, idx: Tensor, reference: bool = False,
+                   first_branch: Tensor | None = None) -> list[list[Tensor | None]]:
         """Eq. 71's error signals, one (B, T, d) tensor per block and CMS level (``None`` for a level that does
         not learn): the gradient of token t's next-token loss ``ℓ_t`` (target ``idx[:, t+1]``, in the context; δ
         of the last token is 0), from a pass in which no CMS level learns.  Constants of the pass that uses them
@@ -695,7 +705,8 @@ class LanguageModel(nn.Module):
         tokens' losses through their memories: not causal).  With those branches constant the gradient of the
         summed loss at position t is exactly ``∂ℓ_t/∂y_t``.  ``"shared"``: ``δ_t = ∂ℓ_t/∂x_t`` at the final
         residual stream, the same tensor for every level (the per-level δ of a last level; for the others, its
-        residual path)."""
+        residual path).  ``first_branch``: block 0's Titans branch on these embeddings when the caller has it
+        (it is the same in this pass and the next)."""
         shared = self.cfg.cms_error == "shared"
         with torch.no_grad():
             x = self.embed(idx)
@@ -704,9 +715,12 @@ class LanguageModel(nn.Module):
         with torch.enable_grad():  # functional pieces: no module hooks (FlopCounterMode's) on this graph
             if not shared:
                 x = x.detach().requires_grad_()
-            for blk in self.blocks:
-                with torch.no_grad():
-                    branch = blk.titans.f(blk.titans.norm(x), reference=reference)
+            for i, blk in enumerate(self.blocks):
+                if i == 0 and first_branch is not None:
+                    branch = first_branch
+                else:
+                    with torch.no_grad():
+                        branch = blk.titans.f(blk.titans.norm(x), reference=reference)
                 x = x + branch
                 layout.append([])
                 for level in blk.cms:
