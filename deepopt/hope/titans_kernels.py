@@ -449,8 +449,8 @@ def _triton_applies(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, chunk_size: in
 
 def _num_warps(*sizes: int) -> int:
     """Warps per program: 8 (a chunk keeps some twenty (C|d|hid)-sized fp32 tiles live; more threads, fewer
-    registers each).  Compiled for sm_90 at the tiny preset (16-wide tiles) the backward spilled 0.6–1.6 KB per
-    thread with 4 warps and 8–92 bytes with 8 (docs/notes/titans-kernels.md)."""
+    registers each).  Compiled for sm_90 at the tiny preset (16-wide tiles, fp32) the backward spills 16/16 B with
+    8 warps against 516/560 B with 4 and 740/980 B with 16 (benchmarks/triton_aot.py; docs/notes/titans-kernels.md)."""
     return 8
 
 
