@@ -181,3 +181,60 @@ def test_recall_study_smoke_writes_both_reports_its_tables_and_its_time(tmp_path
     bad = subprocess.run(["bash", str(root / "benchmarks" / "hope_recall.sh"), "--device", "tpu"], cwd=root,
                          env=env, capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "--device takes cuda" in bad.stderr
+
+
+def _bisect_module():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hope_mqar_bisect.py"
+    spec = importlib.util.spec_from_file_location("hope_mqar_bisect", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mqar_bisect_variants_train_and_report():
+    """``benchmarks/hope_mqar_bisect.py``: every variant trains (finite loss) and reports accuracies and bound
+    shares in [0, 1]; a reference variant replaces the Titans branch of every block, ``hope`` keeps it."""
+    bisect = _bisect_module()
+    torch.set_num_threads(1)
+    for variant in ("hope", *bisect.VARIANTS):
+        r = bisect.run(variant, steps=2, lr=3e-3, seed=0, eval_samples=4)
+        assert r["final_train_loss"] == pytest.approx(r["final_train_loss"]) and r["final_train_loss"] > 0
+        for cell in ("64x4", "64x8", "128x4"):
+            assert 0 <= r[cell]["accuracy"] <= 1 and 0 <= r[cell]["bound_share"] <= 1
+    kinds = {type(b.titans.f).__name__ for b in bisect.build("delta", 0).blocks}
+    assert kinds == {"ReferenceMemory"}
+    assert {type(b.titans.f).__name__ for b in bisect.build("hope", 0).blocks} == {"SelfModifyingTitans"}
+    with pytest.raises(ValueError, match="variant must be"):
+        bisect.build("nope", 0)
+
+
+def test_mqar_bisect_delta_memory_reads_back_orthonormal_writes():
+    """The ``delta`` reference memory at β = 1 with orthonormal keys reads each written value back exactly."""
+    bisect = _bisect_module()
+    mem = bisect.ReferenceMemory(bisect.WIDTH, "delta")
+    dh = mem.dh
+    keys = torch.eye(dh)[:3]
+    values = torch.randn(3, dh)
+    q = torch.cat([keys, keys])  # three writes, then three reads of the same keys
+    k = torch.cat([keys, torch.zeros(3, dh)])
+    v = torch.cat([values, torch.zeros(3, dh)])
+    with torch.no_grad():
+        mem.beta.bias.fill_(1e4)  # β = 1 on the writes; the read tokens' zero keys write nothing
+    mem._qkv = lambda x: tuple(t.expand(1, mem.H, -1, -1) for t in (q, k, v))
+    mem.out = nn.Identity()
+    y = mem(torch.zeros(1, 6, bisect.WIDTH)).view(1, 6, mem.H, dh)
+    torch.testing.assert_close(y[0, 3:, 0], values)
+
+
+def test_mqar_bisect_init_options():
+    """``--orthogonal-w2`` makes the memory's static W₂ orthogonal with singular values 2; ``--kv-w1-std`` sets the
+    std of M_k's and M_v's W₁."""
+    bisect = _bisect_module()
+    mem = bisect.build("mlp-memory", 0, orthogonal_w2=True).blocks[0].titans.f
+    torch.testing.assert_close(torch.linalg.svdvals(mem.M2.detach()), torch.full((bisect.HEADS, mem.dh), 2.0))
+    gauss = bisect.build("mlp-memory", 0).blocks[0].titans.f
+    assert torch.linalg.svdvals(gauss.M2.detach()).min() < 1.5
+    small = bisect.build("delta-separate-u", 0, kv_w1_std=0.02).blocks[0].titans.f
+    big = bisect.build("delta-separate-u", 0).blocks[0].titans.f
+    torch.testing.assert_close(small.W1 / 0.02, big.W1 / 0.5)
