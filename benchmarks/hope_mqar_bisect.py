@@ -38,10 +38,11 @@ from torch import Tensor, nn
 
 from deepopt.hope.model import CausalConv, LanguageModel
 from deepopt.hope.mqar import mqar_batch, mqar_eval
-from deepopt.hope.train import lr_at, make_optimizer, model_config
+from deepopt.hope.recall import train_steps
+from deepopt.hope.train import Trainer, make_optimizer, model_config
 from deepopt.rules.deep import apply_memory
 
-# variant: (input projections per head besides q, how k and v are made, memory form)
+# variant: (how k and v are made from the conv'd projections, memory form)
 VARIANTS = {
     "delta": ("separate", "delta"),
     "delta-shared-u": ("shared", "delta"),
@@ -51,6 +52,7 @@ VARIANTS = {
     "linear-feature-memory": ("separate", "linear"),
 }
 WIDTH, HEADS, HIDDEN, VOCAB, SETTING, BATCH = 64, 4, 16, 512, (64, 4), 32
+EVAL_SETTINGS = ((64, 4), (64, 8), (128, 4))  # (length, pairs): the training setting, more pairs, twice as long
 
 
 class ReferenceMemory(nn.Module):
@@ -60,7 +62,7 @@ class ReferenceMemory(nn.Module):
         super().__init__()
         self.inputs, self.memory = VARIANTS[variant]
         self.H, self.dh = HEADS, d // HEADS
-        n_in = {"separate": 3, "separate-mlp": 3, "shared": 2, "shared-nores": 2}[self.inputs] * d
+        n_in = (2 if self.inputs.startswith("shared") else 3) * d  # u and q, or q, k (u_k) and v (u_v)
         self.proj = nn.Linear(d, n_in, bias=False)
         self.conv = CausalConv(n_in, 4, 0.1)
         self.beta = nn.Linear(d, HEADS)
@@ -134,22 +136,14 @@ def run(variant: str, steps: int, lr: float, seed: int, eval_samples: int = 256,
     """Train ``variant`` (θ₀ options ``init``, as ``build``'s) on MQAR 64×4 and evaluate it on held-out 64×4, 64×8
     and 128×4 sequences."""
     model = build(variant, seed, **init)
-    opt = make_optimizer("torch_adamw", model, lr, 0.1)
+    trainer = Trainer(model, make_optimizer("torch_adamw", model, lr, 0.1), lr=lr, steps=steps,
+                      warmup=max(1, steps // 10))
     gen = torch.Generator().manual_seed(seed)
-    warmup, t0, losses = max(1, steps // 10), time.perf_counter(), []
-    for s in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s, lr, steps, warmup, "cosine")
-        model.train()
-        _, loss = model(*mqar_batch(BATCH, *SETTING, VOCAB, gen))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-    tail = losses[-max(1, steps // 10):]
-    result = {"variant": variant, "final_train_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - t0}
-    for length, pairs in ((64, 4), (64, 8), (128, 4)):
+    t0 = time.perf_counter()
+    loss = train_steps(trainer, lambda s: mqar_batch(BATCH, *SETTING, VOCAB, gen), False, variant)
+    result = {"variant": variant, "final_train_loss": loss["final_train_loss"], "diverged": loss["diverged"],
+              "seconds": time.perf_counter() - t0}
+    for length, pairs in EVAL_SETTINGS:
         r = mqar_eval(model, length, pairs, eval_samples, BATCH, seed, VOCAB)
         result[f"{length}x{pairs}"] = {"accuracy": r["accuracy"], "bound_share": r["bound_share"]}
     return result
@@ -173,7 +167,8 @@ def main() -> None:
     print("variant | final train loss | 64x4 acc (bound) | 64x8 acc (bound) | 128x4 acc (bound) | s")
     for variant in args.variants:
         r = run(variant, args.steps, args.lr, args.seed, kv_w1_std=args.kv_w1_std, orthogonal_w2=args.orthogonal_w2)
-        cells = " | ".join(f"{r[c]['accuracy']:.3f} ({r[c]['bound_share']:.3f})" for c in ("64x4", "64x8", "128x4"))
+        cells = " | ".join(f"{r[c]['accuracy']:.3f} ({r[c]['bound_share']:.3f})"
+                           for c in (f"{length}x{pairs}" for length, pairs in EVAL_SETTINGS))
         print(f"{variant} | {r['final_train_loss']:.3f} | {cells} | {r['seconds']:.0f}", flush=True)
 
 
