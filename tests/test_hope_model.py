@@ -43,7 +43,9 @@ def perturbed(cfg: HopeConfig, seed: int = 0) -> LanguageModel:
     {"inner_rule": "momentum", "inner_hparams": {"momentum": 0.5, "nesterov": True, "weight_decay": 0.1}},
     {"self_modifying": False},
     {"delta_gd": False, "cms_rule": "momentum"},
-], ids=["gd", "momentum", "nesterov-wd", "no-selfmod", "no-delta"])
+    {"titans_inputs": "per_memory", "titans_w2_init": "orthogonal"},
+    {"titans_inputs": "per_memory", "self_modifying": False},
+], ids=["gd", "momentum", "nesterov-wd", "no-selfmod", "no-delta", "per-memory-inputs", "per-memory-no-selfmod"])
 def test_chunk_parallel_equals_token_sequential_float64(overrides):
     cfg = HopeConfig(**TINY, eta_max=1.0, **overrides)
     m = perturbed(cfg)
@@ -154,7 +156,8 @@ def test_bad_config_is_rejected_with_the_argument_named(bad, err):
 
 
 @pytest.mark.parametrize("bad", [{"eta_form": "per_chunk"}, {"cms_error": "global"}, {"memory_carry": "all"},
-                                 {"eta_bias": float("nan")}, {"eta_max": -0.1}])
+                                 {"eta_bias": float("nan")}, {"eta_max": -0.1}, {"titans_inputs": "separate"},
+                                 {"titans_w2_init": "uniform"}])
 def test_bad_memory_options_are_rejected_with_the_option_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         HopeConfig(**bad)
@@ -171,12 +174,31 @@ def test_a_config_saved_before_the_memory_options_loads_with_their_former_forms(
     """A saved config without ``eta_form``/``cms_error``/``memory_carry`` (written before they existed) means the
     forms of its time: chunk-capped steps, the shared δ, no carry; a partial dict takes today's defaults."""
     saved = HopeConfig(eta_form="chunk_capped").to_dict()
-    for name in ("eta_form", "cms_error", "memory_carry"):
+    for name in ("eta_form", "cms_error", "memory_carry", "titans_inputs", "titans_w2_init"):
         del saved[name]
     old = HopeConfig.from_dict(saved)
     assert (old.eta_form, old.cms_error, old.memory_carry, old.eta_bias) == ("chunk_capped", "shared", "none", -1.0)
+    assert (old.titans_inputs, old.titans_w2_init) == ("shared", "gaussian")
     new = HopeConfig.from_dict({"d_model": 32})
-    assert (new.eta_form, new.cms_error, new.eta_bias) == ("per_token", "per_level", -4.0)
+    assert (new.eta_form, new.cms_error, new.eta_bias) == ("per_token", "per_level", -1.0)
+    assert (new.titans_inputs, new.titans_w2_init) == ("per_memory", "orthogonal")
+
+
+def test_titans_inputs_and_orthogonal_w2_init():
+    """``titans_inputs="per_memory"``: M_k, M_v, M_η, M_α read four different projections of the token (one
+    broadcast input with "shared"); ``titans_w2_init="orthogonal"``: every singular value of W₂ is its gain."""
+    x = torch.randn(2, 9, TINY["d_model"])
+    for inputs, distinct in (("per_memory", True), ("shared", False)):
+        layer = SelfModifyingTitans(HopeConfig(**TINY, titans_inputs=inputs))
+        u, q = layer._project(x)
+        assert u.shape == (2, layer.cfg.n_heads, 4, 9, layer.dh) and q.shape == (2, layer.cfg.n_heads, 9, layer.dh)
+        assert bool((u[:, :, 0] - u[:, :, 1]).abs().max() > 1e-3) is distinct
+    gains = (1.0, 2.0, 3.0, 0.5, 2.0)
+    for hid in (4, TINY["d_model"] // TINY["n_heads"], 40):  # wide, square and tall W₂
+        layer = SelfModifyingTitans(HopeConfig(**{**TINY, "mem_hidden": hid}, titans_w2_init="orthogonal",
+                                               titans_w2_gain=gains))
+        sv = torch.linalg.svdvals(layer.W2.detach())  # (H, 5, min(hid, d_head))
+        torch.testing.assert_close(sv, torch.tensor(gains)[:, None].expand_as(sv), rtol=1e-5, atol=1e-5)
 
 
 def test_titans_layer_is_causal():

@@ -19,14 +19,14 @@ def _unit_pairs(cfg: HopeConfig, n: int = 64) -> tuple[torch.Tensor, torch.Tenso
 
 def test_init_options_give_the_stated_statistics():
     std, gain = (0.01, 0.05, 0.1, 0.2, 0.4), (0.5, 1.0, 2.0, 3.0, 4.0)
-    cfg = HopeConfig(**SMALL, titans_w1_std=std, titans_w2_gain=gain, conv_tap_std=0.7)
+    cfg = HopeConfig(**SMALL, titans_w1_std=std, titans_w2_gain=gain, titans_w2_init="gaussian", conv_tap_std=0.7)
     torch.manual_seed(0)
     layer = SelfModifyingTitans(cfg)
     dh = cfg.d_model // cfg.n_heads
     for i, name in enumerate(TITANS_MEMORIES):  # 1024 entries per memory: the sample std is within ~5%
         assert layer.W1[:, i].std().item() == pytest.approx(std[i], rel=0.1), name
         assert layer.W2[:, i].std().item() == pytest.approx(gain[i] / dh ** 0.5, rel=0.1), name
-    assert torch.equal(layer.conv.weight[0], torch.ones(2 * cfg.d_model))
+    assert torch.equal(layer.conv.weight[0], torch.ones(5 * cfg.d_model))  # u_k, u_v, u_η, u_α and q
     assert layer.conv.weight[1:].std().item() == pytest.approx(0.7, rel=0.1)
 
 
@@ -47,9 +47,11 @@ def test_bad_init_options_are_rejected_with_the_argument_named(bad):
 
 def test_planted_write_is_read_back_far_more_with_the_recall_init_than_the_old_one():
     """The old θ₀ (W₁ std 0.02, W₂ gain 1) reads back ~2% of one write at the chunk-capped form's cap η_max/C = 1/8;
-    the current default (docs/notes/hope-recall.md §6) ~9%, limited by the cap: C = 4 doubles it again."""
-    old = HopeConfig(**SMALL, titans_w1_std=0.02, titans_w2_gain=1.0, chunk_size=16, eta_form="chunk_capped")
-    new = HopeConfig(**SMALL, eta_form="chunk_capped")
+    the shared-input form's θ₀ (docs/notes/hope-recall.md §6) ~9%, limited by the cap: C = 4 doubles it again."""
+    shared = {"titans_inputs": "shared", "titans_w1_std": (0.5, 0.5, 0.02, 0.02, 0.02), "titans_w2_gain": 4.0,
+              "titans_w2_init": "gaussian", "eta_form": "chunk_capped"}
+    old = HopeConfig(**{**SMALL, **shared, "titans_w1_std": 0.02, "titans_w2_gain": 1.0, "chunk_size": 16})
+    new = HopeConfig(**SMALL, **shared)
     rho = {}
     for name, cfg in (("old", old), ("new", new)):
         torch.manual_seed(0)
@@ -63,7 +65,7 @@ def test_planted_write_is_read_back_far_more_with_the_recall_init_than_the_old_o
     assert rho["old"] < 0.03
     assert rho["new"] > 3 * rho["old"]
     torch.manual_seed(0)
-    short = SelfModifyingTitans(HopeConfig(**SMALL, chunk_size=4, eta_form="chunk_capped"))
+    short = SelfModifyingTitans(HopeConfig(**SMALL, **shared, chunk_size=4))
     assert planted_write_readback(short, *_unit_pairs(short.cfg)).mean().item() > 1.8 * rho["new"]
 
 
@@ -74,7 +76,8 @@ def test_per_token_write_strength_does_not_depend_on_the_chunk_size():
     for form in ("per_token", "chunk_capped"):
         for C in (4, 16):
             torch.manual_seed(0)
-            layer = SelfModifyingTitans(HopeConfig(**SMALL, chunk_size=C, eta_form=form))
+            layer = SelfModifyingTitans(HopeConfig(**SMALL, chunk_size=C, eta_form=form,
+                                                   eta_bias=-4.0 if form == "per_token" else -1.0))
             pairs = _unit_pairs(layer.cfg)
             init_eta = layer.eta_cap * torch.sigmoid(layer.b_eta[0]).item()
             rho[form, C] = (planted_write_readback(layer, *pairs, eta=init_eta).mean().item(),

@@ -23,7 +23,7 @@ def scan_inputs(B=2, H=2, T=13, d=4, hid=3, dtype=F64, device="cpu", seed=0):
     """Random inputs of ``titans_scan`` (tensors requiring grad) with memories that move visibly."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g, dtype=F64)).to(device, dtype).requires_grad_()
-    u = r(B, H, T, d)
+    u = r(B, H, 4, T, d)  # the inputs of M_k, M_v, M_η, M_α
     q = torch.nn.functional.normalize(torch.randn(B, H, T, d, generator=g, dtype=F64), dim=-1)
     q = q.to(device, dtype).requires_grad_()
     return (u, q, r(H, 5, d, hid, scale=0.5), r(H, 5, hid, d, scale=0.5), r(H, d, scale=0.5), r(H, scale=1.0),

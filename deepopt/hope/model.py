@@ -6,15 +6,18 @@ Every memory has the form ``M(x) = x + W₁σ(W₂x)`` (W₁: d×h, W₂: h×d) 
     z = W₂k,  h = σ(z),  e = M(k) − v,  g₂ = σ'(z) ⊙ W₁ᵀe
     ∇_{W₁}ℓ = e hᵀ            ∇_{W₂}ℓ = g₂ kᵀ            (Delta GD adds W₂kkᵀ = z kᵀ to the latter)
 
-**Self-modifying Titans** (Nested Learning Eq. 76–93), per head, input ``u_t`` = short causal conv (width 4)
-of a projection of ``x_t``, query ``q_t`` = ℓ2-normalised conv projection.  Five memories
-``M_k, M_v, M_η, M_α, M_mem`` produce ``k_t = M_k(u_t)/‖·‖``, ``v_t = M_v(u_t)`` (Eq. 76–81),
-``η_t = η_cap·sigmoid(w_η·M_η(u_t) + b_η)``, ``α_t = sigmoid(w_α·M_α(u_t) + b_α)`` (Eq. 82–83), and each
-memory □ is trained on its self-generated value ``v̂_□ = M_□(v_t)/‖·‖`` (Eq. 84; ℓ2-normalised like q and k:
-unnormalised, the self-referential target grows with the memory and the inner regression runs away).  Since all
-five read the same ``u_t``, the initial states decide whether k ≠ v: with W₁ small every memory is ≈ the identity,
-``k ≈ v ≈ u/‖u‖``, ``e ≈ 0`` and nothing is written; the default θ₀ (``HopeConfig.titans_w1_std``,
-``titans_w2_gain``) starts M_k and M_v far from the identity and σ(W₂k) of order 1.  Each memory's step
+**Self-modifying Titans** (Nested Learning Eq. 76–93), per head, inputs ``u_{□,t}`` = short causal conv (width 4)
+of projections of ``x_t``, one per reading memory □ ∈ {k, v, η, α} (``HopeConfig.titans_inputs="per_memory"``, as
+Titans gives k and v their own projections; ``"shared"``: one ``u_t`` for all four), query ``q_t`` =
+ℓ2-normalised conv projection.  Five memories ``M_k, M_v, M_η, M_α, M_mem`` produce ``k_t = M_k(u_{k,t})/‖·‖``,
+``v_t = M_v(u_{v,t})`` (Eq. 76–81), ``η_t = η_cap·sigmoid(w_η·M_η(u_{η,t}) + b_η)``,
+``α_t = sigmoid(w_α·M_α(u_{α,t}) + b_α)`` (Eq. 82–83), and each memory □ is trained on its self-generated value
+``v̂_□ = M_□(v_t)/‖·‖`` (Eq. 84; ℓ2-normalised like q and k: unnormalised, the self-referential target grows with
+the memory and the inner regression runs away).  With per-memory inputs θ₀ starts every memory near the identity
+(W₁ small): at initialisation k, v, η, α are a gated DeltaNet's projections, and the memories' own maps grow in
+training.  With one shared input, near-identity memories give ``k ≈ v ≈ u/‖u‖``, ``e ≈ 0`` and nothing is
+written, so that form needs M_k and M_v far from the identity — and those random maps stop HOPE from binding keys
+to values on MQAR (docs/notes/hope-recall.md).  Each memory's step
 (Eq. 85–93, ``M ← M(α_t I − η_t k kᵀ) − η_t ∇ℓ``, Delta GD's ``kkᵀ`` term on W₂), in normalised-LMS form (k is
 unit-norm but h and W₁ are not; without it the in-context regression diverges once the outer loop grows them)::
 
@@ -75,11 +78,13 @@ from deepopt.rules.deep import ACTIVATIONS, apply_memory
 MODELS = ("hope", "transformer")
 TITANS_MEMORIES = ("k", "v", "eta", "alpha", "mem")
 ETA_FORMS = ("per_token", "chunk_capped")  # HopeConfig.eta_form
-ETA_BIAS = {"per_token": -4.0, "chunk_capped": -1.0}  # HopeConfig.eta_bias when None, per form
 CMS_ERRORS = ("per_level", "shared")  # HopeConfig.cms_error
 MEMORY_CARRY = ("none", "cms")  # HopeConfig.memory_carry
+TITANS_INPUTS = ("per_memory", "shared")  # HopeConfig.titans_inputs
+W2_INITS = ("gaussian", "orthogonal")  # HopeConfig.titans_w2_init
 # what a saved config without these fields meant (written before they existed): ``HopeConfig.from_dict``
-LEGACY = {"eta_form": "chunk_capped", "cms_error": "shared", "memory_carry": "none"}
+LEGACY = {"eta_form": "chunk_capped", "cms_error": "shared", "memory_carry": "none", "titans_inputs": "shared",
+          "titans_w2_init": "gaussian"}
 
 
 @dataclass(frozen=True)
@@ -102,23 +107,33 @@ class HopeConfig:
     # of a chunk at its start state (the former form, kept for the ablation): a write's strength scales with 1/C
     eta_form: str = "per_token"
     eta_max: float = 2.0  # per_token: bound on each η_t; chunk_capped: bound on a chunk's summed step
-    # initial b_η: η_t starts near η_cap·sigmoid(b_η) (η_cap = η_max, or η_max/C).  None: the form's own, −4 for
-    # per_token (η ≈ 0.036 at init, about the chunk-capped form's at C = 16: starting at 0.27–0.54 cost 7% of
-    # validation perplexity, docs/notes/hope-memory.md) and −1 for chunk_capped
-    eta_bias: float | None = None
+    # initial b_η: η_t starts near η_cap·sigmoid(b_η) (η_cap = η_max, or η_max/C): per_token η ≈ 0.54 at init.
+    # Chosen on MQAR and the LM ablation recipe together (docs/notes/hope-recall.md): with per-memory inputs HOPE
+    # binds 0.19 / 0.43 / 0.86 / 0.89 of MQAR's queries at b_η −4 / −2 / −1 / 0 and the recipe's perplexity is
+    # 5.33 / 5.30 / 5.41 / 5.55 (one seed each); the former −4 (η ≈ 0.036) kept writes too weak to bind
+    eta_bias: float = -1.0
     alpha_bias: float = 6.0
     self_modifying: bool = True
     delta_gd: bool = True
     inner_rule: str = "sgd"
     inner_hparams: dict[str, Any] = field(default_factory=dict)
     activation: str = "silu"
+    # what M_k, M_v, M_η, M_α read: "per_memory": each its own input u_□ (its own projection of x_t through the short
+    # conv, as Titans gives k and v their own projections), so that maps near the identity still give k ≠ v;
+    # "shared": one u_t for all four (Eq. 76–83 as printed; then only θ₀ far from the identity makes k ≠ v: the
+    # variant "hope-shared-inputs" is that former form with its former θ₀)
+    titans_inputs: str = "per_memory"
     # initial states θ₀ of the five Titans memories (outer parameters; their init is ours, not the paper's math):
-    # W₁ ~ N(0, std²), W₂ ~ N(0, (gain/√d_head)²); one number for all five memories or one per memory in
-    # TITANS_MEMORIES order (k, v, η, α, mem).  The default makes M_k and M_v far from the identity (so k ≠ v and
-    # the error e = M(k) − v̂ is not ≈ 0) and h = σ(W₂k) of order 1 (‖h‖² ≈ 5 instead of 0.25), so a write is read
-    # back; the former θ₀ (W₁ std 0.02 for all, gain 1) left HOPE at chance on MQAR (docs/notes/hope-recall.md §6)
-    titans_w1_std: float | tuple[float, ...] = (0.5, 0.5, 0.02, 0.02, 0.02)
-    titans_w2_gain: float | tuple[float, ...] = 4.0
+    # W₁ ~ N(0, std²), W₂ (titans_w2_init) of gain ``gain``; one number for all five memories or one per memory in
+    # TITANS_MEMORIES order (k, v, η, α, mem).  Chosen on MQAR (tuned on recall, checked on the LM ablation recipe;
+    # docs/notes/hope-recall.md): every memory near the identity, M_mem's W₂ orthogonal with singular values 2
+    titans_w1_std: float | tuple[float, ...] = 0.02
+    titans_w2_gain: float | tuple[float, ...] = (4.0, 4.0, 4.0, 4.0, 2.0)
+    # W₂'s draw: "gaussian" (entries N(0, gain²/d_head)) or "orthogonal" (a random semi-orthogonal matrix times
+    # gain: every singular value = gain, the Frobenius norm of the Gaussian draw's expectation when hid = d_head).
+    # A Gaussian W₂ is badly conditioned (singular values from ≈ 0 to ≈ 2·gain), so σ(W₂k) of two keys can nearly
+    # coincide: on MQAR HOPE binds 0.74 of the queries with it and 0.89 with an orthogonal one (same seed and lr)
+    titans_w2_init: str = "orthogonal"
     # continuum memory system: one level per period (None = ∞, never updated)
     cms_periods: tuple[int | None, ...] = (16, 64, None)
     cms_hidden: int = 64
@@ -163,8 +178,6 @@ class HopeConfig:
             raise ValueError("transformer head size d_model/n_heads must be even for RoPE")
         if self.eta_form not in ETA_FORMS:
             raise ValueError(f"eta_form must be one of {ETA_FORMS}, got {self.eta_form!r}")
-        if self.eta_bias is None:
-            object.__setattr__(self, "eta_bias", ETA_BIAS[self.eta_form])
         if isinstance(self.eta_bias, bool) or not isinstance(self.eta_bias, (int, float)) or \
                 not math.isfinite(self.eta_bias):
             raise ValueError(f"eta_bias must be a finite number, got {self.eta_bias!r}")
@@ -172,6 +185,10 @@ class HopeConfig:
             raise ValueError(f"eta_max must be in [0, 2] (keeps the memories' steps contractions), got {self.eta_max}")
         if self.cms_error not in CMS_ERRORS:
             raise ValueError(f"cms_error must be one of {CMS_ERRORS}, got {self.cms_error!r}")
+        if self.titans_inputs not in TITANS_INPUTS:
+            raise ValueError(f"titans_inputs must be one of {TITANS_INPUTS}, got {self.titans_inputs!r}")
+        if self.titans_w2_init not in W2_INITS:
+            raise ValueError(f"titans_w2_init must be one of {W2_INITS}, got {self.titans_w2_init!r}")
         if self.memory_carry not in MEMORY_CARRY:
             raise ValueError(f"memory_carry must be one of {MEMORY_CARRY}, got {self.memory_carry!r}")
         if isinstance(self.conv_tap_std, bool) or not isinstance(self.conv_tap_std, (int, float)) or not (
@@ -241,6 +258,9 @@ VARIANTS: dict[str, Any] = {
     "hope-no-cms": lambda cfg: {"cms_periods": ()},
     "hope-no-selfmod": lambda cfg: {"self_modifying": False},
     "hope-single-cms": _single_cms,
+    # the former Titans inputs: one u for M_k, M_v, M_η, M_α, with its θ₀ (M_k, M_v far from the identity)
+    "hope-shared-inputs": lambda cfg: {"titans_inputs": "shared", "titans_w1_std": (0.5, 0.5, 0.02, 0.02, 0.02),
+                                       "titans_w2_gain": 4.0, "titans_w2_init": "gaussian"},
     "transformer": lambda cfg: {"model": "transformer"},
     # the recall baseline: a short causal conv on q/k/v as wide as HOPE's (parameter-matched through the FFN)
     "transformer-conv": lambda cfg: {"model": "transformer", "short_conv": cfg.conv_width},
@@ -296,14 +316,17 @@ class SelfModifyingTitans(nn.Module):
         self.cfg = cfg
         d, H = cfg.d_model, cfg.n_heads
         self.dh, hid = d // H, cfg.mem_hidden
-        self.in_proj = nn.Linear(d, 2 * d, bias=False)  # memory input u and query q
-        self.conv = CausalConv(2 * d, cfg.conv_width, cfg.conv_tap_std)
+        self.n_inputs = 4 if cfg.titans_inputs == "per_memory" else 1  # u_k, u_v, u_η, u_α, or one u
+        self.in_proj = nn.Linear(d, (self.n_inputs + 1) * d, bias=False)  # memory input(s) u and query q
+        self.conv = CausalConv((self.n_inputs + 1) * d, cfg.conv_width, cfg.conv_tap_std)
         self.out_proj = nn.Linear(d, d, bias=False)
         n = len(TITANS_MEMORIES)
-        # initial memory states θ₀ (outer parameters): W₁ ~ N(0, std²), W₂ ~ N(0, gain²/d_head) per memory
+        # initial memory states θ₀ (outer parameters): W₁ ~ N(0, std²), W₂ (titans_w2_init) per memory
         std, gain = (torch.tensor(v)[:, None, None] for v in (cfg.titans_w1_std, cfg.titans_w2_gain))
         self.W1 = nn.Parameter(std * torch.randn(H, n, self.dh, hid))
-        self.W2 = nn.Parameter(gain * torch.randn(H, n, hid, self.dh) / math.sqrt(self.dh))
+        w2 = torch.randn(H, n, hid, self.dh)
+        self.W2 = nn.Parameter(gain * (semi_orthogonal(w2) if cfg.titans_w2_init == "orthogonal"
+                                       else w2 / math.sqrt(self.dh)))
         self.w_eta = nn.Parameter(torch.zeros(H, self.dh))
         self.b_eta = nn.Parameter(torch.full((H,), cfg.eta_bias))
         self.w_alpha = nn.Parameter(torch.zeros(H, self.dh))
@@ -351,9 +374,12 @@ class SelfModifyingTitans(nn.Module):
         return tuple(new_w), tuple(new_st)
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The inputs ``u (B, H, 4, T, dh)`` of ``M_k, M_v, M_η, M_α`` (one input broadcast to the four with
+        ``titans_inputs="shared"``) and the unit queries ``q (B, H, T, dh)``."""
         B, T, _ = x.shape
-        uq = self.conv(self.in_proj(x)).view(B, T, 2, self.cfg.n_heads, self.dh).permute(2, 0, 3, 1, 4)
-        return uq[0], F.normalize(uq[1], dim=-1)  # (B, H, T, dh) each
+        H, r = self.cfg.n_heads, self.n_inputs
+        uq = self.conv(self.in_proj(x)).view(B, T, r + 1, H, self.dh).permute(0, 3, 2, 1, 4)
+        return uq[:, :, :r].expand(B, H, 4, T, self.dh), F.normalize(uq[:, :, r], dim=-1)
 
     def scans(self) -> bool:
         """Does this layer run as one ``deepopt::titans_scan`` op (self-modifying, an inner rule that does not
@@ -378,7 +404,7 @@ class SelfModifyingTitans(nn.Module):
             st = tuple(self.rule.init(wi, self.hp) for wi in w)
             run = self._sequential_chunk if reference else self._parallel_chunk
             ys = []
-            for uc, qc in zip(u.split(self.cfg.chunk_size, dim=2), q.split(self.cfg.chunk_size, dim=2)):
+            for uc, qc in zip(u.split(self.cfg.chunk_size, dim=3), q.split(self.cfg.chunk_size, dim=2)):
                 y, w, st = recomputed(run, self.cfg.recompute_chunks, w, st, uc, qc)
                 ys.append(y)
             y = torch.cat(ys, dim=2)
@@ -404,7 +430,7 @@ class SelfModifyingTitans(nn.Module):
         (reads, h, σ', g) at the chunk's start state."""
         act, lr = self.cfg.activation, -self.kappa
         f = self._factors(*w, u)  # every read/gradient factor of the chunk is at its start state
-        B, H, C, _ = u.shape
+        B, H, C, _ = q.shape
         k, h, V = f["k"], f["h"], f["V"]
         d1 = torch.zeros_like(w[0].expand(B, H, -1, -1, -1))  # Δ: the state change beyond A_t·W_c
         d2 = torch.zeros_like(w[1].expand(B, H, -1, -1, -1))
@@ -428,6 +454,15 @@ class SelfModifyingTitans(nn.Module):
             ys.append(apply_memory(w1t[:, :, -1], w2t[:, :, -1], q[:, :, t:t + 1], act))
         w, st = self._commit(w, st, (d1 / self.kappa, d2 / self.kappa), A)
         return torch.cat(ys, dim=2), w, st
+
+
+def semi_orthogonal(x: Tensor) -> Tensor:
+    """The matrices (last two dims) of ``x`` made semi-orthogonal by QR (a Haar-random draw for Gaussian ``x``):
+    every singular value 1."""
+    tall = x.shape[-2] >= x.shape[-1]
+    q, r = torch.linalg.qr(x if tall else x.mT)
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[..., None, :]
+    return q if tall else q.mT
 
 
 def planted_write_readback(layer: SelfModifyingTitans, keys: Tensor, targets: Tensor, gap: int = 0,

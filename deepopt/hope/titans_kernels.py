@@ -1,11 +1,12 @@
 """The chunk math of the self-modifying Titans memory and its whole-sequence scan as a torch custom op.
 
 One chunk of C tokens (per batch b and head h; math in ``deepopt.hope.model``'s module doc), at the chunk's start
-state ``W₁ (5, d, hid)``, ``W₂ (5, hid, d)`` of the memories ``M_k, M_v, M_η, M_α, M_mem``:
+state ``W₁ (5, d, hid)``, ``W₂ (5, hid, d)`` of the memories ``M_k, M_v, M_η, M_α, M_mem``, with the inputs
+``u_□`` (4, C, d) of the four that read (one per memory; a model with one shared input passes it four times):
 
-    P = σ(u W₂ᵀ), R = P W₁ᵀ          (memories k, v, η, α read at u)
-    k = (u + R_k)/‖·‖,  v = u + R_v,  η = (η_max/C)·sigmoid((u + R_η)·w_η + b_η),
-    log α = logsigmoid((u + R_α)·w_α + b_α)
+    P_□ = σ(u_□ W₂ᵀ), R_□ = P_□ W₁ᵀ          (memories k, v, η, α read at their inputs)
+    k = (u_k + R_k)/‖·‖,  v = u_v + R_v,  η = (η_max/C)·sigmoid((u_η + R_η)·w_η + b_η),
+    log α = logsigmoid((u_α + R_α)·w_α + b_α)
     V_□ = M_□(v)/‖·‖,  z = k W₂ᵀ,  h = σ(z),  e = k + h W₁ᵀ − V,  g = σ'(z) ⊙ e W₁
     e₁ = e/(1 + ‖h‖²),  u₂ = g/(1 + ‖W₁‖²) (+ z with Delta GD)
     L = cumsum log α,  D_ts = e^{L_t − L_s} η_s (s ≤ t),  A = e^L
@@ -74,7 +75,8 @@ def normalized_steps(err: Tensor, h: Tensor, g2: Tensor, w1: Tensor) -> tuple[Te
 def chunk_factors(w1: Tensor, w2: Tensor, u: Tensor, w_eta: Tensor, b_eta: Tensor, w_alpha: Tensor, b_alpha: Tensor,
                   *, eta_scale: float, activation: str, learns: bool = True,
                   reads: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
-    """Everything a chunk needs from its start state ``w1 (B, H, n, d, hid)``, ``w2`` and inputs ``u (B, H, C, d)``:
+    """Everything a chunk needs from its start state ``w1 (B, H, n, d, hid)``, ``w2`` and the inputs
+    ``u (B, H, 4, C, d)`` of ``M_k, M_v, M_η, M_α``:
     the reads ``k, v, η, log α`` and, per memory, ``V, z, h, e, g = σ'(z) ⊙ eW₁``, ``read = hW₁ᵀ``, ``n_h = 1 + ‖h‖²``
     and ``n₁ = 1 + ‖W₁‖²`` (module doc).
 
@@ -85,18 +87,19 @@ def chunk_factors(w1: Tensor, w2: Tensor, u: Tensor, w_eta: Tensor, b_eta: Tenso
     """
     act = ACTIVATIONS[activation][0]
     r1, r2 = (w1[:, :, :4], w2[:, :, :4]) if reads is None else reads
-    Z = u[:, :, None] @ r2.mT  # (B, H, 4, C, hid)
+    Z = u @ r2.mT  # (B, H, 4, C, hid)
     P = act(Z)
-    R = P @ r1.mT  # (B, H, 4, C, d): M_□(u) − u
-    kv0 = u + R[:, :, 0]
-    k, v = F.normalize(kv0, dim=-1), u + R[:, :, 1]
-    eta_logit = ((u + R[:, :, 2]) * w_eta[:, None]).sum(-1) + b_eta[:, None]  # (B, H, C)
-    alpha_logit = ((u + R[:, :, 3]) * w_alpha[:, None]).sum(-1) + b_alpha[:, None]
+    R = P @ r1.mT  # (B, H, 4, C, d): M_□(u_□) − u_□
+    X = u + R  # M_□(u_□)
+    kv0 = X[:, :, 0]
+    k, v = F.normalize(kv0, dim=-1), X[:, :, 1]
+    eta_logit = (X[:, :, 2] * w_eta[:, None]).sum(-1) + b_eta[:, None]  # (B, H, C)
+    alpha_logit = (X[:, :, 3] * w_alpha[:, None]).sum(-1) + b_alpha[:, None]
     eta_raw = eta_scale * torch.sigmoid(eta_logit)
     eta, log_alpha = eta_raw, F.logsigmoid(alpha_logit)
     if not learns:
         eta, log_alpha = torch.zeros_like(eta), torch.zeros_like(log_alpha)
-    f = {"Z": Z, "P": P, "R": R, "kv0": kv0, "k": k, "v": v, "eta_logit": eta_logit, "eta_raw": eta_raw,
+    f = {"Z": Z, "P": P, "X": X, "kv0": kv0, "k": k, "v": v, "eta_logit": eta_logit, "eta_raw": eta_raw,
          "eta": eta, "log_alpha": log_alpha}
     if reads is None:
         f["Zv"] = v[:, :, None] @ w2.mT  # (B, H, 5, C, hid)
@@ -296,8 +299,8 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     EE = dE * E
     dL = EE.sum(-1) - EE.sum(-2) + dA * A
     dlog_alpha = dL.flip(-1).cumsum(-1).flip(-1)
-    # η = s·sigmoid(logit_η), log α = logsigmoid(logit_α), logits = (u + R_□)·w_□ + b_□
-    R = f["R"]
+    # η = s·sigmoid(logit_η), log α = logsigmoid(logit_α), logits = M_□(u_□)·w_□ + b_□
+    X = f["X"]
     if learns:
         d_eta_logit = deta * f["eta_raw"] * (1 - torch.sigmoid(f["eta_logit"]))
         d_alpha_logit = dlog_alpha * (1 - f["log_alpha"].exp())
@@ -305,28 +308,27 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
         d_eta_logit = d_alpha_logit = torch.zeros_like(deta)
     dR = torch.stack([torch.zeros_like(dv), dv, d_eta_logit[..., None] * w_eta[:, None],
                       d_alpha_logit[..., None] * w_alpha[:, None]], dim=2)
-    dparams = ((d_eta_logit[..., None] * (u + R[:, :, 2])).sum(2), d_eta_logit.sum(2),
-               (d_alpha_logit[..., None] * (u + R[:, :, 3])).sum(2), d_alpha_logit.sum(2))
-    # k = kv₀/‖kv₀‖, kv₀ = u + R_k, v = u + R_v
+    dparams = ((d_eta_logit[..., None] * X[:, :, 2]).sum(2), d_eta_logit.sum(2),
+               (d_alpha_logit[..., None] * X[:, :, 3]).sum(2), d_alpha_logit.sum(2))
+    # k = kv₀/‖kv₀‖, kv₀ = u_k + R_k, v = u_v + R_v
     dkv0 = (dk - k * (dk * k).sum(-1, keepdim=True)) / f["kv0"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
     dR[:, :, 0] = dkv0
-    du = dR.sum(2)
-    # reads: R = σ(u W₂ᵀ) W₁ᵀ for the first four memories
+    # reads: R_□ = σ(u_□ W₂ᵀ) W₁ᵀ for the first four memories
     dw1[:, :, :4] += dR.mT @ f["P"]
     dZ = (dR @ w1[:, :, :4]) * act_grad(f["Z"], f["P"])
-    dw2[:, :, :4] += dZ.mT @ u[:, :, None]
-    du = du + (dZ @ w2[:, :, :4]).sum(2)
+    dw2[:, :, :4] += dZ.mT @ u
+    du = dR + dZ @ w2[:, :, :4]
     return dw1, dw2, du, dq, dparams
 
 
 def _chunks(x: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
-    return x.split(chunk_size, dim=2)
+    return x.split(chunk_size, dim=-2)
 
 
 def _scan_reference(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[Tensor, ...], chunk_size: int,
                     consts: dict) -> tuple[Tensor, Tensor, Tensor]:
     """The torch loop of ``titans_scan``: y and the states at every chunk boundary (B, H, n + 1, 5, ...)."""
-    B = u.shape[0]
+    B = q.shape[0]
     s1 = [w1[None].expand(B, *w1.shape).contiguous()]
     s2 = [w2[None].expand(B, *w2.shape).contiguous()]
     ys = []
@@ -354,7 +356,7 @@ def _scan_backward_reference(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None,
         du.append(duc)
         dq.append(dqc)
         dps = [a + b for a, b in zip(dps, dpc)]
-    return (torch.cat(du[::-1], dim=2), torch.cat(dq[::-1], dim=2), dw1.sum(0), dw2.sum(0),
+    return (torch.cat(du[::-1], dim=-2), torch.cat(dq[::-1], dim=2), dw1.sum(0), dw2.sum(0),
             *(p.sum(0).to(x.dtype) for p, x in zip(dps, params)))
 
 
@@ -362,13 +364,17 @@ def _scan_backward_reference(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None,
 def titans_scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_eta: Tensor, w_alpha: Tensor,
                 b_alpha: Tensor, chunk_size: int, eta_max: float, activation: str, delta_gd: bool, learns: bool,
                 kappa: float, sequential: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Self-modifying Titans (SGD inner rule) over a whole sequence: ``u, q (B, H, T, d)``, initial states
+    """Self-modifying Titans (SGD inner rule) over a whole sequence: the inputs ``u (B, H, 4, T, d)`` of
+    ``M_k, M_v, M_η, M_α`` and the queries ``q (B, H, T, d)``, initial states
     ``w1 (H, 5, d, hid)``, ``w2 (H, 5, hid, d)``; returns ``y (B, H, T, d)`` and the states at the chunk
     boundaries ``(B, H, n + 1, 5, d, hid)``, ``(B, H, n + 1, 5, hid, d)`` (index c: the start of chunk c; the
     last: the final state), n = ⌈T/C⌉ chunks, the last one possibly partial.  ``sequential``: per-token steps
     η_t ≤ η_max with the state-linear terms read at each token's own state (``chunk_mix``); otherwise
     η_t ≤ η_max/C, every step at the chunk's start state.  Triton where ``_triton_applies``, the torch chunk loop
     elsewhere."""
+    if u.dim() != 5 or u.shape[2] != 4 or (*u.shape[:2], *u.shape[3:]) != q.shape:
+        raise ValueError(f"u must have shape (B, H, 4, T, d) for q of shape (B, H, T, d) = {tuple(q.shape)}, "
+                         f"got {tuple(u.shape)}")
     params = (w_eta, b_eta, w_alpha, b_alpha)
     consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential)
     if _triton_applies(u, q, w1, w2, chunk_size, activation):
@@ -389,8 +395,8 @@ def _consts(chunk_size: int, eta_max: float, activation: str, delta_gd: bool, le
 @titans_scan.register_fake
 def _(u, q, w1, w2, w_eta, b_eta, w_alpha, b_alpha, chunk_size, eta_max, activation, delta_gd, learns, kappa,
       sequential):
-    B, n = u.shape[0], -(-u.shape[2] // chunk_size)
-    return (u.new_empty(u.shape), w1.new_empty(B, w1.shape[0], n + 1, *w1.shape[1:]),
+    B, n = q.shape[0], -(-q.shape[2] // chunk_size)
+    return (q.new_empty(q.shape), w1.new_empty(B, w1.shape[0], n + 1, *w1.shape[1:]),
             w2.new_empty(B, w2.shape[0], n + 1, *w2.shape[1:]))
 
 
@@ -427,7 +433,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy, ds1, ds2):
     u, q, s1, s2, *params = ctx.saved_tensors
-    dy = torch.zeros_like(u) if dy is None else dy
+    dy = torch.zeros_like(q) if dy is None else dy
     du, dq, dw1, dw2, *dparams = titans_scan_backward(dy, ds1, ds2, u, q, s1, s2, *params, *ctx.scalars)
     return du, dq, dw1, dw2, *dparams, *(None for _ in _SCALARS)
 
@@ -478,13 +484,13 @@ def _scratch(u: Tensor, programs: int, chunk_size: int, consts: dict) -> Tensor:
 def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[Tensor, ...], chunk_size: int,
                     consts: dict) -> tuple[Tensor, Tensor, Tensor]:
     """``titans_scan`` in one Triton launch (plus the copies of θ₀ into the boundary-state buffers)."""
-    B, H, T, d = u.shape
+    B, H, T, d = q.shape
     hid, n = w1.shape[-1], -(-T // chunk_size)
     s1 = w1.new_empty(B, H, n + 1, N_MEMORIES, d, hid)
     s2 = w2.new_empty(B, H, n + 1, N_MEMORIES, hid, d)
     s1[:, :, 0] = w1
     s2[:, :, 0] = w2
-    y = u.new_empty(u.shape)
+    y = q.new_empty(q.shape)
     scr = _scratch(u, B * H, chunk_size, consts)
     _forward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, y, *(p.contiguous() for p in params), scr, T,
                               n, consts["eta_scale"], -consts["kappa"], H=H,
@@ -496,7 +502,7 @@ def _triton_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tens
                      s2: Tensor, params: tuple[Tensor, ...], chunk_size: int, consts: dict):
     """``titans_scan_backward`` in one Triton launch (plus the cotangent buffers' set-up and the sums over the
     batch of the per-(batch, head) parameter gradients)."""
-    B, H, T, d = u.shape
+    B, H, T, d = q.shape
     n, hid = s1.shape[2] - 1, s1.shape[-1]
     a1 = ds1[:, :, n].float().contiguous() if ds1 is not None else s1.new_zeros(B, H, N_MEMORIES, d, hid,
                                                                                 dtype=torch.float32)
@@ -556,22 +562,32 @@ if triton is not None:
         return _dot(_silu(_dot(u, w2t, PREC)), tl.trans(w1), PREC)
 
     @triton.jit
+    def _input(u_ptr, uo, m, T, valid, D: tl.constexpr):
+        """Memory m's input ``u_m`` (C, D) of the chunk whose memory-0 offsets are ``uo`` (u: (B, H, 4, T, D))."""
+        return tl.load(u_ptr + uo + m * T * D, mask=valid[:, None], other=0.0).to(tl.float32)
+
+    @triton.jit
     def _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D: tl.constexpr):
         """Head h's η and α read-outs ``w_η, b_η, w_α, b_α`` in fp32 (each program loads them once)."""
         w_eta, w_alpha = tl.load(we_ptr + h * D + rd).to(tl.float32), tl.load(wa_ptr + h * D + rd).to(tl.float32)
         return w_eta, tl.load(be_ptr + h).to(tl.float32), w_alpha, tl.load(ba_ptr + h).to(tl.float32)
 
     @triton.jit
-    def _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D: tl.constexpr,
+    def _chunk_reads(u_ptr, uo, T, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D: tl.constexpr,
                      HID: tl.constexpr, LEARNS: tl.constexpr, PREC: tl.constexpr):
-        """``chunk_factors``' first part: k, v, η, log α (zero past the sequence's end) and ``u + R_η``, ``u + R_α``."""
+        """``chunk_factors``' first part: k, v, η, log α (zero past the sequence's end) and ``M_η(u_η)``,
+        ``M_α(u_α)``."""
         w1, w2t = _state(s1, s2, 0, D, HID)
+        u = _input(u_ptr, uo, 0, T, valid, D)
         k = _normalize(u + _read(u, w1, w2t, PREC))
         w1, w2t = _state(s1, s2, 1, D, HID)
+        u = _input(u_ptr, uo, 1, T, valid, D)
         v = u + _read(u, w1, w2t, PREC)
         w1, w2t = _state(s1, s2, 2, D, HID)
+        u = _input(u_ptr, uo, 2, T, valid, D)
         xe = u + _read(u, w1, w2t, PREC)
         w1, w2t = _state(s1, s2, 3, D, HID)
+        u = _input(u_ptr, uo, 3, T, valid, D)
         xa = u + _read(u, w1, w2t, PREC)
         eta_logit = tl.sum(xe * w_eta[None, :], 1) + b_eta
         alpha_logit = tl.sum(xa * w_alpha[None, :], 1) + b_alpha
@@ -686,12 +702,12 @@ if triton is not None:
         return zq, hq, y
 
     @triton.jit
-    def _chunk_start(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D: tl.constexpr,
+    def _chunk_start(u_ptr, uo, T, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D: tl.constexpr,
                      HID: tl.constexpr, C: tl.constexpr, LEARNS: tl.constexpr, SEQ: tl.constexpr,
                      DELTA_GD: tl.constexpr, PREC: tl.constexpr):
         """Everything of a chunk shared by its memories: reads, decays, ``b₂ = lr·η``, ω and W₂'s N (SEQ, Delta GD)."""
-        k, v, eta, log_alpha, xe, xa = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, D,
-                                                    HID, LEARNS, PREC)
+        k, v, eta, log_alpha, xe, xa = _chunk_reads(u_ptr, uo, T, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid,
+                                                    eta_scale, D, HID, LEARNS, PREC)
         A, E, last, a_c = _decays(log_alpha, C)
         b2 = lr * eta
         if SEQ:
@@ -722,12 +738,12 @@ if triton is not None:
             t = c * C + rc
             valid = t < T
             io = (bh.to(tl.int64) * T + t)[:, None] * D + rd[None, :]
-            u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            uo = (bh.to(tl.int64) * 4 * T + t)[:, None] * D + rd[None, :]
             start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
             s1, s2 = s1_ptr + start, s2_ptr + start
             # (distinct names for unused outputs: Triton types a name once per scope, and shapes differ)
             k, v, eta_f, la_f, xe_f, xa_f, A, E, last, a_c, b2, om, N2, M2_f = _chunk_start(
-                u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D, HID, C, LEARNS, SEQ,
+                u_ptr, uo, T, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D, HID, C, LEARNS, SEQ,
                 DELTA_GD, PREC)
             for m in range(N_MEM):
                 w1, w2t = _state(s1, s2, m, D, HID)
@@ -777,12 +793,12 @@ if triton is not None:
             t = c * C + rc
             valid = t < T
             io = (bh.to(tl.int64) * T + t)[:, None] * D + rd[None, :]
-            u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            uo = (bh.to(tl.int64) * 4 * T + t)[:, None] * D + rd[None, :]
             w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)  # per chunk, not held
             start = (bh.to(tl.int64) * (n_chunks + 1) + c) * size
             s1, s2 = s1_ptr + start, s2_ptr + start
             k, v, eta_f, la_f, xe_f, xa_f, A, E, last, a_c, b2, om, N2, M2_f = _chunk_start(
-                u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D, HID, C, LEARNS, SEQ,
+                u_ptr, uo, T, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid, eta_scale, lr, scr, D, HID, C, LEARNS, SEQ,
                 DELTA_GD, PREC)
             dk, dv = tl.zeros([C, D], dtype=tl.float32), tl.zeros([C, D], dtype=tl.float32)
             dE, dX2 = tl.zeros([C, C], dtype=tl.float32), tl.zeros([C, C], dtype=tl.float32)
@@ -902,10 +918,9 @@ if triton is not None:
                 tl.debug_barrier()  # every thread has read this memory's slot (dn1, dn2t) before it is overwritten
                 tl.store(a1 + m * D * HID + off1, dw1)
                 tl.store(a2 + m * HID * D + off2, dw2t)
-            # u, k, η, log α, u + R_η, u + R_α reloaded and recomputed here rather than held through pass 2
-            u = tl.load(u_ptr + io, mask=valid[:, None], other=0.0).to(tl.float32)
+            # k, η, log α, M_η(u_η), M_α(u_α) reloaded and recomputed here rather than held through pass 2
             w_eta, b_eta, w_alpha, b_alpha = _gates(we_ptr, be_ptr, wa_ptr, ba_ptr, h, rd, D)
-            k_r, v_r, eta, log_alpha, xe, xa = _chunk_reads(u, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid,
+            k_r, v_r, eta, log_alpha, xe, xa = _chunk_reads(u_ptr, uo, T, s1, s2, w_eta, b_eta, w_alpha, b_alpha, valid,
                                                              eta_scale, D, HID, LEARNS, PREC)
             # W₂'s N (shared by the memories: key k; M₂ as _kernel_solve forms it)
             if SEQ and DELTA_GD:
@@ -937,18 +952,19 @@ if triton is not None:
             tl.store(dp + D, dbe)
             tl.store(dp + D + 1 + rd, dwa)
             tl.store(dp + 2 * D + 1, dba)
-            # k = kv₀/‖kv₀‖ (‖kv₀‖ recomputed from k's reads), v = u + R_v, logits = (u + R_□)·w_□ + b_□
+            # k = kv₀/‖kv₀‖ (‖kv₀‖ recomputed from k's reads), v = M_v(u_v), logits = M_□(u_□)·w_□ + b_□
             w1, w2t = _state(s1, s2, 0, D, HID)
+            u = _input(u_ptr, uo, 0, T, valid, D)
             kv0 = u + _read(u, w1, w2t, PREC)
             dkv0 = (dk - k_r * tl.sum(dk * k_r, 1)[:, None]) / tl.maximum(tl.sqrt(tl.sum(kv0 * kv0, 1)),
                                                                           1e-12)[:, None]
             de_w = d_eta_logit[:, None] * w_eta[None, :]
             da_w = d_alpha_logit[:, None] * w_alpha[None, :]
-            du = dkv0 + dv + de_w + da_w
             tl.debug_barrier()  # pass 2's stores to a1, a2 before pass 3 adds to them
-            # reads: R = σ(u W₂ᵀ) W₁ᵀ for the first four memories
+            # reads: R_□ = σ(u_□ W₂ᵀ) W₁ᵀ for the first four memories; ∂u_□ = ∂R_□ + ∂Z_□ W₂
             for m in range(N_MEM - 1):
                 w1, w2t = _state(s1, s2, m, D, HID)
+                u = _input(u_ptr, uo, m, T, valid, D)
                 dR = tl.where(m == 0, dkv0, tl.where(m == 1, dv, tl.where(m == 2, de_w, da_w)))
                 Z = _dot(u, w2t, PREC)
                 dZ = _dot(dR, w1, PREC) * _silu_grad(Z)
@@ -958,6 +974,6 @@ if triton is not None:
                 tl.debug_barrier()  # loads of the slot before its stores, whatever threads hold which elements
                 tl.store(p1, acc1)
                 tl.store(p2, acc2)
-                du += _dot(dZ, tl.trans(w2t), PREC)
-            tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=valid[:, None])
+                du = dR + _dot(dZ, tl.trans(w2t), PREC)
+                tl.store(du_ptr + uo + m * T * D, du.to(du_ptr.dtype.element_ty), mask=valid[:, None])
             tl.debug_barrier()  # the previous chunk reads a1, a2

@@ -37,7 +37,17 @@ from deepopt.cuda_graph import GraphedStep, training_step
 from deepopt.runs import progress_bar
 
 from . import data
-from .model import CMS_ERRORS, ETA_FORMS, MEMORY_CARRY, VARIANTS, HopeConfig, LanguageModel, apply_variant
+from .model import (
+    CMS_ERRORS,
+    ETA_FORMS,
+    MEMORY_CARRY,
+    TITANS_INPUTS,
+    VARIANTS,
+    W2_INITS,
+    HopeConfig,
+    LanguageModel,
+    apply_variant,
+)
 
 # Model sizes: (d_model, n_layers, n_heads, mem_hidden, cms_hidden, chunk_size, cms_periods)
 SIZES: dict[str, dict[str, Any]] = {
@@ -50,10 +60,11 @@ SIZES: dict[str, dict[str, Any]] = {
     "base": {"d_model": 512, "n_layers": 4, "n_heads": 8, "mem_hidden": 32, "cms_hidden": 512, "chunk_size": 64,
              "cms_periods": (64, 256, None)},
     # the paper's scale (≈125M / ≈340M parameters with a 32K vocabulary, e.g. --tokenizer bpe --vocab-size 32000);
-    # CMS periods from the paper's range (512 and up): they need contexts of 2048+ tokens to update
-    "125m": {"d_model": 768, "n_layers": 12, "n_heads": 12, "mem_hidden": 64, "cms_hidden": 1280, "chunk_size": 64,
+    # CMS periods from the paper's range (512 and up): they need contexts of 2048+ tokens to update; CMS widths
+    # chosen so that the per-memory Titans inputs (5·d² per layer) keep the totals
+    "125m": {"d_model": 768, "n_layers": 12, "n_heads": 12, "mem_hidden": 64, "cms_hidden": 896, "chunk_size": 64,
              "cms_periods": (512, 2048, None)},
-    "340m": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "mem_hidden": 64, "cms_hidden": 1536, "chunk_size": 64,
+    "340m": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "mem_hidden": 64, "cms_hidden": 1024, "chunk_size": 64,
              "cms_periods": (512, 2048, None)},
 }
 OPTIMIZERS = (*deepopt.OPTIMIZERS, "torch_adamw")
@@ -85,14 +96,21 @@ def _floats(text: str) -> float | tuple[float, ...]:
 
 def add_titans_init_args(p: argparse.ArgumentParser) -> None:
     """The HOPE memories' options (``HopeConfig`` fields of the same names; unset = the config's default): the
-    Titans memories' initial state (``--titans-w1-std``, ``--titans-w2-gain``, ``--conv-tap-std``, ``--eta-bias``),
+    Titans memories' initial state (``--titans-w1-std``, ``--titans-w2-gain``, ``--titans-w2-init``,
+    ``--conv-tap-std``, ``--eta-bias``) and inputs (``--titans-inputs``),
     their step form (``--eta-form``, ``--eta-max``), the CMS levels' error signals (``--cms-error``) and what
     persists across sequences (``--memory-carry``)."""
     p.add_argument("--titans-w1-std", type=_floats, metavar="S[,S,S,S,S]",
                    help="std of the Titans memories' initial W₁, one for all or one per memory k,v,eta,alpha,mem "
                         "(default: HopeConfig's)")
     p.add_argument("--titans-w2-gain", type=_floats, metavar="G[,G,G,G,G]",
-                   help="gain of their initial W₂ (std gain/√d_head), one or five (default: HopeConfig's)")
+                   help="gain of their initial W₂ (std gain/√d_head, or every singular value with --titans-w2-init "
+                        "orthogonal), one or five (default: HopeConfig's)")
+    p.add_argument("--titans-w2-init", choices=W2_INITS,
+                   help="draw of the Titans memories' initial W₂: gaussian or orthogonal (default: HopeConfig's)")
+    p.add_argument("--titans-inputs", choices=TITANS_INPUTS,
+                   help="what M_k, M_v, M_eta, M_alpha read: per_memory (each its own projection of the token) or "
+                        "shared (one input for all four) (default: HopeConfig's)")
     p.add_argument("--conv-tap-std", type=float, help="std of the Titans input conv's taps on earlier tokens")
     p.add_argument("--eta-bias", type=float, help="initial b_η of the Titans step size")
     p.add_argument("--eta-form", choices=ETA_FORMS,
@@ -110,9 +128,9 @@ def add_titans_init_args(p: argparse.ArgumentParser) -> None:
 
 def titans_init_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``model_config`` overrides of ``add_titans_init_args``' options (``None`` = unset)."""
-    return {name: getattr(args, name, None) for name in ("titans_w1_std", "titans_w2_gain", "conv_tap_std",
-                                                         "eta_bias", "eta_form", "eta_max", "cms_error",
-                                                         "memory_carry")}
+    return {name: getattr(args, name, None) for name in ("titans_w1_std", "titans_w2_gain", "titans_w2_init",
+                                                         "titans_inputs", "conv_tap_std", "eta_bias", "eta_form",
+                                                         "eta_max", "cms_error", "memory_carry")}
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
