@@ -1,12 +1,19 @@
 """Initial state θ₀ of HOPE's Titans memories: config options, their statistics, the planted-write read-back."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deepopt.hope.model import TITANS_MEMORIES, HopeConfig, SelfModifyingTitans, planted_write_readback
+from deepopt.hope.model import (
+    TITANS_MEMORIES,
+    HopeConfig,
+    SelfModifyingTitans,
+    apply_variant,
+    planted_write_readback,
+)
 
 SMALL = {"d_model": 64, "n_heads": 4, "mem_hidden": 16}
 
@@ -48,10 +55,8 @@ def test_bad_init_options_are_rejected_with_the_argument_named(bad):
 def test_planted_write_is_read_back_far_more_with_the_recall_init_than_the_old_one():
     """The old θ₀ (W₁ std 0.02, W₂ gain 1) reads back ~2% of one write at the chunk-capped form's cap η_max/C = 1/8;
     the shared-input form's θ₀ (docs/notes/hope-recall.md §6) ~9%, limited by the cap: C = 4 doubles it again."""
-    shared = {"titans_inputs": "shared", "titans_w1_std": (0.5, 0.5, 0.02, 0.02, 0.02), "titans_w2_gain": 4.0,
-              "titans_w2_init": "gaussian", "eta_form": "chunk_capped"}
-    old = HopeConfig(**{**SMALL, **shared, "titans_w1_std": 0.02, "titans_w2_gain": 1.0, "chunk_size": 16})
-    new = HopeConfig(**SMALL, **shared)
+    new = apply_variant(HopeConfig(**SMALL, eta_form="chunk_capped"), "hope-shared-inputs")
+    old = replace(new, titans_w1_std=0.02, titans_w2_gain=1.0, chunk_size=16)
     rho = {}
     for name, cfg in (("old", old), ("new", new)):
         torch.manual_seed(0)
@@ -65,7 +70,7 @@ def test_planted_write_is_read_back_far_more_with_the_recall_init_than_the_old_o
     assert rho["old"] < 0.03
     assert rho["new"] > 3 * rho["old"]
     torch.manual_seed(0)
-    short = SelfModifyingTitans(HopeConfig(**SMALL, **shared, chunk_size=4))
+    short = SelfModifyingTitans(replace(new, chunk_size=4))
     assert planted_write_readback(short, *_unit_pairs(short.cfg)).mean().item() > 1.8 * rho["new"]
 
 
