@@ -13,8 +13,9 @@
 # HOPE_FLAGS="..." adds flags for HOPE's memories (default none: HopeConfig's defaults, per-token η_t; e.g.
 # HOPE_FLAGS="--eta-form chunk_capped --chunk-size 4" for the former capped write; they change nothing in
 # Transformer++).  MQAR_STEPS=N / NIAH_STEPS=N change the CPU size's steps for every model (defaults 800 / 400;
-# docs/notes/hope-recall.md reports MQAR at MQAR_STEPS=3200 too).  A killed study rerun with the same OUT continues where it stopped (each command's finished
-# training runs are kept in its runs.jsonl); a finished command is skipped.
+# S-NIAH-1 warms up for 10% of its steps; docs/notes/hope-recall.md reports MQAR at MQAR_STEPS=3200 too).  A killed
+# study rerun with the same OUT continues where it stopped (each command's finished training runs are kept in its
+# runs.jsonl); a finished command is skipped.
 set -euo pipefail
 size=cpu device=cpu
 case "${1:-}" in
@@ -50,7 +51,7 @@ case $size in
     run mqar mqar --widths 64 --train-settings 64x4 --eval-settings 64x4 64x8 128x4 256x4 --vocab-size 512 \
       --steps "$MQAR_STEPS" --batch-size 32 --eval-samples 128 --threads 1 &
     # S-NIAH-1 (repeated-noise haystack, 7-digit value) trained at context 192, evaluated at 192 / 384 / 768
-    run s-niah-1 niah --task s-niah-1 --context 192 --steps "$NIAH_STEPS" --batch-size 16 --warmup 40 --eval-samples 64 \
+    run s-niah-1 niah --task s-niah-1 --context 192 --steps "$NIAH_STEPS" --batch-size 16 --warmup $((NIAH_STEPS / 10)) --eval-samples 64 \
       --threads 1 &
     wait %1 && wait %2 ;;
   gpu)
