@@ -51,8 +51,8 @@ case $size in
     run mqar mqar --widths 64 --train-settings 64x4 --eval-settings 64x4 64x8 128x4 256x4 --vocab-size 512 \
       --steps "$MQAR_STEPS" --batch-size 32 --eval-samples 128 --threads 1 &
     # S-NIAH-1 (repeated-noise haystack, 7-digit value) trained at context 192, evaluated at 192 / 384 / 768
-    run s-niah-1 niah --task s-niah-1 --context 192 --steps "$NIAH_STEPS" --batch-size 16 --warmup $((NIAH_STEPS / 10)) --eval-samples 64 \
-      --threads 1 &
+    run s-niah-1 niah --task s-niah-1 --context 192 --steps "$NIAH_STEPS" --batch-size 16 \
+      --warmup $((NIAH_STEPS / 10)) --eval-samples 64 --threads 1 &
     wait %1 && wait %2 ;;
   gpu)
     run mqar mqar --widths 64 128 --train-settings 64x4 128x8 256x16 256x32 --eval-settings 64x4 64x8 128x4 \
