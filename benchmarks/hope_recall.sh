@@ -6,14 +6,15 @@
 # in-context value).  Tables: python benchmarks/hope_recall_tables.py OUT.
 #
 # Usage: bash benchmarks/hope_recall.sh [--smoke | --device cuda] [OUT]     (default OUT runs/hope-recall)
-#   (default)      CPU size, two streams of one thread each (MQAR | S-NIAH-1): see docs/notes/hope-recall.md
-#                  for its measured wall and CPU time on 2 cores
+#   (default)      CPU size: MQAR, then S-NIAH-1, each with JOBS training runs at once (default 2, one thread
+#                  each: `--jobs`): see docs/notes/hope-recall.md for its measured wall and CPU time on 2 cores
 #   --smoke        CI size: every command and table once, seconds
 #   --device cuda  GPU size: widths 64 and 128, Zoology's MQAR mixture, the four NIAH tasks, longer runs
 # HOPE_FLAGS="..." adds flags for HOPE's memories (default none: HopeConfig's defaults, per-token η_t; e.g.
 # HOPE_FLAGS="--eta-form chunk_capped --chunk-size 4" for the former capped write; they change nothing in
 # Transformer++).  MQAR_STEPS=N / NIAH_STEPS=N change the CPU size's steps for every model (defaults 800 / 400;
-# S-NIAH-1 warms up for 10% of its steps; docs/notes/hope-recall.md reports MQAR at MQAR_STEPS=3200 too).  A killed
+# S-NIAH-1 warms up for 10% of its steps; docs/notes/hope-recall.md reports MQAR at MQAR_STEPS=3200 too); JOBS=N
+# runs N training runs at once on the CPU (the same runs and numbers as one at a time).  A killed
 # study rerun with the same OUT continues where it stopped (each command's finished training runs are kept in its
 # runs.jsonl); a finished command is skipped.
 set -euo pipefail
@@ -26,7 +27,7 @@ case "${1:-}" in
 esac
 S="${1:-runs/hope-recall}"
 HOPE_FLAGS="${HOPE_FLAGS:-}"
-MQAR_STEPS="${MQAR_STEPS:-800}" NIAH_STEPS="${NIAH_STEPS:-400}"
+MQAR_STEPS="${MQAR_STEPS:-800}" NIAH_STEPS="${NIAH_STEPS:-400}" JOBS="${JOBS:-2}"
 mkdir -p "$S"
 start=$SECONDS
 
@@ -43,17 +44,17 @@ run() {
 
 case $size in
   smoke)
-    run mqar mqar --smoke --threads 1 --lrs 3e-3 1e-2 --seeds 0 1 --vocab-size 512 --eval-settings 64x4 128x4
-    run s-niah-1 niah --smoke --task s-niah-1 --context 160 --threads 1 --lrs 3e-3 1e-2 --seeds 0 1 --steps 2 \
-      --batch-size 2 --eval-samples 2 ;;
+    run mqar mqar --smoke --threads 1 --jobs "$JOBS" --lrs 3e-3 1e-2 --seeds 0 1 --vocab-size 512 \
+      --eval-settings 64x4 128x4
+    run s-niah-1 niah --smoke --task s-niah-1 --context 160 --threads 1 --jobs "$JOBS" --lrs 3e-3 1e-2 --seeds 0 1 \
+      --steps 2 --batch-size 2 --eval-samples 2 ;;
   cpu)
     # MQAR: width 64, vocabulary 512, trained on 64x4; 64x8 = twice the pairs, 128x4 / 256x4 = 2x / 4x the length
     run mqar mqar --widths 64 --train-settings 64x4 --eval-settings 64x4 64x8 128x4 256x4 --vocab-size 512 \
-      --steps "$MQAR_STEPS" --batch-size 32 --eval-samples 128 --threads 1 &
+      --steps "$MQAR_STEPS" --batch-size 32 --eval-samples 128 --threads 1 --jobs "$JOBS"
     # S-NIAH-1 (repeated-noise haystack, 7-digit value) trained at context 192, evaluated at 192 / 384 / 768
     run s-niah-1 niah --task s-niah-1 --context 192 --steps "$NIAH_STEPS" --batch-size 16 \
-      --warmup $((NIAH_STEPS / 10)) --eval-samples 64 --threads 1 &
-    wait %1 && wait %2 ;;
+      --warmup $((NIAH_STEPS / 10)) --eval-samples 64 --threads 1 --jobs "$JOBS" ;;
   gpu)
     run mqar mqar --widths 64 128 --train-settings 64x4 128x8 256x16 256x32 --eval-settings 64x4 64x8 128x4 \
       128x8 256x16 256x32 512x32 1024x32 --vocab-size 8192 --steps 2000 --batch-size 64 --eval-samples 256

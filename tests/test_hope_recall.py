@@ -116,6 +116,77 @@ def test_tuned_runs_sweeps_at_the_first_seed_and_runs_the_rest_at_the_best_lr(tm
     assert calls2 == [] and best2 == best and [r["seed_seen"] for r in runs2] == [r["seed_seen"] for r in runs]
 
 
+def _seeded_train(model, lr, seed):
+    """A run whose numbers depend on its model, lr and seed only, through torch's global RNG (as a real run's)."""
+    torch.manual_seed(seed + 1000 * int(lr * 1e3) + (model == "b"))
+    val = float(torch.rand(())) + (0.5 if lr == 2.0 else 0.0)
+    return {"val_accuracy": val, "final_train_loss": float(torch.randn(())), "diverged": False, "eval": [],
+            "pid": os.getpid()}
+
+
+def test_parallel_jobs_run_the_same_runs_in_other_processes_and_resume(tmp_path):
+    from deepopt.runs import JsonLines
+
+    args = (["a", "b"], [1.0, 2.0, 3.0], [0, 5, 6], _seeded_train)
+    serial, best = tuned_runs(*args, JsonLines(tmp_path / "serial.jsonl", resume=False))
+    log = JsonLines(tmp_path / RUNS_FILE, resume=False)
+    parallel, best2 = tuned_runs(*args, log, jobs=3, threads=1)
+    assert best2 == best == {"a": 2.0, "b": 2.0}
+    strip = ("pid", "wall_s", "cpu_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in parallel] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in serial]
+    assert os.getpid() not in {r["pid"] for r in parallel} and len({r["pid"] for r in parallel}) == 10
+    assert len(log.done) == 10  # every run logged by this process
+    again = JsonLines(tmp_path / RUNS_FILE, resume=True)
+    assert tuned_runs(*args[:3], lambda *a: pytest.fail("resumed runs are read back"), again, jobs=2)[1] == best
+
+
+def test_a_failed_parallel_run_stops_the_others_and_keeps_the_finished_ones(tmp_path):
+    from deepopt.runs import JsonLines
+
+    def train(model, lr, seed):
+        if lr == 3.0:
+            raise FloatingPointError("lr 3 blew up")
+        return _seeded_train(model, lr, seed)
+
+    log = JsonLines(tmp_path / RUNS_FILE, resume=False)
+    with pytest.raises(RuntimeError, match=r"(?s)\('a', 3\.0, 0\) failed.*FloatingPointError: lr 3 blew up"):
+        tuned_runs(["a"], [1.0, 2.0, 3.0], [0, 5], train, log, jobs=2, threads=1)
+    assert set(JsonLines(tmp_path / RUNS_FILE, resume=True).done) <= {"a|lr=1|seed=0", "a|lr=2|seed=0"}
+
+
+def test_niah_jobs_match_one_process_and_bad_jobs_are_refused(tmp_path, capsys):
+    common = ["hope", "niah", "--smoke", "--task", "s-niah-1", "--context", "160", "--models", "hope",
+              "transformer-conv", "--lrs", "3e-3", "1e-2", "--seeds", "0", "1", "--steps", "2", "--batch-size", "2",
+              "--eval-samples", "2", "--threads", "1", "--no-progress"]
+    reports = []
+    for jobs in ("1", "2"):
+        assert main([*common, "--jobs", jobs, "--out", str(tmp_path / jobs)]) == 0
+        runs = [json.loads(line) for line in (tmp_path / jobs / RUNS_FILE).read_text().splitlines()]
+        reports.append({r["key"]: {k: r["value"][k] for k in ("final_train_loss", "loss_curve", "val_accuracy",
+                                                                "eval")} for r in runs if r["key"] != "identity"})
+    assert reports[0] == reports[1] and len(reports[0]) == 6
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--jobs", "0", "--out", str(tmp_path / "bad")])
+    assert exit_info.value.code == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_jobs_run_on_the_cpu_only():
+    from argparse import Namespace
+
+    from deepopt.hope.recall import check_jobs
+
+    args = Namespace(jobs=2, progress=True)
+    with pytest.raises(ValueError, match="--jobs 2: parallel runs are CPU processes"):
+        check_jobs(args, torch.device("cuda"))
+    with pytest.raises(ValueError, match="torchrun"):
+        check_jobs(args, torch.device("cpu"), world=2)
+    check_jobs(args, torch.device("cpu"))
+    assert args.progress is False
+
+
 def test_mqar_sweep_reports_every_lr_and_resumes_from_its_runs(tmp_path, capsys):
     out = tmp_path / "mqar"
     common = ["hope", "mqar", "--smoke", "--models", "transformer-conv", "transformer", "--lrs", "1e-3", "1e-2",

@@ -498,6 +498,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
     filler = _corpus(args, "prose")
     if args.resume and d.world > 1:
         raise ValueError("--resume continues a run of one process; run it without torchrun")
+    recall.check_jobs(args, device, d.world)
     _check_niah_context(args, filler, "--context", args.context, filler.train)
     for ctx in contexts:  # before any training: a context the task cannot fill fails here, not after it
         _check_niah_context(args, filler, "--eval-contexts", ctx, filler.val)
@@ -541,7 +542,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
             {"context": ctx, "context_ratio": ctx / args.context, "accuracy": r["digit_accuracy"], **r}
             for ctx in contexts for r in (evaluate(model, ctx, seed, niah.TEST_SPLIT),)]}
 
-    runs, best = recall.tuned_runs(args.models, lrs, args.seeds, train, log)
+    runs, best = recall.tuned_runs(args.models, lrs, args.seeds, train, log, jobs=args.jobs, threads=args.threads)
     if d.main:
         rows = [{"model": r["model"], "lr": r["lr"], "seed": r["seed"], "best_lr": r["best_lr"], "task": args.task,
                  "train_context": args.context, "samples": samples, "steps": args.steps,

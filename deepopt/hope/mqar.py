@@ -33,6 +33,7 @@ from .recall import (
     TUNING_RULE,
     add_tuning_args,
     best_lr_table,
+    check_jobs,
     format_table,
     open_log,
     plateau,
@@ -218,6 +219,7 @@ def mqar_config(variant: str, width: int, layers: int, vocab_size: int, **overri
 
 def cmd_mqar(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, Dist())
+    check_jobs(args, device)
     out = prepare_out(args)
     log = open_log(out, args)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -261,7 +263,8 @@ def cmd_mqar(args: argparse.Namespace) -> int:
                               **evaluate(length, pairs, TEST_SPLIT), **shares(length, pairs)}
                              for length, pairs in args.eval_settings]}
 
-        width_runs, width_best = tuned_runs(args.models, args.lrs, args.seeds, train, log, prefix=f"d{width}|")
+        width_runs, width_best = tuned_runs(args.models, args.lrs, args.seeds, train, log, prefix=f"d{width}|",
+                                             jobs=args.jobs, threads=args.threads)
         runs += width_runs
         best.update({f"{m} d{width}": lr for m, lr in width_best.items()})
     rows = [{"model": r["model"], "width": r["width"], "lr": r["lr"], "seed": r["seed"], "best_lr": r["best_lr"],

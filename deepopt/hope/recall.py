@@ -16,9 +16,12 @@ without binding, 1 for recall.  ``copy_plateau`` flags ``value_share ≥ 0.5`` w
 from __future__ import annotations
 
 import math
+import multiprocessing
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
@@ -37,8 +40,8 @@ TUNING_RULE = ("every model: the same steps; each lr of the sweep at the first s
 RUNS_FILE = "runs.jsonl"  # every finished training run of a sweep, one line each (``--resume`` reads it back)
 # options that do not change what a recall run computes (may differ when ``--resume`` continues a run; runs are
 # keyed by model, lr and seed, so ``--models`` may name other models: those already trained are read back)
-NOT_IDENTITY = ("models", "lr", "resume", "overwrite", "out", "progress", "threads", "func", "command", "hope_command",
-                "compile", "run_command", "run_outputs", "run_shares", "context_default", "run_checked",
+NOT_IDENTITY = ("models", "lr", "resume", "jobs", "overwrite", "out", "progress", "threads", "func", "command",
+                "hope_command", "compile", "run_command", "run_outputs", "run_shares", "context_default", "run_checked",
                 "run_marked", "run_default_out")
 
 
@@ -59,6 +62,25 @@ def add_tuning_args(p, *, lr_default_help: str) -> None:
     p.add_argument("--resume", action="store_true",
                    help=f"continue a killed run in --out: the training runs in its {RUNS_FILE} are read back, "
                         "the others trained")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once, each in its own process (CPU only; default 1): the sweep's runs of "
+                        "every model, then a model's other seeds as soon as its sweep is done; each process takes "
+                        "--threads threads (default: torch's count / JOBS). The same runs and numbers as --jobs 1")
+
+
+def check_jobs(args, device, world: int = 1) -> None:
+    """``--jobs``: ≥ 1; above 1 only on the CPU, in one process (not under torchrun), where processes can be
+    forked.  ``ValueError`` naming the option; progress bars are turned off for parallel runs."""
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs == 1:
+        return
+    if str(device).split(":")[0] != "cpu" or world > 1:
+        raise ValueError(f"--jobs {args.jobs}: parallel runs are CPU processes; on {device} (or under torchrun) "
+                         "use --jobs 1")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"--jobs {args.jobs} needs processes started by fork (Linux, macOS); use --jobs 1")
+    args.progress = False  # one bar per process would interleave
 
 
 def resolve_lrs(args, lr_given: float | None) -> list[float]:
@@ -111,36 +133,117 @@ def rank_key(run: dict[str, Any]) -> tuple[float, float]:
 
 def tuned_runs(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int],
                train: Callable[[str, float, int], dict[str, Any]], log: JsonLines | None,
-               prefix: str = "") -> tuple[list[dict[str, Any]], dict[str, float]]:
+               prefix: str = "", jobs: int = 1, threads: int | None = None
+               ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Equal tuning (module doc): ``train(model, lr, seed)`` → a run (``val_accuracy``, ``final_train_loss``,
     ``diverged`` and the command's own results) for every lr at ``seeds[0]``, then for ``seeds[1:]`` at each
     model's best lr.  Finished runs are appended to ``log`` and taken from it when already there (``--resume``;
-    ``None``: kept in memory, as on the other ranks of a torchrun).
+    ``None``: kept in memory, as on the other ranks of a torchrun).  ``jobs > 1``: up to ``jobs`` runs at once,
+    each ``train`` call in a forked process with ``threads`` torch threads (default: this process's count /
+    ``jobs``), every sweep run queued first and a model's other seeds as soon as its sweep is done; a run depends
+    only on its model, lr and seed, so the runs are those of ``jobs = 1``.  A failed run stops the others; the
+    finished ones stay in ``log``.
     Returns every run (``model``, ``lr``, ``seed``, ``best_lr`` added) and the best lr per model."""
-    runs, best = [], {}
     done = log.done if log is not None else {}
 
-    def one(model: str, lr: float, seed: int) -> dict[str, Any]:
-        key = f"{prefix}{model}|lr={lr:g}|seed={seed}"
-        if key not in done:
-            t0, c0 = time.perf_counter(), time.process_time()
-            run = {"model": model, "lr": lr, "seed": seed, **train(model, lr, seed),
-                   "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
-            if log is not None:
-                log.add(key, run)
-            done[key] = run
-            loss = "diverged" if run["diverged"] else f"final train loss {run['final_train_loss']:.3f}"
-            print(f"{key}: val_accuracy {run['val_accuracy']:.3f}, {loss}, {run['wall_s']:.0f} s", file=sys.stderr,
-                  flush=True)
-        return dict(done[key])
+    def key(model: str, lr: float, seed: int) -> str:
+        return f"{prefix}{model}|lr={lr:g}|seed={seed}"
 
+    def finished(model: str, lr: float, seed: int, run: dict[str, Any]) -> None:
+        run = {"model": model, "lr": lr, "seed": seed, **run}
+        k = key(model, lr, seed)
+        if log is not None:
+            log.add(k, run)
+        done[k] = run
+        loss = "diverged" if run["diverged"] else f"final train loss {run['final_train_loss']:.3f}"
+        print(f"{k}: val_accuracy {run['val_accuracy']:.3f}, {loss}, {run['wall_s']:.0f} s", file=sys.stderr,
+              flush=True)
+
+    def timed(model: str, lr: float, seed: int) -> dict[str, Any]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        return {**train(model, lr, seed), "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+
+    def best_of(model: str) -> float:
+        return min((done[key(model, lr, seeds[0])] for lr in lrs), key=rank_key)["lr"]
+
+    if jobs > 1:
+        _run_in_processes(jobs, threads or max(1, torch.get_num_threads() // jobs), models, lrs, seeds, timed,
+                          finished, lambda *task: key(*task) in done, best_of)
+    runs, best = [], {}
     for model in models:
-        sweep = [one(model, lr, seeds[0]) for lr in lrs]
-        best[model] = min(sweep, key=rank_key)["lr"]
-        runs += sweep + [one(model, best[model], seed) for seed in seeds[1:]]
+        for lr in lrs:
+            if key(model, lr, seeds[0]) not in done:
+                finished(model, lr, seeds[0], timed(model, lr, seeds[0]))
+        best[model] = best_of(model)
+        for seed in seeds[1:]:
+            if key(model, best[model], seed) not in done:
+                finished(model, best[model], seed, timed(model, best[model], seed))
+        runs += [dict(done[key(model, lr, seeds[0])]) for lr in lrs]
+        runs += [dict(done[key(model, best[model], seed)]) for seed in seeds[1:]]
     for run in runs:
         run["best_lr"], run["sweep"] = run["lr"] == best[run["model"]], run["seed"] == seeds[0]
     return runs, best
+
+
+def _train_in_child(timed: Callable[..., dict[str, Any]], task: tuple, threads: int, conn) -> None:
+    """A forked process's one run: its result (or the error's traceback) sent back on ``conn``."""
+    torch.set_num_threads(threads)
+    try:
+        conn.send(("run", timed(*task)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _run_in_processes(jobs: int, threads: int, models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int],
+                      timed: Callable[..., dict[str, Any]], finished: Callable[..., None],
+                      is_done: Callable[..., bool], best_of: Callable[[str], float]) -> None:
+    """``tuned_runs``' schedule on ``jobs`` forked processes: each sweep run not done yet, then each model's
+    other seeds at its best lr once its sweep is done; ``finished`` records each result in this process, in the
+    order they end.  Raises ``RuntimeError`` with the child's traceback when a run fails (the others are
+    stopped)."""
+    fork = multiprocessing.get_context("fork")
+    queue = [(m, lr, seeds[0]) for m in models for lr in lrs if not is_done(m, lr, seeds[0])]
+    pending_sweeps = {m: sum(task[0] == m for task in queue) for m in models}
+
+    def queue_seeds(model: str) -> None:
+        lr = best_of(model)
+        queue.extend((model, lr, s) for s in seeds[1:] if not is_done(model, lr, s))
+
+    for m in models:
+        if pending_sweeps[m] == 0:
+            queue_seeds(m)
+    running: dict[Any, tuple[tuple, Any]] = {}  # connection -> (task, process)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                task = queue.pop(0)
+                receive, send = fork.Pipe(duplex=False)
+                proc = fork.Process(target=_train_in_child, args=(timed, task, threads, send), daemon=True)
+                proc.start()
+                send.close()
+                running[receive] = (task, proc)
+            for conn in wait(list(running)):
+                task, proc = running.pop(conn)
+                try:
+                    kind, payload = conn.recv()
+                except EOFError:
+                    kind, payload = "error", f"the process ended (exit code {proc.exitcode}) without a result"
+                conn.close()
+                proc.join()
+                if kind == "error":
+                    raise RuntimeError(f"training run {task} failed in its process:\n{payload}")
+                finished(*task, payload)
+                if task[2] == seeds[0] and task[0] in pending_sweeps:
+                    pending_sweeps[task[0]] -= 1
+                    if pending_sweeps[task[0]] == 0:
+                        queue_seeds(task[0])
+    finally:
+        for conn, (_, proc) in running.items():
+            proc.kill()
+            proc.join()
+            conn.close()
 
 
 def train_steps(trainer, batch: Callable[[int], tuple], progress: bool, desc: str) -> dict[str, Any]:
