@@ -61,6 +61,25 @@ def test_scan_op_passes_opcheck():
     torch.library.opcheck(torch.ops.deepopt.titans_scan.default, (*scan_inputs(), *SCALARS))
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_chunk_math_gives_the_eager_scan_and_gradients(backend):
+    """The op's chunk loop with ``compiled_chunk_fns`` (``compile_model``'s CPU path) against the eager one: outputs,
+    boundary states and every input's gradient, float64, 3 chunks (and a partial fourth where compiling is quick)."""
+    key = tk.compiled_chunk_fns(backend=backend, dynamic=False)
+    assert tk.compiled_chunk_fns(backend=backend, dynamic=False) == key  # one pair per set of options
+    inputs = scan_inputs(T=13 if backend == "aot_eager" else 12)
+    results = []
+    for chunk_fns in (0, key):
+        outs = tk.titans_scan(*inputs, *SCALARS, chunk_fns)
+        cots = [torch.ones_like(o) * 0.1 for o in outs]
+        grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cots)), inputs)
+        results.append((*outs, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="chunk_fns must be 0"):
+        tk.titans_scan(*inputs, *SCALARS, 10**6)
+
+
 @pytest.mark.parametrize("T", [12, 13])  # whole chunks, and a partial last one
 @pytest.mark.parametrize("sequential", [True, False], ids=["per_token", "chunk_capped"])
 def test_scan_op_equals_the_chunk_loop_with_gradients(T, sequential):
