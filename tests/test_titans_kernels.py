@@ -63,10 +63,13 @@ def test_scan_op_passes_opcheck():
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_chunk_math_gives_the_eager_scan_and_gradients(backend):
-    """The op's chunk loop with ``compiled_chunk_fns`` (``compile_model``'s CPU path) against the eager one: outputs,
+    """The op's chunk loop with ``deepopt.hope.compiled`` (``compile_model``'s CPU path) against the eager one: outputs,
     boundary states and every input's gradient, float64, 3 chunks (and a partial fourth where compiling is quick)."""
-    key = tk.compiled_chunk_fns(backend=backend, dynamic=False)
-    assert tk.compiled_chunk_fns(backend=backend, dynamic=False) == key  # one pair per set of options
+    from deepopt.hope.compiled import compile_options, compiled
+
+    key = compile_options(backend=backend, dynamic=False)
+    assert compile_options(backend=backend, dynamic=False) == key  # one key per set of options
+    assert compiled(key, tk.chunk_step) is compiled(key, tk.chunk_step) and compiled(0, tk.chunk_vjp) is tk.chunk_vjp
     inputs = scan_inputs(T=13 if backend == "aot_eager" else 12)
     results = []
     for chunk_fns in (0, key):

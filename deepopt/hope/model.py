@@ -71,14 +71,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepopt.hope.cms_kernels import cms_factors, cms_scan
-from deepopt.hope.titans_kernels import (
-    chunk_factors,
-    chunk_mix,
-    compiled_chunk_fns,
-    memory_factors,
-    normalized_steps,
-    titans_scan,
-)
+from deepopt.hope.compiled import compile_options
+from deepopt.hope.titans_kernels import chunk_factors, chunk_mix, memory_factors, normalized_steps, titans_scan
 from deepopt.rules import Rule, get_rule
 from deepopt.rules.deep import ACTIVATIONS, apply_memory
 
@@ -327,7 +321,7 @@ class SelfModifyingTitans(nn.Module):
         self.in_proj = nn.Linear(d, (self.n_inputs + 1) * d, bias=False)  # memory input(s) u and query q
         self.conv = CausalConv((self.n_inputs + 1) * d, cfg.conv_width, cfg.conv_tap_std)
         self.out_proj = nn.Linear(d, d, bias=False)
-        self.chunk_fns = 0  # the scan op's chunk math: eager, or compiled by compile_model (compiled_chunk_fns)
+        self.chunk_fns = 0  # the scan op's chunk math: eager, or compile_model's key (deepopt.hope.compiled)
         n = len(TITANS_MEMORIES)
         # initial memory states θ₀ (outer parameters): W₁ ~ N(0, std²), W₂ (titans_w2_init) per memory
         std, gain = (torch.tensor(v)[:, None, None] for v in (cfg.titans_w1_std, cfg.titans_w2_gain))
@@ -799,13 +793,13 @@ def compile_model(model: LanguageModel, **options: Any) -> LanguageModel:
     """``torch.compile`` (``options`` passed on) the repeated pieces of ``model`` in place: HOPE's per-chunk
     functions (the Python loop over chunks stays eager, so one compiled graph serves every chunk of a
     length), the Titans scan op (``deepopt::titans_scan``, a custom op with a fake kernel: no graph break) with
-    the chunk math inside it where it runs the torch chunk loop (CPU: ``titans_kernels.compiled_chunk_fns``) and
+    the chunk math inside it where it runs the torch chunk loop (CPU: ``deepopt.hope.compiled``) and
     Transformer++'s blocks.  Same numbers up to rounding; returns ``model``."""
     for m in model.modules():
         if isinstance(m, SelfModifyingTitans):  # the scan op (one graph per sequence) or the per-chunk function
             m._scan = torch.compile(m._scan, **options)
             m._parallel_chunk = torch.compile(m._parallel_chunk, **options)
-            m.chunk_fns = compiled_chunk_fns(**options)
+            m.chunk_fns = compile_options(**options)
         elif isinstance(m, CMSLevel):
             m._chunk = torch.compile(m._chunk, **options)
             m._scan = torch.compile(m._scan, **options)

@@ -20,19 +20,19 @@ the chunks in reverse, recomputing each from its start state.  On CUDA (float32/
 >= 16) each op is one Triton launch (``_forward_kernel``, ``_backward_kernel``: one program per batch·head looping
 over the chunks); elsewhere the torch loops ``_scan_reference``/``_scan_backward_reference`` run inside the ops,
 ``chunk_step``/``chunk_vjp`` eagerly or, for a model under ``compile_model``, as ``torch.compile``'d functions
-(``compiled_chunk_fns``: the op's ``chunk_fns`` argument names them).  Design and launch counts:
+(``deepopt.hope.compiled``: the ops' ``chunk_fns`` argument names them).  Design and launch counts:
 ``docs/notes/titans-kernels.md``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deepopt.hope.compiled import check_key, compiled
 from deepopt.rules.deep import ACTIVATIONS
 
 try:  # Triton is optional: without it every device runs the torch reference
@@ -331,8 +331,8 @@ def _chunks(x: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
 def _scan_reference(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[Tensor, ...], chunk_size: int,
                     consts: dict, chunk_fns: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """The torch loop of ``titans_scan``: y and the states at every chunk boundary (B, H, n + 1, 5, ...);
-    ``chunk_fns``: which ``chunk_step`` runs (``compiled_chunk_fns``; 0: the eager one)."""
-    step = _CHUNK_FNS[chunk_fns][0] if chunk_fns else chunk_step
+    ``chunk_fns``: which ``chunk_step`` runs (0: the eager one, else ``deepopt.hope.compiled``'s)."""
+    step = compiled(chunk_fns, chunk_step)
     B = q.shape[0]
     s1 = [w1[None].expand(B, *w1.shape).contiguous()]
     s2 = [w2[None].expand(B, *w2.shape).contiguous()]
@@ -349,7 +349,7 @@ def _scan_backward_reference(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None,
                              s2: Tensor, params: tuple[Tensor, ...], chunk_size: int, consts: dict, chunk_fns: int = 0):
     """Reverse walk over the chunks: each chunk recomputed from its saved start state and ``chunk_vjp``'d (the
     ``chunk_fns`` one, as ``_scan_reference``)."""
-    vjp = _CHUNK_FNS[chunk_fns][1] if chunk_fns else chunk_vjp
+    vjp = compiled(chunk_fns, chunk_vjp)
     n = s1.shape[2] - 1
     # contiguous from the first chunk on, as every later cotangent is (a compiled chunk_vjp keeps one graph)
     dw1 = ds1[:, :, n].contiguous() if ds1 is not None else torch.zeros_like(s1[:, :, n])
@@ -368,34 +368,6 @@ def _scan_backward_reference(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None,
             *(p.sum(0).to(x.dtype) for p, x in zip(dps, params)))
 
 
-# compiled (chunk_step, chunk_vjp) pairs by key (1, 2, …), made by ``compiled_chunk_fns``; 0 means the eager functions
-_CHUNK_FNS: dict[int, tuple[Callable, Callable]] = {}
-_CHUNK_FN_KEYS: dict[tuple, int] = {}
-
-
-def compiled_chunk_fns(**options) -> int:
-    """The key of ``torch.compile(chunk_step, **options)`` and ``torch.compile(chunk_vjp, **options)`` for the
-    ops' ``chunk_fns`` argument, made once per set of options (every layer of every model compiled with them shares
-    their graphs).  The torch chunk loop (CPU, and CUDA where no Triton kernel applies) then runs compiled chunk
-    math: the same numbers up to rounding, e.g. 1.2–1.3× faster steps on the CPU after a first step that compiles."""
-    try:
-        token = tuple(sorted(options.items()))
-        hash(token)
-    except TypeError:  # unhashable options: a key of their own
-        token = (id(options),)
-    if token not in _CHUNK_FN_KEYS:
-        key = len(_CHUNK_FNS) + 1
-        _CHUNK_FNS[key] = (torch.compile(chunk_step, **options), torch.compile(chunk_vjp, **options))
-        _CHUNK_FN_KEYS[token] = key
-    return _CHUNK_FN_KEYS[token]
-
-
-def _check_chunk_fns(chunk_fns: int) -> None:
-    if chunk_fns and chunk_fns not in _CHUNK_FNS:
-        raise ValueError(f"chunk_fns must be 0 (eager) or a key of compiled_chunk_fns {sorted(_CHUNK_FNS)}, "
-                         f"got {chunk_fns}")
-
-
 @torch.library.custom_op("deepopt::titans_scan", mutates_args=())
 def titans_scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_eta: Tensor, w_alpha: Tensor,
                 b_alpha: Tensor, chunk_size: int, eta_max: float, activation: str, delta_gd: bool, learns: bool,
@@ -407,13 +379,13 @@ def titans_scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_e
     last: the final state), n = ⌈T/C⌉ chunks, the last one possibly partial.  ``sequential``: per-token steps
     η_t ≤ η_max with the state-linear terms read at each token's own state (``chunk_mix``); otherwise
     η_t ≤ η_max/C, every step at the chunk's start state.  Triton where ``_triton_applies``, the torch chunk loop
-    elsewhere (``chunk_fns``: eager, 0, or a ``compiled_chunk_fns`` key)."""
+    elsewhere (``chunk_fns``: eager, 0, or a ``deepopt.hope.compiled.compile_options`` key)."""
     if u.dim() != 5 or u.shape[2] != 4 or (*u.shape[:2], *u.shape[3:]) != q.shape:
         raise ValueError(f"u must have shape (B, H, 4, T, d) for q of shape (B, H, T, d) = {tuple(q.shape)}, "
                          f"got {tuple(u.shape)}")
     params = (w_eta, b_eta, w_alpha, b_alpha)
     consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential)
-    _check_chunk_fns(chunk_fns)
+    check_key(chunk_fns)
     if _triton_applies(u, q, w1, w2, chunk_size, activation):
         return _triton_forward(u, q, w1, w2, params, chunk_size, consts)
     return _scan_reference(u, q, w1, w2, params, chunk_size, consts, chunk_fns)
@@ -447,7 +419,7 @@ def titans_scan_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: 
     (``ds1, ds2``: of the boundary states, ``None`` = zero), one reverse pass over the chunks."""
     params = (w_eta, b_eta, w_alpha, b_alpha)
     consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential)
-    _check_chunk_fns(chunk_fns)
+    check_key(chunk_fns)
     if _triton_applies(u, q, s1, s2, chunk_size, activation):
         return _triton_backward(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts)
     return _scan_backward_reference(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts, chunk_fns)
