@@ -4,6 +4,7 @@
     python benchmarks/hope_throughput.py --device cuda
     python benchmarks/hope_throughput.py --smoke               # seconds, for CI
     python benchmarks/hope_throughput.py --compile             # both models under torch.compile
+    python benchmarks/hope_throughput.py --compile-speedup     # each model eager and compiled: compiled/eager
     python benchmarks/hope_throughput.py --device cuda --cuda-graph   # each step one CUDA graph replay
     python benchmarks/hope_throughput.py --no-scan-ops         # HOPE on the Python chunk loop (before the scan ops)
 
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="size smoke, contexts 64 128, 1 step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both models (deepopt.hope.model.compile_model); compilation is in the warm-up")
+    p.add_argument("--compile-speedup", action="store_true",
+                   help="measure each model eager and under --compile in this run and print compiled/eager tokens/s "
+                        "(the first step's compile time is left out, as with --compile)")
     p.add_argument("--recompute-chunks", action="store_true",
                    help="HOPE recomputes its chunk states in the backward pass instead of keeping them")
     p.add_argument("--no-scan-ops", dest="scan_ops", action="store_false",
@@ -157,26 +161,35 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for ctx in args.contexts:
         for model in MODELS:
-            if args.device.startswith("cuda"):
-                rows.append(measure(model, args.size, ctx, args.tokens, args.steps, args.warmup, args.device,
-                                    args.compile, args.recompute_chunks, args.cuda_graph, args.scan_ops))
-            else:
-                cmd = [sys.executable, __file__, "--worker", "--model", model, "--size", args.size, "--contexts",
-                       str(ctx), "--tokens", str(args.tokens), "--steps", str(args.steps), "--warmup",
-                       str(args.warmup), "--device", args.device]
-                cmd += ["--threads", str(args.threads)] if args.threads else []
-                cmd += ["--compile"] if args.compile else []
-                cmd += ["--recompute-chunks"] if args.recompute_chunks else []
-                cmd += [] if args.scan_ops else ["--no-scan-ops"]
-                res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{r['model']:>11}  ctx {ctx:>5}  batch {r['batch']:>3}  params {r['n_params']:>9,}  "
-                  f"{r['tok_per_s']:>9.0f} tok/s  peak {r['peak_mib']:>8.1f} MiB  "
-                  f"{r['mflop_per_token']:6.2f} MFLOP/token  {r['ops_per_step']:>7,} ops/step", flush=True)
+            for compiled in ((False, True) if args.compile_speedup else (args.compile,)):
+                if args.device.startswith("cuda"):
+                    rows.append(measure(model, args.size, ctx, args.tokens, args.steps, args.warmup, args.device,
+                                        compiled, args.recompute_chunks, args.cuda_graph, args.scan_ops))
+                else:
+                    cmd = [sys.executable, __file__, "--worker", "--model", model, "--size", args.size, "--contexts",
+                           str(ctx), "--tokens", str(args.tokens), "--steps", str(args.steps), "--warmup",
+                           str(args.warmup), "--device", args.device]
+                    cmd += ["--threads", str(args.threads)] if args.threads else []
+                    cmd += ["--compile"] if compiled else []
+                    cmd += ["--recompute-chunks"] if args.recompute_chunks else []
+                    cmd += [] if args.scan_ops else ["--no-scan-ops"]
+                    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                r = rows[-1]
+                r["compiled"] = compiled
+                print(f"{r['model']:>11}{' compiled' if compiled else ''}  ctx {ctx:>5}  batch {r['batch']:>3}  "
+                      f"params {r['n_params']:>9,}  {r['tok_per_s']:>9.0f} tok/s  peak {r['peak_mib']:>8.1f} MiB  "
+                      f"{r['mflop_per_token']:6.2f} MFLOP/token  {r['ops_per_step']:>7,} ops/step", flush=True)
+    if args.compile_speedup:
+        for ctx in args.contexts:
+            for model in MODELS:
+                eager, comp = (next(r for r in rows if r["model"] == model and r["context"] == ctx
+                                    and r["compiled"] == c) for c in (False, True))
+                print(f"ctx {ctx:>5}: {model} compiled/eager tokens/s = {comp['tok_per_s'] / eager['tok_per_s']:.2f}x")
     ratios = {}
     for ctx in args.contexts:
-        h, t = (next(r for r in rows if r["model"] == m and r["context"] == ctx) for m in MODELS)
+        h, t = (next(r for r in rows if r["model"] == m and r["context"] == ctx and r["compiled"] == args.compile)
+                for m in MODELS)
         ratios[ctx] = {"tok_per_s_ratio": h["tok_per_s"] / t["tok_per_s"],
                        "flop_ratio": h["mflop_per_token"] / t["mflop_per_token"],
                        "peak_mem_ratio": h["peak_mib"] / t["peak_mib"] if t["peak_mib"] > 0 else float("nan")}
@@ -186,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(args.out / "results.csv", rows)
         atomic_save_json({"size": args.size, "tokens_per_step": args.tokens, "device": args.device,
-                          "threads": args.threads, "compile": args.compile, "recompute_chunks": args.recompute_chunks,
+                          "threads": args.threads, "compile": args.compile,
+                          "compile_speedup": args.compile_speedup, "recompute_chunks": args.recompute_chunks,
                           "cuda_graph": args.cuda_graph, "scan_ops": args.scan_ops,
                           "rows": rows, "ratios": {str(k): v for k, v in ratios.items()}},
                          args.out / "report.json")
