@@ -1,10 +1,10 @@
 """``torch.compile``'d versions of the scan ops' per-chunk functions, named by an int the ops take.
 
-A custom op (``deepopt::titans_scan``, ``deepopt::cms_scan``) is opaque to ``torch.compile``: compiling a model
-leaves the torch chunk loop inside the op eager.  ``compile_model`` therefore registers its compile options here
-(``key = compile_options(**options)``) and passes the key through the op's ``chunk_fns`` argument; the op's loop
-then calls ``compiled(key, fn)``, ``fn`` compiled with those options (once per options and function: every layer of
-every model compiled with them shares its graphs).  Key 0 is the eager function.
+A custom op is opaque to ``torch.compile``: compiling a model leaves the torch chunk loop inside the op eager.
+``compile_model`` therefore registers its compile options here (``key = compile_options(**options)``) and passes the
+key through the Titans scan op's ``chunk_fns`` argument (``deepopt::titans_scan``; the CMS op does not take one
+yet); the op's loop then calls ``compiled(key, fn)``, ``fn`` compiled with those options (once per options and
+function: every layer of every model compiled with them shares its graphs).  Key 0 is the eager function.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def _run_in_processes(jobs: int, threads: int, models: Sequence[str], lrs: Seque
                 if kind == "error":
                     raise RuntimeError(f"training run {task} failed in its process:\n{payload}")
                 finished(*task, payload)
-                if task[2] == seeds[0] and task[0] in pending_sweeps:
+                if task[2] == seeds[0]:  # a sweep run
                     pending_sweeps[task[0]] -= 1
                     if pending_sweeps[task[0]] == 0:
                         queue_seeds(task[0])
