@@ -87,9 +87,9 @@ def test_bad_input_is_rejected(bad, err):
         cms_kernels.cms_scan(**{**args, **bad})
 
 
-def loop_and_scan_levels(period: int, seed: int = 0):
+def loop_and_scan_levels(period: int, seed: int = 0, recompute: bool = True):
     torch.manual_seed(seed)
-    cfg = HopeConfig(**TINY, cms_periods=(period,), cms_lr=0.8)
+    cfg = HopeConfig(**TINY, cms_periods=(period,), cms_lr=0.8, recompute_chunks=recompute)
     scan = CMSLevel(cfg, period).double()
     with torch.no_grad():
         for p in scan.parameters():
@@ -100,9 +100,12 @@ def loop_and_scan_levels(period: int, seed: int = 0):
     return cfg, scan, loop
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["op", "kept"])
 @pytest.mark.parametrize("period, T", [(4, 18), (5, 5), (1, 6)])
-def test_level_on_the_op_equals_the_chunk_loop_with_gradients(period, T):
-    cfg, scan, loop = loop_and_scan_levels(period)
+def test_level_on_the_op_equals_the_chunk_loop_with_gradients(period, T, recompute):
+    """A level on the scan (the op, or with ``recompute_chunks=False`` on the CPU its loop keeping each chunk
+    for the backward pass) == the Python chunk loop, values, states and gradients."""
+    cfg, scan, loop = loop_and_scan_levels(period, recompute=recompute)
     x = torch.randn(2, T, cfg.d_model, dtype=torch.float64)
     err = 0.05 * torch.randn_like(x)
     out = []
@@ -119,9 +122,30 @@ def test_level_on_the_op_equals_the_chunk_loop_with_gradients(period, T):
     assert g[1 + names.index("eta_rho")].abs() > 0  # η's ρ gets a gradient through the steps
 
 
+@pytest.mark.parametrize("T, period", [(11, 3), (12, 4), (4, 7)], ids=["partial", "whole", "no-step"])
+def test_kept_chunks_give_the_op_and_its_gradients(T, period):
+    """``cms_scan(keep=True)`` (``KeptChunks``: the reference loop with each chunk's factors saved for the
+    backward pass) == the op: outputs, and every input's gradient for an objective reading all outputs and for
+    the reads alone (state cotangents None), float64; the op is not called."""
+    (k, w1, w2, rho), err, _ = inputs(T=T, period=period)
+    lr = F.softplus(rho) / period
+    with mock.patch.object(torch.ops.deepopt, "cms_scan", side_effect=AssertionError("the op ran")):
+        kept = cms_kernels.cms_scan(k, err, w1, w2, lr, period, "silu", keep=True)
+    op = cms_kernels.cms_scan(k, err, w1, w2, lr, period, "silu")
+    for a, b in zip(kept, op):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for loss in (objective, lambda y, s1, s2: (y * y).sum()):
+        got, want = (torch.autograd.grad(loss(*outs), (k, w1, w2, rho), retain_graph=True) for outs in (kept, op))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad(), mock.patch.object(cms_kernels.KeptChunks, "apply", side_effect=AssertionError("kept")):
+        cms_kernels.cms_scan(k, err, w1, w2, lr, period, "silu", keep=True)  # no backward pass: the op
+
+
 def test_ops_dispatched_by_a_level_do_not_grow_with_the_context():
     """Forward and backward of a learning level dispatch the same ops at context 64 and 256 (4 and 16 chunks):
-    the recurrence is one ``deepopt::cms_scan`` and one ``deepopt::cms_scan_backward``."""
+    the recurrence is one ``deepopt::cms_scan`` and one ``deepopt::cms_scan_backward`` (``recompute_chunks``; the
+    CPU loop that keeps chunks dispatches per chunk)."""
     _, level, _ = loop_and_scan_levels(16)
     counts = {}
     for T in (64, 256):

@@ -106,13 +106,66 @@ def test_scan_op_equals_the_chunk_loop_with_gradients(T, sequential):
     torch.testing.assert_close(g_y, r_y, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("T", [12, 13])  # whole chunks, and a partial last one
+@pytest.mark.parametrize("sequential", [True, False], ids=["per_token", "chunk_capped"])
+def test_kept_chunks_give_the_op_and_its_gradients(T, sequential):
+    """``scan(keep=True)`` (``KeptChunks``: the chunk loop with each chunk's intermediates saved for the backward
+    pass) == the op (which recomputes them): outputs, boundary states, every input's gradient for random
+    cotangents and for y alone (the state cotangents arrive as None), float64."""
+    scalars = (*SCALARS[:-1], sequential)
+    inputs = scan_inputs(T=T)
+    with mock.patch.object(tk, "titans_scan", side_effect=AssertionError("the op ran")):
+        kept = tk.scan(*inputs, *scalars, keep=True)
+    op = tk.titans_scan(*inputs, *scalars)
+    for a, b in zip(kept, op):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    cots = [torch.randn_like(o) for o in op]
+    for outs in ((kept, op), (kept[:1], op[:1])):
+        got, want = (torch.autograd.grad(sum((o * c).sum() for o, c in zip(x, cots)), inputs, retain_graph=True)
+                     for x in outs)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_scan_keeps_chunks_only_for_an_eager_backward_pass():
+    """``scan`` takes the op (recomputing chunks in its backward pass) unless ``keep`` and a backward pass can follow:
+    not under ``no_grad``, not for inputs that need no gradient, not with compiled chunk functions; a layer keeps
+    them unless ``recompute_chunks``."""
+    inputs = scan_inputs()
+    calls = []
+    real = tk.KeptChunks.apply
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    with mock.patch.object(tk.KeptChunks, "apply", side_effect=spy):
+        tk.scan(*inputs, *SCALARS, keep=False)
+        with torch.no_grad():
+            tk.scan(*inputs, *SCALARS, keep=True)
+        tk.scan(*(x.detach() for x in inputs), *SCALARS, keep=True)
+        assert not calls
+        tk.scan(*inputs, *SCALARS, keep=True)
+        assert len(calls) == 1
+        base = {"d_model": 16, "n_heads": 2, "mem_hidden": 8, "chunk_size": 4}
+        x = torch.randn(2, 9, 16)
+        SelfModifyingTitans(HopeConfig(**base, recompute_chunks=True))(x)
+        assert len(calls) == 1
+        SelfModifyingTitans(HopeConfig(**base))(x)
+        assert len(calls) == 2
+    with pytest.raises(ValueError, match="u must have shape"):
+        tk.scan(inputs[0][:, :, :3], *inputs[1:], *SCALARS, keep=True)
+
+
 def test_training_step_dispatches_the_same_ops_at_every_context_length():
     """A HOPE training step (forward + backward, CMS levels learning in context: their error pass included)
     dispatches the same ops at context 64 and 256: each layer's Titans recurrence is one ``deepopt::titans_scan``
     per forward pass (block 0's shared by both passes) and one ``titans_scan_backward``, each CMS level's one
     ``cms_scan`` and one ``cms_scan_backward``.  On the CPU the torch chunk loop runs inside each op (a dispatch
-    mode sees the op once); on CUDA each is a Triton launch."""
-    cfg = HopeConfig(d_model=32, n_heads=2, n_layers=2, mem_hidden=16, chunk_size=16, cms_periods=(16, 32, None))
+    mode sees the op once); on CUDA each is a Triton launch.  (``recompute_chunks``: an eager CPU step otherwise
+    runs the Titans loop outside the op, keeping its chunks for the backward pass: ``test_kept_chunks_...``.)"""
+    cfg = HopeConfig(d_model=32, n_heads=2, n_layers=2, mem_hidden=16, chunk_size=16, cms_periods=(16, 32, None),
+                     recompute_chunks=True)
     counts = {}
     for context in (64, 256):
         torch.manual_seed(0)

@@ -93,10 +93,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CMS update periods in tokens, inf = never (default: the size's, e.g. 16,64,inf; the paper "
                         "uses 512 and up)")
     p.add_argument("--recompute-chunks", action="store_true",
-                   help="for the memories that run the Python chunk loop (a momentum inner rule, --model "
-                        "hope-no-selfmod, a non-sgd CMS rule): recompute their chunk states in the backward pass "
-                        "instead of keeping them (same numbers).  The default memories run as the scan ops, "
-                        "which always recompute")
+                   help="recompute the memories' chunks in the backward pass instead of keeping them (same "
+                        "numbers, less memory, slower): the Python chunk loop (a momentum inner rule, --model "
+                        "hope-no-selfmod, a non-sgd CMS rule) and, on the CPU, the Titans scan; the Titans scan "
+                        "on CUDA (Triton) and the CMS scan always recompute")
     add_titans_init_args(p)
 
 

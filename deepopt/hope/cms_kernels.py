@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 # SECOND_DERIVATIVES: σ''(z), for the backward of the W₂ step's σ'(z) factor; dot_precision: tl.dot's inputs
+from deepopt.hope.kept import KeptChunks, keeps
 from deepopt.hope.titans_kernels import SECOND_DERIVATIVES, dot_precision, normalized_steps
 from deepopt.rules.deep import ACTIVATIONS
 
@@ -65,8 +66,9 @@ def cms_factors(w1: Tensor, w2: Tensor, k: Tensor, err: Tensor | None, activatio
 
 # -- the pure-torch reference -------------------------------------------------------------------------------
 def scan_reference(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, period: int,
-                   activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The recurrence chunk by chunk in the states' dtype (module doc): ``(y, W₁ states, W₂ states)``."""
+                   activation: str, kept: list | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The recurrence chunk by chunk in the states' dtype (module doc): ``(y, W₁ states, W₂ states)``;
+    ``kept``: a list that receives each chunk's ``cms_factors`` (what ``chunk_vjp`` takes as ``saved``)."""
     B, dtype = k.shape[0], w1.dtype
     k, err = k.to(dtype), err.to(dtype)
     s1, s2 = [w1.expand(B, -1, -1)], [w2.expand(B, -1, -1)]
@@ -75,6 +77,8 @@ def scan_reference(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, p
         full = kc.shape[1] == period
         f = cms_factors(s1[-1], s2[-1], kc, ec if full else None, activation)
         reads.append(f["read"])
+        if kept is not None:
+            kept.append(({key: t for key, t in f.items() if key != "read"},))  # the read is an output
         if full:
             s1.append(s1[-1] - lr * f["g1"])
             s2.append(s2[-1] - lr * f["g2"])
@@ -82,7 +86,8 @@ def scan_reference(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, p
 
 
 def chunk_vjp(w1: Tensor, w2: Tensor, k: Tensor, err: Tensor | None, lr: Tensor, gy: Tensor, g1: Tensor,
-              g2: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              g2: Tensor, activation: str, saved: dict[str, Tensor] | None = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of one chunk (batched over B) by hand: given ``gy = ∂L/∂y`` of its reads and ``g1, g2`` of the
     state after it, ``(∂L/∂k, ∂L/∂W₁, ∂L/∂W₂, ∂L/∂lr)`` at its start state; ``err=None``: a read-only chunk.
 
@@ -92,8 +97,10 @@ def chunk_vjp(w1: Tensor, w2: Tensor, k: Tensor, err: Tensor | None, lr: Tensor,
         ∂z = ∂h⊙p − lr·c·Q⊙q⊙σ''(z)                        ∂k = ∂z W₂ − lr·c·(p⊙q) G₂
         ∂W₁ = G₁ + gyᵀh − lr·c·δᵀ(Q⊙p) + 2W₁·lr·c²d·Σ Q⊙p⊙q    ∂W₂ = G₂ + ∂zᵀk
         ∂lr = −Σ_t a_t Σ_j h⊙R − c·Σ Q⊙p⊙q
+
+    ``saved``: the chunk's ``cms_factors`` from the forward pass (read), else recomputed here.
     """
-    f = cms_factors(w1, w2, k, err, activation)
+    f = cms_factors(w1, w2, k, err, activation) if saved is None else saved
     z, h = f["z"], f["h"]
     p = ACTIVATIONS[activation][1](z, h)
     dh = gy @ w1
@@ -119,8 +126,9 @@ def chunk_vjp(w1: Tensor, w2: Tensor, k: Tensor, err: Tensor | None, lr: Tensor,
 
 def scan_backward_reference(gy: Tensor, gs1: Tensor | None, gs2: Tensor | None, k: Tensor, err: Tensor,
                             s1: Tensor, s2: Tensor, lr: Tensor, period: int,
-                            activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Reverse walk over the chunks, each recomputed from its saved start state: ``(∂k, ∂W₁, ∂W₂, ∂lr)``."""
+                            activation: str, kept: list | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reverse walk over the chunks, each recomputed from its saved start state (or its ``kept`` factors read
+    back): ``(∂k, ∂W₁, ∂W₂, ∂lr)``."""
     dtype, T = s1.dtype, k.shape[1]
     kk, ee, gy = k.to(dtype), err.to(dtype), gy.to(dtype)
     N = T // period
@@ -132,7 +140,7 @@ def scan_backward_reference(gy: Tensor, gs1: Tensor | None, gs2: Tensor | None, 
         rows = slice(c * period, (c + 1) * period)
         full = c < N
         gkc, g1, g2, glr_c = chunk_vjp(s1[:, c], s2[:, c], kk[:, rows], ee[:, rows] if full else None, lr,
-                                       gy[:, rows], g1, g2, activation)
+                                       gy[:, rows], g1, g2, activation, None if kept is None else kept[c][0])
         if full and gs1 is not None:
             g1 = g1 + gs1[:, c]
         if full and gs2 is not None:
@@ -190,15 +198,32 @@ _cms_scan.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cms_scan(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, period: int,
-             activation: str = "silu") -> tuple[Tensor, Tensor, Tensor]:
+             activation: str = "silu", keep: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """A CMS level's reads and states over a whole sequence (module doc), one ``deepopt::cms_scan`` op.
 
     ``k, err``: (B, T, d) keys and error signals (one dtype); ``w1`` (d, hid), ``w2`` (hid, d): the initial
     state; ``lr``: 0-d, ``softplus(ρ)/period``.  Returns ``y`` (B, T, d) in k's dtype and the states
-    (B, T//period + 1, ·, ·) in w1's: index 0 is the initial state, the last one the final state.
+    (B, T//period + 1, ·, ·) in w1's: index 0 is the initial state, the last one the final state.  ``keep``: off
+    the Triton kernels, where a backward pass can follow (``kept.keeps``), the reference loop runs under
+    ``kept.KeptChunks`` instead of the op: each chunk's factors kept for the backward pass, not recomputed.
     """
     _check(k, err, w1, w2, lr, period, activation)
+    if keep and keeps(k, w1, w2, lr) and not triton_applies(k, w1, period):
+        return KeptChunks.apply(_kept_loop, _kept_reverse, 5, k, err.detach(), w1, w2, lr, period, activation)
     return torch.ops.deepopt.cms_scan(k, err.detach(), w1, w2, lr, period, activation)
+
+
+def _kept_loop(k, err, w1, w2, lr, period, activation, kept):
+    y, s1, s2 = scan_reference(k, err, w1, w2, lr, period, activation, kept=kept)
+    return y.to(k.dtype), s1, s2
+
+
+def _kept_reverse(gy, gs1, gs2, tensors, s1, s2, static, kept):
+    """``KeptChunks``' backward loop for ``cms_scan``: the op's reverse walk over the kept chunks (δ gets none)."""
+    k, err, _, _, lr = tensors
+    gy = torch.zeros_like(k) if gy is None else gy
+    gk, g1, g2, glr = scan_backward_reference(gy, gs1, gs2, k, err, s1, s2, lr, *static, kept=kept)
+    return gk, None, g1, g2, glr
 
 
 # -- Triton kernels (CUDA; the tests run them on the CPU under TRITON_INTERPRET=1) ----------------------------

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from deepopt.hope.cms_kernels import cms_factors, cms_scan
 from deepopt.hope.compiled import compile_options
-from deepopt.hope.titans_kernels import chunk_factors, chunk_mix, memory_factors, normalized_steps, titans_scan
+from deepopt.hope.titans_kernels import chunk_factors, chunk_mix, memory_factors, normalized_steps, scan
 from deepopt.rules import Rule, get_rule
 from deepopt.rules.deep import ACTIVATIONS, apply_memory
 
@@ -156,9 +156,10 @@ class HopeConfig:
     # Transformer++ only: width of a depthwise causal conv on q, k and v after their projection (0 = none).  The
     # recall baseline (Zoology's attention has one; HOPE has its own, conv_width) is variant "transformer-conv"
     short_conv: int = 0
-    # training memory of the Python chunk loop (memories the scan ops do not take: a drifting inner rule,
-    # self_modifying=False, a non-sgd CMS rule): recompute each chunk's states in the backward pass instead of
-    # keeping them (same numbers).  The scan ops (titans_scan, cms_scan) always recompute.
+    # training memory: recompute each chunk in the backward pass instead of keeping its intermediates (same
+    # numbers, less memory, more time), in the Python chunk loop (memories the scan ops do not take: a drifting
+    # inner rule, self_modifying=False, a non-sgd CMS rule) and in the Titans scan's torch loop (eager, off the
+    # Triton path: titans_kernels.scan).  The Triton kernels and the CMS scan always recompute.
     recompute_chunks: bool = False
     # run the memories they take as the whole-sequence ops deepopt::titans_scan / deepopt::cms_scan (Triton on
     # CUDA; on the CPU the torch chunk loop inside one op, chunks recomputed in the backward pass); False: the
@@ -390,16 +391,16 @@ class SelfModifyingTitans(nn.Module):
 
     def _scan(self, u: Tensor, q: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The whole chunk recurrence in one op: outputs (B, H, T, dh) and the final states."""
-        y, s1, s2 = titans_scan(u.contiguous(), q.contiguous(), self.W1, self.W2, self.w_eta, self.b_eta,
-                                self.w_alpha, self.b_alpha, self.cfg.chunk_size, self.cfg.eta_max,
-                                self.cfg.activation, self.cfg.delta_gd, self.learns_in_context, self.kappa,
-                                self.sequential, self.chunk_fns)
+        y, s1, s2 = scan(u.contiguous(), q.contiguous(), self.W1, self.W2, self.w_eta, self.b_eta, self.w_alpha,
+                         self.b_alpha, self.cfg.chunk_size, self.cfg.eta_max, self.cfg.activation, self.cfg.delta_gd,
+                         self.learns_in_context, self.kappa, self.sequential, self.chunk_fns,
+                         keep=not self.cfg.recompute_chunks)
         return y, (s1[:, :, -1], s2[:, :, -1])
 
     def forward(self, x: Tensor, reference: bool = False, return_state: bool = False):
         B, T, _ = x.shape
         u, q = self._project(x)
-        if not reference and self.scans():  # the scan always recomputes its chunks in the backward pass
+        if not reference and self.scans():  # chunks kept for the backward pass or recomputed: recompute_chunks
             y, w = self._scan(u, q)
         else:
             w = self._initial_state(B)
@@ -566,11 +567,13 @@ class CMSLevel(nn.Module):
 
     def _scan(self, x: Tensor, error: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A learning ``sgd`` level over the whole sequence: ``(y, W₁ states, W₂ states)`` from one
-        ``deepopt::cms_scan`` op (Triton on CUDA; it recomputes chunks in its backward pass)."""
+        ``deepopt::cms_scan`` op (Triton on CUDA; it recomputes chunks in its backward pass) or, in eager CPU
+        training, its loop keeping each chunk for the backward pass (``cms_scan``'s ``keep``)."""
 
         k = self.norm(x)
         lr = F.softplus(self.eta_rho) / self.period
-        read, s1, s2 = cms_scan(k, error.to(k.dtype), *self.initial_state(), lr, self.period, self.activation)
+        read, s1, s2 = cms_scan(k, error.to(k.dtype), *self.initial_state(), lr, self.period, self.activation,
+                                keep=not self.recompute)
         return x + read, s1, s2
 
     def forward(self, x: Tensor, error: Tensor | None = None, reference: bool = False, return_state: bool = False):

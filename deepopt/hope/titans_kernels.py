@@ -20,8 +20,10 @@ the chunks in reverse, recomputing each from its start state.  On CUDA (float32/
 >= 16) each op is one Triton launch (``_forward_kernel``, ``_backward_kernel``: one program per batch·head looping
 over the chunks); elsewhere the torch loops ``_scan_reference``/``_scan_backward_reference`` run inside the ops,
 ``chunk_step``/``chunk_vjp`` eagerly or, for a model under ``compile_model``, as ``torch.compile``'d functions
-(``deepopt.hope.compiled``: the ops' ``chunk_fns`` argument names them).  Design and launch counts:
-``docs/notes/titans-kernels.md``.
+(``deepopt.hope.compiled``: the ops' ``chunk_fns`` argument names them).  A layer calls ``scan``: in eager
+training off the Triton path it runs the same torch loop under ``deepopt.hope.kept.KeptChunks``, which keeps each
+chunk's intermediates for the backward pass instead of recomputing them (``HopeConfig.recompute_chunks``).  Design
+and launch counts: ``docs/notes/titans-kernels.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepopt.hope.compiled import check_key, compiled
+from deepopt.hope.kept import KeptChunks, keeps
 from deepopt.rules.deep import ACTIVATIONS
 
 try:  # Triton is optional: without it every device runs the torch reference
@@ -117,19 +120,40 @@ def chunk_factors(w1: Tensor, w2: Tensor, u: Tensor, w_eta: Tensor, b_eta: Tenso
     return f
 
 
-def gated_delta_solve(keys: Tensor, E: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def gated_delta_solve(keys: Tensor, E: Tensor, b: Tensor, nu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The UT transform of the gated delta rule ``S_t = α_t S_{t−1} + u_t κ_tᵀ``, ``u_t = b_t(ν_t − α_t S_{t−1} κ_t)``
-    over a chunk: ``U = N (b ⊙ (ν − diag(γ) K S₀ᵀ))`` with ``N = (I + diag(b) M)⁻¹``, ``M_ts = E_ts κ_t·κ_s`` for
-    s < t (``E_ts = γ_t/γ_s``).  ``keys (…, C, n)``, ``E (…, C, C)``, ``b (…, C)``; returns ``(N, M, G)``
-    (N lower unitriangular, ``G = K Kᵀ``)."""
+    over a chunk: ``U = N (b ⊙ ν)`` with ``N = (I + diag(b) M)⁻¹``, ``M_ts = E_ts κ_t·κ_s`` for s < t
+    (``E_ts = γ_t/γ_s``; ν carries the start state's ``−diag(γ) K S₀ᵀ``), by forward substitution against the
+    right-hand sides (N is never formed).  ``keys (…, C, n)``, ``E (…, C, C)``, ``b (…, C)``, ``nu (…, C, m)``;
+    returns ``(U, M, G)``, ``G = K Kᵀ``."""
     C = E.shape[-1]
     strict = torch.ones(C, C, dtype=torch.bool, device=E.device).tril(-1)
     G = keys @ keys.mT
     M = (E * G).masked_fill(~strict, 0)
-    eye = torch.eye(C, dtype=M.dtype, device=M.device)
-    lower = eye + b[..., :, None] * M
-    N = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True)
-    return N, M, G
+    return _unit_lower_solve(b[..., :, None] * M, b[..., None] * nu), M, G
+
+
+def _unit_lower_solve(X: Tensor, r: Tensor, transposed: bool = False) -> Tensor:
+    """``(I + X)⁻¹ r``, or ``(I + X)⁻ᵀ r`` (``transposed``), for ``X`` strictly lower (the diagonal is not read)."""
+    if transposed:
+        return torch.linalg.solve_triangular(X, r.mT, upper=False, left=False, unitriangular=True).mT
+    return torch.linalg.solve_triangular(X, r, upper=False, unitriangular=True)
+
+
+def transposed_solve(b: Tensor, M: Tensor, r: Tensor) -> Tensor:
+    """``Nᵀ r`` for ``gated_delta_solve``'s ``N = (I + diag(b) M)⁻¹``: the reverse mode's solve."""
+    return _unit_lower_solve(b[..., :, None] * M, r, transposed=True)
+
+
+def _per_memory(x: Tensor) -> Tensor:
+    """(B, H, n, C, m) → (B, H, C, n·m): the memories' right-hand sides side by side, for one solve with W₂'s
+    triangle (its key k is shared by the memories)."""
+    return x.transpose(2, 3).flatten(3)
+
+
+def _memories(x: Tensor, n: int) -> Tensor:
+    """``_per_memory``'s inverse."""
+    return x.unflatten(3, (n, -1)).transpose(2, 3)
 
 
 def _solve_vjp(dw: Tensor, U: Tensor, M: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,13 +189,12 @@ def chunk_mix(w1: Tensor, w2: Tensor, f: dict[str, Tensor], q: Tensor, kappa: fl
     b1 = b2[:, :, None] / f["nh"][..., 0]  # (B, H, n, C)
     o = {"A": A, "E": E, "b1": b1, "b2": b2, "nu1": nu1, "nu2": nu2}
     if sequential:
-        o["N1"], o["M1"], o["G1"] = gated_delta_solve(h, E[:, :, None], b1)
-        U1 = o["N1"] @ (b1[..., None] * nu1)
+        U1, o["M1"], o["G1"] = gated_delta_solve(h, E[:, :, None], b1, nu1)
     else:
         U1 = b1[..., None] * nu1
     if sequential and delta_gd:
-        o["N2"], o["M2"], o["G2"] = gated_delta_solve(k, E, b2)
-        U2 = o["N2"][:, :, None] @ (b2[:, :, None, :, None] * nu2)
+        U2, o["M2"], o["G2"] = gated_delta_solve(k, E, b2, _per_memory(nu2))
+        U2 = _memories(U2, nu2.shape[2])
     else:
         U2 = b2[:, :, None, :, None] * nu2
     zq = A[..., None] * (q @ w2[:, :, -1].mT) + (E * (q @ k.mT)) @ U2[:, :, -1]
@@ -191,22 +214,33 @@ def chunk_step(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tenso
                activation: str, delta_gd: bool, learns: bool, kappa: float,
                sequential: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk of the SGD inner rule: ``(y, A_C W₁ + κ G₁, A_C W₂ + κ G₂)``; ``params = (w_η, b_η, w_α, b_α)``."""
+    return chunk_forward(w1, w2, u, q, params, eta_scale=eta_scale, activation=activation, delta_gd=delta_gd,
+                         learns=learns, kappa=kappa, sequential=sequential)[0]
+
+
+def chunk_forward(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor, ...], *, eta_scale: float,
+                  activation: str, delta_gd: bool, learns: bool, kappa: float, sequential: bool):
+    """``chunk_step``'s outputs and the intermediates ``(f, o)`` of ``chunk_factors``/``chunk_mix`` it computed
+    them from (what ``chunk_vjp`` takes as ``saved`` instead of recomputing them)."""
     f = chunk_factors(w1, w2, u, *params, eta_scale=eta_scale, activation=activation, learns=learns)
     o = chunk_mix(w1, w2, f, q, kappa, activation, sequential=sequential, delta_gd=delta_gd)
     a = o["A"][..., -1, None, None, None]
-    return o["y"], a * w1 + kappa * o["g1"], a * w2 + kappa * o["g2"]
+    return (o["y"], a * w1 + kappa * o["g1"], a * w2 + kappa * o["g2"]), (f, o)
 
 
 def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor, ...], dy: Tensor, dw1n: Tensor,
               dw2n: Tensor, *, eta_scale: float, activation: str, delta_gd: bool, learns: bool, kappa: float,
-              sequential: bool):
+              sequential: bool, saved: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None):
     """Reverse mode of ``chunk_step`` by hand: cotangents ``dy, dw1n, dw2n`` of its outputs →
     ``(dw1, dw2, du, dq, (dw_η, db_η, dw_α, db_α))`` (the last per batch: (B, H, d), (B, H)).  The steps undo
-    ``chunk_factors``/``chunk_mix`` line by line, last first."""
+    ``chunk_factors``/``chunk_mix`` line by line, last first; ``saved``: their ``(f, o)`` from ``chunk_forward``
+    at the same inputs (read, not changed), else recomputed here."""
     act_grad, act2 = ACTIVATIONS[activation][1], SECOND_DERIVATIVES[activation]
     w_eta, _, w_alpha, _ = params
-    f = chunk_factors(w1, w2, u, *params, eta_scale=eta_scale, activation=activation, learns=learns)
-    o = chunk_mix(w1, w2, f, q, kappa, activation, sequential=sequential, delta_gd=delta_gd)
+    if saved is None:
+        saved = chunk_forward(w1, w2, u, q, params, eta_scale=eta_scale, activation=activation, delta_gd=delta_gd,
+                              learns=learns, kappa=kappa, sequential=sequential)[1]
+    f, o = saved
     k, K, h = f["k"], f["k"][:, :, None], f["h"]
     A, E, U1, U2 = o["A"], o["E"], o["U1"], o["U2"]
     # commit: W' = A_C W + Δ,  Δ₁ = Σ_s E_Cs U1_s h_sᵀ,  Δ₂ = Σ_s E_Cs U2_s k_sᵀ
@@ -242,7 +276,7 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     dU2[:, :, -1] += (E * Sq).mT @ dzq
     # steps: U = N (b ⊙ ν), N = (I + diag(b) M)⁻¹ (sequential) or I, M_ts = E_ts κ_t·κ_s (s < t)
     b1, b2, nu1, nu2 = o["b1"], o["b2"], o["nu1"], o["nu2"]
-    dr1 = o["N1"].mT @ dU1 if sequential else dU1
+    dr1 = transposed_solve(b1, o["M1"], dU1) if sequential else dU1
     dnu1, db1 = b1[..., None] * dr1, (dr1 * nu1).sum(-1)
     if sequential:
         db, dM = _solve_vjp(dr1, U1, o["M1"], b1)
@@ -250,10 +284,14 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
         dE = dE + (dM * o["G1"]).sum(2)
         dME = dM * E[:, :, None]
         dh = dh + (dME + dME.mT) @ h
-    dr2 = o["N2"][:, :, None].mT @ dU2 if sequential and delta_gd else dU2
+    if sequential and delta_gd:  # W₂'s triangle (key k) is the memories', their columns side by side
+        dr2_side = transposed_solve(b2, o["M2"], _per_memory(dU2))
+        dr2 = _memories(dr2_side, dU2.shape[2])
+    else:
+        dr2 = dU2
     dnu2, db2 = b2[:, :, None, :, None] * dr2, (dr2 * nu2).sum((2, 4))
     if sequential and delta_gd:
-        db, dM = _solve_vjp(dr2.transpose(2, 3).flatten(3), U2.transpose(2, 3).flatten(3), o["M2"], b2)
+        db, dM = _solve_vjp(dr2_side, _per_memory(U2), o["M2"], b2)
         db2 = db2 + db
         dE = dE + dM * o["G2"]
         dME = dM * E
@@ -329,16 +367,21 @@ def _chunks(x: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
 
 
 def _scan_reference(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[Tensor, ...], chunk_size: int,
-                    consts: dict, chunk_fns: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                    consts: dict, chunk_fns: int = 0, kept: list | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The torch loop of ``titans_scan``: y and the states at every chunk boundary (B, H, n + 1, 5, ...);
-    ``chunk_fns``: which ``chunk_step`` runs (0: the eager one, else ``deepopt.hope.compiled``'s)."""
+    ``chunk_fns``: which ``chunk_step`` runs (0: the eager one, else ``deepopt.hope.compiled``'s); ``kept``: a
+    list that receives each chunk's ``(f, o)`` (``chunk_forward``, eager; what ``chunk_vjp`` reads)."""
     step = compiled(chunk_fns, chunk_step)
     B = q.shape[0]
     s1 = [w1[None].expand(B, *w1.shape).contiguous()]
     s2 = [w2[None].expand(B, *w2.shape).contiguous()]
     ys = []
     for uc, qc in zip(_chunks(u, chunk_size), _chunks(q, chunk_size)):
-        y, a, b = step(s1[-1], s2[-1], uc, qc, params, **consts)
+        if kept is None:
+            y, a, b = step(s1[-1], s2[-1], uc, qc, params, **consts)
+        else:
+            (y, a, b), (f, o) = chunk_forward(s1[-1], s2[-1], uc, qc, params, **consts)
+            kept.append((f, {key: t for key, t in o.items() if key not in ("y", "g1", "g2")}))  # chunk_vjp's
         ys.append(y)
         s1.append(a)
         s2.append(b)
@@ -346,9 +389,10 @@ def _scan_reference(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[
 
 
 def _scan_backward_reference(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tensor, q: Tensor, s1: Tensor,
-                             s2: Tensor, params: tuple[Tensor, ...], chunk_size: int, consts: dict, chunk_fns: int = 0):
-    """Reverse walk over the chunks: each chunk recomputed from its saved start state and ``chunk_vjp``'d (the
-    ``chunk_fns`` one, as ``_scan_reference``)."""
+                             s2: Tensor, params: tuple[Tensor, ...], chunk_size: int, consts: dict, chunk_fns: int = 0,
+                             kept: list | None = None):
+    """Reverse walk over the chunks: each chunk recomputed from its saved start state (or its ``kept`` ``(f, o)``
+    read back) and ``chunk_vjp``'d (the ``chunk_fns`` one, as ``_scan_reference``)."""
     vjp = compiled(chunk_fns, chunk_vjp)
     n = s1.shape[2] - 1
     # contiguous from the first chunk on, as every later cotangent is (a compiled chunk_vjp keeps one graph)
@@ -356,7 +400,8 @@ def _scan_backward_reference(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None,
     dw2 = ds2[:, :, n].contiguous() if ds2 is not None else torch.zeros_like(s2[:, :, n])
     du, dq, dps = [], [], [torch.zeros(()) for _ in params]
     for c, (uc, qc, dyc) in reversed(list(enumerate(zip(*(_chunks(x, chunk_size) for x in (u, q, dy)))))):
-        dw1, dw2, duc, dqc, dpc = vjp(s1[:, :, c], s2[:, :, c], uc, qc, params, dyc, dw1, dw2, **consts)
+        saved = {} if kept is None else {"saved": kept[c]}
+        dw1, dw2, duc, dqc, dpc = vjp(s1[:, :, c], s2[:, :, c], uc, qc, params, dyc, dw1, dw2, **consts, **saved)
         if ds1 is not None:
             dw1 = dw1 + ds1[:, :, c]
         if ds2 is not None:
@@ -380,15 +425,19 @@ def titans_scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_e
     η_t ≤ η_max with the state-linear terms read at each token's own state (``chunk_mix``); otherwise
     η_t ≤ η_max/C, every step at the chunk's start state.  Triton where ``_triton_applies``, the torch chunk loop
     elsewhere (``chunk_fns``: eager, 0, or a ``deepopt.hope.compiled.compile_options`` key)."""
-    if u.dim() != 5 or u.shape[2] != 4 or (*u.shape[:2], *u.shape[3:]) != q.shape:
-        raise ValueError(f"u must have shape (B, H, 4, T, d) for q of shape (B, H, T, d) = {tuple(q.shape)}, "
-                         f"got {tuple(u.shape)}")
+    _check_inputs(u, q)
     params = (w_eta, b_eta, w_alpha, b_alpha)
     consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential)
     check_key(chunk_fns)
     if _triton_applies(u, q, w1, w2, chunk_size, activation):
         return _triton_forward(u, q, w1, w2, params, chunk_size, consts)
     return _scan_reference(u, q, w1, w2, params, chunk_size, consts, chunk_fns)
+
+
+def _check_inputs(u: Tensor, q: Tensor) -> None:
+    if u.dim() != 5 or u.shape[2] != 4 or (*u.shape[:2], *u.shape[3:]) != q.shape:
+        raise ValueError(f"u must have shape (B, H, 4, T, d) for q of shape (B, H, T, d) = {tuple(q.shape)}, "
+                         f"got {tuple(u.shape)}")
 
 
 def _consts(chunk_size: int, eta_max: float, activation: str, delta_gd: bool, learns: bool, kappa: float,
@@ -450,6 +499,32 @@ def _backward(ctx, dy, ds1, ds2):
 
 
 titans_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kept_reverse(dy, ds1, ds2, tensors, s1, s2, static, kept):
+    """``KeptChunks``' backward loop for ``scan``: the op's reverse walk over the kept chunks."""
+    u, q, _, _, *params = tensors
+    dy = torch.zeros_like(q) if dy is None else dy
+    return _scan_backward_reference(dy, ds1, ds2, u, q, s1, s2, tuple(params), *static, kept=kept)
+
+
+def _kept_loop(u, q, w1, w2, w_eta, b_eta, w_alpha, b_alpha, chunk_size, consts, kept):
+    return _scan_reference(u, q, w1, w2, (w_eta, b_eta, w_alpha, b_alpha), chunk_size, consts, kept=kept)
+
+
+def scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_eta: Tensor, w_alpha: Tensor,
+         b_alpha: Tensor, chunk_size: int, eta_max: float, activation: str, delta_gd: bool, learns: bool,
+         kappa: float, sequential: bool, chunk_fns: int = 0, keep: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``titans_scan`` as a layer runs it.  ``keep``: where the op would run its torch chunk loop eagerly for a
+    backward pass (``kept.keeps``, no Triton, eager chunk functions), the loop runs under ``kept.KeptChunks``
+    instead: the same outputs and gradients, each chunk's ``chunk_forward`` intermediates kept for the backward
+    pass rather than recomputed there (``HopeConfig.recompute_chunks``)."""
+    tensors = (u, q, w1, w2, w_eta, b_eta, w_alpha, b_alpha)
+    if keep and chunk_fns == 0 and keeps(*tensors) and not _triton_applies(u, q, w1, w2, chunk_size, activation):
+        _check_inputs(u, q)
+        consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential)
+        return KeptChunks.apply(_kept_loop, _kept_reverse, len(tensors), *tensors, chunk_size, consts)
+    return titans_scan(*tensors, chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential, chunk_fns)
 
 
 def _pow2(n: int) -> bool:
