@@ -151,8 +151,9 @@ def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = ()) -> S
         from deepopt.hope.train import model_config
 
         torch.manual_seed(0)
-        with torch.device("meta"):
-            model = LanguageModel(model_config("hope", size)).to(dtype)
+        with torch.device("meta"):  # recompute_chunks: the layers call the ops as on CUDA (off CUDA, as meta
+            # tensors are, eager training would run the loop that keeps chunks instead: deepopt.hope.kept)
+            model = LanguageModel(model_config("hope", size, recompute_chunks=True)).to(dtype)
             tokens = torch.zeros(HOPE_BATCH, HOPE_CONTEXT + 1, dtype=torch.int64)
         with _CustomOpsCalled():
             _, loss = model(tokens[:, :-1], tokens[:, 1:])

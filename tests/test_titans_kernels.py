@@ -129,8 +129,8 @@ def test_kept_chunks_give_the_op_and_its_gradients(T, sequential):
 
 def test_scan_keeps_chunks_only_for_an_eager_backward_pass():
     """``scan`` takes the op (recomputing chunks in its backward pass) unless ``keep`` and a backward pass can follow:
-    not under ``no_grad``, not for inputs that need no gradient, not with compiled chunk functions; a layer keeps
-    them unless ``recompute_chunks``."""
+    not under ``no_grad``, not for inputs that need no gradient, not under autocast; a layer keeps them unless
+    ``recompute_chunks``."""
     inputs = scan_inputs()
     calls = []
     real = tk.KeptChunks.apply
@@ -144,6 +144,8 @@ def test_scan_keeps_chunks_only_for_an_eager_backward_pass():
         with torch.no_grad():
             tk.scan(*inputs, *SCALARS, keep=True)
         tk.scan(*(x.detach() for x in inputs), *SCALARS, keep=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the op, as without keep
+            tk.scan(*inputs, *SCALARS, keep=True)
         assert not calls
         tk.scan(*inputs, *SCALARS, keep=True)
         assert len(calls) == 1
@@ -302,7 +304,8 @@ def test_cuda_scan_equals_the_cpu_reference_with_gradients(T, sequential, matmul
 
 def test_scan_ops_false_runs_the_python_chunk_loop_with_the_same_numbers():
     """``HopeConfig.scan_ops=False`` takes every memory off the ops (the loop a FLOP counter can see into)."""
-    cfg = HopeConfig(d_model=32, n_heads=2, n_layers=1, mem_hidden=16, chunk_size=16, cms_periods=(16, None))
+    cfg = HopeConfig(d_model=32, n_heads=2, n_layers=1, mem_hidden=16, chunk_size=16, cms_periods=(16, None),
+                     recompute_chunks=True)  # the ops, not the CPU loop that keeps chunks for the backward pass
     idx = torch.randint(0, 256, (2, 49), generator=torch.Generator().manual_seed(0))
     runs = []
     for scan_ops in (True, False):

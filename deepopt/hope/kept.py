@@ -15,9 +15,12 @@ import torch
 
 def keeps(*tensors: torch.Tensor) -> bool:
     """Whether a backward pass can follow and a chunk loop may keep its chunks for it: grad mode on, an input
-    that requires grad, not under ``torch.compile`` (which traces the scan ops instead)."""
+    that requires grad, not under ``torch.compile`` (which traces the scan ops instead) and not under autocast
+    (the ops recompute their chunks without it in the backward pass; kept chunks would mix its dtypes in)."""
+    device = tensors[0].device.type
+    autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
     return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and not autocast)
 
 
 class KeptChunks(torch.autograd.Function):
