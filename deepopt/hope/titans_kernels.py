@@ -126,10 +126,8 @@ def gated_delta_solve(keys: Tensor, E: Tensor, b: Tensor, nu: Tensor) -> tuple[T
     (``E_ts = γ_t/γ_s``; ν carries the start state's ``−diag(γ) K S₀ᵀ``), by forward substitution against the
     right-hand sides (N is never formed).  ``keys (…, C, n)``, ``E (…, C, C)``, ``b (…, C)``, ``nu (…, C, m)``;
     returns ``(U, M, G)``, ``G = K Kᵀ``."""
-    C = E.shape[-1]
-    strict = torch.ones(C, C, dtype=torch.bool, device=E.device).tril(-1)
     G = keys @ keys.mT
-    M = (E * G).masked_fill(~strict, 0)
+    M = E.tril(-1) * G  # (E is 0 above its diagonal; a broadcast masked_fill took ~30× as long as this product)
     return _unit_lower_solve(b[..., :, None] * M, b[..., None] * nu), M, G
 
 
