@@ -120,15 +120,20 @@ def chunk_factors(w1: Tensor, w2: Tensor, u: Tensor, w_eta: Tensor, b_eta: Tenso
     return f
 
 
-def gated_delta_solve(keys: Tensor, E: Tensor, b: Tensor, nu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def gated_delta_solve(keys: Tensor, E: Tensor, b: Tensor, nu: Tensor) -> tuple[Tensor, Tensor]:
     """The UT transform of the gated delta rule ``S_t = α_t S_{t−1} + u_t κ_tᵀ``, ``u_t = b_t(ν_t − α_t S_{t−1} κ_t)``
     over a chunk: ``U = N (b ⊙ ν)`` with ``N = (I + diag(b) M)⁻¹``, ``M_ts = E_ts κ_t·κ_s`` for s < t
     (``E_ts = γ_t/γ_s``; ν carries the start state's ``−diag(γ) K S₀ᵀ``), by forward substitution against the
     right-hand sides (N is never formed).  ``keys (…, C, n)``, ``E (…, C, C)``, ``b (…, C)``, ``nu (…, C, m)``;
-    returns ``(U, M, G)``, ``G = K Kᵀ``."""
+    returns ``(U, G)``, ``G = K Kᵀ`` (M is ``strict_gram(E, G)``)."""
     G = keys @ keys.mT
-    M = E.tril(-1) * G  # (E is 0 above its diagonal; a broadcast masked_fill took ~30× as long as this product)
-    return _unit_lower_solve(b[..., :, None] * M, b[..., None] * nu), M, G
+    return _unit_lower_solve(b[..., :, None] * strict_gram(E, G), b[..., None] * nu), G
+
+
+def strict_gram(E: Tensor, G: Tensor) -> Tensor:
+    """``M_ts = E_ts G_ts`` for s < t, else 0 (E is 0 above its diagonal; a broadcast ``masked_fill`` took ~30×
+    as long as this product)."""
+    return E.tril(-1) * G
 
 
 def _unit_lower_solve(X: Tensor, r: Tensor, transposed: bool = False) -> Tensor:
@@ -187,11 +192,11 @@ def chunk_mix(w1: Tensor, w2: Tensor, f: dict[str, Tensor], q: Tensor, kappa: fl
     b1 = b2[:, :, None] / f["nh"][..., 0]  # (B, H, n, C)
     o = {"A": A, "E": E, "b1": b1, "b2": b2, "nu1": nu1, "nu2": nu2}
     if sequential:
-        U1, o["M1"], o["G1"] = gated_delta_solve(h, E[:, :, None], b1, nu1)
+        U1, o["G1"] = gated_delta_solve(h, E[:, :, None], b1, nu1)
     else:
         U1 = b1[..., None] * nu1
     if sequential and delta_gd:
-        U2, o["M2"], o["G2"] = gated_delta_solve(k, E, b2, _per_memory(nu2))
+        U2, o["G2"] = gated_delta_solve(k, E, b2, _per_memory(nu2))
         U2 = _memories(U2, nu2.shape[2])
     else:
         U2 = b2[:, :, None, :, None] * nu2
@@ -274,22 +279,24 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     dU2[:, :, -1] += (E * Sq).mT @ dzq
     # steps: U = N (b ⊙ ν), N = (I + diag(b) M)⁻¹ (sequential) or I, M_ts = E_ts κ_t·κ_s (s < t)
     b1, b2, nu1, nu2 = o["b1"], o["b2"], o["nu1"], o["nu2"]
-    dr1 = transposed_solve(b1, o["M1"], dU1) if sequential else dU1
+    M1 = strict_gram(E[:, :, None], o["G1"]) if sequential else None
+    dr1 = transposed_solve(b1, M1, dU1) if sequential else dU1
     dnu1, db1 = b1[..., None] * dr1, (dr1 * nu1).sum(-1)
     if sequential:
-        db, dM = _solve_vjp(dr1, U1, o["M1"], b1)
+        db, dM = _solve_vjp(dr1, U1, M1, b1)
         db1 = db1 + db
         dE = dE + (dM * o["G1"]).sum(2)
         dME = dM * E[:, :, None]
         dh = dh + (dME + dME.mT) @ h
     if sequential and delta_gd:  # W₂'s triangle (key k) is the memories', their columns side by side
-        dr2_side = transposed_solve(b2, o["M2"], _per_memory(dU2))
+        M2 = strict_gram(E, o["G2"])
+        dr2_side = transposed_solve(b2, M2, _per_memory(dU2))
         dr2 = _memories(dr2_side, dU2.shape[2])
     else:
         dr2 = dU2
     dnu2, db2 = b2[:, :, None, :, None] * dr2, (dr2 * nu2).sum((2, 4))
     if sequential and delta_gd:
-        db, dM = _solve_vjp(dr2_side, _per_memory(U2), o["M2"], b2)
+        db, dM = _solve_vjp(dr2_side, _per_memory(U2), M2, b2)
         db2 = db2 + db
         dE = dE + dM * o["G2"]
         dME = dM * E
@@ -709,8 +716,9 @@ if triton is not None:
 
     @triton.jit
     def _kernel_solve(kk, E, b, scr, C: tl.constexpr, PREC: tl.constexpr):
-        """``gated_delta_solve``: ``(N, M)``, ``N = (I + X)⁻¹``, ``X = diag(b)M``, by blocked forward substitution
-        over 16-row blocks (``N_b = N_bb(I_b − X_{b,<b} N_{<b})``, ``N_bb`` by ``_unit_lower_inverse``), the blocks
+        """``gated_delta_solve``'s triangle, inverted: ``(N, M)``, ``N = (I + X)⁻¹``, ``X = diag(b)M``, by blocked
+        forward substitution over 16-row blocks (``N_b = N_bb(I_b − X_{b,<b} N_{<b})``, ``N_bb`` by
+        ``_unit_lower_inverse``), the blocks
         exchanged through the program's scratch ``scr`` (2·C·C fp32): about C³/2 + 2·16·C² multiply-adds instead of
         the 2·log₂C·C³ of doubling on the whole tile."""
         BLK: tl.constexpr = 16
