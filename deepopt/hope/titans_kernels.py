@@ -231,19 +231,25 @@ def chunk_forward(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Te
     return (o["y"], a * w1 + kappa * o["g1"], a * w2 + kappa * o["g2"]), (f, o)
 
 
+# chunk_factors' activations and their pre-activations: what a kept chunk leaves out (one activation each to redo)
+ACTIVATED = {"P": "Z", "Pv": "Zv", "h": "z"}
+
+
 def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor, ...], dy: Tensor, dw1n: Tensor,
               dw2n: Tensor, *, eta_scale: float, activation: str, delta_gd: bool, learns: bool, kappa: float,
               sequential: bool, saved: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None):
     """Reverse mode of ``chunk_step`` by hand: cotangents ``dy, dw1n, dw2n`` of its outputs →
     ``(dw1, dw2, du, dq, (dw_η, db_η, dw_α, db_α))`` (the last per batch: (B, H, d), (B, H)).  The steps undo
     ``chunk_factors``/``chunk_mix`` line by line, last first; ``saved``: their ``(f, o)`` from ``chunk_forward``
-    at the same inputs (read, not changed), else recomputed here."""
-    act_grad, act2 = ACTIVATIONS[activation][1], SECOND_DERIVATIVES[activation]
+    at the same inputs (read, not changed; ``f`` may leave out the activations ``ACTIVATED`` names, recomputed from
+    their pre-activations), else recomputed here."""
+    act, act_grad, act2 = *ACTIVATIONS[activation][:2], SECOND_DERIVATIVES[activation]
     w_eta, _, w_alpha, _ = params
     if saved is None:
         saved = chunk_forward(w1, w2, u, q, params, eta_scale=eta_scale, activation=activation, delta_gd=delta_gd,
                               learns=learns, kappa=kappa, sequential=sequential)[1]
     f, o = saved
+    f = {**f, **{a: act(f[z]) for a, z in ACTIVATED.items() if a not in f}}
     k, K, h = f["k"], f["k"][:, :, None], f["h"]
     A, E, U1, U2 = o["A"], o["E"], o["U1"], o["U2"]
     # commit: W' = A_C W + Δ,  Δ₁ = Σ_s E_Cs U1_s h_sᵀ,  Δ₂ = Σ_s E_Cs U2_s k_sᵀ
@@ -386,7 +392,8 @@ def _scan_reference(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[
             y, a, b = step(s1[-1], s2[-1], uc, qc, params, **consts)
         else:
             (y, a, b), (f, o) = chunk_forward(s1[-1], s2[-1], uc, qc, params, **consts)
-            kept.append((f, {key: t for key, t in o.items() if key not in ("y", "g1", "g2")}))  # chunk_vjp's
+            kept.append(({key: t for key, t in f.items() if key not in ACTIVATED},  # what chunk_vjp needs
+                         {key: t for key, t in o.items() if key not in ("y", "g1", "g2")}))
         ys.append(y)
         s1.append(a)
         s2.append(b)
