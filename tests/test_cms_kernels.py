@@ -142,6 +142,16 @@ def test_kept_chunks_give_the_op_and_its_gradients(T, period):
         cms_kernels.cms_scan(k, err, w1, w2, lr, period, "silu", keep=True)  # no backward pass: the op
 
 
+def test_a_kept_scan_s_backward_pass_recomputes_no_chunk():
+    """With ``keep`` the backward pass runs no chunk's ``cms_factors`` again; the op runs it once per chunk."""
+    (k, w1, w2, rho), err, period = inputs()  # 11 tokens: 3 chunks of 3 and a partial one
+    for keep, calls in ((True, 0), (False, 4)):
+        y, _, _ = cms_kernels.cms_scan(k, err, w1, w2, F.softplus(rho) / period, period, "silu", keep=keep)
+        with mock.patch.object(cms_kernels, "cms_factors", wraps=cms_kernels.cms_factors) as factors:
+            torch.autograd.grad(y.sum(), (k, w1, w2, rho))
+        assert factors.call_count == calls, (keep, factors.call_count)
+
+
 def test_ops_dispatched_by_a_level_do_not_grow_with_the_context():
     """Forward and backward of a learning level dispatch the same ops at context 64 and 256 (4 and 16 chunks):
     the recurrence is one ``deepopt::cms_scan`` and one ``deepopt::cms_scan_backward`` (``recompute_chunks``; the

@@ -127,6 +127,17 @@ def test_kept_chunks_give_the_op_and_its_gradients(T, sequential):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_a_kept_scan_s_backward_pass_recomputes_no_chunk():
+    """What keeping is for: with ``keep`` the backward pass runs no chunk's forward math (``chunk_forward``) again;
+    the op (``keep=False``) runs it once per chunk."""
+    inputs = scan_inputs(T=13)  # 4 chunks of 4 (the last partial)
+    for keep, calls in ((True, 0), (False, 4)):
+        y, _, _ = tk.scan(*inputs, *SCALARS, keep=keep)
+        with mock.patch.object(tk, "chunk_forward", wraps=tk.chunk_forward) as forward:
+            torch.autograd.grad(y.sum(), inputs)
+        assert forward.call_count == calls, (keep, forward.call_count)
+
+
 def test_scan_keeps_chunks_only_for_an_eager_backward_pass():
     """``scan`` takes the op (recomputing chunks in its backward pass) unless ``keep`` and a backward pass can follow:
     not under ``no_grad``, not for inputs that need no gradient, not under autocast; a layer keeps them unless
