@@ -17,10 +17,17 @@ def keeps(*tensors: torch.Tensor) -> bool:
     """Whether a backward pass can follow and a chunk loop may keep its chunks for it: grad mode on, an input
     that requires grad, not under ``torch.compile`` (which traces the scan ops instead) and not under autocast
     (the ops recompute their chunks without it in the backward pass; kept chunks would mix its dtypes in)."""
-    device = tensors[0].device.type
-    autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
     return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and not torch.compiler.is_compiling() and not autocast)
+            and not torch.compiler.is_compiling() and not _autocast(tensors[0].device.type))
+
+
+def _autocast(device: str) -> bool:
+    if device not in ("cpu", "cuda"):
+        return False
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:  # torch before the device argument
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
 
 
 class KeptChunks(torch.autograd.Function):
