@@ -95,8 +95,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute-chunks", action="store_true",
                    help="recompute the memories' chunks in the backward pass instead of keeping them (same "
                         "numbers, less memory, slower): the Python chunk loop (a momentum inner rule, --model "
-                        "hope-no-selfmod, a non-sgd CMS rule) and, on the CPU, the Titans scan; the Titans scan "
-                        "on CUDA (Triton) and the CMS scan always recompute")
+                        "hope-no-selfmod, a non-sgd CMS rule) and, off the Triton kernels (the CPU), the Titans "
+                        "and CMS scans; the Triton kernels always recompute")
     add_titans_init_args(p)
 
 

@@ -158,8 +158,8 @@ class HopeConfig:
     short_conv: int = 0
     # training memory: recompute each chunk in the backward pass instead of keeping its intermediates (same
     # numbers, less memory, more time), in the Python chunk loop (memories the scan ops do not take: a drifting
-    # inner rule, self_modifying=False, a non-sgd CMS rule) and in the Titans scan's torch loop (eager, off the
-    # Triton path: titans_kernels.scan).  The Triton kernels and the CMS scan always recompute.
+    # inner rule, self_modifying=False, a non-sgd CMS rule) and in the scans' torch loops (eager, off the Triton
+    # path: titans_kernels.scan, cms_kernels.cms_scan's keep; deepopt.hope.kept).  The Triton kernels always recompute.
     recompute_chunks: bool = False
     # run the memories they take as the whole-sequence ops deepopt::titans_scan / deepopt::cms_scan (Triton on
     # CUDA; on the CPU the torch chunk loop inside one op, chunks recomputed in the backward pass); False: the

@@ -127,7 +127,8 @@ def gated_delta_solve(keys: Tensor, E: Tensor, b: Tensor, nu: Tensor) -> tuple[T
     right-hand sides (N is never formed).  ``keys (…, C, n)``, ``E (…, C, C)``, ``b (…, C)``, ``nu (…, C, m)``;
     returns ``(U, G)``, ``G = K Kᵀ`` (M is ``strict_gram(E, G)``)."""
     G = keys @ keys.mT
-    return _unit_lower_solve(b[..., :, None] * strict_gram(E, G), b[..., None] * nu), G
+    X = b[..., :, None] * strict_gram(E, G)  # strictly lower: solve_triangular's unit diagonal stands for I
+    return torch.linalg.solve_triangular(X, b[..., None] * nu, upper=False, unitriangular=True), G
 
 
 def strict_gram(E: Tensor, G: Tensor) -> Tensor:
@@ -136,16 +137,11 @@ def strict_gram(E: Tensor, G: Tensor) -> Tensor:
     return E.tril(-1) * G
 
 
-def _unit_lower_solve(X: Tensor, r: Tensor, transposed: bool = False) -> Tensor:
-    """``(I + X)⁻¹ r``, or ``(I + X)⁻ᵀ r`` (``transposed``), for ``X`` strictly lower (the diagonal is not read)."""
-    if transposed:
-        return torch.linalg.solve_triangular(X, r.mT, upper=False, left=False, unitriangular=True).mT
-    return torch.linalg.solve_triangular(X, r, upper=False, unitriangular=True)
-
-
 def transposed_solve(b: Tensor, M: Tensor, r: Tensor) -> Tensor:
-    """``Nᵀ r`` for ``gated_delta_solve``'s ``N = (I + diag(b) M)⁻¹``: the reverse mode's solve."""
-    return _unit_lower_solve(b[..., :, None] * M, r, transposed=True)
+    """``Nᵀ r`` for ``gated_delta_solve``'s ``N = (I + diag(b) M)⁻¹``: the reverse mode's solve, as
+    ``(rᵀ N)ᵀ`` (a solve from the right with the same unit lower triangle)."""
+    X = b[..., :, None] * M
+    return torch.linalg.solve_triangular(X, r.mT, upper=False, left=False, unitriangular=True).mT
 
 
 def _per_memory(x: Tensor) -> Tensor:
@@ -725,9 +721,8 @@ if triton is not None:
     def _kernel_solve(kk, E, b, scr, C: tl.constexpr, PREC: tl.constexpr):
         """``gated_delta_solve``'s triangle, inverted: ``(N, M)``, ``N = (I + X)⁻¹``, ``X = diag(b)M``, by blocked
         forward substitution over 16-row blocks (``N_b = N_bb(I_b − X_{b,<b} N_{<b})``, ``N_bb`` by
-        ``_unit_lower_inverse``), the blocks
-        exchanged through the program's scratch ``scr`` (2·C·C fp32): about C³/2 + 2·16·C² multiply-adds instead of
-        the 2·log₂C·C³ of doubling on the whole tile."""
+        ``_unit_lower_inverse``), the blocks exchanged through the program's scratch ``scr`` (2·C·C fp32): about
+        C³/2 + 2·16·C² multiply-adds instead of the 2·log₂C·C³ of doubling on the whole tile."""
         BLK: tl.constexpr = 16
         rc, rb = tl.arange(0, C), tl.arange(0, BLK)
         M = tl.where(rc[:, None] > rc[None, :], E * _dot(kk, tl.trans(kk), PREC), 0.0)
