@@ -220,6 +220,25 @@ def test_mqar_sweep_reports_every_lr_and_resumes_from_its_runs(tmp_path, capsys)
     assert exit_info.value.code == 2 and "--lrs" in capsys.readouterr().err
 
 
+def test_mqar_heads_and_memory_width_reach_every_model_and_bad_values_are_refused(tmp_path, capsys):
+    out = tmp_path / "mqar"
+    assert main(["hope", "mqar", "--smoke", "--models", "hope", "transformer-conv", "--widths", "32", "--heads", "1",
+                 "--mem-hidden", "8", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    configs = json.loads((out / "report.json").read_text())["model_configs"]
+    assert configs["hope d32"]["n_heads"] == configs["transformer-conv d32"]["n_heads"] == 1
+    assert configs["hope d32"]["mem_hidden"] == 8
+    hope, conv = (HopeConfig(**configs[k]) for k in ("hope d32", "transformer-conv d32"))
+    assert abs(n_params(conv) - n_params(hope)) < 64  # the baseline's FFN re-matched to the narrower memory
+    assert n_params(hope) < n_params(HopeConfig(**{**configs["hope d32"], "mem_hidden": 16}))
+    for flags, named in ((["--heads", "5"], "--heads"), (["--heads", "16"], "--heads"),  # 48/16: odd heads (RoPE)
+                         (["--heads", "0"], "--heads"), (["--mem-hidden", "0"], "--mem-hidden")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["hope", "mqar", "--smoke", "--widths", "48", *flags, "--out", str(tmp_path / "bad")])
+        assert exit_info.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_may_add_models_and_reads_back_those_already_trained(tmp_path):
     out = tmp_path / "mqar"
     common = ["hope", "mqar", "--smoke", "--vocab-size", "512", "--threads", "1", "--no-progress", "--out", str(out)]

@@ -179,6 +179,10 @@ def register(sub: argparse._SubParsersAction, add_common: Callable[[argparse.Arg
     p.add_argument("--eval-samples", type=int, help="held-out sequences per setting, for the test and for choosing "
                                                     "the lr (default 256; smoke 8)")
     p.add_argument("--chunk-size", type=int, help="HOPE's Titans chunk length C (default: size tiny's)")
+    p.add_argument("--heads", type=int, help="heads of every model, dividing each width into heads of an even size "
+                                             "(default: heads of 16 channels, at least 2)")
+    p.add_argument("--mem-hidden", type=int, help="hidden width of HOPE's Titans memories (default: size tiny's, 16); "
+                                                  "the Transformer++ FFNs are re-matched to HOPE's parameters")
     p.add_argument("--save-models", action="store_true",
                    help="keep every trained model under --out/models/<model>-d<width>-lr<lr>-s<seed>/ (for "
                         "diagnostics: `deepopt.hope.train.load_model`)")
@@ -197,12 +201,15 @@ def _mqar_defaults(args: argparse.Namespace) -> argparse.Namespace:
                               ("seeds", [0, 1, 2], [0])):
         if getattr(args, name) is None:
             setattr(args, name, small if smoke else full)
-    for name in ("steps", "batch_size", "eval_samples", "layers", "chunk_size"):
+    for name in ("steps", "batch_size", "eval_samples", "layers", "chunk_size", "heads", "mem_hidden"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for w in args.widths:
         if w < 8 or w % 8:
             raise ValueError(f"--widths must be multiples of 8, >= 8, got {w}")
+        if args.heads is not None and (w % args.heads or (w // args.heads) % 2):
+            raise ValueError(f"--heads must divide every width into heads of an even size (RoPE), got {args.heads} "
+                             f"for width {w}")
     args.lrs = resolve_lrs(args, args.lr)
     args.lr = None
     for length, pairs in (*args.train_settings, *args.eval_settings):
@@ -210,10 +217,16 @@ def _mqar_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def mqar_config(variant: str, width: int, layers: int, vocab_size: int, **overrides: Any):
-    """The model of ``variant`` at ``width``: size ``tiny``'s structure, heads of 16 channels (≥ 2);
-    ``overrides`` (``None`` = unset) as ``model_config``'s."""
-    return model_config(variant, "tiny", d_model=width, n_layers=layers, n_heads=max(2, width // 16),
+def default_heads(width: int) -> int:
+    """Heads of 16 channels (at least 2): the head count of every model at ``width`` unless ``--heads`` sets it."""
+    return max(2, width // 16)
+
+
+def mqar_config(variant: str, width: int, layers: int, vocab_size: int, heads: int | None = None,
+                **overrides: Any):
+    """The model of ``variant`` at ``width``: size ``tiny``'s structure, ``heads`` heads (default
+    ``default_heads``); ``overrides`` (``None`` = unset, e.g. ``mem_hidden``) as ``model_config``'s."""
+    return model_config(variant, "tiny", d_model=width, n_layers=layers, n_heads=heads or default_heads(width),
                         cms_hidden=width, vocab_size=vocab_size, **overrides)
 
 
@@ -228,8 +241,9 @@ def cmd_mqar(args: argparse.Namespace) -> int:
     best: dict[str, float] = {}
     for width in args.widths:
         def train(variant: str, lr: float, seed: int, width: int = width) -> dict[str, Any]:
-            cfg = mqar_config(variant, width, args.layers, args.mqar_vocab,
-                              chunk_size=getattr(args, "chunk_size", None), **titans_init_overrides(args))
+            cfg = mqar_config(variant, width, args.layers, args.mqar_vocab, args.heads,
+                              chunk_size=getattr(args, "chunk_size", None), mem_hidden=args.mem_hidden,
+                              **titans_init_overrides(args))
             torch.manual_seed(seed)
             model = LanguageModel(cfg).to(device=device, dtype=DTYPES[args.dtype])
             if args.compile:
