@@ -11,6 +11,9 @@ For every kept model (``OUT/models/<name>/``), on held-out sequences of the run'
   after it and after ``gap`` tokens; at the step the model takes on average on the task's tokens, and at the cap),
   and that step η_t, as a share of the cap (mean, and the share of steps within 10% of it), and σ(b_α) (the decay α_t
   where w_α·u_t = 0; a write fades as α^gap).
+* MQAR, at each of the run's evaluated settings: test accuracy by the queried pair's place among the pairs (0 = the
+  first written) and by the query's distance from its pair, and accuracy at the first setting's length for 1× to
+  2× its pairs: whether the pairs a model loses are the early ones (written over or faded) or any (interference).
 
 Usage: python benchmarks/hope_recall_diag.py OUT [--samples 64] [--all]   (default: the best-lr models only; --all
 also reads a run that has not finished)
@@ -44,6 +47,26 @@ def task_batches(options: dict, samples: int, batch_size: int, seed: int):
     pairs = zip(niah.held_out_batches(task, prose, length, samples, batch_size, seed),
                 niah.held_out_batches(task, prose, length, samples, batch_size, seed, needle=False))
     return [(x, y, x != gone) for (x, y, _), (gone, _, _) in pairs], length // 2
+
+
+@torch.no_grad()
+def pair_accuracy(model, options: dict, length: int, pairs: int, samples: int, seed: int) -> dict[str, list]:
+    """MQAR test accuracy (greedy, ``mqar.mqar_eval``'s sequences) by the queried pair's index among the pairs and
+    by the query's distance from its pair in buckets of ``length // 8`` tokens: ``[accuracy, queries]`` each."""
+    model.eval()
+    width = max(1, length // 8)
+    by_pair, by_gap = torch.zeros(pairs, 2), torch.zeros(8, 2)
+    for x, y in mqar.held_out_batches(length, pairs, samples, 16, seed, options["mqar_vocab"]):
+        answer = model(x)[0].argmax(-1)
+        b, t = (y != -100).nonzero(as_tuple=True)
+        index = (x[:, 0:2 * pairs:2][b] == x[b, t, None]).int().argmax(-1)  # the queried key's pair
+        right = (answer[b, t] == y[b, t]).double()
+        gap = ((t - 2 * index) // width).clamp_max(7)
+        for table, at in ((by_pair, index), (by_gap, gap)):
+            table[:, 0].index_add_(0, at, right.float())
+            table[:, 1].index_add_(0, at, torch.ones_like(right.float()))
+    return {name: [[round(float(r / n), 4) if n else None, int(n)] for r, n in table.tolist()]
+            for name, table in (("by_pair_index", by_pair), (f"by_gap_{width}_tokens", by_gap))}
 
 
 def titans_diagnostics(model, batches, gap: int) -> list[dict[str, float]]:
@@ -102,6 +125,14 @@ def main() -> None:
         row = {"stored_gradient_share_by_depth": shares, "stored_token_fraction": fraction}
         if model.cfg.model == "hope":
             row["titans_by_block"] = titans_diagnostics(model, batches, gap)
+        if mqar_run:
+            settings = [tuple(s) for s in options["eval_settings"]]
+            row["pairs"] = {f"{n}x{p}": pair_accuracy(model, options, n, p, args.samples, int(seed))
+                            for n, p in settings}
+            length, pairs = settings[0]
+            row["accuracy_by_pairs"] = {f"{length}x{p}": round(mqar.mqar_accuracy(
+                model, length, p, args.samples, 16, int(seed), options["mqar_vocab"]), 4)
+                for p in range(pairs, min(2 * pairs, length // 4) + 1)}
         results[folder.name] = row
         print(folder.name, json.dumps(row), flush=True)
     (args.out / "diagnostics.json").write_text(json.dumps(results, indent=1))

@@ -328,3 +328,31 @@ def test_mqar_bisect_init_options():
     small = bisect.build("delta-separate-u", 0, kv_w1_std=0.02).blocks[0].titans.f
     big = bisect.build("delta-separate-u", 0).blocks[0].titans.f
     torch.testing.assert_close(small.W1 / 0.02, big.W1 / 0.5)
+
+
+def test_recall_diag_pair_accuracy_counts_each_query_at_its_pair_and_gap():
+    """``benchmarks/hope_recall_diag.py``'s MQAR breakdown: a model that recalls only the even-numbered pairs scores
+    1 on those and 0 on the others, every query counted once, and its gap buckets add up to its accuracy."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hope_recall_diag.py"
+    spec = importlib.util.spec_from_file_location("hope_recall_diag", path)
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    vocab, length, pairs = 64, 64, 8
+
+    class EvenPairs(nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, vocab)
+            for b in range(x.shape[0]):
+                for t in range(2 * pairs, x.shape[1]):
+                    hits = (x[b, 0:2 * pairs:2] == x[b, t]).nonzero()
+                    if len(hits) and hits[0, 0] % 2 == 0:
+                        logits[b, t, x[b, 2 * hits[0, 0] + 1]] = 1
+            return logits, None
+
+    out = diag.pair_accuracy(EvenPairs(), {"mqar_vocab": vocab}, length, pairs, samples=20, seed=0)
+    assert [a for a, _ in out["by_pair_index"]] == [1.0, 0.0] * (pairs // 2)
+    assert all(n == 20 for _, n in out["by_pair_index"])  # each pair is asked once per sequence
+    gaps = out["by_gap_8_tokens"]
+    assert sum(n for _, n in gaps) == 20 * pairs
+    assert sum(a * n for a, n in gaps if n) == pytest.approx(20 * pairs / 2, abs=0.01)  # accuracies to 4 places

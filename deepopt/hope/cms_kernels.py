@@ -25,9 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# SECOND_DERIVATIVES: σ''(z), for the backward of the W₂ step's σ'(z) factor; dot_precision: tl.dot's inputs
+# derivatives, times_derivative: σ' and σ'' for the W₂ step's σ'(z) factor and its backward; dot_precision: tl.dot's
+# inputs
 from deepopt.hope.kept import KeptChunks, keeps
-from deepopt.hope.titans_kernels import SECOND_DERIVATIVES, dot_precision, normalized_steps
+from deepopt.hope.titans_kernels import derivatives, dot_precision, normalized_steps, times_derivative
 from deepopt.rules.deep import ACTIVATIONS
 
 
@@ -52,13 +53,12 @@ def cms_factors(w1: Tensor, w2: Tensor, k: Tensor, err: Tensor | None, activatio
     ``err`` (δ), ``q = δW₁`` and Eq. 71's gradient sums in normalised-LMS form (``normalized_steps``, the W₂
     factor also over ``‖k‖² = d``): ``g1 = Σ_t (δ_t/(1 + ‖h_t‖²)) h_tᵀ``,
     ``g2 = Σ_t ((σ'(z_t) ⊙ q_t)/((1 + ‖W₁‖²)·d)) k_tᵀ``."""
-    act, act_grad = ACTIVATIONS[activation]
     z = k @ w2.mT
-    h = act(z)
+    h = ACTIVATIONS[activation][0](z)
     f = {"z": z, "h": h, "read": h @ w1.mT}
     if err is not None:
         q = err @ w1
-        e1, g2 = normalized_steps(err, h, act_grad(z, h) * q, w1)
+        e1, g2 = normalized_steps(err, h, times_derivative(activation, q, z, h), w1)
         g2 = g2 / k.shape[-1]  # ‖k‖² = d after RMSNorm
         f.update(q=q, g1=e1.mT @ h, g2=g2.mT @ k)
     return f
@@ -102,7 +102,7 @@ def chunk_vjp(w1: Tensor, w2: Tensor, k: Tensor, err: Tensor | None, lr: Tensor,
     """
     f = cms_factors(w1, w2, k, err, activation) if saved is None else saved
     z, h = f["z"], f["h"]
-    p = ACTIVATIONS[activation][1](z, h)
+    p, p2 = derivatives(activation, z, h)
     dh = gy @ w1
     gw1 = g1 + gy.mT @ h
     if err is None:
@@ -117,7 +117,7 @@ def chunk_vjp(w1: Tensor, w2: Tensor, k: Tensor, err: Tensor | None, lr: Tensor,
     Qpq = (Q * pq).sum((-2, -1), keepdim=True)  # ⟨G₂, Σ_t (p⊙q)_t k_tᵀ⟩ per sequence
     dh = dh - lr * a * R + 2 * h * (lr * a * a * hR)
     dpq = -lr * c * Q
-    dz = dh * p + dpq * f["q"] * SECOND_DERIVATIVES[activation](z, h)
+    dz = dh * p + dpq * f["q"] * p2
     gk = dz @ w2 - (lr * c * pq) @ g2
     gw1 = gw1 + err.mT @ (dpq * p) + 2 * w1 * (lr * c * c * d * Qpq)
     glr = -(a * hR).sum() - (c * Qpq).sum()

@@ -53,19 +53,40 @@ SECOND_DERIVATIVES = {
     "tanh": lambda z, h: -2 * h * (1 - h * h),
     "relu": lambda z, h: torch.zeros_like(z),
     "gelu": lambda z, h: torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (2 - z * z),
-    "silu": lambda z, h: torch.sigmoid(z) * (1 - torch.sigmoid(z)) * (2 + z * (1 - 2 * torch.sigmoid(z))),
+    "silu": lambda z, h: _silu_derivatives(z)[1],
     "identity": lambda z, h: torch.zeros_like(z),
 }
 
 
+def _silu_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
+    """SiLU's ``σ'(z) = s + z·s(1 − s)`` and ``σ''(z) = s(1 − s)·(2 + z(1 − 2s))`` from one ``s = sigmoid(z)``."""
+    s = torch.sigmoid(z)
+    st = s - s * s
+    return torch.addcmul(s, z, st), (z - 2 * z * s + 2).mul_(st)
+
+
+def derivatives(activation: str, z: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """``(σ'(z), σ''(z))`` given ``h = σ(z)`` (SiLU's from one sigmoid)."""
+    if activation == "silu":
+        return _silu_derivatives(z)
+    return ACTIVATIONS[activation][1](z, h), SECOND_DERIVATIVES[activation](z, h)
+
+
+def times_derivative(activation: str, x: Tensor, z: Tensor, h: Tensor) -> Tensor:
+    """``x ⊙ σ'(z)`` given ``h = σ(z)``; for SiLU one fused pass (aten's ``silu_backward``) where autograd will not
+    differentiate it (it has no derivative formula)."""
+    if activation == "silu" and not (torch.is_grad_enabled() and (x.requires_grad or z.requires_grad)):
+        return torch.ops.aten.silu_backward(x, z)
+    return x * ACTIVATIONS[activation][1](z, h)
+
+
 def memory_factors(w1: Tensor, w2: Tensor, keys: Tensor, values: Tensor, activation: str):
     """Per-token factors of ∇ℓ for ``ℓ = ½‖k + W₁σ(W₂k) − v‖²``: returns ``(e, z, h, g₂, W₁h)`` (module doc)."""
-    act, act_grad = ACTIVATIONS[activation]
     z = keys @ w2.mT
-    h = act(z)
+    h = ACTIVATIONS[activation][0](z)
     read = h @ w1.mT
     err = keys + read - values
-    return err, z, h, act_grad(z, h) * (err @ w1), read
+    return err, z, h, times_derivative(activation, err @ w1, z, h), read
 
 
 def normalized_steps(err: Tensor, h: Tensor, g2: Tensor, w1: Tensor) -> tuple[Tensor, Tensor]:
@@ -205,7 +226,7 @@ def chunk_mix(w1: Tensor, w2: Tensor, f: dict[str, Tensor], q: Tensor, kappa: fl
         y = y + hq @ drift[0].mT
     last = E[..., -1, :, None].unsqueeze(2)  # (B, H, 1, C, 1): E_Cs
     o.update(y=y, zq=zq, hq=hq, U1=U1, U2=U2, g1=((last * U1).mT @ h) / kappa,
-             g2=((last * U2).mT @ k[:, :, None]) / kappa)
+             g2=_memories((_per_memory(last * U2).mT @ k).mT, U2.shape[2]).mT / kappa)  # U2: stored per memory
     return o
 
 
@@ -239,13 +260,14 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     ``chunk_factors``/``chunk_mix`` line by line, last first; ``saved``: their ``(f, o)`` from ``chunk_forward``
     at the same inputs (read, not changed; ``f`` may leave out the activations ``ACTIVATED`` names, recomputed from
     their pre-activations), else recomputed here."""
-    act, act_grad, act2 = *ACTIVATIONS[activation][:2], SECOND_DERIVATIVES[activation]
+    act = ACTIVATIONS[activation][0]
     w_eta, _, w_alpha, _ = params
     if saved is None:
         saved = chunk_forward(w1, w2, u, q, params, eta_scale=eta_scale, activation=activation, delta_gd=delta_gd,
                               learns=learns, kappa=kappa, sequential=sequential)[1]
     f, o = saved
     f = {**f, **{a: act(f[z]) for a, z in ACTIVATED.items() if a not in f}}
+    w1, w2 = w1.contiguous(), w2.contiguous()  # views of the scan's states: one copy, not one per product
     k, K, h = f["k"], f["k"][:, :, None], f["h"]
     A, E, U1, U2 = o["A"], o["E"], o["U1"], o["U2"]
     # commit: W' = A_C W + Δ,  Δ₁ = Σ_s E_Cs U1_s h_sᵀ,  Δ₂ = Σ_s E_Cs U2_s k_sᵀ
@@ -255,7 +277,7 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     dA[..., -1] = (dw1n * w1).sum((2, 3, 4)) + (dw2n * w2).sum((2, 3, 4))
     last = E[..., -1, :, None].unsqueeze(2)  # (B, H, 1, C, 1)
     t1, t2 = U1 @ dw1n, U2 @ dw2n  # (B, H, 5, C, hid), (B, H, 5, C, d)
-    dU1, dh, dU2 = last * (h @ dw1n.mT), last * t1, last * (K @ dw2n.mT)
+    dU1, dh, dU2 = last * (h @ dw1n.mT), last * t1, last * _memories(k @ _per_memory(dw2n.mT), dw2n.shape[2])
     dk = (last * t2).sum(2)
     dE = torch.zeros_like(E)
     dE[..., -1, :] = (t1 * h).sum((2, 4)) + (t2 * K).sum((2, 4))
@@ -270,7 +292,7 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     dhq = dhq + (Y2 * E) @ h[:, :, -1]
     dh[:, :, -1] += (Y2 * E).mT @ hq
     dU1[:, :, -1] += (E * P2).mT @ dy
-    dzq = dhq * act_grad(zq, hq)
+    dzq = times_derivative(activation, dhq, zq, hq)
     dA = dA + (dzq * (q @ w2m.mT)).sum(-1)
     dq = dq + Ac * (dzq @ w2m)
     dw2[:, :, -1] += (Ac * dzq).mT @ q
@@ -293,7 +315,7 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     if sequential and delta_gd:  # W₂'s triangle (key k) is the memories', their columns side by side
         M2 = strict_gram(E, o["G2"])
         dr2_side = transposed_solve(b2, M2, _per_memory(dU2))
-        dr2 = _memories(dr2_side, dU2.shape[2])
+        dr2 = _memories(dr2_side, dU2.shape[2]).contiguous()  # the products below take it as it is stored
     else:
         dr2 = dU2
     dnu2, db2 = b2[:, :, None, :, None] * dr2, (dr2 * nu2).sum((2, 4))
@@ -322,12 +344,12 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
         dA = dA - (dnu1 * f["read"]).sum((2, 4)) - ((dnu2 * f["z"]).sum((2, 4)) if delta_gd else 0)
     # memory factors: z = k W₂ᵀ, h = σ(z), e = k + h W₁ᵀ − V, g = σ'(z) ⊙ e W₁
     z, e = f["z"], f["e"]
-    s1 = act_grad(z, h)
+    s1, s2 = derivatives(activation, z, h)
     ew = e @ w1
     dew = dg * s1
     de = dew @ w1.mT
     dw1 = dw1 + e.mT @ dew
-    dz = dz + dg * ew * act2(z, h)
+    dz = dz + dg * ew * s2
     dk = dk + de.sum(2)
     dh = dh + de @ w1
     dw1 = dw1 + de.mT @ h
@@ -340,7 +362,7 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     dVraw = (dV - V * (dV * V).sum(-1, keepdim=True)) / f["Vraw"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
     dv = dVraw.sum(2)
     dw1 = dw1 + dVraw.mT @ f["Pv"]
-    dZv = (dVraw @ w1) * act_grad(f["Zv"], f["Pv"])
+    dZv = times_derivative(activation, dVraw @ w1, f["Zv"], f["Pv"])
     dw2 = dw2 + dZv.mT @ f["v"][:, :, None]
     dv = dv + (dZv @ w2).sum(2)
     # decays: E_ts = e^{L_t − L_s} (s ≤ t), A_t = e^{L_t}, L = cumsum log α
@@ -363,7 +385,7 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     dR[:, :, 0] = dkv0
     # reads: R_□ = σ(u_□ W₂ᵀ) W₁ᵀ for the first four memories
     dw1[:, :, :4] += dR.mT @ f["P"]
-    dZ = (dR @ w1[:, :, :4]) * act_grad(f["Z"], f["P"])
+    dZ = times_derivative(activation, dR @ w1[:, :, :4], f["Z"], f["P"])
     dw2[:, :, :4] += dZ.mT @ u
     du = dR + dZ @ w2[:, :, :4]
     return dw1, dw2, du, dq, dparams
