@@ -305,9 +305,34 @@ class CausalConv(nn.Module):
             self.weight[1:].normal_(0, tap_std)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C)
-        T, w = x.shape[1], self.weight.shape[0]
-        padded = F.pad(x, (0, 0, w - 1, 0))
-        return sum(self.weight[j] * padded[:, w - 1 - j:w - 1 - j + T] for j in range(w))
+        return _ShiftedSums.apply(x, self.weight)
+
+
+class _ShiftedSums(torch.autograd.Function):
+    """``y_t = Σ_j c_j ⊙ x_{t−j}`` (x: (B, T, C), c: (w, C)) accumulated in place into one output, and its reverse
+    mode by hand: ``∂x_t = Σ_j c_j ⊙ ∂y_{t+j}``, ``∂c_j = Σ_{b,t} ∂y_{t+j} ⊙ x_t``; differentiable again (plain
+    ops).  Autograd through a zero-padded copy and its shifted slices allocated and filled a padded gradient per tap."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, c: Tensor) -> Tensor:
+        ctx.save_for_backward(x, c)
+        y = x * c[0]
+        for j in range(1, min(c.shape[0], x.shape[1])):
+            y[:, j:].addcmul_(x[:, :-j], c[j])
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor, Tensor]:
+        x, c = ctx.saved_tensors
+        gx = gy * c[0]
+        gc = [(gy * x).sum((0, 1))]
+        for j in range(1, c.shape[0]):
+            if j < x.shape[1]:
+                gx[:, :-j] += gy[:, j:] * c[j]
+                gc.append((gy[:, j:] * x[:, :-j]).sum((0, 1)))
+            else:  # a tap beyond the sequence reads only the zero padding
+                gc.append(torch.zeros_like(c[j]))
+        return gx, torch.stack(gc).to(c.dtype)
 
 
 class SelfModifyingTitans(nn.Module):
