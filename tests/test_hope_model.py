@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 from deepopt.hope.model import (
     VARIANTS,
+    CausalConv,
     CMSLevel,
     HopeConfig,
     LanguageModel,
     SelfModifyingTitans,
+    _ShiftedSums,
     apply_variant,
     compile_model,
     matched_transformer,
@@ -459,3 +461,20 @@ def test_cms_carry_over_keeps_each_level_s_change_across_sequences_in_training_o
     fresh = LanguageModel(cfg).double()
     fresh.load_state_dict(state)
     assert torch.equal(fresh.blocks[0].cms[0].carry_w1, before)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 9])
+def test_causal_conv_is_the_shifted_sum_and_differentiable_twice(length):
+    """``CausalConv``'s in-place shifted sums and hand-written reverse mode: equal to ``Σ_j c_j ⊙ x_{t−j}`` over a
+    zero-padded copy (sequences shorter than the width too), gradcheck and gradgradcheck in float64."""
+    torch.manual_seed(length)
+    conv = CausalConv(5, 4, tap_std=0.5).double()
+    x = torch.randn(2, length, 5, dtype=torch.float64, requires_grad=True)
+    c = conv.weight
+    padded = F.pad(x, (0, 0, 3, 0))
+    expected = sum(c[j] * padded[:, 3 - j:3 - j + length] for j in range(4))
+    torch.testing.assert_close(conv(x), expected, rtol=0, atol=1e-15)
+    gy = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(conv(x), (x, c), gy), torch.autograd.grad(expected, (x, c), gy))
+    assert torch.autograd.gradcheck(_ShiftedSums.apply, (x, c))
+    assert torch.autograd.gradgradcheck(_ShiftedSums.apply, (x, c))
