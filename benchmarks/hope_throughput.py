@@ -7,6 +7,8 @@
     python benchmarks/hope_throughput.py --compile-speedup     # each model eager and compiled: compiled/eager
     python benchmarks/hope_throughput.py --device cuda --cuda-graph   # each step one CUDA graph replay
     python benchmarks/hope_throughput.py --no-scan-ops         # HOPE on the Python chunk loop (before the scan ops)
+    python benchmarks/hope_throughput.py --before 790488e --contexts 512 --threads 1 --rounds 4
+                                                               # HOPE now vs HOPE at a git revision, alternated
 
 A step is forward + backward + AdamW on ``--tokens`` tokens (batch = tokens / context).  Tokens/s is the
 median over ``--steps`` timed steps after ``--warmup`` untimed ones.  Peak memory: on CUDA
@@ -16,15 +18,26 @@ HOPE / Transformer++ within this one run.  FLOPs per token of a forward + backwa
 ``FlopCounterMode`` (``step_flops``), the reference for how much of a throughput gap is arithmetic.  Ops per step:
 the ops one training step dispatches (forward, backward, AdamW), counted by ``deepopt.bench.OpCounter`` in an extra
 step after the timing: on CUDA each is about one kernel launch (a custom op's fused kernel counts once).
+
+``--before REV`` compares HOPE with itself at a git revision of this repository instead of with Transformer++: the
+revision is extracted (``git archive``) into a temporary folder laid out as installed, and its own copy of this
+script measures it in a worker process; workers of the revision and of this checkout alternate for ``--rounds``
+rounds per context, and each round's ratio (revision tokens/s over this checkout's) and their median are printed,
+so background load hits both alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -123,6 +136,79 @@ def step_flops(cfg: HopeConfig, batch: int, context: int, device: str) -> float:
     return total
 
 
+ROOT = Path(__file__).resolve().parents[1]
+INSTALLED_AS = {"optimizers": "deepopt/optimizers", "meta_train": "deepopt/meta_train"}  # pyproject's package-dir
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """This repository at git revision ``rev``, extracted into ``into`` with ``optimizers/`` and ``meta_train/``
+    moved where they install (importable with ``PYTHONPATH=into``); ``ValueError`` naming ``rev`` if git cannot
+    produce it."""
+    try:
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev], capture_output=True, check=True,
+                             timeout=300).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", b"") or str(err).encode()
+        raise ValueError(f"--before {rev}: git archive failed: {detail.decode(errors='replace').strip()}") from None
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    for src, dst in INSTALLED_AS.items():
+        if (into / src).is_dir() and not (into / dst).exists():
+            (into / src).rename(into / dst)
+    if not (into / "benchmarks" / "hope_throughput.py").is_file():
+        raise ValueError(f"--before {rev}: the revision has no benchmarks/hope_throughput.py to measure it with")
+    return into
+
+
+def worker_cmd(script: Path, model: str, ctx: int, args: argparse.Namespace, compiled: bool) -> list[str]:
+    """The command of one worker process (``--worker``) of ``script`` measuring ``model`` at context ``ctx``."""
+    cmd = [sys.executable, str(script), "--worker", "--model", model, "--size", args.size, "--contexts", str(ctx),
+           "--tokens", str(args.tokens), "--steps", str(args.steps), "--warmup", str(args.warmup), "--device",
+           args.device]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--compile"] if compiled else []
+    cmd += ["--recompute-chunks"] if args.recompute_chunks else []
+    cmd += [] if args.scan_ops else ["--no-scan-ops"]
+    return cmd
+
+
+def run_worker(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict:
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+    if res.returncode:
+        raise RuntimeError(f"worker {' '.join(cmd[1:3])} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def compare_before(args: argparse.Namespace) -> dict:
+    """HOPE at ``args.before`` against this checkout, alternated ``args.rounds`` times per context (module doc)."""
+    tmp = Path(tempfile.mkdtemp(prefix="deepopt-before-"))
+    try:
+        old = checkout(args.before, tmp)
+        env = {**os.environ, "PYTHONPATH": str(old) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        result = {}
+        for ctx in args.contexts:
+            rounds = []
+            for i in range(args.rounds):
+                before = run_worker(worker_cmd(old / "benchmarks" / "hope_throughput.py", "hope", ctx, args,
+                                               args.compile), env=env, cwd=old)
+                now = run_worker(worker_cmd(Path(__file__).resolve(), "hope", ctx, args, args.compile))
+                rounds.append({"before_tok_per_s": before["tok_per_s"], "now_tok_per_s": now["tok_per_s"],
+                               "before_over_now": before["tok_per_s"] / now["tok_per_s"],
+                               "before_peak_mib": before["peak_mib"], "now_peak_mib": now["peak_mib"]})
+                r = rounds[-1]
+                print(f"ctx {ctx:>5} round {i + 1}: HOPE at {args.before} {r['before_tok_per_s']:>8.0f} tok/s, now "
+                      f"{r['now_tok_per_s']:>8.0f} tok/s, before/now {r['before_over_now']:.3f}  (peak "
+                      f"{r['before_peak_mib']:.0f} / {r['now_peak_mib']:.0f} MiB)", flush=True)
+            median = statistics.median(r["before_over_now"] for r in rounds)
+            print(f"ctx {ctx:>5}: HOPE at {args.before} / now tokens/s = {median:.3f}x (median of {len(rounds)} "
+                  f"rounds; {min(r['before_over_now'] for r in rounds):.3f}-"
+                  f"{max(r['before_over_now'] for r in rounds):.3f})", flush=True)
+            result[str(ctx)] = {"rounds": rounds, "median_before_over_now": median}
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="small", choices=tuple(SIZES), help="model size (default small)")
@@ -145,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="HOPE's memories run the Python chunk loop instead of the scan ops (the path before them)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each training step in one CUDA graph (deepopt.cuda_graph.GraphedStep; CUDA only)")
+    p.add_argument("--before", metavar="REV",
+                   help="compare HOPE with HOPE at this git revision (alternated workers) instead of Transformer++")
+    p.add_argument("--rounds", type=int, default=3, help="alternations per context with --before (default 3)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -152,6 +241,21 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.contexts, args.tokens, args.steps, args.warmup = "smoke", [64, 128], 256, 1, 1
     if args.cuda_graph and (not args.device.startswith("cuda") or args.warmup < 2):
         p.error("--cuda-graph needs --device cuda and --warmup >= 2 (an eager step, then the capture)")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.before is not None and (args.compile_speedup or args.cuda_graph):
+        p.error("--before compares eager (or --compile) HOPE only; drop --compile-speedup / --cuda-graph")
+    if args.before is not None:
+        try:
+            result = compare_before(args)
+        except ValueError as err:
+            p.error(str(err))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            atomic_save_json({"before": args.before, "size": args.size, "tokens_per_step": args.tokens,
+                              "device": args.device, "threads": args.threads, "compile": args.compile,
+                              "contexts": result}, args.out / "before.json")
+        return 0
     if args.worker:  # one configuration in this process (clean CPU peak-memory reading)
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -166,15 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(measure(model, args.size, ctx, args.tokens, args.steps, args.warmup, args.device,
                                         compiled, args.recompute_chunks, args.cuda_graph, args.scan_ops))
                 else:
-                    cmd = [sys.executable, __file__, "--worker", "--model", model, "--size", args.size, "--contexts",
-                           str(ctx), "--tokens", str(args.tokens), "--steps", str(args.steps), "--warmup",
-                           str(args.warmup), "--device", args.device]
-                    cmd += ["--threads", str(args.threads)] if args.threads else []
-                    cmd += ["--compile"] if compiled else []
-                    cmd += ["--recompute-chunks"] if args.recompute_chunks else []
-                    cmd += [] if args.scan_ops else ["--no-scan-ops"]
-                    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                    rows.append(run_worker(worker_cmd(Path(__file__).resolve(), model, ctx, args, compiled)))
                 r = rows[-1]
                 r["compiled"] = compiled
                 print(f"{r['model']:>11}{' compiled' if compiled else ''}  ctx {ctx:>5}  batch {r['batch']:>3}  "

@@ -235,6 +235,24 @@ def test_throughput_benchmark_smoke_reports_ratios_and_flops(tmp_path):
         assert ratio["tok_per_s_ratio"] > 0 and ratio["flop_ratio"] > 0
 
 
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs this repository's git history")
+def test_throughput_before_a_revision_alternates_workers_and_refuses_an_unknown_one(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "hope_throughput.py"), "--smoke", "--threads", "1",
+           "--rounds", "2"]
+    res = subprocess.run([*cmd, "--before", "HEAD", "--out", str(tmp_path)], env=subprocess_env(), capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    contexts = json.loads((tmp_path / "before.json").read_text())["contexts"]
+    assert set(contexts) == {"64", "128"}  # the smoke contexts
+    for ctx in contexts.values():
+        assert len(ctx["rounds"]) == 2 and all(r["before_tok_per_s"] > 0 < r["now_tok_per_s"] for r in ctx["rounds"])
+        assert ctx["median_before_over_now"] > 0
+    assert res.stdout.count(" round ") == 4 and res.stdout.count("median of 2 rounds") == 2
+    bad = subprocess.run([*cmd, "--before", "no-such-revision"], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert bad.returncode == 2 and "--before no-such-revision" in bad.stderr
+
+
 def test_recompute_chunks_flag_reaches_the_saved_model_config(tmp_path):
     out = tmp_path / "run"
     assert hope("train", "--smoke", "--steps", "2", "--recompute-chunks", "--out", out) == 0
