@@ -55,6 +55,9 @@ def test_smoke_study_writes_every_output_and_resumes_without_rerunning(tmp_path,
         assert entry["methods"]["adamw"]["tuned_lr"] in (3e-3, 3e-2) and len(entry["speedup"]) == 1
         assert entry["methods"]["learned_untuned"]["lr"] == pytest.approx(0.002)
     assert set(summary["targets"]) == {"untuned_final_loss_at_most_tuned_adamw", "speedup_iqm_at_least_1.2"}
+    # the smoke AdamW sweep (two lrs) is not a tuned baseline: no target verdict, and the table says why
+    assert summary["adamw_sweep_lrs"] == 2 and all(t["met"] is None for t in summary["targets"].values())
+    assert "no verdict: AdamW saw 2 lr(s)" in text
     assert (out / "evaluate.png").stat().st_size > 0 and "speed-up" in (out / "table.md").read_text()
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert cli.main([*argv[:-2], "--out", str(out), "--resume"]) == 0
@@ -131,6 +134,12 @@ def test_speedup_counts_tuned_adamw_steps_and_censors_at_2t():
     one_seed = summarise([r for r in results if r["seed"] == 0], ["t"], [0])
     row_of = next(line for line in table(one_seed, "c").splitlines() if line.startswith("| t "))
     assert "±" not in row_of and "1.0000 (n = 1)" in row_of  # one seed: no interval is printed as ± 0
+    # AdamW at two lrs is no tuned baseline: no verdict; at three, the targets are judged
+    assert [t["met"] for t in summary["targets"].values()] == [None, None] and "no verdict" in table(summary, "c")
+    swept = summarise(results + [row("adamw", 0.03, s, 10, 3.0) for s in (0, 1)], ["t"], [0, 1])
+    assert swept["adamw_sweep_lrs"] == 3 and swept["tasks"]["t"]["methods"]["adamw"]["tuned_lr"] == 0.1
+    assert swept["targets"]["untuned_final_loss_at_most_tuned_adamw"]["met"] is False
+    assert swept["targets"]["speedup_iqm_at_least_1.2"]["met"] is True  # IQM of 0.5 and 2.0: 1.25
 
 
 def test_suite_tasks_are_held_out_and_deterministic():
