@@ -60,11 +60,11 @@ def pair_accuracy(model, options: dict, length: int, pairs: int, samples: int, s
         answer = model(x)[0].argmax(-1)
         b, t = (y != -100).nonzero(as_tuple=True)
         index = (x[:, 0:2 * pairs:2][b] == x[b, t, None]).int().argmax(-1)  # the queried key's pair
-        right = (answer[b, t] == y[b, t]).double()
+        right = (answer[b, t] == y[b, t]).float()
         gap = ((t - 2 * index) // width).clamp_max(7)
         for table, at in ((by_pair, index), (by_gap, gap)):
-            table[:, 0].index_add_(0, at, right.float())
-            table[:, 1].index_add_(0, at, torch.ones_like(right.float()))
+            table[:, 0].index_add_(0, at, right)
+            table[:, 1].index_add_(0, at, torch.ones_like(right))
     return {name: [[round(float(r / n), 4) if n else None, int(n)] for r, n in table.tolist()]
             for name, table in (("by_pair_index", by_pair), (f"by_gap_{width}_tokens", by_gap))}
 

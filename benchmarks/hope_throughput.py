@@ -136,7 +136,8 @@ def step_flops(cfg: HopeConfig, batch: int, context: int, device: str) -> float:
     return total
 
 
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parents[1]
 INSTALLED_AS = {"optimizers": "deepopt/optimizers", "meta_train": "deepopt/meta_train"}  # pyproject's package-dir
 
 
@@ -191,7 +192,7 @@ def compare_before(args: argparse.Namespace) -> dict:
             for i in range(args.rounds):
                 before = run_worker(worker_cmd(old / "benchmarks" / "hope_throughput.py", "hope", ctx, args,
                                                args.compile), env=env, cwd=old)
-                now = run_worker(worker_cmd(Path(__file__).resolve(), "hope", ctx, args, args.compile))
+                now = run_worker(worker_cmd(SCRIPT, "hope", ctx, args, args.compile))
                 rounds.append({"before_tok_per_s": before["tok_per_s"], "now_tok_per_s": now["tok_per_s"],
                                "before_over_now": before["tok_per_s"] / now["tok_per_s"],
                                "before_peak_mib": before["peak_mib"], "now_peak_mib": now["peak_mib"]})
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(measure(model, args.size, ctx, args.tokens, args.steps, args.warmup, args.device,
                                         compiled, args.recompute_chunks, args.cuda_graph, args.scan_ops))
                 else:
-                    rows.append(run_worker(worker_cmd(Path(__file__).resolve(), model, ctx, args, compiled)))
+                    rows.append(run_worker(worker_cmd(SCRIPT, model, ctx, args, compiled)))
                 r = rows[-1]
                 r["compiled"] = compiled
                 print(f"{r['model']:>11}{' compiled' if compiled else ''}  ctx {ctx:>5}  batch {r['batch']:>3}  "

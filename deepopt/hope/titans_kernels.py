@@ -226,7 +226,7 @@ def chunk_mix(w1: Tensor, w2: Tensor, f: dict[str, Tensor], q: Tensor, kappa: fl
         y = y + hq @ drift[0].mT
     last = E[..., -1, :, None].unsqueeze(2)  # (B, H, 1, C, 1): E_Cs
     o.update(y=y, zq=zq, hq=hq, U1=U1, U2=U2, g1=((last * U1).mT @ h) / kappa,
-             g2=_memories((_per_memory(last * U2).mT @ k).mT, U2.shape[2]).mT / kappa)  # U2: stored per memory
+             g2=(_per_memory(last * U2).mT @ k).unflatten(2, (U2.shape[2], -1)) / kappa)  # U2: stored per memory
     return o
 
 
@@ -277,7 +277,7 @@ def chunk_vjp(w1: Tensor, w2: Tensor, u: Tensor, q: Tensor, params: tuple[Tensor
     dA[..., -1] = (dw1n * w1).sum((2, 3, 4)) + (dw2n * w2).sum((2, 3, 4))
     last = E[..., -1, :, None].unsqueeze(2)  # (B, H, 1, C, 1)
     t1, t2 = U1 @ dw1n, U2 @ dw2n  # (B, H, 5, C, hid), (B, H, 5, C, d)
-    dU1, dh, dU2 = last * (h @ dw1n.mT), last * t1, last * _memories(k @ _per_memory(dw2n.mT), dw2n.shape[2])
+    dU1, dh, dU2 = last * (h @ dw1n.mT), last * t1, last * _memories(k @ dw2n.flatten(2, 3).mT, dw2n.shape[2])
     dk = (last * t2).sum(2)
     dE = torch.zeros_like(E)
     dE[..., -1, :] = (t1 * h).sum((2, 4)) + (t2 * K).sum((2, 4))
