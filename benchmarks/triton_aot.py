@@ -140,26 +140,31 @@ def _momenta_scenario(dtype: torch.dtype) -> Scenario:
                     run)
 
 
-def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = ()) -> Scenario:
+def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), forced: bool = False) -> Scenario:
     """HOPE's forward + backward at a size preset (batch ``HOPE_BATCH`` × ``HOPE_CONTEXT`` tokens) on the meta
     device: the custom ops' real implementations are called on the inputs they receive, seen as CUDA tensors
     (``Tensor.is_cuda``), so their routing (``_triton_applies``, ``triton_applies``) decides what launches (their
     fake kernels produce the outputs the model goes on with).  bfloat16: the whole model in bf16 (the kernels'
-    bf16 loads and stores; ``--amp bf16``'s autocast has no meta-device form)."""
+    bf16 loads and stores; ``--amp bf16``'s autocast has no meta-device form).  ``forced``: a probe with the
+    Titans kernels' size limit lifted (``titans_kernels.MAX_CHUNK_WORK``), what they would compile to there."""
     def run() -> None:
+        from deepopt.hope import titans_kernels
         from deepopt.hope.model import LanguageModel
         from deepopt.hope.train import model_config
 
         torch.manual_seed(0)
-        with torch.device("meta"):  # recompute_chunks: the layers call the ops as on CUDA (off CUDA, as meta
-            # tensors are, eager training would run the loop that keeps chunks instead: deepopt.hope.kept)
-            model = LanguageModel(model_config("hope", size, recompute_chunks=True)).to(dtype)
-            tokens = torch.zeros(HOPE_BATCH, HOPE_CONTEXT + 1, dtype=torch.int64)
-        with _CustomOpsCalled():
-            _, loss = model(tokens[:, :-1], tokens[:, 1:])
-            loss.backward()
+        limit = 1 << 62 if forced else titans_kernels.MAX_CHUNK_WORK
+        with mock.patch.object(titans_kernels, "MAX_CHUNK_WORK", limit):
+            with torch.device("meta"):  # recompute_chunks: the layers call the ops as on CUDA (off CUDA, as meta
+                # tensors are, eager training would run the loop that keeps chunks instead: deepopt.hope.kept)
+                model = LanguageModel(model_config("hope", size, recompute_chunks=True)).to(dtype)
+                tokens = torch.zeros(HOPE_BATCH, HOPE_CONTEXT + 1, dtype=torch.int64)
+            with _CustomOpsCalled():
+                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+                loss.backward()
 
-    return Scenario(f"HOPE {size} ctx{HOPE_CONTEXT} {str(dtype).removeprefix('torch.')}", "hope", run, True, ci)
+    name = f"HOPE {size} ctx{HOPE_CONTEXT} {str(dtype).removeprefix('torch.')}{' (Titans kernels forced)' * forced}"
+    return Scenario(name, "hope", run, not forced, ci)
 
 
 class _CustomOpsCalled(torch.utils._python_dispatch.TorchDispatchMode):
@@ -214,6 +219,7 @@ def scenarios() -> list[Scenario]:
         *(_momenta_scenario(dt) for dt in (f32, bf16)),
         *(_hope_scenario(size, dt, ci=(90,) if (size, dt) == ("tiny", f32) else ()) for size in HOPE_SIZES
           for dt in (f32, bf16)),
+        *(_hope_scenario(size, dt, forced=True) for size in HOPE_SIZES[2:] for dt in (f32, bf16)),
     ]
     return out
 

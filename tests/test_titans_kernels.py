@@ -4,6 +4,7 @@ registration (opcheck), the op == the Python chunk loop with gradients, the Trit
 defined, and on CUDA when present), and a training step whose dispatched op count does not grow with the context."""
 
 import textwrap
+import warnings
 from dataclasses import replace
 from unittest import mock
 
@@ -273,6 +274,44 @@ def test_triton_kernels_equal_the_reference_under_the_interpreter():
     run_under_triton_interpreter(TRITON_CHECK, "kernels equal the reference")
 
 
+def test_a_kernel_the_gpu_refuses_falls_back_to_the_reference_once_warned(monkeypatch):
+    """A launch refused for its resources (``OutOfResources``: e.g. the small preset's bf16 backward, 168 KiB of
+    shared memory, on an A100's 163 KiB) warns once and runs the reference: the op's outputs and gradients are
+    the reference's, and a second call with the same key does not try the kernel again."""
+    from deepopt.hope import fallback
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(fallback, "refused", set())
+    monkeypatch.setattr(tk, "_triton_applies", lambda *a: True)
+    tries = {"forward": 0, "backward": 0}
+
+    def refused(name):
+        def launch(*a, **k):
+            tries[name] += 1
+            raise fallback.OutOfResources(172032, 166912, "shared memory")
+        return launch
+
+    monkeypatch.setattr(tk, "_triton_forward", refused("forward"))
+    monkeypatch.setattr(tk, "_triton_backward", refused("backward"))
+    inputs = scan_inputs(T=13)
+    scalars = (*SCALARS[:-1], True)
+    with pytest.warns(RuntimeWarning, match="cannot run the Triton kernel"):
+        y, s1, s2 = tk.titans_scan(*inputs, *scalars)
+    with pytest.warns(RuntimeWarning, match="titans_scan_backward"):
+        got = torch.autograd.grad(y.square().sum() + s1[:, :, -1].sum(), inputs)
+    ry, r1, r2 = tk._scan_reference(*inputs[:4], tuple(inputs[4:]), scalars[0], tk._consts(*scalars))
+    want = torch.autograd.grad(ry.square().sum() + r1[:, :, -1].sum(), inputs)
+    torch.testing.assert_close(y, ry, rtol=0, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, and no second try
+        y2, _, _ = tk.titans_scan(*inputs, *scalars)
+        torch.autograd.grad(y2.sum(), inputs[0])
+    assert tries == {"forward": 1, "backward": 1}
+    torch.testing.assert_close(y2, ry, rtol=0, atol=1e-12)
+
+
 def test_non_power_of_two_shapes_and_cpu_tensors_take_the_torch_reference():
     u, q, w1, w2 = scan_inputs(B=1, H=2, T=20, d=16, hid=16, dtype=torch.float32)[:4]
     assert not tk._triton_applies(u, q, w1, w2, 16, "silu")  # CPU tensors
@@ -283,6 +322,11 @@ def test_non_power_of_two_shapes_and_cpu_tensors_take_the_torch_reference():
         assert not tk._triton_applies(*meta, 8, "silu")  # below tl.dot's 16
         assert not tk._triton_applies(*meta, 16, "tanh")
         assert not tk._triton_applies(*(x.double() for x in meta), 16, "silu")
+    wide = [torch.empty(*x.shape[:-1], 64, device="meta") for x in (u, q)]  # d = 64
+    w = [torch.empty(2, 5, 64, 32, device="meta"), torch.empty(2, 5, 32, 64, device="meta")]  # hid = 32
+    with mock.patch.object(Tensor, "is_cuda", True):
+        assert tk.triton is None or tk._triton_applies(*wide, *w, 32, "silu")  # C·d·hid = MAX_CHUNK_WORK
+        assert not tk._triton_applies(*wide, *w, 64, "silu")  # HOPE base: 64·64·32 (benchmarks/triton_aot.py)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

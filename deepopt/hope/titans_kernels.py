@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepopt.hope.compiled import check_key, compiled
+from deepopt.hope.fallback import kernel_or_reference
 from deepopt.hope.kept import KeptChunks, keeps
 from deepopt.rules.deep import ACTIVATIONS
 
@@ -47,6 +48,11 @@ except ImportError:  # pragma: no cover - depends on the environment
 N_MEMORIES = 5  # M_k, M_v, M_η, M_α, M_mem (deepopt.hope.model.TITANS_MEMORIES)
 N_MEM = tl.constexpr(N_MEMORIES) if triton is not None else N_MEMORIES
 use_triton = True  # False: CUDA tensors run the torch reference too (e.g. to compare, or if a kernel misbehaves)
+# C·d·hid above which a chunk runs the torch reference's batched GEMMs: one program per (batch, head) holds some twenty
+# (C|d|hid)-wide tiles of the chunk, which fits at 64·32·32 (HOPE small; a few KB spilled) and not from 64·64·32 up:
+# compiled for sm_90, the backward spills 131 KB a thread at the base preset (fp32; ptxas settles at 32 registers)
+# and needs more shared memory than a block may have at 125m/340m (240-304 KiB); benchmarks/triton_aot.py, 2026-12-06
+MAX_CHUNK_WORK = 64 * 32 * 32
 
 # σ''(z) given z and h = σ(z): the reverse mode of g = σ'(z) ⊙ eW₁ needs it
 SECOND_DERIVATIVES = {
@@ -460,7 +466,9 @@ def titans_scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_e
     consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential)
     check_key(chunk_fns)
     if _triton_applies(u, q, w1, w2, chunk_size, activation):
-        return _triton_forward(u, q, w1, w2, params, chunk_size, consts)
+        return kernel_or_reference(_kernel_key("titans_scan", u, w1, chunk_size, consts),
+                                   lambda: _triton_forward(u, q, w1, w2, params, chunk_size, consts),
+                                   lambda: _scan_reference(u, q, w1, w2, params, chunk_size, consts, chunk_fns))
     return _scan_reference(u, q, w1, w2, params, chunk_size, consts, chunk_fns)
 
 
@@ -499,9 +507,13 @@ def titans_scan_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: 
     params = (w_eta, b_eta, w_alpha, b_alpha)
     consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential)
     check_key(chunk_fns)
+    def reference():
+        return _scan_backward_reference(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts, chunk_fns)
     if _triton_applies(u, q, s1, s2, chunk_size, activation):
-        return _triton_backward(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts)
-    return _scan_backward_reference(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts, chunk_fns)
+        return kernel_or_reference(_kernel_key("titans_scan_backward", u, s1, chunk_size, consts),
+                                   lambda: _triton_backward(dy, ds1, ds2, u, q, s1, s2, params, chunk_size, consts),
+                                   reference)
+    return reference()
 
 
 @titans_scan_backward.register_fake
@@ -563,10 +575,18 @@ def _pow2(n: int) -> bool:
 
 def _triton_applies(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, chunk_size: int, activation: str) -> bool:
     """The Triton kernels take CUDA tensors of one dtype (float32 or bfloat16), SiLU, and chunk size, head size and
-    memory width that are powers of two >= 16 (``tl.dot``'s tiles); anything else runs the torch reference."""
+    memory width that are powers of two >= 16 (``tl.dot``'s tiles) with ``C·d·hid <= MAX_CHUNK_WORK``; anything else
+    runs the torch reference."""
+    sizes = (chunk_size, u.shape[-1], w1.shape[-1])
     return (triton is not None and use_triton and u.is_cuda and activation == "silu"
             and len({t.dtype for t in (u, q, w1, w2)}) == 1 and u.dtype in (torch.float32, torch.bfloat16)
-            and all(_pow2(n) for n in (chunk_size, u.shape[-1], w1.shape[-1])))
+            and all(_pow2(n) for n in sizes) and math.prod(sizes) <= MAX_CHUNK_WORK)
+
+
+def _kernel_key(op: str, u: Tensor, w1: Tensor, chunk_size: int, consts: dict) -> tuple:
+    """What decides a scan kernel's compiled program on a device (``fallback.kernel_or_reference``'s key)."""
+    return (f"deepopt::{op}", str(u.device), u.dtype, chunk_size, u.shape[-1], w1.shape[-1], consts["delta_gd"],
+            consts["learns"], consts["sequential"], dot_precision(u, w1))
 
 
 def _num_warps(*sizes: int) -> int:
