@@ -219,7 +219,7 @@ def scenarios() -> list[Scenario]:
         *(_momenta_scenario(dt) for dt in (f32, bf16)),
         *(_hope_scenario(size, dt, ci=(90,) if (size, dt) == ("tiny", f32) else ()) for size in HOPE_SIZES
           for dt in (f32, bf16)),
-        *(_hope_scenario(size, dt, forced=True) for size in HOPE_SIZES[2:] for dt in (f32, bf16)),
+        *(_hope_scenario(size, dt, forced=True) for size in ("125m", "340m") for dt in (f32, bf16)),  # over the limit
     ]
     return out
 

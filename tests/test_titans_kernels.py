@@ -323,10 +323,11 @@ def test_non_power_of_two_shapes_and_cpu_tensors_take_the_torch_reference():
         assert not tk._triton_applies(*meta, 16, "tanh")
         assert not tk._triton_applies(*(x.double() for x in meta), 16, "silu")
     wide = [torch.empty(*x.shape[:-1], 64, device="meta") for x in (u, q)]  # d = 64
-    w = [torch.empty(2, 5, 64, 32, device="meta"), torch.empty(2, 5, 32, 64, device="meta")]  # hid = 32
+    w = [torch.empty(2, 5, 64, hid, device="meta") for hid in (32, 64)]  # W₁ of hid 32 (HOPE base) and 64 (125m)
+    w2 = [x.transpose(-1, -2) for x in w]
     with mock.patch.object(Tensor, "is_cuda", True):
-        assert tk.triton is None or tk._triton_applies(*wide, *w, 32, "silu")  # C·d·hid = MAX_CHUNK_WORK
-        assert not tk._triton_applies(*wide, *w, 64, "silu")  # HOPE base: 64·64·32 (benchmarks/triton_aot.py)
+        assert tk.triton is None or tk._triton_applies(*wide, w[0], w2[0], 64, "silu")  # C·d·hid = MAX_CHUNK_WORK
+        assert not tk._triton_applies(*wide, w[1], w2[1], 64, "silu")  # over a block's shared memory on sm_90
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

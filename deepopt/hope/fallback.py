@@ -3,7 +3,7 @@
 A Triton kernel is compiled at its first launch and loaded onto the device, which refuses it when the program
 needs more shared memory (or registers) per block than the GPU offers: Triton raises ``OutOfResources`` before
 anything runs.  The per-block limit differs by GPU (227 KiB on H100/H200, 163 KiB on A100, 99 KiB on RTX 30/40
-cards and L4), and the Titans backward kernel needs up to 168 KiB at the sizes the routing gives it (HOPE small,
+cards and L4), and the Titans backward kernel needs up to 224 KiB at the sizes the routing gives it (HOPE base,
 bfloat16; ``benchmarks/triton_aot.py``), so a launch the routing makes can still be refused by the GPU at hand.
 ``kernel_or_reference`` runs the kernel path and, on such a refusal, warns once and runs the reference path,
 which computes the same values with torch ops; later calls with the same key go straight to the reference.

@@ -49,10 +49,10 @@ N_MEMORIES = 5  # M_k, M_v, M_η, M_α, M_mem (deepopt.hope.model.TITANS_MEMORIE
 N_MEM = tl.constexpr(N_MEMORIES) if triton is not None else N_MEMORIES
 use_triton = True  # False: CUDA tensors run the torch reference too (e.g. to compare, or if a kernel misbehaves)
 # C·d·hid above which a chunk runs the torch reference's batched GEMMs: one program per (batch, head) holds some twenty
-# (C|d|hid)-wide tiles of the chunk, which fits at 64·32·32 (HOPE small; a few KB spilled) and not from 64·64·32 up:
-# compiled for sm_90, the backward spills 131 KB a thread at the base preset (fp32; ptxas settles at 32 registers)
-# and needs more shared memory than a block may have at 125m/340m (240-304 KiB); benchmarks/triton_aot.py, 2026-12-06
-MAX_CHUNK_WORK = 64 * 32 * 32
+# (C|d|hid)-wide tiles of the chunk; at 64·64·64 (HOPE 125m, 340m) the backward needs more shared memory than a block
+# may use on sm_90 (240 KiB fp32, 304 KiB bf16; 227 allowed), so Triton would refuse it (benchmarks/triton_aot.py,
+# 2026-12-06); up to 64·64·32 (base) it fits, spilling 8-21 KB a thread (docs/gpu.md)
+MAX_CHUNK_WORK = 64 * 64 * 32
 
 # σ''(z) given z and h = σ(z): the reverse mode of g = σ'(z) ⊙ eW₁ needs it
 SECOND_DERIVATIVES = {
@@ -606,10 +606,14 @@ def dot_precision(*tensors: Tensor) -> str:
 
 
 def _launch_consts(chunk_size: int, d: int, hid: int, consts: dict, *tensors: Tensor) -> dict:
-    """The keyword arguments both kernels take: sizes, switches and ``num_warps``."""
+    """The keyword arguments both kernels take: sizes, switches, ``num_warps`` and ``maxnreg``.  ``maxnreg=255``
+    (PTX ``.maxnreg``): left to itself ptxas gives the fp32 kernels 128 registers a thread at the small preset and 32
+    at base, spilling the rest; allowed all 255 the spills fall (sm_90, ``benchmarks/triton_aot.py``, 2026-12-06: base
+    fp32 backward 131.7/194.8 KB of spill stores/loads → 21.2/25.7 KB, forward 45.5/75.4 → 8.3/10.3 KB; small fp32
+    forward 5.6/7.5 → 3.2/3.8 KB)."""
     return {"C": chunk_size, "D": d, "HID": hid,
             "DELTA_GD": consts["delta_gd"], "LEARNS": consts["learns"], "SEQ": consts["sequential"],
-            "PREC": dot_precision(*tensors), "num_warps": _num_warps(chunk_size, d, hid)}
+            "PREC": dot_precision(*tensors), "num_warps": _num_warps(chunk_size, d, hid), "maxnreg": 255}
 
 
 def _scratch(u: Tensor, programs: int, chunk_size: int, consts: dict) -> Tensor:
