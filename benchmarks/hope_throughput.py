@@ -7,6 +7,7 @@
     python benchmarks/hope_throughput.py --compile-speedup     # each model eager and compiled: compiled/eager
     python benchmarks/hope_throughput.py --device cuda --cuda-graph   # each step one CUDA graph replay
     python benchmarks/hope_throughput.py --no-scan-ops         # HOPE on the Python chunk loop (before the scan ops)
+    python benchmarks/hope_throughput.py --device cuda --scan-reference   # the scan ops without their Triton kernels
     python benchmarks/hope_throughput.py --before 790488e --contexts 512 --threads 1 --rounds 4
                                                                # HOPE now vs HOPE at a git revision, alternated
 
@@ -48,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from deepopt.bench import OpCounter
 from deepopt.checkpoint import atomic_save_json
 from deepopt.cuda_graph import GraphedStep
+from deepopt.hope import cms_kernels, titans_kernels
 from deepopt.hope.model import HopeConfig, LanguageModel, compile_model, n_params
 from deepopt.hope.train import SIZES, model_config, write_csv
 
@@ -232,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="HOPE's memories run the Python chunk loop instead of the scan ops (the path before them)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each training step in one CUDA graph (deepopt.cuda_graph.GraphedStep; CUDA only)")
+    p.add_argument("--scan-reference", action="store_true",
+                   help="HOPE's scan ops run their torch reference on CUDA instead of the Triton kernels "
+                        "(titans_kernels / cms_kernels.use_triton = False): against a run without it, the kernels' "
+                        "gain (CUDA only)")
     p.add_argument("--before", metavar="REV",
                    help="compare HOPE with HOPE at this git revision (alternated workers) instead of Transformer++")
     p.add_argument("--rounds", type=int, default=3, help="alternations per context with --before (default 3)")
@@ -244,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--cuda-graph needs --device cuda and --warmup >= 2 (an eager step, then the capture)")
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.scan_reference:
+        if not args.device.startswith("cuda") or args.before is not None:
+            p.error("--scan-reference needs --device cuda (the kernels run only there) and no --before")
+        titans_kernels.use_triton = cms_kernels.use_triton = False
     if args.before is not None and (args.compile_speedup or args.cuda_graph):
         p.error("--before compares eager (or --compile) HOPE only; drop --compile-speedup / --cuda-graph")
     if args.before is not None:
@@ -298,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_save_json({"size": args.size, "tokens_per_step": args.tokens, "device": args.device,
                           "threads": args.threads, "compile": args.compile,
                           "compile_speedup": args.compile_speedup, "recompute_chunks": args.recompute_chunks,
+                          "scan_reference": args.scan_reference,
                           "cuda_graph": args.cuda_graph, "scan_ops": args.scan_ops,
                           "rows": rows, "ratios": {str(k): v for k, v in ratios.items()}},
                          args.out / "report.json")

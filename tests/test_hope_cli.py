@@ -235,6 +235,33 @@ def test_throughput_benchmark_smoke_reports_ratios_and_flops(tmp_path):
         assert ratio["tok_per_s_ratio"] > 0 and ratio["flop_ratio"] > 0
 
 
+def test_throughput_scan_reference_turns_the_scan_kernels_off_on_cuda_only(monkeypatch, capsys):
+    """``--scan-reference`` measures HOPE with its scan ops on their torch reference (both kernels' ``use_triton``
+    off while the CUDA steps run, in-process); on the CPU, where no kernel runs, it is refused with exit status 2."""
+    import importlib.util
+
+    from deepopt.hope import cms_kernels, titans_kernels
+
+    spec = importlib.util.spec_from_file_location("hope_throughput", ROOT / "benchmarks" / "hope_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--smoke", "--scan-reference"])
+    assert exit_info.value.code == 2 and "--scan-reference needs --device cuda" in capsys.readouterr().err
+    monkeypatch.setattr(titans_kernels, "use_triton", True)
+    monkeypatch.setattr(cms_kernels, "use_triton", True)
+    seen = []
+
+    def measure(model, size, ctx, *args):  # the CUDA step itself cannot run here: record the routing it would see
+        seen.append((titans_kernels.use_triton, cms_kernels.use_triton))
+        return {"model": model, "context": ctx, "batch": 1, "n_params": 1, "tok_per_s": 1.0, "peak_mib": 1.0,
+                "mflop_per_token": 1.0, "ops_per_step": 1}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    assert bench.main(["--smoke", "--device", "cuda", "--scan-reference"]) == 0
+    assert seen and set(seen) == {(False, False)}
+
+
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs this repository's git history")
 def test_throughput_before_a_revision_alternates_workers_and_refuses_an_unknown_one(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "hope_throughput.py"), "--smoke", "--threads", "1",
