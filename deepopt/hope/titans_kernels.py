@@ -605,15 +605,19 @@ def dot_precision(*tensors: Tensor) -> str:
     return "ieee"
 
 
+# Registers a thread of the Titans kernels may use (launch option ``maxnreg``, PTX ``.maxnreg``).  Left to itself ptxas
+# gives their fp32 builds 128 at the small preset and 32 from base up and spills the rest (sm_90, benchmarks/
+# triton_aot.py, 2026-12-06): base backward 131.7/194.8 KB of spill stores/loads a thread, with 255: 21.2/25.7 KB;
+# forward 45.5/75.4 → 8.3/10.3 KB; small forward 5.6/7.5 → 3.2/3.8 KB.  (The CMS kernels keep ptxas's choice: with
+# 255 their fp32 builds on sm_90 start spilling, 20 B forward and 60 B backward, where they spilled none.)
+MAX_REGISTERS = 255
+
+
 def _launch_consts(chunk_size: int, d: int, hid: int, consts: dict, *tensors: Tensor) -> dict:
-    """The keyword arguments both kernels take: sizes, switches, ``num_warps`` and ``maxnreg``.  ``maxnreg=255``
-    (PTX ``.maxnreg``): left to itself ptxas gives the fp32 kernels 128 registers a thread at the small preset and 32
-    at base, spilling the rest; allowed all 255 the spills fall (sm_90, ``benchmarks/triton_aot.py``, 2026-12-06: base
-    fp32 backward 131.7/194.8 KB of spill stores/loads → 21.2/25.7 KB, forward 45.5/75.4 → 8.3/10.3 KB; small fp32
-    forward 5.6/7.5 → 3.2/3.8 KB)."""
+    """The keyword arguments both kernels take: sizes, switches, ``num_warps`` and ``maxnreg``."""
     return {"C": chunk_size, "D": d, "HID": hid,
             "DELTA_GD": consts["delta_gd"], "LEARNS": consts["learns"], "SEQ": consts["sequential"],
-            "PREC": dot_precision(*tensors), "num_warps": _num_warps(chunk_size, d, hid), "maxnreg": 255}
+            "PREC": dot_precision(*tensors), "num_warps": _num_warps(chunk_size, d, hid), "maxnreg": MAX_REGISTERS}
 
 
 def _scratch(u: Tensor, programs: int, chunk_size: int, consts: dict) -> Tensor:
