@@ -275,8 +275,8 @@ def test_triton_kernels_equal_the_reference_under_the_interpreter():
 
 
 def test_a_kernel_the_gpu_refuses_falls_back_to_the_reference_once_warned(monkeypatch):
-    """A launch refused for its resources (``OutOfResources``: e.g. the small preset's bf16 backward, 168 KiB of
-    shared memory, on an A100's 163 KiB) warns once and runs the reference: the op's outputs and gradients are
+    """A launch refused for its resources (``OutOfResources``: e.g. the small preset's backward, 132 KiB of shared
+    memory, on an RTX 4090's 99 KiB) warns once and runs the reference: the op's outputs and gradients are
     the reference's, and a second call with the same key does not try the kernel again."""
     from deepopt.hope import fallback
 
@@ -288,7 +288,7 @@ def test_a_kernel_the_gpu_refuses_falls_back_to_the_reference_once_warned(monkey
     def refused(name):
         def launch(*a, **k):
             tries[name] += 1
-            raise fallback.OutOfResources(172032, 166912, "shared memory")
+            raise fallback.OutOfResources(135168, 101376, "shared memory")
         return launch
 
     monkeypatch.setattr(tk, "_triton_forward", refused("forward"))
