@@ -13,7 +13,7 @@ A refused launch has written nothing, so nothing is left half done.  (The CMS ke
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import TypeVar
 
 try:
@@ -23,18 +23,18 @@ except ImportError:  # no Triton (or a Triton without it): no kernel is ever lau
         """Stand-in: never raised."""
 
 R = TypeVar("R")
-refused: set[Hashable] = set()  # keys whose kernel a device refused in this process
+refused: set[tuple] = set()  # keys whose kernel a device refused in this process
 
 
-def kernel_or_reference(key: Hashable, kernel: Callable[[], R], reference: Callable[[], R]) -> R:
-    """``kernel()`` unless a launch with this ``key`` (kernel, device, shapes, dtypes: whatever decides the
-    compiled program) was refused before; on ``OutOfResources`` warn once per key and return ``reference()``."""
+def kernel_or_reference(key: tuple, kernel: Callable[[], R], reference: Callable[[], R]) -> R:
+    """``kernel()`` unless a launch with this ``key`` (the op's name first, then the device, shapes, dtypes: whatever
+    decides the compiled program) was refused before; on ``OutOfResources`` warn once per key and return
+    ``reference()``."""
     if key not in refused:
         try:
             return kernel()
         except OutOfResources as err:
             refused.add(key)
-            warnings.warn(f"{key[0] if isinstance(key, tuple) else key}: the GPU cannot run the Triton kernel for "
-                          f"{key} ({err}); using the torch reference for it (same values, slower)", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(f"{key[0]}: the GPU cannot run the Triton kernel for {key} ({err}); using the torch "
+                          "reference for it (same values, slower)", RuntimeWarning, stacklevel=3)
     return reference()

@@ -465,11 +465,12 @@ def titans_scan(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w_eta: Tensor, b_e
     params = (w_eta, b_eta, w_alpha, b_alpha)
     consts = _consts(chunk_size, eta_max, activation, delta_gd, learns, kappa, sequential)
     check_key(chunk_fns)
+    def reference():
+        return _scan_reference(u, q, w1, w2, params, chunk_size, consts, chunk_fns)
     if _triton_applies(u, q, w1, w2, chunk_size, activation):
         return kernel_or_reference(_kernel_key("titans_scan", u, w1, chunk_size, consts),
-                                   lambda: _triton_forward(u, q, w1, w2, params, chunk_size, consts),
-                                   lambda: _scan_reference(u, q, w1, w2, params, chunk_size, consts, chunk_fns))
-    return _scan_reference(u, q, w1, w2, params, chunk_size, consts, chunk_fns)
+                                   lambda: _triton_forward(u, q, w1, w2, params, chunk_size, consts), reference)
+    return reference()
 
 
 def _check_inputs(u: Tensor, q: Tensor) -> None:
@@ -585,7 +586,7 @@ def _triton_applies(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, chunk_size: in
 
 def _kernel_key(op: str, u: Tensor, w1: Tensor, chunk_size: int, consts: dict) -> tuple:
     """What decides a scan kernel's compiled program on a device (``fallback.kernel_or_reference``'s key)."""
-    return (f"deepopt::{op}", str(u.device), u.dtype, chunk_size, u.shape[-1], w1.shape[-1], consts["delta_gd"],
+    return (f"deepopt::{op}", u.device, u.dtype, chunk_size, u.shape[-1], w1.shape[-1], consts["delta_gd"],
             consts["learns"], consts["sequential"], dot_precision(u, w1))
 
 
