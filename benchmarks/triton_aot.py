@@ -167,6 +167,27 @@ def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), forc
     return Scenario(name, "hope", run, not forced, ci)
 
 
+def _cms_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = ()) -> Scenario:
+    """The learning CMS levels of a HOPE size preset alone, forward + backward (batch ``HOPE_BATCH`` ×
+    ``HOPE_CONTEXT`` tokens, meta device, as ``_hope_scenario``): from base up their chunks are above
+    ``cms_kernels.MAX_CHUNK_WORK`` and take the tiled kernels, which CI compiles here without the minutes that
+    the same preset's Titans kernels take."""
+    def run() -> None:
+        from deepopt.hope.model import CMSLevel
+        from deepopt.hope.train import model_config
+
+        torch.manual_seed(0)
+        cfg = model_config("hope", size, recompute_chunks=True)
+        with torch.device("meta"):
+            levels = [CMSLevel(cfg, period).to(dtype) for period in cfg.cms_periods if period is not None]
+            x = torch.zeros(HOPE_BATCH, HOPE_CONTEXT, cfg.d_model, dtype=dtype, requires_grad=True)
+        with _CustomOpsCalled():
+            sum(level(x, torch.zeros_like(x)).sum() for level in levels).backward()
+
+    return Scenario(f"HOPE {size} CMS levels ctx{HOPE_CONTEXT} {str(dtype).removeprefix('torch.')}", "hope", run,
+                    True, ci)
+
+
 def _over_titans_limit(size: str) -> bool:
     """Whether the preset's Titans chunk (C·d_head·hid) is above the kernels' size limit, so that the routing sends
     it to the torch reference (its kernels are then compiled only by a forced probe)."""
@@ -204,8 +225,9 @@ def _custom_op_impls() -> dict[str, Callable[..., Any]]:
 
 
 def scenarios() -> list[Scenario]:
-    """Every scenario; ``ci``: the default configurations on sm_90 and sm_80, the other routed ones on sm_90, and
-    HOPE at its tiny preset (the four scan kernels; the larger presets compile minutes longer)."""
+    """Every scenario; ``ci``: the default configurations on sm_90 and sm_80, the other routed ones on sm_90,
+    HOPE at its tiny preset (the four scan kernels; the larger presets compile minutes longer) and the base
+    preset's CMS levels (the tiled CMS kernels)."""
     import deepopt
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
@@ -231,6 +253,7 @@ def scenarios() -> list[Scenario]:
           for dt in (f32, bf16)),
         *(_hope_scenario(size, dt, forced=True) for size in HOPE_SIZES if _over_titans_limit(size)
           for dt in (f32, bf16)),
+        *(_cms_scenario("base", dt, ci=both if dt == f32 else (90,)) for dt in (f32, bf16)),
     ]
     return out
 

@@ -195,9 +195,19 @@ KERNEL_CHECK = textwrap.dedent("""
     for act in ("silu", "tanh", "gelu", "relu", "identity"):
         check(2, 11, 6, 5, 3, act)  # 3 full chunks and a partial one
     check(2, 5, 6, 5, 1, "silu", gs=(False, True))  # period 1; only the final W2 state used
-    check(1, 4, 6, 5, 7, "silu", gs=(False, False))  # no full chunk: reads only
+    check(2, 4, 6, 5, 7, "silu", gs=(False, False))  # no full chunk: reads only (scratch of T < period rows)
     check(2, 37, 36, 33, 17, "silu", gs=(True, False))  # several tiles along tokens, d and hid
     check(2, 11, 6, 5, 3, "gelu", dtype=torch.bfloat16, tol=2e-2)
+
+    # the tiled kernels (chunks above MAX_CHUNK_WORK: a launch per phase of a chunk, a program per tile)
+    with mock.patch.object(ck, "MAX_CHUNK_WORK", 0):
+        for act in ("silu", "tanh"):
+            check(2, 11, 6, 5, 3, act)
+        check(2, 5, 6, 5, 1, "relu", gs=(False, True))
+        check(2, 4, 6, 5, 7, "silu")
+        check(2, 37, 36, 33, 17, "silu", gs=(True, False))  # tiles along tokens, d and hid: partial sums
+        check(3, 40, 70, 66, 16, "gelu", gs=(False, True))  # three hidden tiles (partial-sum tables of 3 columns)
+        check(2, 11, 6, 5, 3, "identity", dtype=torch.bfloat16, tol=2e-2)
 
     # a CMS level on the op, forced onto the kernels, against the level's Python chunk loop (values, gradients)
     torch.manual_seed(0)
@@ -207,7 +217,7 @@ KERNEL_CHECK = textwrap.dedent("""
     loop.scans = False
     x = torch.randn(2, 10, 8)
     err = 0.05 * torch.randn_like(x)
-    results, launches = [], []
+    launches = []
 
     class Counted:  # counts a kernel's launches
         def __init__(self, kernel):
@@ -217,17 +227,34 @@ KERNEL_CHECK = textwrap.dedent("""
             launches.append(self.kernel.fn.__name__)
             return self.kernel[grid]
 
-    with mock.patch.object(ck, "triton_applies", lambda *_: True), \\
-         mock.patch.object(ck, "_scan_fwd_kernel", Counted(ck._scan_fwd_kernel)), \\
-         mock.patch.object(ck, "_scan_bwd_kernel", Counted(ck._scan_bwd_kernel)):
-        for lv in (level, loop):
-            xi = x.clone().requires_grad_()
-            y, (w1, w2, _) = lv(xi, err, return_state=True)
-            grads = torch.autograd.grad((y.sin()).sum() + w1.sum() + (w2 ** 2).sum(), (xi, *lv.parameters()))
-            results.append((y, w1, w2, *grads))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert launches == ["_scan_fwd_kernel", "_scan_bwd_kernel"], launches  # 3 chunks: one launch each way
+    def run(lv):
+        xi = x.clone().requires_grad_()
+        y, (w1, w2, _) = lv(xi, err, return_state=True)
+        grads = torch.autograd.grad((y.sin()).sum() + w1.sum() + (w2 ** 2).sum(), (xi, *lv.parameters()))
+        return y, w1, w2, *grads
+
+    tiled_names = ["_tiled_hidden_kernel", "_tiled_read_kernel", "_tiled_step_kernel", "_tiled_products_kernel",
+                   "_tiled_pointwise_kernel", "_tiled_dk_kernel", "_tiled_grads_kernel"]
+    counted = [mock.patch.object(ck, name, Counted(getattr(ck, name)))
+               for name in ("_scan_fwd_kernel", "_scan_bwd_kernel", *tiled_names)]
+    want = run(loop)
+    for limit in (ck.MAX_CHUNK_WORK, 0):
+        launches.clear()
+        with mock.patch.object(ck, "triton_applies", lambda *_: True), mock.patch.object(ck, "MAX_CHUNK_WORK", limit):
+            for patch in counted:
+                patch.start()
+            try:
+                got = run(level)
+            finally:
+                for patch in counted:
+                    patch.stop()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        if limit:  # 2 full chunks of 4 and a partial one (10 tokens): one launch each way
+            assert launches == ["_scan_fwd_kernel", "_scan_bwd_kernel"], launches
+        else:  # three per full chunk and two for the partial one forward; four per chunk backward
+            fwd = ["_tiled_hidden_kernel", "_tiled_read_kernel", "_tiled_step_kernel"]
+            assert launches == fwd * 2 + fwd[:2] + tiled_names[3:] * 3, launches
     print("kernels equal the reference")
 """)
 
@@ -239,14 +266,17 @@ def test_kernels_equal_the_reference_under_the_triton_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_level_on_cuda_equals_the_float64_chunk_loop(dtype, tol):
-    """The op on CUDA (the kernels: ``triton_applies``) against the CPU float64 Python chunk loop, gradients
-    included; the states stay float32 with bfloat16 activations."""
+@pytest.mark.parametrize("tiled", [False, True])
+def test_level_on_cuda_equals_the_float64_chunk_loop(dtype, tol, tiled, monkeypatch):
+    """The op on CUDA (the kernels: ``triton_applies``; ``tiled``: the per-tile kernels of large chunks) against
+    the CPU float64 Python chunk loop, gradients included; the states stay float32 with bfloat16 activations."""
+    if tiled:
+        monkeypatch.setattr(cms_kernels, "MAX_CHUNK_WORK", 0)
     cfg, scan, loop = loop_and_scan_levels(16)
     scan = scan.float().cuda()
     x = torch.randn(3, 100, cfg.d_model, dtype=torch.float64)  # 6 full chunks and a partial one
     err = 0.05 * torch.randn_like(x)
-    assert cms_kernels.triton_applies(x.cuda().to(dtype), scan.W1, 16)
+    assert cms_kernels.triton_applies(x.cuda().to(dtype), scan.W1)
     out = []
     for level, xi, ei in ((scan, x.cuda().to(dtype), err.cuda().to(dtype)), (loop, x, err)):
         xi = xi.clone().requires_grad_()
