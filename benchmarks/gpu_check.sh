@@ -9,8 +9,9 @@
 #   2. deepopt bench --device cuda --param-sets gpt2-124M: every class against torch fused AdamW and torch Muon,
 #      then DeepMomentum again with TF32 matmuls allowed (its tensor-core path).
 #   3. benchmarks/hope_throughput.py --device cuda --size base: contexts 2048, 8192 eager, 2048 with the scans' torch
-#      reference (--scan-reference: what the kernels gain), 512 eager, then --cuda-graph and --compile, HOPE against
-#      Transformer++ (SDPA), one run per (mode, context), most valuable first.
+#      reference (--scan-reference: what the kernels gain), 2048 with only the CMS levels on it (--scan-reference cms:
+#      what the tiled CMS kernels gain), 512 eager, then --cuda-graph and --compile, HOPE against Transformer++
+#      (SDPA), one run per (mode, context), most valuable first.
 #   4. deepopt compare --device cuda --tasks char_lm (nanoGPT-sized), one lr and one seed per optimizer.
 #   Then report.md / report.json in OUTDIR (benchmarks/gpu_report.py) and a compact table, printed last.
 #
@@ -168,12 +169,14 @@ limit_for 25
 HOPE_END=$(( $(now) + LIMIT ))
 HOPE=(benchmarks/hope_throughput.py --device "$DEVICE" --size base --tokens 16384 --steps 5 --warmup 2)
 [ "$SMOKE" = 1 ] && HOPE=(benchmarks/hope_throughput.py --device cpu --size smoke --tokens 128 --steps 1 --warmup 1)
-SPECS="eager:2048 eager:8192 reference:2048 eager:512 cuda-graph:2048 compile:2048 cuda-graph:8192 compile:8192"
+SPECS="eager:2048 eager:8192 reference:2048 cms-reference:2048 eager:512 cuda-graph:2048 compile:2048 cuda-graph:8192
+compile:8192"
 [ "$SMOKE" = 1 ] && SPECS="eager:64 compile:64"
 for spec in $SPECS; do
   mode=${spec%%:*}; ctx=${spec##*:}
   flag=(); [ "$mode" = cuda-graph ] && flag=(--cuda-graph); [ "$mode" = compile ] && flag=(--compile)
   [ "$mode" = reference ] && flag=(--scan-reference)  # the scans' torch reference: what the kernels gain
+  [ "$mode" = cms-reference ] && flag=(--scan-reference cms)  # the CMS levels' alone: what their kernels gain
   rest=$(( HOPE_END - $(now) ))
   # one run may take most of what is left, never all of it while later runs wait (the first pays the JIT)
   run "hope-$mode-$ctx" "$(( rest * 3 / 4 > 30 ? rest * 3 / 4 : rest ))" \

@@ -125,7 +125,8 @@ def hope(out: Path) -> list[dict[str, Any]]:
         mode = path.parent.name.rsplit("-", 1)[0]
         for ctx, r in data.get("ratios", {}).items():
             by_model = {row["model"]: row for row in data["rows"] if str(row["context"]) == ctx}
-            target = None if mode == "reference" else HOPE_TARGETS.get(int(ctx))  # reference: the kernels' baseline
+            # the (cms-)reference runs: the kernels' baseline, no target
+            target = None if mode.endswith("reference") else HOPE_TARGETS.get(int(ctx))
             rows.append({"mode": mode, "context": int(ctx), "size": data.get("size"),
                          "hope_tok_s": by_model.get("hope", {}).get("tok_per_s"),
                          "transformer_tok_s": by_model.get("transformer", {}).get("tok_per_s"),

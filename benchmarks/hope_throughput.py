@@ -8,6 +8,7 @@
     python benchmarks/hope_throughput.py --device cuda --cuda-graph   # each step one CUDA graph replay
     python benchmarks/hope_throughput.py --no-scan-ops         # HOPE on the Python chunk loop (before the scan ops)
     python benchmarks/hope_throughput.py --device cuda --scan-reference   # the scan ops without their Triton kernels
+    python benchmarks/hope_throughput.py --device cuda --scan-reference cms   # only the CMS levels without them
     python benchmarks/hope_throughput.py --before 790488e --contexts 512 --threads 1 --rounds 4
                                                                # HOPE now vs HOPE at a git revision, alternated
 
@@ -54,6 +55,8 @@ from deepopt.hope.model import HopeConfig, LanguageModel, compile_model, n_param
 from deepopt.hope.train import SIZES, model_config, write_csv
 
 MODELS = ("hope", "transformer")
+# --scan-reference's choices: the kernel modules whose use_triton it turns off
+SCAN_KERNELS = {"all": (titans_kernels, cms_kernels), "titans": (titans_kernels,), "cms": (cms_kernels,)}
 
 
 def _proc_kib(field: str) -> int:
@@ -234,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="HOPE's memories run the Python chunk loop instead of the scan ops (the path before them)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each training step in one CUDA graph (deepopt.cuda_graph.GraphedStep; CUDA only)")
-    p.add_argument("--scan-reference", action="store_true",
-                   help="HOPE's scan ops run their torch reference on CUDA instead of the Triton kernels "
-                        "(titans_kernels / cms_kernels.use_triton = False): against a run without it, the kernels' "
-                        "gain (CUDA only)")
+    p.add_argument("--scan-reference", nargs="?", const="all", choices=tuple(SCAN_KERNELS),
+                   help="HOPE's scan ops (all, or only the titans or the cms ones) run their torch reference on CUDA "
+                        "instead of the Triton kernels (their module's use_triton = False): against a run without "
+                        "it, the kernels' gain (CUDA only)")
     p.add_argument("--before", metavar="REV",
                    help="compare HOPE with HOPE at this git revision (alternated workers) instead of Transformer++")
     p.add_argument("--rounds", type=int, default=3, help="alternations per context with --before (default 3)")
@@ -253,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scan_reference:
         if not args.device.startswith("cuda") or args.before is not None:
             p.error("--scan-reference needs --device cuda (the kernels run only there) and no --before")
-        titans_kernels.use_triton = cms_kernels.use_triton = False
+        for module in SCAN_KERNELS[args.scan_reference]:
+            module.use_triton = False
     if args.before is not None and (args.compile_speedup or args.cuda_graph):
         p.error("--before compares eager (or --compile) HOPE only; drop --compile-speedup / --cuda-graph")
     if args.before is not None:

@@ -237,7 +237,8 @@ def test_throughput_benchmark_smoke_reports_ratios_and_flops(tmp_path):
 
 def test_throughput_scan_reference_turns_the_scan_kernels_off_on_cuda_only(monkeypatch, capsys):
     """``--scan-reference`` measures HOPE with its scan ops on their torch reference (both kernels' ``use_triton``
-    off while the CUDA steps run, in-process); on the CPU, where no kernel runs, it is refused with exit status 2."""
+    off while the CUDA steps run, in-process; ``--scan-reference cms|titans``: one module's); on the CPU, where no
+    kernel runs, it is refused with exit status 2."""
     import importlib.util
 
     from deepopt.hope import cms_kernels, titans_kernels
@@ -260,6 +261,12 @@ def test_throughput_scan_reference_turns_the_scan_kernels_off_on_cuda_only(monke
     monkeypatch.setattr(bench, "measure", measure)
     assert bench.main(["--smoke", "--device", "cuda", "--scan-reference"]) == 0
     assert seen and set(seen) == {(False, False)}
+    for choice, routing in (("cms", (True, False)), ("titans", (False, True))):  # one module's kernels only
+        monkeypatch.setattr(titans_kernels, "use_triton", True)
+        monkeypatch.setattr(cms_kernels, "use_triton", True)
+        seen.clear()
+        assert bench.main(["--smoke", "--device", "cuda", "--scan-reference", choice]) == 0
+        assert seen and set(seen) == {routing}, choice
 
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs this repository's git history")
@@ -284,3 +291,22 @@ def test_recompute_chunks_flag_reaches_the_saved_model_config(tmp_path):
     out = tmp_path / "run"
     assert hope("train", "--smoke", "--steps", "2", "--recompute-chunks", "--out", out) == 0
     assert json.loads((out / "model_config.json").read_text())["recompute_chunks"] is True
+
+
+def test_gpu_report_gives_the_reference_runs_no_target(tmp_path):
+    """``benchmarks/gpu_report.py`` reads section 3's runs by folder (mode-context): the eager run is held to the
+    issue's target, the scans' reference runs (``reference``, ``cms-reference``) are the kernels' baselines."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_report", ROOT / "benchmarks" / "gpu_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for mode in ("eager", "reference", "cms-reference"):
+        folder = tmp_path / "hope" / f"{mode}-2048"
+        folder.mkdir(parents=True)
+        rows = [{"model": m, "context": 2048, "tok_per_s": t} for m, t in (("hope", 600.0), ("transformer", 1000.0))]
+        (folder / "report.json").write_text(json.dumps({
+            "size": "base", "rows": rows,
+            "ratios": {"2048": {"tok_per_s_ratio": 0.6, "peak_mem_ratio": 1.5, "flop_ratio": 1.0}}}))
+    got = {r["mode"]: (r["target"], r["met"]) for r in report.hope(tmp_path)}
+    assert got == {"eager": (0.5, True), "reference": (None, None), "cms-reference": (None, None)}
