@@ -71,6 +71,9 @@ TARGETS = {90: {"name": "sm_90 (H100/H200)", "sms": 132, "smem": 232448},
 GPT2 = "gpt2-124M"
 HOPE_SIZES = ("tiny", "small", "base", "125m", "340m")
 HOPE_CONTEXT, HOPE_BATCH = 2048, 2
+# HOPE's (dtype, TF32 allowed) configurations: exact fp32 products, fp32 with TF32 products (how `hope train` runs on
+# CUDA), and bf16
+HOPE_DTYPES = ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False))
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
@@ -140,13 +143,16 @@ def _momenta_scenario(dtype: torch.dtype) -> Scenario:
                     run)
 
 
-def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), forced: bool = False) -> Scenario:
+def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), forced: bool = False,
+                   tf32: bool = False) -> Scenario:
     """HOPE's forward + backward at a size preset (batch ``HOPE_BATCH`` × ``HOPE_CONTEXT`` tokens) on the meta
     device: the custom ops' real implementations are called on the inputs they receive, seen as CUDA tensors
     (``Tensor.is_cuda``), so their routing (``_triton_applies``, ``triton_applies``) decides what launches (their
     fake kernels produce the outputs the model goes on with).  bfloat16: the whole model in bf16 (the kernels'
     bf16 loads and stores; ``--amp bf16``'s autocast has no meta-device form).  ``forced``: a probe with the
-    Titans kernels' size limit lifted (``titans_kernels.MAX_CHUNK_WORK``), what they would compile to there."""
+    Titans kernels' size limit lifted (``titans_kernels.MAX_CHUNK_WORK``), what they would compile to there.
+    ``tf32``: float32 matmuls allowed on TF32 tensor cores, as ``hope train`` on CUDA sets them
+    (``train.resolve_device``): the kernels' products then lower to tensor-core dots (``dot_precision``)."""
     def run() -> None:
         from deepopt.hope import titans_kernels
         from deepopt.hope.model import LanguageModel
@@ -154,7 +160,7 @@ def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), forc
 
         torch.manual_seed(0)
         limit = 1 << 62 if forced else titans_kernels.MAX_CHUNK_WORK
-        with mock.patch.object(titans_kernels, "MAX_CHUNK_WORK", limit):
+        with mock.patch.object(titans_kernels, "MAX_CHUNK_WORK", limit), _tf32(tf32):
             with torch.device("meta"):  # recompute_chunks: the layers call the ops as on CUDA (off CUDA, as meta
                 # tensors are, eager training would run the loop that keeps chunks instead: deepopt.hope.kept)
                 model = LanguageModel(model_config("hope", size, recompute_chunks=True)).to(dtype)
@@ -163,15 +169,16 @@ def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), forc
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
                 loss.backward()
 
-    name = f"HOPE {size} ctx{HOPE_CONTEXT} {str(dtype).removeprefix('torch.')}{' (Titans kernels forced)' * forced}"
+    name = (f"HOPE {size} ctx{HOPE_CONTEXT} {str(dtype).removeprefix('torch.')}{' tf32' * tf32}"
+            f"{' (Titans kernels forced)' * forced}")
     return Scenario(name, "hope", run, not forced, ci)
 
 
-def _cms_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = ()) -> Scenario:
+def _cms_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), tf32: bool = False) -> Scenario:
     """The learning CMS levels of a HOPE size preset alone, forward + backward (batch ``HOPE_BATCH`` ×
     ``HOPE_CONTEXT`` tokens, meta device, as ``_hope_scenario``): from base up their chunks are above
     ``cms_kernels.MAX_CHUNK_WORK`` and take the tiled kernels, which CI compiles here without the minutes that
-    the same preset's Titans kernels take."""
+    the same preset's Titans kernels take (``tf32``: as ``_hope_scenario``)."""
     def run() -> None:
         from deepopt.hope.model import CMSLevel
         from deepopt.hope.train import model_config
@@ -181,11 +188,11 @@ def _cms_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = ()) -> Sc
         with torch.device("meta"):
             levels = [CMSLevel(cfg, period).to(dtype) for period in cfg.cms_periods if period is not None]
             x = torch.zeros(HOPE_BATCH, HOPE_CONTEXT, cfg.d_model, dtype=dtype, requires_grad=True)
-        with _CustomOpsCalled():
+        with _CustomOpsCalled(), _tf32(tf32):
             sum(level(x, torch.zeros_like(x)).sum() for level in levels).backward()
 
-    return Scenario(f"HOPE {size} CMS levels ctx{HOPE_CONTEXT} {str(dtype).removeprefix('torch.')}", "hope", run,
-                    True, ci)
+    return Scenario(f"HOPE {size} CMS levels ctx{HOPE_CONTEXT} {str(dtype).removeprefix('torch.')}{' tf32' * tf32}",
+                    "hope", run, True, ci)
 
 
 def _over_titans_limit(size: str) -> bool:
@@ -249,11 +256,12 @@ def scenarios() -> list[Scenario]:
             ps, hidden=h, key_dim=kd), f32, tf32=tf32, ci=(90,) if (h, kd) in ((64, 16), (256, 16)) else ())
           for h, kd in ((32, 16), (64, 16), (128, 16), (256, 16), (16, 32), (64, 64)) for tf32 in (False, True)),
         *(_momenta_scenario(dt) for dt in (f32, bf16)),
-        *(_hope_scenario(size, dt, ci=(90,) if (size, dt) == ("tiny", f32) else ()) for size in HOPE_SIZES
-          for dt in (f32, bf16)),
+        *(_hope_scenario(size, dt, ci=(90,) if (size, dt) == ("tiny", f32) else (), tf32=tf32) for size in HOPE_SIZES
+          for dt, tf32 in HOPE_DTYPES),
         *(_hope_scenario(size, dt, forced=True) for size in HOPE_SIZES if _over_titans_limit(size)
           for dt in (f32, bf16)),
-        *(_cms_scenario("base", dt, ci=both if dt == f32 else (90,)) for dt in (f32, bf16)),
+        *(_cms_scenario("base", dt, ci=both if (dt, tf32) == (f32, False) else (90,), tf32=tf32)
+          for dt, tf32 in HOPE_DTYPES),
     ]
     return out
 
