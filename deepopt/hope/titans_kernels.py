@@ -586,8 +586,25 @@ def _triton_applies(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, chunk_size: in
 
 def _kernel_key(op: str, u: Tensor, w1: Tensor, chunk_size: int, consts: dict) -> tuple:
     """What decides a scan kernel's compiled program on a device (``fallback.kernel_or_reference``'s key)."""
-    return (f"deepopt::{op}", u.device, u.dtype, chunk_size, u.shape[-1], w1.shape[-1], consts["delta_gd"],
-            consts["learns"], consts["sequential"], dot_precision(u, w1))
+    return (f"deepopt::{op}", u.device, u.dtype, w1.dtype, chunk_size, u.shape[-1], w1.shape[-1], consts["delta_gd"],
+            consts["learns"], consts["sequential"], _precision(u, w1, chunk_size))
+
+
+# C·d·hid above which float32 inputs take exact fp32 products even where torch allows TF32: with TF32 (mma.sync)
+# operands the base preset's backward (64·64·32) needs 256 KiB of shared memory a block, over the 227 of an H100/H200
+# (so Triton would refuse it and the op fall back to its torch reference), with exact (FMA) products 192 KiB (sm_90,
+# benchmarks/triton_aot.py, 2026-12-07).  bfloat16 inputs keep TF32 products there (224 KiB; exact ones 192 KiB but
+# twice the spills: 22.6 against 10.8 KB a thread).
+MAX_TF32_CHUNK_WORK = 64 * 32 * 32
+
+
+def _precision(u: Tensor, w1: Tensor, chunk_size: int) -> str:
+    """The Titans kernels' ``tl.dot`` input precision: torch's choice (``dot_precision``), but exact fp32 products
+    for float32 chunks above ``MAX_TF32_CHUNK_WORK``, whose TF32 build does not fit an H100's block."""
+    prec = dot_precision(u, w1)
+    if prec == "tf32" and u.dtype == torch.float32 and chunk_size * u.shape[-1] * w1.shape[-1] > MAX_TF32_CHUNK_WORK:
+        return "ieee"
+    return prec
 
 
 def _num_warps(*sizes: int) -> int:
@@ -614,11 +631,12 @@ def dot_precision(*tensors: Tensor) -> str:
 MAX_REGISTERS = 255
 
 
-def _launch_consts(chunk_size: int, d: int, hid: int, consts: dict, *tensors: Tensor) -> dict:
-    """The keyword arguments both kernels take: sizes, switches, ``num_warps`` and ``maxnreg``."""
+def _launch_consts(chunk_size: int, d: int, hid: int, consts: dict, prec: str) -> dict:
+    """The keyword arguments both kernels take: sizes, switches, the products' precision (``_precision``),
+    ``num_warps`` and ``maxnreg``."""
     return {"C": chunk_size, "D": d, "HID": hid,
             "DELTA_GD": consts["delta_gd"], "LEARNS": consts["learns"], "SEQ": consts["sequential"],
-            "PREC": dot_precision(*tensors), "num_warps": _num_warps(chunk_size, d, hid), "maxnreg": MAX_REGISTERS}
+            "PREC": prec, "num_warps": _num_warps(chunk_size, d, hid), "maxnreg": MAX_REGISTERS}
 
 
 def _scratch(u: Tensor, programs: int, chunk_size: int, consts: dict) -> Tensor:
@@ -639,7 +657,7 @@ def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[
     scr = _scratch(u, B * H, chunk_size, consts)
     _forward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, y, *(p.contiguous() for p in params), scr, T,
                               n, consts["eta_scale"], -consts["kappa"], H=H,
-                              **_launch_consts(chunk_size, d, hid, consts, u, w1))
+                              **_launch_consts(chunk_size, d, hid, consts, _precision(u, w1, chunk_size)))
     return y, s1, s2
 
 
@@ -663,7 +681,7 @@ def _triton_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tens
                                ds1.contiguous() if has_ds else s1, ds2.contiguous() if has_ds else s2, a1, a2, du, dq,
                                dp, *(p.contiguous() for p in params), _scratch(u, B * H, chunk_size, consts), T,
                                n, consts["eta_scale"], -consts["kappa"], H=H, HAS_DS=has_ds,
-                               **_launch_consts(chunk_size, d, hid, consts, u, s1))
+                               **_launch_consts(chunk_size, d, hid, consts, _precision(u, s1, chunk_size)))
     dp = dp.sum(0).split([d, 1, d, 1], dim=-1)  # dw_η, db_η, dw_α, db_α per head (copies: outputs may not alias)
     return (du, dq, a1.sum(0).to(s1.dtype), a2.sum(0).to(s2.dtype),
             *(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(dp, params)))
