@@ -313,20 +313,22 @@ def test_a_kernel_the_gpu_refuses_falls_back_to_the_reference_once_warned(monkey
 
 
 def test_kernel_precision_follows_torch_where_the_tf32_build_fits_a_block():
-    """``_precision``: exact fp32 products under torch's default precision; TF32 where torch allows it, except for
-    float32 chunks above ``MAX_TF32_CHUNK_WORK`` (HOPE base), whose TF32 backward needs more shared memory than an
-    H100 block has (256 KiB against 227): exact products there (192 KiB); bfloat16 keeps TF32 (224 KiB)."""
+    """``_precision``: exact fp32 products under torch's default precision; TF32 where torch allows it, except in the
+    backward kernel for float32 chunks above ``MAX_TF32_CHUNK_WORK`` (HOPE base), whose TF32 build needs more shared
+    memory than an H100 block has (256 KiB against 227): exact products there (192 KiB); the forward (136 KiB) and
+    bfloat16 (224 KiB) keep TF32."""
     def meta(d, hid, dtype=torch.float32):
         return torch.empty(1, 2, 4, 64, d, device="meta", dtype=dtype), torch.empty(2, 5, d, hid, device="meta",
                                                                                    dtype=dtype)
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert tk._precision(*meta(32, 32), 64) == "ieee"
+        assert {tk._precision(*meta(32, 32), 64, bwd) for bwd in (False, True)} == {"ieee"}
         torch.set_float32_matmul_precision("high")
-        assert tk._precision(*meta(32, 32), 64) == "tf32"  # small: 64·32·32 = MAX_TF32_CHUNK_WORK
-        assert tk._precision(*meta(64, 32), 64) == "ieee"  # base
-        assert tk._precision(*meta(64, 32, torch.bfloat16), 64) == "tf32"
+        assert {tk._precision(*meta(32, 32), 64, bwd) for bwd in (False, True)} == {"tf32"}  # small: the limit
+        assert tk._precision(*meta(64, 32), 64, False) == "tf32"  # base: the forward
+        assert tk._precision(*meta(64, 32), 64, True) == "ieee"  # base: the backward
+        assert tk._precision(*meta(64, 32, torch.bfloat16), 64, True) == "tf32"
     finally:
         torch.set_float32_matmul_precision(before)
 

@@ -587,22 +587,26 @@ def _triton_applies(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, chunk_size: in
 def _kernel_key(op: str, u: Tensor, w1: Tensor, chunk_size: int, consts: dict) -> tuple:
     """What decides a scan kernel's compiled program on a device (``fallback.kernel_or_reference``'s key)."""
     return (f"deepopt::{op}", u.device, u.dtype, w1.dtype, chunk_size, u.shape[-1], w1.shape[-1], consts["delta_gd"],
-            consts["learns"], consts["sequential"], _precision(u, w1, chunk_size))
+            consts["learns"], consts["sequential"], _precision(u, w1, chunk_size, op == "titans_scan_backward"))
 
 
-# C·d·hid above which float32 inputs take exact fp32 products even where torch allows TF32: with TF32 (mma.sync)
-# operands the base preset's backward (64·64·32) needs 256 KiB of shared memory a block, over the 227 of an H100/H200
-# (so Triton would refuse it and the op fall back to its torch reference), with exact (FMA) products 192 KiB (sm_90,
-# benchmarks/triton_aot.py, 2026-12-07).  bfloat16 inputs keep TF32 products there (224 KiB; exact ones 192 KiB but
-# twice the spills: 22.6 against 10.8 KB a thread).
+# C·d·hid above which the backward kernel takes exact fp32 products for float32 inputs even where torch allows TF32:
+# with TF32 (mma.sync) operands the base preset's backward (64·64·32) needs 256 KiB of shared memory a block, over the
+# 227 of an H100/H200 (so Triton would refuse it and the op fall back to its torch reference), with exact (FMA)
+# products 192 KiB (sm_90, benchmarks/triton_aot.py, 2026-12-07).  The forward fits with TF32 (136 KiB, and spills
+# 3.0 KB a thread against 8.3 KB with exact products); bfloat16 inputs keep TF32 products (224 KiB; exact ones 192 KiB
+# but twice the spills, 22.6 against 10.8 KB).
 MAX_TF32_CHUNK_WORK = 64 * 32 * 32
 
 
-def _precision(u: Tensor, w1: Tensor, chunk_size: int) -> str:
-    """The Titans kernels' ``tl.dot`` input precision: torch's choice (``dot_precision``), but exact fp32 products
-    for float32 chunks above ``MAX_TF32_CHUNK_WORK``, whose TF32 build does not fit an H100's block."""
+def _precision(u: Tensor, w1: Tensor, chunk_size: int, backward: bool) -> str:
+    """A Titans kernel's ``tl.dot`` input precision: torch's choice (``dot_precision``), but exact fp32 products in
+    the backward kernel for float32 chunks above ``MAX_TF32_CHUNK_WORK``, whose TF32 build does not fit an H100's
+    block.  (The backward then differentiates the chunk math at states the forward computed with TF32 products:
+    the gradients differ from exact ones by TF32's rounding, as with TF32 throughout.)"""
     prec = dot_precision(u, w1)
-    if prec == "tf32" and u.dtype == torch.float32 and chunk_size * u.shape[-1] * w1.shape[-1] > MAX_TF32_CHUNK_WORK:
+    if (backward and prec == "tf32" and u.dtype == torch.float32
+            and chunk_size * u.shape[-1] * w1.shape[-1] > MAX_TF32_CHUNK_WORK):
         return "ieee"
     return prec
 
@@ -657,7 +661,7 @@ def _triton_forward(u: Tensor, q: Tensor, w1: Tensor, w2: Tensor, params: tuple[
     scr = _scratch(u, B * H, chunk_size, consts)
     _forward_kernel[(B * H,)](u.contiguous(), q.contiguous(), s1, s2, y, *(p.contiguous() for p in params), scr, T,
                               n, consts["eta_scale"], -consts["kappa"], H=H,
-                              **_launch_consts(chunk_size, d, hid, consts, _precision(u, w1, chunk_size)))
+                              **_launch_consts(chunk_size, d, hid, consts, _precision(u, w1, chunk_size, False)))
     return y, s1, s2
 
 
@@ -681,7 +685,7 @@ def _triton_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tens
                                ds1.contiguous() if has_ds else s1, ds2.contiguous() if has_ds else s2, a1, a2, du, dq,
                                dp, *(p.contiguous() for p in params), _scratch(u, B * H, chunk_size, consts), T,
                                n, consts["eta_scale"], -consts["kappa"], H=H, HAS_DS=has_ds,
-                               **_launch_consts(chunk_size, d, hid, consts, _precision(u, s1, chunk_size)))
+                               **_launch_consts(chunk_size, d, hid, consts, _precision(u, s1, chunk_size, True)))
     dp = dp.sum(0).split([d, 1, d, 1], dim=-1)  # dw_η, db_η, dw_α, db_α per head (copies: outputs may not alias)
     return (du, dq, a1.sum(0).to(s1.dtype), a2.sum(0).to(s2.dtype),
             *(g.reshape(p.shape).to(p.dtype, copy=True) for g, p in zip(dp, params)))
