@@ -242,6 +242,16 @@ TRITON_CHECK = textwrap.dedent("""
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert grads[1][2].abs().max() > 1e-2 and (not learns or grads[1][6].abs().max() > 1e-3)
+    # the backward with the value tiles recomputed (the path of chunks above MAX_HELD_VALUES_WORK, HOPE 125m/340m)
+    inputs = [x.detach().float() for x in scan_inputs(B=1, H=2, T=40, d=16, hid=16, seed=5)]
+    params, consts = tuple(inputs[4:]), tk._consts(16, 2.0, "silu", True, True, -1.0, True)
+    want = tk._scan_reference(*inputs[:4], params, 16, consts)
+    g = torch.Generator().manual_seed(5)
+    dy, ds1, ds2 = (torch.randn(x.shape, generator=g) for x in want)
+    with mock.patch.object(tk, "MAX_HELD_VALUES_WORK", 0):
+        got = tk._triton_backward(dy, ds1, ds2, *inputs[:2], *want[1:], params, 16, consts)
+    for a, b in zip(got, tk._scan_backward_reference(dy, ds1, ds2, *inputs[:2], *want[1:], params, 16, consts)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # bfloat16 loads and stores (fp32 inside): within bf16 rounding of the fp32 reference on the same inputs
     inputs = [x.detach().bfloat16() for x in scan_inputs(B=1, H=2, T=40, d=16, hid=16, seed=3)]
     params, consts = tuple(inputs[4:]), tk._consts(16, 2.0, "silu", True, True, -1.0, True)
@@ -314,9 +324,9 @@ def test_a_kernel_the_gpu_refuses_falls_back_to_the_reference_once_warned(monkey
 
 def test_kernel_precision_follows_torch_where_the_tf32_build_fits_a_block():
     """``_precision``: exact fp32 products under torch's default precision; TF32 where torch allows it, except in the
-    backward kernel for float32 chunks above ``MAX_TF32_CHUNK_WORK`` (HOPE base), whose TF32 build needs more shared
-    memory than an H100 block has (256 KiB against 227): exact products there (192 KiB); the forward (136 KiB) and
-    bfloat16 (224 KiB) keep TF32."""
+    backward kernel where its TF32 build needs more shared memory than an H100 block has: float32 chunks above
+    ``MAX_TF32_CHUNK_WORK`` (HOPE base: 256 KiB against 227; exact products 192) and every chunk above
+    ``MAX_HELD_VALUES_WORK`` (125m bf16: 288 KiB; exact 224); the forward keeps TF32 (base 136 KiB, 125m 152-176)."""
     def meta(d, hid, dtype=torch.float32):
         return torch.empty(1, 2, 4, 64, d, device="meta", dtype=dtype), torch.empty(2, 5, d, hid, device="meta",
                                                                                    dtype=dtype)
@@ -329,6 +339,8 @@ def test_kernel_precision_follows_torch_where_the_tf32_build_fits_a_block():
         assert tk._precision(*meta(64, 32), 64, False) == "tf32"  # base: the forward
         assert tk._precision(*meta(64, 32), 64, True) == "ieee"  # base: the backward
         assert tk._precision(*meta(64, 32, torch.bfloat16), 64, True) == "tf32"
+        assert tk._precision(*meta(64, 64, torch.bfloat16), 64, True) == "ieee"  # 125m: over MAX_HELD_VALUES_WORK
+        assert tk._precision(*meta(64, 64, torch.bfloat16), 64, False) == "tf32"
     finally:
         torch.set_float32_matmul_precision(before)
 
@@ -347,8 +359,9 @@ def test_non_power_of_two_shapes_and_cpu_tensors_take_the_torch_reference():
     w = [torch.empty(2, 5, 64, hid, device="meta") for hid in (32, 64)]  # W₁ of hid 32 (HOPE base) and 64 (125m)
     w2 = [x.transpose(-1, -2) for x in w]
     with mock.patch.object(Tensor, "is_cuda", True):
-        assert tk.triton is None or tk._triton_applies(*wide, w[0], w2[0], 64, "silu")  # C·d·hid = MAX_CHUNK_WORK
-        assert not tk._triton_applies(*wide, w[1], w2[1], 64, "silu")  # over a block's shared memory on sm_90
+        assert tk.triton is None or tk._triton_applies(*wide, w[0], w2[0], 64, "silu")  # HOPE base
+        assert tk.triton is None or tk._triton_applies(*wide, w[1], w2[1], 64, "silu")  # 125m: C·d·hid = MAX_CHUNK_WORK
+        assert not tk._triton_applies(*wide, w[1], w2[1], 128, "silu")  # above: over a block's shared memory
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

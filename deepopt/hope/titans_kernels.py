@@ -48,11 +48,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 N_MEMORIES = 5  # M_k, M_v, M_η, M_α, M_mem (deepopt.hope.model.TITANS_MEMORIES)
 N_MEM = tl.constexpr(N_MEMORIES) if triton is not None else N_MEMORIES
 use_triton = True  # False: CUDA tensors run the torch reference too (e.g. to compare, or if a kernel misbehaves)
-# C·d·hid above which a chunk runs the torch reference's batched GEMMs: one program per (batch, head) holds some twenty
-# (C|d|hid)-wide tiles of the chunk; at 64·64·64 (HOPE 125m, 340m) the backward needs more shared memory than a block
-# may use on sm_90 (240 KiB fp32, 304 KiB bf16; 227 allowed), so Triton would refuse it (benchmarks/triton_aot.py,
-# 2026-12-06); up to 64·64·32 (base) it fits, spilling 8-21 KB a thread (docs/gpu.md)
-MAX_CHUNK_WORK = 64 * 64 * 32
+# C·d·hid above which a chunk runs the torch reference (118 aten ops per chunk forward, 428 backward, per layer): one
+# program per (batch, head) holds some twenty (C|d|hid)-wide tiles of the chunk.  Up to 64·64·64 (HOPE 125m, 340m) the
+# kernels fit an H100/H200 block's 227 KiB of shared memory: at 125m the forward needs 152-176 KiB, the backward
+# 224 KiB with its value tiles recomputed and exact products (``MAX_HELD_VALUES_WORK``, ``_precision``; 240-304 KiB
+# without), spilling 60 KB a thread; base's backward spills 8-21 KB (benchmarks/triton_aot.py, 2026-12-07; docs/gpu.md)
+MAX_CHUNK_WORK = 64 * 64 * 64
 
 # σ''(z) given z and h = σ(z): the reverse mode of g = σ'(z) ⊙ eW₁ needs it
 SECOND_DERIVATIVES = {
@@ -597,16 +598,23 @@ def _kernel_key(op: str, u: Tensor, w1: Tensor, chunk_size: int, consts: dict) -
 # 3.0 KB a thread against 8.3 KB with exact products); bfloat16 inputs keep TF32 products (224 KiB; exact ones 192 KiB
 # but twice the spills, 22.6 against 10.8 KB).
 MAX_TF32_CHUNK_WORK = 64 * 32 * 32
+# C·d·hid above which the backward kernel recomputes each memory's value tiles (Zv = vW₂ᵀ, σ(Zv)) where it needs them
+# instead of holding them from the factors: a tile less shared memory (HOPE 125m/340m, 64·64·64, exact products:
+# 240 → 224 KiB, within an H100 block's 227), at the price of more spills, which is why chunks up to base hold them
+# (base fp32 21.2 → 24.3 KB of spill stores a thread; sm_90, benchmarks/triton_aot.py, 2026-12-06)
+MAX_HELD_VALUES_WORK = 64 * 64 * 32
 
 
 def _precision(u: Tensor, w1: Tensor, chunk_size: int, backward: bool) -> str:
     """A Titans kernel's ``tl.dot`` input precision: torch's choice (``dot_precision``), but exact fp32 products in
-    the backward kernel for float32 chunks above ``MAX_TF32_CHUNK_WORK``, whose TF32 build does not fit an H100's
-    block.  (The backward then differentiates the chunk math at states the forward computed with TF32 products:
-    the gradients differ from exact ones by TF32's rounding, as with TF32 throughout.)"""
+    the backward kernel where its TF32 build does not fit an H100's block: float32 chunks above
+    ``MAX_TF32_CHUNK_WORK`` and every chunk above ``MAX_HELD_VALUES_WORK`` (bfloat16 at 125m: 288 KiB with TF32
+    products, 224 exact).  (The backward then differentiates the chunk math at states the forward computed with TF32
+    products: the gradients differ from exact ones by TF32's rounding, as with TF32 throughout.)"""
     prec = dot_precision(u, w1)
-    if (backward and prec == "tf32" and u.dtype == torch.float32
-            and chunk_size * u.shape[-1] * w1.shape[-1] > MAX_TF32_CHUNK_WORK):
+    work = chunk_size * u.shape[-1] * w1.shape[-1]
+    if backward and prec == "tf32" and (work > MAX_HELD_VALUES_WORK
+                                        or u.dtype == torch.float32 and work > MAX_TF32_CHUNK_WORK):
         return "ieee"
     return prec
 
@@ -685,6 +693,7 @@ def _triton_backward(dy: Tensor, ds1: Tensor | None, ds2: Tensor | None, u: Tens
                                ds1.contiguous() if has_ds else s1, ds2.contiguous() if has_ds else s2, a1, a2, du, dq,
                                dp, *(p.contiguous() for p in params), _scratch(u, B * H, chunk_size, consts), T,
                                n, consts["eta_scale"], -consts["kappa"], H=H, HAS_DS=has_ds,
+                               RECOMPUTE_VALUES=chunk_size * d * hid > MAX_HELD_VALUES_WORK,
                                **_launch_consts(chunk_size, d, hid, consts, _precision(u, s1, chunk_size, True)))
     dp = dp.sum(0).split([d, 1, d, 1], dim=-1)  # dw_η, db_η, dw_α, db_α per head (copies: outputs may not alias)
     return (du, dq, a1.sum(0).to(s1.dtype), a2.sum(0).to(s2.dtype),
@@ -934,12 +943,14 @@ if triton is not None:
                          dp_ptr, we_ptr, be_ptr, wa_ptr, ba_ptr, scr_ptr, T, n_chunks, eta_scale, lr,
                          H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
                          DELTA_GD: tl.constexpr, LEARNS: tl.constexpr, SEQ: tl.constexpr, HAS_DS: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, RECOMPUTE_VALUES: tl.constexpr):
         """One program per (batch, head): the chunks in reverse, each recomputed from its saved start state and
         differentiated as ``chunk_vjp`` does.  ``a1, a2`` (fp32, (5, D, HID) and (5, HID, D) per program) hold the
         cotangent of the state at the current chunk boundary: read as the next state's, overwritten with the start
         state's.  Pass 1 recomputes the reads, decays and W₂'s N, pass 2 runs each memory's commit, output (M_mem),
-        steps, factor and value terms, pass 3 W₂'s N, the decays, η, α, k and the reads."""
+        steps, factor and value terms, pass 3 W₂'s N, the decays, η, α, k and the reads.  ``RECOMPUTE_VALUES``: the
+        value block recomputes ``Zv = vW₂ᵀ`` and ``σ(Zv)`` instead of holding them from the factors (a tile less
+        shared memory, more spills: above ``MAX_HELD_VALUES_WORK``)."""
         bh = tl.program_id(0)
         h = bh % H
         rc, rd, rh = tl.arange(0, C), tl.arange(0, D), tl.arange(0, HID)
@@ -975,6 +986,7 @@ if triton is not None:
             for m in range(N_MEM):
                 w1, w2t = _state(s1, s2, m, D, HID)
                 V, z, hm, e, g, read, Zv, Pv, Vraw = _memory_factors(k, v, w1, w2t, PREC)
+                v_norm = tl.maximum(tl.sqrt(tl.sum(Vraw * Vraw, 1)), 1e-12)
                 nh, n1, b1, nu1, nu2, N1, M1, U1, U2 = _steps(k, V, z, hm, g, read, w1, E, b2, N2, om, scr, C, SEQ,
                                                               DELTA_GD, PREC)
                 # commit: W' = A_C W + Δ,  Δ₁ = Σ_s E_Cs U1_s h_sᵀ,  Δ₂ = Σ_s E_Cs U2_s k_sᵀ
@@ -1072,8 +1084,10 @@ if triton is not None:
                 dw2t += _dot(tl.trans(k), dz, PREC)
                 # values: V = Vraw/‖Vraw‖, Vraw = v + σ(v W₂ᵀ) W₁ᵀ
                 w1r, w2tr = _state(s1, s2, m, D, HID)
-                dVraw = (dV - V * tl.sum(dV * V, 1)[:, None]) / tl.maximum(tl.sqrt(tl.sum(Vraw * Vraw, 1)),
-                                                                             1e-12)[:, None]
+                if RECOMPUTE_VALUES:  # the same dot of the same operands: the tiles the factors made, bit for bit
+                    Zv = _dot(v, w2tr, PREC)
+                    Pv = _silu(Zv)
+                dVraw = (dV - V * tl.sum(dV * V, 1)[:, None]) / v_norm[:, None]
                 dv += dVraw
                 dw1 += _dot(tl.trans(dVraw), Pv, PREC)
                 dZv = _dot(dVraw, w1r, PREC) * _silu_grad(Zv)
