@@ -625,7 +625,6 @@ if triton is not None:
                               lr, P, D, HID, True, HAS_GS1, HAS_GS2, ACT, PREC, BT, BD, BH, BLOCK)
         tl.store(glr_ptr + b, glr)
 
-
     # -- the tiled kernels (chunks too large for one program: ``MAX_CHUNK_WORK``): one launch per phase of a
     #    chunk, a program per tile of the phase (grid B × tiles); the host walks the chunks.  Row sums over the
     #    hidden units and ‖W₁‖² are written per tile and summed by the next phase (no atomics: deterministic).
@@ -682,9 +681,8 @@ if triton is not None:
             _w1_step_tile(eb, h_ptr + b * P * HID, a_ptr + b * P, s1_ptr + s * S, s1_ptr + (s + 1) * S, i0, j0, lr, P,
                           D, HID, PREC, BT, BD, BH)
         else:
-            w1sq = tl.sum(_vec(w1sq_ptr + b * NJ, 0, NJ, NJB))
             _w2_step_tile(g_ptr + b * P * HID, kb, s2_ptr + s * S, s2_ptr + (s + 1) * S, j0, i0,
-                          lr / ((1 + w1sq) * D), P, D, HID, PREC, BT, BD, BH)
+                          lr * _tiled_cc(w1sq_ptr, b, NJ, D, NJB), P, D, HID, PREC, BT, BD, BH)
 
     @triton.jit(do_not_specialize=["c"])
     def _tiled_products_kernel(k_ptr, e_ptr, gy_ptr, s1_ptr, s2_ptr, g1_ptr, g2_ptr, z_ptr, gw_ptr, q_ptr, r_ptr,
@@ -814,6 +812,7 @@ def scan_triton(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, peri
                                ACT=ACT_CODES[activation], BLOCK=BLOCK, **consts)
         return y, s1, s2
     nj, ni = _tiles(hid, BH), _tiles(d, BD)
+    njb = triton.next_power_of_2(nj)
     sqp, w1sq = k.new_empty(B, rows, nj, dtype=torch.float32), k.new_empty(B, nj, dtype=torch.float32)
     s1[:, 0], s2[:, 0] = w1, w2
     for c in range(_tiles(T, period)):
@@ -821,10 +820,10 @@ def scan_triton(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, peri
         _tiled_hidden_kernel[(B, _tiles(n, BT), nj)](k, err, s1, s2, h, g, sqp, w1sq, c, T, d, hid, period, N,
                                                       rows, n, STEP=step, ACT=ACT_CODES[activation], **consts)
         _tiled_read_kernel[(B, _tiles(n, BT), ni)](h, s1, y, sqp, a, c, T, d, hid, period, N, rows, n, STEP=step,
-                                                    NJB=triton.next_power_of_2(nj), **consts)
+                                                    NJB=njb, **consts)
         if step:
-            _tiled_step_kernel[(B, ni * nj, 2)](k, err, s1, s2, h, g, a, w1sq, lr, c, T, d, hid, period, N,
-                                                NJB=triton.next_power_of_2(nj), **consts)
+            _tiled_step_kernel[(B, ni * nj, 2)](k, err, s1, s2, h, g, a, w1sq, lr, c, T, d, hid, period, N, NJB=njb,
+                                                **consts)
     return y, s1, s2
 
 
