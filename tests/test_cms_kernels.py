@@ -208,6 +208,11 @@ KERNEL_CHECK = textwrap.dedent("""
         check(2, 37, 36, 33, 17, "silu", gs=(True, False))  # tiles along tokens, d and hid: partial sums
         check(3, 40, 70, 66, 16, "gelu", gs=(False, True))  # three hidden tiles (partial-sum tables of 3 columns)
         check(2, 11, 6, 5, 3, "identity", dtype=torch.bfloat16, tol=2e-2)
+        torch.set_float32_matmul_precision("high")  # TF32 products: 64-token tiles (TILED_ROWS)
+        try:
+            check(2, 200, 36, 33, 80, "silu")  # two token tiles per chunk (64 + 16), a partial chunk of 40
+        finally:
+            torch.set_float32_matmul_precision("highest")
 
     # a CMS level on the op, forced onto the kernels, against the level's Python chunk loop (values, gradients)
     torch.manual_seed(0)

@@ -242,6 +242,10 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 MAX_CHUNK_WORK = 1 << 22
 ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 BT, BD, BH, BLOCK = 16, 32, 32, 1024  # tile rows (tokens), d and hid tile widths, flat block for state copies
+# token rows of the tiled kernels' tiles by tl.dot precision: 64 on tensor cores (TF32/bf16: the rows a Hopper wgmma
+# takes; sm_90 and sm_80 builds spill nothing), 16 with exact fp32 products (FMA dots: 64 rows spill 0.3 KB a thread
+# in the grads kernel) (benchmarks/triton_aot.py, HOPE base/125m CMS levels, 2026-12-07)
+TILED_ROWS = {"tf32": 64, "ieee": BT}
 
 
 def triton_applies(k: Tensor, w: Tensor) -> bool:
@@ -815,11 +819,12 @@ def scan_triton(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, peri
     njb = triton.next_power_of_2(nj)
     sqp, w1sq = k.new_empty(B, rows, nj, dtype=torch.float32), k.new_empty(B, nj, dtype=torch.float32)
     s1[:, 0], s2[:, 0] = w1, w2
+    consts["BT"] = bt = TILED_ROWS[consts["PREC"]]
     for c in range(_tiles(T, period)):
         n, step = min(period, T - c * period), c < N
-        _tiled_hidden_kernel[(B, _tiles(n, BT), nj)](k, err, s1, s2, h, g, sqp, w1sq, c, T, d, hid, period, N,
+        _tiled_hidden_kernel[(B, _tiles(n, bt), nj)](k, err, s1, s2, h, g, sqp, w1sq, c, T, d, hid, period, N,
                                                       rows, n, STEP=step, ACT=ACT_CODES[activation], **consts)
-        _tiled_read_kernel[(B, _tiles(n, BT), ni)](h, s1, y, sqp, a, c, T, d, hid, period, N, rows, n, STEP=step,
+        _tiled_read_kernel[(B, _tiles(n, bt), ni)](h, s1, y, sqp, a, c, T, d, hid, period, N, rows, n, STEP=step,
                                                     NJB=njb, **consts)
         if step:
             _tiled_step_kernel[(B, ni * nj, 2)](k, err, s1, s2, h, g, a, w1sq, lr, c, T, d, hid, period, N, NJB=njb,
@@ -858,17 +863,18 @@ def scan_backward_triton(gy: Tensor, gs1: Tensor | None, gs2: Tensor | None, k: 
         sqp, hrp, qpqp = (k.new_empty(B, rows, nj, dtype=torch.float32) for _ in range(3))
         w1sq, dn1 = k.new_empty(B, nj, dtype=torch.float32), k.new_empty(B, dtype=torch.float32)
         njb = triton.next_power_of_2(nj)
+        consts["BT"] = bt = TILED_ROWS[consts["PREC"]]
         for c in reversed(range(_tiles(T, period))):
             n, step = min(period, T - c * period), c < N
-            grid = (B, _tiles(n, BT), nj)
+            grid = (B, _tiles(n, bt), nj)
             _tiled_products_kernel[grid](k, err, gy, s1, s2, g1, g2, z, gw, q, r, q2, sqp, hrp, w1sq, c, T, d, hid,
-                                         period, N, rows, n, STEP=step, ACT=consts["ACT"], PREC=consts["PREC"], BT=BT,
+                                         period, N, rows, n, STEP=step, ACT=consts["ACT"], PREC=consts["PREC"], BT=bt,
                                          BD=BD, BH=BH)
             _tiled_pointwise_kernel[grid](z, gw, q, q2, r, sqp, hrp, w1sq, qpqp, lr, d, hid, rows, n,
-                                          STEP=step, ACT=consts["ACT"], BT=BT, BH=BH, NJB=njb)
-            _tiled_dk_kernel[(B, _tiles(n, BT), ni)](r, q, s2, g2, gk, sqp, hrp, w1sq, qpqp, lr, glr, dn1, c, T, d,
+                                          STEP=step, ACT=consts["ACT"], BT=bt, BH=BH, NJB=njb)
+            _tiled_dk_kernel[(B, _tiles(n, bt), ni)](r, q, s2, g2, gk, sqp, hrp, w1sq, qpqp, lr, glr, dn1, c, T, d,
                                                      hid, period, N, max(N, 1), rows, n, STEP=step, PREC=consts["PREC"],
-                                                     BT=BT, BD=BD, BH=BH, NJB=njb)
+                                                     BT=bt, BD=BD, BH=BH, NJB=njb)
             _tiled_grads_kernel[(B, ni * nj, 2)](k, err, gy, s1, z, gw, r, g1, g2, gs1c, gs2c, dn1, c, T, d, hid,
                                                  period, N, rows, n, STEP=step, **consts)
     return gk, g1.sum(0).to(s1.dtype), g2.sum(0).to(s2.dtype), glr.sum().to(lr.dtype)
