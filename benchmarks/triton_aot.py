@@ -143,24 +143,20 @@ def _momenta_scenario(dtype: torch.dtype) -> Scenario:
                     run)
 
 
-def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), forced: bool = False,
-                   tf32: bool = False) -> Scenario:
+def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), tf32: bool = False) -> Scenario:
     """HOPE's forward + backward at a size preset (batch ``HOPE_BATCH`` × ``HOPE_CONTEXT`` tokens) on the meta
     device: the custom ops' real implementations are called on the inputs they receive, seen as CUDA tensors
     (``Tensor.is_cuda``), so their routing (``_triton_applies``, ``triton_applies``) decides what launches (their
     fake kernels produce the outputs the model goes on with).  bfloat16: the whole model in bf16 (the kernels'
-    bf16 loads and stores; ``--amp bf16``'s autocast has no meta-device form).  ``forced``: a probe with the
-    Titans kernels' size limit lifted (``titans_kernels.MAX_CHUNK_WORK``), what they would compile to there.
-    ``tf32``: float32 matmuls allowed on TF32 tensor cores, as ``hope train`` on CUDA sets them
-    (``train.resolve_device``): the kernels' products then lower to tensor-core dots (``dot_precision``)."""
+    bf16 loads and stores; ``--amp bf16``'s autocast has no meta-device form).  ``tf32``: float32 matmuls allowed
+    on TF32 tensor cores, as ``hope train`` on CUDA sets them (``train.resolve_device``): the kernels' products then
+    lower to tensor-core dots (``dot_precision``)."""
     def run() -> None:
-        from deepopt.hope import titans_kernels
         from deepopt.hope.model import LanguageModel
         from deepopt.hope.train import model_config
 
         torch.manual_seed(0)
-        limit = 1 << 62 if forced else titans_kernels.MAX_CHUNK_WORK
-        with mock.patch.object(titans_kernels, "MAX_CHUNK_WORK", limit), _tf32(tf32):
+        with _tf32(tf32):
             with torch.device("meta"):  # recompute_chunks: the layers call the ops as on CUDA (off CUDA, as meta
                 # tensors are, eager training would run the loop that keeps chunks instead: deepopt.hope.kept)
                 model = LanguageModel(model_config("hope", size, recompute_chunks=True)).to(dtype)
@@ -169,9 +165,8 @@ def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), forc
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
                 loss.backward()
 
-    name = (f"HOPE {size} ctx{HOPE_CONTEXT} {str(dtype).removeprefix('torch.')}{' tf32' * tf32}"
-            f"{' (Titans kernels forced)' * forced}")
-    return Scenario(name, "hope", run, not forced, ci)
+    return Scenario(f"HOPE {size} ctx{HOPE_CONTEXT} {str(dtype).removeprefix('torch.')}{' tf32' * tf32}", "hope", run,
+                    True, ci)
 
 
 def _cms_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), tf32: bool = False) -> Scenario:
@@ -193,16 +188,6 @@ def _cms_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), tf32:
 
     return Scenario(f"HOPE {size} CMS levels ctx{HOPE_CONTEXT} {str(dtype).removeprefix('torch.')}{' tf32' * tf32}",
                     "hope", run, True, ci)
-
-
-def _over_titans_limit(size: str) -> bool:
-    """Whether the preset's Titans chunk (C·d_head·hid) is above the kernels' size limit, so that the routing sends
-    it to the torch reference (its kernels are then compiled only by a forced probe)."""
-    from deepopt.hope import titans_kernels
-    from deepopt.hope.train import SIZES
-
-    s = SIZES[size]
-    return s["chunk_size"] * (s["d_model"] // s["n_heads"]) * s["mem_hidden"] > titans_kernels.MAX_CHUNK_WORK
 
 
 class _CustomOpsCalled(torch.utils._python_dispatch.TorchDispatchMode):
@@ -258,8 +243,6 @@ def scenarios() -> list[Scenario]:
         *(_momenta_scenario(dt) for dt in (f32, bf16)),
         *(_hope_scenario(size, dt, ci=(90,) if (size, dt) == ("tiny", f32) else (), tf32=tf32) for size in HOPE_SIZES
           for dt, tf32 in HOPE_DTYPES),
-        *(_hope_scenario(size, dt, forced=True) for size in HOPE_SIZES if _over_titans_limit(size)
-          for dt in (f32, bf16)),
         *(_cms_scenario(size, dt, ci=(both if (dt, tf32) == (f32, False) else (90,)) if size == "base" else (),
                         tf32=tf32) for size in HOPE_SIZES[2:] for dt, tf32 in HOPE_DTYPES),
     ]

@@ -308,14 +308,14 @@ if triton is not None:
         return tl.load(ptr + r, mask=r < R, other=0.0)
 
     @triton.jit
-    def _put_vec(ptr, x, r0, R, BR: tl.constexpr):
-        r = r0 + tl.arange(0, BR)
-        tl.store(ptr + r, x, mask=r < R)
-
-    @triton.jit
     def _put_col(ptr, x, r0, R, stride, BR: tl.constexpr):
+        """``x`` into elements r0.. (< R) of a column with this stride."""
         r = r0 + tl.arange(0, BR)
         tl.store(ptr + r * stride, x, mask=r < R)
+
+    @triton.jit
+    def _put_vec(ptr, x, r0, R, BR: tl.constexpr):
+        _put_col(ptr, x, r0, R, 1, BR)
 
     @triton.jit
     def _sq_norm(w, S, BLOCK: tl.constexpr):
@@ -569,7 +569,7 @@ if triton is not None:
             for j0 in range(0, HID, BH):
                 a = tl.zeros((BT,), tl.float32)
                 ds = tl.zeros((BT,), tl.float32)
-                if STEP:  # loaded per tile: held across the row's tiles they cost the kernel spills (ptxas, sm_90)
+                if STEP:
                     a = _vec(as_, t0, rows, BT)
                     ds = _vec(dss, t0, rows, BT)
                 qpq += _pointwise_tile(zs, gws, qs, q2s, rs, a, ds, t0, j0, lr, cc, rows, HID, STEP, ACT, BT, BH)
