@@ -246,6 +246,12 @@ BT, BD, BH, BLOCK = 16, 32, 32, 1024  # tile rows (tokens), d and hid tile width
 # takes; sm_90 and sm_80 builds spill nothing), 16 with exact fp32 products (FMA dots: 64 rows spill 0.3 KB a thread
 # in the grads kernel) (benchmarks/triton_aot.py, HOPE base/125m CMS levels, 2026-12-07)
 TILED_ROWS = {"tf32": 64, "ieee": BT}
+# the persistent forward's register cap (launch option ``maxnreg``) by tl.dot precision.  With tensor-core products
+# ptxas settles at 128 registers in some builds and spills (Triton 3.6, the device image's: 20 B a thread on sm_90
+# with TF32, 76 B on sm_80 with bf16); 224 lets every TF32/bf16 build of HOPE tiny and small keep its registers on
+# sm_90 and sm_80 with Triton 3.6 and 3.7.1.  Exact products keep ptxas's choice (a cap makes their sm_90 builds
+# spill 8-16 B where they spill none) (benchmarks/triton_aot.py, 2026-12-07)
+FORWARD_MAX_REGISTERS = {"tf32": 224, "ieee": None}
 
 
 def triton_applies(k: Tensor, w: Tensor) -> bool:
@@ -813,7 +819,8 @@ def scan_triton(k: Tensor, err: Tensor, w1: Tensor, w2: Tensor, lr: Tensor, peri
     consts = {"PREC": dot_precision(k, w1), "BT": BT, "BD": BD, "BH": BH}
     if period * d * hid <= MAX_CHUNK_WORK:
         _scan_fwd_kernel[(B,)](k, err, w1, w2, lr, y, s1, s2, h, g, a, T, d, hid, period, N, rows,
-                               ACT=ACT_CODES[activation], BLOCK=BLOCK, **consts)
+                               ACT=ACT_CODES[activation], BLOCK=BLOCK, maxnreg=FORWARD_MAX_REGISTERS[consts["PREC"]],
+                               **consts)
         return y, s1, s2
     nj, ni = _tiles(hid, BH), _tiles(d, BD)
     njb = triton.next_power_of_2(nj)

@@ -7,8 +7,9 @@ cards and L4), and the Titans backward kernel needs up to 224 KiB at the sizes t
 bfloat16; ``benchmarks/triton_aot.py``), so a launch the routing makes can still be refused by the GPU at hand.
 ``kernel_or_reference`` runs the kernel path and, on such a refusal, warns once and runs the reference path,
 which computes the same values with torch ops; later calls with the same key go straight to the reference.
-A refused launch has written nothing, so nothing is left half done.  (The CMS kernels' tiles have fixed sizes,
-44 KiB at most at any shape: they need no such path.)
+A refused launch has written nothing, so nothing is left half done.  (The CMS kernels' tiles have fixed sizes:
+at most 44 KiB for the persistent kernels and 80 KiB for the tiled ones in sm_80/sm_89 builds (A100, RTX 30/40,
+L4), 120 KiB on sm_90, at any shape (``benchmarks/triton_aot.py``, 2026-12-07): they need no such path.)
 """
 from __future__ import annotations
 
