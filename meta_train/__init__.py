@@ -5,12 +5,14 @@
     task = sample_task("digits", seed=0)
     est = Backprop()(Unroll(meta, task, steps=20), InnerState.fresh(task))   # est.loss, est.grads
 
-Importing the package registers every deepopt optimizer with ``higher`` (see ``higher_backend``).
+Importing the package registers every deepopt optimizer with ``higher`` (see ``higher_backend``) where
+``higher`` is installed.  Only that backend needs it: without it the torch.func and ES engines, the task families,
+``deepopt meta-train`` and ``deepopt evaluate`` work, and ``DifferentiableMemoryOptimizer`` /
+``higher_unroll_loss`` raise a one-line ``ModuleNotFoundError`` naming the package.
 """
 
 from .es import PES, AntitheticES
 from .evaluate import evaluate, load_learned, loss_curve, speedup
-from .higher_backend import DifferentiableMemoryOptimizer, higher_unroll_loss
 from .params import LEARNABLE, MetaParams
 from .tasks import FAMILIES, HELD_OUT_SPECS, Task, held_out_task, quadratic_task, sample_task
 from .trainer import MetaTrainConfig, MetaTrainer
@@ -23,7 +25,6 @@ __all__ = [
     "PES",
     "AntitheticES",
     "Backprop",
-    "DifferentiableMemoryOptimizer",
     "InnerState",
     "MetaGrad",
     "MetaParams",
@@ -33,10 +34,25 @@ __all__ = [
     "Unroll",
     "evaluate",
     "held_out_task",
-    "higher_unroll_loss",
     "load_learned",
     "loss_curve",
     "quadratic_task",
     "sample_task",
     "speedup",
 ]
+
+_HIGHER_NAMES = ["DifferentiableMemoryOptimizer", "higher_unroll_loss"]
+try:
+    from .higher_backend import DifferentiableMemoryOptimizer as DifferentiableMemoryOptimizer
+    from .higher_backend import higher_unroll_loss as higher_unroll_loss
+
+    __all__ += _HIGHER_NAMES
+except ModuleNotFoundError as err:  # the higher backend alone needs it (an image without it: the H200 run's)
+    if err.name != "higher":
+        raise
+
+    def __getattr__(name: str):
+        if name in _HIGHER_NAMES:
+            raise ModuleNotFoundError(f"deepopt.meta_train.{name} needs the 'higher' package, which is not "
+                                      "installed (pip install higher)", name="higher")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
