@@ -6,7 +6,8 @@ Protocol: every optimizer trains each task at 5 learning rates log-spaced around
 validation loss is kept and run at seeds 0, 1, 2.  Reported: the final validation loss, mean and 95%
 t-interval over the seeds.  A run whose loss turns non-finite is recorded as diverged (its loss: ∞).
 Muon and M3 step the 2-D hidden matrices (not the embedding/input layer, not the output head); AdamW
-steps the rest at the same multiple of its own recommended lr.
+steps the rest at the same multiple of its own recommended lr.  ``shipped`` (opt-in) is the package's learned
+optimizer (``DeepMomentum.pretrained``), centred on its learned lr, its learned schedule over the run's steps.
 
 Tasks: ``digits_mlp`` (64-128-128-10 ReLU MLP), ``digits_cnn`` (two 3×3 convolutions and a linear head)
 on scikit-learn's digits (minibatches of 64, validation = 20% of the training split); ``char_lm``, a
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 import deepopt
 
+from . import pretrained
 from .checkpoint import atomic_save_json, atomic_write, naming
 from .runs import add_out_option, check_at_least, check_device, finish, prepare_out, progress_bar
 
@@ -56,13 +58,16 @@ RECOMMENDED_LR: dict[str, float] = {
     "m3_v": 1e-3,  # the default (EMA, Nesterov) with the second moment
     "m3_sum": 0.02,  # Algorithm 1's sums, no Nesterov, without the second moment
     "m3_paper": 1e-3,  # Algorithm 1 as printed: M3(paper=True)
+    # the package's learned optimizer (DeepMomentum.pretrained), centred on the lr it learned, its schedule over the
+    # run's steps; `--lrs 1`: untuned
+    "shipped": pretrained.hparams()["lr"],
 }
 # M3's variants: name -> options
 M3_VARIANTS = {"m3": {}, "m3_v": {"second_moment": True}, "m3_sum": {"accumulate": "sum", "nesterov": False},
                "m3_paper": {"paper": True}}
 OPTIMIZERS = tuple(RECOMMENDED_LR)
 DEFAULT_OPTIMIZERS = tuple(o for o in OPTIMIZERS if o not in ("adam", "delta_momentum", "m3_v", "m3_sum",
-                                                               "m3_paper"))  # the others: opt-in
+                                                               "m3_paper", "shipped"))  # the others: opt-in
 SPLIT = ("torch_muon", *M3_VARIANTS)  # matrices with their own rule, AdamW for the rest
 # Targets of issue 11: (optimizer, must be <= reference, on tasks)
 TARGETS = (("deep_momentum", "momentum", TASKS), ("deep_momentum_adam", "torch_adamw", ("char_lm", "hope_lm")),
@@ -182,9 +187,10 @@ def hidden_matrices(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     return matrices, [p for p in model.parameters() if id(p) not in ids]
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float) -> list[torch.optim.Optimizer]:
+def make_optimizer(name: str, model: nn.Module, lr: float, steps: int | None = None) -> list[torch.optim.Optimizer]:
     """The optimizer(s) ``name`` stepping ``model`` at ``lr`` (the matrix group's, for Muon and M3, whose
-    AdamW group runs at the same multiple of AdamW's recommended lr)."""
+    AdamW group runs at the same multiple of AdamW's recommended lr); ``steps``: the run's length, over which the
+    shipped learned optimizer's schedule anneals (the other optimizers run at a constant lr)."""
     params = list(model.parameters())
     if name == "torch_adamw":
         return [torch.optim.AdamW(params, lr=lr, weight_decay=0.0)]
@@ -209,6 +215,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float) -> list[torch.optim.O
         return [deepopt.Adam(params, lr=lr)]
     if name == "delta_momentum":
         return [deepopt.DeltaMomentum(params, lr=lr)]
+    if name == "shipped":
+        return [deepopt.DeepMomentum.pretrained(params, total_steps=steps, lr=lr)]
     raise ValueError(f"unknown optimizer {name!r}; accepted: {list(OPTIMIZERS)}")
 
 
@@ -219,7 +227,7 @@ def train_run(spec: RunSpec, threads: int | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
     problem = get_problem(spec.task, spec.size, spec.device)
     model = problem.model(spec.seed)
-    opts = make_optimizer(spec.optimizer, model, spec.lr)
+    opts = make_optimizer(spec.optimizer, model, spec.lr, problem.cfg["steps"])
     t0 = time.perf_counter()
     diverged = False
     for step in range(problem.cfg["steps"]):

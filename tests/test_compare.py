@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import deepopt
 from deepopt import compare
 from deepopt.cli import main
 
@@ -30,6 +31,20 @@ def test_muon_and_m3_step_hidden_matrices_only():
         assert main_opt.param_groups[0]["params"] == [model[2].weight]
         assert isinstance(adamw, torch.optim.AdamW)
         assert math.isclose(adamw.param_groups[0]["lr"], compare.RECOMMENDED_LR["torch_adamw"])
+
+
+def test_the_shipped_learned_optimizer_runs_at_its_lr_with_its_schedule_over_the_run():
+    """``shipped``: ``DeepMomentum.pretrained`` centred on the lr it learned, its schedule's horizon the run's steps
+    (what the device script's compare section runs when the package ships one)."""
+    assert compare.RECOMMENDED_LR["shipped"] == deepopt.pretrained.hparams()["lr"]
+    assert "shipped" not in compare.DEFAULT_OPTIMIZERS
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    (opt,) = compare.make_optimizer("shipped", model, 2e-3, 77)
+    assert isinstance(opt, deepopt.DeepMomentum) and opt.param_groups[0]["lr"] == 2e-3
+    assert opt.param_groups[0]["lr_horizon"] == 77 and len(opt.param_groups[0]["params"]) == 4
+    spec = compare.RunSpec("digits_mlp", "shipped", compare.RECOMMENDED_LR["shipped"], 0, "sweep", "smoke")
+    record = compare.train_run(spec)
+    assert not record["diverged"] and math.isfinite(record["val_loss"])
 
 
 def test_a_diverging_run_is_recorded_not_raised():

@@ -11,8 +11,10 @@ Each folder also holds ``recipe.json``, the ``deepopt meta-train --config`` file
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from deepopt.checkpoint import PRETRAINED_CONFIG
 
@@ -35,3 +37,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         return _ROOT / name_or_path
     raise FileNotFoundError(f"{name_or_path!r} is neither a folder nor a shipped learned optimizer; shipped: "
                             f"{names()}")
+
+
+def hparams(name_or_path: str | os.PathLike = DEFAULT) -> dict[str, Any]:
+    """A saved learned optimizer's hyperparameters (its ``config.json``; e.g. ``hparams()["lr"]``, the default's
+    learned lr), read without loading its tensors."""
+    return json.loads((resolve(name_or_path) / PRETRAINED_CONFIG).read_text())["hparams"]
