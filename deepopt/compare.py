@@ -7,7 +7,8 @@ validation loss is kept and run at seeds 0, 1, 2.  Reported: the final validatio
 t-interval over the seeds.  A run whose loss turns non-finite is recorded as diverged (its loss: ∞).
 Muon and M3 step the 2-D hidden matrices (not the embedding/input layer, not the output head); AdamW
 steps the rest at the same multiple of its own recommended lr.  ``shipped`` (opt-in) is the package's learned
-optimizer (``DeepMomentum.pretrained``), centred on its learned lr, its learned schedule over the run's steps.
+optimizer (``DeepMomentum.pretrained``), centred on its learned lr, its learned schedule over the run's steps
+(the others run at a constant lr; ``deepopt evaluate`` compares it with AdamW given warm-up + cosine).
 
 Tasks: ``digits_mlp`` (64-128-128-10 ReLU MLP), ``digits_cnn`` (two 3×3 convolutions and a linear head)
 on scikit-learn's digits (minibatches of 64, validation = 20% of the training split); ``char_lm``, a
