@@ -164,11 +164,18 @@ def save_pretrained(path: str | os.PathLike, optimizer: str, hparams: Mapping[st
 def load_pretrained(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
     """Read what ``save_pretrained`` wrote: (optimizer class name, hparams, tensors)."""
     path = Path(path)
-    config_file, tensor_file = path / PRETRAINED_CONFIG, path / PRETRAINED_TENSORS
-    for f in (config_file, tensor_file):
+    for f in (path / PRETRAINED_CONFIG, path / PRETRAINED_TENSORS):
         if not f.is_file():
             raise FileNotFoundError(f"{path} is not a saved optimizer: missing {f.name}")
+    return (*load_pretrained_config(path), load_tensors(path / PRETRAINED_TENSORS))
+
+
+def load_pretrained_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """``save_pretrained``'s config alone: (optimizer class name, hparams), the tensors not read."""
+    config_file = Path(path) / PRETRAINED_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a saved optimizer: missing {config_file.name}")
     config = load_json(config_file)
     if not isinstance(config, dict) or not {"optimizer", "hparams"} <= set(config):
         raise ValueError(f"{config_file} must hold an object with 'optimizer' and 'hparams'")
-    return config["optimizer"], dict(config["hparams"]), load_tensors(tensor_file)
+    return config["optimizer"], dict(config["hparams"])

@@ -11,12 +11,11 @@ Each folder also holds ``recipe.json``, the ``deepopt meta-train --config`` file
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from deepopt.checkpoint import PRETRAINED_CONFIG
+from deepopt.checkpoint import PRETRAINED_CONFIG, load_pretrained_config
 
 DEFAULT = "dmgd-general"
 _ROOT = Path(__file__).resolve().parent
@@ -42,4 +41,4 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 def hparams(name_or_path: str | os.PathLike = DEFAULT) -> dict[str, Any]:
     """A saved learned optimizer's hyperparameters (its ``config.json``; e.g. ``hparams()["lr"]``, the default's
     learned lr), read without loading its tensors."""
-    return json.loads((resolve(name_or_path) / PRETRAINED_CONFIG).read_text())["hparams"]
+    return load_pretrained_config(resolve(name_or_path))[1]
