@@ -185,7 +185,7 @@ for spec in $SPECS; do
 done
 
 # ---------------------------------------------------------------------------------------------- 4. compare
-COMPARE=(-m deepopt.cli compare --device "$DEVICE" --tasks char_lm --lrs 1 --seeds 1 --workers 1)
+COMPARE=(-m deepopt.cli compare --device "$DEVICE" --tasks char_lm --lrs 1 --seeds 1 --schedule cosine --workers 1)
 [ "$SMOKE" = 1 ] && COMPARE=(-m deepopt.cli compare --device cpu --smoke --tasks char_lm --lrs 1 --seeds 1)
 OPTS=(torch_adamw torch_muon m3 deep_momentum deep_momentum_adam)
 SHIPPED_CMP=$("$PY" -c "import deepopt.compare as c; print('shipped' if 'shipped' in c.OPTIMIZERS else '')" 2>/dev/null)

@@ -5,10 +5,13 @@ Protocol: every optimizer trains each task at 5 learning rates log-spaced around
 (``RECOMMENDED_LR``; the same span, ×10^±1 by default, for all), seed 0; the lr with the lowest final
 validation loss is kept and run at seeds 0, 1, 2.  Reported: the final validation loss, mean and 95%
 t-interval over the seeds.  A run whose loss turns non-finite is recorded as diverged (its loss: ∞).
+The schedule is part of the sweep (``--schedule``): by default every optimizer runs each lr both with linear warm-up
+over 5% of the steps then cosine decay to 0 (``cosine``: what AdamW scripts run and the literature tunes AdamW
+with) and at a constant lr (``constant``), and the best (lr, schedule) is kept; the same budget for all.
 Muon and M3 step the 2-D hidden matrices (not the embedding/input layer, not the output head); AdamW
 steps the rest at the same multiple of its own recommended lr.  ``shipped`` (opt-in) is the package's learned
-optimizer (``DeepMomentum.pretrained``), centred on its learned lr, its learned schedule over the run's steps
-(the others run at a constant lr; ``deepopt evaluate`` compares it with AdamW given warm-up + cosine).
+optimizer (``DeepMomentum.pretrained``), centred on its learned lr, under its own learned schedule over the run's
+steps in place of ``--schedule`` (``learned``; ``deepopt evaluate`` is its fuller held-out comparison).
 
 Tasks: ``digits_mlp`` (64-128-128-10 ReLU MLP), ``digits_cnn`` (two 3×3 convolutions and a linear head)
 on scikit-learn's digits (minibatches of 64, validation = 20% of the training split); ``char_lm``, a
@@ -42,6 +45,7 @@ import deepopt
 from . import pretrained
 from .checkpoint import atomic_save_json, atomic_write, naming
 from .runs import add_out_option, check_at_least, check_device, finish, prepare_out, progress_bar
+from .schedules import warmup_cosine
 
 TASKS = ("digits_mlp", "digits_cnn", "char_lm", "hope_lm")
 # name -> recommended lr (the centre of its sweep); for the split optimizers, the lr of the matrix group
@@ -90,6 +94,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
               "hope_lm": {"steps": 3, "batch": 2, "context": 16, "size": "smoke", "max_bytes": 20_000}},
 }
 VAL_BATCHES = 8
+SCHEDULES = ("cosine", "constant")  # --schedule: warm-up + cosine to 0, or a constant lr
+LEARNED = "learned"  # the shipped learned optimizer's own schedule, the only one it runs
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ class RunSpec:
     phase: str  # "sweep" or "seeds"
     size: str
     device: str = "cpu"
+    schedule: str = "cosine"  # one of SCHEDULES, or LEARNED for ``shipped`` (and only for it)
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -191,7 +198,7 @@ def hidden_matrices(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
 def make_optimizer(name: str, model: nn.Module, lr: float, steps: int | None = None) -> list[torch.optim.Optimizer]:
     """The optimizer(s) ``name`` stepping ``model`` at ``lr`` (the matrix group's, for Muon and M3, whose
     AdamW group runs at the same multiple of AdamW's recommended lr); ``steps``: the run's length, over which the
-    shipped learned optimizer's schedule anneals (the other optimizers run at a constant lr)."""
+    shipped learned optimizer's own schedule anneals (the others' schedule is ``train_run``'s)."""
     params = list(model.parameters())
     if name == "torch_adamw":
         return [torch.optim.AdamW(params, lr=lr, weight_decay=0.0)]
@@ -223,15 +230,21 @@ def make_optimizer(name: str, model: nn.Module, lr: float, steps: int | None = N
 
 # ------------------------------------------------------------------------------------------ runs
 def train_run(spec: RunSpec, threads: int | None = None) -> dict[str, Any]:
-    """Train one run; its record (the spec, final validation loss, divergence, seconds)."""
+    """Train one run (its optimizers under ``spec.schedule``); its record (the spec, final validation loss,
+    divergence, seconds)."""
+    if (spec.optimizer == "shipped") != (spec.schedule == LEARNED) or spec.schedule not in (*SCHEDULES, LEARNED):
+        raise ValueError(f"schedule {spec.schedule!r} for {spec.optimizer}: the shipped optimizer runs its own "
+                         f"({LEARNED!r}), the others one of {SCHEDULES}")
     if threads is not None:
         torch.set_num_threads(threads)
     problem = get_problem(spec.task, spec.size, spec.device)
     model = problem.model(spec.seed)
-    opts = make_optimizer(spec.optimizer, model, spec.lr, problem.cfg["steps"])
+    steps = problem.cfg["steps"]
+    opts = make_optimizer(spec.optimizer, model, spec.lr, steps)
+    schedulers = [warmup_cosine(opt, steps) for opt in opts] if spec.schedule == "cosine" else []
     t0 = time.perf_counter()
     diverged = False
-    for step in range(problem.cfg["steps"]):
+    for step in range(steps):
         x, y = problem.batch(step, spec.seed)
         loss = problem.loss(model, x, y)
         for opt in opts:
@@ -239,7 +252,9 @@ def train_run(spec: RunSpec, threads: int | None = None) -> dict[str, Any]:
         loss.backward()
         for opt in opts:
             opt.step()
-        if (step + 1) % 25 == 0 or step + 1 == problem.cfg["steps"]:
+        for scheduler in schedulers:
+            scheduler.step()
+        if (step + 1) % 25 == 0 or step + 1 == steps:
             if not math.isfinite(float(loss.detach())):
                 diverged = True
                 break
@@ -256,7 +271,8 @@ def sweep_lrs(center: float, n: int, span: float) -> list[float]:
     return [float(center * 10 ** e) for e in np.linspace(-span, span, n)]
 
 
-CSV_FIELDS = ("task", "optimizer", "phase", "lr", "seed", "val_loss", "diverged", "seconds", "size", "device")
+CSV_FIELDS = ("task", "optimizer", "phase", "lr", "seed", "val_loss", "diverged", "seconds", "size", "device",
+              "schedule")
 
 
 def _run_all(specs: Sequence[RunSpec], done: dict[RunSpec, dict[str, Any]], workers: int, threads: int | None,
@@ -307,7 +323,7 @@ def read_results(csv_path: Path) -> dict[RunSpec, dict[str, Any]]:
     for number, row in enumerate(csv.DictReader(lines), 2):
         try:
             spec = RunSpec(row["task"], row["optimizer"], float(row["lr"]), int(row["seed"]), row["phase"],
-                           row["size"], row["device"])
+                           row["size"], row["device"], row["schedule"])
             done[spec] = {**asdict(spec), "val_loss": float(row["val_loss"]),
                           "diverged": row["diverged"] == "True", "seconds": float(row["seconds"])}
         except (KeyError, TypeError, ValueError):
@@ -320,8 +336,10 @@ def read_results(csv_path: Path) -> dict[RunSpec, dict[str, Any]]:
 
 def run(tasks: Sequence[str], optimizers: Sequence[str], out: Path, size: str = "default", lrs: int = 5,
         span: float = 1.0, seeds: int = 3, workers: int = 1, threads: int | None = None, device: str = "cpu",
-        progress: bool = False, resume: bool = False, on_start: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """The whole study: lr sweep at seed 0, then ``seeds`` seeds at each best lr; writes ``results.csv``
+        progress: bool = False, resume: bool = False, on_start: Callable[[], Any] | None = None,
+        schedules: Sequence[str] = SCHEDULES) -> dict[str, Any]:
+    """The whole study: a sweep of lrs × ``schedules`` at seed 0, then ``seeds`` seeds at each best (lr, schedule);
+    writes ``results.csv``
     (``resume``: keeps the runs it holds and trains the others) and returns the summary.  ``on_start`` is called
     once the tasks' data are built and a resumed run's results read, before anything is written."""
     csv_path = out / "results.csv"
@@ -335,15 +353,16 @@ def run(tasks: Sequence[str], optimizers: Sequence[str], out: Path, size: str = 
     writer.writeheader()
     writer.writerows(done.values())
     atomic_write(csv_path, lambda tmp: Path(tmp).write_text(text.getvalue()))
-    sweep = [RunSpec(t, o, lr, 0, "sweep", size, device) for t in tasks for o in optimizers
+    sweep = [RunSpec(t, o, lr, 0, "sweep", size, device, schedule) for t in tasks for o in optimizers
+             for schedule in ((LEARNED,) if o == "shipped" else schedules)
              for lr in sweep_lrs(RECOMMENDED_LR[o], lrs, span)]
     swept = _run_all(sweep, done, workers, threads, csv_path, "lr sweep", progress)
     best = {}
     for t in tasks:
         for o in optimizers:
             rows = [r for r in swept if r["task"] == t and r["optimizer"] == o]
-            best[(t, o)] = min(rows, key=lambda r: (r["val_loss"], r["lr"]))
-    extra = [RunSpec(t, o, best[(t, o)]["lr"], s, "seeds", size, device)
+            best[(t, o)] = min(rows, key=lambda r: (r["val_loss"], r["lr"], r["schedule"]))
+    extra = [RunSpec(t, o, best[(t, o)]["lr"], s, "seeds", size, device, best[(t, o)]["schedule"])
              for t in tasks for o in optimizers for s in range(1, seeds)]
     seeded = _run_all(extra, done, workers, threads, csv_path, "seeds", progress)
     return summarize(swept, seeded, best, tasks, optimizers)
@@ -365,9 +384,10 @@ def summarize(swept: list[dict], seeded: list[dict], best: dict, tasks: Sequence
             runs = [best[(t, o)], *(r for r in seeded if r["task"] == t and r["optimizer"] == o)]
             losses = [r["val_loss"] for r in runs]
             mean, half = mean_ci(losses)
-            results[t][o] = {"best_lr": best[(t, o)]["lr"], "val_losses": losses, "mean": mean, "ci95": half,
+            results[t][o] = {"best_lr": best[(t, o)]["lr"], "schedule": best[(t, o)]["schedule"],
+                             "val_losses": losses, "mean": mean, "ci95": half,
                              "diverged": sum(r["diverged"] for r in runs),
-                             "sweep": {f"{r['lr']:.4g}": r["val_loss"] for r in swept
+                             "sweep": {f"{r['lr']:.4g} {r['schedule']}": r["val_loss"] for r in swept
                                        if r["task"] == t and r["optimizer"] == o}}
     targets = []
     for opt, ref, on in TARGETS:
@@ -393,7 +413,7 @@ def format_table(summary: dict[str, Any]) -> str:
         for t in tasks:
             r = results[t][o]
             ci = f" ± {r['ci95']:.3f}" if math.isfinite(r["ci95"]) else ""
-            cells.append(f"{r['mean']:.3f}{ci} (lr {r['best_lr']:.2g})")
+            cells.append(f"{r['mean']:.3f}{ci} (lr {r['best_lr']:.2g}, {r['schedule']})")
         lines.append(f"| {o} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("| target | task | optimizer | reference | met | 95% CIs overlap |")
@@ -473,14 +493,17 @@ def main(args: argparse.Namespace) -> int:
     check_device(args.device)
     size = "smoke" if args.smoke else ("cuda" if args.device.startswith("cuda") else "default")
     lrs, seeds = (2, 2) if args.smoke and args.lrs is None else (args.lrs or 5, args.seeds or 3)
+    schedules = tuple(dict.fromkeys(args.schedule or (("cosine",) if args.smoke else SCHEDULES)))
     out = args.out
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     summary = run(args.tasks, args.optimizers, out, size, lrs, args.span, seeds, args.workers, args.threads,
-                  args.device, progress=True, resume=args.resume, on_start=lambda: prepare_out(args))
+                  args.device, progress=True, resume=args.resume, on_start=lambda: prepare_out(args),
+                  schedules=schedules)
     config = {"tasks": list(args.tasks), "optimizers": list(args.optimizers), "size": size, "sizes": SIZES[size],
-              "lrs": lrs, "span": args.span, "seeds": seeds, "recommended_lr": RECOMMENDED_LR,
+              "lrs": lrs, "span": args.span, "seeds": seeds, "schedules": list(schedules),
+              "recommended_lr": RECOMMENDED_LR,
               "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "seconds": time.perf_counter() - t0}
     atomic_save_json(_json_safe({"config": config, **summary}), out / "summary.json")
@@ -521,6 +544,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cuda: nanoGPT-sized LMs)")
+    p.add_argument("--schedule", nargs="+", choices=SCHEDULES, default=None,
+                   help="the lr schedules swept with the lrs: cosine (5%% linear warm-up, then cosine to 0) and/or "
+                        "constant (default both; --smoke cosine); shipped runs its learned one")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 lrs, 2 seeds: a check in seconds")
     p.add_argument("--resume", action="store_true",
                    help="continue the study in --out: keep the runs its results.csv holds, train the others")

@@ -52,9 +52,9 @@ from pathlib import Path
 from typing import Any
 
 from deepopt.runs import JsonLines, UsageError, add_out_option, check_at_least, prepare_out, wrote
+from deepopt.schedules import warmup_cosine
 
 WEIGHT_DECAY = 0.1
-WARMUP_FRACTION = 0.05
 LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 SMOKE_LRS = (3e-3, 3e-2)
 LONG = 2  # tuned AdamW also runs LONG·T steps, for speed-ups above 1
@@ -208,19 +208,6 @@ def _groups(model: Any) -> list[dict[str, Any]]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def _warmup_cosine(opt: Any, steps: int) -> Any:
-    import torch
-
-    warmup = max(1, round(WARMUP_FRACTION * steps))
-
-    def factor(t: int) -> float:  # t = steps taken so far: the next step is t + 1
-        if t < warmup:
-            return (t + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / max(1, steps - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 class _Combined:
     """Several optimizers stepped as one (Muon on the hidden matrices, AdamW on the rest)."""
 
@@ -258,7 +245,7 @@ def make_method(method: str, spec: OptimizerSpec | None, model: Any, lr: float, 
 
     if method == "adamw":
         opt = torch.optim.AdamW(_groups(model), lr=lr, betas=betas)
-        return opt, [_warmup_cosine(opt, steps)]
+        return opt, [warmup_cosine(opt, steps)]
     if method == "muon":
         matrices, rest = _muon_params(model)
         groups = [{"params": [p], "lr": lr * 0.2 * max(p.shape[0], p[0].numel()) ** 0.5
@@ -269,7 +256,7 @@ def make_method(method: str, spec: OptimizerSpec | None, model: Any, lr: float, 
                                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
                                  lr=lr, betas=betas)
         opt = _Combined(muon, adam)
-        return opt, [_warmup_cosine(o, steps) for o in opt.optimizers]
+        return opt, [warmup_cosine(o, steps) for o in opt.optimizers]
     assert spec is not None
     options = dict(spec.options)
     if method.startswith("ablation:"):
@@ -283,7 +270,7 @@ def make_method(method: str, spec: OptimizerSpec | None, model: Any, lr: float, 
                                                     **options), []
     options.pop("lr", None)
     opt = deepopt.OPTIMIZERS[spec.cls_name](_groups(model), lr=lr, **options)
-    return opt, [_warmup_cosine(opt, steps)]
+    return opt, [warmup_cosine(opt, steps)]
 
 
 # ----------------------------------------------------------------------------------------------- one run

@@ -12,6 +12,7 @@ from torch import nn
 import deepopt
 from deepopt import compare
 from deepopt.cli import main
+from deepopt.schedules import warmup_cosine_factor
 
 
 def test_every_optimizer_gets_the_same_span_around_its_recommended_lr():
@@ -42,9 +43,65 @@ def test_the_shipped_learned_optimizer_runs_at_its_lr_with_its_schedule_over_the
     (opt,) = compare.make_optimizer("shipped", model, 2e-3, 77)
     assert isinstance(opt, deepopt.DeepMomentum) and opt.param_groups[0]["lr"] == 2e-3
     assert opt.param_groups[0]["lr_horizon"] == 77 and len(opt.param_groups[0]["params"]) == 4
-    spec = compare.RunSpec("digits_mlp", "shipped", compare.RECOMMENDED_LR["shipped"], 0, "sweep", "smoke")
+    spec = compare.RunSpec("digits_mlp", "shipped", compare.RECOMMENDED_LR["shipped"], 0, "sweep", "smoke",
+                           schedule=compare.LEARNED)
     record = compare.train_run(spec)
     assert not record["diverged"] and math.isfinite(record["val_loss"])
+    for name, schedule in (("shipped", "cosine"), ("torch_adamw", compare.LEARNED), ("torch_adamw", "linear")):
+        with pytest.raises(ValueError, match="schedule"):  # a script schedule on top of the learned one, or none
+            compare.train_run(compare.RunSpec("digits_mlp", name, 1e-3, 0, "sweep", "smoke", schedule=schedule))
+
+
+@pytest.mark.parametrize("schedule", compare.SCHEDULES)
+def test_every_optimizer_trains_under_its_runs_schedule(monkeypatch, schedule):
+    """``cosine``: each optimizer's lr at step t is lr·warmup_cosine_factor(t) (5% warm-up, cosine to 0), in both
+    parts of the split ones; ``constant``: lr throughout; ``shipped``: no script schedule on its learned one."""
+    seen: dict[str, list[list[float]]] = {}
+    made = compare.make_optimizer
+
+    def recording(name, model, lr, steps=None):
+        opts = made(name, model, lr, steps)
+        for i, opt in enumerate(opts):
+            log = seen.setdefault(f"{name}/{i}", [])
+            opt.register_step_pre_hook(lambda o, *_, log=log: log.append([g["lr"] for g in o.param_groups]))
+        return opts
+
+    monkeypatch.setattr(compare, "make_optimizer", recording)
+    steps = compare.SIZES["smoke"]["digits_mlp"]["steps"]
+    warmup = max(1, round(0.05 * steps))
+    for name in ("torch_adamw", "m3", "shipped"):
+        spec = compare.RunSpec("digits_mlp", name, 1e-3, 0, "sweep", "smoke",
+                               schedule=compare.LEARNED if name == "shipped" else schedule)
+        assert math.isfinite(compare.train_run(spec)["val_loss"])
+    for key, log in seen.items():
+        name = key.split("/")[0]
+        assert len(log) == steps, key
+        base = log[0][0] / (1.0 if schedule == "constant" or name == "shipped" else 1.0 / warmup)
+        for t, lrs in enumerate(log):
+            factor = (warmup_cosine_factor(t, steps, warmup) if schedule == "cosine" and name != "shipped"
+                      else 1.0)
+            assert all(math.isclose(lr, base * factor, rel_tol=1e-9) for lr in lrs), (key, t)
+    assert seen["m3/1"][-1][0] > 0 and (schedule == "constant" or seen["m3/1"][-1][0] < seen["m3/1"][1][0])
+
+
+def test_the_schedule_is_swept_with_the_lr_and_a_resumed_study_adds_one(tmp_path):
+    """Each (lr, schedule) is a run of the sweep; the best pair is seeded; resuming a one-schedule study with both
+    keeps its runs and trains the other schedule's; ``shipped`` runs its learned schedule only."""
+    compare.run(["digits_mlp"], ["torch_adamw", "shipped"], tmp_path, size="smoke", lrs=2, seeds=1,
+                schedules=("constant",))
+    summary = compare.run(["digits_mlp"], ["torch_adamw", "shipped"], tmp_path, size="smoke", lrs=2, seeds=2,
+                          resume=True)
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    sweep = [(r["optimizer"], r["schedule"]) for r in rows if r["phase"] == "sweep"]
+    assert sorted(sweep) == sorted([("shipped", "learned")] * 2 + [("torch_adamw", "constant")] * 2
+                                   + [("torch_adamw", "cosine")] * 2)
+    for name in ("torch_adamw", "shipped"):
+        best = min((r for r in rows if r["optimizer"] == name and r["phase"] == "sweep"),
+                   key=lambda r: float(r["val_loss"]))
+        (seeded,) = [r for r in rows if r["optimizer"] == name and r["phase"] == "seeds"]
+        assert (seeded["lr"], seeded["schedule"]) == (best["lr"], best["schedule"])
+        assert summary["results"]["digits_mlp"][name]["schedule"] == best["schedule"]
 
 
 def test_a_diverging_run_is_recorded_not_raised():
@@ -54,7 +111,8 @@ def test_a_diverging_run_is_recorded_not_raised():
 
 
 def test_best_lr_and_seeds_follow_the_protocol(tmp_path):
-    summary = compare.run(["digits_mlp"], ["torch_adamw", "m3"], tmp_path, size="smoke", lrs=3, seeds=2)
+    summary = compare.run(["digits_mlp"], ["torch_adamw", "m3"], tmp_path, size="smoke", lrs=3, seeds=2,
+                          schedules=("cosine",))
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * (3 + 1)
@@ -70,14 +128,15 @@ def test_best_lr_and_seeds_follow_the_protocol(tmp_path):
 
 def test_resume_keeps_finished_runs_and_trains_the_rest(tmp_path):
     """A study killed after some runs: ``resume`` keeps them (not retrained) and ends as a fresh study does."""
-    fresh = compare.run(["digits_mlp"], ["torch_adamw"], tmp_path / "a", size="smoke", lrs=3, seeds=2)
+    fresh = compare.run(["digits_mlp"], ["torch_adamw"], tmp_path / "a", size="smoke", lrs=3, seeds=2,
+                        schedules=("cosine",))
     (tmp_path / "b").mkdir()
     lines = (tmp_path / "a" / "results.csv").read_text().splitlines(True)
     (tmp_path / "b" / "results.csv").write_text("".join(lines[:3]) + lines[3][:10])  # 2 runs and a torn line
     kept = compare.read_results(tmp_path / "b" / "results.csv")
     assert len(kept) == 2
     resumed = compare.run(["digits_mlp"], ["torch_adamw"], tmp_path / "b", size="smoke", lrs=3, seeds=2,
-                          resume=True)
+                          resume=True, schedules=("cosine",))
     assert resumed == fresh
     rows = (tmp_path / "b" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and rows[1:3] == [line.rstrip("\r\n") for line in lines[1:3]]
@@ -102,7 +161,8 @@ def test_smoke_cli_writes_every_output(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,word", [(["--lrs", "0"], "--lrs"), (["--span", "0"], "--span"),
-                                       (["--device", "tpu"], "--device"), (["--workers", "0"], "--workers")])
+                                       (["--device", "tpu"], "--device"), (["--workers", "0"], "--workers"),
+                                       (["--schedule", "linear"], "--schedule")])
 def test_bad_arguments_are_named(tmp_path, capsys, argv, word):
     with pytest.raises(SystemExit) as exc:
         main(["compare", "--smoke", "--out", str(tmp_path / "x"), *argv])

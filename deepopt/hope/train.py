@@ -35,6 +35,7 @@ from deepopt.checkpoint import (
 )
 from deepopt.cuda_graph import GraphedStep, training_step
 from deepopt.runs import progress_bar
+from deepopt.schedules import warmup_cosine_factor
 
 from . import data
 from .model import (
@@ -150,13 +151,9 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
 
 
 def lr_at(step: int, base: float, steps: int, warmup: int, schedule: str) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to 10% of ``base``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "constant":
-        return base
-    frac = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to 10% of ``base``
+    (``deepopt.schedules.warmup_cosine_factor``)."""
+    return base * warmup_cosine_factor(step, steps, warmup, floor=0.1, cosine=schedule != "constant")
 
 
 @dataclass
