@@ -15,6 +15,9 @@ The suite (no task, nor its data set + architecture combination, is in any meta-
 Methods, each with weight decay 0.1 on matrices (``p.dim() >= 2``) and none elsewhere, as AdamW scripts group them:
     adamw    ``torch.optim.AdamW`` with linear warm-up (5% of the steps) and cosine decay to 0, over ``--lrs``
              (betas (0.9, 0.95) on the LMs, torch's defaults elsewhere)
+    adamw_constant  (opt-in) the same AdamW at a constant lr: a check that a result against ``adamw`` does not
+             rest on its schedule (short runs can favour a constant lr; ``deepopt compare``); reported beside it,
+             the targets stay against ``adamw``
     muon     ``deepopt.Momentum(nesterov, Newton–Schulz, μ = 0.95)`` = Muon on the hidden matrices (convolutions
              flattened; embeddings and the output head excluded), AdamW on the rest, the same schedule; each
              matrix's lr scaled by 0.2·√max(rows, cols) (Moonlight's AdamW-RMS match, ``torch.optim.Muon``'s
@@ -60,7 +63,8 @@ SMOKE_LRS = (3e-3, 3e-2)
 LONG = 2  # tuned AdamW also runs LONG·T steps, for speed-ups above 1
 MAX_EXTENSIONS = 2  # grid steps a sweep is extended by when its best lr is at an edge
 MIN_SWEEP = 3  # lrs a sweep needs to have an inside (and be extended at an edge): fewer is not a tuned baseline
-SWEPT = ("adamw", "muon", "learned")
+SWEPT = ("adamw", "adamw_constant", "muon", "learned")
+BASELINES = ("adamw", "adamw_constant", "muon")
 CURVE_POINTS = 20  # validation losses per run (plus step 0)
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 TASKS = ("digits_cnn", "char_lm", "hope_lm", "tabular_mlp")
@@ -238,14 +242,14 @@ def _muon_params(model: Any) -> tuple[list[Any], list[Any]]:
 
 def make_method(method: str, spec: OptimizerSpec | None, model: Any, lr: float, steps: int,
                 betas: tuple[float, float]) -> tuple[Any, list[Any]]:
-    """``(optimizer, schedulers)`` of ``method`` ("adamw", "muon", "learned", or "ablation:<name>")."""
+    """``(optimizer, schedulers)`` of ``method`` (one of ``BASELINES``, "learned", or "ablation:<name>")."""
     import torch
 
     import deepopt
 
-    if method == "adamw":
+    if method in ("adamw", "adamw_constant"):
         opt = torch.optim.AdamW(_groups(model), lr=lr, betas=betas)
-        return opt, [warmup_cosine(opt, steps)]
+        return opt, [warmup_cosine(opt, steps)] if method == "adamw" else []
     if method == "muon":
         matrices, rest = _muon_params(model)
         groups = [{"params": [p], "lr": lr * 0.2 * max(p.shape[0], p[0].numel()) ** 0.5
@@ -315,7 +319,7 @@ def plan(tasks: Sequence[str], seeds: Sequence[int], lrs: Sequence[float], spec:
         steps = task_steps(task, smoke)
         for seed in seeds:
             common = dict(task=task, seed=seed, steps=steps, smoke=smoke, device=device, optimizer=spec.text)
-            units += [dict(common, method=m, lr=lr, scale=1.0) for m in ("adamw", "muon") if m in methods
+            units += [dict(common, method=m, lr=lr, scale=1.0) for m in BASELINES if m in methods
                       for lr in lrs]
             if "learned" not in methods:
                 continue
@@ -359,7 +363,7 @@ def extend_sweeps(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _key(unit: dict[str, Any]) -> str:
     """A run's identity; the baselines' does not include ``--optimizer`` (they are shared by every study)."""
     keys = ("task", "seed", "steps", "smoke", "method", "lr", "device")
-    return json.dumps({k: unit[k] for k in keys + (("optimizer",) if unit["method"] not in ("adamw", "muon") else ())},
+    return json.dumps({k: unit[k] for k in keys + (("optimizer",) if unit["method"] not in BASELINES else ())},
                       sort_keys=True)
 
 
@@ -443,6 +447,9 @@ def summarise(results: list[dict[str, Any]], tasks: Sequence[str], seeds: Sequen
         entry["speedup"] = per_seed
         adam = entry["methods"]["adamw"]["mean"]
         entry["untuned_at_most_tuned_adamw"] = entry["methods"]["learned_untuned"]["mean"] <= adam
+        if "adamw_constant" in entry["methods"]:  # the better of AdamW's two schedules
+            best_adam = min(adam, entry["methods"]["adamw_constant"]["mean"])
+            entry["untuned_at_most_either_adamw"] = entry["methods"]["learned_untuned"]["mean"] <= best_adam
         summary["tasks"][task] = entry
     won = sum(t["untuned_at_most_tuned_adamw"] for t in summary["tasks"].values())
     summary["speedup_iqm"] = iqm(speedups)
@@ -454,15 +461,20 @@ def summarise(results: list[dict[str, Any]], tasks: Sequence[str], seeds: Sequen
         "speedup_iqm_at_least_1.2": {"value": summary["speedup_iqm"],
                                      "met": summary["speedup_iqm"] >= 1.2 if tuned else None},
     }
+    if all("untuned_at_most_either_adamw" in t for t in summary["tasks"].values()):
+        summary["untuned_at_most_either_adamw"] = sum(t["untuned_at_most_either_adamw"]
+                                                      for t in summary["tasks"].values())
     return summary
 
 
 def table(summary: dict[str, Any], command: str) -> str:
     """The README table: final validation loss (mean ± 95% CI; one seed: no interval, "n = 1") per task and
     method, speed-ups."""
-    methods = ["adamw", "muon", "learned", "learned_untuned"]
+    methods = ["adamw", *(["adamw_constant"] if "untuned_at_most_either_adamw" in summary else []), "muon",
+               "learned", "learned_untuned"]
     extra = sorted({m for t in summary["tasks"].values() for m in t["methods"] if m.startswith("ablation:")})
-    names = {"adamw": "AdamW + warm-up/cosine (tuned lr)", "muon": "Muon + AdamW (tuned lr)",
+    names = {"adamw": "AdamW + warm-up/cosine (tuned lr)", "adamw_constant": "AdamW, constant lr (tuned lr)",
+             "muon": "Muon + AdamW (tuned lr)",
              "learned": "learned (tuned lr)", "learned_untuned": "learned, untuned"}
     head = "| task | " + " | ".join(names.get(m, m.replace("ablation:", "untuned, ")) for m in methods + extra)
     lines = [f"`{command}`", "", head + " | speed-up (untuned vs tuned AdamW) |",
@@ -483,6 +495,9 @@ def table(summary: dict[str, Any], command: str) -> str:
               f"{tg['untuned_final_loss_at_most_tuned_adamw']['tasks']} of {len(summary['tasks'])} tasks (target ≥ 3: "
               f"{verdict[tg['untuned_final_loss_at_most_tuned_adamw']['met']]}). "
               "x+ = censored: tuned AdamW does not reach the loss within 2T."]
+    if "untuned_at_most_either_adamw" in summary:
+        lines[-1] += (f" Against the better of AdamW's two schedules: {summary['untuned_at_most_either_adamw']} of "
+                      f"{len(summary['tasks'])} tasks.")
     return "\n".join(lines) + "\n"
 
 
@@ -528,7 +543,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3; smoke 1)")
     p.add_argument("--lrs", default=None, help="the lr sweep (default 3e-4,1e-3,3e-3,1e-2,3e-2; smoke 3e-3,3e-2)")
     p.add_argument("--methods", default="adamw,muon,learned",
-                   help="the methods to run (a study without 'learned' runs the baselines only and writes no summary)")
+                   help="the methods to run, from adamw (required), adamw_constant (opt-in), muon, learned (a study "
+                        "without 'learned' runs the baselines only and writes no summary)")
     p.add_argument("--ablations", action="store_true", help="add untuned runs of the learned optimizer with each "
                    f"learned part off: {', '.join(ABLATIONS)}")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: an end-to-end check in seconds (CI)")
@@ -555,8 +571,8 @@ def run(args: argparse.Namespace) -> int:
     if not lrs or not all(v > 0 and math.isfinite(v) for v in lrs):
         raise UsageError(f"--lrs must be numbers > 0, got {args.lrs!r}")
     methods = [m for m in args.methods.split(",") if m]
-    if not methods or set(methods) - {"adamw", "muon", "learned"} or "adamw" not in methods:
-        raise UsageError(f"--methods must list adamw and any of muon, learned; got {args.methods!r}")
+    if not methods or set(methods) - {*BASELINES, "learned"} or "adamw" not in methods:
+        raise UsageError(f"--methods must list adamw and any of adamw_constant, muon, learned; got {args.methods!r}")
     spec = parse_optimizer(args.optimizer or DEFAULT)
     if args.ablations and spec.pretrained is None:
         raise UsageError("--ablations switches off the learned parts of a learned optimizer; --optimizer names a "

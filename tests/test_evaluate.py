@@ -93,6 +93,11 @@ def test_optimizer_specs_and_methods(learned):
     assert all(p.dim() >= 2 for p in opt.param_groups[0]["params"])
     opt, schedulers = make_method("ablation:no_deep", spec, problem.model, 0.002, 50, problem.adam_betas)
     assert opt.defaults["hidden"] == 0 and opt.defaults["memory_init"] is None
+    for method, n_schedulers in (("adamw", 1), ("adamw_constant", 0)):  # the same AdamW, with and without schedule
+        opt, schedulers = make_method(method, None, problem.model, 1e-3, 50, problem.adam_betas)
+        assert isinstance(opt, torch.optim.AdamW) and len(schedulers) == n_schedulers
+        assert opt.defaults["betas"] == problem.adam_betas and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0]
+    assert opt.param_groups[0]["lr"] == 1e-3
     opt, schedulers = make_method("muon", None, problem.model, 1e-3, 50, problem.adam_betas)
     muon, adam = opt.optimizers
     embed = problem.model.embed.weight
@@ -140,6 +145,18 @@ def test_speedup_counts_tuned_adamw_steps_and_censors_at_2t():
     assert swept["adamw_sweep_lrs"] == 3 and swept["tasks"]["t"]["methods"]["adamw"]["tuned_lr"] == 0.1
     assert swept["targets"]["untuned_final_loss_at_most_tuned_adamw"]["met"] is False
     assert swept["targets"]["speedup_iqm_at_least_1.2"]["met"] is True  # IQM of 0.5 and 2.0: 1.25
+    assert "untuned_at_most_either_adamw" not in swept and "constant lr" not in table(swept, "c")
+    # AdamW at a constant lr beside it: reported, and the untuned optimizer judged against the better schedule too
+    beaten = [dict(r, final=r["final"] + 1.0) if r["method"] == "adamw" else r for r in results]  # AdamW 2.0
+    for final, expected in ((1.69, 1), (1.09, 0)):  # untuned mean 1.2 vs min(2.0 cosine, final + 0.01 constant)
+        both = summarise(beaten + [row("adamw_constant", lr, s, 10, final + lr) for lr in (0.01, 0.1) for s in (0, 1)],
+                         ["t"], [0, 1])
+        assert both["tasks"]["t"]["methods"]["adamw_constant"]["tuned_lr"] == 0.01
+        assert both["tasks"]["t"]["untuned_at_most_tuned_adamw"] and both["untuned_at_most_either_adamw"] == expected
+        text = table(both, "c")
+        assert "AdamW, constant lr (tuned lr)" in text and f"two schedules: {expected} of 1" in text
+    assert summarise(results + [row("adamw_constant", 0.1, s, 10, 0.5) for s in (0, 1)], ["t"], [0, 1])["tasks"][
+        "t"]["speedup"] == entry["speedup"]  # speed-ups stay against AdamW with its cosine
 
 
 def test_suite_tasks_are_held_out_and_deterministic():
