@@ -339,9 +339,9 @@ def run(tasks: Sequence[str], optimizers: Sequence[str], out: Path, size: str = 
         progress: bool = False, resume: bool = False, on_start: Callable[[], Any] | None = None,
         schedules: Sequence[str] = SCHEDULES) -> dict[str, Any]:
     """The whole study: a sweep of lrs × ``schedules`` at seed 0, then ``seeds`` seeds at each best (lr, schedule);
-    writes ``results.csv``
-    (``resume``: keeps the runs it holds and trains the others) and returns the summary.  ``on_start`` is called
-    once the tasks' data are built and a resumed run's results read, before anything is written."""
+    writes ``results.csv`` (``resume``: keeps the runs it holds and trains the others) and returns the summary.
+    ``on_start`` is called once the tasks' data are built and a resumed run's results read, before anything is
+    written."""
     csv_path = out / "results.csv"
     done = read_results(csv_path) if resume and csv_path.is_file() else {}
     for t in tasks:  # build every problem (data, caches) once, before any worker starts
