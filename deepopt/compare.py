@@ -94,6 +94,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
               "hope_lm": {"steps": 3, "batch": 2, "context": 16, "size": "smoke", "max_bytes": 20_000}},
 }
 VAL_BATCHES = 8
+MAX_EXTENSIONS = 2  # grid steps a sweep whose best lr is at its edge is extended by (a sweep of 3+ lrs)
 SCHEDULES = ("cosine", "constant")  # --schedule: warm-up + cosine to 0, or a constant lr
 LEARNED = "learned"  # the shipped learned optimizer's own schedule, the only one it runs
 
@@ -357,15 +358,36 @@ def run(tasks: Sequence[str], optimizers: Sequence[str], out: Path, size: str = 
              for schedule in ((LEARNED,) if o == "shipped" else schedules)
              for lr in sweep_lrs(RECOMMENDED_LR[o], lrs, span)]
     swept = _run_all(sweep, done, workers, threads, csv_path, "lr sweep", progress)
-    best = {}
-    for t in tasks:
-        for o in optimizers:
-            rows = [r for r in swept if r["task"] == t and r["optimizer"] == o]
-            best[(t, o)] = min(rows, key=lambda r: (r["val_loss"], r["lr"], r["schedule"]))
+    for _ in range(MAX_EXTENSIONS):  # no optimizer is judged at the edge of its sweep
+        beyond = edge_extensions(swept, _best(swept, tasks, optimizers))
+        if not beyond:
+            break
+        swept += _run_all(beyond, done, workers, threads, csv_path, "lr sweep, extended at an edge", progress)
+    best = _best(swept, tasks, optimizers)
     extra = [RunSpec(t, o, best[(t, o)]["lr"], s, "seeds", size, device, best[(t, o)]["schedule"])
              for t in tasks for o in optimizers for s in range(1, seeds)]
     seeded = _run_all(extra, done, workers, threads, csv_path, "seeds", progress)
     return summarize(swept, seeded, best, tasks, optimizers)
+
+
+def _best(swept: list[dict[str, Any]], tasks: Sequence[str], optimizers: Sequence[str]) -> dict[tuple[str, str], dict]:
+    """Per (task, optimizer): the sweep run with the lowest final validation loss."""
+    return {(t, o): min((r for r in swept if r["task"] == t and r["optimizer"] == o),
+                        key=lambda r: (r["val_loss"], r["lr"], r["schedule"])) for t in tasks for o in optimizers}
+
+
+def edge_extensions(swept: list[dict[str, Any]], best: dict[tuple[str, str], dict]) -> list[RunSpec]:
+    """For each best run whose lr is the smallest or largest of its schedule's sweep (of 3+ lrs): the run one grid
+    step (the sweep's ratio) beyond it, at seed 0, under the same schedule."""
+    beyond = []
+    for r in best.values():
+        lrs = sorted({x["lr"] for x in swept if (x["task"], x["optimizer"], x["schedule"]) == (r["task"],
+                      r["optimizer"], r["schedule"])})
+        if len(lrs) < 3 or r["lr"] not in (lrs[0], lrs[-1]):
+            continue
+        lr = lrs[0] ** 2 / lrs[1] if r["lr"] == lrs[0] else lrs[-1] ** 2 / lrs[-2]
+        beyond.append(RunSpec(r["task"], r["optimizer"], float(lr), 0, "sweep", r["size"], r["device"], r["schedule"]))
+    return beyond
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:

@@ -111,11 +111,11 @@ def test_a_diverging_run_is_recorded_not_raised():
 
 
 def test_best_lr_and_seeds_follow_the_protocol(tmp_path):
-    summary = compare.run(["digits_mlp"], ["torch_adamw", "m3"], tmp_path, size="smoke", lrs=3, seeds=2,
+    summary = compare.run(["digits_mlp"], ["torch_adamw", "m3"], tmp_path, size="smoke", lrs=2, seeds=2,
                           schedules=("cosine",))
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * (3 + 1)
+    assert len(rows) == 2 * (2 + 1)  # a 2-lr sweep is all edges: never extended
     for name in ("torch_adamw", "m3"):
         sweep = [r for r in rows if r["optimizer"] == name and r["phase"] == "sweep"]
         best = min(sweep, key=lambda r: float(r["val_loss"]))
@@ -124,6 +124,23 @@ def test_best_lr_and_seeds_follow_the_protocol(tmp_path):
         result = summary["results"]["digits_mlp"][name]
         assert math.isclose(result["best_lr"], float(best["lr"]))
         assert math.isclose(result["mean"], (float(best["val_loss"]) + float(seeded[0]["val_loss"])) / 2)
+
+
+def test_a_best_lr_at_the_edge_of_its_sweep_is_extended_by_a_grid_step():
+    """Only a best run at the smallest or largest lr of its own schedule's sweep (3+ lrs) gets a run beyond it."""
+    def row(opt, lr, loss, schedule="cosine"):
+        return dict(task="t", optimizer=opt, lr=lr, seed=0, phase="sweep", size="smoke", device="cpu",
+                    schedule=schedule, val_loss=loss)
+    swept = [row("a", lr, loss) for lr, loss in ((0.01, 3.0), (0.1, 2.0), (1.0, 1.0))]  # best at the top edge
+    swept += [row("a", lr, 5.0, "constant") for lr in (10.0, 100.0, 1000.0)]  # another schedule's grid
+    swept += [row("b", lr, loss) for lr, loss in ((0.01, 1.0), (0.1, 2.0), (1.0, 3.0))]  # best at the bottom edge
+    swept += [row("c", lr, loss) for lr, loss in ((0.01, 2.0), (0.1, 1.0), (1.0, 3.0))]  # inside: none
+    swept += [row("d", lr, loss) for lr, loss in ((0.1, 1.0), (1.0, 3.0))]  # two lrs: none
+    best = compare._best(swept, ["t"], ["a", "b", "c", "d"])
+    beyond = {s.optimizer: s for s in compare.edge_extensions(swept, best)}
+    assert set(beyond) == {"a", "b"}
+    assert math.isclose(beyond["a"].lr, 10.0) and beyond["a"].schedule == "cosine" and beyond["a"].seed == 0
+    assert math.isclose(beyond["b"].lr, 0.001) and beyond["b"].phase == "sweep"
 
 
 def test_resume_keeps_finished_runs_and_trains_the_rest(tmp_path):
@@ -139,7 +156,7 @@ def test_resume_keeps_finished_runs_and_trains_the_rest(tmp_path):
                           resume=True, schedules=("cosine",))
     assert resumed == fresh
     rows = (tmp_path / "b" / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4 and rows[1:3] == [line.rstrip("\r\n") for line in lines[1:3]]
+    assert len(rows) == len(lines) and rows[1:3] == [line.rstrip("\r\n") for line in lines[1:3]]
 
 
 def test_smoke_cli_writes_every_output(tmp_path, capsys):
