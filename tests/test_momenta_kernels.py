@@ -3,7 +3,9 @@ objective, W₂ fixed, decoupled weight decay) run fused: the C kernel (``deep_c
 kernels (``deep_kernels.momenta_step_``, under the interpreter) against the equations in float64."""
 
 import platform
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +18,9 @@ SHAPES = [(7, 5), (1500,), (40, 33), (3,), (70000,)]  # tails of 3, 12, 8, 3 and
 H, J = 8, 2
 
 
-def reference(p, g, m, v, e, w1, w2, w1_0, lr, bc2, gammas, alpha, beta2, eps, eta, wd):
-    """The rule's equations for one tensor in float64: returns new (p, m, v, e, w1)."""
+def reference(p, g, m, v, e, w1, w2, w1_0, lr, bc2, gammas, alpha, beta2, eps, eta, wd, features=torch.tanh):
+    """The rule's equations for one tensor in float64 (``features``: Φ's map, tanh in the rule): returns new
+    (p, m, v, e, w1)."""
     p, g, m, v, e, w1, w2, w1_0 = (x.double() for x in (p, g, m, v, e, w1, w2, w1_0))
     v = beta2 * v + (1 - beta2) * g * g
     pre = g / ((v / bc2).sqrt() + eps)
@@ -25,7 +28,7 @@ def reference(p, g, m, v, e, w1, w2, w1_0, lr, bc2, gammas, alpha, beta2, eps, e
     gam = gammas.double().reshape(-1, *(1,) * g.dim())
     e = gam * e + (1 - gam) * pre
     keys = torch.stack([pre, (1 - alpha) * m, *e.unbind(0)], dim=-1).reshape(-1, 2 + J)
-    phi = torch.tanh(keys @ w2.mT)
+    phi = features(keys @ w2.mT)
     read = (phi @ w1.mT).reshape(g.shape)
     p = p - lr * (m + read) - lr * wd * p
     w1 = alpha * w1 + (1 - alpha) * w1_0 + eta * (pre.reshape(-1) @ phi / pre.numel()).unsqueeze(0)
@@ -61,6 +64,28 @@ def test_c_kernel_equals_the_equations(threads, hidden):
                            hp["beta2"], hp["eps"], hp["eta"], hp["wd"], threads=threads)
     for i, w in enumerate(want):
         check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
+
+
+@pytest.mark.parametrize("features", ["softsign", "linear"])
+def test_roofline_variant_kernels_compute_their_feature_maps(features):
+    """``benchmarks/momenta_roofline.py`` times what-if kernels whose tanh line is replaced: they must compute the
+    equations with softsign / linear features, or its rows would time something else."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import momenta_roofline
+    lib = momenta_roofline.variant_library(features, H, J)
+    if lib is None:
+        pytest.skip("no C compiler")
+    feature_map = {"softsign": torch.nn.functional.softsign, "linear": lambda z: z}[features]
+    ps, gs, ms, vs, es, w1s, w2s, hp = case()
+    want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
+                      hp["eps"], hp["eta"], hp["wd"], features=feature_map)
+            for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
+    with momenta_roofline.routed_to(lib):
+        deep_cpu.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"],
+                               hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"], threads=2)
+    for i, w in enumerate(want):
+        check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
+    assert deep_cpu._momenta_library(H, J) is not lib   # the shipped kernel is untouched
 
 
 @pytest.mark.parametrize("isa_flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"])
