@@ -3,12 +3,11 @@ several memory sizes, and what-if versions of its feature map, against torch's f
 
     python benchmarks/momenta_roofline.py [--param-set transformer-12M] [--repeats 9] [--threads 1]
 
-Rows: the kernel as shipped (tanh features) at hidden H ∈ {8, 4, 2} and J ∈ {2, 1} extra time scales (the shipped
-optimizer is H = 8, J = 2; every row is a configuration ``DeepMomentum(keys="momenta")`` accepts), and two variants
-built from the same C source with one line changed, which no class runs:
-
-* ``softsign``: Φ = z/(1 + |z|) in place of tanh(z) (an absolute value, an add, a reciprocal: no exponential);
-* ``linear``: Φ = z, no activation at all: what is left is the read-out's multiply-adds and the memory traffic.
+Rows: the kernel at hidden H ∈ {8, 4, 2} and J ∈ {2, 1} extra time scales, with tanh features (the shipped
+optimizer is tanh, H = 8, J = 2) and softsign features Φ = z/(1 + |z|) (an absolute value, an add and a reciprocal
+where tanh takes an exponential): every such row is a configuration ``DeepMomentum(keys="momenta")`` runs on this
+kernel.  And ``linear``, a what-if no class runs: the softsign kernel with its feature line replaced by Φ = z, so
+what is left is the memory's multiply-adds and the memory traffic.
 
 Each row prints its median step (round-robin rounds, the first dropped) and its ratio to fused AdamW measured in
 the same run, beside the ratio of bytes moved per coordinate: the kernel reads p, g, m, v and the J traces and
@@ -30,25 +29,24 @@ from deepopt.optimizers import deep_cpu
 
 from deepopt.bench import PARAM_SETS
 
-TANH_FEATURES = "EXP_FAST(vc, vci, z);\n        vc phi = 2.0f * recip_c(1.0f + z) - 1.0f;"
-# the kernel forms z = -2 W₂k (w2n): a = W₂k = -z/2, softsign(a) = -z/(2 + |z|)
-VARIANTS = {
-    "tanh": None,
-    "softsign": "vc phi = -z * recip_c(2.0f + (vc)((vci)z & 0x7fffffff));",
-    "linear": "vc phi = -0.5f * z;",
-}
+# the softsign kernel's feature line (its z is W₂k), and the what-if that replaces it
+SOFTSIGN_FEATURES = "static inline vc features_c(vc z) { return z * recip_c(1.0f + (vc)((vci)z & 0x7fffffff)); }"
+LINEAR_FEATURES = "static inline vc features_c(vc z) { return z; }"
+ACTIVATIONS = ("tanh", "softsign", "linear")
 
 
 def variant_library(activation: str, hidden: int, scales: int):
-    """The momenta kernel for ``hidden``, ``scales``, its tanh features replaced by ``VARIANTS[activation]``."""
+    """The momenta kernel for ``hidden``, ``scales`` and features ``activation`` (``linear``: the softsign
+    kernel with its feature line replaced by ``LINEAR_FEATURES``)."""
+    if activation != "linear":
+        return deep_cpu._momenta_library(hidden, scales, activation)
     source = deep_cpu.SOURCE
-    if VARIANTS[activation] is not None:
-        if TANH_FEATURES not in source:
-            raise SystemExit("momenta_roofline.py: the kernel's tanh line changed; update TANH_FEATURES")
-        deep_cpu.SOURCE = source.replace(TANH_FEATURES, VARIANTS[activation])
+    if SOFTSIGN_FEATURES not in source:
+        raise SystemExit("momenta_roofline.py: the kernel's softsign line changed; update SOFTSIGN_FEATURES")
+    deep_cpu.SOURCE = source.replace(SOFTSIGN_FEATURES, LINEAR_FEATURES)
     deep_cpu._momenta_library.cache_clear()
     try:
-        return deep_cpu._momenta_library(hidden, scales)
+        return deep_cpu._momenta_library(hidden, scales, "softsign")
     finally:
         deep_cpu.SOURCE = source
         deep_cpu._momenta_library.cache_clear()
@@ -58,7 +56,7 @@ def variant_library(activation: str, hidden: int, scales: int):
 def routed_to(lib) -> Iterator[None]:
     """``deep_cpu.momenta_step_`` runs ``lib`` (it looks its library up by shape) inside the block."""
     shipped = deep_cpu._momenta_library
-    deep_cpu._momenta_library = lambda hidden, scales: lib
+    deep_cpu._momenta_library = lambda *shape: lib
     try:
         yield
     finally:
@@ -81,7 +79,8 @@ def kernel_step(activation: str, hidden: int, scales: int, params: list[torch.Te
         with routed_to(lib):
             deep_cpu.momenta_step_(params, grads, **state, w1_0=torch.zeros(1, hidden), lr=torch.full((count,), 1e-6),
                                    bias_correction2=torch.ones(count), timescales=torch.linspace(0.6, 0.98, scales),
-                                   alpha=0.87, beta2=0.9, eps=1e-8, eta=0.13, weight_decay=0.1, threads=1)
+                                   alpha=0.87, beta2=0.9, eps=1e-8, eta=0.13, weight_decay=0.1,
+                                   activation="tanh" if activation == "tanh" else "softsign", threads=1)
     return step
 
 
@@ -104,7 +103,7 @@ def main() -> None:
     for p, g in zip(adamw.param_groups[0]["params"], grads):
         p.grad = g.clone()
     steps = {("torch AdamW fused", 0, 0): adamw.step}
-    for activation in VARIANTS:
+    for activation in ACTIVATIONS:
         for hidden in (8, 4, 2):
             for scales in (2, 1):
                 steps[(activation, hidden, scales)] = kernel_step(activation, hidden, scales, params, grads)

@@ -121,9 +121,10 @@ def _optimizer_scenario(label: str, make: Callable[[list[Tensor]], torch.optim.O
     return Scenario(name, "optimizers", run, routed, ci)
 
 
-def _momenta_scenario(dtype: torch.dtype) -> Scenario:
-    """The shipped learned optimizer's kernels (``deep_kernels.momenta_step_``, hidden 8, two time scales) on
-    GPT-2 124M's shapes, as ``benchmarks/momenta_step.py`` and DeepMomentum's ``keys="momenta"`` route them."""
+def _momenta_scenario(dtype: torch.dtype, hidden: int = 8, scales: int = 2, activation: str = "tanh") -> Scenario:
+    """The momenta layout's kernels (``deep_kernels.momenta_step_``; the shipped learned optimizer's: hidden 8, two
+    time scales, tanh) on GPT-2 124M's shapes, as ``benchmarks/momenta_step.py`` and DeepMomentum's
+    ``keys="momenta"`` route them."""
     def run() -> None:
         from deepopt.optimizers import deep_kernels
 
@@ -132,15 +133,17 @@ def _momenta_scenario(dtype: torch.dtype) -> Scenario:
         with fake_cuda() as mode:
             ps = [cuda_tensor(mode, s, dtype) for s in gpt2_shapes()]
             gs, ms, vs = ([torch.empty_like(p) for p in ps] for _ in range(3))
-            es = [cuda_tensor(mode, (2, *p.shape), dtype) for p in ps]
-            w1 = [cuda_tensor(mode, (1, 8), torch.float32) for _ in ps]
-            w2 = [cuda_tensor(mode, (8, 4), torch.float32) for _ in ps]
+            es = [cuda_tensor(mode, (scales, *p.shape), dtype) for p in ps]
+            w1 = [cuda_tensor(mode, (1, hidden), torch.float32) for _ in ps]
+            w2 = [cuda_tensor(mode, (hidden, 2 + scales), torch.float32) for _ in ps]
             vec = cuda_tensor(mode, (len(ps),), torch.float32)
-            deep_kernels.momenta_step_(ps, gs, ms, vs, es, w1, w2, cuda_tensor(mode, (1, 8), torch.float32), vec,
-                                       vec, cuda_tensor(mode, (2,), torch.float32), 0.9, 0.95, 1e-8, 0.1, 0.1)
+            deep_kernels.momenta_step_(ps, gs, ms, vs, es, w1, w2, cuda_tensor(mode, (1, hidden), torch.float32), vec,
+                                       vec, cuda_tensor(mode, (scales,), torch.float32), 0.9, 0.95, 1e-8, 0.1, 0.1,
+                                       activation=activation)
 
-    return Scenario(f"DeepMomentum shipped (momenta h8 J2) {str(dtype).removeprefix('torch.')} {GPT2}", "optimizers",
-                    run)
+    label = "shipped (momenta h8 J2)" if (hidden, scales, activation) == (8, 2, "tanh") else \
+        f"momenta h{hidden} J{scales} {activation}"
+    return Scenario(f"DeepMomentum {label} {str(dtype).removeprefix('torch.')} {GPT2}", "optimizers", run)
 
 
 def _hope_scenario(size: str, dtype: torch.dtype, ci: tuple[int, ...] = (), tf32: bool = False) -> Scenario:
@@ -241,6 +244,7 @@ def scenarios() -> list[Scenario]:
             ps, hidden=h, key_dim=kd), f32, tf32=tf32, ci=(90,) if (h, kd) in ((64, 16), (256, 16)) else ())
           for h, kd in ((32, 16), (64, 16), (128, 16), (256, 16), (16, 32), (64, 64)) for tf32 in (False, True)),
         *(_momenta_scenario(dt) for dt in (f32, bf16)),
+        _momenta_scenario(f32, 2, 1, "softsign"),
         *(_hope_scenario(size, dt, ci=(90,) if (size, dt) == ("tiny", f32) else (), tf32=tf32) for size in HOPE_SIZES
           for dt, tf32 in HOPE_DTYPES),
         *(_cms_scenario(size, dt, ci=(both if (dt, tf32) == (f32, False) else (90,)) if size == "base" else (),

@@ -221,7 +221,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
       "(default 0.5,0.99)")
     a("--lr-warmup", type=float, help="deep_momentum: warm-up fraction of the schedule's horizon (default 0: off)")
     a("--eta2", type=float, help="DeepMomentum keys=momenta: W2's online step η₂ (default 0: W2 fixed online)")
-    a("--activation", default="tanh", choices=("tanh", "relu", "gelu", "silu", "identity"),
+    a("--activation", default="tanh", choices=("tanh", "relu", "gelu", "silu", "softsign", "identity"),
       help="DeepMomentum: the memory's activation σ")
     a(
         "--key-source",

@@ -313,7 +313,8 @@ int deep_momentum_step(int T, float **p, const float **g, float **m, float **w1,
 #endif
 
 /* ---- keys="momenta" (the shipped learned optimizer): every coordinate one key, one pass per tensor ----
-   H hidden units, MJ time scales (compile-time: -DH=.. -DMJ=..), F = 2 + MJ features; VL coordinates a vector. */
+   H hidden units, MJ time scales, MACT the features (0 tanh, 1 softsign) (compile-time: -DH=.. -DMJ=.. -DMACT=..),
+   F = 2 + MJ keys; VL coordinates a vector. */
 #ifdef MJ
 #if defined(__AVX512F__)
 #define VL 16   /* one zmm register a vector: acc[H] and the keys stay in the 32 registers */
@@ -381,11 +382,23 @@ typedef struct {
 /* One tensor's scalars, copied out of the context so that the stores of a block cannot alias them */
 typedef struct { float lr, inv_bc2, alpha, beta2, eps, wd, gamma[MJ]; } mscal_t;
 
-/* VL coordinates i0.. of a tensor: the rule's per-coordinate step; C[h] += p_i tanh(z_ih) in `acc`.  w2n = -2 W2
-   (tanh(z) = 2 sigma(2z) - 1 = 2/(1 + e^{-2z}) - 1) */
+/* The features Phi = act(a), a = W2 k, from z = W2S_SCALE a (-DMACT=..): tanh(a) = 2 sigma(2a) - 1 = 2/(1 + e^z) - 1
+   with z = -2a; softsign(a) = a/(1 + |a|) with z = a */
+#if MACT == 1
+#define W2S_SCALE 1.0f
+static inline vc features_c(vc z) { return z * recip_c(1.0f + (vc)((vci)z & 0x7fffffff)); }
+#else
+#define W2S_SCALE -2.0f
+static inline vc features_c(vc z) {
+    EXP_FAST(vc, vci, z);
+    return 2.0f * recip_c(1.0f + z) - 1.0f;
+}
+#endif
+
+/* VL coordinates i0.. of a tensor: the rule's per-coordinate step; C[h] += p_i Phi_ih in `acc`; w2s = W2S_SCALE W2 */
 static inline __attribute__((always_inline)) void momenta_block(const mscal_t k, float *p, const float *g,
                                                                 float *m, float *v, float *e, int64_t n, int64_t i0,
-                                                                const float *w1, const float *w2n, vc acc[H]) {
+                                                                const float *w1, const float *w2s, vc acc[H]) {
     vc gv = load_c(g + i0), vv = k.beta2 * load_c(v + i0) + (1.0f - k.beta2) * gv * gv;
     store_c(v + i0, vv);
     vc pv = gv / (sqrt_c(vv * k.inv_bc2) + k.eps), mv = k.alpha * load_c(m + i0) + pv, key[2 + MJ];
@@ -403,9 +416,8 @@ static inline __attribute__((always_inline)) void momenta_block(const mscal_t k,
     for (int h = 0; h < H; h++) {   /* unrolled: acc and key stay in registers */
         vc z = (vc){0};
 #pragma GCC unroll 8
-        for (int f = 0; f < 2 + MJ; f++) z += w2n[h * (2 + MJ) + f] * key[f];
-        EXP_FAST(vc, vci, z);
-        vc phi = 2.0f * recip_c(1.0f + z) - 1.0f;
+        for (int f = 0; f < 2 + MJ; f++) z += w2s[h * (2 + MJ) + f] * key[f];
+        vc phi = features_c(z);
         read += w1[h] * phi;
         acc[h] += pv * phi;
     }
@@ -426,9 +438,9 @@ static void *momenta_worker(void *argp) {
         double *slot = c->corr + ((int64_t)(t & 1) * c->nt + tid) * H;
         if (tid < team) {
             const int64_t b0 = nv * tid / team, b1 = nv * (tid + 1) / team;
-            float w1[H], w2n[H * (2 + MJ)];
+            float w1[H], w2s[H * (2 + MJ)];
             for (int h = 0; h < H; h++) w1[h] = c->w1[t][h];
-            for (int f = 0; f < H * (2 + MJ); f++) w2n[f] = -2.0f * c->w2[t][f];
+            for (int f = 0; f < H * (2 + MJ); f++) w2s[f] = W2S_SCALE * c->w2[t][f];
             mscal_t k = {c->lr[t], 1.0f / c->bc2[t], c->alpha, c->beta2, c->eps, c->wd, {0}};
             for (int j = 0; j < MJ; j++) k.gamma[j] = c->gamma[j];
             float *p = c->p[t], *m = c->m[t], *v = c->v[t], *e = c->e[t];
@@ -438,7 +450,7 @@ static void *momenta_worker(void *argp) {
             for (int64_t bs = b0; bs < b1; bs += FLUSH) {
                 for (int h = 0; h < H; h++) acc[h] = (vc){0};
                 const int64_t be = bs + FLUSH < b1 ? bs + FLUSH : b1;
-                for (int64_t b = bs; b < be; b++) momenta_block(k, p, g, m, v, e, n, b * VL, w1, w2n, acc);
+                for (int64_t b = bs; b < be; b++) momenta_block(k, p, g, m, v, e, n, b * VL, w1, w2s, acc);
                 for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
             }
             if (tid == team - 1 && nv * VL < n) {   /* the tail, zero-padded: p = 0 there adds nothing to C */
@@ -450,7 +462,7 @@ static void *momenta_worker(void *argp) {
                     for (int j = 0; j < MJ; j++) te[j * VL + i] = e[j * n + nv * VL + i];
                 }
                 for (int h = 0; h < H; h++) acc[h] = (vc){0};
-                momenta_block(k, tp, tg, tm, tv, te, VL, 0, w1, w2n, acc);
+                momenta_block(k, tp, tg, tm, tv, te, VL, 0, w1, w2s, acc);
                 for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
                 for (int64_t i = 0; i < r; i++) {
                     p[nv * VL + i] = tp[i]; m[nv * VL + i] = tm[i]; v[nv * VL + i] = tv[i];
@@ -542,9 +554,10 @@ def _library(key_dim: int, hidden: int) -> ctypes.CDLL | None:
 
 
 @cache
-def _momenta_library(hidden: int, timescales: int) -> ctypes.CDLL | None:
-    """The momenta layout's kernel for ``H = hidden`` and ``MJ = timescales``."""
-    lib = _build(f"momenta_h{hidden}_j{timescales}", (("H", hidden), ("MJ", timescales)))
+def _momenta_library(hidden: int, timescales: int, activation: str = "tanh") -> ctypes.CDLL | None:
+    """The momenta layout's kernel for ``H = hidden``, ``MJ = timescales`` and the features ``activation``."""
+    lib = _build(f"momenta_{activation}_h{hidden}_j{timescales}",
+                 (("H", hidden), ("MJ", timescales), ("MACT", MOMENTA_ACTIVATIONS[activation])))
     if lib is not None:
         fn = lib.momenta_step
         fn.argtypes = [ctypes.c_int, *([_PTRS] * 7), ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
@@ -589,33 +602,36 @@ def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Te
 
 MOMENTA_HIDDEN = (1, 2, 4, 8, 16, 32, 64)  # the H the momenta kernel takes
 MAX_TIMESCALES = 4
+MOMENTA_ACTIVATIONS = {"tanh": 0, "softsign": 1}  # the momenta kernel's features, as its MACT codes
 
 
-def momenta_available(hidden: int, timescales: int) -> bool:
-    """Whether the momenta layout's kernel can run: enabled, tanh features, ``hidden`` in ``MOMENTA_HIDDEN``,
-    1 to ``MAX_TIMESCALES`` time scales, and a C compiler to build it."""
-    return (os.environ.get("DEEPOPT_CPU_KERNELS", "1") != "0" and hidden in MOMENTA_HIDDEN
-            and 1 <= timescales <= MAX_TIMESCALES and _momenta_library(hidden, timescales) is not None)
+def momenta_available(hidden: int, timescales: int, activation: str = "tanh") -> bool:
+    """Whether the momenta layout's kernel can run: enabled, features in ``MOMENTA_ACTIVATIONS``, ``hidden`` in
+    ``MOMENTA_HIDDEN``, 1 to ``MAX_TIMESCALES`` time scales, and a C compiler to build it."""
+    return (os.environ.get("DEEPOPT_CPU_KERNELS", "1") != "0" and activation in MOMENTA_ACTIVATIONS
+            and hidden in MOMENTA_HIDDEN and 1 <= timescales <= MAX_TIMESCALES
+            and _momenta_library(hidden, timescales, activation) is not None)
 
 
 def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], exp_avg_sqs: list[Tensor],
                   timescale_bufs: list[Tensor], w1: list[Tensor], w2: list[Tensor], w1_0: Tensor, lr: Tensor,
                   bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float, eta: float,
-                  weight_decay: float, threads: int | None = None) -> None:
-    """One step of the momenta layout (the shipped learned optimizer: Adam preconditioner, tanh features, dot
-    objective, W₂ fixed, decoupled weight decay) over contiguous fp32 CPU tensors, in place on ``params``, ``bufs``
+                  weight_decay: float, activation: str = "tanh", threads: int | None = None) -> None:
+    """One step of the momenta layout (the shipped learned optimizer: Adam preconditioner, tanh or softsign
+    features σ, dot objective, W₂ fixed, decoupled weight decay) over contiguous fp32 CPU tensors, in place on
+    ``params``, ``bufs``
     (m), ``exp_avg_sqs`` (v), ``timescale_bufs`` (e, ``(J, *shape)``) and ``w1`` (``(1, H)`` each; ``w2`` is
     ``(H, 2 + J)``).  Per coordinate i, with ``lr`` and ``bias_correction2`` ``(T,)`` fp32 tensors of the
     tensors' ``lr_t`` and ``1 − β₂ᵗ``::
 
         v ← β₂v + (1 − β₂)g²;   p = g/(√(v/(1 − β₂ᵗ)) + ε);   m ← αm + p;   e_j ← γ_j e_j + (1 − γ_j)p
-        k = (p, (1 − α)m, e_1 … e_J);   Φ = tanh(W₂k);   W ← W − lr_t·(m + W₁Φ) − lr_t·wd·W
+        k = (p, (1 − α)m, e_1 … e_J);   Φ = σ(W₂k);   W ← W − lr_t·(m + W₁Φ) − lr_t·wd·W
         W₁ ← αW₁ + (1 − α)W₁⁰ + η·mean_i(p_i Φ_i)                        (after the pass: W₁ is read before)
 
     One pass over each tensor (threads split the large ones), C summed in double.  ``momenta_available`` must
     hold."""
     hidden, count, n_scales = w1[0].shape[-1], len(params), timescales.numel()
-    lib = _momenta_library(hidden, n_scales)
+    lib = _momenta_library(hidden, n_scales, activation)
     threads = max(1, min(64, threads or torch.get_num_threads()))
     table = ctypes.c_void_p * count
 

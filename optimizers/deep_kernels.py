@@ -158,9 +158,10 @@ if triton is not None:
     def _momenta_kernel(p_table, g_table, m_table, v_table, e_table, w1_table, w2_table, numels, block_tensor,
                         block_start, lr, bias_correction2, gammas, corr, alpha, beta2, eps, weight_decay,
                         DTYPE: tl.constexpr, H: tl.constexpr, J: tl.constexpr, BLOCK: tl.constexpr,
-                        TILES: tl.constexpr):
+                        TILES: tl.constexpr, ACT: tl.constexpr):
         """The momenta layout's per-coordinate step over ``TILES`` tiles of ``BLOCK`` coordinates (equations:
-        ``momenta_step_``); ``C[t, h] += Σ_i p_i Φ_ih`` by one atomic add per hidden unit and work item."""
+        ``momenta_step_``; ``ACT``: ``MOMENTA_ACTIVATIONS``); ``C[t, h] += Σ_i p_i Φ_ih`` by one atomic add per
+        hidden unit and work item."""
         work = tl.program_id(0)
         t = tl.load(block_tensor + work)
         numel = tl.load(numels + t)
@@ -188,7 +189,10 @@ if triton is not None:
                 e = gamma * tl.load(e_ptr + j * numel + offs, mask=mask, other=0.0).to(tl.float32) + (1 - gamma) * pv
                 tl.store(e_ptr + j * numel + offs, e.to(DTYPE), mask=mask)
                 z += e[:, None] * tl.load(w2 + hs * (2 + J) + 2 + j)[None, :]
-            phi = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh, (BLOCK, H)
+            if ACT == 1:
+                phi = z / (1.0 + tl.abs(z))  # softsign, (BLOCK, H)
+            else:
+                phi = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh
             read = tl.sum(phi * tl.load(w1 + hs)[None, :], axis=1)
             acc += tl.sum(pv[:, None] * phi, axis=0)
             w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -247,6 +251,7 @@ def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Te
 # coordinates per tile (its (BLOCK, H) features stay in registers: 154 on sm_90, no spill) and tiles per work item
 MOMENTA_BLOCK, MOMENTA_TILES = 512, 8
 MOMENTA_MAX_HIDDEN = 64
+MOMENTA_ACTIVATIONS = {"tanh": 0, "softsign": 1}  # the momenta kernel's features, as its ACT codes
 
 
 def momenta_available(params: list[Tensor], hidden: int) -> bool:
@@ -260,13 +265,15 @@ def momenta_available(params: list[Tensor], hidden: int) -> bool:
 def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], exp_avg_sqs: list[Tensor],
                   timescale_bufs: list[Tensor], w1: list[Tensor], w2: list[Tensor], w1_0: Tensor, lr: Tensor,
                   bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float, eta: float,
-                  weight_decay: float) -> None:
+                  weight_decay: float, activation: str = "tanh") -> None:
     """The momenta layout's step (the shipped learned optimizer; equations: ``deep_cpu.momenta_step_``) over
     dense fp32/bf16 tensors on one device in two launches: the per-coordinate pass (W₁ read, ``C`` reduced by
     atomics) and W₁'s write.  ``w1``/``w2`` are fp32 ``(1, H)``/``(H, 2 + J)`` tensors, ``lr`` and
     ``bias_correction2`` ``(T,)`` tensors on the device; nothing is read on the host.  Memory traffic: g, W, m, v
     and the J time-scale buffers read, all but g written: ``5 + 2J`` passes (9 with J = 2; fused AdamW's 7)."""
     hidden, count, n_scales = w1[0].shape[-1], len(params), timescales.numel()
+    if activation not in MOMENTA_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(MOMENTA_ACTIVATIONS)}, got {activation!r}")
     if not momenta_available(params, hidden):
         raise ValueError(f"momenta_step_ takes dense non-empty fp32/bf16 tensors on one device and hidden a power of "
                          f"two up to {MOMENTA_MAX_HIDDEN} (got hidden {hidden}; see deep_kernels.momenta_available)")
@@ -280,6 +287,7 @@ def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
     _momenta_kernel[(block_tensor.numel(),)](*tables, numels, block_tensor, block_start, lr, bias_correction2,
                                              gammas, corr, float(alpha), float(beta2), float(eps),
                                              float(weight_decay), DTYPE=_TRITON_DTYPES[params[0].dtype], H=hidden,
-                                             J=n_scales, BLOCK=MOMENTA_BLOCK, TILES=MOMENTA_TILES)
+                                             J=n_scales, BLOCK=MOMENTA_BLOCK, TILES=MOMENTA_TILES,
+                                             ACT=MOMENTA_ACTIVATIONS[activation])
     _momenta_memory_kernel[(count,)](tables[5], w1_0.to(device=device, dtype=torch.float32).reshape(-1), numels,
                                      corr, float(alpha), float(eta), H=hidden)

@@ -26,6 +26,7 @@ from .momentum import foreach_output_nonlinearity, foreach_precondition
 _FOREACH_ACTIVATIONS = {
     "tanh": torch._foreach_tanh_,
     "relu": lambda ts: torch._foreach_clamp_min_(ts, 0.0),
+    "softsign": lambda ts: torch._foreach_div_(ts, torch._foreach_add(torch._foreach_abs(ts), 1.0)),
     "identity": lambda ts: None,
 }
 # the CPU loop's activations, in place on a block of pre-activations z' = pre·z: Φ up to a positive factor, which
@@ -130,11 +131,13 @@ def _triton_applies(group: dict[str, Any], params: list[Tensor]) -> bool:
 
 def _momenta_options(group: dict[str, Any]) -> bool:
     """The options the momenta kernels (``deep_cpu.momenta_step_``, ``deep_kernels.momenta_step_``) cover, the
-    shipped learned optimizer's: ``keys="momenta"`` with a deep branch, Adam preconditioner, tanh features, the
-    dot objective, W₂ fixed (``eta2 = 0``), no output nonlinearity, and decoupled (or no) weight decay; any lr
-    schedule (``lr_t`` is passed per tensor).  Hyperparameters held as tensors take the torch path."""
+    shipped learned optimizer's: ``keys="momenta"`` with a deep branch, Adam preconditioner, tanh or softsign
+    features, the dot objective, W₂ fixed (``eta2 = 0``), no output nonlinearity, and decoupled (or no) weight
+    decay; any lr schedule (``lr_t`` is passed per tensor).  Hyperparameters held as tensors take the torch
+    path."""
     return (group["keys"] == "momenta" and group["hidden"] > 0 and group["preconditioner"] == "adam"
-            and group["activation"] == "tanh" and group["objective"] == "dot" and group["nonlinearity"] is None
+            and group["activation"] in deep_cpu.MOMENTA_ACTIVATIONS and group["objective"] == "dot"
+            and group["nonlinearity"] is None
             and is_zero(group["eta2"])
             and (decoupled(group) or is_zero(group["weight_decay"])))
 
@@ -150,7 +153,7 @@ def _momenta_kernel(group: dict[str, Any], params: list[Tensor],
     if device == "cpu":
         tensors = [*params, *(st[k] for st in states for k in _MOMENTA_STATE)]
         if (all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-                and deep_cpu.momenta_available(hidden, scales)):
+                and deep_cpu.momenta_available(hidden, scales, group["activation"])):
             return deep_cpu.momenta_step_
     elif device == "cuda" and deep_kernels.momenta_available(params, hidden) and all(
             st[k].is_contiguous() for st in states for k in _MOMENTA_STATE):
@@ -369,7 +372,8 @@ class DeepMomentum(MemoryOptimizer):
         kernel(params, [g.contiguous() for g in grads], [st["momentum_buffer"] for st in states],
                [st["exp_avg_sq"] for st in states], [st["timescale_buffers"] for st in states], w1_run, w2_run,
                self._anchor(group, params[0])[0], lr, bias_correction2, self._timescales(group, device),
-               group["momentum"], group["beta2"], group["eps"], group["eta"], group["weight_decay"])
+               group["momentum"], group["beta2"], group["eps"], group["eta"], group["weight_decay"],
+               activation=group["activation"])
         if w1_run is not w1s:
             torch._foreach_copy_(w1s, w1_run)
 

@@ -229,7 +229,8 @@ def test_cpu_loop_equals_the_rule(chunk, options, monkeypatch):
     assert (ours - ref).abs().max() <= 1e-12
 
 
-@pytest.mark.parametrize("options", [dict(), dict(activation="relu"), dict(objective="l2", preconditioner="adam"),
+@pytest.mark.parametrize("options", [dict(), dict(activation="relu"), dict(activation="softsign"),
+                                     dict(objective="l2", preconditioner="adam"),
                                      dict(key_source="preconditioned", preconditioner="adam"),
                                      dict(weight_decay=0.01, key_dim=5, hidden=3)])
 def test_multi_tensor_path_equals_the_rule_on_cpu_too(options, monkeypatch):

@@ -53,39 +53,43 @@ def check(got, want, tol):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("threads,hidden", [(1, H), (2, H), (2, 1), (2, 64)])
-def test_c_kernel_equals_the_equations(threads, hidden):
-    if not deep_cpu.momenta_available(hidden, J):
+FEATURES = {"tanh": torch.tanh, "softsign": torch.nn.functional.softsign}
+
+
+@pytest.mark.parametrize("threads,hidden,activation", [(1, H, "tanh"), (2, H, "tanh"), (2, 1, "tanh"),
+                                                       (2, 64, "tanh"), (1, H, "softsign"), (2, 2, "softsign")])
+def test_c_kernel_equals_the_equations(threads, hidden, activation):
+    if not deep_cpu.momenta_available(hidden, J, activation):
         pytest.skip("no C compiler")
     ps, gs, ms, vs, es, w1s, w2s, hp = case(hidden=hidden)
     want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
-                      hp["eps"], hp["eta"], hp["wd"]) for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
+                      hp["eps"], hp["eta"], hp["wd"], features=FEATURES[activation])
+            for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
     deep_cpu.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"], hp["alpha"],
-                           hp["beta2"], hp["eps"], hp["eta"], hp["wd"], threads=threads)
+                           hp["beta2"], hp["eps"], hp["eta"], hp["wd"], activation=activation, threads=threads)
     for i, w in enumerate(want):
         check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
 
 
-@pytest.mark.parametrize("features", ["softsign", "linear"])
-def test_roofline_variant_kernels_compute_their_feature_maps(features):
-    """``benchmarks/momenta_roofline.py`` times what-if kernels whose tanh line is replaced: they must compute the
-    equations with softsign / linear features, or its rows would time something else."""
+def test_roofline_linear_kernel_computes_linear_features():
+    """``benchmarks/momenta_roofline.py`` times a what-if kernel whose softsign line is replaced by Φ = z: it must
+    compute the equations with linear features, or its rows would time something else."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import momenta_roofline
-    lib = momenta_roofline.variant_library(features, H, J)
+    lib = momenta_roofline.variant_library("linear", H, J)
     if lib is None:
         pytest.skip("no C compiler")
-    feature_map = {"softsign": torch.nn.functional.softsign, "linear": lambda z: z}[features]
     ps, gs, ms, vs, es, w1s, w2s, hp = case()
     want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
-                      hp["eps"], hp["eta"], hp["wd"], features=feature_map)
+                      hp["eps"], hp["eta"], hp["wd"], features=lambda z: z)
             for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
     with momenta_roofline.routed_to(lib):
         deep_cpu.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"],
-                               hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"], threads=2)
+                               hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"], activation="softsign",
+                               threads=2)
     for i, w in enumerate(want):
         check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
-    assert deep_cpu._momenta_library(H, J) is not lib   # the shipped kernel is untouched
+    assert deep_cpu._momenta_library(H, J, "softsign") is not lib   # the softsign kernel is untouched
 
 
 @pytest.mark.parametrize("isa_flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"])
@@ -97,8 +101,9 @@ def test_c_kernel_equals_the_equations_on_each_instruction_set(isa_flags, monkey
     monkeypatch.setenv("DEEPOPT_CPU_KERNEL_FLAGS", isa_flags)
     deep_cpu._momenta_library.cache_clear()
     try:
-        assert deep_cpu.momenta_available(H, J)
-        test_c_kernel_equals_the_equations(2, H)
+        assert deep_cpu.momenta_available(H, J) and deep_cpu.momenta_available(H, J, "softsign")
+        test_c_kernel_equals_the_equations(2, H, "tanh")
+        test_c_kernel_equals_the_equations(2, H, "softsign")
     finally:
         deep_cpu._momenta_library.cache_clear()
 
@@ -108,15 +113,17 @@ TRITON_CHECK = textwrap.dedent("""
     import torch
     sys.path.insert(0, "tests")
     from deepopt.optimizers import deep_kernels
-    from test_momenta_kernels import case, check, reference
+    from test_momenta_kernels import FEATURES, case, check, reference
 
-    ps, gs, ms, vs, es, w1s, w2s, hp = case(seed=1)
-    want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"], hp["eps"],
-                      hp["eta"], hp["wd"]) for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
-    deep_kernels.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"],
-                               hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"])
-    for i, w in enumerate(want):
-        check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
+    for activation in FEATURES:
+        ps, gs, ms, vs, es, w1s, w2s, hp = case(seed=1)
+        want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
+                          hp["eps"], hp["eta"], hp["wd"], features=FEATURES[activation])
+                for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
+        deep_kernels.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"],
+                                   hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"], activation=activation)
+        for i, w in enumerate(want):
+            check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
     print("kernels equal the equations")
 """)
 
@@ -128,16 +135,18 @@ def test_triton_kernels_equal_the_equations_under_the_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
-def test_triton_kernels_on_cuda_equal_the_equations(dtype, tol):
+@pytest.mark.parametrize("activation", list(FEATURES))
+def test_triton_kernels_on_cuda_equal_the_equations(dtype, tol, activation):
     ps, gs, ms, vs, es, w1s, w2s, hp = case(seed=2)
     ps, gs, ms, vs, es = ([x.to(dtype) for x in xs] for xs in (ps, gs, ms, vs, es))
     want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
-                      hp["eps"], hp["eta"], hp["wd"]) for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
+                      hp["eps"], hp["eta"], hp["wd"], features=FEATURES[activation])
+            for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
     cuda = [[x.cuda() for x in xs] for xs in (ps, gs, ms, vs, es, w1s, w2s)]
     from deepopt.optimizers import deep_kernels
 
     deep_kernels.momenta_step_(*cuda, hp["w1_0"].cuda(), hp["lr"].cuda(), hp["bc2"].cuda(), hp["gammas"].cuda(),
-                               hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"])
+                               hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"], activation=activation)
     for i, w in enumerate(want):
         check([cuda[k][i].cpu() for k in (0, 2, 3, 4, 5)], w, tol)
 
@@ -205,10 +214,11 @@ def test_shipped_optimizer_routes_to_the_c_kernel_and_equals_the_rule_path(c_ker
 
 
 @pytest.mark.parametrize("options", [dict(hidden=64, timescales=(0.5, 0.9, 0.99)),
-                                     dict(hidden=1, timescales=(0.8,), lr_decay=0.1, weight_decay=0.05)])
+                                     dict(hidden=1, timescales=(0.8,), lr_decay=0.1, weight_decay=0.05),
+                                     dict(hidden=2, timescales=(0.9,), activation="softsign")])
 def test_momenta_configurations_route_and_equal_the_rule_path(c_kernel_calls, options):
-    """Other widths and time scales the kernel takes (hidden 1…64, 1–4 time scales, a 1/t schedule) route too and
-    equal the rule path."""
+    """Other widths, time scales and features the kernel takes (hidden 1…64, 1–4 time scales, a 1/t schedule,
+    softsign) route too and equal the rule path."""
     kw = dict(keys="momenta", preconditioner="adam", lr=3e-3, eta=0.2, memory_init=None, **options)
     ours, opt = routed_run(lambda ps: deepopt.DeepMomentum(ps, **kw), steps=6)
     ref, ref_opt = routed_run(lambda ps: deepopt.DeepMomentum(ps, foreach=False, **kw), steps=6)

@@ -61,6 +61,7 @@ SECOND_DERIVATIVES = {
     "relu": lambda z, h: torch.zeros_like(z),
     "gelu": lambda z, h: torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (2 - z * z),
     "silu": lambda z, h: _silu_derivatives(z)[1],
+    "softsign": lambda z, h: -2 * torch.sign(z) * (1 - h.abs()) ** 3,   # σ' = (1 + |z|)⁻² = (1 − |h|)²
     "identity": lambda z, h: torch.zeros_like(z),
 }
 

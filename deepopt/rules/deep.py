@@ -89,6 +89,7 @@ ACTIVATIONS = {
     "relu": (torch.relu, lambda z, h: (z > 0).to(z.dtype)),
     "gelu": (F.gelu, _gelu_grad),
     "silu": (F.silu, _silu_grad),
+    "softsign": (F.softsign, lambda z, h: (1 - h.abs()).square()),   # z/(1 + |z|): σ' = 1/(1 + |z|)² = (1 − |h|)²
     "identity": (lambda z: z, lambda z, h: torch.ones_like(z)),
 }
 OBJECTIVES = ("dot", "l2")
