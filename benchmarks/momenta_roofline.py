@@ -54,7 +54,8 @@ def variant_library(activation: str, hidden: int, scales: int):
 
 @contextmanager
 def routed_to(lib) -> Iterator[None]:
-    """``deep_cpu.momenta_step_`` runs ``lib`` (it looks its library up by shape) inside the block."""
+    """``deep_cpu.momenta_step_`` runs ``lib`` inside the block (it looks its library up by shape and features,
+    so ``lib``'s features are the ones that run, whatever ``activation`` it is passed)."""
     shipped = deep_cpu._momenta_library
     deep_cpu._momenta_library = lambda *shape: lib
     try:
@@ -79,8 +80,7 @@ def kernel_step(activation: str, hidden: int, scales: int, params: list[torch.Te
         with routed_to(lib):
             deep_cpu.momenta_step_(params, grads, **state, w1_0=torch.zeros(1, hidden), lr=torch.full((count,), 1e-6),
                                    bias_correction2=torch.ones(count), timescales=torch.linspace(0.6, 0.98, scales),
-                                   alpha=0.87, beta2=0.9, eps=1e-8, eta=0.13, weight_decay=0.1,
-                                   activation="tanh" if activation == "tanh" else "softsign", threads=1)
+                                   alpha=0.87, beta2=0.9, eps=1e-8, eta=0.13, weight_decay=0.1, threads=1)
     return step
 
 

@@ -602,7 +602,7 @@ def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Te
 
 MOMENTA_HIDDEN = (1, 2, 4, 8, 16, 32, 64)  # the H the momenta kernel takes
 MAX_TIMESCALES = 4
-MOMENTA_ACTIVATIONS = {"tanh": 0, "softsign": 1}  # the momenta kernel's features, as its MACT codes
+MOMENTA_ACTIVATIONS = {"tanh": 0, "softsign": 1}  # both momenta kernels' features: their MACT (C) / ACT codes
 
 
 def momenta_available(hidden: int, timescales: int, activation: str = "tanh") -> bool:
@@ -619,10 +619,9 @@ def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
                   weight_decay: float, activation: str = "tanh", threads: int | None = None) -> None:
     """One step of the momenta layout (the shipped learned optimizer: Adam preconditioner, tanh or softsign
     features σ, dot objective, W₂ fixed, decoupled weight decay) over contiguous fp32 CPU tensors, in place on
-    ``params``, ``bufs``
-    (m), ``exp_avg_sqs`` (v), ``timescale_bufs`` (e, ``(J, *shape)``) and ``w1`` (``(1, H)`` each; ``w2`` is
-    ``(H, 2 + J)``).  Per coordinate i, with ``lr`` and ``bias_correction2`` ``(T,)`` fp32 tensors of the
-    tensors' ``lr_t`` and ``1 − β₂ᵗ``::
+    ``params``, ``bufs`` (m), ``exp_avg_sqs`` (v), ``timescale_bufs`` (e, ``(J, *shape)``) and ``w1`` (``(1, H)``
+    each; ``w2`` is ``(H, 2 + J)``).  Per coordinate i, with ``lr`` and ``bias_correction2`` ``(T,)`` fp32 tensors
+    of the tensors' ``lr_t`` and ``1 − β₂ᵗ``::
 
         v ← β₂v + (1 − β₂)g²;   p = g/(√(v/(1 − β₂ᵗ)) + ε);   m ← αm + p;   e_j ← γ_j e_j + (1 − γ_j)p
         k = (p, (1 − α)m, e_1 … e_J);   Φ = σ(W₂k);   W ← W − lr_t·(m + W₁Φ) − lr_t·wd·W

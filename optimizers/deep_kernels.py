@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import delta_kernels
+from .deep_cpu import MOMENTA_ACTIVATIONS  # the features both momenta kernels take, and their ACT / MACT codes
 from .delta_kernels import BLOCK, _device_scalar, _pointers, _work
 
 triton = delta_kernels.triton
@@ -251,7 +252,6 @@ def deep_momentum_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Te
 # coordinates per tile (its (BLOCK, H) features stay in registers: 154 on sm_90, no spill) and tiles per work item
 MOMENTA_BLOCK, MOMENTA_TILES = 512, 8
 MOMENTA_MAX_HIDDEN = 64
-MOMENTA_ACTIVATIONS = {"tanh": 0, "softsign": 1}  # the momenta kernel's features, as its ACT codes
 
 
 def momenta_available(params: list[Tensor], hidden: int) -> bool:

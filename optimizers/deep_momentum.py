@@ -22,11 +22,19 @@ from .base import MemoryOptimizer
 from .delta_momentum import _inner_products, _squared_norms
 from .momentum import foreach_output_nonlinearity, foreach_precondition
 
+
+def _foreach_softsign_(ts: list[Tensor]) -> None:
+    """``t ← t/(1 + |t|)`` for each tensor, through one temporary each."""
+    denominators = torch._foreach_abs(ts)
+    torch._foreach_add_(denominators, 1.0)
+    torch._foreach_div_(ts, denominators)
+
+
 # activations with an in-place multi-tensor op (the others take the rule path)
 _FOREACH_ACTIVATIONS = {
     "tanh": torch._foreach_tanh_,
     "relu": lambda ts: torch._foreach_clamp_min_(ts, 0.0),
-    "softsign": lambda ts: torch._foreach_div_(ts, torch._foreach_add(torch._foreach_abs(ts), 1.0)),
+    "softsign": _foreach_softsign_,
     "identity": lambda ts: None,
 }
 # the CPU loop's activations, in place on a block of pre-activations z' = pre·z: Φ up to a positive factor, which

@@ -469,3 +469,14 @@ def test_cli_config_file_sets_options_and_the_command_line_wins(tmp_path, capsys
             cli.main(["meta-train", "--config", str(recipe), "--out", str(tmp_path / "bad")])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_meta_train_cli_offers_every_activation_of_the_rule():
+    """``--activation`` lists its choices literally (the CLI does not import the rules to build its parser); they
+    must be the deep rule's ``ACTIVATIONS``."""
+    from deepopt.rules.deep import ACTIVATIONS
+
+    parser = cli.build_parser("meta-train")
+    sub = next(a for a in parser._actions if a.choices and "meta-train" in a.choices).choices["meta-train"]
+    activation = next(a for a in sub._actions if "--activation" in a.option_strings)
+    assert tuple(activation.choices) == tuple(ACTIVATIONS)
