@@ -1,6 +1,7 @@
 """Step time of the shipped learned optimizer (``DeepMomentum.pretrained``: ``keys="momenta"``, Adam preconditioner,
 momenta keys at 2 time scales, hidden 8, tanh, W₂ fixed, decoupled weight decay, learned lr schedule) against torch's
-fused AdamW, on the same parameter shapes (``deepopt bench``'s sets), timed round-robin in the same run.
+fused AdamW, on the same parameter shapes (``deepopt bench``'s sets), timed round-robin in the same run; and the
+same with ``lr_adapt="dog"`` (its kernels also read W₀ and sum ‖u‖², ‖W − W₀‖² per tensor).
 
     python benchmarks/momenta_step.py [--param-sets transformer-12M gpt2-124M] [--device cpu|cuda] [--repeats 15]
                                       [--threads 1]
@@ -27,11 +28,12 @@ import deepopt
 from deepopt.bench import PARAM_SETS
 
 REFERENCE, SHIPPED, TORCH_PATH = "torch AdamW fused", "DeepMomentum.pretrained", "  the same, torch path"
+DOG = "  the same, lr_adapt=dog"
 
 
-def shipped(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+def shipped(params: list[torch.Tensor], **options) -> torch.optim.Optimizer:
     # total_steps past the run: the schedule is on (lr_t per tensor) and the horizon warning stays quiet
-    return deepopt.DeepMomentum.pretrained(params, total_steps=10**6, weight_decay=0.1)
+    return deepopt.DeepMomentum.pretrained(params, total_steps=10**6, weight_decay=0.1, **options)
 
 
 class UnroutedStep:
@@ -55,6 +57,7 @@ OPTIMIZERS = {
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=True),
     SHIPPED: shipped,
     TORCH_PATH: UnroutedStep,
+    DOG: lambda ps: shipped(ps, lr_adapt="dog", lr=1.0),  # DoG's step sizes: W₀ read and two more sums a tensor
 }
 
 
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 q.grad = g.to(args.device)
             runs[label] = make(params)
         check_route(runs[SHIPPED], args.device)
+        check_route(runs[DOG], args.device)
         times = {k: [] for k in runs}
         for i in range(args.warmup + args.repeats):
             for label, opt in runs.items():

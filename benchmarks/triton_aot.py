@@ -121,10 +121,11 @@ def _optimizer_scenario(label: str, make: Callable[[list[Tensor]], torch.optim.O
     return Scenario(name, "optimizers", run, routed, ci)
 
 
-def _momenta_scenario(dtype: torch.dtype, hidden: int = 8, scales: int = 2, activation: str = "tanh") -> Scenario:
+def _momenta_scenario(dtype: torch.dtype, hidden: int = 8, scales: int = 2, activation: str = "tanh",
+                      dog: bool = False) -> Scenario:
     """The momenta layout's kernels (``deep_kernels.momenta_step_``; the shipped learned optimizer's: hidden 8, two
-    time scales, tanh) on GPT-2 124M's shapes, as ``benchmarks/momenta_step.py`` and DeepMomentum's
-    ``keys="momenta"`` route them."""
+    time scales, tanh; ``dog``: with ``lr_adapt="dog"``'s sums) on GPT-2 124M's shapes, as
+    ``benchmarks/momenta_step.py`` and DeepMomentum's ``keys="momenta"`` route them."""
     def run() -> None:
         from deepopt.optimizers import deep_kernels
 
@@ -139,10 +140,12 @@ def _momenta_scenario(dtype: torch.dtype, hidden: int = 8, scales: int = 2, acti
             vec = cuda_tensor(mode, (len(ps),), torch.float32)
             deep_kernels.momenta_step_(ps, gs, ms, vs, es, w1, w2, cuda_tensor(mode, (1, hidden), torch.float32), vec,
                                        vec, cuda_tensor(mode, (scales,), torch.float32), 0.9, 0.95, 1e-8, 0.1, 0.1,
-                                       activation=activation)
+                                       activation=activation,
+                                       origins=[torch.empty_like(p) for p in ps] if dog else None)
 
     label = "shipped (momenta h8 J2)" if (hidden, scales, activation) == (8, 2, "tanh") else \
         f"momenta h{hidden} J{scales} {activation}"
+    label += " dog" if dog else ""
     return Scenario(f"DeepMomentum {label} {str(dtype).removeprefix('torch.')} {GPT2}", "optimizers", run)
 
 
@@ -245,6 +248,7 @@ def scenarios() -> list[Scenario]:
           for h, kd in ((32, 16), (64, 16), (128, 16), (256, 16), (16, 32), (64, 64)) for tf32 in (False, True)),
         *(_momenta_scenario(dt) for dt in (f32, bf16)),
         _momenta_scenario(f32, 2, 1, "softsign"),
+        *(_momenta_scenario(dt, dog=True) for dt in (f32, bf16)),
         *(_hope_scenario(size, dt, ci=(90,) if (size, dt) == ("tiny", f32) else (), tf32=tf32) for size in HOPE_SIZES
           for dt, tf32 in HOPE_DTYPES),
         *(_cms_scenario(size, dt, ci=(both if (dt, tf32) == (f32, False) else (90,)) if size == "base" else (),

@@ -223,6 +223,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a("--eta2", type=float, help="DeepMomentum keys=momenta: W2's online step η₂ (default 0: W2 fixed online)")
     a("--activation", default="tanh", choices=("tanh", "relu", "gelu", "silu", "softsign", "identity"),
       help="DeepMomentum: the memory's activation σ")
+    a("--lr-adapt", choices=("none", "dog"),
+      help="deep_momentum: 'dog' scales each tensor's step by its distance travelled over its updates' norms "
+      "(DoG), so the learned lr is a multiplier of order 1 (default none)")
     a(
         "--key-source",
         choices=("gradient", "preconditioned"),
@@ -334,13 +337,14 @@ def run(args: argparse.Namespace) -> int:
             hparams.update(keys="momenta", timescales=tuple(args.timescales or (0.5, 0.99)))
         if args.activation != "tanh":
             hparams["activation"] = args.activation
-        for name in ("lr_warmup", "eta2"):
+        for name in ("lr_warmup", "eta2", "lr_adapt"):
             if getattr(args, name) is not None:
                 hparams[name] = getattr(args, name)
     elif any(v is not None for v in (args.lr_decay, args.key_source, args.lr_horizon, args.lr_power,
-                                      args.timescales, args.lr_warmup, args.eta2)) or args.keys != "blocks":
-        raise ValueError("--lr-decay, --key-source, --lr-horizon, --lr-power, --keys, --timescales, --lr-warmup and "
-                         f"--eta2 are deep_momentum options, not ones of {args.rule}")
+                                      args.timescales, args.lr_warmup, args.eta2, args.lr_adapt)) \
+            or args.keys != "blocks":
+        raise ValueError("--lr-decay, --key-source, --lr-horizon, --lr-power, --keys, --timescales, --lr-warmup, "
+                         f"--eta2 and --lr-adapt are deep_momentum options, not ones of {args.rule}")
     if preconditioner is not None:
         hparams["preconditioner"] = preconditioner
     if args.beta2 is not None or "beta2" in (learn or ()):

@@ -316,6 +316,9 @@ int deep_momentum_step(int T, float **p, const float **g, float **m, float **w1,
    H hidden units, MJ time scales, MACT the features (0 tanh, 1 softsign) (compile-time: -DH=.. -DMJ=.. -DMACT=..),
    F = 2 + MJ keys; VL coordinates a vector. */
 #ifdef MJ
+#ifndef DOG
+#define DOG 0   /* 1: also sum |u|^2 and |W_new - W_0|^2 per tensor (lr_adapt="dog") */
+#endif
 #if defined(__AVX512F__)
 #define VL 16   /* one zmm register a vector: acc[H] and the keys stay in the 32 registers */
 #else
@@ -374,7 +377,8 @@ typedef struct {
     float **p; const float **g; float **m; float **v; float **e; float **w1; const float **w2;
     const float *w1_0; const int64_t *n; const float *lr, *bc2;    /* per tensor: lr_t and 1 - beta2^t */
     float alpha, beta2, eps, eta, wd, gamma[MJ];
-    double *corr;                                                   /* 2 parities x nt threads x H */
+    double *corr;                                                   /* 2 parities x nt threads x (H + 2) */
+    const float **x0; double *dog;                                  /* DOG: W_0, and per tensor |u|^2, |W - W_0|^2 */
     barrier_t bar;
     int go;
 } mctx_t;
@@ -395,10 +399,12 @@ static inline vc features_c(vc z) {
 }
 #endif
 
-/* VL coordinates i0.. of a tensor: the rule's per-coordinate step; C[h] += p_i Phi_ih in `acc`; w2s = W2S_SCALE W2 */
+/* VL coordinates i0.. of a tensor: the rule's per-coordinate step; C[h] += p_i Phi_ih in `acc`; w2s = W2S_SCALE W2;
+   with DOG, sq[0] += u^2 and sq[1] += (W_new - W_0)^2 */
 static inline __attribute__((always_inline)) void momenta_block(const mscal_t k, float *p, const float *g,
-                                                                float *m, float *v, float *e, int64_t n, int64_t i0,
-                                                                const float *w1, const float *w2s, vc acc[H]) {
+                                                                float *m, float *v, float *e, const float *x0,
+                                                                int64_t n, int64_t i0, const float *w1,
+                                                                const float *w2s, vc acc[H], vc sq[2]) {
     vc gv = load_c(g + i0), vv = k.beta2 * load_c(v + i0) + (1.0f - k.beta2) * gv * gv;
     store_c(v + i0, vv);
     vc pv = gv / (sqrt_c(vv * k.inv_bc2) + k.eps), mv = k.alpha * load_c(m + i0) + pv, key[2 + MJ];
@@ -421,8 +427,15 @@ static inline __attribute__((always_inline)) void momenta_block(const mscal_t k,
         read += w1[h] * phi;
         acc[h] += pv * phi;
     }
-    vc w = load_c(p + i0);
-    store_c(p + i0, w - k.lr * (mv + read + k.wd * w));     /* W - lr_t (u + wd W): decoupled decay */
+    vc w = load_c(p + i0), u = mv + read, wn = w - k.lr * (u + k.wd * w);   /* W - lr_t (u + wd W): decoupled decay */
+    store_c(p + i0, wn);
+#if DOG
+    vc d = wn - load_c(x0 + i0);
+    sq[0] += u * u;
+    sq[1] += d * d;
+#else
+    (void)x0; (void)sq;
+#endif
 }
 
 static void *momenta_worker(void *argp) {
@@ -435,7 +448,7 @@ static void *momenta_worker(void *argp) {
     for (int t = 0; t < c->T; t++) {
         const int64_t n = c->n[t], nv = n / VL;
         const int team = n < SMALL ? 1 : c->nt;
-        double *slot = c->corr + ((int64_t)(t & 1) * c->nt + tid) * H;
+        double *slot = c->corr + ((int64_t)(t & 1) * c->nt + tid) * (H + 2);
         if (tid < team) {
             const int64_t b0 = nv * tid / team, b1 = nv * (tid + 1) / team;
             float w1[H], w2s[H * (2 + MJ)];
@@ -444,26 +457,31 @@ static void *momenta_worker(void *argp) {
             mscal_t k = {c->lr[t], 1.0f / c->bc2[t], c->alpha, c->beta2, c->eps, c->wd, {0}};
             for (int j = 0; j < MJ; j++) k.gamma[j] = c->gamma[j];
             float *p = c->p[t], *m = c->m[t], *v = c->v[t], *e = c->e[t];
-            const float *g = c->g[t];
-            for (int h = 0; h < H; h++) slot[h] = 0.0;
-            vc acc[H];
+            const float *g = c->g[t], *x0 = DOG ? c->x0[t] : 0;
+            for (int h = 0; h < H + 2; h++) slot[h] = 0.0;
+            vc acc[H], sq[2];
             for (int64_t bs = b0; bs < b1; bs += FLUSH) {
                 for (int h = 0; h < H; h++) acc[h] = (vc){0};
+                sq[0] = sq[1] = (vc){0};
                 const int64_t be = bs + FLUSH < b1 ? bs + FLUSH : b1;
-                for (int64_t b = bs; b < be; b++) momenta_block(k, p, g, m, v, e, n, b * VL, w1, w2s, acc);
+                for (int64_t b = bs; b < be; b++) momenta_block(k, p, g, m, v, e, x0, n, b * VL, w1, w2s, acc, sq);
                 for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
+                for (int i = 0; i < VL; i++) { slot[H] += sq[0][i]; slot[H + 1] += sq[1][i]; }
             }
-            if (tid == team - 1 && nv * VL < n) {   /* the tail, zero-padded: p = 0 there adds nothing to C */
-                const int64_t r = n - nv * VL;
-                float tp[VL] = {0}, tg[VL] = {0}, tm[VL] = {0}, tv[VL] = {0}, te[MJ * VL];
+            if (tid == team - 1 && nv * VL < n) {   /* the tail, zero-padded: p = 0 there adds nothing to C, */
+                const int64_t r = n - nv * VL;   /* nor u = 0 and W = W_0 = 0 to the DoG sums */
+                float tp[VL] = {0}, tg[VL] = {0}, tm[VL] = {0}, tv[VL] = {0}, tx[VL] = {0}, te[MJ * VL];
                 memset(te, 0, sizeof te);
                 for (int64_t i = 0; i < r; i++) {
                     tp[i] = p[nv * VL + i]; tg[i] = g[nv * VL + i]; tm[i] = m[nv * VL + i]; tv[i] = v[nv * VL + i];
+                    if (DOG) tx[i] = x0[nv * VL + i];
                     for (int j = 0; j < MJ; j++) te[j * VL + i] = e[j * n + nv * VL + i];
                 }
                 for (int h = 0; h < H; h++) acc[h] = (vc){0};
-                momenta_block(k, tp, tg, tm, tv, te, VL, 0, w1, w2s, acc);
+                sq[0] = sq[1] = (vc){0};
+                momenta_block(k, tp, tg, tm, tv, te, tx, VL, 0, w1, w2s, acc, sq);
                 for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
+                for (int i = 0; i < VL; i++) { slot[H] += sq[0][i]; slot[H + 1] += sq[1][i]; }
                 for (int64_t i = 0; i < r; i++) {
                     p[nv * VL + i] = tp[i]; m[nv * VL + i] = tm[i]; v[nv * VL + i] = tv[i];
                     for (int j = 0; j < MJ; j++) e[j * n + nv * VL + i] = te[j * VL + i];
@@ -472,10 +490,17 @@ static void *momenta_worker(void *argp) {
         }
         if (team > 1) barrier_wait(&c->bar);   /* every thread's C is in; the W1 reads of this tensor are done */
         if (tid == 0) {   /* W1 <- alpha W1 + (1 - alpha) W1_0 + eta C/n */
-            double *slots = c->corr + (int64_t)(t & 1) * c->nt * H;
+            double *slots = c->corr + (int64_t)(t & 1) * c->nt * (H + 2);
+#if DOG
+            for (int q = 0; q < 2; q++) {   /* |u|^2 and |W - W_0|^2 of the tensor */
+                double sum = 0.0;
+                for (int j = 0; j < team; j++) sum += slots[j * (H + 2) + H + q];
+                c->dog[2 * t + q] = sum;
+            }
+#endif
             for (int h = 0; h < H; h++) {
                 double sum = 0.0;
-                for (int j = 0; j < team; j++) sum += slots[j * H + h];
+                for (int j = 0; j < team; j++) sum += slots[j * (H + 2) + h];
                 c->w1[t][h] = c->alpha * c->w1[t][h] + (1.0f - c->alpha) * c->w1_0[h]
                               + (float)(c->eta * sum / (double)(n > 0 ? n : 1));
             }
@@ -486,9 +511,10 @@ static void *momenta_worker(void *argp) {
 
 int momenta_step(int T, float **p, const float **g, float **m, float **v, float **e, float **w1, const float **w2,
                  const float *w1_0, const int64_t *n, const float *lr, const float *bc2, const float *gamma,
-                 float alpha, float beta2, float eps, float eta, float wd, double *corr, int nt) {
-    /* corr: 2 * nt * H doubles */
-    mctx_t c = {T, nt, p, g, m, v, e, w1, w2, w1_0, n, lr, bc2, alpha, beta2, eps, eta, wd, {0}, corr};
+                 float alpha, float beta2, float eps, float eta, float wd, double *corr, int nt, const float **x0,
+                 double *dog) {
+    /* corr: 2 * nt * (H + 2) doubles; x0 (T tensors) and dog (2 T doubles) are read / written with DOG only */
+    mctx_t c = {T, nt, p, g, m, v, e, w1, w2, w1_0, n, lr, bc2, alpha, beta2, eps, eta, wd, {0}, corr, x0, dog};
     for (int j = 0; j < MJ; j++) c.gamma[j] = gamma[j];
     return run_team(momenta_worker, &c, &c.bar, &c.go, &c.nt, nt);
 }
@@ -554,15 +580,16 @@ def _library(key_dim: int, hidden: int) -> ctypes.CDLL | None:
 
 
 @cache
-def _momenta_library(hidden: int, timescales: int, activation: str = "tanh") -> ctypes.CDLL | None:
-    """The momenta layout's kernel for ``H = hidden``, ``MJ = timescales`` and the features ``activation``."""
-    lib = _build(f"momenta_{activation}_h{hidden}_j{timescales}",
-                 (("H", hidden), ("MJ", timescales), ("MACT", MOMENTA_ACTIVATIONS[activation])))
+def _momenta_library(hidden: int, timescales: int, activation: str = "tanh", dog: bool = False) -> ctypes.CDLL | None:
+    """The momenta layout's kernel for ``H = hidden``, ``MJ = timescales``, the features ``activation`` and,
+    with ``dog``, the sums of ``lr_adapt="dog"``."""
+    lib = _build(f"momenta_{activation}_h{hidden}_j{timescales}{'_dog' if dog else ''}",
+                 (("H", hidden), ("MJ", timescales), ("MACT", MOMENTA_ACTIVATIONS[activation]), ("DOG", int(dog))))
     if lib is not None:
         fn = lib.momenta_step
         fn.argtypes = [ctypes.c_int, *([_PTRS] * 7), ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *([ctypes.c_float] * 5), ctypes.c_void_p,
-                       ctypes.c_int]
+                       ctypes.c_int, _PTRS, ctypes.c_void_p]
         fn.restype = ctypes.c_int
     return lib
 
@@ -605,18 +632,19 @@ MAX_TIMESCALES = 4
 MOMENTA_ACTIVATIONS = {"tanh": 0, "softsign": 1}  # both momenta kernels' features: their MACT (C) / ACT codes
 
 
-def momenta_available(hidden: int, timescales: int, activation: str = "tanh") -> bool:
+def momenta_available(hidden: int, timescales: int, activation: str = "tanh", dog: bool = False) -> bool:
     """Whether the momenta layout's kernel can run: enabled, features in ``MOMENTA_ACTIVATIONS``, ``hidden`` in
     ``MOMENTA_HIDDEN``, 1 to ``MAX_TIMESCALES`` time scales, and a C compiler to build it."""
     return (os.environ.get("DEEPOPT_CPU_KERNELS", "1") != "0" and activation in MOMENTA_ACTIVATIONS
             and hidden in MOMENTA_HIDDEN and 1 <= timescales <= MAX_TIMESCALES
-            and _momenta_library(hidden, timescales, activation) is not None)
+            and _momenta_library(hidden, timescales, activation, dog) is not None)
 
 
 def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], exp_avg_sqs: list[Tensor],
                   timescale_bufs: list[Tensor], w1: list[Tensor], w2: list[Tensor], w1_0: Tensor, lr: Tensor,
                   bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float, eta: float,
-                  weight_decay: float, activation: str = "tanh", threads: int | None = None) -> None:
+                  weight_decay: float, activation: str = "tanh", threads: int | None = None,
+                  origins: list[Tensor] | None = None) -> Tensor | None:
     """One step of the momenta layout (the shipped learned optimizer: Adam preconditioner, tanh or softsign
     features σ, dot objective, W₂ fixed, decoupled weight decay) over contiguous fp32 CPU tensors, in place on
     ``params``, ``bufs`` (m), ``exp_avg_sqs`` (v), ``timescale_bufs`` (e, ``(J, *shape)``) and ``w1`` (``(1, H)``
@@ -627,10 +655,11 @@ def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
         k = (p, (1 − α)m, e_1 … e_J);   Φ = σ(W₂k);   W ← W − lr_t·(m + W₁Φ) − lr_t·wd·W
         W₁ ← αW₁ + (1 − α)W₁⁰ + η·mean_i(p_i Φ_i)                        (after the pass: W₁ is read before)
 
-    One pass over each tensor (threads split the large ones), C summed in double.  ``momenta_available`` must
-    hold."""
+    One pass over each tensor (threads split the large ones), C summed in double.  With ``origins`` (W₀ of each
+    tensor, ``lr_adapt="dog"``) the pass also sums ``‖u‖²`` and ``‖W_new − W₀‖²`` per tensor and returns them as a
+    ``(T, 2)`` fp64 tensor (else None).  ``momenta_available`` must hold."""
     hidden, count, n_scales = w1[0].shape[-1], len(params), timescales.numel()
-    lib = _momenta_library(hidden, n_scales, activation)
+    lib = _momenta_library(hidden, n_scales, activation, origins is not None)
     threads = max(1, min(64, threads or torch.get_num_threads()))
     table = ctypes.c_void_p * count
 
@@ -638,10 +667,12 @@ def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
         return table(*(t.data_ptr() for t in ts))
 
     numels = (ctypes.c_int64 * count)(*(p.numel() for p in params))
-    corr = torch.empty(2 * threads * hidden, dtype=torch.float64)
+    corr = torch.empty(2 * threads * (hidden + 2), dtype=torch.float64)
+    dog = None if origins is None else torch.zeros(count, 2, dtype=torch.float64)
     lr, bc2, gammas, anchor = (x.detach().to(torch.float32).contiguous() for x in (lr, bias_correction2, timescales,
                                                                                   w1_0))
     lib.momenta_step(count, pointers(params), pointers(grads), pointers(bufs), pointers(exp_avg_sqs),
                      pointers(timescale_bufs), pointers(w1), pointers(w2), anchor.data_ptr(), numels, lr.data_ptr(),
                      bc2.data_ptr(), gammas.data_ptr(), alpha, beta2, eps, eta, weight_decay, corr.data_ptr(),
-                     threads)
+                     threads, None if origins is None else pointers(origins), None if dog is None else dog.data_ptr())
+    return dog

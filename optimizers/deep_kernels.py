@@ -156,13 +156,13 @@ if triton is not None:
             tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
 
     @triton.jit
-    def _momenta_kernel(p_table, g_table, m_table, v_table, e_table, w1_table, w2_table, numels, block_tensor,
-                        block_start, lr, bias_correction2, gammas, corr, alpha, beta2, eps, weight_decay,
-                        DTYPE: tl.constexpr, H: tl.constexpr, J: tl.constexpr, BLOCK: tl.constexpr,
-                        TILES: tl.constexpr, ACT: tl.constexpr):
+    def _momenta_kernel(p_table, g_table, m_table, v_table, e_table, w1_table, w2_table, o_table, numels,
+                        block_tensor, block_start, lr, bias_correction2, gammas, corr, dog_sums, alpha, beta2, eps,
+                        weight_decay, DTYPE: tl.constexpr, H: tl.constexpr, J: tl.constexpr, BLOCK: tl.constexpr,
+                        TILES: tl.constexpr, ACT: tl.constexpr, DOG: tl.constexpr):
         """The momenta layout's per-coordinate step over ``TILES`` tiles of ``BLOCK`` coordinates (equations:
         ``momenta_step_``; ``ACT``: ``MOMENTA_ACTIVATIONS``); ``C[t, h] += Σ_i p_i Φ_ih`` by one atomic add per
-        hidden unit and work item."""
+        hidden unit and work item, and with ``DOG`` ``(‖u‖², ‖W_new − W₀‖²)[t]`` (W₀ from ``o_table``) by two."""
         work = tl.program_id(0)
         t = tl.load(block_tensor + work)
         numel = tl.load(numels + t)
@@ -172,6 +172,7 @@ if triton is not None:
         w1, w2 = _pointer(w1_table, t, tl.float32), _pointer(w2_table, t, tl.float32)
         lr_t, inv_bc2 = tl.load(lr + t).to(tl.float32), 1.0 / tl.load(bias_correction2 + t).to(tl.float32)
         acc = tl.zeros((H,), tl.float32)
+        update_sq, moved_sq = 0.0, 0.0  # scalars, reduced per tile: (BLOCK,) accumulators spill on sm_80
         hs = tl.arange(0, H)
         for i in range(tl.minimum((numel - start + BLOCK - 1) // BLOCK, TILES)):
             offs = start + i * BLOCK + tl.arange(0, BLOCK)
@@ -197,8 +198,17 @@ if triton is not None:
             read = tl.sum(phi * tl.load(w1 + hs)[None, :], axis=1)
             acc += tl.sum(pv[:, None] * phi, axis=0)
             w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(p_ptr + offs, (w - lr_t * (m + read + weight_decay * w)).to(DTYPE), mask=mask)
+            new = (w - lr_t * (m + read + weight_decay * w)).to(DTYPE)
+            tl.store(p_ptr + offs, new, mask=mask)
+            if DOG:  # masked lanes: u = 0 (g = 0 there) and W_new = W₀ = 0
+                moved = new.to(tl.float32) - tl.load(_pointer(o_table, t, DTYPE) + offs, mask=mask,
+                                                     other=0.0).to(tl.float32)
+                update_sq += tl.sum((m + read) * (m + read), axis=0)
+                moved_sq += tl.sum(moved * moved, axis=0)
         tl.atomic_add(corr + t * H + hs, acc)
+        if DOG:
+            tl.atomic_add(dog_sums + 2 * t, update_sq)
+            tl.atomic_add(dog_sums + 2 * t + 1, moved_sq)
 
     @triton.jit
     def _momenta_memory_kernel(w1_table, w1_0, numels, corr, alpha, eta, H: tl.constexpr):
@@ -265,12 +275,14 @@ def momenta_available(params: list[Tensor], hidden: int) -> bool:
 def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], exp_avg_sqs: list[Tensor],
                   timescale_bufs: list[Tensor], w1: list[Tensor], w2: list[Tensor], w1_0: Tensor, lr: Tensor,
                   bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float, eta: float,
-                  weight_decay: float, activation: str = "tanh") -> None:
+                  weight_decay: float, activation: str = "tanh", origins: list[Tensor] | None = None) -> Tensor | None:
     """The momenta layout's step (the shipped learned optimizer; equations: ``deep_cpu.momenta_step_``) over
     dense fp32/bf16 tensors on one device in two launches: the per-coordinate pass (W₁ read, ``C`` reduced by
     atomics) and W₁'s write.  ``w1``/``w2`` are fp32 ``(1, H)``/``(H, 2 + J)`` tensors, ``lr`` and
     ``bias_correction2`` ``(T,)`` tensors on the device; nothing is read on the host.  Memory traffic: g, W, m, v
-    and the J time-scale buffers read, all but g written: ``5 + 2J`` passes (9 with J = 2; fused AdamW's 7)."""
+    and the J time-scale buffers read, all but g written: ``5 + 2J`` passes (9 with J = 2; fused AdamW's 7); with
+    ``origins`` (``lr_adapt="dog"``: W₀ read, one pass more) it also returns the per-tensor ``(‖u‖², ‖W_new −
+    W₀‖²)`` as a ``(T, 2)`` fp32 device tensor (else None)."""
     hidden, count, n_scales = w1[0].shape[-1], len(params), timescales.numel()
     if activation not in MOMENTA_ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(MOMENTA_ACTIVATIONS)}, got {activation!r}")
@@ -281,13 +293,16 @@ def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
     grads = [g.contiguous() for g in grads]
     numels, block_tensor, block_start = _work(tuple(p.numel() for p in params), device, MOMENTA_BLOCK * MOMENTA_TILES)
     corr = torch.zeros(count, hidden, dtype=torch.float32, device=device)
+    dog = None if origins is None else torch.zeros(count, 2, dtype=torch.float32, device=device)
     tables = [_pointers(x) for x in (params, grads, bufs, exp_avg_sqs, timescale_bufs, w1, w2)]
     lr, bias_correction2, gammas = (x.to(device=device, dtype=torch.float32) for x in (lr, bias_correction2,
                                                                                       timescales))
-    _momenta_kernel[(block_tensor.numel(),)](*tables, numels, block_tensor, block_start, lr, bias_correction2,
-                                             gammas, corr, float(alpha), float(beta2), float(eps),
+    _momenta_kernel[(block_tensor.numel(),)](*tables, tables[0] if origins is None else _pointers(origins), numels,
+                                             block_tensor, block_start, lr, bias_correction2, gammas, corr,
+                                             corr if dog is None else dog, float(alpha), float(beta2), float(eps),
                                              float(weight_decay), DTYPE=_TRITON_DTYPES[params[0].dtype], H=hidden,
                                              J=n_scales, BLOCK=MOMENTA_BLOCK, TILES=MOMENTA_TILES,
-                                             ACT=MOMENTA_ACTIVATIONS[activation])
+                                             ACT=MOMENTA_ACTIVATIONS[activation], DOG=origins is not None)
     _momenta_memory_kernel[(count,)](tables[5], w1_0.to(device=device, dtype=torch.float32).reshape(-1), numels,
                                      corr, float(alpha), float(eta), H=hidden)
+    return dog

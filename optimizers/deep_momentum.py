@@ -14,7 +14,17 @@ from torch import Tensor
 from deepopt.checkpoint import load_pretrained
 from deepopt.rules import deep_momentum
 from deepopt.rules.base import check_int
-from deepopt.rules.deep import ACTIVATIONS, has_schedule, initial_memory, lr_factor, n_features, safe_rms, to_blocks
+from deepopt.rules.deep import (
+    ACTIVATIONS,
+    dog_carry,
+    dog_step_size,
+    has_schedule,
+    initial_memory,
+    lr_factor,
+    n_features,
+    safe_rms,
+    to_blocks,
+)
 from deepopt.rules.transforms import decoupled, is_zero, step_float
 
 from . import deep_cpu, deep_kernels
@@ -49,6 +59,7 @@ _CHUNK = 256  # coordinates per chunk of the momenta layout's batched MLP (a ten
 _MAX_CHUNKS = 1024  # chunks per slice of it (bounds its (chunks, _CHUNK, hidden) temporaries)
 # the per-parameter state the momenta kernels read and write in place (the step counter is advanced here)
 _MOMENTA_STATE = ("momentum_buffer", "exp_avg_sq", "timescale_buffers", "W1", "W2")
+_DOG_STATE = ("dog_distance", "dog_sum_sq")  # and "dog_origin", W₀, which the kernels read
 
 
 @torch.library.custom_op("deepopt::foreach_mm", mutates_args=())
@@ -158,13 +169,15 @@ def _momenta_kernel(group: dict[str, Any], params: list[Tensor],
     if not _momenta_options(group):
         return None
     device, hidden, scales = params[0].device.type, group["hidden"], len(group["timescales"])
+    dog = group["lr_adapt"] == "dog"
+    names = (*_MOMENTA_STATE, "dog_origin") if dog else _MOMENTA_STATE
     if device == "cpu":
-        tensors = [*params, *(st[k] for st in states for k in _MOMENTA_STATE)]
+        tensors = [*params, *(st[k] for st in states for k in names)]
         if (all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-                and deep_cpu.momenta_available(hidden, scales, group["activation"])):
+                and deep_cpu.momenta_available(hidden, scales, group["activation"], dog)):
             return deep_cpu.momenta_step_
     elif device == "cuda" and deep_kernels.momenta_available(params, hidden) and all(
-            st[k].is_contiguous() for st in states for k in _MOMENTA_STATE):
+            st[k].is_contiguous() for st in states for k in names):
         return deep_kernels.momenta_step_
     return None
 
@@ -194,7 +207,7 @@ class DeepMomentum(MemoryOptimizer):
         keys="momenta": k_i = (v_i, (1 − α)m_i, e_1i…e_Ji), e_j ← γ_j e_j + (1 − γ_j)v  (momenta at time scales γ)
                         u_i = m_i + W₁·σ(W₂ k_i);  then W₁ ← αW₁ + (1 − α)W₁⁰ + η·mean_i(v_i σ(W₂k_i))
                         (and W₂, with eta2 > 0, by a normalised step of the same objective)
-        W ← W − lr_t·σ_out(u) − lr_t·wd·W (decoupled),   lr_t = lr·s_t
+        W ← W − lr_t·σ_out(u) − lr_t·wd·W (decoupled),   lr_t = lr·s_t   (lr_adapt="dog": lr·s_t·r̄_t/√G_t)
         s_t = w_t/(1 + lr_decay·(t − 1))·h_t,  h_t = max(1 − (t − 1)/N, 1/N)^lr_power (N = lr_horizon > 0, else 1)
 
     ``lr`` is the param group's, so a script's own scheduler (warm-up + cosine, ``OneCycleLR``) composes with the
@@ -205,7 +218,10 @@ class DeepMomentum(MemoryOptimizer):
     step (momenta layout).  ``memory_init=(W1, W2)`` sets θ₀ (what meta-training learns; see ``from_pretrained``),
     else W₁ = 0 and W₂ ~ init_scale·N(0, 1) drawn from ``seed``.  ``lr_decay``, ``lr_horizon`` (N, the run's
     length; 0: no h_t; ``total_steps`` is the same), ``lr_power`` and ``lr_warmup`` (w_t = min(1, t/(lr_warmup·N)))
-    set the learned schedule; past N it keeps its last value and the optimizer warns once.
+    set the learned schedule; past N it keeps its last value and the optimizer warns once.  ``lr_adapt="dog"``
+    scales each tensor's step by its distance from its start over the root sum of its squared update norms
+    (layer-wise DoG; ``dog_reps`` sets the first step, r_ε = dog_reps·(1 + ‖W₀‖)), making ``lr`` a multiplier of
+    order 1; it runs on the per-tensor rule path (no fused kernel yet).
 
     Weight decay: ``weight_decay`` is **decoupled** (AdamW's) with ``preconditioner="adam"`` and **coupled** (L2,
     ``g + wd·W``) with the identity preconditioner, unless ``decoupled_weight_decay`` says otherwise.  Further
@@ -315,6 +331,8 @@ class DeepMomentum(MemoryOptimizer):
         if kernel is not None:  # one C call (CPU) or two Triton launches (CUDA) for the whole list
             self._momenta_kernel_step(kernel, group, params, grads, states, lr)
             return True
+        if group["lr_adapt"] != "none":  # DoG's step sizes: the momenta kernels, else the rule, tensor by tensor
+            return False
         grads = _foreach_weight_decay(group, params, grads, lr)
         if lr is not group["lr"] or group["keys"] == "momenta":
             pass  # the blocks layout's kernels take no schedule
@@ -373,17 +391,26 @@ class DeepMomentum(MemoryOptimizer):
             lr = lr.to(device, torch.float32).expand(count) if lr.dim() == 0 else lr.to(device, torch.float32)
         else:
             lr = torch.full((count,), lr, dtype=torch.float32, device=device)
+        dog = group["lr_adapt"] == "dog"
+        if dog:  # lr_t·r̄/√G per tensor, read from the state before the pass (deep.dog_step_size)
+            carried = {k: torch.stack([st[k] for st in states]) for k in _DOG_STATE}
+            lr = lr * dog_step_size(carried).to(device, torch.float32)
         w1s, w2s = ([st[k] for st in states] for k in ("W1", "W2"))
         w1_run, w2_run = w1s, w2s
         if w1s[0].dtype != torch.float32:
             w1_run, w2_run = (list(torch.stack(ws).to(torch.float32).unbind()) for ws in (w1s, w2s))
-        kernel(params, [g.contiguous() for g in grads], [st["momentum_buffer"] for st in states],
-               [st["exp_avg_sq"] for st in states], [st["timescale_buffers"] for st in states], w1_run, w2_run,
-               self._anchor(group, params[0])[0], lr, bias_correction2, self._timescales(group, device),
-               group["momentum"], group["beta2"], group["eps"], group["eta"], group["weight_decay"],
-               activation=group["activation"])
+        sums = kernel(params, [g.contiguous() for g in grads], [st["momentum_buffer"] for st in states],
+                      [st["exp_avg_sq"] for st in states], [st["timescale_buffers"] for st in states], w1_run, w2_run,
+                      self._anchor(group, params[0])[0], lr, bias_correction2, self._timescales(group, device),
+                      group["momentum"], group["beta2"], group["eps"], group["eta"], group["weight_decay"],
+                      activation=group["activation"], origins=[st["dog_origin"] for st in states] if dog else None)
         if w1_run is not w1s:
             torch._foreach_copy_(w1s, w1_run)
+        if dog:  # r̄ ← max(r̄, ‖W − W₀‖), G ← G + ‖u‖², from the pass's per-tensor sums
+            sums = sums.to(carried["dog_sum_sq"].device)
+            for k, new in zip(_DOG_STATE, dog_carry(carried["dog_distance"], carried["dog_sum_sq"], sums[:, 0],
+                                                     sums[:, 1])):
+                torch._foreach_copy_([st[k] for st in states], list(new.unbind()))
 
     def _timescales(self, group: dict[str, Any], device: torch.device) -> Tensor:
         """γ = ``timescales`` as an fp32 ``(J,)`` tensor on ``device`` (cached: no copy per step)."""

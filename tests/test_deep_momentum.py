@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import small_mlp, train
+from conftest import batch, small_mlp, train
 
 import deepopt
 from deepopt.data import digits_cnn, fit_digits, load_classification
@@ -470,3 +470,63 @@ def test_the_shipped_learned_optimizer_loads_by_name_and_trains():
     assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
     with pytest.raises(FileNotFoundError, match="shipped"):
         deepopt.DeepMomentum.from_pretrained("no-such-optimizer", model.parameters())
+
+
+# ------------------------------------------------------------------ (h) distance-over-gradients step sizes
+def _dog_by_hand(params: list[torch.Tensor], grads: list[list[torch.Tensor]], c: float, alpha: float,
+                 reps: float) -> list[torch.Tensor]:
+    """Layer-wise DoG on a sum momentum with G lagged by a step, written out per tensor: x ← x − c·(r̄/√G)·m
+    (no step while G = 0), then G += ‖m‖², r̄ = max(r̄, ‖x − x₀‖)."""
+    out = []
+    for x, gs in zip(params, grads):
+        x0, m, distance, sum_sq = x.clone(), torch.zeros_like(x), reps * (1 + x.norm()), torch.zeros((), dtype=F64)
+        for g in gs:
+            m = alpha * m + g
+            if sum_sq > 0:
+                x = x - c * distance / sum_sq.sqrt() * m
+            sum_sq = sum_sq + m.square().sum()
+            distance = torch.maximum(distance, (x - x0).norm())
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("keys", ["blocks", "momenta"])
+def test_dog_step_size_is_layerwise_distance_over_gradients(keys):
+    """``lr_adapt="dog"`` scales each tensor's step by r̄_t/√G_{t−1} (its own distance from x₀ over the norms of its
+    updates), the lr a multiplier: with the deep branch off, the hand-written L-DoG of momentum."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(7, 5, generator=gen, dtype=F64), torch.zeros(3, dtype=F64)]
+    grads = [[torch.randn(p.shape, generator=gen, dtype=F64) for _ in range(6)] for p in params]
+    live = [p.clone().requires_grad_() for p in params]
+    opt = deepopt.DeepMomentum(live, lr=0.7, momentum=0.8, hidden=0, keys=keys, lr_adapt="dog", dog_reps=1e-3)
+    for t in range(6):
+        for p, gs in zip(live, grads):
+            p.grad = gs[t].clone()
+        opt.step()
+    for got, want in zip(live, _dog_by_hand(params, grads, 0.7, 0.8, 1e-3)):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_dog_makes_the_lr_independent_of_the_gradients_scale():
+    """DoG's step does not depend on the scale of the gradients: the loss ×1000 takes the same path (with the
+    identity preconditioner, where a fixed lr would take 1000× larger steps), and the deep branch reads the same."""
+    paths = []
+    for scale in (1.0, 1000.0):
+        model = small_mlp()
+        opt = deepopt.DeepMomentum(model.parameters(), lr=1.0, lr_adapt="dog", hidden=4, key_dim=4)
+        for t in range(15):
+            opt.zero_grad()
+            x, y = batch(t)
+            (scale * torch.nn.functional.mse_loss(model(x), y)).backward()
+            opt.step()
+        paths.append(flat(model))
+    assert not torch.equal(paths[0], flat(small_mlp()))
+    torch.testing.assert_close(paths[0], paths[1], rtol=1e-6, atol=1e-9)
+
+
+def test_dog_options_are_checked():
+    w = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="lr_adapt"):
+        deepopt.DeepMomentum([w], lr_adapt="prodigy")
+    with pytest.raises(ValueError, match="dog_reps"):
+        deepopt.DeepMomentum([w], lr_adapt="dog", dog_reps=0.0)

@@ -30,6 +30,8 @@ FSDP2_CASES = {name: {} for name in sorted(CONFIGS)} | {
     "deep_momentum+rule": ("deep_momentum", dict(foreach=False)),
     "deep_momentum+momenta+online-w2": ("deep_momentum", dict(keys="momenta", preconditioner="adam", eta2=0.05,
                                                               total_steps=6, hidden=4)),
+    "deep_momentum+momenta+dog": ("deep_momentum", dict(keys="momenta", preconditioner="adam", lr_adapt="dog",
+                                                        lr=1.0, hidden=4, total_steps=6)),
     "m3+second-moment": ("m3", dict(second_moment=True, lr=1e-3)),
     "m3+paper": ("m3", dict(paper=True, lr=1e-3)),
     "m3+rule": ("m3", dict(foreach=False)),

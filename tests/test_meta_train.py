@@ -471,12 +471,13 @@ def test_cli_config_file_sets_options_and_the_command_line_wins(tmp_path, capsys
     assert not (tmp_path / "bad").exists()
 
 
-def test_meta_train_cli_offers_every_activation_of_the_rule():
-    """``--activation`` lists its choices literally (the CLI does not import the rules to build its parser); they
-    must be the deep rule's ``ACTIVATIONS``."""
-    from deepopt.rules.deep import ACTIVATIONS
+@pytest.mark.parametrize("flag,name", [("--activation", "ACTIVATIONS"), ("--lr-adapt", "LR_ADAPTATIONS")])
+def test_meta_train_cli_offers_every_choice_of_the_rule(flag, name):
+    """``--activation`` and ``--lr-adapt`` list their choices literally (the CLI does not import the rules to build
+    its parser); they must be the deep rule's ``ACTIVATIONS`` and ``LR_ADAPTATIONS``."""
+    from deepopt.rules import deep
 
     parser = cli.build_parser("meta-train")
     sub = next(a for a in parser._actions if a.choices and "meta-train" in a.choices).choices["meta-train"]
-    activation = next(a for a in sub._actions if "--activation" in a.option_strings)
-    assert tuple(activation.choices) == tuple(ACTIVATIONS)
+    action = next(a for a in sub._actions if flag in a.option_strings)
+    assert tuple(action.choices) == tuple(getattr(deep, name))

@@ -53,22 +53,45 @@ def check(got, want, tol):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
+def origins_of(ps, seed=5):
+    """W₀ for ``lr_adapt="dog"``: each parameter moved by noise (as if some steps had been taken)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [p + 0.1 * torch.randn(p.shape, generator=gen) for p in ps]
+
+
+def dog_sums(olds, wants, origins, hp):
+    """``(‖u‖², ‖W_new − W₀‖²)`` per tensor from the equations' step ``W_new = W − lr(u + wd W)``, float64."""
+    rows = []
+    for i, (old, want, x0) in enumerate(zip(olds, wants, origins)):
+        u = (old.double() - want[0]) / float(hp["lr"][i]) - hp["wd"] * old.double()
+        rows.append([u.square().sum(), (want[0] - x0.double()).square().sum()])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
 FEATURES = {"tanh": torch.tanh, "softsign": torch.nn.functional.softsign}
 
 
-@pytest.mark.parametrize("threads,hidden,activation", [(1, H, "tanh"), (2, H, "tanh"), (2, 1, "tanh"),
-                                                       (2, 64, "tanh"), (1, H, "softsign"), (2, 2, "softsign")])
-def test_c_kernel_equals_the_equations(threads, hidden, activation):
-    if not deep_cpu.momenta_available(hidden, J, activation):
+@pytest.mark.parametrize("threads,hidden,activation,dog", [
+    (1, H, "tanh", False), (2, H, "tanh", False), (2, 1, "tanh", False), (2, 64, "tanh", False),
+    (1, H, "softsign", False), (2, 2, "softsign", False), (1, H, "tanh", True), (2, 2, "softsign", True)])
+def test_c_kernel_equals_the_equations(threads, hidden, activation, dog):
+    """The step, and with ``origins`` (``lr_adapt="dog"``) the per-tensor sums ‖u‖², ‖W_new − W₀‖² it returns."""
+    if not deep_cpu.momenta_available(hidden, J, activation, dog):
         pytest.skip("no C compiler")
     ps, gs, ms, vs, es, w1s, w2s, hp = case(hidden=hidden)
+    olds, origins = [p.clone() for p in ps], origins_of(ps)
     want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
                       hp["eps"], hp["eta"], hp["wd"], features=FEATURES[activation])
             for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
-    deep_cpu.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"], hp["alpha"],
-                           hp["beta2"], hp["eps"], hp["eta"], hp["wd"], activation=activation, threads=threads)
+    sums = deep_cpu.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"],
+                                  hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"], activation=activation,
+                                  threads=threads, origins=origins if dog else None)
     for i, w in enumerate(want):
         check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
+    if dog:
+        torch.testing.assert_close(sums, dog_sums(olds, want, origins, hp), rtol=1e-4, atol=1e-6)
+    else:
+        assert sums is None
 
 
 def test_roofline_linear_kernel_computes_linear_features():
@@ -102,8 +125,8 @@ def test_c_kernel_equals_the_equations_on_each_instruction_set(isa_flags, monkey
     deep_cpu._momenta_library.cache_clear()
     try:
         assert deep_cpu.momenta_available(H, J) and deep_cpu.momenta_available(H, J, "softsign")
-        test_c_kernel_equals_the_equations(2, H, "tanh")
-        test_c_kernel_equals_the_equations(2, H, "softsign")
+        test_c_kernel_equals_the_equations(2, H, "tanh", True)
+        test_c_kernel_equals_the_equations(2, H, "softsign", False)
     finally:
         deep_cpu._momenta_library.cache_clear()
 
@@ -113,17 +136,23 @@ TRITON_CHECK = textwrap.dedent("""
     import torch
     sys.path.insert(0, "tests")
     from deepopt.optimizers import deep_kernels
-    from test_momenta_kernels import FEATURES, case, check, reference
+    from test_momenta_kernels import FEATURES, case, check, dog_sums, origins_of, reference
 
-    for activation in FEATURES:
+    for activation, dog in [(a, d) for a in FEATURES for d in (False, True)]:
         ps, gs, ms, vs, es, w1s, w2s, hp = case(seed=1)
+        olds, origins = [p.clone() for p in ps], origins_of(ps)
         want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
                           hp["eps"], hp["eta"], hp["wd"], features=FEATURES[activation])
                 for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
-        deep_kernels.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"],
-                                   hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"], activation=activation)
+        sums = deep_kernels.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"],
+                                          hp["gammas"], hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"],
+                                          activation=activation, origins=origins if dog else None)
         for i, w in enumerate(want):
             check((ps[i], ms[i], vs[i], es[i], w1s[i]), w, 2e-5)
+        if dog:
+            torch.testing.assert_close(sums.double(), dog_sums(olds, want, origins, hp), rtol=1e-4, atol=1e-6)
+        else:
+            assert sums is None
     print("kernels equal the equations")
 """)
 
@@ -174,12 +203,14 @@ def routed_run(make, steps=10, shapes=ROUTE_SHAPES, dtype=torch.float32, schedul
 
 def assert_same_run(a, opt_a, b, opt_b, tol):
     """Parameters and every state entry equal (the C kernel sums C in double, the rule in fp32 over up to 9e4
-    coordinates: W₁ differs by ~3e-5 there, W's by ~2e-6)."""
+    coordinates: W₁ differs by ~3e-5 there, W's by ~2e-6; DoG's G = Σ‖u‖² by up to 1.6e-4 relative, the fp32
+    rule's sums being the farther from float64's)."""
     for p, q in zip(a, b):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=tol, atol=tol)
         assert opt_a.state[p].keys() == opt_b.state[q].keys()
         for key, value in opt_a.state[p].items():
-            torch.testing.assert_close(value, opt_b.state[q][key], rtol=tol, atol=tol, msg=key)
+            loose = 10 * tol if key == "dog_sum_sq" else tol
+            torch.testing.assert_close(value, opt_b.state[q][key], rtol=loose, atol=tol, msg=key)
 
 
 @pytest.fixture
@@ -215,11 +246,13 @@ def test_shipped_optimizer_routes_to_the_c_kernel_and_equals_the_rule_path(c_ker
 
 @pytest.mark.parametrize("options", [dict(hidden=64, timescales=(0.5, 0.9, 0.99)),
                                      dict(hidden=1, timescales=(0.8,), lr_decay=0.1, weight_decay=0.05),
-                                     dict(hidden=2, timescales=(0.9,), activation="softsign")])
+                                     dict(hidden=2, timescales=(0.9,), activation="softsign"),
+                                     dict(lr_adapt="dog", lr=1.0, weight_decay=0.1, lr_horizon=6),
+                                     dict(hidden=2, timescales=(0.9,), activation="softsign", lr_adapt="dog", lr=0.5)])
 def test_momenta_configurations_route_and_equal_the_rule_path(c_kernel_calls, options):
     """Other widths, time scales and features the kernel takes (hidden 1…64, 1–4 time scales, a 1/t schedule,
-    softsign) route too and equal the rule path."""
-    kw = dict(keys="momenta", preconditioner="adam", lr=3e-3, eta=0.2, memory_init=None, **options)
+    softsign, DoG's step sizes) route too and equal the rule path."""
+    kw = dict(keys="momenta", preconditioner="adam", lr=3e-3, eta=0.2, memory_init=None) | options
     ours, opt = routed_run(lambda ps: deepopt.DeepMomentum(ps, **kw), steps=6)
     ref, ref_opt = routed_run(lambda ps: deepopt.DeepMomentum(ps, foreach=False, **kw), steps=6)
     assert c_kernel_calls == [len(ROUTE_SHAPES)] * 6

@@ -45,6 +45,16 @@ Both layouts then step::
     h_t = 1 (lr_horizon = 0, the default), else h_t = max(1 − (t − 1)/N, 1/N)^p,  N = lr_horizon, p = lr_power
     w_t = min(1, t/(lr_warmup·N)) with lr_warmup > 0 and N > 0, else 1
 
+With ``lr_adapt="dog"`` each tensor's step is scaled by its distance over its updates (layer-wise DoG, Ivgi et
+al., 2023, with G lagged by one step)::
+
+    lr_t = lr·s_t·r̄_t/√G_{t−1}   (0 while G_{t−1} = 0: the first step moves nothing)
+    r̄_t = max(r_ε, max_{i≤t} ‖W_i − W_0‖),  G_t = Σ_{i≤t} ‖u_i‖²,  r_ε = dog_reps·(1 + ‖W_0‖)
+
+The step grows with the distance travelled and does not depend on the scale of ``u``, so ``lr`` is a multiplier
+of order 1 (DoG's is 1) instead of a step size (state: W_0, r̄ and G per tensor).  DoG divides by √G_t; the lag
+lets one pass over the coordinates both take the step and collect ‖u_t‖² and ‖W_{t+1} − W_0‖ for the next.
+
 ``lr`` is the param group's: a script's own scheduler (warm-up + cosine, ``OneCycleLR``) sets it and the learned
 schedule ``s_t`` multiplies it.  ``h_t`` is an opt-in training-progress schedule (``lr_horizon = N`` > 0: the length
 of the run, as VeLO's learned optimizers take it): the lr falls from ``lr`` at step 1 to ``lr·(1/N)^p`` at step N
@@ -95,6 +105,7 @@ ACTIVATIONS = {
 OBJECTIVES = ("dot", "l2")
 KEY_SOURCES = ("gradient", "preconditioned")
 KEY_LAYOUTS = ("blocks", "momenta")
+LR_ADAPTATIONS = ("none", "dog")
 MAX_TIMESCALES = 4
 
 DEFAULTS = {
@@ -117,6 +128,8 @@ DEFAULTS = {
     "keys": "blocks",
     "timescales": (0.5, 0.99),
     "eta2": 0.0,
+    "lr_adapt": "none",
+    "dog_reps": 1e-4,
     **T.SHARED_DEFAULTS,
 }
 
@@ -150,6 +163,8 @@ def init(param: Tensor, hp: Hparams) -> State:
     if hp["keys"] == "momenta":
         # (J, *W.shape); stacked so that a sharded (FSDP2) parameter's buffers shard along W's own dimension
         state["timescale_buffers"] = torch.stack([torch.zeros_like(param) for _ in hp["timescales"]])
+    if hp["lr_adapt"] == "dog":
+        state.update(init_distance_over_gradients(param, hp))
     return state
 
 
@@ -215,9 +230,13 @@ def update(grad: Tensor, state: State, param: Tensor, hp: Hparams) -> tuple[Tens
             direction = m + sharding.scattered(from_blocks(scale * (phi @ w1.mT), whole_key), m)
         new_state.update(momentum_buffer=m, W1=w1, W2=state["W2"])
     factor = lr_factor(step, hp, g)
+    if hp["lr_adapt"] == "dog":
+        factor = dog_step_size(state) if factor is None else factor * dog_step_size(state)
     if factor is not None:
         hp = {**hp, "lr": (hp["lr"] * factor).to(g.dtype)}
     delta = T.descend(T.output_nonlinearity(direction, hp), param, hp)
+    if hp["lr_adapt"] == "dog":
+        new_state.update(dog_statistics(direction, param + delta, state))
     return delta, new_state
 
 
@@ -275,6 +294,41 @@ def _momenta_step(value: Tensor, state: State, hp: Hparams, new_state: State) ->
     read = (phi @ w1.mT).reshape(whole_value.shape)
     new_state["W1"], new_state["W2"] = momenta_writes(keys, phi, pre, whole_value.reshape(-1), w1, w2, hp)
     return m + sharding.scattered(read, m)
+
+
+def init_distance_over_gradients(param: Tensor, hp: Hparams) -> State:
+    """The state of ``lr_adapt="dog"``: the tensor's starting point x₀, the distance r̄ = r_ε = ``dog_reps``·(1 + ‖x₀‖)
+    and the sum of squared update norms G = 0 (0-dim, fp32; fp64 for fp64 parameters)."""
+    x0 = param.detach().clone()
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    reps = float(hp["dog_reps"]) * (1 + _squared_norm(x0, dtype).sqrt())
+    return {"dog_origin": x0, "dog_distance": reps, "dog_sum_sq": torch.zeros((), dtype=dtype, device=param.device)}
+
+
+def _squared_norm(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``‖x‖²`` in ``dtype`` as a plain 0-dim tensor (a sharded (FSDP2) tensor's: its shards' sums all-reduced)."""
+    return sharding.gathered(x.to(dtype).square().sum())
+
+
+def dog_step_size(state: State) -> Tensor:
+    """η_t = r̄_t/√G_{t−1} of ``lr_adapt="dog"`` (0 while G = 0: the first step only fills the memories)."""
+    sum_sq = state["dog_sum_sq"]
+    return state["dog_distance"] / torch.where(sum_sq > 0, sum_sq, torch.ones_like(sum_sq)).sqrt() * (sum_sq > 0)
+
+
+def dog_statistics(direction: Tensor, new_param: Tensor, state: State) -> State:
+    """The sums DoG carries to the next step, taken from this one: ``G_t = G_{t−1} + ‖u_t‖²`` and
+    ``r̄_{t+1} = max(r̄_t, ‖W_{t+1} − W_0‖)`` (per-tensor sums of the pass that writes W, as the memory's are)."""
+    dtype = state["dog_sum_sq"].dtype
+    distance, sum_sq = dog_carry(state["dog_distance"], state["dog_sum_sq"], _squared_norm(direction, dtype),
+                                 _squared_norm(new_param.detach() - state["dog_origin"], dtype))
+    return {"dog_origin": state["dog_origin"], "dog_distance": distance, "dog_sum_sq": sum_sq}
+
+
+def dog_carry(distance: Tensor, sum_sq: Tensor, update_sq: Tensor, moved_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """``(max(r̄, √moved_sq), G + update_sq)``: DoG's state after a step with ``‖u‖² = update_sq`` that left W at
+    ``‖W − W_0‖² = moved_sq`` (elementwise: one tensor's, or stacked ones')."""
+    return torch.maximum(distance, moved_sq.to(distance.dtype).sqrt()), sum_sq + update_sq.to(sum_sq.dtype)
 
 
 def has_schedule(hp: Hparams) -> bool:
@@ -341,6 +395,8 @@ def validate(hp: Hparams) -> None:
     check_int("seed", hp["seed"], low=0)
     check_choice("keys", hp["keys"], KEY_LAYOUTS)
     check_range("eta2", hp["eta2"], 0.0)
+    check_choice("lr_adapt", hp["lr_adapt"], LR_ADAPTATIONS)
+    check_range("dog_reps", hp["dog_reps"], 0.0, low_open=True)
     _check_timescales(hp["timescales"])
     if hp["keys"] == "momenta" and hp["objective"] != "dot":
         raise ValueError(f"keys='momenta' takes objective='dot' only, got objective={hp['objective']!r}")
