@@ -207,7 +207,7 @@ class DeepMomentum(MemoryOptimizer):
         keys="momenta": k_i = (v_i, (1 − α)m_i, e_1i…e_Ji), e_j ← γ_j e_j + (1 − γ_j)v  (momenta at time scales γ)
                         u_i = m_i + W₁·σ(W₂ k_i);  then W₁ ← αW₁ + (1 − α)W₁⁰ + η·mean_i(v_i σ(W₂k_i))
                         (and W₂, with eta2 > 0, by a normalised step of the same objective)
-        W ← W − lr_t·σ_out(u) − lr_t·wd·W (decoupled),   lr_t = lr·s_t   (lr_adapt="dog": lr·s_t·r̄_t/√G_t)
+        W ← W − lr_t·σ_out(u) − lr_t·wd·W (decoupled),   lr_t = lr·s_t   (lr_adapt="dog": lr·s_t·r̄_t/√G_{t−1})
         s_t = w_t/(1 + lr_decay·(t − 1))·h_t,  h_t = max(1 − (t − 1)/N, 1/N)^lr_power (N = lr_horizon > 0, else 1)
 
     ``lr`` is the param group's, so a script's own scheduler (warm-up + cosine, ``OneCycleLR``) composes with the
@@ -221,7 +221,7 @@ class DeepMomentum(MemoryOptimizer):
     set the learned schedule; past N it keeps its last value and the optimizer warns once.  ``lr_adapt="dog"``
     scales each tensor's step by its distance from its start over the root sum of its squared update norms
     (layer-wise DoG; ``dog_reps`` sets the first step, r_ε = dog_reps·(1 + ‖W₀‖)), making ``lr`` a multiplier of
-    order 1; it runs on the per-tensor rule path (no fused kernel yet).
+    order 1; the momenta kernels take it, other configurations run the rule tensor by tensor.
 
     Weight decay: ``weight_decay`` is **decoupled** (AdamW's) with ``preconditioner="adam"`` and **coupled** (L2,
     ``g + wd·W``) with the identity preconditioner, unless ``decoupled_weight_decay`` says otherwise.  Further
