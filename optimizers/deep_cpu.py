@@ -466,7 +466,7 @@ static void *momenta_worker(void *argp) {
                 const int64_t be = bs + FLUSH < b1 ? bs + FLUSH : b1;
                 for (int64_t b = bs; b < be; b++) momenta_block(k, p, g, m, v, e, x0, n, b * VL, w1, w2s, acc, sq);
                 for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
-                for (int i = 0; i < VL; i++) { slot[H] += sq[0][i]; slot[H + 1] += sq[1][i]; }
+                if (DOG) for (int i = 0; i < VL; i++) { slot[H] += sq[0][i]; slot[H + 1] += sq[1][i]; }
             }
             if (tid == team - 1 && nv * VL < n) {   /* the tail, zero-padded: p = 0 there adds nothing to C, */
                 const int64_t r = n - nv * VL;   /* nor u = 0 and W = W_0 = 0 to the DoG sums */
@@ -481,7 +481,7 @@ static void *momenta_worker(void *argp) {
                 sq[0] = sq[1] = (vc){0};
                 momenta_block(k, tp, tg, tm, tv, te, tx, VL, 0, w1, w2s, acc, sq);
                 for (int h = 0; h < H; h++) for (int i = 0; i < VL; i++) slot[h] += acc[h][i];
-                for (int i = 0; i < VL; i++) { slot[H] += sq[0][i]; slot[H + 1] += sq[1][i]; }
+                if (DOG) for (int i = 0; i < VL; i++) { slot[H] += sq[0][i]; slot[H + 1] += sq[1][i]; }
                 for (int64_t i = 0; i < r; i++) {
                     p[nv * VL + i] = tp[i]; m[nv * VL + i] = tm[i]; v[nv * VL + i] = tv[i];
                     for (int j = 0; j < MJ; j++) e[j * n + nv * VL + i] = te[j * VL + i];

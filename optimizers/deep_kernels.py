@@ -169,6 +169,7 @@ if triton is not None:
         start = tl.load(block_start + work)
         p_ptr, g_ptr, m_ptr = _pointer(p_table, t, DTYPE), _pointer(g_table, t, DTYPE), _pointer(m_table, t, DTYPE)
         v_ptr, e_ptr = _pointer(v_table, t, DTYPE), _pointer(e_table, t, DTYPE)
+        o_ptr = _pointer(o_table, t, DTYPE)  # W₀ (DOG; else o_table is p_table, and the pointer goes unused)
         w1, w2 = _pointer(w1_table, t, tl.float32), _pointer(w2_table, t, tl.float32)
         lr_t, inv_bc2 = tl.load(lr + t).to(tl.float32), 1.0 / tl.load(bias_correction2 + t).to(tl.float32)
         acc = tl.zeros((H,), tl.float32)
@@ -198,12 +199,12 @@ if triton is not None:
             read = tl.sum(phi * tl.load(w1 + hs)[None, :], axis=1)
             acc += tl.sum(pv[:, None] * phi, axis=0)
             w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            new = (w - lr_t * (m + read + weight_decay * w)).to(DTYPE)
+            u = m + read
+            new = (w - lr_t * (u + weight_decay * w)).to(DTYPE)
             tl.store(p_ptr + offs, new, mask=mask)
             if DOG:  # masked lanes: u = 0 (g = 0 there) and W_new = W₀ = 0
-                moved = new.to(tl.float32) - tl.load(_pointer(o_table, t, DTYPE) + offs, mask=mask,
-                                                     other=0.0).to(tl.float32)
-                update_sq += tl.sum((m + read) * (m + read), axis=0)
+                moved = new.to(tl.float32) - tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                update_sq += tl.sum(u * u, axis=0)
                 moved_sq += tl.sum(moved * moved, axis=0)
         tl.atomic_add(corr + t * H + hs, acc)
         if DOG:

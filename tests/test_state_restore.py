@@ -16,7 +16,7 @@ CASES = [(n, {}) for n in sorted(CONFIGS)] + [
     ("m3", dict(foreach=False)), ("m3", dict(nonfinite="skip")), ("m3", dict(second_moment=True, lr=1e-3)),
     ("m3", dict(paper=True, lr=1e-3, chunk=4)),
     ("deep_momentum", dict(lr_horizon=20, preconditioner="adam")), ("deep_momentum", dict(lr_decay=0.1)),
-    ("deep_momentum", dict(lr=1.0, lr_adapt="dog", **{"keys": "momenta", "preconditioner": "adam"})),
+    ("deep_momentum", dict(lr=1.0, lr_adapt="dog", keys="momenta", preconditioner="adam")),
     ("momentum", dict(preconditioner="adam")), ("adam", dict(fused=False)),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o in CASES]
