@@ -23,6 +23,7 @@ _REGISTRARS: tuple[tuple[str, str], ...] = (
     ("robustness", "deepopt.robustness:register"),
     ("meta-train", "deepopt.metatrain_cli:register"),
     ("evaluate", "deepopt.evaluate:register"),
+    ("select", "deepopt.selection:register"),
     ("hope", "deepopt.hope.cli:register"),
     ("compare", "deepopt.compare:register"),
 )

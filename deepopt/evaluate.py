@@ -12,6 +12,19 @@ The suite (no task, nor its data set + architecture combination, is in any meta-
     tabular_mlp  a 64-unit ELU MLP on the breast-cancer data set, batch 64, 300 steps
                                                     (meta-training: digits cuts, iris, synthetic teacher problems)
 
+The validation suite (``VALIDATION_TASKS``; ``deepopt select`` chooses among meta-trained optimizers on it, so that
+the held-out suite plays no part in the choice): one task of each kind the held-out suite has but HOPE, on other data
+and architectures, in no family either::
+
+    images_cnn   a CNN of three 3×3 convolutions (8, 16, 16 channels, the first two padded, GELU) on a fixed
+                 10-class problem of synthetic 8×8 images (``synthetic_images``), batch 32, 400 steps
+                                                    (meta-training: two unpadded convolutions, relu/tanh)
+    code_lm      the byte-level Transformer++ LM at its tiny size (2 layers, d 64), context 64, batch 8, 400 steps,
+                 on the standard library's source code (the ``code`` domain's validation split)
+                                                    (meta-training: another GPT on code's training split)
+    wine_mlp     a 32-32 SiLU MLP on the wine data set, batch 32, 300 steps
+                 (``meta_train.tasks.HELD_OUT_SPECS``: meta-training's own held-out check, never trained on)
+
 Methods, each with weight decay 0.1 on matrices (``p.dim() >= 2``) and none elsewhere, as AdamW scripts group them:
     adamw    ``torch.optim.AdamW`` with linear warm-up (5% of the steps) and cosine decay to 0, over ``--lrs``
              (betas (0.9, 0.95) on the LMs, torch's defaults elsewhere)
@@ -68,6 +81,7 @@ BASELINES = ("adamw", "adamw_constant", "muon")
 CURVE_POINTS = 20  # validation losses per run (plus step 0)
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 TASKS = ("digits_cnn", "char_lm", "hope_lm", "tabular_mlp")
+VALIDATION_TASKS = ("images_cnn", "code_lm", "wine_mlp")
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no_deep": {"hidden": 0},            # the deep branch off: Momentum with Adam's P and the learned schedule
     "w1_fixed": {"eta": 0.0},            # no online write: the static learned read-out θ₀
@@ -125,8 +139,38 @@ def _language(model: Any, corpus: Any, batch_size: int, context: int, seed: int,
     return Problem(model.to(device), batch, lambda m, b: m(b[0], b[1])[1], val_loss, adam_betas=(0.9, 0.95))
 
 
+IMAGES_SEED = 9  # the synthetic image problem of images_cnn: 10 classes, noise σ 1.11
+
+
+def _images_cnn(seed: int, device: str) -> Problem:
+    import random
+
+    import torch
+    from torch import nn
+
+    from deepopt.meta_train.tasks import synthetic_images
+
+    data = synthetic_images(random.Random(IMAGES_SEED), torch.float32)
+    torch.manual_seed(10_000 + seed)
+    model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.GELU(),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 16, 3), nn.GELU(), nn.Flatten(),
+                          nn.Linear(16 * 6 * 6, int(data[1].max()) + 1))
+    return _classification(model, data, 32, seed, device)
+
+
+def _mlp(task: str, spec: str, seed: int, device: str) -> Problem:
+    """An MLP of ``meta_train.tasks.HELD_OUT_SPECS[spec]`` on its data set."""
+    from deepopt.data import load_classification
+    from deepopt.meta_train.tasks import HELD_OUT_SPECS, mlp_task
+
+    dataset, widths, activation, batch_size = HELD_OUT_SPECS[spec]
+    model = mlp_task(task, dataset, widths, activation, batch_size, 10_000 + seed).model
+    return _classification(model, load_classification(dataset), batch_size, seed, device)
+
+
 def build_problem(task: str, seed: int, smoke: bool, device: str = "cpu") -> Problem:
-    """The suite's ``task`` with weights and batches drawn from ``seed`` (``smoke``: tiny sizes)."""
+    """The held-out or validation suite's ``task`` with weights and batches drawn from ``seed`` (``smoke``: tiny
+    sizes)."""
     import torch
 
     from deepopt.data import digits_cnn, load_classification
@@ -136,15 +180,19 @@ def build_problem(task: str, seed: int, smoke: bool, device: str = "cpu") -> Pro
         if task == "digits_cnn":
             return _classification(digits_cnn(10_000 + seed), load_classification("digits"), 64, seed, device)
         if task == "tabular_mlp":
-            from deepopt.meta_train.tasks import HELD_OUT_SPECS, mlp_task
-
-            _, widths, activation, batch_size = HELD_OUT_SPECS["breast_cancer_mlp"]
-            model = mlp_task("tabular_mlp", "breast_cancer", widths, activation, batch_size, 10_000 + seed).model
-            return _classification(model, load_classification("breast_cancer"), batch_size, seed, device)
+            return _mlp(task, "breast_cancer_mlp", seed, device)
+        if task == "wine_mlp":
+            return _mlp(task, "wine_mlp", seed, device)
+        if task == "images_cnn":
+            return _images_cnn(seed, device)
         from deepopt.hope.data import load_corpus
         from deepopt.hope.model import LanguageModel
         from deepopt.hope.train import model_config
 
+        if task == "code_lm":
+            corpus = load_corpus("code", max_bytes=200_000 if smoke else 1_000_000)
+            cfg = model_config("transformer", "smoke" if smoke else "tiny")
+            return _language(LanguageModel(cfg), corpus, 4 if smoke else 8, 32 if smoke else 64, seed, device)
         corpus = load_corpus("prose", max_bytes=200_000 if smoke else 2_000_000)
         if task == "char_lm":
             cfg = model_config("transformer", "smoke" if smoke else "small")
@@ -152,11 +200,15 @@ def build_problem(task: str, seed: int, smoke: bool, device: str = "cpu") -> Pro
         if task == "hope_lm":
             return _language(LanguageModel(model_config("hope", "smoke")), corpus, 4 if smoke else 8,
                              32 if smoke else 64, seed, device)
-    raise ValueError(f"unknown task {task!r}; accepted: {TASKS}")
+    raise ValueError(f"unknown task {task!r}; accepted: {TASKS + VALIDATION_TASKS}")
+
+
+STEPS = {"digits_cnn": 500, "char_lm": 1000, "hope_lm": 200, "tabular_mlp": 300,
+         "images_cnn": 400, "code_lm": 400, "wine_mlp": 300}
 
 
 def task_steps(task: str, smoke: bool) -> int:
-    return {"digits_cnn": 500, "char_lm": 1000, "hope_lm": 200, "tabular_mlp": 300}[task] if not smoke else 12
+    return STEPS[task] if not smoke else 12
 
 
 # ----------------------------------------------------------------------------------------------- optimizers
@@ -179,8 +231,9 @@ class OptimizerSpec:
         return float(self.options.get("lr", load_pretrained(self.pretrained)[1]["lr"]))
 
 
-def parse_optimizer(text: str) -> OptimizerSpec:
-    """``NAME_OR_FOLDER[:key=value,...]``; values are JSON (``hidden=0``, ``preconditioner=adam``)."""
+def parse_optimizer(text: str, flag: str = "--optimizer") -> OptimizerSpec:
+    """``NAME_OR_FOLDER[:key=value,...]``; values are JSON (``hidden=0``, ``preconditioner=adam``). Errors name
+    ``flag``."""
     import deepopt
     from deepopt.pretrained import names, resolve
 
@@ -189,7 +242,7 @@ def parse_optimizer(text: str) -> OptimizerSpec:
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UsageError(f"--optimizer {text!r}: options must be key=value, got {item!r}")
+            raise UsageError(f"{flag} {text!r}: options must be key=value, got {item!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -202,7 +255,7 @@ def parse_optimizer(text: str) -> OptimizerSpec:
         return OptimizerSpec(text, str(folder), None, options)
     if name in deepopt.OPTIMIZERS:
         return OptimizerSpec(text, None, name, options)
-    raise UsageError(f"--optimizer {name!r} is not a shipped learned optimizer {names()}, a folder "
+    raise UsageError(f"{flag} {name!r} is not a shipped learned optimizer {names()}, a folder "
                      f"holding one, or an optimizer {sorted(deepopt.OPTIMIZERS)}")
 
 
@@ -310,8 +363,10 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- the study
 def plan(tasks: Sequence[str], seeds: Sequence[int], lrs: Sequence[float], spec: OptimizerSpec, smoke: bool,
-         ablations: bool, device: str, methods: Sequence[str] = ("adamw", "muon", "learned")) -> list[dict[str, Any]]:
-    """Every run of the study (tuned AdamW at LONG·T is added once the sweep has chosen its lr)."""
+         ablations: bool, device: str, methods: Sequence[str] = ("adamw", "muon", "learned"),
+         sweep_learned: bool = True) -> list[dict[str, Any]]:
+    """Every run of the study (tuned AdamW at LONG·T is added once the sweep has chosen its lr); the learned
+    optimizer over the sweep's multiples of its lr and untuned, or untuned only (``sweep_learned=False``)."""
     base = spec.base_lr or statistics.median(lrs)
     multipliers = [lr / statistics.median(lrs) for lr in lrs]
     units = []
@@ -323,8 +378,9 @@ def plan(tasks: Sequence[str], seeds: Sequence[int], lrs: Sequence[float], spec:
                       for lr in lrs]
             if "learned" not in methods:
                 continue
-            units += [dict(common, method="learned", lr=base * k, scale=k) for k in multipliers]
-            if 1.0 not in multipliers:
+            if sweep_learned:
+                units += [dict(common, method="learned", lr=base * k, scale=k) for k in multipliers]
+            if 1.0 not in multipliers or not sweep_learned:
                 units.append(dict(common, method="learned", lr=base, scale=1.0))
             if ablations and spec.pretrained is not None:
                 units += [dict(common, method=f"ablation:{a}", lr=base, scale=1.0) for a in ABLATIONS]
@@ -393,6 +449,22 @@ def execute(units: list[dict[str, Any]], store: JsonLines, jobs: int, log: Calla
             as pool:
         for unit, result in zip(todo, pool.map(run_unit, todo)):
             record(unit, result)
+
+
+def execute_tuned(units: list[dict[str, Any]], store: JsonLines, jobs: int,
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run ``units`` (those not yet in ``store``) and the runs that ``extend_sweeps`` adds, up to
+    ``MAX_EXTENSIONS`` grid steps; returns every result."""
+    execute(units, store, jobs, log)
+    results = [store.done[_key(u)] for u in units]
+    for _ in range(MAX_EXTENSIONS):  # a sweep whose best lr is at its edge goes one grid step further
+        extra = [{k: v for k, v in u.items() if k not in ("final", "curve", "seconds")}
+                 for u in extend_sweeps(results)]
+        if not extra:
+            break
+        execute(extra, store, jobs, log)
+        results += [store.done[_key(u)] for u in extra]
+    return results
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -535,23 +607,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "against tuned AdamW and Muon", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_out_option(p, "evaluate", OUTPUTS)
-    p.add_argument("--resume", action="store_true", help="continue the study in --out (runs done are kept)")
     p.add_argument("--optimizer", default=None, metavar="SPEC",
                    help="a shipped learned optimizer's name, a folder from `deepopt meta-train`, or a deepopt "
                         "optimizer, with options: NAME[:key=value,...] (default: the shipped default)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated tasks from {TASKS}")
     p.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3; smoke 1)")
-    p.add_argument("--lrs", default=None, help="the lr sweep (default 3e-4,1e-3,3e-3,1e-2,3e-2; smoke 3e-3,3e-2)")
     p.add_argument("--methods", default="adamw,muon,learned",
                    help="the methods to run, from adamw (required), adamw_constant (opt-in), muon, learned (a study "
                         "without 'learned' runs the baselines only and writes no summary)")
     p.add_argument("--ablations", action="store_true", help="add untuned runs of the learned optimizer with each "
                    f"learned part off: {', '.join(ABLATIONS)}")
+    add_run_options(p)
+    p.set_defaults(func=run)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options ``evaluate`` and ``select`` share: resume, the sweep, smoke size, processes, threads, device."""
+    p.add_argument("--resume", action="store_true", help="continue the study in --out (runs done are kept)")
+    p.add_argument("--lrs", default=None, help="the lr sweep (default 3e-4,1e-3,3e-3,1e-2,3e-2; smoke 3e-3,3e-2)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: an end-to-end check in seconds (CI)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.set_defaults(func=run)
+
+
+def parse_lrs(text: str | None, smoke: bool) -> list[float]:
+    """``--lrs``: comma-separated numbers > 0 (default ``LRS``; ``SMOKE_LRS`` with ``--smoke``)."""
+    try:
+        lrs = [float(v) for v in text.split(",")] if text else list(SMOKE_LRS if smoke else LRS)
+    except ValueError:
+        raise UsageError(f"--lrs must be comma-separated numbers, got {text!r}") from None
+    if not lrs or not all(v > 0 and math.isfinite(v) for v in lrs):
+        raise UsageError(f"--lrs must be numbers > 0, got {text!r}")
+    return lrs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -564,12 +652,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
         raise UsageError(f"--tasks: unknown task(s) {unknown or tasks}; accepted: {list(TASKS)}")
-    try:
-        lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else list(SMOKE_LRS if args.smoke else LRS)
-    except ValueError:
-        raise UsageError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
-    if not lrs or not all(v > 0 and math.isfinite(v) for v in lrs):
-        raise UsageError(f"--lrs must be numbers > 0, got {args.lrs!r}")
+    lrs = parse_lrs(args.lrs, args.smoke)
     methods = [m for m in args.methods.split(",") if m]
     if not methods or set(methods) - {*BASELINES, "learned"} or "adamw" not in methods:
         raise UsageError(f"--methods must list adamw and any of adamw_constant, muon, learned; got {args.methods!r}")
@@ -585,15 +668,7 @@ def run(args: argparse.Namespace) -> int:
     units = plan(tasks, seeds, lrs, spec, args.smoke, args.ablations, args.device, methods)
     for u in units:
         u["threads"] = args.threads
-    execute(units, store, args.jobs, log)
-    results = [store.done[_key(u)] for u in units]
-    for _ in range(MAX_EXTENSIONS):  # a sweep whose best lr is at its edge goes one grid step further
-        extra = [{k: v for k, v in u.items() if k not in ("final", "curve", "seconds")}
-                 for u in extend_sweeps(results)]
-        if not extra:
-            break
-        execute(extra, store, args.jobs, log)
-        results += [store.done[_key(u)] for u in extra]
+    results = execute_tuned(units, store, args.jobs, log)
     long_units = []
     for task in tasks:  # tuned AdamW over LONG·T steps, for speed-ups above 1
         rows = [r for r in results if r["task"] == task and r["method"] == "adamw"]

@@ -437,7 +437,7 @@ def lm_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
                 Windows(val, batch_size, context, seed + 1), full)
 
 
-def _synthetic_images(rng: random.Random, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def synthetic_images(rng: random.Random, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """3–10 classes of 8×8 images: each class a random prototype (Gaussian noise smoothed by a 3×3 box filter and
     standardised), each image its class's prototype rolled by up to one pixel per axis plus N(0, σ²) noise,
     σ ∈ [0.5, 1.5]; 1024 training and 256 test images, flattened to 64 features like digits'."""
@@ -457,7 +457,7 @@ def cnn_task(seed: int, dtype: torch.dtype = torch.float32) -> Task:
     rng = random.Random(seed)
     c1, c2 = rng.choice((4, 8)), rng.choice((8, 16))
     activation, batch_size = rng.choice(("relu", "tanh")), rng.choice((32, 64, 128))
-    x, y, x_test, y_test = _synthetic_images(rng, dtype)
+    x, y, x_test, y_test = synthetic_images(rng, dtype)
     classes = int(y.max()) + 1
     act = ACTIVATIONS[activation]
 

@@ -49,6 +49,7 @@ TINY: dict[str, list[str]] = {
                                "--threads", "1", "--no-progress"],
     "evaluate": ["--smoke", "--tasks", "tabular_mlp", "--methods", "adamw,learned", "--lrs", "0.003,0.03", "--seeds",
                  "1", "--threads", "1"],
+    "select": ["dmgd-general", "--smoke", "--lrs", "0.003,0.03", "--threads", "1"],
     "compare": ["--smoke", "--tasks", "digits_mlp", "--optimizers", "momentum", "--lrs", "1", "--seeds", "1",
                 "--threads", "1"],
 }
@@ -71,6 +72,7 @@ LATE: dict[str, tuple[list[str], str]] = {
     "hope mqar": (["--widths", "12"], "--widths"),
     "hope class-incremental": (["--classes-per-task", "3"], "--packages"),
     "evaluate": (["--optimizer", "nosuch"], "--optimizer"),
+    "select": (["--seeds", "0"], "--seeds"),
     "compare": (["--span", "0"], "--span"),
 }
 
@@ -241,6 +243,7 @@ RESUMED: dict[str, list[tuple[str, object]]] = {  # command -> the files --resum
     "hope mqar": [("runs.jsonl", corrupt_text)],
     "hope niah": [("runs.jsonl", corrupt_text)],
     "evaluate": [("runs.jsonl", corrupt_text)],
+    "select": [("runs.jsonl", corrupt_text)],
 }
 
 
