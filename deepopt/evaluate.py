@@ -39,7 +39,7 @@ Methods, each with weight decay 0.1 on matrices (``p.dim() >= 2``) and none else
              (``DeepMomentum.from_pretrained``, ``total_steps`` = the task's steps, its own learned schedule, no
              script schedule), or a deepopt class with options (``momentum:preconditioner=adam``, run like AdamW);
              untuned (its own lr: the shipped one, or the median of ``--lrs``) and over the same sweep, as
-             multiples of that lr (``--lrs`` divided by their median)
+             multiples of that lr (``--lrs`` divided by their median); ``--untuned-only``: untuned only
 
 Metrics: the final validation loss of each run (3 seeds: mean and a 95% t-interval), the tuned lr of each method
 (lowest mean final loss; a sweep of 3+ lrs whose best is at its edge is extended by a grid step, up to twice, so no
@@ -488,6 +488,11 @@ def iqm(values: Sequence[float]) -> float:
     return total / (hi - lo)
 
 
+def mean_log_ratio(ratios: Sequence[float]) -> float:
+    """``mean log(ratio)`` of losses to tuned AdamW's (``deepopt select``'s score; +∞ if any ratio is not finite)."""
+    return statistics.fmean(math.log(r) if math.isfinite(r) and r > 0 else math.inf for r in ratios)
+
+
 def summarise(results: list[dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
     """Tuned lrs, final-loss statistics, speed-ups, IQM and the targets, from the runs."""
     summary: dict[str, Any] = {"tasks": {}, "seeds": list(seeds)}
@@ -502,6 +507,8 @@ def summarise(results: list[dict[str, Any]], tasks: Sequence[str], seeds: Sequen
             for r in normal:
                 if r["method"] == method:
                     by_lr.setdefault(r["lr"], []).append(r["final"])
+            if method == "learned" and len(by_lr) == 1:  # --untuned-only: no sweep, no tuned entry
+                continue
             best = _tuned([r for r in normal if r["method"] == method])
             entry["methods"][method] = {"tuned_lr": best, **_stats(by_lr[best]),
                                         "by_lr": {str(lr): statistics.fmean(v) for lr, v in by_lr.items()}}
@@ -525,6 +532,8 @@ def summarise(results: list[dict[str, Any]], tasks: Sequence[str], seeds: Sequen
         summary["tasks"][task] = entry
     won = sum(t["untuned_at_most_tuned_adamw"] for t in summary["tasks"].values())
     summary["speedup_iqm"] = iqm(speedups)
+    summary["mean_log_ratio"] = mean_log_ratio([t["methods"]["learned_untuned"]["mean"] / t["methods"]["adamw"]["mean"]
+                                                for t in summary["tasks"].values()])
     # the targets compare with a tuned AdamW: no verdict where some task's AdamW saw fewer than MIN_SWEEP lrs
     summary["adamw_sweep_lrs"] = min(len(t["methods"]["adamw"]["by_lr"]) for t in summary["tasks"].values())
     tuned = summary["adamw_sweep_lrs"] >= MIN_SWEEP
@@ -565,7 +574,8 @@ def table(summary: dict[str, Any], command: str) -> str:
     lines += ["", f"Speed-up IQM over tasks × seeds: {summary['speedup_iqm']:.2f} (target ≥ 1.2: "
               f"{verdict[tg['speedup_iqm_at_least_1.2']['met']]}); untuned final loss ≤ tuned AdamW on "
               f"{tg['untuned_final_loss_at_most_tuned_adamw']['tasks']} of {len(summary['tasks'])} tasks (target ≥ 3: "
-              f"{verdict[tg['untuned_final_loss_at_most_tuned_adamw']['met']]}). "
+              f"{verdict[tg['untuned_final_loss_at_most_tuned_adamw']['met']]}); mean log ratio of the untuned loss "
+              f"to tuned AdamW's {summary['mean_log_ratio']:+.3f} (`deepopt select`'s score). "
               "x+ = censored: tuned AdamW does not reach the loss within 2T."]
     if "untuned_at_most_either_adamw" in summary:
         lines[-1] += (f" Against the better of AdamW's two schedules: {summary['untuned_at_most_either_adamw']} of "
@@ -611,10 +621,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a shipped learned optimizer's name, a folder from `deepopt meta-train`, or a deepopt "
                         "optimizer, with options: NAME[:key=value,...] (default: the shipped default)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated tasks from {TASKS}")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3; smoke 1)")
+    p.add_argument("--seeds", type=int, default=None, help="the number of seeds, run as 0 … N−1 (default 3; smoke 1)")
     p.add_argument("--methods", default="adamw,muon,learned",
                    help="the methods to run, from adamw (required), adamw_constant (opt-in), muon, learned (a study "
                         "without 'learned' runs the baselines only and writes no summary)")
+    p.add_argument("--untuned-only", action="store_true",
+                   help="run the learned optimizer at its own lr only, not over the sweep (no 'learned, tuned lr')")
     p.add_argument("--ablations", action="store_true", help="add untuned runs of the learned optimizer with each "
                    f"learned part off: {', '.join(ABLATIONS)}")
     add_run_options(p)
@@ -665,7 +677,8 @@ def run(args: argparse.Namespace) -> int:
     store = JsonLines(out / "runs.jsonl", resume=args.resume)
     log = lambda line: print(line, flush=True)  # noqa: E731
     started = time.perf_counter()
-    units = plan(tasks, seeds, lrs, spec, args.smoke, args.ablations, args.device, methods)
+    units = plan(tasks, seeds, lrs, spec, args.smoke, args.ablations, args.device, methods,
+                 sweep_learned=not args.untuned_only)
     for u in units:
         u["threads"] = args.threads
     results = execute_tuned(units, store, args.jobs, log)
@@ -683,7 +696,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     summary = summarise(results, tasks, seeds)
     command = "deepopt evaluate" + (f" --optimizer {args.optimizer}" if args.optimizer else "") + \
-        (" --smoke" if args.smoke else "") + (" --ablations" if args.ablations else "")
+        (" --smoke" if args.smoke else "") + (" --ablations" if args.ablations else "") + \
+        (" --untuned-only" if args.untuned_only else "")
     summary.update(optimizer=spec.text, lrs=lrs, command=command, seconds=time.perf_counter() - started)
     from deepopt.checkpoint import atomic_save_json, atomic_write
 

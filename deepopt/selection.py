@@ -36,6 +36,7 @@ from deepopt.evaluate import (
     add_run_options,
     execute,
     execute_tuned,
+    mean_log_ratio,
     parse_lrs,
     parse_optimizer,
     plan,
@@ -47,7 +48,7 @@ OUTPUTS = ("runs.jsonl", "selection.json", "table.md")
 
 def score(results: list[dict[str, Any]], candidate: str, tasks: list[str]) -> dict[str, Any]:
     """``candidate``'s untuned losses against tuned AdamW per task, the tasks it is at or below it, and its score."""
-    per_task, logs = {}, []
+    per_task = {}
     for task in tasks:
         adamw = [r for r in results if r["task"] == task and r["method"] == "adamw"]
         best = _tuned(adamw)
@@ -57,8 +58,7 @@ def score(results: list[dict[str, Any]], candidate: str, tasks: list[str]) -> di
         loss = statistics.fmean(finals) if all(map(math.isfinite, finals)) else math.inf
         ratio = loss / adam
         per_task[task] = {"loss": loss, "adamw": adam, "adamw_lr": best, "ratio": ratio}
-        logs.append(math.log(ratio) if math.isfinite(ratio) and ratio > 0 else math.inf)
-    return {"optimizer": candidate, "tasks": per_task, "score": statistics.fmean(logs),
+    return {"optimizer": candidate, "tasks": per_task, "score": mean_log_ratio([t["ratio"] for t in per_task.values()]),
             "at_most_adamw": sum(t["ratio"] <= 1.0 for t in per_task.values())}
 
 
@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("candidates", nargs="+", metavar="CANDIDATE",
                    help="learned optimizers (folders from `deepopt meta-train`, shipped names) or deepopt optimizers "
                         "with options, as `deepopt evaluate --optimizer` takes them")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3; smoke 1)")
+    p.add_argument("--seeds", type=int, default=None, help="the number of seeds, run as 0 … N−1 (default 3; smoke 1)")
     add_run_options(p)
     p.set_defaults(func=run)
 

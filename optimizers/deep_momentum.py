@@ -220,7 +220,8 @@ class DeepMomentum(MemoryOptimizer):
     length; 0: no h_t; ``total_steps`` is the same), ``lr_power`` and ``lr_warmup`` (w_t = min(1, t/(lr_warmup·N)))
     set the learned schedule; past N it keeps its last value and the optimizer warns once.  ``lr_adapt="dog"``
     scales each tensor's step by its distance from its start over the root sum of its squared update norms
-    (layer-wise DoG; ``dog_reps`` sets the first step, r_ε = dog_reps·(1 + ‖W₀‖)), making ``lr`` a multiplier of
+    (layer-wise DoG; ``dog_reps`` sets the first step, r_ε = dog_reps·(1 + ‖W₀‖), at least bf16/fp16's machine
+    epsilon in place of dog_reps so that first steps do not round away), making ``lr`` a multiplier of
     order 1; the momenta kernels take it, other configurations run the rule tensor by tensor.
 
     Weight decay: ``weight_decay`` is **decoupled** (AdamW's) with ``preconditioner="adam"`` and **coupled** (L2,

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -134,6 +135,8 @@ def test_speedup_counts_tuned_adamw_steps_and_censors_at_2t():
     assert entry["untuned_at_most_tuned_adamw"] == (1.2 <= 1.0)
     assert entry["methods"]["learned_untuned"]["ci95"] == pytest.approx(12.706 * 0.6 / 2 ** 0.5 / 2 ** 0.5)
     assert iqm([1, 2, 3, 100]) == pytest.approx(2.5) and iqm([1.0] * 3) == 1.0
+    assert summary["mean_log_ratio"] == pytest.approx(math.log(1.2))  # untuned 1.2 against tuned AdamW's 1.0
+    assert "mean log ratio of the untuned loss to tuned AdamW's +0.182" in table(summary, "c")
     row_of = next(line for line in table(summary, "c").splitlines() if line.startswith("| t "))
     assert "1.0000 ± " in row_of and "(n = 1)" not in row_of  # two seeds: a 95% interval
     one_seed = summarise([r for r in results if r["seed"] == 0], ["t"], [0])
@@ -186,3 +189,19 @@ def test_pretrained_lr_benchmark_runs_the_family_and_refuses_a_bad_name(tmp_path
     bad = subprocess.run([sys.executable, str(script), "--name", str(tmp_path / "none")], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--name" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_untuned_only_runs_the_learned_optimizer_at_its_own_lr(tmp_path, learned):
+    """``--untuned-only``: one learned run per task and seed, at its shipped lr; no "learned, tuned lr" entry (n/a in
+    the table), the untuned one and its speed-ups as usual."""
+    out = tmp_path / "untuned"
+    assert cli.main(["evaluate", "--smoke", "--optimizer", str(learned), "--tasks", "tabular_mlp", "--methods",
+                     "adamw,learned", "--untuned-only", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [float(r["lr"]) for r in rows if r["method"] == "learned"] == [pytest.approx(0.002)]
+    summary = json.loads((out / "summary.json").read_text())
+    entry = summary["tasks"]["tabular_mlp"]
+    assert "learned" not in entry["methods"] and entry["methods"]["learned_untuned"]["lr"] == pytest.approx(0.002)
+    assert len(entry["speedup"]) == 1 and summary["command"].endswith("--untuned-only")
+    row = next(line for line in (out / "table.md").read_text().splitlines() if line.startswith("| tabular_mlp"))
+    assert row.count("n/a") == 2  # Muon (not run) and the learned optimizer's tuned lr

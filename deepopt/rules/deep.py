@@ -49,7 +49,7 @@ With ``lr_adapt="dog"`` each tensor's step is scaled by its distance over its up
 al., 2023, with G lagged by one step)::
 
     lr_t = lr·s_t·r̄_t/√G_{t−1}   (0 while G_{t−1} = 0: the first step moves nothing)
-    r̄_t = max(r_ε, max_{i≤t} ‖W_i − W_0‖),  G_t = Σ_{i≤t} ‖u_i‖²,  r_ε = dog_reps·(1 + ‖W_0‖)
+    r̄_t = max(r_ε, max_{i≤t} ‖W_i − W_0‖),  G_t = Σ_{i≤t} ‖u_i‖²,  r_ε = max(dog_reps, ε_dtype)·(1 + ‖W_0‖)
 
 The step grows with the distance travelled and does not depend on the scale of ``u``, so ``lr`` is a multiplier
 of order 1 (DoG's is 1) instead of a step size (state: W_0, r̄ and G per tensor).  DoG divides by √G_t; the lag
@@ -297,11 +297,14 @@ def _momenta_step(value: Tensor, state: State, hp: Hparams, new_state: State) ->
 
 
 def init_distance_over_gradients(param: Tensor, hp: Hparams) -> State:
-    """The state of ``lr_adapt="dog"``: the tensor's starting point x₀, the distance r̄ = r_ε = ``dog_reps``·(1 + ‖x₀‖)
-    and the sum of squared update norms G = 0 (0-dim, fp32; fp64 for fp64 parameters)."""
+    """The state of ``lr_adapt="dog"``: the tensor's starting point x₀, the distance r̄ = r_ε = ε·(1 + ‖x₀‖) with
+    ε = max(``dog_reps``, the parameter dtype's machine epsilon), and the sum of squared update norms G = 0 (0-dim,
+    fp32; fp64 for fp64 parameters).  The epsilon floor matters for bf16/fp16 parameters only (bf16: 2⁻⁷): first
+    steps of relative size 1e-4 round away in storage, W never moves, r̄ never grows and training stalls."""
     x0 = param.detach().clone()
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    reps = float(hp["dog_reps"]) * (1 + _squared_norm(x0, dtype).sqrt())
+    eps = max(float(hp["dog_reps"]), torch.finfo(param.dtype).eps)
+    reps = eps * (1 + _squared_norm(x0, dtype).sqrt())
     return {"dog_origin": x0, "dog_distance": reps, "dog_sum_sq": torch.zeros((), dtype=dtype, device=param.device)}
 
 
