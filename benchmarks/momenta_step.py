@@ -1,7 +1,8 @@
 """Step time of the shipped learned optimizer (``DeepMomentum.pretrained``: ``keys="momenta"``, Adam preconditioner,
 momenta keys at 2 time scales, hidden 8, tanh, W₂ fixed, decoupled weight decay, learned lr schedule) against torch's
-fused AdamW, on the same parameter shapes (``deepopt bench``'s sets), timed round-robin in the same run; and the
-same with ``lr_adapt="dog"`` (its kernels also read W₀ and sum ‖u‖², ‖W − W₀‖² per tensor).
+fused AdamW, on the same parameter shapes (``deepopt bench``'s sets), timed round-robin in the same run; and
+``dmgd-general``, the same recipe at a fixed lr (its kernels do not read W₀ nor sum ‖u‖², ‖W − W₀‖² per tensor as
+the default's ``lr_adapt="dog"`` does).
 
     python benchmarks/momenta_step.py [--param-sets transformer-12M gpt2-124M] [--device cpu|cuda] [--repeats 15]
                                       [--threads 1]
@@ -28,7 +29,7 @@ import deepopt
 from deepopt.bench import PARAM_SETS
 
 REFERENCE, SHIPPED, TORCH_PATH = "torch AdamW fused", "DeepMomentum.pretrained", "  the same, torch path"
-DOG = "  the same, lr_adapt=dog"
+FIXED_LR = "  dmgd-general (fixed lr)"
 
 
 def shipped(params: list[torch.Tensor], **options) -> torch.optim.Optimizer:
@@ -57,7 +58,7 @@ OPTIMIZERS = {
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=True),
     SHIPPED: shipped,
     TORCH_PATH: UnroutedStep,
-    DOG: lambda ps: shipped(ps, lr_adapt="dog", lr=1.0),  # DoG's step sizes: W₀ read and two more sums a tensor
+    FIXED_LR: lambda ps: deepopt.DeepMomentum.from_pretrained("dmgd-general", ps, total_steps=10**6, weight_decay=0.1),
 }
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 q.grad = g.to(args.device)
             runs[label] = make(params)
         check_route(runs[SHIPPED], args.device)
-        check_route(runs[DOG], args.device)
+        check_route(runs[FIXED_LR], args.device)
         times = {k: [] for k in runs}
         for i in range(args.warmup + args.repeats):
             for label, opt in runs.items():

@@ -524,6 +524,30 @@ def test_dog_makes_the_lr_independent_of_the_gradients_scale():
     torch.testing.assert_close(paths[0], paths[1], rtol=1e-6, atol=1e-9)
 
 
+def test_dog_first_step_is_at_least_the_dtype_resolution_so_bf16_parameters_train():
+    """r_ε = max(dog_reps, ε_dtype)·(1 + ‖W₀‖): fp32 keeps dog_reps, bf16 takes its epsilon 2⁻⁷. Without the floor a
+    bf16 digits MLP under the shipped (DoG) optimizer never moves (its first steps round away: loss at chance)."""
+    for dtype, eps in ((torch.float32, 1e-4), (torch.bfloat16, 2.0 ** -7)):
+        w = torch.randn(40, 30).to(dtype).requires_grad_()
+        opt = deepopt.DeepMomentum([w], lr_adapt="dog", dog_reps=1e-4)
+        w.grad = torch.ones_like(w)
+        opt.step()
+        want = eps * (1 + w.detach().double().norm())
+        assert float(opt.state[w]["dog_distance"]) == pytest.approx(float(want), rel=1e-5)
+    x, y, _, _ = load_classification("digits")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).to(torch.bfloat16)
+    opt = deepopt.DeepMomentum.pretrained(model.parameters(), total_steps=150)
+    assert opt.defaults["lr_adapt"] == "dog"
+    for t in range(150):
+        idx = torch.randint(len(x), (64,), generator=torch.Generator().manual_seed(t))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx].bfloat16()).float(), y[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(torch.nn.functional.cross_entropy(model(x.bfloat16()).float(), y)) < 0.5  # chance: 2.30
+
+
 def test_dog_options_are_checked():
     w = torch.zeros(2, requires_grad=True)
     with pytest.raises(ValueError, match="lr_adapt"):

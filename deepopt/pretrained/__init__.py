@@ -2,7 +2,11 @@
 
     import deepopt
     opt = deepopt.DeepMomentum.pretrained(model.parameters(), total_steps=10_000)   # the default, DEFAULT
-    opt = deepopt.DeepMomentum.from_pretrained("dmgd-general", model.parameters(), total_steps=10_000)
+    opt = deepopt.DeepMomentum.from_pretrained("dmgd-general", model.parameters(), total_steps=10_000)   # another
+
+``dmgd-dog`` (the default): ``DeepMomentum(keys="momenta", lr_adapt="dog")``, per-tensor step sizes from the
+distance travelled, its lr a multiplier of order 1; chosen among meta-training seeds by ``deepopt select``.
+``dmgd-general``: the same recipe at a fixed lr (the default until 2026-12-07).
 
 Each folder also holds ``recipe.json``, the ``deepopt meta-train --config`` file that reproduced it, and
 ``card.json`` (what it was meta-trained on, its meta-training cost, and its evaluation command); the docs page
@@ -17,7 +21,7 @@ from typing import Any
 
 from deepopt.checkpoint import PRETRAINED_CONFIG, load_pretrained_config
 
-DEFAULT = "dmgd-general"
+DEFAULT = "dmgd-dog"
 _ROOT = Path(__file__).resolve().parent
 
 
