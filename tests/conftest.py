@@ -59,6 +59,20 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """A (meta-untrained) learned optimizer folder of the shipped layout (``deepopt evaluate``/``select`` tests)."""
+    from deepopt.meta_train import MetaParams
+
+    from deepopt.checkpoint import save_pretrained
+
+    meta = MetaParams("deep_momentum", learn=("W1", "W2", "lr"), lr=0.002, keys="momenta", hidden=4,
+                      preconditioner="adam", lr_horizon=100, lr_warmup=0.05)
+    folder = tmp_path_factory.mktemp("learned")
+    save_pretrained(folder, *meta.export())
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Tests that run a command with ``--threads N`` change torch's process-wide thread count: put it back."""

@@ -26,7 +26,7 @@ from deepopt.cli import build_parser, main
 from deepopt.runs import RUN_MARKER, run_command_of
 
 # Options a subcommand requires besides --out, by command (values are filled from the fixtures below).
-REQUIRED = {"hope eval": lambda run: ["--checkpoint", str(run)]}
+REQUIRED = {"hope eval": lambda run: ["--checkpoint", str(run)], "select": lambda _: ["adam"]}
 
 
 def leaf_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> dict[str, argparse.ArgumentParser]:
@@ -55,8 +55,8 @@ def trained(tmp_path_factory) -> Path:
 
 
 def argv(command: str, trained: Path, *extra: str) -> list[str]:
-    required = [a for a in COMMANDS[command]._actions if a.required and a.option_strings]
-    assert not required or command in REQUIRED, f"add the required options of `{command}` to REQUIRED"
+    required = [a for a in COMMANDS[command]._actions if a.required]  # options and positional arguments
+    assert not required or command in REQUIRED, f"add the required arguments of `{command}` to REQUIRED"
     fast = ["--threads", "1"] if "--threads" in options(command) else []
     return [*command.split(), "--smoke", *fast, *REQUIRED.get(command, lambda _: [])(trained), *extra]
 

@@ -6,10 +6,8 @@ import math
 
 import pytest
 import torch
-from deepopt.meta_train import MetaParams
 
 from deepopt import cli
-from deepopt.checkpoint import save_pretrained
 from deepopt.evaluate import (
     ABLATIONS,
     MAX_EXTENSIONS,
@@ -21,16 +19,6 @@ from deepopt.evaluate import (
     summarise,
     table,
 )
-
-
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    """A (meta-untrained) learned optimizer folder of the shipped layout."""
-    meta = MetaParams("deep_momentum", learn=("W1", "W2", "lr"), lr=0.002, keys="momenta", hidden=4,
-                      preconditioner="adam", lr_horizon=100, lr_warmup=0.05)
-    folder = tmp_path_factory.mktemp("learned")
-    save_pretrained(folder, *meta.export())
-    return folder
 
 
 def test_smoke_study_writes_every_output_and_resumes_without_rerunning(tmp_path, learned, capsys):

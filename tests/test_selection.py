@@ -5,22 +5,11 @@ import json
 import math
 
 import pytest
-from deepopt.meta_train import MetaParams
 from deepopt.meta_train.tasks import FAMILIES
 
 from deepopt import cli
-from deepopt.checkpoint import save_pretrained
 from deepopt.evaluate import TASKS, VALIDATION_TASKS, build_problem
 from deepopt.selection import score
-
-
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    meta = MetaParams("deep_momentum", learn=("W1", "W2", "lr"), lr=0.002, keys="momenta", hidden=4,
-                      preconditioner="adam", lr_horizon=100, lr_warmup=0.05)
-    folder = tmp_path_factory.mktemp("learned")
-    save_pretrained(folder, *meta.export())
-    return folder
 
 
 def test_smoke_selection_scores_each_candidate_from_its_runs_and_resumes(tmp_path, learned, capsys):
