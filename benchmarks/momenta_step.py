@@ -27,14 +27,15 @@ from deepopt.optimizers import deep_cpu, deep_kernels, deep_momentum
 
 import deepopt
 from deepopt.bench import PARAM_SETS
+from deepopt.pretrained import DEFAULT
 
 REFERENCE, SHIPPED, TORCH_PATH = "torch AdamW fused", "DeepMomentum.pretrained", "  the same, torch path"
 FIXED_LR = "  dmgd-general (fixed lr)"
 
 
-def shipped(params: list[torch.Tensor], **options) -> torch.optim.Optimizer:
+def shipped(params: list[torch.Tensor], name: str = DEFAULT) -> torch.optim.Optimizer:
     # total_steps past the run: the schedule is on (lr_t per tensor) and the horizon warning stays quiet
-    return deepopt.DeepMomentum.pretrained(params, total_steps=10**6, weight_decay=0.1, **options)
+    return deepopt.DeepMomentum.from_pretrained(name, params, total_steps=10**6, weight_decay=0.1)
 
 
 class UnroutedStep:
@@ -58,7 +59,7 @@ OPTIMIZERS = {
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=True),
     SHIPPED: shipped,
     TORCH_PATH: UnroutedStep,
-    FIXED_LR: lambda ps: deepopt.DeepMomentum.from_pretrained("dmgd-general", ps, total_steps=10**6, weight_decay=0.1),
+    FIXED_LR: lambda ps: shipped(ps, "dmgd-general"),
 }
 
 
