@@ -60,6 +60,9 @@ _MAX_CHUNKS = 1024  # chunks per slice of it (bounds its (chunks, _CHUNK, hidden
 # the per-parameter state the momenta kernels read and write in place (the step counter is advanced here)
 _MOMENTA_STATE = ("momentum_buffer", "exp_avg_sq", "timescale_buffers", "W1", "W2")
 _DOG_STATE = ("dog_distance", "dog_sum_sq")  # and "dog_origin", W₀, which the kernels read
+# with lr_adapt="dog" the lr is a multiplier of order 1 (DoG's 1; the shipped optimizer's 0.93, which stalls at 0.1×
+# of it): a group lr below this is an AdamW step size written into a DoG group, and it warns
+DOG_MIN_LR = 0.05
 
 
 @torch.library.custom_op("deepopt::foreach_mm", mutates_args=())
@@ -222,7 +225,8 @@ class DeepMomentum(MemoryOptimizer):
     scales each tensor's step by its distance from its start over the root sum of its squared update norms
     (layer-wise DoG; ``dog_reps`` sets the first step, r_ε = dog_reps·(1 + ‖W₀‖), at least bf16/fp16's machine
     epsilon in place of dog_reps so that first steps do not round away), making ``lr`` a multiplier of
-    order 1; the momenta kernels take it, other configurations run the rule tensor by tensor.
+    order 1 (one below ``DOG_MIN_LR`` = 0.05, an AdamW step size, warns at construction, or at the first step when
+    a scheduler's base lr is); the momenta kernels take it, other configurations run the rule tensor by tensor.
 
     Weight decay: ``weight_decay`` is **decoupled** (AdamW's) with ``preconditioner="adam"`` and **coupled** (L2,
     ``g + wd·W``) with the identity preconditioner, unless ``decoupled_weight_decay`` says otherwise.  Further
@@ -255,6 +259,25 @@ class DeepMomentum(MemoryOptimizer):
         self._blocks: dict[tuple, Any] = {}  # work buffers (not state: rebuilt on demand)
         self._steps_called = 0  # step() calls, for the past-the-horizon warning only (never read by the math)
         self._warned_horizon = False
+        self._warned_dog_lr = False
+        self._check_dog_lr(scheduled_only=False)
+
+    def _check_dog_lr(self, scheduled_only: bool) -> None:
+        """Warn once when a ``lr_adapt="dog"`` group's lr is an AdamW-sized step size (below ``DOG_MIN_LR``): with
+        DoG the lr multiplies r̄/√G, so 3e-3 makes every step ~300× smaller than the shipped 0.93 and the model
+        barely moves.  Checked at construction (the groups' lr) and at the first step (the base lr of a scheduler
+        made in between: ``OneCycleLR``'s ``max_lr``, other torch schedulers' ``initial_lr``; ``scheduled_only``).
+        A warm-up's current lr is not checked: it starts near 0 by design."""
+        for group in self.param_groups:
+            if self._warned_dog_lr or group["lr_adapt"] != "dog":
+                continue
+            name = next((k for k in ("max_lr", "initial_lr") if k in group), None if scheduled_only else "lr")
+            if name is not None and float(group[name]) < DOG_MIN_LR:
+                self._warned_dog_lr = True
+                warnings.warn(f"DeepMomentum(lr_adapt='dog'): a param group's {name} is {float(group[name]):.3g}, "
+                              f"below {DOG_MIN_LR}; with DoG the lr is a multiplier of order 1 (the shipped "
+                              "optimizer's is 0.93), not an AdamW step size, so this run will barely move. Keep "
+                              "the shipped lr (or about 1) and let a scheduler scale it from there.", stacklevel=3)
 
     @torch.compiler.disable
     def _note_step(self) -> None:
@@ -267,6 +290,8 @@ class DeepMomentum(MemoryOptimizer):
         late or early, the steps never differ.  ``torch.compiler.disable`` keeps it out of compiled graphs, so
         ``torch.compile`` does not guard on it."""
         self._steps_called += 1
+        if self._steps_called == 1 and not self._warned_dog_lr:
+            self._check_dog_lr(scheduled_only=True)
         if self._warned_horizon:
             return
         horizons = [g["lr_horizon"] for g in self.param_groups if g["lr_horizon"]]
@@ -293,7 +318,7 @@ class DeepMomentum(MemoryOptimizer):
         """Copies and pickles leave the work buffers behind and keep the host-side step count (``_note_step``;
         torch's ``Optimizer.__getstate__`` keeps only defaults, state and groups)."""
         return {**super().__getstate__(), "_blocks": {}, "_steps_called": self._steps_called,
-                "_warned_horizon": self._warned_horizon}
+                "_warned_horizon": self._warned_horizon, "_warned_dog_lr": self._warned_dog_lr}
 
     def _work(self, params: list[Tensor], key_dim: int, role: str) -> _Blocks:
         key = (role, key_dim, *map(id, params))

@@ -4,6 +4,7 @@ import copy
 import functools
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -529,7 +530,7 @@ def test_dog_first_step_is_at_least_the_dtype_resolution_so_bf16_parameters_trai
     bf16 digits MLP under the shipped (DoG) optimizer never moves (its first steps round away: loss at chance)."""
     for dtype, eps in ((torch.float32, 1e-4), (torch.bfloat16, 2.0 ** -7)):
         w = torch.randn(40, 30).to(dtype).requires_grad_()
-        opt = deepopt.DeepMomentum([w], lr_adapt="dog", dog_reps=1e-4)
+        opt = deepopt.DeepMomentum([w], lr=1.0, lr_adapt="dog", dog_reps=1e-4)
         w.grad = torch.ones_like(w)
         opt.step()
         want = eps * (1 + w.detach().double().norm())
@@ -546,6 +547,43 @@ def test_dog_first_step_is_at_least_the_dtype_resolution_so_bf16_parameters_trai
         opt.step()
     with torch.no_grad():
         assert float(torch.nn.functional.cross_entropy(model(x.bfloat16()).float(), y)) < 0.5  # chance: 2.30
+
+
+def _train_loss(opt, model, steps, scheduler=None):
+    """``model``'s MSE on one fixed batch after ``steps`` steps of ``opt`` on it."""
+    x, y = batch(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(model(x), y))
+
+
+def test_dog_warns_once_when_its_lr_is_an_adamw_step_size():
+    """With DoG the lr is a multiplier of order 1: an AdamW-sized lr (given to the class, or as a scheduler's base
+    lr) warns once, and such a run does barely move; the shipped lr under a warm-up from 0 + cosine does not warn."""
+    start = _train_loss(deepopt.DeepMomentum.pretrained(small_mlp().parameters()), small_mlp(), 0)
+    with pytest.warns(UserWarning, match="lr is 0.003, below 0.05") as caught:
+        model = small_mlp()
+        stalled = _train_loss(deepopt.DeepMomentum.pretrained(model.parameters(), lr=3e-3, total_steps=150), model, 150)
+    assert sum("below 0.05" in str(w.message) for w in caught) == 1
+    model = small_mlp()
+    opt = deepopt.DeepMomentum.pretrained(model.parameters(), total_steps=150)
+    with pytest.warns(UserWarning, match="max_lr is 0.003") as caught:
+        _train_loss(opt, model, 5, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=150))
+    assert sum("below 0.05" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = small_mlp()
+        opt = deepopt.DeepMomentum.pretrained(model.parameters(), total_steps=150)
+        schedule = lambda t: min(1.0, t / 10) * 0.5 * (1 + math.cos(math.pi * t / 150))  # noqa: E731
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        trained = _train_loss(opt, model, 150, warm)
+        deepopt.DeepMomentum(small_mlp().parameters(), lr=3e-3)  # a fixed lr is a step size: no warning
+    assert start - trained > 20 * (start - stalled) > 0
 
 
 def test_dog_options_are_checked():
