@@ -97,8 +97,14 @@ def bench(out: Path, name: str) -> list[dict[str, Any]]:
     return rows
 
 
+# momenta_step.py's row of the shipped optimizer as a user builds it (its SHIPPED): the row the target judges; its
+# other rows (the same optimizer on its torch path, the fixed-lr predecessor) are references
+SHIPPED_STEP = "DeepMomentum.pretrained"
+
+
 def shipped(out: Path) -> list[dict[str, Any]]:
-    """``benchmarks/momenta_step.py``'s lines: the shipped learned optimizer's fused step × torch fused AdamW."""
+    """``benchmarks/momenta_step.py``'s lines: the shipped learned optimizer's fused step × torch fused AdamW (held
+    to ≤ 2×), and its reference rows (no target)."""
     rows = []
     try:
         text = (out / "bench-shipped.log").read_text()
@@ -110,9 +116,9 @@ def shipped(out: Path) -> list[dict[str, Any]]:
             params = line.split(" on ")[0]
         elif (found := re.match(r"\s+(.+?)\s+([\d.]+) ms\s+([\d.]+)x torch AdamW fused", line)) \
                 and not found[1].startswith("torch"):
-            ratio = float(found[3])
+            ratio, target = float(found[3]), 2.0 if found[1] == SHIPPED_STEP else None
             rows.append({"params": params, "optimizer": found[1], "median_ms": float(found[2]), "ratio": ratio,
-                         "target": 2.0, "met": ratio <= 2.0})
+                         "target": target, "met": None if target is None else ratio <= target})
     return rows
 
 
@@ -204,7 +210,8 @@ def compact(rep: dict[str, Any]) -> str:
         if items:
             out.append(f"{label:<10} " + ", ".join(items))
     for r in rep["shipped"]:
-        out.append(f"shipped    {r['params']}: {_ratio(r['ratio'])}{_met(r['met'])} torch fused AdamW")
+        out.append(f"shipped    {r['params']}, {r['optimizer']}: {_ratio(r['ratio'])}{_met(r['met'])} torch fused "
+                   "AdamW")
     for r in rep["hope"]:
         out.append(f"hope       {r['mode']} ctx {r['context']}: {_ratio(r['ratio'])}{_met(r['met'])} tok/s, "
                    f"peak mem {_ratio(r['peak_mem_ratio'])}")
