@@ -61,6 +61,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -252,11 +253,27 @@ def parse_optimizer(text: str, flag: str = "--optimizer") -> OptimizerSpec:
     except FileNotFoundError:
         folder = None
     if folder is not None and (folder / "config.json").is_file():
-        return OptimizerSpec(text, str(folder), None, options)
-    if name in deepopt.OPTIMIZERS:
-        return OptimizerSpec(text, None, name, options)
-    raise UsageError(f"{flag} {name!r} is not a shipped learned optimizer {names()}, a folder "
-                     f"holding one, or an optimizer {sorted(deepopt.OPTIMIZERS)}")
+        spec = OptimizerSpec(text, str(folder), None, options)
+    elif name in deepopt.OPTIMIZERS:
+        spec = OptimizerSpec(text, None, name, options)
+    else:
+        raise UsageError(f"{flag} {name!r} is not a shipped learned optimizer {names()}, a folder "
+                         f"holding one, or an optimizer {sorted(deepopt.OPTIMIZERS)}")
+    _check_options(spec, flag)
+    return spec
+
+
+def _check_options(spec: OptimizerSpec, flag: str) -> None:
+    """Build the optimizer of ``spec`` once on a stand-in model, so that a bad option (an unknown name, a value of
+    the wrong type or out of range) is a one-line error naming ``flag`` before any run starts."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            make_method("learned", spec, torch.nn.Linear(2, 2), 1.0, 10, (0.9, 0.999))
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"{flag} {spec.text!r}: {err}") from None
 
 
 def _groups(model: Any) -> list[dict[str, Any]]:

@@ -59,6 +59,10 @@ def test_smoke_study_writes_every_output_and_resumes_without_rerunning(tmp_path,
     (["--optimizer", "nope"], "is not a shipped learned optimizer"), (["--seeds", "0"], "--seeds must be >= 1"),
     (["--optimizer", "adamw", "--ablations"], "--ablations switches off"),
     (["--methods", "muon"], "--methods must list adamw"),
+    (["--optimizer", "dmgd-dog:seed=0.5"], "--optimizer 'dmgd-dog:seed=0.5': seed must be an int"),
+    (["--optimizer", "dmgd-dog:bogus=1"], "unknown hyperparameter(s) ['bogus']"),
+    (["--optimizer", "momentum:nesterov=maybe"], "--optimizer 'momentum:nesterov=maybe': nesterov must be a bool"),
+    (["--optimizer", "adam:betas=3"], "betas must be a pair"),
 ])
 def test_bad_arguments_are_one_line_and_leave_no_folder(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

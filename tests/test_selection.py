@@ -57,6 +57,7 @@ def test_score_tunes_adamw_by_mean_and_a_diverged_candidate_is_never_chosen():
     (["nosuch"], "CANDIDATE 'nosuch' is not a shipped learned optimizer"),
     (["adam", "adam"], "CANDIDATE: each at most once"),
     (["adam", "--seeds", "0"], "--seeds must be >= 1"),
+    (["dmgd-dog", "dmgd-dog:hidden=-1"], "CANDIDATE 'dmgd-dog:hidden=-1': hidden must be an int >= 0"),
 ])
 def test_bad_candidates_are_one_line_and_leave_no_folder(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
