@@ -23,7 +23,7 @@ from deepopt.rules import RULES, Rule
 from deepopt.rules import transforms as T
 from deepopt.rules.base import check_bool, check_choice
 from deepopt.rules.sharding import is_dtensor
-from deepopt.rules.transforms import decoupled, is_zero
+from deepopt.rules.transforms import decoupled, decoupled_rate, is_zero
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 _GROUP_OPTIONS = ("foreach", "nonfinite", "capturable")
@@ -204,12 +204,13 @@ class MemoryOptimizer(Optimizer):
 
     @staticmethod
     def _foreach_weight_decay(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """Fast-path weight decay: decoupled shrinks ``W`` in place, coupled returns new ``g + wd·W``."""
+        """Fast-path weight decay: decoupled shrinks ``W ← (1 − lr·λ)·W`` in place (λ = ``decoupled_rate``), coupled
+        returns new ``g + wd·W``."""
         lr, wd = group["lr"], group["weight_decay"]
         if is_zero(wd):
             return grads
         if decoupled(group):
-            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_mul_(params, 1 - lr * decoupled_rate(group))
             return grads
         if isinstance(wd, Tensor):
             return torch._foreach_add(grads, torch._foreach_mul(params, wd))

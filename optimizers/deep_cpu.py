@@ -652,7 +652,7 @@ def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
     of the tensors' ``lr_t`` and ``1 − β₂ᵗ``::
 
         v ← β₂v + (1 − β₂)g²;   p = g/(√(v/(1 − β₂ᵗ)) + ε);   m ← αm + p;   e_j ← γ_j e_j + (1 − γ_j)p
-        k = (p, (1 − α)m, e_1 … e_J);   Φ = σ(W₂k);   W ← W − lr_t·(m + W₁Φ) − lr_t·wd·W
+        k = (p, (1 − α)m, e_1 … e_J);   Φ = σ(W₂k);   W ← W − lr_t·(m + W₁Φ) − lr_t·wd·W   (wd: the decay's rate λ)
         W₁ ← αW₁ + (1 − α)W₁⁰ + η·mean_i(p_i Φ_i)                        (after the pass: W₁ is read before)
 
     One pass over each tensor (threads split the large ones), C summed in double.  With ``origins`` (W₀ of each

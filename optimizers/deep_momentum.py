@@ -25,7 +25,7 @@ from deepopt.rules.deep import (
     safe_rms,
     to_blocks,
 )
-from deepopt.rules.transforms import decoupled, is_zero, step_float
+from deepopt.rules.transforms import decoupled, decoupled_rate, is_zero, step_float
 
 from . import deep_cpu, deep_kernels
 from .base import MemoryOptimizer
@@ -189,8 +189,8 @@ def _foreach_weight_decay(group: dict[str, Any], params: list[Tensor], grads: li
                           lr: float | Tensor) -> list[Tensor]:
     """``MemoryOptimizer._foreach_weight_decay`` with the step's lr, which a schedule makes one per tensor: a
     decoupled decay shrinks ``W ← (1 − lr_t·wd)·W`` in place, a coupled one returns ``g + wd·W``."""
-    if isinstance(lr, Tensor) and lr.dim() and decoupled(group) and group["weight_decay"] != 0:
-        torch._foreach_mul_(params, list((1 - lr * group["weight_decay"]).unbind()))
+    if isinstance(lr, Tensor) and lr.dim() and decoupled(group) and not is_zero(group["weight_decay"]):
+        torch._foreach_mul_(params, list((1 - lr * decoupled_rate(group)).unbind()))
         return grads
     return MemoryOptimizer._foreach_weight_decay({**group, "lr": lr}, params, grads)
 
@@ -210,7 +210,7 @@ class DeepMomentum(MemoryOptimizer):
         keys="momenta": k_i = (v_i, (1 − α)m_i, e_1i…e_Ji), e_j ← γ_j e_j + (1 − γ_j)v  (momenta at time scales γ)
                         u_i = m_i + W₁·σ(W₂ k_i);  then W₁ ← αW₁ + (1 − α)W₁⁰ + η·mean_i(v_i σ(W₂k_i))
                         (and W₂, with eta2 > 0, by a normalised step of the same objective)
-        W ← W − lr_t·σ_out(u) − lr_t·wd·W (decoupled),   lr_t = lr·s_t   (lr_adapt="dog": lr·s_t·r̄_t/√G_{t−1})
+        W ← W − lr_t·σ_out(u) − lr_t·λ·W (decoupled),   lr_t = lr·s_t   (lr_adapt="dog": lr·s_t·r̄_t/√G_{t−1})
         s_t = w_t/(1 + lr_decay·(t − 1))·h_t,  h_t = max(1 − (t − 1)/N, 1/N)^lr_power (N = lr_horizon > 0, else 1)
 
     ``lr`` is the param group's, so a script's own scheduler (warm-up + cosine, ``OneCycleLR``) composes with the
@@ -229,7 +229,9 @@ class DeepMomentum(MemoryOptimizer):
     a scheduler's base lr is); the momenta kernels take it, other configurations run the rule tensor by tensor.
 
     Weight decay: ``weight_decay`` is **decoupled** (AdamW's) with ``preconditioner="adam"`` and **coupled** (L2,
-    ``g + wd·W``) with the identity preconditioner, unless ``decoupled_weight_decay`` says otherwise.  Further
+    ``g + wd·W``) with the identity preconditioner, unless ``decoupled_weight_decay`` says otherwise.  Decoupled with
+    Adam's P, its rate is λ = wd/(1 − α): the sum-form momentum makes u about 1/(1 − α) Adam steps, so lr_t/(1 − α)
+    is the AdamW lr of the same steps and λ gives AdamW's decay at that lr (``transforms.decoupled_rate``).  Further
     options: ``nonlinearity``, ``foreach``, ``nonfinite``.  The full equations are in ``deepopt.rules.deep``;
     ``DeepMomentum.pretrained`` loads the shipped learned optimizer.
 
@@ -428,7 +430,7 @@ class DeepMomentum(MemoryOptimizer):
         sums = kernel(params, [g.contiguous() for g in grads], [st["momentum_buffer"] for st in states],
                       [st["exp_avg_sq"] for st in states], [st["timescale_buffers"] for st in states], w1_run, w2_run,
                       self._anchor(group, params[0])[0], lr, bias_correction2, self._timescales(group, device),
-                      group["momentum"], group["beta2"], group["eps"], group["eta"], group["weight_decay"],
+                      group["momentum"], group["beta2"], group["eps"], group["eta"], decoupled_rate(group),
                       activation=group["activation"], origins=[st["dog_origin"] for st in states] if dog else None)
         if w1_run is not w1s:
             torch._foreach_copy_(w1s, w1_run)

@@ -25,9 +25,9 @@ class DeltaMomentum(MemoryOptimizer):
     ``weight_decay``, ``decoupled_weight_decay``, ``preconditioner`` ("identity" | "adam"),
     ``nonlinearity`` (None | "newton_schulz"), ``foreach``, ``nonfinite``, ``capturable``.
 
-    Weight decay: **coupled** (L2, ``g + wd·W``) with the identity preconditioner and **decoupled** (AdamW's
-    ``W ← W − lr·wd·W``) with ``preconditioner="adam"``, the default of ``decoupled_weight_decay=None``;
-    ``True``/``False`` force either.
+    Weight decay: **coupled** (L2, ``g + wd·W``) with the identity preconditioner and **decoupled** (AdamW's, at
+    the matching lr: ``W ← W − lr·wd/(1 − μ)·W``, ``transforms.decoupled_rate``) with ``preconditioner="adam"``, the
+    default of ``decoupled_weight_decay=None``; ``True``/``False`` force either.
     """
 
     rule = delta_momentum

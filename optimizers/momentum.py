@@ -27,8 +27,10 @@ class Momentum(MemoryOptimizer):
     ``nonlinearity`` (None | "newton_schulz"), ``foreach``, ``nonfinite``, ``capturable``.
 
     Weight decay: **coupled** (L2, ``g + wd·W``, as ``torch.optim.SGD``) with the identity preconditioner and
-    **decoupled** (AdamW's ``W ← W − lr·wd·W``) with ``preconditioner="adam"``, the default of
-    ``decoupled_weight_decay=None``; ``True``/``False`` force either.
+    **decoupled** (AdamW's) with ``preconditioner="adam"``, the default of ``decoupled_weight_decay=None``;
+    ``True``/``False`` force either.  Decoupled: ``W ← W − lr·λ·W`` with λ = wd/(1 − μ) under Adam's P and no
+    nonlinearity (the sum-form momentum's steps are AdamW's at lr/(1 − μ), and so is the decay), else λ = wd
+    (Muon's; ``transforms.decoupled_rate``).
     """
 
     _fast_path_takes_dtensors = True
@@ -94,7 +96,7 @@ def fused_momentum_step(group: dict[str, Any], states: list[dict[str, Tensor]], 
     """One fused pass per (device, dtype): reads W, g, m, writes W, m (``momentum = 0``: no m)."""
     lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
     if decoupled(group) and not is_zero(wd):
-        MemoryOptimizer._foreach_weight_decay(group, params, grads)  # W ← (1 − lr·wd)·W in place
+        MemoryOptimizer._foreach_weight_decay(group, params, grads)  # W ← (1 − lr·λ)·W in place
         wd = 0.0
     bufs = [st["momentum_buffer"] for st in states] if not is_zero(mu) else None
     for p_list, g_list, *m_list in by_device_and_dtype(params, grads, *([bufs] if bufs else [])):

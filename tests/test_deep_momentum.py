@@ -387,6 +387,33 @@ def test_weight_decay_is_decoupled_with_the_adam_preconditioner(cls, kw):
     assert torch.equal(default, coupled)
 
 
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("cls,kw", [(deepopt.Momentum, dict(momentum=0.9)), (deepopt.Momentum, dict(nesterov=True)),
+                                    (deepopt.DeltaMomentum, dict(momentum=0.8)),
+                                    (deepopt.DeepMomentum, dict(momentum=0.85)),
+                                    (deepopt.DeepMomentum, {**MOMENTA, "momentum": 0.889, "memory_init": _theta0()})])
+def test_decoupled_decay_rate_is_adamws_at_the_matching_lr(cls, kw, foreach):
+    """With the Adam preconditioner a sum-form momentum's update is 1/(1 − μ) Adam steps (AdamW-equivalent lr
+    lr/(1 − μ)), so the decoupled decay is ``W ← (1 − lr·wd/(1 − μ))·W``: with zero gradients (P g = 0, the deep read
+    σ(W₂·0) = 0) exactly that, on the foreach path, the momenta kernel and the rule loop; Newton–Schulz's update and
+    the identity preconditioner keep ``lr·wd``."""
+    mu = kw.get("momentum", 0.9)
+    for precond, nonlinearity, rate in (("adam", None, 0.1 / (1 - mu)), ("identity", None, 0.1),
+                                        ("adam", "newton_schulz", 0.1)):
+        if nonlinearity and cls is not deepopt.Momentum:
+            continue
+        w = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+        live = w.clone().requires_grad_()
+        opt = cls([live], **{**kw, "lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True,
+                             "preconditioner": precond, "nonlinearity": nonlinearity, "foreach": foreach})
+        for _ in range(5):
+            live.grad = torch.zeros_like(live)
+            opt.step()
+        torch.testing.assert_close(live.detach(), w * (1 - 0.01 * rate) ** 5, rtol=1e-6, atol=1e-7)
+    assert deepopt.rules.transforms.decoupled_rate({"weight_decay": 0.1, "preconditioner": "adam",
+                                                    "momentum": 0.0, "nonlinearity": None}) == 0.1
+
+
 @pytest.mark.parametrize("scheduler", ["warmup_cosine", "one_cycle"])
 @pytest.mark.parametrize("foreach", [None, False])
 def test_learned_schedule_multiplies_the_scripts_lr(scheduler, foreach):

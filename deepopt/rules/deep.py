@@ -40,7 +40,9 @@ before writing keeps the step one pass over the coordinates (the writes need onl
 
 Both layouts then step::
 
-    W ← W − lr_t·σ_out(u) [− lr_t·wd·W, decoupled weight decay],      lr_t = lr·s_t
+    W ← W − lr_t·σ_out(u) [− lr_t·λ·W, decoupled weight decay],      lr_t = lr·s_t
+    λ = wd/(1 − α) with Adam's P and no σ_out (AdamW's decay at the matching lr lr_t/(1 − α)), else wd
+        (``transforms.decoupled_rate``)
     s_t = w_t · 1/(1 + lr_decay·(t − 1)) · h_t
     h_t = 1 (lr_horizon = 0, the default), else h_t = max(1 − (t − 1)/N, 1/N)^p,  N = lr_horizon, p = lr_power
     w_t = min(1, t/(lr_warmup·N)) with lr_warmup > 0 and N > 0, else 1

@@ -8,7 +8,7 @@ Each is a small pure function so every rule composes them the same way::
     v, s   = precondition(g, state, hp)                     # P g         (identity or Adam's diagonal)
     u      = memory update producing the direction
     u      = output_nonlinearity(u, hp)                     # σ(u)        (identity or Newton–Schulz)
-    delta  = descend(u, param, hp)                          # −lr·u − lr·wd·W (decoupled)
+    delta  = descend(u, param, hp)                          # −lr·u − lr·λ·W (decoupled; λ = decoupled_rate)
 """
 
 from __future__ import annotations
@@ -66,11 +66,24 @@ def coupled_weight_decay(grad: Tensor, param: Tensor, hp: Hparams) -> Tensor:
     return grad + hp["weight_decay"] * param
 
 
+def decoupled_rate(hp: Hparams) -> Any:
+    """The rate λ of a decoupled decay ``W ← W − lr·λ·W``: ``weight_decay``, or ``weight_decay/(1 − μ)`` where Adam's
+    preconditioner feeds a sum-form momentum ``m ← μm + P g`` (Momentum, DeltaMomentum, DeepMomentum; ``μ`` =
+    ``momentum``) read without an output nonlinearity.  Such an update is ``1/(1 − μ)`` Adam steps in steady state,
+    so its AdamW-equivalent lr is ``lr/(1 − μ)``, and AdamW decays by that lr times ``weight_decay``: a param group's
+    ``weight_decay`` regularises as much as it does under AdamW at the matching lr.  (Adam/AdamW, Muon's
+    Newton–Schulz update, whose scale does not grow with m, and the identity preconditioner keep ``lr·wd``.)"""
+    wd, mu = hp["weight_decay"], hp.get("momentum", 0.0)
+    if hp.get("preconditioner") != "adam" or hp.get("nonlinearity") is not None or is_zero(mu):
+        return wd
+    return wd / (1 - mu)
+
+
 def descend(direction: Tensor, param: Tensor, hp: Hparams) -> Tensor:
-    """``delta = −lr·u`` (``− lr·wd·W`` more with decoupled weight decay)."""
+    """``delta = −lr·u`` (``− lr·λ·W`` more with decoupled weight decay, λ = ``decoupled_rate``)."""
     delta = -hp["lr"] * direction
     if decoupled(hp) and not is_zero(hp["weight_decay"]):
-        delta = delta - hp["lr"] * hp["weight_decay"] * param
+        delta = delta - hp["lr"] * decoupled_rate(hp) * param
     return delta
 
 
