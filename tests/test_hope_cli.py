@@ -16,6 +16,8 @@ import torch
 
 from deepopt.checkpoint import load_tensors, torch_load
 from deepopt.cli import main
+from deepopt.hope.model import n_params
+from deepopt.hope.train import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,6 +179,25 @@ def test_niah_smoke_reports_accuracy_per_context(tmp_path):
     rows = read_csv(tmp_path / "results.csv")
     assert [int(r["context"]) for r in rows] == [112, 224]  # 1x and 2x the training context
     assert all(0 <= float(r["digit_accuracy"]) <= 1 for r in rows)
+
+
+def test_niah_takes_heads_and_memory_width_and_refuses_sizes_its_width_does_not_allow(tmp_path, capsys):
+    """``--heads`` / ``--mem-hidden`` reach every model's config (Transformer++ re-matched to HOPE's parameters); a
+    head count that does not divide the width is a one-line error before any folder is made."""
+    out = tmp_path / "run"
+    assert hope("niah", "--smoke", "--steps", "2", "--models", "hope", "transformer", "--heads", "4", "--mem-hidden",
+                "4", "--out", out) == 0
+    report = json.loads((out / "report.json").read_text())
+    runs = [json.loads(line)["value"] for line in (out / "runs.jsonl").read_text().splitlines()]
+    sized = {r["model"]: r["n_params"] for r in runs if "n_params" in r}
+    for model in ("hope", "transformer"):
+        cfg = model_config(model, "smoke", n_heads=4, mem_hidden=4, vocab_size=report["vocab_size"])
+        assert sized[model] == n_params(cfg) != n_params(model_config(model, "smoke", vocab_size=cfg.vocab_size))
+    assert report["args"]["heads"] == 4 and report["args"]["mem_hidden"] == 4
+    rejected(capsys, r"--heads 3 at --size smoke \(hope\): d_model \(32\) must be divisible by n_heads \(3\)",
+             "niah", "--smoke", "--models", "hope", "--heads", "3", "--out", tmp_path / "bad")
+    rejected(capsys, "--mem-hidden must be >= 1", "niah", "--smoke", "--mem-hidden", "0", "--out", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bpe_train_records_its_tokenizer_and_eval_uses_it(tmp_path, capsys):

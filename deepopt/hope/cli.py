@@ -202,6 +202,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="passkey", choices=("passkey", *niah.TASKS),
                    help="passkey (default) or an S-NIAH-style task (deepopt.hope.niah); these also report accuracy "
                         "with the needle removed, which must fall to chance")
+    p.add_argument("--heads", type=int, help="heads of every model, dividing d_model (even for Transformer++'s RoPE) "
+                                             "(default: --size's)")
+    p.add_argument("--mem-hidden", type=int, help="hidden width of HOPE's Titans memories (default: --size's); the "
+                                                  "Transformer++ FFNs are re-matched to HOPE's parameters")
     _add_run_args(p, bpe_on="prose (the filler)")
     p.set_defaults(func=cmd_niah, context_default=(256, 112),
                    run_outputs=("report.json", "results.csv", "accuracy.png", "loss.png", recall.RUNS_FILE))
@@ -281,10 +285,29 @@ def _build(args: argparse.Namespace, variant: str, seed: int, device: torch.devi
            ) -> LanguageModel:
     cfg = model_config(variant, args.size, chunk_size=args.chunk_size, inner_rule=args.inner_rule,
                        cms_periods=args.cms_periods, vocab_size=vocab_size,
-                       recompute_chunks=args.recompute_chunks or None, **titans_init_overrides(args))
+                       recompute_chunks=args.recompute_chunks or None, n_heads=getattr(args, "heads", None),
+                       mem_hidden=getattr(args, "mem_hidden", None), **titans_init_overrides(args))
     torch.manual_seed(seed)
     model = LanguageModel(cfg).to(device=device, dtype=DTYPES[args.dtype])
     return compile_model(model) if args.compile else model
+
+
+def _check_model_sizes(args: argparse.Namespace, vocab_size: int) -> None:
+    """``--heads`` / ``--mem-hidden``: each model's config is built once before anything runs, so a value its
+    width does not allow is a one-line error naming the option."""
+    for name in ("heads", "mem_hidden"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "heads", None) is None and getattr(args, "mem_hidden", None) is None:
+        return
+    for variant in args.models:
+        try:
+            model_config(variant, args.size, vocab_size=vocab_size, n_heads=args.heads, mem_hidden=args.mem_hidden)
+        except ValueError as err:
+            given = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("heads", "mem_hidden")
+                             if getattr(args, k) is not None)
+            raise ValueError(f"{given} at --size {args.size} ({variant}): {err}") from None
 
 
 def _trainer(args: argparse.Namespace, model: LanguageModel, steps: int, d) -> Trainer:
@@ -298,6 +321,7 @@ def _trainer(args: argparse.Namespace, model: LanguageModel, steps: int, d) -> T
 def _run_identity(args: argparse.Namespace) -> dict[str, Any]:
     skip = _NOT_RUN_IDENTITY + (("tokenizer", "vocab_size") if args.tokenizer == "bytes" else ())  # as before BPE
     skip += ("amp",) if args.amp == "none" else ()  # as before --amp
+    skip += tuple(k for k in ("heads", "mem_hidden") if getattr(args, k, None) is None)  # as before niah had them
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
 
 
@@ -499,6 +523,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
     if args.resume and d.world > 1:
         raise ValueError("--resume continues a run of one process; run it without torchrun")
     recall.check_jobs(args, device, d.world)
+    _check_model_sizes(args, filler.vocab_size)
     _check_niah_context(args, filler, "--context", args.context, filler.train)
     for ctx in contexts:  # before any training: a context the task cannot fill fails here, not after it
         _check_niah_context(args, filler, "--eval-contexts", ctx, filler.val)
