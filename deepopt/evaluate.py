@@ -232,9 +232,10 @@ class OptimizerSpec:
         return float(self.options.get("lr", load_pretrained(self.pretrained)[1]["lr"]))
 
 
-def parse_optimizer(text: str, flag: str = "--optimizer") -> OptimizerSpec:
+def parse_optimizer(text: str, flag: str = "--optimizer", check: bool = True) -> OptimizerSpec:
     """``NAME_OR_FOLDER[:key=value,...]``; values are JSON (``hidden=0``, ``preconditioner=adam``). Errors name
-    ``flag``."""
+    ``flag``.  ``check``: also build it once (``_check_options``), as the commands do before any run; a run unit
+    re-reads a spec its command already checked and passes False."""
     import deepopt
     from deepopt.pretrained import names, resolve
 
@@ -259,7 +260,8 @@ def parse_optimizer(text: str, flag: str = "--optimizer") -> OptimizerSpec:
     else:
         raise UsageError(f"{flag} {name!r} is not a shipped learned optimizer {names()}, a folder "
                          f"holding one, or an optimizer {sorted(deepopt.OPTIMIZERS)}")
-    _check_options(spec, flag)
+    if check:
+        _check_options(spec, flag)
     return spec
 
 
@@ -355,7 +357,7 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(unit.get("threads", 1))
     smoke, steps = unit["smoke"], unit["steps"]
     problem = build_problem(unit["task"], unit["seed"], smoke, unit["device"])
-    spec = parse_optimizer(unit["optimizer"]) if unit["optimizer"] else None
+    spec = parse_optimizer(unit["optimizer"], check=False) if unit["optimizer"] else None
     opt, schedulers = make_method(unit["method"], spec, problem.model, unit["lr"], steps, problem.adam_betas)
     every = max(1, steps // CURVE_POINTS)
     curve = [(0, problem.val_loss(problem.model))]

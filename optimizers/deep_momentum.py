@@ -188,7 +188,8 @@ def _momenta_kernel(group: dict[str, Any], params: list[Tensor],
 def _foreach_weight_decay(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                           lr: float | Tensor) -> list[Tensor]:
     """``MemoryOptimizer._foreach_weight_decay`` with the step's lr, which a schedule makes one per tensor: a
-    decoupled decay shrinks ``W ← (1 − lr_t·wd)·W`` in place, a coupled one returns ``g + wd·W``."""
+    decoupled decay shrinks ``W ← (1 − lr_t·λ)·W`` in place (λ = ``decoupled_rate``), a coupled one returns
+    ``g + wd·W``."""
     if isinstance(lr, Tensor) and lr.dim() and decoupled(group) and not is_zero(group["weight_decay"]):
         torch._foreach_mul_(params, list((1 - lr * decoupled_rate(group)).unbind()))
         return grads
@@ -271,7 +272,7 @@ class DeepMomentum(MemoryOptimizer):
         made in between: ``OneCycleLR``'s ``max_lr``, other torch schedulers' ``initial_lr``; ``scheduled_only``).
         A warm-up's current lr is not checked: it starts near 0 by design."""
         for group in self.param_groups:
-            if self._warned_dog_lr or group["lr_adapt"] != "dog":
+            if group["lr_adapt"] != "dog":
                 continue
             name = next((k for k in ("max_lr", "initial_lr") if k in group), None if scheduled_only else "lr")
             if name is not None and float(group[name]) < DOG_MIN_LR:
@@ -280,6 +281,7 @@ class DeepMomentum(MemoryOptimizer):
                               f"below {DOG_MIN_LR}; with DoG the lr is a multiplier of order 1 (the shipped "
                               "optimizer's is 0.93), not an AdamW step size, so this run will barely move. Keep "
                               "the shipped lr (or about 1) and let a scheduler scale it from there.", stacklevel=3)
+                return
 
     @torch.compiler.disable
     def _note_step(self) -> None:

@@ -61,6 +61,10 @@ def test_report_holds_only_the_shipped_step_to_its_target(tmp_path):
         "    the same, torch path         28.07 ms   59.66x torch AdamW fused\n"
         "    dmgd-general (fixed lr)       1.56 ms    3.31x torch AdamW fused\n")
     report = _gpu_report()
+    momenta_step = importlib.util.spec_from_file_location("momenta_step", ROOT / "benchmarks" / "momenta_step.py")
+    labels = importlib.util.module_from_spec(momenta_step)
+    momenta_step.loader.exec_module(labels)
+    assert report.SHIPPED_STEP == labels.SHIPPED  # the report reads the label the benchmark prints
     rows = {r["optimizer"]: (r["target"], r["met"]) for r in report.shipped(tmp_path)}
     assert rows == {"DeepMomentum.pretrained": (2.0, True), "the same, torch path": (None, None),
                     "dmgd-general (fixed lr)": (None, None)}

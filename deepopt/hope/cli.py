@@ -295,19 +295,17 @@ def _build(args: argparse.Namespace, variant: str, seed: int, device: torch.devi
 def _check_model_sizes(args: argparse.Namespace, vocab_size: int) -> None:
     """``--heads`` / ``--mem-hidden``: each model's config is built once before anything runs, so a value its
     width does not allow is a one-line error naming the option."""
-    for name in ("heads", "mem_hidden"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if getattr(args, "heads", None) is None and getattr(args, "mem_hidden", None) is None:
-        return
-    for variant in args.models:
+    given = {f"--{k.replace('_', '-')}": getattr(args, k) for k in ("heads", "mem_hidden")
+             if getattr(args, k) is not None}
+    for flag, value in given.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    for variant in args.models if given else ():
         try:
             model_config(variant, args.size, vocab_size=vocab_size, n_heads=args.heads, mem_hidden=args.mem_hidden)
         except ValueError as err:
-            given = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("heads", "mem_hidden")
-                             if getattr(args, k) is not None)
-            raise ValueError(f"{given} at --size {args.size} ({variant}): {err}") from None
+            named = " ".join(f"{flag} {value}" for flag, value in given.items())
+            raise ValueError(f"{named} at --size {args.size} ({variant}): {err}") from None
 
 
 def _trainer(args: argparse.Namespace, model: LanguageModel, steps: int, d) -> Trainer:
