@@ -268,14 +268,23 @@ def parse_optimizer(text: str, flag: str = "--optimizer", check: bool = True) ->
 def _check_options(spec: OptimizerSpec, flag: str) -> None:
     """Build the optimizer of ``spec`` once on a stand-in model, so that a bad option (an unknown name, a value of
     the wrong type or out of range) is a one-line error naming ``flag`` before any run starts."""
+    try:
+        resolved_options(spec)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"{flag} {spec.text!r}: {err}") from None
+
+
+def resolved_options(spec: OptimizerSpec) -> str:
+    """The optimizer ``spec`` builds (its class and every option's value, defaults and a shipped optimizer's
+    config included), as text: two specs that build the same optimizer, however spelled, give the same text."""
     import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            make_method("learned", spec, torch.nn.Linear(2, 2), 1.0, 10, (0.9, 0.999))
-        except (TypeError, ValueError) as err:
-            raise UsageError(f"{flag} {spec.text!r}: {err}") from None
+        opt, _ = make_method("learned", spec, torch.nn.Linear(2, 2), 1.0, 10, (0.9, 0.999))
+    options = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in opt.defaults.items()}
+    options["lr"] = spec.base_lr  # the untuned lr the runs take (the stand-in's is a placeholder)
+    return f"{type(opt).__name__} {spec.pretrained} {sorted(options.items(), key=lambda kv: kv[0])!r}"
 
 
 def _groups(model: Any) -> list[dict[str, Any]]:

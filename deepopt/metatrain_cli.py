@@ -213,6 +213,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="momentum/delta_momentum/deep_momentum with the adam preconditioner: its second-moment decay β₂ "
         "(the initial value when 'beta2' is in --learn: default 0.95 then, else the rule's 0.999)",
     )
+    a(
+        "--relative-eps",
+        type=float,
+        help="momentum/delta_momentum/deep_momentum with the adam preconditioner: κ of the floor κ·ρ_t under "
+        "Adam's denominator, ρ_t the tensor's peak gradient RMS (docs/optimizers.md; default 0: Adam's)",
+    )
     a("--hidden", type=int, default=16, help="DeepMomentum: hidden units of the MLP memory")
     a("--key-dim", type=int, default=16, help="DeepMomentum: coordinates per key block (keys=blocks)")
     a("--keys", choices=("blocks", "momenta"), default="blocks",
@@ -353,6 +359,13 @@ def run(args: argparse.Namespace) -> int:
                              f"preconditioner {preconditioner or 'identity'} (add --preconditioner adam)")
         if args.beta2 is not None:
             hparams["beta2"] = args.beta2
+    if args.relative_eps is not None:
+        if preconditioner != "adam":
+            raise UsageError(f"--relative-eps is the adam preconditioner's; {args.rule} runs with preconditioner "
+                             f"{preconditioner or 'identity'} (add --preconditioner adam)")
+        if not args.relative_eps >= 0:
+            raise UsageError(f"--relative-eps must be >= 0, got {args.relative_eps}")
+        hparams["relative_eps"] = args.relative_eps
     config = MetaTrainConfig(
         rule=args.rule,
         family=args.family,

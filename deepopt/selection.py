@@ -40,6 +40,7 @@ from deepopt.evaluate import (
     parse_lrs,
     parse_optimizer,
     plan,
+    resolved_options,
 )
 from deepopt.runs import JsonLines, UsageError, add_out_option, check_at_least, prepare_out, wrote
 
@@ -100,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
     if len(set(args.candidates)) != len(args.candidates):
         raise UsageError(f"CANDIDATE: each at most once, got {args.candidates}")
     specs = [parse_optimizer(c, flag="CANDIDATE") for c in args.candidates]
+    built: dict[str, str] = {}
+    for spec in specs:  # one optimizer under two spellings (``dmgd-dog`` and ``dmgd-dog:seed=0``) is one candidate
+        same = built.setdefault(resolved_options(spec), spec.text)
+        if same != spec.text:
+            raise UsageError(f"CANDIDATE {spec.text!r} builds the same optimizer as {same!r}: give each once")
     seeds = list(range(args.seeds or (1 if args.smoke else 3)))
     tasks = list(VALIDATION_TASKS)
     out = prepare_out(args)

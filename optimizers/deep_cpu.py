@@ -375,8 +375,8 @@ static inline vc recip_c(vc x) {
 typedef struct {
     int T, nt;
     float **p; const float **g; float **m; float **v; float **e; float **w1; const float **w2;
-    const float *w1_0; const int64_t *n; const float *lr, *bc2;    /* per tensor: lr_t and 1 - beta2^t */
-    float alpha, beta2, eps, eta, wd, gamma[MJ];
+    const float *w1_0; const int64_t *n; const float *lr, *bc2, *eps;   /* per tensor: lr_t, 1 - beta2^t, eps_t */
+    float alpha, beta2, eta, wd, gamma[MJ];
     double *corr;                                                   /* 2 parities x nt threads x (H + 2) */
     const float **x0; double *dog;                                  /* DOG: W_0, and per tensor |u|^2, |W - W_0|^2 */
     barrier_t bar;
@@ -454,7 +454,7 @@ static void *momenta_worker(void *argp) {
             float w1[H], w2s[H * (2 + MJ)];
             for (int h = 0; h < H; h++) w1[h] = c->w1[t][h];
             for (int f = 0; f < H * (2 + MJ); f++) w2s[f] = W2S_SCALE * c->w2[t][f];
-            mscal_t k = {c->lr[t], 1.0f / c->bc2[t], c->alpha, c->beta2, c->eps, c->wd, {0}};
+            mscal_t k = {c->lr[t], 1.0f / c->bc2[t], c->alpha, c->beta2, c->eps[t], c->wd, {0}};
             for (int j = 0; j < MJ; j++) k.gamma[j] = c->gamma[j];
             float *p = c->p[t], *m = c->m[t], *v = c->v[t], *e = c->e[t];
             const float *g = c->g[t], *x0 = DOG ? c->x0[t] : 0;
@@ -510,11 +510,11 @@ static void *momenta_worker(void *argp) {
 }
 
 int momenta_step(int T, float **p, const float **g, float **m, float **v, float **e, float **w1, const float **w2,
-                 const float *w1_0, const int64_t *n, const float *lr, const float *bc2, const float *gamma,
-                 float alpha, float beta2, float eps, float eta, float wd, double *corr, int nt, const float **x0,
-                 double *dog) {
+                 const float *w1_0, const int64_t *n, const float *lr, const float *bc2, const float *eps,
+                 const float *gamma, float alpha, float beta2, float eta, float wd, double *corr, int nt,
+                 const float **x0, double *dog) {
     /* corr: 2 * nt * (H + 2) doubles; x0 (T tensors) and dog (2 T doubles) are read / written with DOG only */
-    mctx_t c = {T, nt, p, g, m, v, e, w1, w2, w1_0, n, lr, bc2, alpha, beta2, eps, eta, wd, {0}, corr, x0, dog};
+    mctx_t c = {T, nt, p, g, m, v, e, w1, w2, w1_0, n, lr, bc2, eps, alpha, beta2, eta, wd, {0}, corr, x0, dog};
     for (int j = 0; j < MJ; j++) c.gamma[j] = gamma[j];
     return run_team(momenta_worker, &c, &c.bar, &c.go, &c.nt, nt);
 }
@@ -588,7 +588,7 @@ def _momenta_library(hidden: int, timescales: int, activation: str = "tanh", dog
     if lib is not None:
         fn = lib.momenta_step
         fn.argtypes = [ctypes.c_int, *([_PTRS] * 7), ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *([ctypes.c_float] * 5), ctypes.c_void_p,
+                       *([ctypes.c_void_p] * 4), *([ctypes.c_float] * 4), ctypes.c_void_p,
                        ctypes.c_int, _PTRS, ctypes.c_void_p]
         fn.restype = ctypes.c_int
     return lib
@@ -642,14 +642,15 @@ def momenta_available(hidden: int, timescales: int, activation: str = "tanh", do
 
 def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], exp_avg_sqs: list[Tensor],
                   timescale_bufs: list[Tensor], w1: list[Tensor], w2: list[Tensor], w1_0: Tensor, lr: Tensor,
-                  bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float, eta: float,
-                  weight_decay: float, activation: str = "tanh", threads: int | None = None,
+                  bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float | Tensor,
+                  eta: float, weight_decay: float, activation: str = "tanh", threads: int | None = None,
                   origins: list[Tensor] | None = None) -> Tensor | None:
     """One step of the momenta layout (the shipped learned optimizer: Adam preconditioner, tanh or softsign
     features σ, dot objective, W₂ fixed, decoupled weight decay) over contiguous fp32 CPU tensors, in place on
     ``params``, ``bufs`` (m), ``exp_avg_sqs`` (v), ``timescale_bufs`` (e, ``(J, *shape)``) and ``w1`` (``(1, H)``
     each; ``w2`` is ``(H, 2 + J)``).  Per coordinate i, with ``lr`` and ``bias_correction2`` ``(T,)`` fp32 tensors
-    of the tensors' ``lr_t`` and ``1 − β₂ᵗ``::
+    of the tensors' ``lr_t`` and ``1 − β₂ᵗ``, and ``eps`` a number or a ``(T,)`` tensor (``relative_eps``'s per-tensor
+    ε + κρ)::
 
         v ← β₂v + (1 − β₂)g²;   p = g/(√(v/(1 − β₂ᵗ)) + ε);   m ← αm + p;   e_j ← γ_j e_j + (1 − γ_j)p
         k = (p, (1 − α)m, e_1 … e_J);   Φ = σ(W₂k);   W ← W − lr_t·(m + W₁Φ) − lr_t·wd·W   (wd: the decay's rate λ)
@@ -669,10 +670,12 @@ def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
     numels = (ctypes.c_int64 * count)(*(p.numel() for p in params))
     corr = torch.empty(2 * threads * (hidden + 2), dtype=torch.float64)
     dog = None if origins is None else torch.zeros(count, 2, dtype=torch.float64)
-    lr, bc2, gammas, anchor = (x.detach().to(torch.float32).contiguous() for x in (lr, bias_correction2, timescales,
-                                                                                  w1_0))
+    eps = eps.expand(count) if isinstance(eps, Tensor) else torch.full((count,), float(eps))
+    lr, bc2, eps, gammas, anchor = (x.detach().to(torch.float32).contiguous()
+                                    for x in (lr, bias_correction2, eps, timescales, w1_0))
     lib.momenta_step(count, pointers(params), pointers(grads), pointers(bufs), pointers(exp_avg_sqs),
                      pointers(timescale_bufs), pointers(w1), pointers(w2), anchor.data_ptr(), numels, lr.data_ptr(),
-                     bc2.data_ptr(), gammas.data_ptr(), alpha, beta2, eps, eta, weight_decay, corr.data_ptr(),
+                     bc2.data_ptr(), eps.data_ptr(), gammas.data_ptr(), alpha, beta2, eta, weight_decay,
+                     corr.data_ptr(),
                      threads, None if origins is None else pointers(origins), None if dog is None else dog.data_ptr())
     return dog

@@ -172,6 +172,7 @@ if triton is not None:
         o_ptr = _pointer(o_table, t, DTYPE)  # W₀ (DOG; else o_table is p_table, and the pointer goes unused)
         w1, w2 = _pointer(w1_table, t, tl.float32), _pointer(w2_table, t, tl.float32)
         lr_t, inv_bc2 = tl.load(lr + t).to(tl.float32), 1.0 / tl.load(bias_correction2 + t).to(tl.float32)
+        eps_t = tl.load(eps + t).to(tl.float32)
         acc = tl.zeros((H,), tl.float32)
         update_sq, moved_sq = 0.0, 0.0  # scalars, reduced per tile: (BLOCK,) accumulators spill on sm_80
         hs = tl.arange(0, H)
@@ -181,7 +182,7 @@ if triton is not None:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) + (1 - beta2) * g * g
             tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
-            pv = g / (tl.sqrt(v * inv_bc2) + eps)
+            pv = g / (tl.sqrt(v * inv_bc2) + eps_t)
             m = alpha * tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32) + pv
             tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
             # z[i, h] = W₂[h, 0]·p + W₂[h, 1]·(1 − α)m + Σ_j W₂[h, 2 + j]·e_j
@@ -275,15 +276,16 @@ def momenta_available(params: list[Tensor], hidden: int) -> bool:
 
 def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], exp_avg_sqs: list[Tensor],
                   timescale_bufs: list[Tensor], w1: list[Tensor], w2: list[Tensor], w1_0: Tensor, lr: Tensor,
-                  bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float, eta: float,
-                  weight_decay: float, activation: str = "tanh", origins: list[Tensor] | None = None) -> Tensor | None:
+                  bias_correction2: Tensor, timescales: Tensor, alpha: float, beta2: float, eps: float | Tensor,
+                  eta: float, weight_decay: float, activation: str = "tanh",
+                  origins: list[Tensor] | None = None) -> Tensor | None:
     """The momenta layout's step (the shipped learned optimizer; equations: ``deep_cpu.momenta_step_``) over
     dense fp32/bf16 tensors on one device in two launches: the per-coordinate pass (W₁ read, ``C`` reduced by
     atomics) and W₁'s write.  ``w1``/``w2`` are fp32 ``(1, H)``/``(H, 2 + J)`` tensors, ``lr`` and
-    ``bias_correction2`` ``(T,)`` tensors on the device; nothing is read on the host.  Memory traffic: g, W, m, v
-    and the J time-scale buffers read, all but g written: ``5 + 2J`` passes (9 with J = 2; fused AdamW's 7); with
-    ``origins`` (``lr_adapt="dog"``: W₀ read, one pass more) it also returns the per-tensor ``(‖u‖², ‖W_new −
-    W₀‖²)`` as a ``(T, 2)`` fp32 device tensor (else None)."""
+    ``bias_correction2`` ``(T,)`` tensors on the device, ``eps`` a number or such a tensor; nothing is read on the
+    host.  Memory traffic: g, W, m, v and the J time-scale buffers read, all but g written: ``5 + 2J`` passes (9
+    with J = 2; fused AdamW's 7); with ``origins`` (``lr_adapt="dog"``: W₀ read, one pass more) it also returns
+    the per-tensor ``(‖u‖², ‖W_new − W₀‖²)`` as a ``(T, 2)`` fp32 device tensor (else None)."""
     hidden, count, n_scales = w1[0].shape[-1], len(params), timescales.numel()
     if activation not in MOMENTA_ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(MOMENTA_ACTIVATIONS)}, got {activation!r}")
@@ -296,11 +298,13 @@ def momenta_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
     corr = torch.zeros(count, hidden, dtype=torch.float32, device=device)
     dog = None if origins is None else torch.zeros(count, 2, dtype=torch.float32, device=device)
     tables = [_pointers(x) for x in (params, grads, bufs, exp_avg_sqs, timescale_bufs, w1, w2)]
+    eps = eps.to(device=device, dtype=torch.float32).expand(count).contiguous() if isinstance(eps, Tensor) else \
+        torch.full((count,), float(eps), dtype=torch.float32, device=device)
     lr, bias_correction2, gammas = (x.to(device=device, dtype=torch.float32) for x in (lr, bias_correction2,
                                                                                       timescales))
     _momenta_kernel[(block_tensor.numel(),)](*tables, tables[0] if origins is None else _pointers(origins), numels,
                                              block_tensor, block_start, lr, bias_correction2, gammas, corr,
-                                             corr if dog is None else dog, float(alpha), float(beta2), float(eps),
+                                             corr if dog is None else dog, float(alpha), float(beta2), eps,
                                              float(weight_decay), DTYPE=_TRITON_DTYPES[params[0].dtype], H=hidden,
                                              J=n_scales, BLOCK=MOMENTA_BLOCK, TILES=MOMENTA_TILES,
                                              ACT=MOMENTA_ACTIVATIONS[activation], DOG=origins is not None)

@@ -30,7 +30,7 @@ from deepopt.rules.transforms import decoupled, decoupled_rate, is_zero, step_fl
 from . import deep_cpu, deep_kernels
 from .base import MemoryOptimizer
 from .delta_momentum import _inner_products, _squared_norms
-from .momentum import foreach_output_nonlinearity, foreach_precondition
+from .momentum import foreach_output_nonlinearity, foreach_precondition, foreach_relative_eps
 
 
 def _foreach_softsign_(ts: list[Tensor]) -> None:
@@ -349,7 +349,7 @@ class DeepMomentum(MemoryOptimizer):
         """
         hidden = group["hidden"]
         if (any(isinstance(group[k], Tensor) for k in ("momentum", "eta", "beta", "weight_decay", "lr_decay",
-                                                        "lr_power", "lr_warmup", "beta2", "eps", "eta2",
+                                                        "lr_power", "lr_warmup", "beta2", "eps", "relative_eps", "eta2",
                                                         "timescales"))
                 or (hidden and group["activation"] not in _FOREACH_ACTIVATIONS)
                 or len({(p.dtype, p.device) for p in params}) > 1):
@@ -415,6 +415,8 @@ class DeepMomentum(MemoryOptimizer):
         handed to the kernel in fp32 (copies for low-precision parameters, W₁'s written back)."""
         count, device = len(params), params[0].device
         steps = [st["step"] for st in states]
+        floors = foreach_relative_eps(group, states, grads)  # ε + κρ_t per tensor, before the steps move
+        eps = group["eps"] if floors is None else floors
         bias_correction2 = 1 - group["beta2"] ** step_float(torch.stack(steps) + 1, params[0])
         torch._foreach_add_(steps, 1)
         if isinstance(lr, Tensor):
@@ -432,7 +434,7 @@ class DeepMomentum(MemoryOptimizer):
         sums = kernel(params, [g.contiguous() for g in grads], [st["momentum_buffer"] for st in states],
                       [st["exp_avg_sq"] for st in states], [st["timescale_buffers"] for st in states], w1_run, w2_run,
                       self._anchor(group, params[0])[0], lr, bias_correction2, self._timescales(group, device),
-                      group["momentum"], group["beta2"], group["eps"], group["eta"], decoupled_rate(group),
+                      group["momentum"], group["beta2"], eps, group["eta"], decoupled_rate(group),
                       activation=group["activation"], origins=[st["dog_origin"] for st in states] if dog else None)
         if w1_run is not w1s:
             torch._foreach_copy_(w1s, w1_run)

@@ -43,7 +43,8 @@ class DeltaMomentum(MemoryOptimizer):
         multi-tensor op is a loop anyway and each out-of-place op allocates (and page-faults) a full-size
         temporary, the default options run an in-place loop instead (torch.optim's own CPU default); on CUDA
         they run two Triton launches (``delta_kernels``) when Triton is installed."""
-        if any(isinstance(group[k], Tensor) for k in ("momentum", "beta", "weight_decay", "beta2", "eps")):
+        if any(isinstance(group[k], Tensor)
+               for k in ("momentum", "beta", "weight_decay", "beta2", "eps", "relative_eps")):
             return False
         states = [self.state[p] for p in params]
         bufs = [st["momentum_buffer"] for st in states]

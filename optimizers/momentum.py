@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deepopt.rules import momentum
-from deepopt.rules.transforms import decoupled, is_zero, orthogonalize_many
+from deepopt.rules import momentum, sharding
+from deepopt.rules.transforms import decoupled, is_zero, orthogonalize_many, peak_rms_carry, peak_rms_init
 
 from .base import MemoryOptimizer, by_device_and_dtype, is_dtensor
 
@@ -42,7 +42,7 @@ class Momentum(MemoryOptimizer):
                          **options)
 
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
-        if (any(isinstance(group[k], Tensor) for k in ("momentum", "weight_decay", "beta2", "eps"))
+        if (any(isinstance(group[k], Tensor) for k in ("momentum", "weight_decay", "beta2", "eps", "relative_eps"))
                 or (group["nonlinearity"] is not None and any(map(is_dtensor, params)))):
             return False
         foreach_momentum_step(group, [self.state[p] for p in params], params, grads)
@@ -114,6 +114,7 @@ def foreach_precondition(group: dict[str, Any], states: list[dict[str, Tensor]],
         return grads
     beta2 = group["beta2"]
     steps, sq = [st["step"] for st in states], [st["exp_avg_sq"] for st in states]
+    floors = foreach_relative_eps(group, states, grads)
     torch._foreach_add_(steps, 1)
     torch._foreach_mul_(sq, beta2)
     torch._foreach_addcmul_(sq, grads, grads, value=1 - beta2)
@@ -122,8 +123,33 @@ def foreach_precondition(group: dict[str, Any], states: list[dict[str, Tensor]],
     torch._foreach_add_(bias_correction2, 1)
     denom = torch._foreach_div(sq, bias_correction2)
     torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, group["eps"])
+    if floors is None:
+        torch._foreach_add_(denom, group["eps"])
+    else:  # a DTensor's shards take the floors as numbers (one mixes no plain tensor into DTensor arithmetic)
+        torch._foreach_add_(denom, floors.tolist() if any(map(is_dtensor, grads)) else
+                            list(floors.to(grads[0].dtype).unbind()))
     return torch._foreach_div(grads, denom)
+
+
+def foreach_relative_eps(group: dict[str, Any], states: list[dict[str, Tensor]],
+                         grads: list[Tensor]) -> Tensor | None:
+    """``relative_eps``'s per-tensor ``ε + κ·ρ_t`` as a ``(T,)`` tensor (``transforms.precondition``),
+    advancing each state's ``mean_sq`` and ``peak_rms`` (read before ``step`` moves); None where κ = 0.  One
+    ``_foreach_norm`` over the gradients and a few ops on the stacked scalars, whatever the number of tensors."""
+    if is_zero(group.get("relative_eps", 0.0)):
+        return None
+    for st, g in zip(states, grads):
+        for key, zero in peak_rms_init(g).items():
+            st.setdefault(key, zero)
+    carried = {k: torch.stack([st[k] for st in states]) for k in ("peak_rms", "mean_sq")}
+    dtype = carried["mean_sq"].dtype
+    numels = torch.tensor([g.numel() for g in grads], dtype=dtype)
+    norms = torch.stack([sharding.gathered(n).to(dtype) for n in torch._foreach_norm(grads)])
+    steps = torch.stack([st["step"] for st in states]) + 1
+    new = peak_rms_carry(carried, norms.square() / numels.to(norms.device), steps, group["beta2"])
+    for key, value in new.items():
+        torch._foreach_copy_([st[key] for st in states], list(value.unbind()))
+    return group["eps"] + group["relative_eps"] * new["peak_rms"]
 
 
 def foreach_output_nonlinearity(group: dict[str, Any], direction: list[Tensor]) -> list[Tensor]:

@@ -43,6 +43,14 @@ class MomentumNewtonSchulz(deepopt.Momentum):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, nonlinearity=nonlinearity, **options)
 
 
+class MomentumRelativeEps(deepopt.Momentum):
+    """``Momentum(preconditioner="adam", relative_eps=1.0)`` (its own entry: a per-tensor statistic, see
+    ``_PER_TENSOR_PEAK``)."""
+
+    def __init__(self, params, preconditioner="adam", relative_eps=1.0, **options):
+        super().__init__(params, preconditioner=preconditioner, relative_eps=relative_eps, **options)
+
+
 class DeltaMomentumRows(deepopt.DeltaMomentum):
     """``DeltaMomentum(keys="rows")`` (its own entry: no complex)."""
 
@@ -103,7 +111,11 @@ _ONE_MEMORY = ("treats a complex tensor as one memory: its real view is one key 
                "k̂ = g/‖g‖, the deep memory's RMS block norms span real and imaginary parts), so it cannot equal the "
                "same values split into two real tensors, two memories; test_complex (a complex tensor steps as its "
                "real view) passes")
+_PER_TENSOR_PEAK = ("relative_eps floors Adam's denominator at the tensor's peak gradient RMS, a statistic of the "
+                    "whole real view, so a complex tensor cannot equal its parts split into two real tensors; "
+                    "test_complex (a complex tensor steps as its real view) passes")
 ALLOW_LIST = [
+    ("MomentumRelativeEps", "test_complex_2d", _PER_TENSOR_PEAK),
     ("DeltaMomentum", "test_complex_2d", _ONE_MEMORY),
     ("DeepMomentum", "test_complex_2d", _ONE_MEMORY),
 ]
@@ -147,6 +159,10 @@ optim_db = [
         ("decoupled weight decay", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
         ("Adam preconditioner", {"preconditioner": "adam"}), SKIP_NONFINITE, CAPTURABLE,
     ), [MOMENTUM_ERROR, ({"preconditioner": "lbfgs"}, ValueError, "preconditioner must be one of")]),
+    _info(MomentumRelativeEps, _inputs(
+        ("default", {}), TENSOR_LR, ("nesterov, weight_decay", {"nesterov": True, "weight_decay": 0.1}),
+        ("relative eps 0.1", {"relative_eps": 0.1}), SKIP_NONFINITE, CAPTURABLE,
+    ), [({"relative_eps": -1.0}, ValueError, r"relative_eps must be in \[0.0, inf\)")]),
     _info(MomentumNewtonSchulz, _inputs(
         ("default", {}), TENSOR_LR, ("weight_decay", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
         ("bf16 Newton–Schulz", {"ns_dtype": "bfloat16"}), SKIP_NONFINITE,
@@ -156,6 +172,7 @@ optim_db = [
     _info(deepopt.DeltaMomentum, _inputs(
         ("default", {}), ("non-default lr", {"lr": 1e-2}), TENSOR_LR, ("beta", {"beta": 1.5}),
         ("weight_decay", {"weight_decay": 0.1}), ("Adam preconditioner", {"preconditioner": "adam"}),
+        ("Adam preconditioner, relative eps", {"preconditioner": "adam", "relative_eps": 1.0}),
         SKIP_NONFINITE, CAPTURABLE,
     ), [({"beta": 2.5}, ValueError, "beta must be in")]),
     _info(DeltaMomentumRows, _inputs(
@@ -168,7 +185,11 @@ optim_db = [
         ("keys from the preconditioned gradient", {"preconditioner": "adam", "key_source": "preconditioned"}),
         ("1/t lr decay", {"lr_decay": 0.1}), ("horizon schedule", {"lr_horizon": 50, "lr_power": 2.0}),
         ("decoupled weight decay", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
-        ("no deep branch", {"hidden": 0}), SKIP_NONFINITE, CAPTURABLE,
+        ("no deep branch", {"hidden": 0}),
+        ("momenta keys, DoG, relative eps (the shipped layout)", {"preconditioner": "adam", "keys": "momenta",
+                                                                  "lr_adapt": "dog", "lr": 1.0,
+                                                                  "relative_eps": 3.0}),
+        SKIP_NONFINITE, CAPTURABLE,
     ), [({"hidden": -1}, ValueError, "hidden must be an int >= 0")]),
     _info(deepopt.M3, _inputs(
         ("default", {}), ("non-default lr", {"lr": 0.05}), TENSOR_LR, ("chunk 2", {"chunk": 2}),

@@ -400,6 +400,8 @@ def test_lr_horizon_schedule_scales_each_step_and_round_trips(tmp_path):
     (["--preconditioner", "identity", "--learn", "lr,beta2"], "add --preconditioner adam"),
     (["--rule", "sgd", "--lr-horizon", "10"], "deep_momentum options, not ones of sgd"),
     (["--lr-horizon", "-1"], "lr_horizon must be an int >= 0"),
+    (["--preconditioner", "identity", "--relative-eps", "1"], "--relative-eps is the adam preconditioner's"),
+    (["--relative-eps", "-1"], "--relative-eps must be >= 0, got -1.0"),
 ])
 def test_cli_refuses_schedule_and_beta2_misuse(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -481,3 +483,18 @@ def test_meta_train_cli_offers_every_choice_of_the_rule(flag, name):
     sub = next(a for a in parser._actions if a.choices and "meta-train" in a.choices).choices["meta-train"]
     action = next(a for a in sub._actions if flag in a.option_strings)
     assert tuple(action.choices) == tuple(getattr(deep, name))
+
+
+def test_relative_eps_is_meta_trained_with_and_saved(tmp_path):
+    """``--relative-eps κ`` runs the inner loops with Adam's floored denominator (the rule's state carries ρ and q)
+    and the saved optimizer keeps κ, so ``from_pretrained`` steps as meta-training did."""
+    out = tmp_path / "run"
+    assert cli.main(["meta-train", "--smoke", "--no-progress", "--relative-eps", "2.5", "--keys", "momenta",
+                     "--out", str(out)]) == 0
+    config = json.loads((out / "optimizer" / "config.json").read_text())
+    assert config["hparams"]["relative_eps"] == 2.5
+    params = [torch.nn.Parameter(torch.randn(6, 4))]
+    opt = deepopt.DeepMomentum.from_pretrained(out / "optimizer", params, total_steps=5)
+    params[0].grad = torch.randn(6, 4)
+    opt.step()
+    assert opt.defaults["relative_eps"] == 2.5 and float(opt.state[params[0]]["peak_rms"]) > 0

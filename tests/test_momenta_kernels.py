@@ -35,7 +35,7 @@ def reference(p, g, m, v, e, w1, w2, w1_0, lr, bc2, gammas, alpha, beta2, eps, e
     return p, m, v, e, w1
 
 
-def case(seed=0, hidden=H):
+def case(seed=0, hidden=H, per_tensor_eps=False):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0: scale * torch.randn(*s, generator=gen)
     ps, gs, ms = [r(*s) for s in SHAPES], [r(*s, scale=0.1) for s in SHAPES], [r(*s) for s in SHAPES]
@@ -45,7 +45,14 @@ def case(seed=0, hidden=H):
     hp = dict(w1_0=r(1, hidden, scale=0.1), lr=torch.rand(len(SHAPES), generator=gen) * 0.01 + 1e-3,
               bc2=torch.rand(len(SHAPES), generator=gen) * 0.5 + 0.1, gammas=torch.tensor([0.5, 0.99]),
               alpha=0.9, beta2=0.95, eps=1e-8, eta=0.2, wd=0.1)
+    if per_tensor_eps:  # relative_eps's ε + κρ per tensor, of the size of the gradients' RMS
+        hp["eps"] = torch.rand(len(SHAPES), generator=gen) * 0.02 + 1e-3
     return ps, gs, ms, vs, es, w1s, w2s, hp
+
+
+def eps_at(hp, i):
+    """Tensor i's ε: the case's number, or its entry of a per-tensor ``(T,)`` eps."""
+    return hp["eps"][i] if isinstance(hp["eps"], torch.Tensor) else hp["eps"]
 
 
 def check(got, want, tol):
@@ -71,17 +78,19 @@ def dog_sums(olds, wants, origins, hp):
 FEATURES = {"tanh": torch.tanh, "softsign": torch.nn.functional.softsign}
 
 
-@pytest.mark.parametrize("threads,hidden,activation,dog", [
-    (1, H, "tanh", False), (2, H, "tanh", False), (2, 1, "tanh", False), (2, 64, "tanh", False),
-    (1, H, "softsign", False), (2, 2, "softsign", False), (1, H, "tanh", True), (2, 2, "softsign", True)])
-def test_c_kernel_equals_the_equations(threads, hidden, activation, dog):
-    """The step, and with ``origins`` (``lr_adapt="dog"``) the per-tensor sums ‖u‖², ‖W_new − W₀‖² it returns."""
+@pytest.mark.parametrize("threads,hidden,activation,dog,per_tensor_eps", [
+    (1, H, "tanh", False, False), (2, H, "tanh", False, False), (2, 1, "tanh", False, False),
+    (2, 64, "tanh", False, False), (1, H, "softsign", False, False), (2, 2, "softsign", False, False),
+    (1, H, "tanh", True, False), (2, 2, "softsign", True, False), (2, H, "tanh", True, True)])
+def test_c_kernel_equals_the_equations(threads, hidden, activation, dog, per_tensor_eps):
+    """The step, and with ``origins`` (``lr_adapt="dog"``) the per-tensor sums ‖u‖², ‖W_new − W₀‖² it returns;
+    ``per_tensor_eps``: a ``(T,)`` ε (``relative_eps``)."""
     if not deep_cpu.momenta_available(hidden, J, activation, dog):
         pytest.skip("no C compiler")
-    ps, gs, ms, vs, es, w1s, w2s, hp = case(hidden=hidden)
+    ps, gs, ms, vs, es, w1s, w2s, hp = case(hidden=hidden, per_tensor_eps=per_tensor_eps)
     olds, origins = [p.clone() for p in ps], origins_of(ps)
     want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
-                      hp["eps"], hp["eta"], hp["wd"], features=FEATURES[activation])
+                      eps_at(hp, i), hp["eta"], hp["wd"], features=FEATURES[activation])
             for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
     sums = deep_cpu.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"], hp["gammas"],
                                   hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"], activation=activation,
@@ -126,7 +135,7 @@ def test_c_kernel_equals_the_equations_on_each_instruction_set(isa_flags, monkey
     try:
         assert deep_cpu.momenta_available(H, J) and deep_cpu.momenta_available(H, J, "softsign")
         for activation, dog in (("tanh", False), ("softsign", False), ("tanh", True)):
-            test_c_kernel_equals_the_equations(2, H, activation, dog)
+            test_c_kernel_equals_the_equations(2, H, activation, dog, dog)
     finally:
         deep_cpu._momenta_library.cache_clear()
 
@@ -136,13 +145,13 @@ TRITON_CHECK = textwrap.dedent("""
     import torch
     sys.path.insert(0, "tests")
     from deepopt.optimizers import deep_kernels
-    from test_momenta_kernels import FEATURES, case, check, dog_sums, origins_of, reference
+    from test_momenta_kernels import FEATURES, case, check, dog_sums, eps_at, origins_of, reference
 
     for activation, dog in [(a, d) for a in FEATURES for d in (False, True)]:
-        ps, gs, ms, vs, es, w1s, w2s, hp = case(seed=1)
+        ps, gs, ms, vs, es, w1s, w2s, hp = case(seed=1, per_tensor_eps=dog)  # a (T,) eps with DoG, as shipped
         olds, origins = [p.clone() for p in ps], origins_of(ps)
         want = [reference(*xs, hp["w1_0"], hp["lr"][i], hp["bc2"][i], hp["gammas"], hp["alpha"], hp["beta2"],
-                          hp["eps"], hp["eta"], hp["wd"], features=FEATURES[activation])
+                          eps_at(hp, i), hp["eta"], hp["wd"], features=FEATURES[activation])
                 for i, xs in enumerate(zip(ps, gs, ms, vs, es, w1s, w2s))]
         sums = deep_kernels.momenta_step_(ps, gs, ms, vs, es, w1s, w2s, hp["w1_0"], hp["lr"], hp["bc2"],
                                           hp["gammas"], hp["alpha"], hp["beta2"], hp["eps"], hp["eta"], hp["wd"],
@@ -248,6 +257,7 @@ def test_shipped_optimizer_routes_to_the_c_kernel_and_equals_the_rule_path(c_ker
                                      dict(hidden=1, timescales=(0.8,), lr_decay=0.1, weight_decay=0.05),
                                      dict(hidden=2, timescales=(0.9,), activation="softsign"),
                                      dict(lr_adapt="dog", lr=1.0, weight_decay=0.1, lr_horizon=6),
+                                     dict(lr_adapt="dog", lr=1.0, relative_eps=3.0),
                                      dict(hidden=2, timescales=(0.9,), activation="softsign", lr_adapt="dog", lr=0.5)])
 def test_momenta_configurations_route_and_equal_the_rule_path(c_kernel_calls, options):
     """Other widths, time scales and features the kernel takes (hidden 1…64, 1–4 time scales, a 1/t schedule,

@@ -113,3 +113,36 @@ def test_elementwise_rules_step_a_concatenation_like_its_parts(name, overrides):
         states = [s for _, s in out]
         flat = flat + fdelta
     assert same == rule.elementwise(hp)
+
+
+@pytest.mark.parametrize("rule_name", ["momentum", "deep_momentum"])
+def test_relative_eps_floors_adams_denominator_at_the_peak_gradient_rms(rule_name):
+    """``relative_eps`` κ: P g = g/(√v̂_t + ε + κρ_t), q_t = β₂q_{t−1} + (1 − β₂)mean(g_t²), ρ_t = max(ρ_{t−1},
+    √(q_t/(1 − β₂ᵗ))), checked against those equations in float64 on gradients whose scale grows, then collapses
+    1000×: Adam's P g keeps its size, the floored one shrinks with the gradients; κ = 0 is Adam's (no new state)."""
+    rule = RULES[rule_name]
+    torch.manual_seed(0)
+    scales = [1.0, 3.0, 1.0, 0.1, 1e-2] + [1e-3] * 40
+    grads = [s * torch.randn(5, 8, dtype=torch.float64) for s in scales]
+    kappa, beta2, eps = 3.0, 0.5, 1e-8  # a short second moment: Adam forgets the large gradients in 40 steps
+    hp = rule.hparams(preconditioner="adam", beta2=beta2, eps=eps, relative_eps=kappa)
+    state = rule.init(torch.zeros(5, 8, dtype=torch.float64), hp)
+    assert float(state["peak_rms"]) == 0.0 and float(state["mean_sq"]) == 0.0
+    plain_state = rule.init(torch.zeros(5, 8, dtype=torch.float64), {**hp, "relative_eps": 0.0})
+    assert "peak_rms" not in plain_state and "mean_sq" not in plain_state
+    v, q, peak = torch.zeros(5, 8, dtype=torch.float64), 0.0, 0.0
+    from deepopt.rules import transforms
+    for t, g in enumerate(grads, start=1):
+        v = beta2 * v + (1 - beta2) * g * g
+        q = beta2 * q + (1 - beta2) * float(g.square().mean())
+        peak = max(peak, (q / (1 - beta2 ** t)) ** 0.5)
+        want = g / ((v / (1 - beta2 ** t)).sqrt() + eps + kappa * peak)
+        got, new = transforms.precondition(g, state, hp)
+        adam, plain_state = transforms.precondition(g, plain_state, {**hp, "relative_eps": 0.0})
+        state = {**state, **new}
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+        assert float(state["peak_rms"]) == pytest.approx(peak, rel=1e-6)
+        torch.testing.assert_close(adam, g / ((v / (1 - beta2 ** t)).sqrt() + eps))
+    # the last step: gradients 1000× below their peak; Adam normalises them back up, the floor does not
+    assert adam.square().mean().sqrt() > 0.3
+    assert got.square().mean().sqrt() < 3e-3

@@ -58,6 +58,8 @@ def test_score_tunes_adamw_by_mean_and_a_diverged_candidate_is_never_chosen():
     (["adam", "adam"], "CANDIDATE: each at most once"),
     (["adam", "--seeds", "0"], "--seeds must be >= 1"),
     (["dmgd-dog", "dmgd-dog:hidden=-1"], "CANDIDATE 'dmgd-dog:hidden=-1': hidden must be an int >= 0"),
+    (["dmgd-dog", "dmgd-dog:seed=0"], "CANDIDATE 'dmgd-dog:seed=0' builds the same optimizer as 'dmgd-dog'"),
+    (["momentum", "momentum:momentum=0.9"], "'momentum:momentum=0.9' builds the same optimizer as 'momentum'"),
 ])
 def test_bad_candidates_are_one_line_and_leave_no_folder(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

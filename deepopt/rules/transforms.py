@@ -32,6 +32,7 @@ SHARED_DEFAULTS: dict[str, Any] = {
     "preconditioner": "identity",
     "beta2": 0.999,
     "eps": 1e-8,
+    "relative_eps": 0.0,  # κ: a floor under Adam's denominator, κ × the peak gradient RMS (``precondition``)
     "nonlinearity": None,
     "ns_dtype": None,
 }
@@ -45,6 +46,7 @@ def validate_shared(hp: Hparams) -> None:
     check_choice("preconditioner", hp["preconditioner"], PRECONDITIONERS)
     check_range("beta2", hp["beta2"], 0.0, 1.0, high_open=True)
     check_range("eps", hp["eps"], 0.0)
+    check_range("relative_eps", hp["relative_eps"], 0.0)
     check_choice("nonlinearity", hp["nonlinearity"], NONLINEARITIES)
     check_choice("ns_dtype", hp["ns_dtype"], NS_DTYPES)
 
@@ -89,20 +91,56 @@ def descend(direction: Tensor, param: Tensor, hp: Hparams) -> Tensor:
 
 def init_preconditioner(param: Tensor, hp: Hparams) -> State:
     if hp["preconditioner"] == "adam":
-        return {"step": new_step(param), "exp_avg_sq": torch.zeros_like(param)}
+        state = {"step": new_step(param), "exp_avg_sq": torch.zeros_like(param)}
+        if not is_zero(hp.get("relative_eps", 0.0)):
+            state.update(peak_rms_init(param))
+        return state
     return {}
 
 
 def precondition(grad: Tensor, state: State, hp: Hparams) -> tuple[Tensor, State]:
-    """``P g``: identity, or Adam's diagonal ``g / (sqrt(v_t / (1 − β₂ᵗ)) + ε)`` with ``v_t`` the EMA of g²."""
+    """``P g``: identity, or Adam's diagonal ``g / (√v̂_t + ε + κ·ρ_t)``, ``v̂_t = v_t/(1 − β₂ᵗ)``, ``v_t`` the EMA of g².
+
+    ``κ`` = ``relative_eps`` (0, the default: Adam's own denominator) floors the denominator at a multiple of the
+    tensor's largest gradient RMS so far (``peak_rms_carry``)::
+
+        q_t = β₂·q_{t−1} + (1 − β₂)·mean(g_t²)   (= mean(v_t): the tensor's mean square gradient)
+        ρ_t = max(ρ_{t−1}, √(q_t/(1 − β₂ᵗ)))       (q₀ = ρ₀ = 0)
+
+    Where the gradients stay near their peak scale the step is Adam's, scaled by about 1/(1 + κ); where they
+    collapse far below it (a training loss at its floor, the noise of an over-fitted small data set) ``P g ≈
+    g/(κρ)`` shrinks with them instead of being normalised back up to a full step."""
     if hp["preconditioner"] != "adam":
         return grad, {}
     step = state["step"] + 1
     beta2 = hp["beta2"]
+    extra: State = {}
+    eps = hp["eps"]
+    if not is_zero(hp.get("relative_eps", 0.0)):
+        carried = {k: state[k] if k in state else v for k, v in peak_rms_init(grad).items()}
+        grad_mean_sq = sharding.gathered(grad.detach().to(carried["mean_sq"].dtype).square().mean())
+        extra = peak_rms_carry(carried, grad_mean_sq, step, beta2)
+        floor = hp["relative_eps"] * extra["peak_rms"]
+        # a DTensor's shards take the floor as a number (one mixes no plain tensor into DTensor arithmetic)
+        eps = eps + (floor.item() if sharding.is_dtensor(grad) else floor.to(grad.dtype))
     v = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
     bias_correction2 = 1 - beta2 ** step_float(step, grad)  # 0-dim fp32: does not promote grad
-    denom = sqrt0(v / bias_correction2) + hp["eps"]
-    return grad / denom, {"step": step, "exp_avg_sq": v}
+    denom = sqrt0(v / bias_correction2) + eps
+    return grad / denom, {"step": step, "exp_avg_sq": v, **extra}
+
+
+def peak_rms_init(like: Tensor) -> State:
+    """``relative_eps``'s state: ρ₀ = q₀ = 0, scalars on ``like``'s device (fp64 for fp64 tensors, else fp32)."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return {k: torch.zeros((), dtype=dtype, device=like.device) for k in ("peak_rms", "mean_sq")}
+
+
+def peak_rms_carry(carried: State, grad_mean_sq: Tensor, step: Tensor, beta2: Any) -> State:
+    """``q_t``, ``ρ_t`` of ``relative_eps`` (``precondition``) from ``q_{t−1}``, ``ρ_{t−1}`` (``carried``), the
+    gradient's ``mean(g_t²)`` and the step count t: elementwise, so a stack of tensors' scalars works as one."""
+    mean_sq = beta2 * carried["mean_sq"] + (1 - beta2) * grad_mean_sq
+    rms = (mean_sq / (1 - beta2 ** step.to(mean_sq.dtype))).sqrt()
+    return {"peak_rms": torch.maximum(carried["peak_rms"], rms), "mean_sq": mean_sq}
 
 
 def sqrt0(v: Tensor) -> Tensor:
