@@ -142,11 +142,10 @@ def foreach_relative_eps(group: dict[str, Any], states: list[dict[str, Tensor]],
         for key, zero in peak_rms_init(g).items():
             st.setdefault(key, zero)
     carried = {k: torch.stack([st[k] for st in states]) for k in ("peak_rms", "mean_sq")}
-    dtype = carried["mean_sq"].dtype
-    numels = torch.tensor([g.numel() for g in grads], dtype=dtype)
-    norms = torch.stack([sharding.gathered(n).to(dtype) for n in torch._foreach_norm(grads)])
+    norms = [sharding.gathered(n).to(carried["mean_sq"].dtype) for n in torch._foreach_norm(grads)]
+    mean_sq = torch.stack(torch._foreach_div(torch._foreach_mul(norms, norms), [float(g.numel()) for g in grads]))
     steps = torch.stack([st["step"] for st in states]) + 1
-    new = peak_rms_carry(carried, norms.square() / numels.to(norms.device), steps, group["beta2"])
+    new = peak_rms_carry(carried, mean_sq, steps, group["beta2"])
     for key, value in new.items():
         torch._foreach_copy_([st[key] for st in states], list(value.unbind()))
     return group["eps"] + group["relative_eps"] * new["peak_rms"]
