@@ -234,7 +234,7 @@ class OptimizerSpec:
 
 def parse_optimizer(text: str, flag: str = "--optimizer", check: bool = True) -> OptimizerSpec:
     """``NAME_OR_FOLDER[:key=value,...]``; values are JSON (``hidden=0``, ``preconditioner=adam``). Errors name
-    ``flag``.  ``check``: also build it once (``_check_options``), as the commands do before any run; a run unit
+    ``flag``.  ``check``: also build it once (``check_options``), as the commands do before any run; a run unit
     re-reads a spec its command already checked and passes False."""
     import deepopt
     from deepopt.pretrained import names, resolve
@@ -261,15 +261,16 @@ def parse_optimizer(text: str, flag: str = "--optimizer", check: bool = True) ->
         raise UsageError(f"{flag} {name!r} is not a shipped learned optimizer {names()}, a folder "
                          f"holding one, or an optimizer {sorted(deepopt.OPTIMIZERS)}")
     if check:
-        _check_options(spec, flag)
+        check_options(spec, flag)
     return spec
 
 
-def _check_options(spec: OptimizerSpec, flag: str) -> None:
+def check_options(spec: OptimizerSpec, flag: str) -> str:
     """Build the optimizer of ``spec`` once on a stand-in model, so that a bad option (an unknown name, a value of
-    the wrong type or out of range) is a one-line error naming ``flag`` before any run starts."""
+    the wrong type or out of range) is a one-line error naming ``flag`` before any run starts; returns
+    ``resolved_options``' text of what it built."""
     try:
-        resolved_options(spec)
+        return resolved_options(spec)
     except (TypeError, ValueError) as err:
         raise UsageError(f"{flag} {spec.text!r}: {err}") from None
 

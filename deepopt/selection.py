@@ -34,13 +34,13 @@ from deepopt.evaluate import (
     _key,
     _tuned,
     add_run_options,
+    check_options,
     execute,
     execute_tuned,
     mean_log_ratio,
     parse_lrs,
     parse_optimizer,
     plan,
-    resolved_options,
 )
 from deepopt.runs import JsonLines, UsageError, add_out_option, check_at_least, prepare_out, wrote
 
@@ -100,10 +100,10 @@ def run(args: argparse.Namespace) -> int:
     lrs = parse_lrs(args.lrs, args.smoke)
     if len(set(args.candidates)) != len(args.candidates):
         raise UsageError(f"CANDIDATE: each at most once, got {args.candidates}")
-    specs = [parse_optimizer(c, flag="CANDIDATE") for c in args.candidates]
+    specs = [parse_optimizer(c, flag="CANDIDATE", check=False) for c in args.candidates]
     built: dict[str, str] = {}
     for spec in specs:  # one optimizer under two spellings (``dmgd-dog`` and ``dmgd-dog:seed=0``) is one candidate
-        same = built.setdefault(resolved_options(spec), spec.text)
+        same = built.setdefault(check_options(spec, "CANDIDATE"), spec.text)
         if same != spec.text:
             raise UsageError(f"CANDIDATE {spec.text!r} builds the same optimizer as {same!r}: give each once")
     seeds = list(range(args.seeds or (1 if args.smoke else 3)))

@@ -138,9 +138,9 @@ def foreach_relative_eps(group: dict[str, Any], states: list[dict[str, Tensor]],
     ``_foreach_norm`` over the gradients and a few ops on the stacked scalars, whatever the number of tensors."""
     if is_zero(group.get("relative_eps", 0.0)):
         return None
-    for st, g in zip(states, grads):
-        for key, zero in peak_rms_init(g).items():
-            st.setdefault(key, zero)
+    for st, g in zip(states, grads):  # a group given κ after its state was made
+        if "peak_rms" not in st:
+            st.update(peak_rms_init(g))
     carried = {k: torch.stack([st[k] for st in states]) for k in ("peak_rms", "mean_sq")}
     norms = [sharding.gathered(n).to(carried["mean_sq"].dtype) for n in torch._foreach_norm(grads)]
     mean_sq = torch.stack(torch._foreach_div(torch._foreach_mul(norms, norms), [float(g.numel()) for g in grads]))

@@ -117,7 +117,7 @@ def precondition(grad: Tensor, state: State, hp: Hparams) -> tuple[Tensor, State
     extra: State = {}
     eps = hp["eps"]
     if not is_zero(hp.get("relative_eps", 0.0)):
-        carried = {k: state[k] if k in state else v for k, v in peak_rms_init(grad).items()}
+        carried = state if "peak_rms" in state else peak_rms_init(grad)  # a group given κ after its state was made
         grad_mean_sq = sharding.gathered(grad.detach().to(carried["mean_sq"].dtype).square().mean())
         extra = peak_rms_carry(carried, grad_mean_sq, step, beta2)
         floor = hp["relative_eps"] * extra["peak_rms"]
