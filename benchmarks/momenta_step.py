@@ -81,6 +81,15 @@ def check_route(opt: torch.optim.Optimizer, device: str) -> None:
         raise SystemExit(f"the shipped optimizer did not take the fused kernel on {device} (no C compiler/Triton?)")
 
 
+def kernel_team(opt: torch.optim.Optimizer, device: str) -> str:
+    """On the CPU, the threads the shipped optimizer's kernel runs on (``deep_cpu.team_kind``)."""
+    if device.startswith("cuda"):
+        return ""
+    group = opt.param_groups[0]
+    lib = deep_cpu._momenta_library(group["hidden"], len(group["timescales"]), group["activation"], True)
+    return f" (kernel: {deep_cpu.team_kind(lib)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--param-sets", nargs="+", default=["transformer-12M"], choices=list(PARAM_SETS))
@@ -117,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         med = {k: statistics.median(v) for k, v in times.items()}
         ref = med[REFERENCE]
         print(f"{name} ({sum(b.numel() for b in base) / 1e6:.1f}M parameters, {len(base)} tensors) on {args.device}, "
-              f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin steps:")
+              f"{torch.get_num_threads()} threads{kernel_team(runs[SHIPPED], args.device)}, median of {args.repeats} "
+              "round-robin steps:")
         for k, v in med.items():
             print(f"  {k:<26} {1e3 * v:9.2f} ms   {v / ref:5.2f}x {REFERENCE}")
     return 0

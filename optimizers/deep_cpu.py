@@ -12,16 +12,20 @@ tensor)::
 with ``act(z)`` = σ(z) − ½ for tanh (``pre`` = 2: σ(2z) − ½ = tanh(z)/2, the ½ cancels in Φ/r), max(z, 0) for
 relu (``pre`` = 1), z for identity.  Each block is one ``KD``-wide vector, the three ``KD × H`` products run in
 registers, and a pass reads each tensor once, which torch ops cannot do (``docs/notes/deep-momentum-speed.md``).
-Threads (pthreads, ``torch.get_num_threads()``) split every large tensor's blocks and meet at a barrier after
-each reduction; small tensors are left to one thread.  Sums of squares and C are accumulated in double.
+``torch.get_num_threads()`` threads split every large tensor's blocks and meet at a barrier after each
+reduction; small tensors are left to one thread.  The threads are torch's own OpenMP pool where the process has
+loaded GNU OpenMP (torch's Linux wheels; the kernel is linked against that very file), else pthreads of its own
+(also with ``DEEPOPT_CPU_KERNEL_OPENMP=0``): a second team competes for the cores with torch's workers, which spin
+for a while after each op, and ran slower with 2 threads than with one after a backward pass.  Sums of squares and
+C are accumulated in double.
 
 The C source below is compiled on first use with the system's C compiler (``$CC``, else ``cc``; ``-O3
 -march=native``, then ``$DEEPOPT_CPU_KERNEL_FLAGS`` split on spaces, e.g. ``-mno-avx512f``) into
-``$DEEPOPT_CACHE/kernels`` (default ``~/.cache/deepopt/kernels``), once per source, flags, block shape and CPU,
-and loaded with ``ctypes``.  The exponentials, square roots and reciprocals use AVX-512 where the CPU has it
-(vectors of 16 coordinates in the momenta layout), else AVX2 + FMA (8), else plain vector code.  Without a
-compiler, or with ``DEEPOPT_CPU_KERNELS=0``, ``available`` is False and ``DeepMomentum`` takes its torch loop, the
-same rule.
+``$DEEPOPT_CACHE/kernels`` (default ``~/.cache/deepopt/kernels``), once per source, flags, block shape, CPU and
+OpenMP runtime, and loaded with ``ctypes``.  The exponentials, square roots and reciprocals use AVX-512 where
+the CPU has it (vectors of 16 coordinates in the momenta layout), else AVX2 + FMA (8), else plain vector code.
+Without a compiler, or with ``DEEPOPT_CPU_KERNELS=0``, ``available`` is False and ``DeepMomentum`` takes its
+torch loop, the same rule.
 """
 
 from __future__ import annotations
@@ -61,7 +65,29 @@ SOURCE = r"""
 #define FLUSH 256           /* blocks summed in float before a flush into the double accumulators */
 
 typedef struct { pthread_mutex_t mu; pthread_cond_t cv; int count, total, generation; } barrier_t;
+typedef struct { void *c; int tid; } team_arg_t;
 
+#ifdef _OPENMP
+/* The team is the OpenMP runtime's that torch runs its own ops on (linked against the very library the process
+   has loaded): its workers, still spinning after the backward's last op, take the work at once, where threads of
+   our own would compete with them for the cores.  The team's size is published before any thread reads it. */
+#include <omp.h>
+#define TEAM_BARRIER(b) { _Pragma("omp barrier") }
+int team_is_openmp(void) { return 1; }
+static void team_start(barrier_t *b, const int *go) { (void)b; (void)go; }
+static int run_team(void *(*fn)(void *), void *c, barrier_t *bar, int *go, int *team_nt, int nt) {
+    (void)bar;
+    int size = 1;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp single
+        { *team_nt = size = omp_get_num_threads(); *go = 1; }
+        team_arg_t arg = {c, omp_get_thread_num()};
+        fn(&arg);
+    }
+    return size;
+}
+#else
 static void barrier_wait(barrier_t *b) {
     pthread_mutex_lock(&b->mu);
     int gen = b->generation;
@@ -69,8 +95,15 @@ static void barrier_wait(barrier_t *b) {
     else while (gen == b->generation) pthread_cond_wait(&b->cv, &b->mu);
     pthread_mutex_unlock(&b->mu);
 }
+#define TEAM_BARRIER(b) barrier_wait(b)
+int team_is_openmp(void) { return 0; }
 
-typedef struct { void *c; int tid; } team_arg_t;
+/* a started thread waits here until the team's size is final */
+static void team_start(barrier_t *b, const int *go) {
+    pthread_mutex_lock(&b->mu);
+    while (!*go) pthread_cond_wait(&b->cv, &b->mu);
+    pthread_mutex_unlock(&b->mu);
+}
 
 /* Runs fn(&{c, tid}) on a team of up to nt threads (this one is tid 0; a thread that cannot start leaves the work
    to fewer): the team's size is published to *team_nt and the barrier before *go opens; returns that size. */
@@ -98,6 +131,7 @@ static int run_team(void *(*fn)(void *), void *c, barrier_t *bar, int *go, int *
     pthread_cond_destroy(&bar->cv);
     return started + 1;
 }
+#endif
 
 typedef struct {
     int T, nt, act;
@@ -214,9 +248,7 @@ static void *worker(void *argp) {
     team_arg_t *a = (team_arg_t *)argp;
     ctx_t *c = (ctx_t *)a->c;
     const int tid = a->tid;
-    pthread_mutex_lock(&c->bar.mu);
-    while (!c->go) pthread_cond_wait(&c->bar.cv, &c->bar.mu);
-    pthread_mutex_unlock(&c->bar.mu);
+    team_start(&c->bar, &c->go);
     vh w2t[KD], acc[KD];
     vk w1t[H];
     double cacc[KD * H];
@@ -244,7 +276,7 @@ static void *worker(void *argp) {
         if (b1 > full)
             for (int64_t i = full * KD; i < n; i++) { sq += (double)g[i] * g[i]; m[i] = alpha * m[i] + g[i]; }
         c->sq_g[tid] = sq;
-        if (team > 1) barrier_wait(&c->bar);
+        if (team > 1) TEAM_BARRIER(&c->bar);
         double sqk = 0.0;
         for (int j = 0; j < team; j++) sqk += c->sq_g[j];
         const double s_k = safe_rms(sqk, nb);
@@ -272,7 +304,7 @@ static void *worker(void *argp) {
         }
         c->sq_phi[tid] = sqp;
         memcpy(c->corr + (int64_t)tid * KD * H, cacc, sizeof cacc);
-        if (team > 1) barrier_wait(&c->bar);
+        if (team > 1) TEAM_BARRIER(&c->bar);
         double sqf = 0.0;
         for (int j = 0; j < team; j++) sqf += c->sq_phi[j];
         const double r = safe_rms(sqf, nb);
@@ -286,7 +318,7 @@ static void *worker(void *argp) {
         }
         const float rs = (float)(s_k / r);
         for (int i = 0; i < KD; i++) for (int j = 0; j < H; j++) w1t[j][i] = w1new[i * H + j] * rs;
-        if (team > 1) barrier_wait(&c->bar);   /* every thread has read the old W1 */
+        if (team > 1) TEAM_BARRIER(&c->bar);   /* every thread has read the old W1 */
         if (tid == 0) memcpy(w1, w1new, sizeof w1new);
         /* 3. W <- W - lr (m + phi (W1 s_k/r)^T) */
         const float lr = c->lr_ptr ? *c->lr_ptr : c->lr;
@@ -298,7 +330,7 @@ static void *worker(void *argp) {
             if (b < full) store_k(p + b * KD, load_k(p + b * KD) - lr * (load_k(m + b * KD) + u));
             else for (int i = 0; b * KD + i < n; i++) p[b * KD + i] -= lr * (m[b * KD + i] + u[i]);
         }
-        if (team > 1) barrier_wait(&c->bar);   /* phi and the per-thread slots are reused by the next tensor */
+        if (team > 1) TEAM_BARRIER(&c->bar);   /* phi and the per-thread slots are reused by the next tensor */
     }
     return 0;
 }
@@ -442,9 +474,7 @@ static void *momenta_worker(void *argp) {
     team_arg_t *a = (team_arg_t *)argp;
     mctx_t *c = (mctx_t *)a->c;
     const int tid = a->tid;
-    pthread_mutex_lock(&c->bar.mu);
-    while (!c->go) pthread_cond_wait(&c->bar.cv, &c->bar.mu);
-    pthread_mutex_unlock(&c->bar.mu);
+    team_start(&c->bar, &c->go);
     for (int t = 0; t < c->T; t++) {
         const int64_t n = c->n[t], nv = n / VL;
         const int team = n < SMALL ? 1 : c->nt;
@@ -488,7 +518,7 @@ static void *momenta_worker(void *argp) {
                 }
             }
         }
-        if (team > 1) barrier_wait(&c->bar);   /* every thread's C is in; the W1 reads of this tensor are done */
+        if (team > 1) TEAM_BARRIER(&c->bar);   /* every thread's C is in; the W1 reads of this tensor are done */
         if (tid == 0) {   /* W1 <- alpha W1 + (1 - alpha) W1_0 + eta C/n */
             double *slots = c->corr + (int64_t)(t & 1) * c->nt * (H + 2);
 #if DOG
@@ -537,30 +567,67 @@ def _cpu_signature() -> str:
     return text
 
 
+@cache
+def _openmp_runtime() -> Path | None:
+    """The GNU OpenMP runtime (``libgomp``) this process has loaded, torch's own pool on Linux, or None (read from
+    ``/proc/self/maps``; ``DEEPOPT_CPU_KERNEL_OPENMP=0`` says None)."""
+    if os.environ.get("DEEPOPT_CPU_KERNEL_OPENMP", "1") == "0":
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libgomp" in line}
+    except OSError:
+        return None
+    return Path(sorted(paths)[0]) if len(paths) == 1 else None
+
+
+def _compile(compiler: str, flags: list[str], out: Path, runtime: Path | None) -> None:
+    """``SOURCE`` into the shared library ``out``; with ``runtime``, an OpenMP build linked against that very file
+    (not the compiler's own ``-lgomp``, which could load a second runtime beside torch's)."""
+    src = out.with_name("deep_momentum.c")
+    src.write_text(SOURCE)
+    run = dict(check=True, capture_output=True, timeout=120)
+    if runtime is None:
+        subprocess.run([compiler, *flags, str(src), "-o", str(out), "-lm"], **run)
+        return
+    obj = out.with_suffix(".o")
+    subprocess.run([compiler, *flags, "-fopenmp", "-c", str(src), "-o", str(obj)], **run)
+    subprocess.run([compiler, *flags, str(obj), "-o", str(out), str(runtime), f"-Wl,-rpath,{runtime.parent}", "-lm"],
+                   **run)
+
+
 def _build(name: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | None:
     """``SOURCE`` compiled with ``-D`` these into ``deep_momentum_{name}_{digest}.so``, built once per source,
-    defines and CPU (the file is the cache); None without a compiler or when the build fails."""
+    defines, CPU and OpenMP runtime (the file is the cache): its threads are torch's OpenMP pool where the process
+    has one (``_openmp_runtime``), else its own pthreads (also where the OpenMP build fails); None without a
+    compiler or when the build fails."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         log.info("deepopt: no C compiler found; DeepMomentum uses its torch CPU loop")
         return None
     flags = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11", *(f"-D{k}={v}" for k, v in defines),
              *os.environ.get("DEEPOPT_CPU_KERNEL_FLAGS", "").split()]
-    digest = hashlib.sha256("\n".join([SOURCE, compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"deep_momentum_{name}_{digest}.so"
-    try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                src, out = Path(tmp) / "deep_momentum.c", Path(tmp) / "lib.so"
-                src.write_text(SOURCE)
-                subprocess.run([compiler, *flags, str(src), "-o", str(out), "-lm"], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(out, path)  # atomic: concurrent builds (test workers) leave one whole file
-        return ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        log.info("deepopt: could not build the DeepMomentum CPU kernel (%s); using the torch CPU loop", e)
-        return None
+    error: Exception | None = None
+    for runtime in dict.fromkeys((_openmp_runtime(), None)):
+        digest = hashlib.sha256("\n".join([SOURCE, compiler, *flags, _cpu_signature(), str(runtime)]).encode())
+        path = _cache_dir() / f"deep_momentum_{name}_{digest.hexdigest()[:16]}.so"
+        try:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                    out = Path(tmp) / "lib.so"
+                    _compile(compiler, flags, out, runtime)
+                    os.replace(out, path)  # atomic: concurrent builds (test workers) leave one whole file
+            return ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError) as e:
+            error = e
+    log.info("deepopt: could not build the DeepMomentum CPU kernel (%s); using the torch CPU loop", error)
+    return None
+
+
+def team_kind(lib: ctypes.CDLL) -> str:
+    """The threads a built kernel runs on: ``"openmp"`` (the process's GNU OpenMP pool, torch's) or ``"pthreads"``."""
+    return "openmp" if lib.team_is_openmp() else "pthreads"
 
 
 _PTRS = ctypes.POINTER(ctypes.c_void_p)

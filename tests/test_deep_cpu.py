@@ -70,13 +70,47 @@ def test_kernel_follows_the_rule_on_each_instruction_set(isa_flags, kernel_calls
         deep_cpu._library.cache_clear()
 
 
+def clear_libraries() -> None:
+    for cached in (deep_cpu._openmp_runtime, deep_cpu._library, deep_cpu._momenta_library):
+        cached.cache_clear()
+
+
+@pytest.fixture(params=["openmp", "pthreads"])
+def team(request, monkeypatch):
+    """The kernels built on each kind of thread team: torch's OpenMP pool (where the process has GNU OpenMP
+    loaded) and threads of their own (``DEEPOPT_CPU_KERNEL_OPENMP=0``)."""
+    if request.param == "pthreads":
+        monkeypatch.setenv("DEEPOPT_CPU_KERNEL_OPENMP", "0")
+    clear_libraries()
+    if request.param == "openmp" and deep_cpu._openmp_runtime() is None:
+        pytest.skip("no GNU OpenMP runtime in this process")
+    yield request.param
+    monkeypatch.delenv("DEEPOPT_CPU_KERNEL_OPENMP", raising=False)
+    clear_libraries()
+
+
 @needs_kernel
-def test_threads_split_the_work_and_agree(kernel_calls):
+def test_threads_split_the_work_and_agree(kernel_calls, team):
+    assert deep_cpu.team_kind(deep_cpu._library(16, 16)) == team
     one, _ = trajectory(threads=1)
     three, _ = trajectory(threads=3)
     assert len(kernel_calls) == 40
     for a, b in zip(one, three):
         assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+
+@needs_kernel
+def test_the_threads_are_torchs_openmp_pool():
+    """Where torch runs its ops on GNU OpenMP (its Linux wheels), the kernels run on that same pool, linked
+    against the very library torch loaded: no second runtime in the process, no second team on the cores."""
+    if not platform.system() == "Linux" or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's threads are not GNU OpenMP here")
+    runtime = deep_cpu._openmp_runtime()
+    assert runtime is not None and runtime.exists()
+    libs = deep_cpu._library(16, 16), deep_cpu._momenta_library(8, 2, "tanh", True)
+    assert [deep_cpu.team_kind(lib) for lib in libs] == ["openmp", "openmp"]
+    with open("/proc/self/maps") as f:
+        assert {line.split()[-1] for line in f if "/libgomp" in line} == {str(runtime)}
 
 
 @needs_kernel
