@@ -9,9 +9,10 @@ tensor)::
     2. Φ = act(G W₂ᵀ·pre/s_k)  (kept),  ‖Φ‖²,  C = GᵀΦ;   W₁ ← α W₁ + η C/(s_k r nb)   (in place)
     3. W ← W − lr·(m + Φ (W₁ s_k/r)ᵀ)
 
-with ``act(z)`` = σ(z) − ½ for tanh (``pre`` = 2: σ(2z) − ½ = tanh(z)/2, the ½ cancels in Φ/r), max(z, 0) for
-relu (``pre`` = 1), z for identity.  Each block is one ``KD``-wide vector, the three ``KD × H`` products run in
-registers, and a pass reads each tensor once, which torch ops cannot do (``docs/notes/deep-momentum-speed.md``).
+with ``act(z)`` = 1/(1 + 2⁻ᶻ) − ½ for tanh (``pre`` = 2 log₂e: σ(2z) − ½ = tanh(z)/2, the ½ cancels in Φ/r),
+max(z, 0) for relu (``pre`` = 1), z for identity.  Each block is one ``KD``-wide vector, the three ``KD × H``
+products run in registers, and a pass reads each tensor once, which torch ops cannot do
+(``docs/notes/deep-momentum-speed.md``).
 ``torch.get_num_threads()`` threads split every large tensor's blocks and meet at a barrier after each
 reduction; small tensors are left to one thread.  The threads are torch's own OpenMP pool where the process has
 loaded GNU OpenMP (torch's Linux wheels; the kernel is linked against that very file), else pthreads of its own
@@ -33,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -47,7 +49,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2}  # the C code's act codes; tanh as σ(2z) − ½
-PRE = {"identity": 1.0, "relu": 1.0, "tanh": 2.0}
+PRE = {"identity": 1.0, "relu": 1.0, "tanh": 2.0 / math.log(2.0)}  # tanh: 2z in the base-2 exponential's units
 WIDTHS = (2, 4, 8, 16, 32, 64)  # the KD and H the kernel takes: whole vectors, powers of two
 
 SOURCE = r"""
@@ -143,72 +145,69 @@ typedef struct {
     int go;                          /* the start gate: nt is final once it is set */
 } ctx_t;
 
-/* e^x, x clamped to [-87, 88]: x = k ln2 + r (ln2 in two parts), e^r by a degree-6 polynomial (relative error
-   ~2e-7); the constants of every version below */
-#define EXP_LOG2E 1.44269504088896341f
-#define EXP_LN2_HI 0.693145751953125f
-#define EXP_LN2_LO 1.428606765330187045e-06f
-#define EXP_C3 0.16666667163372040f
-#define EXP_C4 0.041666667908430099f
-#define EXP_C5 0.0083333337679505348f
-#define EXP_C6 0.0013888889225199819f
+/* S 2^x: x = k + r with k = round(x) and |r| <= 1/2 (exact), 2^r by the degree-5 polynomial of least relative
+   error on [-1/2, 1/2] (~9e-8); S (a constant) scales its coefficients, free.  The callers fold log2 e into
+   their weights (x = z log2 e), so e^z costs no multiplication.  AVX-512 takes r and k apart in one instruction
+   each and scales by 2^k with scalef, which is exact for any k (0 and inf past the range, inf in gives inf or 0);
+   the other versions build 2^k in the exponent bits, x clamped to [-126, 127] first */
+#define EXP2_C1 0.69314697759847210f
+#define EXP2_C2 0.24022242084919213f
+#define EXP2_C3 0.055507337442444925f
+#define EXP2_C4 0.0096715126605633780f
+#define EXP2_C5 0.0013264726899081252f
 
-/* e^x for any vector type V of floats with I its int32 twin */
-#define EXP_PORTABLE(V, I, x) do { \
-    const V lo_ = (V){0} - 87.0f, hi_ = (V){0} + 88.0f; \
+/* S 2^x for any vector type V of floats with I its int32 twin */
+#define EXP2_PORTABLE(V, I, x, S) do { \
+    const V lo_ = (V){0} - 126.0f, hi_ = (V){0} + 127.0f; \
     x = (V)((((I)(x < lo_)) & (I)lo_) | (~((I)(x < lo_)) & (I)x)); \
     x = (V)((((I)(x > hi_)) & (I)hi_) | (~((I)(x > hi_)) & (I)x)); \
-    V k_ = (x * EXP_LOG2E + 12582912.0f) - 12582912.0f;   /* round to nearest */ \
-    V r_ = x - k_ * EXP_LN2_HI - k_ * EXP_LN2_LO; \
-    V q_ = 1.0f + r_ * (1.0f + r_ * (0.5f + r_ * (EXP_C3 + r_ * (EXP_C4 + r_ * (EXP_C5 + r_ * EXP_C6))))); \
+    V k_ = (x + 12582912.0f) - 12582912.0f;   /* round to nearest */ \
+    V r_ = x - k_; \
+    V q_ = (S) + r_ * ((S) * EXP2_C1 + r_ * ((S) * EXP2_C2 + r_ * ((S) * EXP2_C3 + r_ * ((S) * EXP2_C4 \
+                                                                              + r_ * ((S) * EXP2_C5))))); \
     I e_ = (__builtin_convertvector(k_, I) + 127) << 23; \
     x = q_ * (V)e_; \
 } while (0)
 
-/* The clamp, reduction and polynomial in the intrinsics of one family P (_mm512, _mm256), ROUND(y) rounding to
-   nearest: sets k = round(v log2 e) and q = e^r, so that e^v = q 2^k.  min/max return their second operand when
-   one is NaN: a NaN stays NaN, as in the rule */
-#define EXP_SIMD(P, ROUND, v, k, r, q) do { \
-    v = P##_min_ps(P##_set1_ps(88.0f), P##_max_ps(P##_set1_ps(-87.0f), v)); \
-    k = ROUND(P##_mul_ps(v, P##_set1_ps(EXP_LOG2E))); \
-    r = P##_fnmadd_ps(k, P##_set1_ps(EXP_LN2_LO), P##_fnmadd_ps(k, P##_set1_ps(EXP_LN2_HI), v)); \
-    q = P##_fmadd_ps(r, P##_set1_ps(EXP_C6), P##_set1_ps(EXP_C5)); \
-    q = P##_fmadd_ps(r, q, P##_set1_ps(EXP_C4)); \
-    q = P##_fmadd_ps(r, q, P##_set1_ps(EXP_C3)); \
-    q = P##_fmadd_ps(r, q, P##_set1_ps(0.5f)); \
-    q = P##_fmadd_ps(r, q, P##_set1_ps(1.0f)); \
-    q = P##_fmadd_ps(r, q, P##_set1_ps(1.0f)); \
+/* q = S 2^r in the intrinsics of one family P (_mm512, _mm256) */
+#define EXP2_POLY(P, r, q, S) do { \
+    q = P##_fmadd_ps(r, P##_set1_ps((S) * EXP2_C5), P##_set1_ps((S) * EXP2_C4)); \
+    q = P##_fmadd_ps(r, q, P##_set1_ps((S) * EXP2_C3)); \
+    q = P##_fmadd_ps(r, q, P##_set1_ps((S) * EXP2_C2)); \
+    q = P##_fmadd_ps(r, q, P##_set1_ps((S) * EXP2_C1)); \
+    q = P##_fmadd_ps(r, q, P##_set1_ps(S)); \
 } while (0)
 
 #if defined(__AVX512F__)
-#define ROUND512(y) _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-/* e^x with AVX-512: q 2^k by scalef */
-static inline __m512 exp512(__m512 v) {
-    __m512 k, r, q;
-    EXP_SIMD(_mm512, ROUND512, v, k, r, q);
+/* S 2^x with AVX-512: k = roundscale, r = reduce (0 for an infinite x), q 2^k by scalef; a NaN stays NaN */
+static inline __attribute__((always_inline)) __m512 exp2_512(__m512 v, const float S) {
+    __m512 k = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), q;
+    __m512 r = _mm512_reduce_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    EXP2_POLY(_mm512, r, q, S);
     return _mm512_scalef_ps(q, k);
 }
-#define EXP_FAST(V, I, x) do { \
-    if (sizeof(V) == 64) { __m512 v_; memcpy(&v_, &x, 64); v_ = exp512(v_); memcpy(&x, &v_, 64); } \
-    else EXP_PORTABLE(V, I, x); \
+#define EXP2_FAST(V, I, x, S) do { \
+    if (sizeof(V) == 64) { __m512 v_; memcpy(&v_, &x, 64); v_ = exp2_512(v_, S); memcpy(&x, &v_, 64); } \
+    else EXP2_PORTABLE(V, I, x, S); \
 } while (0)
 #elif defined(__AVX2__) && defined(__FMA__)
-#define ROUND256(y) _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-/* e^x with AVX2 + FMA: 2^k built in the exponent bits */
-static inline __m256 exp256(__m256 v) {
-    __m256 k, r, q;
-    EXP_SIMD(_mm256, ROUND256, v, k, r, q);
+/* S 2^x with AVX2 + FMA: x clamped (min/max return their second operand when one is NaN: a NaN stays NaN), 2^k
+   built in the exponent bits */
+static inline __attribute__((always_inline)) __m256 exp2_256(__m256 v, const float S) {
+    v = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), v));
+    __m256 k = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), q, r = _mm256_sub_ps(v, k);
+    EXP2_POLY(_mm256, r, q, S);
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(q, _mm256_castsi256_ps(e));
 }
-#define EXP_FAST(V, I, x) do { \
+#define EXP2_FAST(V, I, x, S) do { \
     if (sizeof(V) % 32 == 0) \
         for (int o_ = 0; o_ < (int)sizeof(V); o_ += 32) { \
-            __m256 v_; memcpy(&v_, (char *)&x + o_, 32); v_ = exp256(v_); memcpy((char *)&x + o_, &v_, 32); } \
-    else EXP_PORTABLE(V, I, x); \
+            __m256 v_; memcpy(&v_, (char *)&x + o_, 32); v_ = exp2_256(v_, S); memcpy((char *)&x + o_, &v_, 32); } \
+    else EXP2_PORTABLE(V, I, x, S); \
 } while (0)
 #else
-#define EXP_FAST(V, I, x) EXP_PORTABLE(V, I, x)
+#define EXP2_FAST(V, I, x, S) EXP2_PORTABLE(V, I, x, S)
 #endif
 
 #ifdef KD  /* the blocks layout: KD coordinates a key */
@@ -223,13 +222,13 @@ static inline void store_k(float *x, vk v) { memcpy(x, &v, sizeof v); }
 static inline void store_h(float *x, vh v) { memcpy(x, &v, sizeof v); }
 static inline vh select_h(vhi mask, vh a, vh b) { return (vh)(((vhi)a & mask) | ((vhi)b & ~mask)); }
 
-static inline vh exp_h(vh x) {
-    EXP_FAST(vh, vhi, x);
+static inline vh exp2_h(vh x) {
+    EXP2_FAST(vh, vhi, x, 1.0f);
     return x;
 }
 
 static inline vh activate(vh z, int act) {
-    if (act == 2) return 1.0f / (1.0f + exp_h(-z)) - 0.5f;
+    if (act == 2) return 1.0f / (1.0f + exp2_h(-z)) - 0.5f;
     if (act == 1) return select_h(z > 0.0f, z, (vh){0});
     return z;
 }
@@ -356,12 +355,15 @@ int deep_momentum_step(int T, float **p, const float **g, float **m, float **w1,
 #else
 #define VL 8    /* one ymm register (AVX2): 16 wide would spill acc[H] out of the 16 registers */
 #endif
+/* Coordinates ahead of the block that a block asks the memory for, in each of its 5 + J streams (1 KB): the
+   hardware's prefetchers alone leave the compute-bound pass waiting on memory (a transformer-12M step 44 -> 37 ms,
+   1M-10 4.8 -> 2.8 ms, one thread, AVX-512 Xeon); past a tensor's end it asks for nothing that faults */
+#define AHEAD 256
 typedef float vc __attribute__((vector_size(4 * VL)));
 typedef int32_t vci __attribute__((vector_size(4 * VL)));
 static inline vc load_c(const float *x) { vc v; memcpy(&v, x, sizeof v); return v; }
 static inline void store_c(float *x, vc v) { memcpy(x, &v, sizeof v); }
-/* sqrt and 1/x over a vector: AVX-512's instructions (1/x: rcp14 and a Newton step, relative error ~1e-7), else
-   per lane */
+/* sqrt over a vector: AVX-512's or AVX's instruction, else per lane */
 static inline vc sqrt_c(vc x) {
 #if defined(__AVX512F__)
     for (int half = 0; half < VL / 16; half++) {
@@ -382,27 +384,28 @@ static inline vc sqrt_c(vc x) {
 #endif
     return x;
 }
-static inline vc recip_c(vc x) {
+/* ~1/x: AVX-512's rcp14 (14 bits), AVX2's rcp (12 bits), else 1/x per lane; one Newton step r(2 - x r) then has a
+   relative error ~1e-7 */
+static inline vc rcp_c(vc x) {
 #if defined(__AVX512F__)
     for (int half = 0; half < VL / 16; half++) {
-        __m512 v, r; memcpy(&v, (float *)&x + 16 * half, 64);
-        r = _mm512_rcp14_ps(v);
-        r = _mm512_mul_ps(r, _mm512_fnmadd_ps(v, r, _mm512_set1_ps(2.0f)));
-        memcpy((float *)&x + 16 * half, &r, 64);
+        __m512 v; memcpy(&v, (float *)&x + 16 * half, 64);
+        v = _mm512_rcp14_ps(v);
+        memcpy((float *)&x + 16 * half, &v, 64);
     }
     return x;
-#elif defined(__AVX2__) && defined(__FMA__)
-    for (int half = 0; half < VL / 8; half++) {   /* rcp (12 bits) and a Newton step */
-        __m256 v, r; memcpy(&v, (float *)&x + 8 * half, 32);
-        r = _mm256_rcp_ps(v);
-        r = _mm256_mul_ps(r, _mm256_fnmadd_ps(v, r, _mm256_set1_ps(2.0f)));
-        memcpy((float *)&x + 8 * half, &r, 32);
+#elif defined(__AVX__)
+    for (int half = 0; half < VL / 8; half++) {
+        __m256 v; memcpy(&v, (float *)&x + 8 * half, 32);
+        v = _mm256_rcp_ps(v);
+        memcpy((float *)&x + 8 * half, &v, 32);
     }
     return x;
 #else
     return 1.0f / x;
 #endif
 }
+static inline vc recip_c(vc x) { vc r = rcp_c(x); return r * (2.0f - x * r); }
 
 typedef struct {
     int T, nt;
@@ -418,16 +421,18 @@ typedef struct {
 /* One tensor's scalars, copied out of the context so that the stores of a block cannot alias them */
 typedef struct { float lr, inv_bc2, alpha, beta2, eps, wd, gamma[MJ]; } mscal_t;
 
-/* The features Phi = act(a), a = W2 k, from z = W2S_SCALE a (-DMACT=..): tanh(a) = 2 sigma(2a) - 1 = 2/(1 + e^z) - 1
-   with z = -2a; softsign(a) = a/(1 + |a|) with z = a */
+/* The features Phi = act(a), a = W2 k, from z = W2S_SCALE a (-DMACT=..).  tanh(a) = 2/(1 + e^-2a) - 1 with
+   z = -2a log2 e: d = (1 + 2^z)/2 (the half folded into the exponential's coefficients), s ~ 1/d (rcp), and one
+   Newton step folded into the read-out, Phi = s(2 - d s) - 1.  softsign(a) = a/(1 + |a|) with z = a */
 #if MACT == 1
 #define W2S_SCALE 1.0f
 static inline vc features_c(vc z) { return z * recip_c(1.0f + (vc)((vci)z & 0x7fffffff)); }
 #else
-#define W2S_SCALE -2.0f
+#define W2S_SCALE -2.8853900817779268f
 static inline vc features_c(vc z) {
-    EXP_FAST(vc, vci, z);
-    return 2.0f * recip_c(1.0f + z) - 1.0f;
+    EXP2_FAST(vc, vci, z, 0.5f);
+    vc d = 0.5f + z, s = rcp_c(d);
+    return s * (2.0f - d * s) - 1.0f;
 }
 #endif
 
@@ -437,6 +442,10 @@ static inline __attribute__((always_inline)) void momenta_block(const mscal_t k,
                                                                 float *m, float *v, float *e, const float *x0,
                                                                 int64_t n, int64_t i0, const float *w1,
                                                                 const float *w2s, vc acc[H], vc sq[2]) {
+    __builtin_prefetch(g + i0 + AHEAD); __builtin_prefetch(v + i0 + AHEAD); __builtin_prefetch(m + i0 + AHEAD);
+    __builtin_prefetch(p + i0 + AHEAD);
+    if (DOG) __builtin_prefetch(x0 + i0 + AHEAD);
+    for (int j = 0; j < MJ; j++) __builtin_prefetch(e + j * n + i0 + AHEAD);
     vc gv = load_c(g + i0), vv = k.beta2 * load_c(v + i0) + (1.0f - k.beta2) * gv * gv;
     store_c(v + i0, vv);
     vc pv = gv / (sqrt_c(vv * k.inv_bc2) + k.eps), mv = k.alpha * load_c(m + i0) + pv, key[2 + MJ];
