@@ -210,6 +210,12 @@ static inline __attribute__((always_inline)) __m256 exp2_256(__m256 v, const flo
 #define EXP2_FAST(V, I, x, S) EXP2_PORTABLE(V, I, x, S)
 #endif
 
+/* Coordinates ahead of the one being computed that a pass asks the memory for, in each of its streams (1 KB):
+   the hardware's prefetchers alone leave the compute-bound passes waiting on memory (the shipped momenta step on
+   transformer-12M 44 -> 37 ms, 1M-10 4.8 -> 2.8 ms, one thread, AVX-512 Xeon); past a tensor's end it asks for
+   nothing that faults */
+#define AHEAD 256
+
 #ifdef KD  /* the blocks layout: KD coordinates a key */
 /* Vectors of KD and H floats (both powers of two); GCC/Clang vector extensions, any instruction set. */
 typedef float vk __attribute__((vector_size(4 * KD)));
@@ -289,6 +295,7 @@ static void *worker(void *argp) {
             for (int i = 0; i < KD; i++) acc[i] = (vh){0};
             vh lanes = {0};
             for (int64_t b = bs; b < be; b++) {
+                __builtin_prefetch(g + b * KD + AHEAD);
                 vk gb = key_block(g, b, n);
                 vh z0 = {0}, z1 = {0};   /* two chains: the FMAs' latency overlaps */
                 for (int i = 0; i < KD; i += 2) { z0 += gb[i] * w2t[i]; z1 += gb[i + 1] * w2t[i + 1]; }
@@ -322,6 +329,8 @@ static void *worker(void *argp) {
         /* 3. W <- W - lr (m + phi (W1 s_k/r)^T) */
         const float lr = c->lr_ptr ? *c->lr_ptr : c->lr;
         for (int64_t b = b0; b < b1; b++) {
+            __builtin_prefetch(phi + b * H + AHEAD); __builtin_prefetch(p + b * KD + AHEAD);
+            __builtin_prefetch(m + b * KD + AHEAD);
             vh ph = load_h(phi + b * H);
             vk u0 = {0}, u1 = {0};
             for (int j = 0; j < H; j += 2) { u0 += ph[j] * w1t[j]; u1 += ph[j + 1] * w1t[j + 1]; }
@@ -355,10 +364,6 @@ int deep_momentum_step(int T, float **p, const float **g, float **m, float **w1,
 #else
 #define VL 8    /* one ymm register (AVX2): 16 wide would spill acc[H] out of the 16 registers */
 #endif
-/* Coordinates ahead of the block that a block asks the memory for, in each of its 5 + J streams (1 KB): the
-   hardware's prefetchers alone leave the compute-bound pass waiting on memory (a transformer-12M step 44 -> 37 ms,
-   1M-10 4.8 -> 2.8 ms, one thread, AVX-512 Xeon); past a tensor's end it asks for nothing that faults */
-#define AHEAD 256
 typedef float vc __attribute__((vector_size(4 * VL)));
 typedef int32_t vci __attribute__((vector_size(4 * VL)));
 static inline vc load_c(const float *x) { vc v; memcpy(&v, x, sizeof v); return v; }
