@@ -21,6 +21,8 @@ BAD_HPARAMS = [
     ("momentum", dict(nesterov=True, momentum=0.0), ValueError, "nesterov"),
     ("momentum", dict(nonlinearity="newton"), ValueError, "nonlinearity"),
     ("momentum", dict(lr="0.1"), TypeError, "lr"),
+    ("momentum", dict(relative_eps=3.0), ValueError, "relative_eps.*preconditioner='adam'"),
+    ("deep_momentum", dict(relative_eps=1.0, preconditioner="identity"), ValueError, "relative_eps"),
     ("delta_momentum", dict(beta=2.5, momentum=0.9), ValueError, "beta"),
     ("delta_momentum", dict(keys="cols"), ValueError, "keys"),
     ("delta_momentum", dict(preconditioner="shampoo"), ValueError, "preconditioner"),

@@ -47,6 +47,9 @@ def validate_shared(hp: Hparams) -> None:
     check_range("beta2", hp["beta2"], 0.0, 1.0, high_open=True)
     check_range("eps", hp["eps"], 0.0)
     check_range("relative_eps", hp["relative_eps"], 0.0)
+    if not is_zero(hp["relative_eps"]) and hp["preconditioner"] != "adam":
+        raise ValueError(f"relative_eps floors Adam's denominator: it needs preconditioner='adam', got "
+                         f"preconditioner={hp['preconditioner']!r}")
     check_choice("nonlinearity", hp["nonlinearity"], NONLINEARITIES)
     check_choice("ns_dtype", hp["ns_dtype"], NS_DTYPES)
 
