@@ -148,8 +148,8 @@ typedef struct {
 /* S 2^x: x = k + r with k = round(x) and |r| <= 1/2 (exact), 2^r by the degree-5 polynomial of least relative
    error on [-1/2, 1/2] (~9e-8); S (a constant) scales its coefficients, free.  The callers fold log2 e into
    their weights (x = z log2 e), so e^z costs no multiplication.  AVX-512 takes r and k apart in one instruction
-   each and scales by 2^k with scalef, which is exact for any k (0 and inf past the range, inf in gives inf or 0);
-   the other versions build 2^k in the exponent bits, x clamped to [-126, 127] first */
+   each and scales by 2^k with scalef; the other versions build 2^k in the exponent bits, x clamped to [-126, 127]
+   first */
 #define EXP2_C1 0.69314697759847210f
 #define EXP2_C2 0.24022242084919213f
 #define EXP2_C3 0.055507337442444925f
@@ -179,8 +179,11 @@ typedef struct {
 } while (0)
 
 #if defined(__AVX512F__)
-/* S 2^x with AVX-512: k = roundscale, r = reduce (0 for an infinite x), q 2^k by scalef; a NaN stays NaN */
+/* S 2^x with AVX-512: x capped at 126 (a finite result, so that 1/(1 + S 2^x) is a number; min returns its second
+   operand when one is NaN: a NaN stays NaN), k = roundscale, r = reduce (0 for x = -inf), q 2^k by scalef (exact
+   for any k: 0 past the low end) */
 static inline __attribute__((always_inline)) __m512 exp2_512(__m512 v, const float S) {
+    v = _mm512_min_ps(_mm512_set1_ps(126.0f), v);
     __m512 k = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), q;
     __m512 r = _mm512_reduce_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     EXP2_POLY(_mm512, r, q, S);
@@ -211,9 +214,8 @@ static inline __attribute__((always_inline)) __m256 exp2_256(__m256 v, const flo
 #endif
 
 /* Coordinates ahead of the one being computed that a pass asks the memory for, in each of its streams (1 KB):
-   the hardware's prefetchers alone leave the compute-bound passes waiting on memory (the shipped momenta step on
-   transformer-12M 44 -> 37 ms, 1M-10 4.8 -> 2.8 ms, one thread, AVX-512 Xeon); past a tensor's end it asks for
-   nothing that faults */
+   the hardware's prefetchers alone leave the compute-bound passes waiting on memory (docs/meta-training.md, "The
+   fused CPU step"); past a tensor's end it asks for nothing that faults */
 #define AHEAD 256
 
 #ifdef KD  /* the blocks layout: KD coordinates a key */
@@ -583,16 +585,21 @@ def _cpu_signature() -> str:
 
 @cache
 def _openmp_runtime() -> Path | None:
-    """The GNU OpenMP runtime (``libgomp``) this process has loaded, torch's own pool on Linux, or None (read from
-    ``/proc/self/maps``; ``DEEPOPT_CPU_KERNEL_OPENMP=0`` says None)."""
+    """The GNU OpenMP runtime (``libgomp``) torch runs its ops on, read from ``/proc/self/maps``: the one inside
+    torch's package (its Linux wheels ship one), else the only one mapped; None where there is none, where several
+    are mapped and none is torch's (scikit-learn's wheels bring their own), or with ``DEEPOPT_CPU_KERNEL_OPENMP=0``."""
     if os.environ.get("DEEPOPT_CPU_KERNEL_OPENMP", "1") == "0":
         return None
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/libgomp" in line}
+            paths = {Path(line.split()[-1]) for line in f if "/libgomp" in line}
     except OSError:
         return None
-    return Path(sorted(paths)[0]) if len(paths) == 1 else None
+    package = Path(torch.__file__).resolve().parent
+    own = [path for path in paths if path.resolve().is_relative_to(package)]
+    if len(own) == 1:
+        return own[0]
+    return paths.pop() if len(paths) == 1 else None
 
 
 def _compile(compiler: str, flags: list[str], out: Path, runtime: Path | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,18 +100,31 @@ def test_threads_split_the_work_and_agree(kernel_calls, team):
         assert (a - b).abs().max() <= 1e-6 * b.abs().max()
 
 
+def mapped_openmp_runtimes() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split()[-1] for line in f if "/libgomp" in line}
+
+
 @needs_kernel
-def test_the_threads_are_torchs_openmp_pool():
-    """Where torch runs its ops on GNU OpenMP (its Linux wheels), the kernels run on that same pool, linked
-    against the very library torch loaded: no second runtime in the process, no second team on the cores."""
+def test_the_threads_are_torchs_openmp_pool(monkeypatch, tmp_path):
+    """Where torch runs its ops on GNU OpenMP (its Linux wheels), the kernels, built afresh, run on that same pool,
+    linked against the very library torch loaded: they map no runtime of their own (scikit-learn, imported here,
+    brings a second ``libgomp``; the kernels must still pick torch's)."""
     if not platform.system() == "Linux" or "OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("torch's threads are not GNU OpenMP here")
-    runtime = deep_cpu._openmp_runtime()
-    assert runtime is not None and runtime.exists()
-    libs = deep_cpu._library(16, 16), deep_cpu._momenta_library(8, 2, "tanh", True)
-    assert [deep_cpu.team_kind(lib) for lib in libs] == ["openmp", "openmp"]
-    with open("/proc/self/maps") as f:
-        assert {line.split()[-1] for line in f if "/libgomp" in line} == {str(runtime)}
+    import sklearn.datasets  # noqa: F401  (its bundled OpenMP runtime, where its wheel has one)
+
+    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path))
+    clear_libraries()
+    try:
+        before = mapped_openmp_runtimes()
+        runtime = deep_cpu._openmp_runtime()
+        assert runtime is not None and runtime.resolve().is_relative_to(Path(torch.__file__).resolve().parent)
+        libs = deep_cpu._library(16, 16), deep_cpu._momenta_library(8, 2, "tanh", True)
+        assert [deep_cpu.team_kind(lib) for lib in libs] == ["openmp", "openmp"]
+        assert mapped_openmp_runtimes() == before
+    finally:
+        clear_libraries()
 
 
 @needs_kernel

@@ -105,11 +105,12 @@ def test_c_kernel_equals_the_equations(threads, hidden, activation, dog, per_ten
 
 @pytest.mark.parametrize("hidden", [1, H])
 @pytest.mark.parametrize("activation", ["tanh", "softsign"])
-def test_c_kernel_features_to_float32_precision(hidden, activation):
-    """Φ itself, read back through the step, over pre-activations from −6 to 6 (tanh saturated at the ends), to
-    1e-6: the step's tolerance above (2e-5, relative) would pass an exponential off by 1e-5.  With α = 0, γ = 1,
-    W = 0, lr = 1, W₂'s first row (4, 0, 0, 0), W₁ = (1, 0, …), the kernel stores p in m and W_new = −(p + Φ₀),
-    Φ₀ = σ(4p); v is set so that p spans (−√2, √2)."""
+@pytest.mark.parametrize("scale", [4.0, 100.0])
+def test_c_kernel_features_to_float32_precision(hidden, activation, scale):
+    """Φ itself, read back through the step, over pre-activations from −1.4·scale to 1.4·scale (from −6 to 6, and
+    far past where e^(2|a|) overflows float32), to 1e-6: the step's tolerance above (2e-5, relative) would pass an
+    exponential off by 1e-5.  With α = 0, γ = 1, W = 0, lr = 1, W₂'s first row (scale, 0, 0, 0), W₁ = (1, 0, …),
+    the kernel stores p in m and W_new = −(p + Φ₀), Φ₀ = σ(scale·p); v is set so that p spans (−√2, √2)."""
     if not deep_cpu.momenta_available(hidden, J, activation):
         pytest.skip("no C compiler")
     n = 4099  # a tail of 3
@@ -117,12 +118,12 @@ def test_c_kernel_features_to_float32_precision(hidden, activation):
     v = torch.linspace(0, 2, n).flip(0)
     p, m, e = torch.zeros(n), torch.zeros(n), torch.zeros(J, n)
     w1, w2 = torch.zeros(1, hidden), torch.zeros(hidden, 2 + J)
-    w1[0, 0], w2[0, 0] = 1.0, 4.0
+    w1[0, 0], w2[0, 0] = 1.0, scale
     deep_cpu.momenta_step_([p], [g], [m], [v], [e], [w1], [w2], torch.zeros(1, hidden), torch.ones(1),
                            torch.ones(1), torch.ones(J), 0.0, 0.5, 0.0, 0.0, 0.0, activation=activation, threads=1)
     phi = -(p.double() + m.double())
-    want = FEATURES[activation](4.0 * m.double())
-    assert m.abs().max() > 1.4 and (4 * m).abs().min() < 1e-2  # the range it claims
+    want = FEATURES[activation](scale * m.double())
+    assert m.abs().max() > 1.4 and (scale * m).abs().min() < 1e-2 * scale  # the range it claims
     assert (phi - want).abs().max() <= 1e-6
 
 
@@ -176,7 +177,7 @@ def test_c_kernel_equals_the_equations_on_each_instruction_set(isa_flags, monkey
         assert deep_cpu.momenta_available(H, J) and deep_cpu.momenta_available(H, J, "softsign")
         for activation, dog in (("tanh", False), ("softsign", False), ("tanh", True)):
             test_c_kernel_equals_the_equations(2, H, activation, dog, dog)
-            test_c_kernel_features_to_float32_precision(H, activation)
+            test_c_kernel_features_to_float32_precision(H, activation, 100.0)
     finally:
         deep_cpu._momenta_library.cache_clear()
 
