@@ -14,6 +14,7 @@ from deepopt.evaluate import (
     TASKS,
     build_problem,
     iqm,
+    iqm_interval,
     make_method,
     parse_optimizer,
     summarise,
@@ -127,6 +128,8 @@ def test_speedup_counts_tuned_adamw_steps_and_censors_at_2t():
     assert entry["untuned_at_most_tuned_adamw"] == (1.2 <= 1.0)
     assert entry["methods"]["learned_untuned"]["ci95"] == pytest.approx(12.706 * 0.6 / 2 ** 0.5 / 2 ** 0.5)
     assert iqm([1, 2, 3, 100]) == pytest.approx(2.5) and iqm([1.0] * 3) == 1.0
+    assert summary["speedup_iqm_ci95"] == [0.5, 2.0]  # two seeds, 0.5 and 2.0: the replicates span both ends
+    assert "(95% interval 0.50–2.00, each task's seeds redrawn;" in table(summary, "c")
     assert summary["mean_log_ratio"] == pytest.approx(math.log(1.2))  # untuned 1.2 against tuned AdamW's 1.0
     assert "mean log ratio of the untuned loss to tuned AdamW's +0.182" in table(summary, "c")
     row_of = next(line for line in table(summary, "c").splitlines() if line.startswith("| t "))
@@ -152,6 +155,19 @@ def test_speedup_counts_tuned_adamw_steps_and_censors_at_2t():
         assert "AdamW, constant lr (tuned lr)" in text and f"two schedules: {expected} of 1" in text
     assert summarise(results + [row("adamw_constant", 0.1, s, 10, 0.5) for s in (0, 1)], ["t"], [0, 1])["tasks"][
         "t"]["speedup"] == entry["speedup"]  # speed-ups stay against AdamW with its cosine
+
+
+def test_iqm_interval_redraws_seeds_within_tasks():
+    """The stratified bootstrap: constant tasks give a point; a task whose seeds disagree widens the interval
+    around the IQM; each replicate keeps every task's seed count (a task is never dropped); the same seed
+    gives the same interval."""
+    assert iqm_interval([[1.5] * 3, [1.5] * 3]) == (1.5, 1.5)
+    fragile = [[0.30, 0.35, 2.0], [0.20, 0.15, 0.25], [2.0, 2.0, 2.0], [1.3, 1.3, 1.4]]  # the 2026-12-07 suite
+    lo, hi = iqm_interval(fragile)
+    assert lo < iqm(fragile[0] + fragile[1] + fragile[2] + fragile[3]) < hi and hi - lo > 0.3
+    assert iqm_interval(fragile) == (lo, hi) and iqm_interval(fragile, seed=1) != (lo, hi)
+    # a task of all-2.0 seeds and one of all-0.2: every replicate holds 3 of each, so the IQM never moves
+    assert iqm_interval([[2.0] * 3, [0.2] * 3]) == (iqm([2.0] * 3 + [0.2] * 3),) * 2
 
 
 def test_suite_tasks_are_held_out_and_deterministic():
