@@ -14,11 +14,11 @@ max(z, 0) for relu (``pre`` = 1), z for identity.  Each block is one ``KD``-wide
 products run in registers, and a pass reads each tensor once, which torch ops cannot do
 (``docs/notes/deep-momentum-speed.md``).
 ``torch.get_num_threads()`` threads split every large tensor's blocks and meet at a barrier after each
-reduction; small tensors are left to one thread.  The threads are torch's own OpenMP pool where the process has
-loaded GNU OpenMP (torch's Linux wheels; the kernel is linked against that very file), else pthreads of its own
-(also with ``DEEPOPT_CPU_KERNEL_OPENMP=0``): a second team competes for the cores with torch's workers, which spin
-for a while after each op, and ran slower with 2 threads than with one after a backward pass.  Sums of squares and
-C are accumulated in double.
+reduction; small tensors are left to one thread (under 2¹² coordinates on torch's pool, 2¹⁶ on pthreads).  The
+threads are torch's own OpenMP pool where torch runs on GNU OpenMP (its Linux wheels; the kernel is linked against
+that very file, ``_openmp_runtime``), else pthreads of its own (also with ``DEEPOPT_CPU_KERNEL_OPENMP=0``): a
+second team competes for the cores with torch's workers, which spin for a while after each op, and ran slower with
+2 threads than with one after a backward pass.  Sums of squares and C are accumulated in double.
 
 The C source below is compiled on first use with the system's C compiler (``$CC``, else ``cc``; ``-O3
 -march=native``, then ``$DEEPOPT_CPU_KERNEL_FLAGS`` split on spaces, e.g. ``-mno-avx512f``) into
@@ -63,7 +63,12 @@ SOURCE = r"""
 
 /* Compile-time constants: H (memory width) and KD (coordinates per key block: the blocks layout) or MJ (time
    scales: the momenta layout), -DH=.. -DKD=.. / -DMJ=.. */
-#define SMALL (1 << 16)     /* tensors with fewer coordinates are left to one thread */
+#ifdef _OPENMP
+#define SMALL (1 << 12)     /* tensors with fewer coordinates are left to one thread: torch's spinning pool meets at
+                               a barrier in about a microsecond, */
+#else
+#define SMALL (1 << 16)     /* a futex-woken pthreads barrier in tens */
+#endif
 #define FLUSH 256           /* blocks summed in float before a flush into the double accumulators */
 
 typedef struct { pthread_mutex_t mu; pthread_cond_t cv; int count, total, generation; } barrier_t;

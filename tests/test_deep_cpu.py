@@ -13,7 +13,8 @@ from deepopt.optimizers import deep_momentum as module
 import deepopt
 
 needs_kernel = pytest.mark.skipif(not deep_cpu.available(16, 16, "tanh"), reason="no C compiler to build the kernel")
-# a ragged tensor, a tiny one, and one above the kernel's one-thread threshold (2¹⁶ coordinates), ragged too
+# a ragged tensor, a tiny one, and one above the kernel's one-thread threshold (2¹⁶ coordinates; 2¹² on torch's OpenMP
+# pool, where (300, 129) is split too), ragged too
 SHAPES = ((37,), (300, 129), (5, 3), (263, 257))
 
 

@@ -232,7 +232,8 @@ def test_triton_kernels_on_cuda_equal_the_equations(dtype, tol, activation):
 
 
 # ------------------------------------------------------------------ routed: DeepMomentum's step runs these kernels
-ROUTE_SHAPES = [(7, 5), (1500,), (3,), (40, 33), (300, 300), (64,)]  # (300, 300): past the C kernel's SMALL, split
+# (300, 300): past the C kernel's SMALL (2¹⁶ on pthreads, 2¹² on torch's pool), split between its threads
+ROUTE_SHAPES = [(7, 5), (1500,), (3,), (40, 33), (300, 300), (64,)]
 
 
 def routed_run(make, steps=10, shapes=ROUTE_SHAPES, dtype=torch.float32, schedule=True):
