@@ -81,6 +81,30 @@ def _restore_torch_threads():
     torch.set_num_threads(threads)
 
 
+def clear_kernel_libraries() -> None:
+    """Forget the C kernels ``deep_cpu`` built and the OpenMP runtime it found (the next use builds anew)."""
+    from deepopt.optimizers import deep_cpu
+
+    for cached in (deep_cpu._openmp_runtime, deep_cpu._library, deep_cpu._momenta_library):
+        cached.cache_clear()
+
+
+@pytest.fixture(params=["openmp", "pthreads"])
+def team(request, monkeypatch):
+    """The C kernels built on each kind of thread team: torch's OpenMP pool (where the process has GNU OpenMP
+    loaded) and threads of their own (``DEEPOPT_CPU_KERNEL_OPENMP=0``)."""
+    from deepopt.optimizers import deep_cpu
+
+    if request.param == "pthreads":
+        monkeypatch.setenv("DEEPOPT_CPU_KERNEL_OPENMP", "0")
+    clear_kernel_libraries()
+    if request.param == "openmp" and deep_cpu._openmp_runtime() is None:
+        pytest.skip("no GNU OpenMP runtime in this process")
+    yield request.param
+    monkeypatch.delenv("DEEPOPT_CPU_KERNEL_OPENMP", raising=False)
+    clear_kernel_libraries()
+
+
 @pytest.fixture(params=sorted(CONFIGS))
 def opt_name(request):
     return request.param

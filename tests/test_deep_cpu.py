@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import clear_kernel_libraries
 from deepopt.optimizers import deep_cpu
 from deepopt.optimizers import deep_momentum as module
 
@@ -72,25 +73,6 @@ def test_kernel_follows_the_rule_on_each_instruction_set(isa_flags, kernel_calls
         deep_cpu._library.cache_clear()
 
 
-def clear_libraries() -> None:
-    for cached in (deep_cpu._openmp_runtime, deep_cpu._library, deep_cpu._momenta_library):
-        cached.cache_clear()
-
-
-@pytest.fixture(params=["openmp", "pthreads"])
-def team(request, monkeypatch):
-    """The kernels built on each kind of thread team: torch's OpenMP pool (where the process has GNU OpenMP
-    loaded) and threads of their own (``DEEPOPT_CPU_KERNEL_OPENMP=0``)."""
-    if request.param == "pthreads":
-        monkeypatch.setenv("DEEPOPT_CPU_KERNEL_OPENMP", "0")
-    clear_libraries()
-    if request.param == "openmp" and deep_cpu._openmp_runtime() is None:
-        pytest.skip("no GNU OpenMP runtime in this process")
-    yield request.param
-    monkeypatch.delenv("DEEPOPT_CPU_KERNEL_OPENMP", raising=False)
-    clear_libraries()
-
-
 @needs_kernel
 def test_threads_split_the_work_and_agree(kernel_calls, team):
     assert deep_cpu.team_kind(deep_cpu._library(16, 16)) == team
@@ -116,7 +98,7 @@ def test_the_threads_are_torchs_openmp_pool(monkeypatch, tmp_path):
     import sklearn.datasets  # noqa: F401  (its bundled OpenMP runtime, where its wheel has one)
 
     monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path))
-    clear_libraries()
+    clear_kernel_libraries()
     try:
         before = mapped_openmp_runtimes()
         runtime = deep_cpu._openmp_runtime()
@@ -125,7 +107,7 @@ def test_the_threads_are_torchs_openmp_pool(monkeypatch, tmp_path):
         assert [deep_cpu.team_kind(lib) for lib in libs] == ["openmp", "openmp"]
         assert mapped_openmp_runtimes() == before
     finally:
-        clear_libraries()
+        clear_kernel_libraries()
 
 
 @needs_kernel

@@ -148,21 +148,13 @@ def test_roofline_linear_kernel_computes_linear_features():
     assert deep_cpu._momenta_library(H, J, "softsign") is not lib   # the softsign kernel is untouched
 
 
-def test_c_kernel_on_threads_of_its_own_equals_the_equations(monkeypatch):
-    """The kernel built with pthreads of its own (where the process has no GNU OpenMP, or with
-    ``DEEPOPT_CPU_KERNEL_OPENMP=0``), the team the default build replaces on torch's Linux wheels."""
-    monkeypatch.setenv("DEEPOPT_CPU_KERNEL_OPENMP", "0")
-    deep_cpu._openmp_runtime.cache_clear()
-    deep_cpu._momenta_library.cache_clear()
-    try:
-        if deep_cpu._momenta_library(H, J, "tanh", True) is None:
-            pytest.skip("no C compiler")
-        assert deep_cpu.team_kind(deep_cpu._momenta_library(H, J, "tanh", True)) == "pthreads"
-        test_c_kernel_equals_the_equations(3, H, "tanh", True, True)
-    finally:
-        monkeypatch.delenv("DEEPOPT_CPU_KERNEL_OPENMP")
-        deep_cpu._openmp_runtime.cache_clear()
-        deep_cpu._momenta_library.cache_clear()
+def test_c_kernel_on_each_thread_team_equals_the_equations(team):
+    """The kernel on torch's OpenMP pool and on pthreads of its own (where the process has no GNU OpenMP, or with
+    ``DEEPOPT_CPU_KERNEL_OPENMP=0``), three threads splitting the large tensor."""
+    if not deep_cpu.momenta_available(H, J, "tanh", True):
+        pytest.skip("no C compiler")
+    assert deep_cpu.team_kind(deep_cpu._momenta_library(H, J, "tanh", True)) == team
+    test_c_kernel_equals_the_equations(3, H, "tanh", True, True)
 
 
 @pytest.mark.parametrize("isa_flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"])
